@@ -1,0 +1,1 @@
+"""Instruction data: records, chat formats, tokenization workers, indexed files."""

@@ -1,0 +1,243 @@
+"""Chat formats: a conversation becomes role-tagged text segments.
+
+Why: the format decides both the text the model sees and which tokens are
+targets. Each format returns ``[(text, role_id), ...]``; the tokenizer then
+encodes every segment separately, so a token never straddles two roles and a
+prompt tokenizes exactly as it will at inference time. Special tokens in a
+segment (``<|im_start|>``, ``</s>`` ...) take that segment's role.
+
+Formats: ``chatml``, ``megatron-llm`` (token-for-token Megatron-LLM's
+``preprocess_instruct_data.py``), ``llama3``, ``alpaca`` and ``template``
+(``--prompt_template`` with ``{system}``/``{input}``/``{output}``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from megatron_ext.data.records import (
+    ASSISTANT,
+    ROLE_IDS,
+    SYSTEM,
+    USER,
+    Conversation,
+    RecordError,
+)
+from megatron_ext.errors import ConfigError, TokenizerError
+from megatron_ext.tokenizers import InstructTokenizer
+
+Segments = list[tuple[str, int]]
+
+
+class ChatFormat:
+    """Base class: subclasses set ``name`` and implement :meth:`render`."""
+
+    name = ""
+    description = ""
+    required_tokens: tuple[str, ...] = ()
+    #: tokenize every plain piece with SentencePiece's dummy prefix (Megatron-LLM)
+    megatron_llm = False
+    #: an empty system prompt is rendered rather than left out
+    keep_empty_system = False
+
+    def __init__(self, tokenizer: InstructTokenizer):
+        self.tokenizer = tokenizer
+
+    def check(self) -> None:
+        """Refuse a tokenizer that lacks this format's special tokens."""
+        missing = [t for t in self.required_tokens if t not in self.tokenizer.special_tokens]
+        if missing:
+            raise TokenizerError(
+                f"chat format {self.name!r} needs the special tokens {', '.join(missing)}, which "
+                f"the tokenizer {self.tokenizer.source_file} does not have: add "
+                f"--vocab_extra_ids_list \"{','.join(self.required_tokens)}\""
+            )
+
+    def render(self, conversation: Conversation) -> Segments:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def stop_token(self) -> Optional[str]:
+        """The token that ends an assistant turn (generation stops there)."""
+        return self.tokenizer.eos_token
+
+    def generation_prompt(self, conversation: Conversation) -> str:
+        """Text of ``conversation`` followed by the opening of an assistant turn."""
+        probe = conversation + (_probe_message(),)
+        rendered = "".join(text for text, _ in self.render(probe))
+        return rendered[: rendered.index(_PROBE)]
+
+
+_PROBE = "\x00probe\x00"
+
+
+def _probe_message():
+    from megatron_ext.data.records import Message
+
+    return Message(ASSISTANT, _PROBE)
+
+
+class ChatML(ChatFormat):
+    name = "chatml"
+    description = "<|im_start|>{role}\\n{text}<|im_end|>\\n with roles system/user/assistant"
+    required_tokens = ("<|im_start|>", "<|im_end|>")
+    role_names = {SYSTEM: "system", USER: "user", ASSISTANT: "assistant"}
+
+    def render(self, conversation):
+        return [
+            (f"<|im_start|>{self.role_names[m.role]}\n{m.content}<|im_end|>\n", ROLE_IDS[m.role])
+            for m in conversation
+        ]
+
+    @property
+    def stop_token(self):
+        return "<|im_end|>"
+
+
+class MegatronLLM(ChatML):
+    name = "megatron-llm"
+    description = ("Megatron-LLM's exact text and tokenization: ChatML with roles "
+                   "system/question/answer, each message tokenized on its own")
+    role_names = {SYSTEM: "system", USER: "question", ASSISTANT: "answer"}
+    megatron_llm = True
+    keep_empty_system = True
+
+
+class Llama3(ChatFormat):
+    name = "llama3"
+    description = ("<|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\\n\\n{text}"
+                   "<|eot_id|> (Meta's Llama 3 template; texts are stripped as it does)")
+    required_tokens = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                       "<|eot_id|>")
+
+    def render(self, conversation):
+        segments = [
+            (f"<|start_header_id|>{m.role}<|end_header_id|>\n\n{m.content.strip()}<|eot_id|>",
+             ROLE_IDS[m.role])
+            for m in conversation
+        ]
+        text, role = segments[0]
+        segments[0] = ("<|begin_of_text|>" + text, role)
+        return segments
+
+    @property
+    def stop_token(self):
+        return "<|eot_id|>"
+
+
+class Alpaca(ChatFormat):
+    name = "alpaca"
+    description = ("Stanford Alpaca: preamble (or the system prompt), ### Instruction:, "
+                   "### Response:, answer + EOS")
+    preamble = ("Below is an instruction that describes a task. "
+                "Write a response that appropriately completes the request.")
+
+    def check(self):
+        if self.tokenizer.eos_token is None:
+            raise TokenizerError(
+                f"chat format 'alpaca' ends answers with EOS, but the tokenizer "
+                f"{self.tokenizer.source_file} has no EOS token; use --chat_format chatml"
+            )
+
+    def render(self, conversation):
+        bos = self.tokenizer.bos_token or ""
+        eos = self.tokenizer.eos_token
+        segments: Segments = []
+        if conversation[0].role != SYSTEM:
+            segments.append((f"{bos}{self.preamble}\n\n", ROLE_IDS[SYSTEM]))
+            bos = ""
+        for index, message in enumerate(conversation):
+            if message.role == SYSTEM:
+                segments.append((f"{bos}{message.content}\n\n", ROLE_IDS[SYSTEM]))
+            elif message.role == USER:
+                lead = "\n\n" if index and conversation[index - 1].role == ASSISTANT else ""
+                segments.append((f"{lead}### Instruction:\n{message.content}\n\n### Response:\n",
+                                 ROLE_IDS[USER]))
+            else:
+                segments.append((f"{message.content}{eos}", ROLE_IDS[ASSISTANT]))
+            bos = ""
+        return segments
+
+
+class Template(ChatFormat):
+    """A single-turn user template, e.g. ``"{system}\\n\\nUser: {input}\\nAssistant: {output}"``.
+
+    Text before ``{output}`` is the prompt (role user; the ``{system}`` value
+    role system); ``{output}`` and everything after it are the target.
+    """
+
+    name = "template"
+    description = "--prompt_template with {system}, {input} and {output} placeholders"
+    _placeholder = re.compile(r"(\{system\}|\{input\}|\{output\})")
+
+    def __init__(self, tokenizer, template: str):
+        super().__init__(tokenizer)
+        self.template = template
+        parts = self._placeholder.split(template)
+        names = parts[1::2]
+        for required in ("{input}", "{output}"):
+            if names.count(required) != 1:
+                raise ConfigError(
+                    f"--prompt_template must contain {required} exactly once, got {template!r}"
+                )
+        if names.count("{system}") > 1:
+            raise ConfigError(f"--prompt_template may contain {{system}} once, got {template!r}")
+        if names.index("{output}") != len(names) - 1:
+            raise ConfigError("--prompt_template: {output} must come after {input} and {system}")
+        self.has_system = "{system}" in names
+        self._parts = parts
+
+    def render(self, conversation):
+        system = next((m.content for m in conversation if m.role == SYSTEM), None)
+        turns = [m for m in conversation if m.role != SYSTEM]
+        if len(turns) != 2 or turns[0].role != USER or turns[1].role != ASSISTANT:
+            raise RecordError("template_single_turn",
+                              "a --prompt_template renders one user turn and one answer; "
+                              f"this record has {len(turns)} turns")
+        if system is not None and not self.has_system:
+            raise RecordError("template_no_system",
+                              "record has a system prompt but --prompt_template has no {system}")
+        values = {"{system}": (system or "", ROLE_IDS[SYSTEM]),
+                  "{input}": (turns[0].content, ROLE_IDS[USER]),
+                  "{output}": (turns[1].content, ROLE_IDS[ASSISTANT])}
+        segments: Segments = []
+        role = ROLE_IDS[USER]
+        for index, part in enumerate(self._parts):
+            if index % 2:
+                text, part_role = values[part]
+                if part == "{output}":
+                    role = ROLE_IDS[ASSISTANT]
+                _append(segments, text, part_role)
+            else:
+                _append(segments, part, role)
+        return segments
+
+
+def _append(segments: Segments, text: str, role: int) -> None:
+    if not text:
+        return
+    if segments and segments[-1][1] == role:
+        segments[-1] = (segments[-1][0] + text, role)
+    else:
+        segments.append((text, role))
+
+
+FORMATS = {cls.name: cls for cls in (ChatML, MegatronLLM, Llama3, Alpaca)}
+CHAT_FORMAT_NAMES = tuple(FORMATS) + ("template",)
+
+
+def unescape_template(template: str) -> str:
+    r"""Shell-typed ``\n`` and ``\t`` in ``--prompt_template`` become real characters."""
+    return template.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def build_chat_format(name: str, tokenizer: InstructTokenizer,
+                      prompt_template: Optional[str] = None) -> ChatFormat:
+    if prompt_template is not None:
+        return Template(tokenizer, prompt_template)
+    if name == "template":
+        raise ConfigError("--chat_format template needs --prompt_template")
+    if name not in FORMATS:
+        raise ConfigError(f"unknown --chat_format {name!r}: choose one of {', '.join(CHAT_FORMAT_NAMES)}")
+    return FORMATS[name](tokenizer)

@@ -1,0 +1,151 @@
+"""Worker side of the preprocessor: raw lines in, token and role arrays out.
+
+Why a module of its own: this is everything a worker process runs, and it
+imports neither torch nor megatron-core, so workers start fast. A chunk
+comes back as three flat arrays (tokens, roles, per-record lengths) so the
+parent writes it with one call per stream instead of one per record: the
+parent stays nearly idle and the workers get the CPU.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from megatron_ext.data.chat_formats import build_chat_format
+from megatron_ext.data.records import ROLE_IDS, LineChunk, RecordError, RecordKeys, parse_line
+from megatron_ext.tokenizers import InstructTokenizer, TokenizerConfig, build_tokenizer
+
+_ASSISTANT = ROLE_IDS["assistant"]
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """What a worker needs; small and picklable."""
+
+    tokenizer: TokenizerConfig
+    keys: RecordKeys
+    chat_format: str = "chatml"
+    prompt_template: Optional[str] = None
+    max_seq_length: Optional[int] = None
+    overlong: str = "drop"  # drop | truncate
+
+
+@dataclass
+class Reject:
+    file_index: int
+    line: int
+    code: str
+    message: str
+    raw: bytes
+
+
+@dataclass
+class ChunkResult:
+    file_index: int
+    first_line: int
+    lines: int
+    nbytes: int
+    tokens: np.ndarray  # int32, all accepted records concatenated
+    roles: np.ndarray  # uint8, same length as tokens
+    lengths: np.ndarray  # int32, one per accepted record
+    rejects: list[Reject] = field(default_factory=list)
+    truncated: int = 0
+
+
+class Encoder:
+    """Parses, formats and tokenizes chunks; one per worker process."""
+
+    def __init__(self, config: EncodeConfig, tokenizer: Optional[InstructTokenizer] = None):
+        self.config = config
+        self.tokenizer = tokenizer or build_tokenizer(config.tokenizer)
+        self.format = build_chat_format(config.chat_format, self.tokenizer, config.prompt_template)
+
+    def encode_chunk(self, chunk: LineChunk) -> ChunkResult:
+        keys, keep_empty_system = self.config.keys, self.format.keep_empty_system
+        rejects: list[Reject] = []
+        accepted: list[tuple[int, list[tuple[str, int]], bytes]] = []
+        for offset, raw in enumerate(chunk.lines):
+            line = chunk.first_line + offset
+            if line == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            try:
+                segments = self.format.render(parse_line(raw, keys, keep_empty_system))
+            except RecordError as err:
+                rejects.append(Reject(chunk.file_index, line, err.code, err.message, raw))
+                continue
+            accepted.append((line, segments, raw))
+
+        texts, starts = [], []
+        for _, segments, _ in accepted:
+            for index, (text, _) in enumerate(segments):
+                texts.append(text)
+                starts.append(index == 0)
+        encoded = iter(self.tokenizer.encode_segments(texts, starts, self.format.megatron_llm))
+
+        tokens: list[int] = []
+        roles: list[int] = []
+        lengths: list[int] = []
+        truncated = 0
+        limit = self.config.max_seq_length
+        for line, segments, raw in accepted:
+            ids: list[int] = []
+            record_roles: list[int] = []
+            for _, role in segments:
+                piece = next(encoded)
+                ids.extend(piece)
+                record_roles.extend([role] * len(piece))
+            if limit is not None and len(ids) > limit:
+                problem = self._overlong(len(ids), record_roles)
+                if problem:
+                    rejects.append(Reject(chunk.file_index, line, "too_long", problem, raw))
+                    continue
+                del ids[limit:], record_roles[limit:]
+                truncated += 1
+            tokens.extend(ids)
+            roles.extend(record_roles)
+            lengths.append(len(ids))
+        rejects.sort(key=lambda r: r.line)
+        return ChunkResult(
+            file_index=chunk.file_index,
+            first_line=chunk.first_line,
+            lines=len(chunk.lines),
+            nbytes=chunk.nbytes,
+            tokens=np.array(tokens, dtype=np.int32),
+            roles=np.array(roles, dtype=np.uint8),
+            lengths=np.array(lengths, dtype=np.int32),
+            rejects=rejects,
+            truncated=truncated,
+        )
+
+    def _overlong(self, length: int, roles: list[int]) -> Optional[str]:
+        """Why an over-long record must be rejected, or None if it may be truncated."""
+        limit = self.config.max_seq_length
+        if self.config.overlong == "drop":
+            return f"{length} tokens, longer than --max_seq_length {limit} (--overlong drop)"
+        if _ASSISTANT not in roles[:limit]:
+            first_answer = roles.index(_ASSISTANT)
+            return (f"{length} tokens and the prompt alone takes {first_answer}: truncating to "
+                    f"--max_seq_length {limit} would remove the whole answer")
+        return None
+
+
+_WORKER: Optional[Encoder] = None
+
+
+def init_worker(config: EncodeConfig) -> None:
+    """Pool initializer: the parent handles Ctrl-C; tokenizers use one thread."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    global _WORKER
+    _WORKER = Encoder(config)
+
+
+def encode_chunk_in_worker(chunk: LineChunk) -> ChunkResult:
+    assert _WORKER is not None, "init_worker was not called"
+    return _WORKER.encode_chunk(chunk)

@@ -1,0 +1,394 @@
+"""One tokenizer interface over SentencePiece and Hugging Face ``tokenizers``.
+
+Why this module exists: instruction data mixes ordinary text with *special
+tokens* (``<|im_start|>``, ``<|eot_id|>``, ``</s>`` ...) that must always map
+to one id, never be split into sub-words, and the preprocessor, the trainer
+and the tools must all agree on the ids. Both tokenizer kinds get the same
+contract here:
+
+* ``special_tokens``: every string that is always encoded as a single id;
+* ``encode_segments``: batch encoding of the pieces of many documents at once
+  (the preprocessor's hot path);
+* ``identity()``: what ``{prefix}-meta.json`` records so the trainer can refuse
+  data made with another tokenizer.
+
+``SentencePieceTokenizer`` reproduces Megatron-LLM's id layout exactly
+(``<CLS> <SEP> <EOD> <MASK>``, pad/bos/eos, then ``--vocab_extra_ids_list``,
+unless ``--no_new_tokens``), so data and checkpoints move between the two
+projects unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from megatron_ext.errors import TokenizerError
+
+SENTENCEPIECE = "SentencePieceTokenizer"
+HUGGINGFACE = "HFTokenizer"
+_TYPE_ALIASES = {
+    "sentencepiecetokenizer": SENTENCEPIECE,
+    "sentencepiece": SENTENCEPIECE,
+    "llamatokenizer": SENTENCEPIECE,
+    "hftokenizer": HUGGINGFACE,
+    "huggingfacetokenizer": HUGGINGFACE,
+    "pretrainedfromhf": HUGGINGFACE,
+    "autotokenizer": HUGGINGFACE,
+}
+TOKENIZER_TYPES = (SENTENCEPIECE, HUGGINGFACE)
+
+
+def parse_extra_ids(value: Optional[str]) -> tuple[str, ...]:
+    """Split ``--vocab_extra_ids_list "<|im_start|>,<|im_end|>"`` into tokens."""
+    if not value:
+        return ()
+    return tuple(t for t in (s.strip() for s in value.split(",")) if t)
+
+
+def canonical_tokenizer_type(name: str) -> str:
+    key = name.replace("-", "").replace("_", "").lower()
+    if key not in _TYPE_ALIASES:
+        raise TokenizerError(
+            f"unknown --tokenizer_type {name!r}: use {SENTENCEPIECE} (a tokenizer.model file) "
+            f"or {HUGGINGFACE} (a tokenizer.json file or a Hugging Face model directory)"
+        )
+    return _TYPE_ALIASES[key]
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """Everything needed to rebuild the same tokenizer in another process."""
+
+    tokenizer_type: str
+    vocab_file: str
+    extra_ids: tuple[str, ...] = ()
+    new_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tokenizer_type", canonical_tokenizer_type(self.tokenizer_type))
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class InstructTokenizer:
+    """Common part of both tokenizer kinds; subclasses fill the fields."""
+
+    config: TokenizerConfig
+    source_file: str = ""
+    vocab_size: int = 0
+    special_tokens: dict[str, int] = field(default_factory=dict)
+    bos_token: Optional[str] = None
+    eos_token: Optional[str] = None
+    pad_id: Optional[int] = None
+
+    def _finish_init(self) -> None:
+        # Alternation in insertion order: at equal positions the earlier token
+        # wins, which is exactly Megatron-LLM's min-by-index search.
+        if self.special_tokens:
+            pattern = "|".join(re.escape(t) for t in self.special_tokens)
+            self._split_re = re.compile(f"({pattern})")
+        else:
+            self._split_re = None
+        self._special_ids = frozenset(self.special_tokens.values())
+
+    # -- ids -------------------------------------------------------------
+    @property
+    def bos_id(self) -> Optional[int]:
+        return None if self.bos_token is None else self.special_tokens.get(self.bos_token)
+
+    @property
+    def eos_id(self) -> Optional[int]:
+        return None if self.eos_token is None else self.special_tokens.get(self.eos_token)
+
+    def token_id(self, token: str) -> int:
+        """Id of a special token; a clear error if the tokenizer lacks it."""
+        if token not in self.special_tokens:
+            raise TokenizerError(
+                f"the tokenizer {self.source_file} has no special token {token!r}: "
+                f"add it with --vocab_extra_ids_list {token!r}"
+            )
+        return self.special_tokens[token]
+
+    def split_special(self, text: str) -> list[str]:
+        """``[plain, special, plain, special, ..., plain]`` (plain may be empty)."""
+        if self._split_re is None:
+            return [text]
+        return self._split_re.split(text)
+
+    # -- encode / decode --------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Encode one whole text that starts a document."""
+        return self.encode_segments([text], [True])[0]
+
+    def encode_segments(
+        self, texts: Sequence[str], doc_start: Sequence[bool], megatron_llm: bool = False
+    ) -> list[list[int]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- identity --------------------------------------------------------
+    def identity(self) -> dict:
+        """What meta.json records; two tokenizers with equal identity encode alike."""
+        return {
+            "type": self.config.tokenizer_type,
+            "file": os.path.basename(self.source_file),
+            "sha256": file_sha256(self.source_file),
+            "vocab_size": self.vocab_size,
+            "extra_ids": list(self.config.extra_ids),
+            "new_tokens": self.config.new_tokens,
+            "special_tokens": dict(self.special_tokens),
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_id": self.pad_id,
+        }
+
+
+class SentencePieceTokenizer(InstructTokenizer):
+    """A SentencePiece ``.model`` file, laid out as Megatron-LLM lays it out.
+
+    Plain text between special tokens is encoded with SentencePiece. Only a
+    piece that starts a document gets SentencePiece's dummy-prefix space, so
+    ``"<|im_start|>user"`` encodes ``user`` as Hugging Face's Llama tokenizer
+    does; ``megatron_llm=True`` instead gives every piece the prefix, which is
+    what Megatron-LLM's ``tokenize`` does and what its data contains.
+    """
+
+    def __init__(self, config: TokenizerConfig):
+        super().__init__(config=config, source_file=config.vocab_file)
+        try:
+            import sentencepiece as spm
+            from sentencepiece import sentencepiece_model_pb2
+
+            with open(config.vocab_file, "rb") as handle:
+                blob = handle.read()
+            self._sp = spm.SentencePieceProcessor(model_proto=blob)
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(blob)
+            proto.normalizer_spec.add_dummy_prefix = False
+            self._sp_plain = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        except FileNotFoundError:
+            raise TokenizerError(
+                f"tokenizer file {config.vocab_file} does not exist: pass the SentencePiece "
+                "tokenizer.model with --vocab_file"
+            ) from None
+        except Exception as exc:  # sentencepiece raises RuntimeError/DecodeError/...
+            raise TokenizerError(
+                f"cannot read {config.vocab_file} as a SentencePiece model ({exc}); "
+                f"for a Hugging Face tokenizer.json use --tokenizer_type {HUGGINGFACE}"
+            ) from None
+
+        vocab = {self._sp.id_to_piece(i): i for i in range(self._sp.get_piece_size())}
+        specials: dict[str, int] = {}
+
+        def add(token: str, required: bool = False) -> None:
+            if token not in vocab:
+                if not config.new_tokens:
+                    if required:
+                        raise TokenizerError(
+                            f"--no_new_tokens: {token!r} is not in the vocabulary of "
+                            f"{config.vocab_file}; drop --no_new_tokens to append it, or "
+                            "remove it from --vocab_extra_ids_list"
+                        )
+                    return
+                vocab[token] = len(vocab)
+            specials[token] = vocab[token]
+
+        def piece(index: int, fallback: str) -> str:
+            return self._sp.id_to_piece(index) if 0 <= index < len(self._sp) else fallback
+
+        for token in ("<CLS>", "<SEP>", "<EOD>", "<MASK>"):
+            add(token)
+        pad = piece(self._sp.pad_id(), "<PAD>")
+        add(pad)
+        bos = piece(self._sp.bos_id(), "<BOS>")
+        add(bos)
+        eos = piece(self._sp.eos_id(), "<EOS>")
+        add(eos)
+        for token in config.extra_ids:
+            add(token, required=True)
+
+        self.vocab_size = len(vocab)
+        self.special_tokens = specials
+        self.bos_token = bos if bos in specials else None
+        self.eos_token = eos if eos in specials else None
+        self.pad_id = specials.get(pad)
+        self._base_size = len(self._sp)
+        self._finish_init()
+
+    def encode_segments(self, texts, doc_start, megatron_llm=False):
+        with_prefix: list[str] = []
+        without_prefix: list[str] = []
+        plans: list[list[tuple[int, int]]] = []  # (kind, value): 0 special id, 1/2 piece index
+        for text, starts_doc in zip(texts, doc_start):
+            plan = []
+            for j, part in enumerate(self.split_special(text)):
+                if j % 2:
+                    plan.append((0, self.special_tokens[part]))
+                elif part:
+                    if megatron_llm or (starts_doc and j == 0):
+                        plan.append((1, len(with_prefix)))
+                        with_prefix.append(part)
+                    else:
+                        plan.append((2, len(without_prefix)))
+                        without_prefix.append(part)
+            plans.append(plan)
+        encoded = {
+            1: self._sp.encode(with_prefix, num_threads=1) if with_prefix else [],
+            2: self._sp_plain.encode(without_prefix, num_threads=1) if without_prefix else [],
+        }
+        out = []
+        for plan in plans:
+            ids: list[int] = []
+            for kind, value in plan:
+                if kind == 0:
+                    ids.append(value)
+                else:
+                    ids.extend(encoded[kind][value])
+            out.append(ids)
+        return out
+
+    def decode(self, ids, doc_start: bool = False, megatron_llm: bool = False) -> str:
+        """Inverse of :meth:`encode_segments` for one segment or document."""
+        inverse = {v: k for k, v in self.special_tokens.items()}
+        pieces: list[str] = []
+        run: list[int] = []
+        first_run = True
+
+        def flush() -> None:
+            nonlocal first_run
+            if run:
+                with_prefix = megatron_llm or (doc_start and first_run and not pieces)
+                processor = self._sp if with_prefix else self._sp_plain
+                pieces.append(processor.decode([int(i) for i in run]))
+                run.clear()
+            first_run = False
+
+        for token in ids:
+            token = int(token)
+            if token in inverse:
+                flush()
+                pieces.append(inverse[token])
+            elif token >= self._base_size:
+                flush()
+                pieces.append(f"<id_{token}>")  # padding ids have no text
+            else:
+                run.append(token)
+        flush()
+        return "".join(pieces)
+
+
+class HFTokenizer(InstructTokenizer):
+    """A Hugging Face fast tokenizer (``tokenizer.json``), via ``tokenizers``.
+
+    Extra tokens that the file lacks are appended after its vocabulary
+    (added tokens included); tokens it already has keep their ids and are
+    marked special so they are never split.
+    """
+
+    def __init__(self, config: TokenizerConfig):
+        path = Path(config.vocab_file)
+        json_file = path / "tokenizer.json" if path.is_dir() else path
+        super().__init__(config=config, source_file=str(json_file))
+        if not json_file.exists():
+            hint = ""
+            if path.is_dir() and (path / "tokenizer.model").exists():
+                hint = (f"; it has a tokenizer.model: use --tokenizer_type {SENTENCEPIECE} "
+                        f"--vocab_file {path / 'tokenizer.model'}")
+            raise TokenizerError(f"no Hugging Face tokenizer file at {json_file}{hint}")
+        try:
+            from tokenizers import AddedToken, Tokenizer
+
+            tok = Tokenizer.from_file(str(json_file))
+        except Exception as exc:
+            raise TokenizerError(
+                f"cannot read {json_file} as a Hugging Face tokenizer.json ({exc}); for a "
+                f"SentencePiece tokenizer.model use --tokenizer_type {SENTENCEPIECE}"
+            ) from None
+
+        settings = _read_tokenizer_config(json_file.parent / "tokenizer_config.json")
+        vocab = tok.get_vocab(with_added_tokens=True)
+        specials = {
+            added.content: index
+            for index, added in sorted(tok.get_added_tokens_decoder().items())
+            if added.special
+        }
+        to_add = []
+        for token in config.extra_ids:
+            if token in specials:
+                continue
+            if token not in vocab and not config.new_tokens:
+                raise TokenizerError(
+                    f"--no_new_tokens: {token!r} is not in the vocabulary of {json_file}; "
+                    "drop --no_new_tokens to append it, or remove it from --vocab_extra_ids_list"
+                )
+            to_add.append(AddedToken(token, special=True, normalized=False))
+        if to_add:
+            tok.add_special_tokens(to_add)
+            vocab = tok.get_vocab(with_added_tokens=True)
+            for token in config.extra_ids:
+                specials[token] = vocab[token]
+        self._tok = tok
+        self.vocab_size = max(vocab.values()) + 1
+        self.special_tokens = specials
+        self.bos_token = _pick_token(settings.get("bos_token"), specials,
+                                     ("<s>", "<|begin_of_text|>", "<BOS>"))
+        self.eos_token = _pick_token(settings.get("eos_token"), specials,
+                                     ("</s>", "<|end_of_text|>", "<|endoftext|>", "<EOS>"))
+        pad = _pick_token(settings.get("pad_token"), specials, ("<pad>", "<PAD>", "<|pad|>"))
+        self.pad_id = specials.get(pad) if pad else None
+        self._finish_init()
+
+    def encode_segments(self, texts, doc_start, megatron_llm=False):
+        if not texts:
+            return []
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids, doc_start: bool = False, megatron_llm: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _read_tokenizer_config(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise TokenizerError(f"cannot read {path}: {exc}") from None
+
+
+def _pick_token(configured, specials: dict[str, int], candidates: tuple[str, ...]) -> Optional[str]:
+    if isinstance(configured, dict):
+        configured = configured.get("content")
+    if isinstance(configured, str) and configured in specials:
+        return configured
+    return next((c for c in candidates if c in specials), None)
+
+
+def build_tokenizer(config: TokenizerConfig) -> InstructTokenizer:
+    """Load the tokenizer named by ``config`` (raises :class:`TokenizerError`)."""
+    if not config.vocab_file:
+        raise TokenizerError("--vocab_file is required: the tokenizer.model or tokenizer.json to use")
+    if config.tokenizer_type == SENTENCEPIECE:
+        if os.path.isdir(config.vocab_file):
+            candidate = os.path.join(config.vocab_file, "tokenizer.model")
+            if os.path.exists(candidate):
+                config = TokenizerConfig(config.tokenizer_type, candidate, config.extra_ids,
+                                         config.new_tokens)
+        return SentencePieceTokenizer(config)
+    return HFTokenizer(config)

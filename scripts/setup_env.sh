@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates ./.venv with everything the project and its tests need, on a fresh
+# machine. torch==2.13.0 comes first: an unpinned torch would pull a CUDA build.
+# Idempotent: a stamp records what was installed, so reruns take a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+STAMP="$VENV/.installed"
+want="$(cat setup.py scripts/setup_env.sh | sha256sum | cut -d' ' -f1)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  exit 0
+fi
+echo "== setting up $VENV (torch 2.13.0 CPU, megatron-core 0.16.1, test tools) ==" >&2
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip "$@"; }
+pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
+pip install -q megatron-core==0.16.1 -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+"$VENV/bin/python" -c "import torch, megatron.core, sentencepiece, tokenizers, transformers; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+echo "$want" > "$STAMP"

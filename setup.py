@@ -1,0 +1,39 @@
+"""Install with ``pip install -e .`` (after ``pip install torch==2.13.0`` on CPU machines)."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = re.search(r'__version__ = "([^"]+)"',
+                    Path(__file__).with_name("megatron_ext").joinpath("__init__.py").read_text()).group(1)
+
+setup(
+    name="megatron-instruct",
+    version=version,
+    description="Instruction finetuning on megatron-core: preprocessing, training, conversion tools",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_ext", "megatron_ext.*", "instruct", "tools"]),
+    install_requires=[
+        "torch>=2.1",
+        "megatron-core>=0.16.1",
+        "psutil",  # megatron-core's checkpoint saving needs it
+        "numpy",
+        "sentencepiece>=0.2",
+        "protobuf",  # to read SentencePiece model protos
+        "tokenizers>=0.19",
+        "tqdm",
+    ],
+    extras_require={
+        "hf": ["transformers>=4.40", "safetensors"],
+        "gpu": ["flash-attn", "transformer-engine"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.40", "safetensors"],
+    },
+    entry_points={
+        "console_scripts": [
+            "preprocess-instruct-data=instruct.preprocess_instruct_data:console_main",
+        ],
+    },
+)
