@@ -21,12 +21,15 @@ projects unchanged.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
+
+import numpy as np
 
 from megatron_ext.errors import TokenizerError
 
@@ -138,6 +141,14 @@ class InstructTokenizer:
     ) -> list[list[int]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def encode_flat(self, texts: Sequence[str], doc_start: Sequence[bool],
+                    megatron_llm: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """All segments' ids back to back (int32) and each segment's length.
+
+        The preprocessor's hot path: no per-token Python work after encoding.
+        """
+        return _flatten(self.encode_segments(texts, doc_start, megatron_llm))
+
     def decode(self, ids: Sequence[int]) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -228,39 +239,52 @@ class SentencePieceTokenizer(InstructTokenizer):
         self.eos_token = eos if eos in specials else None
         self.pad_id = specials.get(pad)
         self._base_size = len(self._sp)
+        self._special_lists = {token: [index] for token, index in specials.items()}
         self._finish_init()
 
-    def encode_segments(self, texts, doc_start, megatron_llm=False):
-        with_prefix: list[str] = []
-        without_prefix: list[str] = []
-        plans: list[list[tuple[int, int]]] = []  # (kind, value): 0 special id, 1/2 piece index
+    def _encode_parts(self, texts, doc_start, megatron_llm):
+        """Per segment, its list of id lists (special tokens as one-id lists)."""
+        parts: list = []
+        counts: list[int] = []
+        slots = ([], [])  # (with dummy prefix, without): positions in parts
+        pieces = ([], [])
+        specials = self._special_lists
+        split = self._split_re.split if self._split_re is not None else None
         for text, starts_doc in zip(texts, doc_start):
-            plan = []
-            for j, part in enumerate(self.split_special(text)):
-                if j % 2:
-                    plan.append((0, self.special_tokens[part]))
-                elif part:
-                    if megatron_llm or (starts_doc and j == 0):
-                        plan.append((1, len(with_prefix)))
-                        with_prefix.append(part)
-                    else:
-                        plan.append((2, len(without_prefix)))
-                        without_prefix.append(part)
-            plans.append(plan)
-        encoded = {
-            1: self._sp.encode(with_prefix, num_threads=1) if with_prefix else [],
-            2: self._sp_plain.encode(without_prefix, num_threads=1) if without_prefix else [],
-        }
-        out = []
-        for plan in plans:
-            ids: list[int] = []
-            for kind, value in plan:
-                if kind == 0:
-                    ids.append(value)
-                else:
-                    ids.extend(encoded[kind][value])
-            out.append(ids)
+            first = len(parts)
+            for j, piece in enumerate(split(text) if split else (text,)):
+                if j & 1:
+                    parts.append(specials[piece])
+                elif piece:
+                    kind = 0 if megatron_llm or (starts_doc and j == 0) else 1
+                    slots[kind].append(len(parts))
+                    pieces[kind].append(piece)
+                    parts.append(None)
+            counts.append(len(parts) - first)
+        for kind, processor in ((0, self._sp), (1, self._sp_plain)):
+            if pieces[kind]:
+                for slot, ids in zip(slots[kind], processor.encode(pieces[kind], num_threads=1)):
+                    parts[slot] = ids
+        return parts, counts
+
+    def encode_segments(self, texts, doc_start, megatron_llm=False):
+        parts, counts = self._encode_parts(texts, doc_start, megatron_llm)
+        out, index = [], 0
+        for count in counts:
+            out.append(list(itertools.chain.from_iterable(parts[index:index + count])))
+            index += count
         return out
+
+    def encode_flat(self, texts, doc_start, megatron_llm=False):
+        parts, counts = self._encode_parts(texts, doc_start, megatron_llm)
+        part_lengths = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+        tokens = np.fromiter(itertools.chain.from_iterable(parts), dtype=np.int32,
+                             count=int(part_lengths.sum()))
+        bounds = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=bounds[1:])
+        cumulative = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum(part_lengths, out=cumulative[1:])
+        return tokens, cumulative[bounds[1:]] - cumulative[bounds[:-1]]
 
     def decode(self, ids, doc_start: bool = False, megatron_llm: bool = False) -> str:
         """Inverse of :meth:`encode_segments` for one segment or document."""
@@ -360,6 +384,13 @@ class HFTokenizer(InstructTokenizer):
 
     def decode(self, ids, doc_start: bool = False, megatron_llm: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _flatten(segments: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter(map(len, segments), dtype=np.int64, count=len(segments))
+    tokens = np.fromiter(itertools.chain.from_iterable(segments), dtype=np.int32,
+                         count=int(lengths.sum()))
+    return tokens, lengths
 
 
 def _read_tokenizer_config(path: Path) -> dict:

@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from megatron_ext.data.chat_formats import build_chat_format
+from megatron_ext.data.indexed import text_dtype_for
 from megatron_ext.data.records import ROLE_IDS, LineChunk, RecordError, RecordKeys, parse_line
 from megatron_ext.tokenizers import InstructTokenizer, TokenizerConfig, build_tokenizer
 
@@ -51,7 +52,7 @@ class ChunkResult:
     first_line: int
     lines: int
     nbytes: int
-    tokens: np.ndarray  # int32, all accepted records concatenated
+    tokens: np.ndarray  # all accepted records concatenated, in the .bin dtype
     roles: np.ndarray  # uint8, same length as tokens
     lengths: np.ndarray  # int32, one per accepted record
     rejects: list[Reject] = field(default_factory=list)
@@ -65,6 +66,8 @@ class Encoder:
         self.config = config
         self.tokenizer = tokenizer or build_tokenizer(config.tokenizer)
         self.format = build_chat_format(config.chat_format, self.tokenizer, config.prompt_template)
+        # results travel to the parent already in the file's dtype (half the bytes for uint16)
+        self.token_dtype = text_dtype_for(self.tokenizer.vocab_size)
 
     def encode_chunk(self, chunk: LineChunk) -> ChunkResult:
         keys, keep_empty_system = self.config.keys, self.format.keep_empty_system
@@ -81,55 +84,61 @@ class Encoder:
                 continue
             accepted.append((line, segments, raw))
 
-        texts, starts = [], []
+        texts: list[str] = []
+        starts: list[bool] = []
+        segment_roles: list[int] = []
+        segments_per_record: list[int] = []
         for _, segments, _ in accepted:
-            for index, (text, _) in enumerate(segments):
+            for index, (text, role) in enumerate(segments):
                 texts.append(text)
                 starts.append(index == 0)
-        encoded = iter(self.tokenizer.encode_segments(texts, starts, self.format.megatron_llm))
+                segment_roles.append(role)
+            segments_per_record.append(len(segments))
+        tokens, segment_lengths = self.tokenizer.encode_flat(texts, starts, self.format.megatron_llm)
+        roles = np.repeat(np.array(segment_roles, dtype=np.uint8), segment_lengths)
+        ends = np.cumsum(np.concatenate([[0], segment_lengths]))
+        record_ends = ends[np.cumsum(segments_per_record, dtype=np.int64)]
+        offsets = np.concatenate([[0], record_ends[:-1]]).astype(np.int64)
+        lengths = (record_ends - offsets).astype(np.int32)
 
-        tokens: list[int] = []
-        roles: list[int] = []
-        lengths: list[int] = []
         truncated = 0
         limit = self.config.max_seq_length
-        for line, segments, raw in accepted:
-            ids: list[int] = []
-            record_roles: list[int] = []
-            for _, role in segments:
-                piece = next(encoded)
-                ids.extend(piece)
-                record_roles.extend([role] * len(piece))
-            if limit is not None and len(ids) > limit:
-                problem = self._overlong(len(ids), record_roles)
+        if limit is not None and (lengths > limit).any():
+            keep_token = np.ones(len(tokens), dtype=bool)
+            keep_record = np.ones(len(lengths), dtype=bool)
+            for index in np.nonzero(lengths > limit)[0]:
+                start, length = int(offsets[index]), int(lengths[index])
+                problem = self._overlong(length, roles[start:start + length])
                 if problem:
+                    line, _, raw = accepted[index]
                     rejects.append(Reject(chunk.file_index, line, "too_long", problem, raw))
-                    continue
-                del ids[limit:], record_roles[limit:]
-                truncated += 1
-            tokens.extend(ids)
-            roles.extend(record_roles)
-            lengths.append(len(ids))
+                    keep_token[start:start + length] = False
+                    keep_record[index] = False
+                else:
+                    keep_token[start + limit:start + length] = False
+                    lengths[index] = limit
+                    truncated += 1
+            tokens, roles, lengths = tokens[keep_token], roles[keep_token], lengths[keep_record]
         rejects.sort(key=lambda r: r.line)
         return ChunkResult(
             file_index=chunk.file_index,
             first_line=chunk.first_line,
             lines=len(chunk.lines),
             nbytes=chunk.nbytes,
-            tokens=np.array(tokens, dtype=np.int32),
-            roles=np.array(roles, dtype=np.uint8),
-            lengths=np.array(lengths, dtype=np.int32),
+            tokens=tokens.astype(self.token_dtype, copy=False),
+            roles=roles,
+            lengths=lengths,
             rejects=rejects,
             truncated=truncated,
         )
 
-    def _overlong(self, length: int, roles: list[int]) -> Optional[str]:
+    def _overlong(self, length: int, roles: np.ndarray) -> Optional[str]:
         """Why an over-long record must be rejected, or None if it may be truncated."""
         limit = self.config.max_seq_length
         if self.config.overlong == "drop":
             return f"{length} tokens, longer than --max_seq_length {limit} (--overlong drop)"
-        if _ASSISTANT not in roles[:limit]:
-            first_answer = roles.index(_ASSISTANT)
+        if not (roles[:limit] == _ASSISTANT).any():
+            first_answer = int(np.argmax(roles == _ASSISTANT))
             return (f"{length} tokens and the prompt alone takes {first_answer}: truncating to "
                     f"--max_seq_length {limit} would remove the whole answer")
         return None

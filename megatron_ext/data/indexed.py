@@ -1,93 +1,88 @@
-"""megatron-core indexed datasets: chunked writing and atomic output sets.
+"""megatron-core indexed datasets (MMIDIDX v1): chunked writing, atomic output sets.
 
-Why: megatron-core's ``IndexedDatasetBuilder`` writes one item per Python
-call and keeps its index in Python lists (about 40 bytes a record).
-:class:`ChunkedIndexedDatasetBuilder` keeps the same file format and the
-same class (so megatron-core's ``IndexedDataset`` and Megatron-LLM read the
-result) but appends a whole chunk of records per call and stores its index
-in compact arrays. :class:`AtomicDatasetOutputs` writes ``{prefix}-text``,
-``{prefix}-role`` and ``{prefix}-meta.json`` under temporary names and
-renames them only once everything is complete.
+Why not megatron-core's ``IndexedDatasetBuilder`` itself: importing
+``megatron.core`` costs about 9 CPU-seconds (torch and all of megatron-core),
+which a preprocessor's parent process would take from its workers, and the
+builder writes one record per Python call with its index in Python lists.
+:class:`ChunkedIndexedDatasetBuilder` writes the same bytes (the tests check
+them against megatron-core's builder, and read them back with megatron-core's
+``IndexedDataset``) from NumPy arrays, a chunk of records per call, with a
+compact index, and imports no torch. :class:`AtomicDatasetOutputs` writes
+``{prefix}-text``, ``{prefix}-role`` and ``{prefix}-meta.json`` under
+temporary names and renames them only once everything is complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from array import array
 from typing import Optional
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import (
-    DType,
-    IndexedDatasetBuilder,
-    _IndexWriter,
-    get_bin_path,
-    get_idx_path,
-)
 
 ROLE_DTYPE = np.uint8
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+_INDEX_VERSION = 1
+#: megatron-core's ``DType`` codes
+_DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5,
+                np.float64: 6, np.float32: 7, np.uint16: 8}
 
 
 def text_dtype_for(vocab_size: int) -> type:
-    """Smallest dtype that holds every token id (megatron-core's own rule)."""
-    return DType.optimal_dtype(vocab_size)
+    """Smallest dtype for every token id: megatron-core's ``DType.optimal_dtype`` rule."""
+    return np.uint16 if vocab_size < 65500 else np.int32
 
 
-class _VectorIndexWriter(_IndexWriter):
-    """``_IndexWriter`` with pointers computed by NumPy instead of a Python loop."""
-
-    def _sequence_pointers(self, sequence_lengths):
-        lengths = np.asarray(sequence_lengths, dtype=np.int64)
-        pointers = np.zeros(len(lengths), dtype=np.int64)
-        np.cumsum(lengths[:-1] * DType.size(self.dtype), out=pointers[1:])
-        return pointers
-
-
-class ChunkedIndexedDatasetBuilder(IndexedDatasetBuilder):
-    """An ``IndexedDatasetBuilder`` that takes many records per call.
-
-    Each record is one sequence and one document, so ``document_indices`` is
-    ``0, 1, ..., n`` as megatron-core's reader requires.
+class ChunkedIndexedDatasetBuilder:
+    """Writes ``.bin``/``.idx`` exactly as megatron-core's builder does with
+    ``add_item`` + ``end_document`` per record: one sequence and one document
+    per record, so ``document_indices`` is ``0, 1, ..., n``.
     """
 
     def __init__(self, bin_path: str, dtype: type):
-        super().__init__(bin_path, dtype=dtype)
+        self.dtype = np.dtype(dtype).type
+        if self.dtype not in _DTYPE_CODES:
+            raise ValueError(f"dtype {dtype} has no megatron-core code")
+        self.data_file = open(bin_path, "wb")
         self.sequence_lengths = array("i")
-        self.document_indices = array("q", [0])
 
     def add_records(self, values: np.ndarray, lengths: np.ndarray) -> None:
         """Append ``len(lengths)`` records stored back to back in ``values``."""
         if int(lengths.sum()) != len(values):
             raise ValueError("lengths do not add up to the number of values")
         self.data_file.write(values.astype(self.dtype, copy=False).tobytes(order="C"))
-        first = len(self.sequence_lengths)
         self.sequence_lengths.frombytes(lengths.astype(np.int32, copy=False).tobytes())
-        self.document_indices.frombytes(
-            np.arange(first + 1, first + 1 + len(lengths), dtype=np.int64).tobytes()
-        )
 
     def finalize(self, idx_path: str) -> None:
         self.data_file.flush()
         os.fsync(self.data_file.fileno())
         self.data_file.close()
-        with _VectorIndexWriter(idx_path, self.dtype) as writer:
-            writer.write(
-                np.frombuffer(self.sequence_lengths, dtype=np.int32),
-                None,
-                np.frombuffer(self.document_indices, dtype=np.int64),
-            )
-            writer.idx_writer.flush()
-            os.fsync(writer.idx_writer.fileno())
+        lengths = np.frombuffer(self.sequence_lengths, dtype=np.int32)
+        count = len(lengths)
+        pointers = np.zeros(count, dtype=np.int64)
+        np.cumsum(lengths[:-1].astype(np.int64) * np.dtype(self.dtype).itemsize, out=pointers[1:])
+        with open(idx_path, "wb") as index:
+            index.write(_INDEX_HEADER)
+            index.write(struct.pack("<Q", _INDEX_VERSION))
+            index.write(struct.pack("<B", _DTYPE_CODES[self.dtype]))
+            index.write(struct.pack("<Q", count))
+            index.write(struct.pack("<Q", count + 1))
+            index.write(lengths.tobytes(order="C"))
+            index.write(pointers.tobytes(order="C"))
+            index.write(np.arange(count + 1, dtype=np.int64).tobytes(order="C"))
+            index.flush()
+            os.fsync(index.fileno())
 
 
 def dataset_paths(prefix: str) -> dict[str, str]:
     """The files of one preprocessed dataset, in the order they are renamed."""
     return {
-        "text_bin": get_bin_path(f"{prefix}-text"),
-        "role_bin": get_bin_path(f"{prefix}-role"),
-        "text_idx": get_idx_path(f"{prefix}-text"),
-        "role_idx": get_idx_path(f"{prefix}-role"),
+        "text_bin": f"{prefix}-text.bin",
+        "role_bin": f"{prefix}-role.bin",
+        "text_idx": f"{prefix}-text.idx",
+        "role_idx": f"{prefix}-role.idx",
         "meta": f"{prefix}-meta.json",
     }
 

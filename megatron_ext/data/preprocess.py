@@ -11,6 +11,7 @@ their file and line instead of stopping a night's run.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -33,7 +34,7 @@ from megatron_ext.data.encode import (
     encode_chunk_in_worker,
     init_worker,
 )
-from megatron_ext.data.indexed import ROLE_DTYPE, AtomicDatasetOutputs, text_dtype_for
+from megatron_ext.data.indexed import AtomicDatasetOutputs, text_dtype_for
 from megatron_ext.data.records import ROLE_IDS, LineChunk, expand_inputs, iter_chunks
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.tokenizers import build_tokenizer
@@ -214,25 +215,32 @@ class _RejectsLog:
             self.handle = None
 
 
-def _ordered_results(config: PreprocessConfig, chunks: Iterable[LineChunk],
-                     encoder: Encoder) -> Iterator[ChunkResult]:
-    """Encode chunks in input order, with at most 2 x workers chunks in flight."""
+@contextlib.contextmanager
+def _worker_pool(config: PreprocessConfig):
+    """A process pool, or None for ``--workers 1`` (encode in this process)."""
     if config.workers == 1:
-        for chunk in chunks:
-            yield encoder.encode_chunk(chunk)
+        yield None
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
-    pending: collections.deque = collections.deque()
-    limit = 2 * config.workers
-    with context.Pool(config.workers, initializer=init_worker,
-                      initargs=(config.encode,)) as pool:
+    with context.Pool(config.workers, initializer=init_worker, initargs=(config.encode,)) as pool:
+        yield pool
+
+
+def _ordered_results(pool, encoder: Encoder, chunks: Iterable[LineChunk],
+                     workers: int) -> Iterator[ChunkResult]:
+    """Encode chunks in input order, with at most 2 x workers chunks in flight."""
+    if pool is None:
         for chunk in chunks:
-            pending.append(pool.apply_async(encode_chunk_in_worker, (chunk,)))
-            if len(pending) >= limit:
-                yield pending.popleft().get()
-        while pending:
+            yield encoder.encode_chunk(chunk)
+        return
+    pending: collections.deque = collections.deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(encode_chunk_in_worker, (chunk,)))
+        if len(pending) >= 2 * workers:
             yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 class _Progress:
@@ -282,7 +290,6 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
             and not chat_format.has_system:
         raise ConfigError("--system_key is set but --prompt_template has no {system} placeholder")
     encoder = Encoder(config.encode, tokenizer)
-    text_dtype = text_dtype_for(tokenizer.vocab_size)
     plain = [f for f in files if not f.endswith(".gz")]
     total_bytes = sum(os.path.getsize(f) for f in files) if len(plain) == len(files) else None
 
@@ -292,37 +299,44 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     start = time.monotonic()
     try:
-        with AtomicDatasetOutputs(config.output_prefix, text_dtype) as outputs:
-            chunks = iter_chunks(files, config.chunk_size)
-            for result in _ordered_results(config, chunks, encoder):
-                for reject in result.rejects:
-                    where = f"{files[reject.file_index]}:{reject.line}"
-                    if config.strict:
-                        rejects.write(reject)
-                        raise DataError(
-                            f"{where}: {reject.message} (--strict stops at the first bad record; "
-                            "without it bad records are skipped, counted and reported)"
-                        )
-                    stats.rejected_by_code[reject.code] += 1
-                    if len(stats.examples) < EXAMPLES_IN_SUMMARY:
-                        stats.examples.append(f"{where}: {reject.message}")
-                    rejects.write(reject)
-                stats.add(result)
-                outputs.add(result.tokens, result.roles, result.lengths)
-                progress.update(stats, result)
-            if stats.records_out == 0:
-                detail = "; ".join(stats.examples) or "the input is empty"
-                raise DataError(
-                    f"no record was accepted out of {stats.records_in} ({detail}); check "
-                    "--question_key/--answer_key/--messages_key against your JSONL keys"
-                )
-            meta = build_meta(config, files, tokenizer, chat_format, stats, text_dtype)
-            outputs.commit(meta)
+        with _worker_pool(config) as pool:
+            text_dtype = text_dtype_for(tokenizer.vocab_size)
+            with AtomicDatasetOutputs(config.output_prefix, text_dtype) as outputs:
+                chunks = iter_chunks(files, config.chunk_size)
+                for result in _ordered_results(pool, encoder, chunks, config.workers):
+                    _record_rejects(config, files, result, stats, rejects)
+                    stats.add(result)
+                    outputs.add(result.tokens, result.roles, result.lengths)
+                    progress.update(stats, result)
+                if stats.records_out == 0:
+                    detail = "; ".join(stats.examples) or "the input is empty"
+                    raise DataError(
+                        f"no record was accepted out of {stats.records_in} ({detail}); check "
+                        "--question_key/--answer_key/--messages_key against your JSONL keys"
+                    )
+                meta = build_meta(config, files, tokenizer, chat_format, stats, text_dtype)
+                outputs.commit(meta)
     finally:
         progress.close()
         rejects.close()
         signal.signal(signal.SIGTERM, previous_sigterm)
     return PreprocessSummary(config, stats, meta, time.monotonic() - start, outputs.paths)
+
+
+def _record_rejects(config: PreprocessConfig, files: list[str], result: ChunkResult,
+                    stats: PreprocessStats, rejects: _RejectsLog) -> None:
+    """Count and log a chunk's rejects; with ``--strict`` the first one stops the run."""
+    for reject in result.rejects:
+        where = f"{files[reject.file_index]}:{reject.line}"
+        rejects.write(reject)
+        if config.strict:
+            raise DataError(
+                f"{where}: {reject.message} (--strict stops at the first bad record; "
+                "without it bad records are skipped, counted and reported)"
+            )
+        stats.rejected_by_code[reject.code] += 1
+        if len(stats.examples) < EXAMPLES_IN_SUMMARY:
+            stats.examples.append(f"{where}: {reject.message}")
 
 
 def build_meta(config, files, tokenizer, chat_format, stats: PreprocessStats, text_dtype) -> dict:
@@ -345,7 +359,7 @@ def build_meta(config, files, tokenizer, chat_format, stats: PreprocessStats, te
         "overlong": config.encode.overlong,
         "inputs": [{"path": path, "bytes": os.path.getsize(path)} for path in files],
         "roles": dict(ROLE_IDS),
-        "dtypes": {"text": np.dtype(text_dtype).name, "role": np.dtype(ROLE_DTYPE).name},
+        "dtypes": {"text": np.dtype(text_dtype).name, "role": "uint8"},
         "counts": {
             "records_in": stats.records_in,
             "records_out": stats.records_out,

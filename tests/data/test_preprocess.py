@@ -325,3 +325,29 @@ def test_meta_json_content(tmp_path, sp_model):
     assert meta["lengths"]["mean"] == round(float(np.mean(lengths)), 2)
     assert meta["dtypes"] == {"text": "uint16", "role": "uint8"}
     assert meta["roles"] == {"system": 0, "user": 1, "assistant": 2}
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.uint8])
+def test_writer_bytes_equal_megatron_core_builder(tmp_path, dtype):
+    """Our chunked writer produces exactly megatron-core's IndexedDatasetBuilder files."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_ext.data.indexed import ChunkedIndexedDatasetBuilder
+
+    rng = np.random.default_rng(0)
+    records = [rng.integers(0, 200, size=int(n)) for n in rng.integers(1, 50, size=40)]
+    reference = IndexedDatasetBuilder(str(tmp_path / "ref.bin"), dtype=dtype)
+    for record in records:
+        reference.add_item(torch.tensor(record))
+        reference.end_document()
+    reference.finalize(str(tmp_path / "ref.idx"))
+
+    ours = ChunkedIndexedDatasetBuilder(str(tmp_path / "ours.bin"), dtype)
+    for chunk in (records[:7], records[7:8], records[8:]):  # several chunks
+        ours.add_records(np.concatenate(chunk), np.array([len(r) for r in chunk]))
+    ours.finalize(str(tmp_path / "ours.idx"))
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"ref{suffix}").read_bytes()
+    dataset = IndexedDataset(str(tmp_path / "ours"))
+    assert all(np.array_equal(dataset[i], r) for i, r in enumerate(records))
