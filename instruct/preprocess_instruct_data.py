@@ -38,11 +38,18 @@ from megatron_ext.data.chat_formats import CHAT_FORMAT_NAMES, FORMATS, unescape_
 from megatron_ext.tokenizers import TOKENIZER_TYPES  # noqa: E402
 
 
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def build_parser() -> FlagParser:
     parser = FlagParser(
         prog="preprocess_instruct_data.py",
         description=__doc__.split("\n\n", 1)[0],
-        epilog=__doc__.split("\n\n", 1)[1],
+        epilog=__doc__.split("\n\n", 1)[1] + "\nEvery flag may also be spelled with - for _.",
     )
     group = parser.add_argument_group("input data")
     group.add_argument("--input", nargs="+", required=True, metavar="PATH",
@@ -99,8 +106,9 @@ def build_parser() -> FlagParser:
                        help="stop with an error at the first bad record instead of skipping it")
 
     group = parser.add_argument_group("runtime")
-    group.add_argument("--workers", type=int, default=1,
-                       help="tokenizer processes; about one per CPU core (default: %(default)s)")
+    group.add_argument("--workers", type=int, default=_available_cpus(),
+                       help="tokenizer processes; output is identical for any number "
+                            "(default: the CPUs available, %(default)s)")
     group.add_argument("--chunk_size", type=int, default=256,
                        help="records per task sent to a worker (default: %(default)s)")
     group.add_argument("--log_interval", type=int, default=10000,

@@ -17,35 +17,26 @@ from megatron_ext.errors import UserError
 
 
 class FlagParser(argparse.ArgumentParser):
-    """ArgumentParser that registers ``--a_b`` and ``--a-b`` for every long flag."""
+    """ArgumentParser that accepts ``--a_b`` and ``--a-b`` for every long flag.
+
+    Flags are declared (and shown in ``--help``) in Megatron's snake_case; a
+    kebab-case spelling on the command line is rewritten before parsing.
+    """
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
         super().__init__(*args, **kwargs)
 
-    def add_argument_group(self, *args, **kwargs):
-        group = super().add_argument_group(*args, **kwargs)
-        original = group.add_argument
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([self._canonical(a) for a in args], namespace)
 
-        def add_argument(*flags, **options):
-            return original(*_both_spellings(flags), **options)
-
-        group.add_argument = add_argument
-        return group
-
-    def add_argument(self, *flags, **options):
-        return super().add_argument(*_both_spellings(flags), **options)
-
-
-def _both_spellings(flags):
-    out = list(flags)
-    for flag in flags:
-        if flag.startswith("--"):
-            body = flag[2:]
-            for other in (body.replace("_", "-"), body.replace("-", "_")):
-                if f"--{other}" not in out:
-                    out.append(f"--{other}")
-    return out
+    def _canonical(self, arg: str) -> str:
+        if not arg.startswith("--") or arg in self._option_string_actions:
+            return arg
+        flag, sep, value = arg.partition("=")
+        snake = flag[:2] + flag[2:].replace("-", "_")
+        return snake + sep + value if snake in self._option_string_actions else arg
 
 
 def setup_logging(verbose: bool = False) -> None:
