@@ -1,0 +1,1 @@
+"""The trainer: configuration, distributed setup, loop, loss, checkpoints, logging."""

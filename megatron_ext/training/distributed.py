@@ -1,0 +1,110 @@
+"""Process-group setup for torchrun: NCCL on GPUs, gloo (plus the compat layer) on CPU.
+
+Why: megatron-core needs ``torch.distributed`` and its ``parallel_state``
+initialised in a fixed order, seeded so that every TP layout draws the same
+initial weights. This module does that once and returns a :class:`Layout`
+that the rest of the trainer passes around instead of querying globals.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_ext.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Layout:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_logger(self) -> bool:
+        """Rank 0 prints and writes logs."""
+        return self.rank == 0
+
+
+def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> Layout:
+    """Initialise torch.distributed (from torchrun's env) and megatron-core's groups."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        from megatron_ext.compat import enable_cpu_compat
+
+        enable_cpu_compat()
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+        )
+    set_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return Layout(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        tp=tp,
+        pp=pp,
+        dp=parallel_state.get_data_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        device=device,
+    )
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

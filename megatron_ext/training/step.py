@@ -1,0 +1,66 @@
+"""One micro-batch through the model: attention mask, forward, weighted loss.
+
+Why the loss looks like this: megatron-core's schedules either average
+micro-batch losses (over-weighting short samples) or normalise by an integer
+token count. We want the exact weighted mean over the *global* batch with
+fractional weights (``--scalar_loss_mask``), so every rank is told the global
+batch's total weight ``W`` up front, each micro-batch contributes
+``sum(w * ce) / W``, and megatron-core is asked (``calculate_per_token_loss``)
+to neither divide by the number of micro-batches nor average across data
+parallel ranks: the gradients then sum to exactly ``d/dθ sum(w * ce) / W``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional
+
+import torch
+
+from megatron_ext.data.collate import Batch
+
+
+def attention_mask(segment_ids: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
+    """``[b, 1, s, s]`` bool, True where attention is *forbidden* (megatron-core's convention).
+
+    A query attends to earlier-or-same positions of its own sample (so packed
+    samples never see each other), within ``window`` tokens when set. Padding
+    positions attend only to themselves, which keeps every softmax row finite.
+    """
+    s = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = same & causal & (segment_ids[:, :, None] > 0)
+    if window is not None:
+        distance = torch.arange(s, device=segment_ids.device)
+        allowed &= (distance[:, None] - distance[None, :]) < window
+    allowed |= torch.eye(s, dtype=torch.bool, device=segment_ids.device)
+    return (~allowed)[:, None]
+
+
+def loss_func(loss_weights: torch.Tensor, total_weight: float, output: torch.Tensor):
+    """``(sum(w * ce) / W, 0, report)`` for megatron-core's per-token-loss path.
+
+    The returned token count is 0 so ``finalize_model_grads`` applies no extra
+    scaling; the report carries the un-normalised sum for exact logging.
+    """
+    weighted = (output.float() * loss_weights).sum()
+    scale = 1.0 / total_weight if total_weight > 0 else 0.0
+    report = torch.stack([weighted.detach(), loss_weights.sum().detach()])
+    return weighted * scale, torch.tensor(0, dtype=torch.int), {"lm loss": report}
+
+
+def make_forward_step(total_weight: float, window: Optional[int], device: torch.device):
+    """A megatron-core ``forward_step_func`` closed over the global batch weight."""
+
+    def forward_step(data_iterator, model):
+        batch: Batch = next(data_iterator)
+        tokens = batch.tokens.to(device, non_blocking=True)
+        labels = batch.labels.to(device, non_blocking=True)
+        position_ids = batch.position_ids.to(device, non_blocking=True)
+        mask = attention_mask(batch.segment_ids.to(device, non_blocking=True), window)
+        weights = batch.loss_weights.to(device, non_blocking=True)
+        output = model(tokens, position_ids, mask, labels=labels)
+        return output, partial(loss_func, weights, total_weight)
+
+    return forward_step

@@ -1,0 +1,308 @@
+"""The training loop on megatron-core: model, optimizer, schedule, eval, logs.
+
+Why a class: the loop's state (model, optimizer, scheduler, data position,
+iteration) is what a checkpoint saves and a resume restores; keeping it in
+one object makes that explicit. Everything is built from a
+:class:`~megatron_ext.training.config.TrainConfig`; nothing reads globals.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from typing import Optional
+
+import torch
+
+from megatron_ext.models.builder import build_gpt_model, transformer_config
+from megatron_ext.models.families import get_family, padded_vocab_size
+from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer, parse_extra_ids
+from megatron_ext.training.config import TrainConfig
+from megatron_ext.training.data import BatchBuilder, GlobalBatch, build_splits, iterations
+from megatron_ext.training.distributed import Layout, init_distributed
+from megatron_ext.training.metrics import MetricsWriter
+from megatron_ext.training.step import make_forward_step
+
+logger = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.layout: Layout = init_distributed(config.parallel.tensor_model_parallel_size,
+                                               config.parallel.pipeline_model_parallel_size,
+                                               config.schedule.seed)
+        config.validate(self.layout.world_size)
+        tok_args = config.tokenizer
+        self.tokenizer = build_tokenizer(TokenizerConfig(
+            tok_args.tokenizer_type, tok_args.vocab_file,
+            parse_extra_ids(tok_args.vocab_extra_ids_list), tok_args.new_tokens))
+        identity = self.tokenizer.identity()
+        self.splits = build_splits(config.data, config.schedule.seed)
+        for split in self.splits.values():
+            for part in split.parts if split else ():
+                part.dataset.check_tokenizer(identity)
+        self.train_iters = iterations(config.schedule, self.splits["train"])
+        self.padded_vocab = padded_vocab_size(self.tokenizer.vocab_size,
+                                              config.model.make_vocab_size_divisible_by,
+                                              self.layout.tp)
+        self._build_model_and_optimizer()
+        pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        self.batches = BatchBuilder(config.model.seq_length, pad_id, config.data.scalar_loss_mask,
+                                    config.data.variable_seq_lengths,
+                                    config.schedule.micro_batch_size, self.layout.dp_rank,
+                                    self.layout.dp)
+        family = get_family(config.model.model_name)
+        self.window = config.model.sliding_window_size or family.sliding_window
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.consumed_tokens = 0
+        self.metrics = MetricsWriter(config.checkpoint.save, config.checkpoint.tensorboard_dir,
+                                     enabled=self.layout.is_logger)
+        self._stop_signal: Optional[int] = None
+
+    # ------------------------------------------------------------------ setup
+    def _build_model_and_optimizer(self) -> None:
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        c, layout = self.config, self.layout
+        self.model_config = transformer_config(
+            c.model, c.parallel, c.precision,
+            variable_seq_lengths=c.data.variable_seq_lengths and layout.pp > 1,
+            use_cpu_initialization=True,
+        )
+        model = build_gpt_model(c.model, self.model_config, self.padded_vocab,
+                                pre_process=layout.first_stage, post_process=layout.last_stage,
+                                init_seed=c.schedule.seed)
+        model.to(layout.device)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=c.parallel.use_distributed_optimizer,
+        )
+        self.model = DistributedDataParallel(self.model_config, ddp_config, model)
+        self.model_config.finalize_model_grads_func = finalize_model_grads
+        o = c.optim
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=o.lr,
+                min_lr=o.min_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1,
+                adam_beta2=o.adam_beta2,
+                adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad,
+                bf16=c.precision.bf16,
+                fp16=c.precision.fp16,
+                params_dtype=self.model_config.params_dtype,
+                use_distributed_optimizer=c.parallel.use_distributed_optimizer,
+            ),
+            [self.model],
+        )
+        if c.precision.fp16:
+            self.model_config.grad_scale_func = self.optimizer.scale_loss
+        gbs = c.schedule.global_batch_size
+        decay_iters = o.lr_decay_iters or self.train_iters
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if o.lr_warmup_iters else o.lr,
+            max_lr=o.lr,
+            min_lr=o.min_lr,
+            lr_warmup_steps=o.lr_warmup_iters * gbs,
+            lr_decay_steps=max(decay_iters, o.lr_warmup_iters + 1) * gbs,
+            lr_decay_style=o.lr_decay_style,
+            start_wd=o.weight_decay,
+            end_wd=o.weight_decay,
+            wd_incr_steps=max(1, self.train_iters * gbs),
+            wd_incr_style="constant",
+        )
+
+    # ------------------------------------------------------------------ steps
+    def _run(self, gb: GlobalBatch, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        widths = [int(mb.tokens.shape[1]) for mb in gb.micro_batches]
+        return get_forward_backward_func()(
+            forward_step_func=make_forward_step(gb.total_weight, self.window, self.layout.device),
+            data_iterator=iter(gb.micro_batches),
+            model=[self.model],
+            num_microbatches=len(gb.micro_batches),
+            seq_length=max(widths),
+            micro_batch_size=self.config.schedule.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _reduce(self, reports) -> tuple[float, float]:
+        """(sum of w * ce, sum of w) over the global batch, known on every rank."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        total = torch.zeros(2, dtype=torch.float64, device=self.layout.device)
+        if self.layout.last_stage:
+            for report in reports:
+                total += report["lm loss"].to(torch.float64)
+            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        if self.layout.pp > 1:
+            dist.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        return float(total[0]), float(total[1])
+
+    def train_step(self) -> dict:
+        start = time.perf_counter()
+        s = self.config.schedule
+        gb = self.batches.global_batch(self.splits["train"], self.consumed_samples,
+                                       s.global_batch_size)
+        data_time = time.perf_counter() - start
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self._run(gb, forward_only=False)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        update_ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=s.global_batch_size)
+        weighted, weight = self._reduce(reports)
+        self.iteration += 1
+        self.consumed_samples += s.global_batch_size
+        self.consumed_tokens += gb.real_tokens
+        elapsed = time.perf_counter() - start
+        return {
+            "loss": weighted / weight if weight > 0 else 0.0,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": lr,
+            "skipped": not update_ok,
+            "iter_time": elapsed,
+            "data_time": data_time,
+            "tokens": gb.padded_tokens,
+            "real_tokens": gb.real_tokens,
+        }
+
+    def evaluate(self, split_name: str = "valid") -> Optional[dict]:
+        split = self.splits.get(split_name)
+        if split is None:
+            return None
+        gbs = self.config.schedule.global_batch_size
+        batches = min(self.config.schedule.eval_iters, max(1, len(split) // gbs))
+        self.model.eval()
+        weighted = weight = 0.0
+        with torch.no_grad():
+            for index in range(batches):
+                gb = self.batches.global_batch(split, index * gbs, gbs)
+                w, n = self._reduce(self._run(gb, forward_only=True))
+                weighted, weight = weighted + w, weight + n
+        self.model.train()
+        loss = weighted / weight if weight > 0 else float("nan")
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "batches": batches}
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        s = self.config.schedule
+        self._install_signal_handlers()
+        self._log_startup()
+        interval_start = time.perf_counter()
+        last: dict = {}
+        started = time.monotonic()
+        while self.iteration < self.train_iters:
+            last = self.train_step()
+            if self.iteration % max(1, s.log_interval) == 0 or self.iteration == self.train_iters:
+                self._log(last)
+            if s.eval_interval and self.iteration % s.eval_interval == 0:
+                self._log_eval(self.evaluate())
+            if self._should_stop(started):
+                break
+        final_eval = self.evaluate()
+        self._log_eval(final_eval)
+        self.metrics.close()
+        return {"iteration": self.iteration, "last": last, "valid": final_eval,
+                "seconds": time.perf_counter() - interval_start}
+
+    def _should_stop(self, started: float) -> bool:
+        s = self.config.schedule
+        if self._stop_signal is not None:
+            return True
+        if s.exit_interval and self.iteration % s.exit_interval == 0:
+            return True
+        if s.exit_duration_in_mins is not None:
+            flag = torch.tensor(int((time.monotonic() - started) / 60 > s.exit_duration_in_mins))
+            import torch.distributed as dist
+
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+            return bool(flag.item())
+        return False
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        signal.signal(signal.SIGTERM, handler)
+
+    def _log_startup(self) -> None:
+        if not self.layout.is_logger:
+            return
+        c, layout = self.config, self.layout
+        params = sum(p.numel() for p in self.model.parameters())
+        sizes = {name: (len(split) if split else 0) for name, split in self.splits.items()}
+        logger.info(
+            "model %s: %d layers, hidden %d, heads %d/%d kv, vocab %d (padded %d); "
+            "%.2fM parameters on this rank", c.model.model_name, c.model.num_layers,
+            c.model.hidden_size, c.model.num_attention_heads,
+            c.model.num_attention_heads_kv or c.model.num_attention_heads,
+            self.tokenizer.vocab_size, self.padded_vocab, params / 1e6)
+        logger.info("parallel: world %d = TP %d x PP %d x DP %d on %s", layout.world_size,
+                    layout.tp, layout.pp, layout.dp, layout.device)
+        logger.info("data: train %d / valid %d / test %d records; %d iterations of %d samples "
+                    "(micro batch %d)", sizes["train"], sizes["valid"], sizes["test"],
+                    self.train_iters, c.schedule.global_batch_size, c.schedule.micro_batch_size)
+
+    def _log(self, step: dict) -> None:
+        if not self.layout.is_logger:
+            return
+        seconds = max(step["iter_time"], 1e-9)
+        values = {
+            "consumed_samples": self.consumed_samples,
+            "consumed_tokens": self.consumed_tokens,
+            "lr": step["lr"],
+            "loss": step["loss"],
+            "grad_norm": step["grad_norm"],
+            "iter_time": step["iter_time"],
+            "tokens_per_sec": step["tokens"] / seconds,
+            "real_tokens_per_sec": step["real_tokens"] / seconds,
+            "padding_fraction": 1.0 - step["real_tokens"] / max(1, step["tokens"]),
+            "data_wait_fraction": step["data_time"] / seconds,
+            "memory_mb": _memory_mb(self.layout.device),
+        }
+        self.metrics.write(self.iteration, values)
+        logger.info(
+            "iter %d/%d | samples %d | tokens %d | lr %.3g | loss %.5f | grad norm %.3f | "
+            "%.2f s/iter | %.0f tok/s (%.0f real) | pad %.1f%% | mem %.0f MB",
+            self.iteration, self.train_iters, self.consumed_samples, self.consumed_tokens,
+            values["lr"], values["loss"], values["grad_norm"], values["iter_time"],
+            values["tokens_per_sec"], values["real_tokens_per_sec"],
+            100 * values["padding_fraction"], values["memory_mb"])
+
+    def _log_eval(self, result: Optional[dict]) -> None:
+        if result is None or not self.layout.is_logger:
+            return
+        self.metrics.write(self.iteration, {"loss": result["loss"], "ppl": result["ppl"]},
+                           prefix="valid")
+        logger.info("validation at iter %d | loss %.5f | ppl %.3f", self.iteration,
+                    result["loss"], result["ppl"])
+
+
+def _memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import psutil
+
+        return psutil.Process(os.getpid()).memory_info().rss / 2**20
+    except ImportError:
+        return float("nan")
