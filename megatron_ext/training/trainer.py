@@ -36,6 +36,8 @@ class Trainer:
                                                config.parallel.pipeline_model_parallel_size,
                                                config.schedule.seed)
         config.validate(self.layout.world_size)
+        if config.checkpoint.use_checkpoint_args:
+            config = self.config = _with_checkpoint_model_args(config)
         tok_args = config.tokenizer
         self.tokenizer = build_tokenizer(TokenizerConfig(
             tok_args.tokenizer_type, tok_args.vocab_file,
@@ -63,6 +65,17 @@ class Trainer:
         self.metrics = MetricsWriter(config.checkpoint.save, config.checkpoint.tensorboard_dir,
                                      enabled=self.layout.is_logger)
         self._stop_signal: Optional[int] = None
+        if config.checkpoint.load:
+            from megatron_ext.checkpointing import load_checkpoint
+
+            loaded = load_checkpoint(self, config.checkpoint.load,
+                                     weights_only=config.checkpoint.finetune)
+            if loaded is not None and self.layout.is_logger:
+                logger.info("loaded %s from %s (iteration %d)%s",
+                            "weights" if config.checkpoint.finetune else "checkpoint",
+                            config.checkpoint.load, loaded,
+                            "" if config.checkpoint.finetune else
+                            f"; resuming at iteration {self.iteration}")
 
     # ------------------------------------------------------------------ setup
     def _build_model_and_optimizer(self) -> None:
@@ -210,33 +223,59 @@ class Trainer:
         interval_start = time.perf_counter()
         last: dict = {}
         started = time.monotonic()
+        saved_at = None
+        stopped = False
         while self.iteration < self.train_iters:
             last = self.train_step()
             if self.iteration % max(1, s.log_interval) == 0 or self.iteration == self.train_iters:
                 self._log(last)
             if s.eval_interval and self.iteration % s.eval_interval == 0:
                 self._log_eval(self.evaluate())
-            if self._should_stop(started):
+            stopped = self._should_stop(started)
+            if self.config.checkpoint.save and (
+                    stopped or (s.save_interval and self.iteration % s.save_interval == 0)):
+                self.save()
+                saved_at = self.iteration
+            if stopped:
                 break
-        final_eval = self.evaluate()
-        self._log_eval(final_eval)
+        final_eval = None
+        if not stopped:
+            final_eval = self.evaluate()
+            self._log_eval(final_eval)
+            if self.config.checkpoint.save and saved_at != self.iteration:
+                self.save()
         self.metrics.close()
         return {"iteration": self.iteration, "last": last, "valid": final_eval,
-                "seconds": time.perf_counter() - interval_start}
+                "stopped_early": stopped, "seconds": time.perf_counter() - interval_start}
+
+    def save(self) -> str:
+        from megatron_ext.checkpointing import save_checkpoint
+
+        start = time.perf_counter()
+        path = save_checkpoint(self, self.config.checkpoint.save)
+        if self.layout.is_logger:
+            logger.info("saved checkpoint %s (%.1f s)", path, time.perf_counter() - start)
+        return path
 
     def _should_stop(self, started: float) -> bool:
+        """Stop after this iteration? Every rank must answer the same, so the
+        signal and clock flags are max-reduced (a signal may reach ranks at
+        different iterations)."""
+        import torch.distributed as dist
+
         s = self.config.schedule
-        if self._stop_signal is not None:
-            return True
         if s.exit_interval and self.iteration % s.exit_interval == 0:
             return True
-        if s.exit_duration_in_mins is not None:
-            flag = torch.tensor(int((time.monotonic() - started) / 60 > s.exit_duration_in_mins))
-            import torch.distributed as dist
-
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-            return bool(flag.item())
-        return False
+        local = self._stop_signal is not None or (
+            s.exit_duration_in_mins is not None
+            and (time.monotonic() - started) / 60 > s.exit_duration_in_mins)
+        flag = torch.tensor(int(local), device=self.layout.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.layout.is_logger:
+            reason = (f"signal {self._stop_signal}" if self._stop_signal is not None
+                      else "--exit_duration_in_mins" if local else "another rank's signal")
+            logger.info("stopping after iteration %d (%s)", self.iteration, reason)
+        return bool(flag.item())
 
     def _install_signal_handlers(self) -> None:
         def handler(signum, frame):
@@ -295,6 +334,19 @@ class Trainer:
                            prefix="valid")
         logger.info("validation at iter %d | loss %.5f | ppl %.3f", self.iteration,
                     result["loss"], result["ppl"])
+
+
+def _with_checkpoint_model_args(config: TrainConfig) -> TrainConfig:
+    """``--use_checkpoint_args``: the model shape saved with the checkpoint in ``--load``."""
+    import dataclasses
+
+    from megatron_ext.checkpointing import read_run_config
+    from megatron_ext.training.config import ModelArgs
+
+    saved = read_run_config(config.checkpoint.load)["model"]
+    known = {f.name for f in dataclasses.fields(ModelArgs)} - {"seq_length"}
+    return config.with_model(dataclasses.replace(
+        config.model, **{k: v for k, v in saved.items() if k in known}))
 
 
 def _memory_mb(device: torch.device) -> float:

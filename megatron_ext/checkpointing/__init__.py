@@ -1,0 +1,209 @@
+"""Distributed checkpoints: save, find, load (any TP/PP), with a ``latest`` tracker.
+
+Why: a checkpoint must resume a run exactly (model, optimizer, LR schedule,
+RNG, data position) and must load at another tensor/pipeline layout.
+megatron-core's ``dist_checkpointing`` gives the layout-independence; this
+module adds what a trainer needs around it:
+
+* ``{dir}/iter_0000100/`` written under a temporary name and renamed when
+  every rank has finished, so a crash never leaves a checkpoint that looks
+  complete;
+* ``{dir}/latest_checkpointed_iteration.txt`` (Megatron-LM's tracker name),
+  replaced atomically after the rename;
+* ``{dir}/iter_0000100/run_config.json``: the arguments of the run, for
+  ``--use_checkpoint_args`` and the tools.
+
+A missing, half-written or unreadable checkpoint is a :class:`CheckpointError`
+that names the path, never a silent fresh start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megatron_ext.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RUN_CONFIG = "run_config.json"
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, incomplete or unreadable."""
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> Optional[int]:
+    """Iteration named by the tracker, or None when ``root`` holds no checkpoint."""
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.exists(tracker):
+        return None
+    text = open(tracker, encoding="utf-8").read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{tracker} is corrupt (holds {text[:40]!r}, expected an iteration "
+                              "number); fix it by hand or point --load at another directory")
+    return int(text)
+
+
+def _write_tracker(root: str, iteration: int) -> None:
+    tmp = os.path.join(root, f"{TRACKER}.tmp.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(f"{iteration}\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, os.path.join(root, TRACKER))
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(trainer, include_optimizer: bool, loading: bool) -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    layout = trainer.layout
+    model_state = trainer.model.module.sharded_state_dict()
+    state = {"model": model_state}
+    if include_optimizer:
+        state["optimizer"] = trainer.optimizer.sharded_state_dict(model_state, is_loading=loading)
+        state["rng_state"] = ShardedObject(
+            "rng_state", _rng_state(), (layout.pp, layout.tp), (layout.pp_rank, layout.tp_rank),
+            replica_id=layout.dp_rank)
+    return state
+
+
+def save_checkpoint(trainer, root: str) -> str:
+    """Save everything needed to resume ``trainer``; returns the checkpoint directory."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    final = iteration_dir(root, trainer.iteration)
+    staging = final + ".incomplete"
+    if trainer.layout.rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    dist.barrier()
+    state = _sharded_state(trainer, include_optimizer=True, loading=False)
+    state["common"] = {
+        "iteration": trainer.iteration,
+        "consumed_samples": trainer.consumed_samples,
+        "consumed_tokens": trainer.consumed_tokens,
+        "scheduler": trainer.scheduler.state_dict(),
+        "layout": {"tp": trainer.layout.tp, "pp": trainer.layout.pp, "dp": trainer.layout.dp},
+    }
+    dist_checkpointing.save(state, staging)
+    dist.barrier()
+    if trainer.layout.rank == 0:
+        with open(os.path.join(staging, RUN_CONFIG), "w", encoding="utf-8") as handle:
+            json.dump({**trainer.config.to_dict(),
+                       "tokenizer_identity": trainer.tokenizer.identity()}, handle, indent=2)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        _write_tracker(root, trainer.iteration)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(trainer, root: str, weights_only: bool) -> Optional[int]:
+    """Restore ``trainer`` from the latest checkpoint in ``root``; returns its iteration.
+
+    Returns None only when ``root`` is the run's own ``--save`` directory and
+    holds no checkpoint yet (the auto-resume idiom); any other absence is an error.
+    """
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root) if os.path.isdir(root) else None
+    if iteration is None:
+        if os.path.abspath(root) == os.path.abspath(trainer.config.checkpoint.save or "") \
+                and not weights_only:
+            logger.info("no checkpoint in %s yet: starting from scratch", root)
+            return None
+        raise CheckpointError(
+            f"--load {root}: no checkpoint found (no {TRACKER}); check the path, or drop --load "
+            "to start from scratch")
+    directory = iteration_dir(root, iteration)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{root}/{TRACKER} names iteration {iteration} but {directory} "
+                              "does not exist (deleted or not finished)")
+    state = _sharded_state(trainer, include_optimizer=not weights_only, loading=True)
+    if not weights_only:
+        saved = _saved_layout(directory)
+        if saved != {"tp": trainer.layout.tp, "pp": trainer.layout.pp}:
+            state.pop("rng_state")  # RNG streams belong to a layout; weights and optimizer do not
+            logger.info("checkpoint layout %s differs from this run's: RNG state not restored",
+                        saved)
+    try:
+        loaded = dist_checkpointing.load(state, directory)  # common state comes back merged
+    except Exception as exc:  # megatron-core raises many types for damaged files
+        raise CheckpointError(
+            f"checkpoint {directory} cannot be loaded ({type(exc).__name__}: {exc}); it is "
+            "damaged or was written for a different model shape (see its run_config.json)"
+        ) from None
+    trainer.model.module.load_state_dict(loaded["model"])
+    if weights_only:
+        return iteration
+    trainer.optimizer.load_state_dict(loaded["optimizer"])
+    if "rng_state" in loaded:
+        _set_rng_state(loaded["rng_state"])
+    saved_common = loaded["common"]
+    trainer.scheduler.load_state_dict(saved_common["scheduler"])
+    trainer.iteration = saved_common["iteration"]
+    trainer.consumed_samples = saved_common["consumed_samples"]
+    trainer.consumed_tokens = saved_common["consumed_tokens"]
+    return iteration
+
+
+def _saved_layout(directory: str) -> dict:
+    from megatron.core import dist_checkpointing
+
+    try:
+        common = dist_checkpointing.load_common_state_dict(directory)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {directory} is unreadable ({exc})") from None
+    layout = common.get("common", {}).get("layout", {})
+    return {"tp": layout.get("tp"), "pp": layout.get("pp")}
+
+
+def read_run_config(root: str) -> dict:
+    """The run config saved with the latest checkpoint in ``root``."""
+    iteration = latest_iteration(root)
+    if iteration is None:
+        raise CheckpointError(f"no checkpoint in {root} (no {TRACKER})")
+    path = os.path.join(iteration_dir(root, iteration), RUN_CONFIG)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
