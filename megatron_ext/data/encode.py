@@ -148,8 +148,14 @@ _WORKER: Optional[Encoder] = None
 
 
 def init_worker(config: EncodeConfig) -> None:
-    """Pool initializer: the parent handles Ctrl-C; tokenizers use one thread."""
+    """Pool initializer: the parent handles Ctrl-C; tokenizers use one thread.
+
+    SIGTERM goes back to its default (die at once): a forked worker would
+    otherwise inherit the parent's handler and could block the pool's
+    ``terminate()`` forever.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     global _WORKER
     _WORKER = Encoder(config)

@@ -116,8 +116,12 @@ class AtomicDatasetOutputs:
         self.text.finalize(self.tmp["text_idx"])
         self.role.finalize(self.tmp["role_idx"])
         write_json_atomic(self.tmp["meta"], meta, already_tmp=True)
-        if os.path.exists(self.paths["meta"]):
-            os.remove(self.paths["meta"])
+        # Unpublish an older set first (meta, then indexes): a crash between the
+        # renames below leaves .bin files without .idx, which no reader accepts,
+        # never a new .bin beside an old .idx.
+        for key in ("meta", "text_idx", "role_idx"):
+            if os.path.exists(self.paths[key]):
+                os.remove(self.paths[key])
         for key in ("text_bin", "role_bin", "text_idx", "role_idx", "meta"):
             os.replace(self.tmp[key], self.paths[key])
         _fsync_dir(os.path.dirname(self.paths["meta"]) or ".")

@@ -75,6 +75,11 @@ class PreprocessConfig:
             )
         if not os.access(out_dir, os.W_OK):
             raise ConfigError(f"output directory {out_dir} is not writable")
+        if self.rejects_file:
+            rejects_dir = os.path.dirname(os.path.abspath(self.rejects_file))
+            if not os.path.isdir(rejects_dir):
+                raise ConfigError(f"--rejects_file: directory {rejects_dir} does not exist "
+                                  f"(mkdir -p {rejects_dir})")
         if os.path.basename(self.output_prefix) in ("", ".", ".."):
             raise ConfigError(f"--output_prefix {self.output_prefix!r} needs a file name part")
 
@@ -208,10 +213,14 @@ class _RejectsLog:
             }
             self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
-    def close(self) -> None:
+    def close(self, keep: bool) -> None:
+        """Publish the file (a finished run, or the --strict stop it explains) or drop it."""
         if self.handle is not None:
             self.handle.close()
-            os.replace(self.tmp, self.path)
+            if keep:
+                os.replace(self.tmp, self.path)
+            else:
+                os.remove(self.tmp)
             self.handle = None
 
 
@@ -298,6 +307,7 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
     rejects = _RejectsLog(config.rejects_file, files)
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     start = time.monotonic()
+    keep_rejects = False
     try:
         with _worker_pool(config) as pool:
             text_dtype = text_dtype_for(tokenizer.vocab_size)
@@ -316,9 +326,13 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
                     )
                 meta = build_meta(config, files, tokenizer, chat_format, stats, text_dtype)
                 outputs.commit(meta)
+                keep_rejects = True
+    except DataError:
+        keep_rejects = config.strict  # the rejects file shows the line that stopped the run
+        raise
     finally:
         progress.close()
-        rejects.close()
+        rejects.close(keep_rejects)
         signal.signal(signal.SIGTERM, previous_sigterm)
     return PreprocessSummary(config, stats, meta, time.monotonic() - start, outputs.paths)
 

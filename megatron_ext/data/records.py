@@ -14,6 +14,7 @@ import io
 import itertools
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -71,6 +72,9 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
             files.extend(matched)
         elif os.path.isfile(pattern):
             files.append(pattern)
+        elif os.path.isdir(pattern):
+            raise DataError(f"--input {pattern} is a directory: pass its files, or a glob like "
+                            f"'{pattern.rstrip('/')}/*.jsonl'")
         else:
             raise DataError(f"input file {pattern} does not exist (check --input)")
     for path in files:
@@ -115,7 +119,14 @@ def iter_chunks(files: Sequence[str], chunk_size: int) -> Iterator[LineChunk]:
 def _text(value, what: str) -> str:
     if not isinstance(value, str):
         raise RecordError("not_a_string", f"{what} is {type(value).__name__}, expected a string")
+    if _SURROGATES.search(value):  # only JSON escapes like "\ud800" can produce these
+        raise RecordError("invalid_unicode",
+                          f"{what} holds a lone surrogate (a \\ud800-\\udfff escape), "
+                          "which is not valid Unicode")
     return value
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def parse_line(raw: bytes, keys: RecordKeys, keep_empty_system: bool) -> Conversation:
@@ -130,6 +141,8 @@ def parse_line(raw: bytes, keys: RecordKeys, keep_empty_system: bool) -> Convers
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RecordError("malformed_json", f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise RecordError("malformed_json", "malformed JSON: nested too deeply") from None
     if not isinstance(record, dict):
         raise RecordError("not_an_object", f"JSON {type(record).__name__}, expected an object")
 

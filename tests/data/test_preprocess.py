@@ -23,7 +23,8 @@ def preprocess(tmp_path: Path, records, tokenizer_type: str, vocab_file: str, *e
                extra_ids=CHATML, name="out"):
     source = write_jsonl(tmp_path / f"{name}.jsonl", records)
     prefix = tmp_path / name
-    argv = ["--input", str(source), "--output_prefix", str(prefix),
+    argv = ["--workers", "1",  # in-process: never fork the pytest process unless asked
+            "--input", str(source), "--output_prefix", str(prefix),
             "--tokenizer_type", tokenizer_type, "--vocab_file", vocab_file,
             "--question_key", "question", "--answer_key", "answer", "--no_progress", *extra]
     if extra_ids:
