@@ -65,8 +65,11 @@ def transformer_config(model, parallel, precision, variable_seq_lengths: bool = 
     )
 
 
-def layer_spec(config, init_seed: int):
-    """megatron-core's local (no Transformer Engine) layer spec, with per-layer seeding.
+def layer_spec(config, init_seed: int, use_flash_attn: bool = False):
+    """megatron-core's local layer spec with :class:`PortableAttention`, seeded per layer.
+
+    Attention runs on PyTorch SDPA (flash-attn on CUDA with ``use_flash_attn``
+    when installed), honouring padding/packing masks even with a sliding window.
 
     Each layer reseeds the CPU generator from (``init_seed``, its *global*
     layer number) before creating its weights, so a layer gets the same
@@ -75,7 +78,6 @@ def layer_spec(config, init_seed: int):
     """
     import dataclasses
 
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_layer import (
         TransformerLayer,
         get_transformer_layer_offset,
@@ -89,12 +91,14 @@ def layer_spec(config, init_seed: int):
             super().__init__(config, submodules, layer_number, hidden_dropout, pg_collection,
                              vp_stage)
 
-    spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    from megatron_ext.models.attention import portable_layer_spec
+
+    spec = portable_layer_spec(config.normalization, use_flash_attn=use_flash_attn)
     return dataclasses.replace(spec, module=SeededTransformerLayer)
 
 
 def build_gpt_model(model, config, padded_vocab: int, pre_process: bool, post_process: bool,
-                    init_seed: int = 1234):
+                    init_seed: int = 1234, use_flash_attn: bool = False):
     """A ``GPTModel`` (this pipeline stage's layers) for ``ModelArgs`` ``model``."""
     from megatron.core.models.gpt import GPTModel
 
@@ -102,7 +106,7 @@ def build_gpt_model(model, config, padded_vocab: int, pre_process: bool, post_pr
     torch.manual_seed(init_seed)  # embeddings: drawn first, on the first stage only
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(config, init_seed),
+        transformer_layer_spec=layer_spec(config, init_seed, use_flash_attn),
         vocab_size=padded_vocab,
         max_sequence_length=model.max_position_embeddings or model.seq_length,
         pre_process=pre_process,
