@@ -25,6 +25,7 @@ setup(
         "protobuf",  # to read SentencePiece model protos
         "tokenizers>=0.19",
         "tqdm",
+        "tensorboard",  # training scalars (metrics.jsonl has the same figures)
     ],
     extras_require={
         "hf": ["transformers>=4.40", "safetensors"],

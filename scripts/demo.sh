@@ -1,24 +1,41 @@
 #!/usr/bin/env bash
-# End-to-end demo on the bundled sample (data/sample): installs what it needs,
-# trains a small Llama-style tokenizer, preprocesses train/validation/test into
-# megatron .bin/.idx token and role streams, and prints the summaries.
+# End-to-end demo on the bundled sample (data/sample), on CPU, in a few minutes:
+#   1. train a small Llama-style SentencePiece tokenizer on the sample,
+#   2. preprocess train/validation/test into megatron .bin/.idx token + role streams,
+#   3. finetune a small Llama-2-style model with torchrun (2 processes, data parallel),
+#      logging the falling loss and the validation loss and leaving a checkpoint.
+# It installs what it needs (.venv) first. DEMO_DIR changes where outputs go.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 PY=.venv/bin/python
 OUT=${DEMO_DIR:-runs/demo}
+ITERS=${DEMO_ITERS:-150}
 mkdir -p "$OUT/data"
-echo "== 1/2 tokenizer: SentencePiece BPE trained on the sample ($OUT/tokenizer.model)"
+echo "== 1/3 tokenizer: SentencePiece BPE trained on the sample ($OUT/tokenizer.model)"
 $PY tools/train_tokenizer.py --input data/sample/training.jsonl --out "$OUT/tokenizer" --vocab_size 4000
 for split in training validation test; do
-  echo "== 2/2 preprocess $split (ChatML, 2 workers)"
+  echo "== 2/3 preprocess $split (ChatML, 2 workers)"
   $PY instruct/preprocess_instruct_data.py \
     --input "data/sample/$split.jsonl" \
     --output_prefix "$OUT/data/$split" \
     --tokenizer_type SentencePieceTokenizer --vocab_file "$OUT/tokenizer.model" \
     --vocab_extra_ids_list "<|im_start|>,<|im_end|>" \
     --question_key question --answer_key answer --system_key system \
-    --chat_format chatml --max_seq_length 2048 --overlong truncate \
+    --chat_format chatml --max_seq_length 512 --overlong truncate \
     --workers 2 --no_progress
 done
-echo "== done: $OUT/data/{training,validation,test}-{text,role}.{bin,idx} and -meta.json"
+echo "== 3/3 finetune: torchrun, 2 processes (DP=2), $ITERS iterations; checkpoint in $OUT/checkpoints"
+rm -rf "$OUT/checkpoints"
+OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node 2 finetune.py \
+  --train_data_path "$OUT/data/training" --valid_data_path "$OUT/data/validation" \
+  --tokenizer_type SentencePieceTokenizer --vocab_file "$OUT/tokenizer.model" \
+  --vocab_extra_ids_list "<|im_start|>,<|im_end|>" \
+  --model_name llama2 --num_layers 4 --hidden_size 128 --num_attention_heads 4 \
+  --num_attention_heads_kv 2 --seq_length 512 --variable_seq_lengths \
+  --micro_batch_size 4 --global_batch_size 16 --train_iters "$ITERS" \
+  --lr 2e-3 --min_lr 2e-4 --lr_warmup_iters 10 --lr_decay_style cosine --weight_decay 0.01 \
+  --log_interval 10 --eval_interval 50 --eval_iters 2 \
+  --save "$OUT/checkpoints" --save_interval 100 --tensorboard_dir "$OUT/tensorboard"
+echo "== done: data in $OUT/data, checkpoint in $OUT/checkpoints (metrics.jsonl there),"
+echo "   TensorBoard: tensorboard --logdir $OUT/tensorboard"

@@ -127,8 +127,12 @@ class TrainConfig:
     schedule: ScheduleArgs = field(default_factory=ScheduleArgs)
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
 
-    def validate(self, world_size: int) -> None:
+    def validate(self, world_size: int, cuda: Optional[bool] = None) -> None:
         """Every inconsistency, found before any work, in one message."""
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
         problems = []
         m, p, s = self.model, self.parallel, self.schedule
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
@@ -162,8 +166,16 @@ class TrainConfig:
             problems.append("give exactly one of --train_iters and --epochs")
         if self.precision.bf16 and self.precision.fp16:
             problems.append("--bf16 and --fp16 are exclusive")
-        if p.sequence_parallel and tp == 1:
-            problems.append("--sequence_parallel needs --tensor_model_parallel_size > 1")
+        if p.sequence_parallel:
+            problems.append("--sequence_parallel needs the Transformer Engine layer spec, which "
+                            "this version does not build yet (megatron-core's local norm refuses "
+                            "it); drop the flag")
+        if (self.precision.bf16 or self.precision.fp16) and not cuda:
+            problems.append("--bf16/--fp16 need CUDA (megatron-core's mixed-precision optimizer "
+                            "wraps CUDA tensors only); on CPU train in fp32")
+        if p.use_distributed_optimizer and not cuda:
+            problems.append("--use_distributed_optimizer needs CUDA (megatron-core's distributed "
+                            "optimizer checks for CUDA tensors); drop it on CPU")
         if self.optim.lr_decay_style not in ("cosine", "linear", "constant"):
             problems.append(f"--lr_decay_style {self.optim.lr_decay_style!r}: use cosine, linear "
                             "or constant")

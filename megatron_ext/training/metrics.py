@@ -35,6 +35,19 @@ class MetricsWriter:
             if SummaryWriter is not None:
                 self._tb = SummaryWriter(log_dir=tensorboard_dir)
 
+    def truncate_after(self, iteration: int) -> None:
+        """On resume: drop records logged after the checkpoint (they are re-run)."""
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        with open(self.path, encoding="utf-8") as handle:
+            kept = [line for line in handle if json.loads(line)["iteration"] <= iteration]
+        tmp = f"{self.path}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+        os.replace(tmp, self.path)
+        self._jsonl = open(self.path, "a", encoding="utf-8")
+
     def write(self, iteration: int, values: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return

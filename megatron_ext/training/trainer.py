@@ -32,10 +32,10 @@ logger = logging.getLogger(__name__)
 class Trainer:
     def __init__(self, config: TrainConfig):
         self.config = config
+        config.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before any process group
         self.layout: Layout = init_distributed(config.parallel.tensor_model_parallel_size,
                                                config.parallel.pipeline_model_parallel_size,
                                                config.schedule.seed)
-        config.validate(self.layout.world_size)
         if config.checkpoint.use_checkpoint_args:
             config = self.config = _with_checkpoint_model_args(config)
         tok_args = config.tokenizer
@@ -70,6 +70,8 @@ class Trainer:
 
             loaded = load_checkpoint(self, config.checkpoint.load,
                                      weights_only=config.checkpoint.finetune)
+            if loaded is not None and not config.checkpoint.finetune:
+                self.metrics.truncate_after(self.iteration)
             if loaded is not None and self.layout.is_logger:
                 logger.info("loaded %s from %s (iteration %d)%s",
                             "weights" if config.checkpoint.finetune else "checkpoint",
@@ -95,7 +97,8 @@ class Trainer:
         )
         model = build_gpt_model(c.model, self.model_config, self.padded_vocab,
                                 pre_process=layout.first_stage, post_process=layout.last_stage,
-                                init_seed=c.schedule.seed)
+                                init_seed=c.schedule.seed,
+                                use_flash_attn=c.precision.use_flash_attn)
         model.to(layout.device)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -225,9 +228,13 @@ class Trainer:
         started = time.monotonic()
         saved_at = None
         stopped = False
+        window: list[float] = []
         while self.iteration < self.train_iters:
             last = self.train_step()
+            window.append(last["loss"])
             if self.iteration % max(1, s.log_interval) == 0 or self.iteration == self.train_iters:
+                last["loss_avg"] = sum(window) / len(window)
+                window.clear()
                 self._log(last)
             if s.eval_interval and self.iteration % s.eval_interval == 0:
                 self._log_eval(self.evaluate())
@@ -310,6 +317,7 @@ class Trainer:
             "consumed_tokens": self.consumed_tokens,
             "lr": step["lr"],
             "loss": step["loss"],
+            "loss_avg": step["loss_avg"],
             "grad_norm": step["grad_norm"],
             "iter_time": step["iter_time"],
             "tokens_per_sec": step["tokens"] / seconds,
@@ -320,10 +328,11 @@ class Trainer:
         }
         self.metrics.write(self.iteration, values)
         logger.info(
-            "iter %d/%d | samples %d | tokens %d | lr %.3g | loss %.5f | grad norm %.3f | "
+            "iter %d/%d | samples %d | tokens %d | lr %.3g | loss %.5f (avg of interval) | "
+            "grad norm %.3f | "
             "%.2f s/iter | %.0f tok/s (%.0f real) | pad %.1f%% | mem %.0f MB",
             self.iteration, self.train_iters, self.consumed_samples, self.consumed_tokens,
-            values["lr"], values["loss"], values["grad_norm"], values["iter_time"],
+            values["lr"], values["loss_avg"], values["grad_norm"], values["iter_time"],
             values["tokens_per_sec"], values["real_tokens_per_sec"],
             100 * values["padding_fraction"], values["memory_mb"])
 

@@ -119,3 +119,27 @@ def test_packed_rows_restart_positions_and_number_segments():
     assert batch.segment_ids[0].tolist() == [1, 1, 2, 2, 2, 0, 0, 0]
     assert batch.loss_weights[0].tolist() == [1, 1, 0, 1, 1, 0, 0, 0]
     assert batch.segment_ids[1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+
+
+def test_split_ranges_and_weighted_blending(tmp_path, sp_model):
+    from megatron_ext.training.config import DataArgs
+    from megatron_ext.training.data import build_splits, parse_weighted_prefixes, split_ranges
+
+    assert split_ranges(100, "98,1,1") == [(0, 98), (98, 99), (99, 100)]
+    assert split_ranges(10, "80,20") == [(0, 8), (8, 10), (10, 10)]
+    assert parse_weighted_prefixes(("3", "a", "1", "b"), "--data_path") == [(0.75, "a"), (0.25, "b")]
+    with pytest.raises(ConfigError, match="weight"):
+        parse_weighted_prefixes(("a", "b"), "--data_path")
+
+    a, _ = preprocess(tmp_path, qa_records(30, seed=1), "SentencePieceTokenizer", sp_model, name="a")
+    b, _ = preprocess(tmp_path, qa_records(20, seed=2), "SentencePieceTokenizer", sp_model, name="b")
+    splits = build_splits(DataArgs(data_path=("0.75", str(a), "0.25", str(b)), split="90,10,0"), 7)
+    train = splits["train"]
+    assert len(train) == 27 + 18 and len(splits["valid"]) == 3 + 2 and splits["test"] is None
+    chosen = train.records(0, 400)
+    share_a = sum(1 for ds, _ in chosen if ds.prefix == str(a)) / 400
+    assert share_a == pytest.approx(0.75, abs=0.01)
+    assert all(index < 27 for ds, index in chosen if ds.prefix == str(a))  # train range only
+    again = build_splits(DataArgs(data_path=("0.75", str(a), "0.25", str(b)), split="90,10,0"), 7)
+    assert [(d.prefix, i) for d, i in again["train"].records(100, 50)] == \
+        [(d.prefix, i) for d, i in chosen[100:150]]

@@ -1,0 +1,81 @@
+"""Argument errors stop before any work, with one message listing every problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from megatron_ext.errors import ConfigError
+from megatron_ext.training.arguments import build_parser, config_from_args
+from tests.conftest import REPO
+
+BASE = ["--data_path", "x", "--vocab_file", "tok.model", "--train_iters", "1"]
+
+
+def config(*extra):
+    return config_from_args(build_parser().parse_args([*BASE, *extra]))
+
+
+@pytest.mark.parametrize("extra, world, message", [
+    (["--global_batch_size", "6", "--micro_batch_size", "4"], 1,
+     "--global_batch_size 6 is not divisible by --micro_batch_size 4 x data parallel size 1"),
+    (["--global_batch_size", "4", "--micro_batch_size", "1"], 8,
+     "--global_batch_size 4 is not divisible by --micro_batch_size 1 x data parallel size 8"),
+    (["--num_attention_heads", "6", "--tensor_model_parallel_size", "4"], 4,
+     "--num_attention_heads 6 is not divisible by --tensor_model_parallel_size 4"),
+    (["--num_attention_heads", "8", "--num_attention_heads_kv", "2",
+      "--tensor_model_parallel_size", "4"], 4,
+     "--num_attention_heads_kv 2 is not divisible by --tensor_model_parallel_size 4"),
+    (["--num_layers", "3", "--pipeline_model_parallel_size", "2"], 2,
+     "--num_layers 3 is not divisible by --pipeline_model_parallel_size 2"),
+    (["--tensor_model_parallel_size", "2"], 3, "world size 3 is not divisible by TP 2 x PP 1"),
+    (["--epochs", "2"], 1, "give exactly one of --train_iters and --epochs"),
+    (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are exclusive"),
+    (["--finetune"], 1, "--finetune needs --load"),
+    (["--save_interval", "5"], 1, "--save_interval needs --save"),
+    (["--train_data_path", "y"], 1, "either --data_path or --train_data_path"),
+])
+def test_inconsistent_arguments_are_refused(extra, world, message):
+    with pytest.raises(ConfigError) as error:
+        config(*extra).validate(world)
+    assert message in str(error.value)
+
+
+def test_all_problems_are_reported_together():
+    with pytest.raises(ConfigError) as error:
+        config("--num_layers", "3", "--pipeline_model_parallel_size", "2", "--fp16", "--bf16",
+               "--global_batch_size", "3", "--micro_batch_size", "2").validate(2)
+    text = str(error.value)
+    assert text.count("\n  - ") == 3
+
+
+def test_both_flag_spellings_and_typed_config():
+    a = config("--tensor-model-parallel-size", "2", "--micro-batch-size", "2",
+               "--global-batch-size", "8", "--scalar-loss-mask", "0.5")
+    b = config("--tensor_model_parallel_size", "2", "--micro_batch_size", "2",
+               "--global_batch_size", "8", "--scalar_loss_mask", "0.5")
+    assert a == b and a.parallel.tensor_model_parallel_size == 2 and a.data.scalar_loss_mask == 0.5
+    a.validate(2)
+
+
+def test_cli_prints_one_clear_error_without_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "finetune.py"), *BASE, "--num_layers", "3",
+         "--pipeline_model_parallel_size", "2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "error: invalid arguments" in result.stderr and "--num_layers 3" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_mismatched_tokenizer_is_refused(tmp_path, train_data):
+    """A dataset preprocessed with another tokenizer stops the run with a clear message."""
+    from megatron_ext.data.instruction_dataset import InstructionDataset
+    from megatron_ext.errors import DataError
+    from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer
+
+    other = build_tokenizer(TokenizerConfig("SentencePieceTokenizer", train_data["vocab_file"], ()))
+    with pytest.raises(DataError, match="different tokenizer"):
+        InstructionDataset(train_data["prefix"]).check_tokenizer(other.identity())

@@ -1,0 +1,39 @@
+"""End to end: a tiny model memorises a few answers (proves learning, masking, epochs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from instruct.preprocess_instruct_data import build_parser, config_from_args
+from megatron_ext.data.preprocess import run_preprocess
+from tests.conftest import CHATML, SAMPLE
+from tests.training.conftest import torchrun, train_metrics
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_a_small_dataset(tmp_path, sp_model):
+    records = [json.loads(line) for line in (SAMPLE / "test.jsonl").read_text().splitlines()]
+    short = [r for r in records if len(r["answer"]) < 40][:16]
+    source = tmp_path / "small.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in short))
+    run_preprocess(config_from_args(build_parser().parse_args([
+        "--input", str(source), "--output_prefix", str(tmp_path / "small"),
+        "--tokenizer_type", "SentencePieceTokenizer", "--vocab_file", sp_model,
+        "--vocab_extra_ids_list", ",".join(CHATML), "--question_key", "question",
+        "--answer_key", "answer", "--workers", "1", "--no_progress"])))
+    torchrun(1, [
+        "--train_data_path", str(tmp_path / "small"), "--valid_data_path", str(tmp_path / "small"),
+        "--tokenizer_type", "SentencePieceTokenizer", "--vocab_file", sp_model,
+        "--vocab_extra_ids_list", ",".join(CHATML), "--num_layers", "2", "--hidden_size", "96",
+        "--num_attention_heads", "4", "--seq_length", "64", "--variable_seq_lengths",
+        "--micro_batch_size", "8", "--global_batch_size", "8", "--epochs", "60",
+        "--lr", "3e-3", "--lr_decay_style", "constant", "--eval_iters", "2",
+        "--log_interval", "5", "--save", str(tmp_path / "run")])
+    train = train_metrics(tmp_path / "run")
+    valid = train_metrics(tmp_path / "run", "valid")
+    assert train[-1]["iteration"] == 120  # 60 epochs of 16 records in batches of 8
+    assert train[0]["loss"] > 4.0
+    assert valid[-1]["loss"] < 0.2, (train[-1], valid[-1])  # answer-token loss on the same data
+    assert train[-1]["padding_fraction"] < 0.6

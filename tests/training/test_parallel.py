@@ -1,0 +1,85 @@
+"""Real torchrun on gloo: TP/PP/DP parity with one process, and exact resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+from tests.training.conftest import free_port, model_args, torchrun, train_metrics
+
+pytestmark = pytest.mark.slow
+ITERS = 6
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, train_data):
+    out = tmp_path_factory.mktemp("ref")
+    torchrun(1, model_args(train_data, ITERS) + ["--save", str(out)])
+    return train_metrics(out)
+
+
+def assert_same_curve(got, want, rtol=2e-5):
+    assert [r["iteration"] for r in got] == [r["iteration"] for r in want]
+    for g, w in zip(got, want):
+        assert g["loss"] == pytest.approx(w["loss"], rel=rtol), (g, w)
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-3)
+        assert g["consumed_samples"] == w["consumed_samples"]
+        assert g["consumed_tokens"] == w["consumed_tokens"]
+
+
+@pytest.mark.parametrize("layout", [
+    ["--tensor_model_parallel_size", "2"],
+    ["--pipeline_model_parallel_size", "2"],
+    [],  # DP=2
+], ids=["tp2", "pp2", "dp2"])
+def test_parallel_layouts_match_single_process(tmp_path, train_data, reference, layout):
+    torchrun(2, model_args(train_data, ITERS) + layout + ["--save", str(tmp_path)])
+    assert_same_curve(train_metrics(tmp_path), reference)
+    assert train_metrics(tmp_path, "valid")  # validation ran at the end
+
+
+def test_tp2_checkpoint_resumes_at_tp1_on_the_same_curve(tmp_path, train_data, reference):
+    args = model_args(train_data, ITERS) + ["--save", str(tmp_path)]
+    torchrun(2, args + ["--tensor_model_parallel_size", "2", "--exit_interval", "3"])
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert not list(tmp_path.glob("*.incomplete"))
+    torchrun(1, args + ["--load", str(tmp_path)])
+    assert_same_curve(train_metrics(tmp_path), reference)
+
+
+def test_sigterm_saves_then_resume_continues_exactly(tmp_path, train_data):
+    """Train N, kill (SIGTERM, as Slurm preempts), resume to 2N == an uninterrupted 2N run."""
+    iters = 30
+    straight = tmp_path / "straight"
+    torchrun(1, model_args(train_data, iters) + ["--save", str(straight)])
+    want = train_metrics(straight)
+
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+               "--master_port", str(free_port()), str(REPO / "finetune.py"),
+               *model_args(train_data, iters), "--save", str(run)]
+    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    metrics = run / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        if proc.poll() is not None:
+            pytest.fail("the run ended before it could be interrupted:\n" + proc.stdout.read())
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    stopped_at = int((run / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= stopped_at < iters, output[-3000:]
+    assert "saving and exiting" in output or "stopping after iteration" in output
+
+    torchrun(1, model_args(train_data, iters) + ["--save", str(run), "--load", str(run)])
+    assert_same_curve(train_metrics(run), want, rtol=1e-6)
