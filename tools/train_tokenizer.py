@@ -39,10 +39,17 @@ def main(argv=None) -> int:
         raise ConfigError(f"directory {out_dir} does not exist: create it first")
     texts = list(jsonl_texts(args.input))
     if args.kind == "sentencepiece":
+        import sentencepiece
+
         path = train_sentencepiece(texts, args.out, args.vocab_size)
+        size = sentencepiece.SentencePieceProcessor(model_file=path).get_piece_size()
     else:
+        from tokenizers import Tokenizer
+
         path = train_byte_level_bpe(texts, args.out, args.vocab_size)
-    print(f"wrote {path} ({args.vocab_size} tokens, trained on {len(texts)} texts)")
+        size = Tokenizer.from_file(path).get_vocab_size()
+    note = "" if size == args.vocab_size else f" (asked for {args.vocab_size}; the data has no more)"
+    print(f"wrote {path}: {size} tokens{note}, trained on {len(texts)} texts")
     return 0
 
 

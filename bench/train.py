@@ -1,0 +1,336 @@
+#!/usr/bin/env python3
+"""Trainer throughput, padded to --seq_length against --variable_seq_lengths, in one run.
+
+What it does:
+1. generates a corpus (default 3,000 records) with instruction-like length
+   distributions (``bench/preprocess.py``'s ``generate_corpus``: log-normal
+   questions and answers, a long tail, system prompts on a third, some
+   unicode), deterministically from a seed;
+2. trains a small Llama-style SentencePiece tokenizer on it (vocab ~4,000) and
+   preprocesses it as ChatML with ``--max_seq_length`` equal to the training
+   ``--seq_length`` and ``--overlong truncate`` (so no record is dropped, and
+   every sample fits a row);
+3. trains a small Llama-2-style model on CPU with ``torchrun``, on the same
+   data, seed and schedule (so the same global batches, in the same order):
+   (a) baseline: every micro-batch padded to ``--seq_length``;
+   (b) ``--variable_seq_lengths``: each micro-batch padded to its longest
+       sample, rounded up to a multiple of 16;
+   (a) and (b) alternate ``--repeat`` times (default 2); for each, the run
+   with the highest median real tokens/s is kept;
+4. reads each run's ``metrics.jsonl`` (logged every iteration by the trainer),
+   drops the first ``--warmup`` iterations, and prints per run: median
+   tokens/s (positions computed, padding included), median real tokens/s
+   (non-padding positions), mean padding fraction, median data-wait share of
+   the step (time spent building the global batch / iteration time, as the
+   trainer measures it), median step time, and the ratio (b)/(a) of real
+   tokens/s. Both runs must end at the same loss (same batches): a check
+   that (b) computes the same thing as (a), only on fewer positions.
+
+Target: data wait below 2% of step time, for each run; a PASS/FAIL line is
+printed per run (the exit status stays 0 either way: this is a measurement,
+not a test). Only ratios and shares are compared; absolute times depend on
+the machine and are shown for context only. The machine is noisy (other
+jobs, a hypervisor that steals CPU): each run also reports the share of the
+CPUs that something else used while it ran ("other %", from /proc/stat minus
+the run's own CPU time), and a note is printed when it exceeds 10%.
+
+Each training run is a fresh ``torchrun`` process group with
+OMP_NUM_THREADS = CPUs / --nproc, no validation split (evaluation off, so
+every logged iteration is a training step) and no intermediate checkpoint
+(the trainer writes one final checkpoint into the run's --save directory,
+after the last timed iteration).
+
+  python bench/train.py                           # defaults: ~1.5 minutes on 2 idle cores
+  python bench/train.py --iters 40 --seq_length 1024
+  python bench/train.py --nproc 2                 # data parallel 2 (gloo, 1 thread each)
+  python bench/train.py --workdir runs/bench-train   # keep corpus, data, logs, metrics
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+CHATML = ("<|im_start|>", "<|im_end|>")
+TARGET_DATA_WAIT = 0.02  # share of the step spent building the global batch
+
+
+def _bench_preprocess():
+    """``bench/preprocess.py`` as a module (``bench/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "bench_preprocess", os.path.join(REPO, "bench", "preprocess.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------- data
+def prepare_data(workdir: str, records: int, seq_length: int, vocab_size: int, seed: int) -> dict:
+    """Corpus -> SentencePiece tokenizer -> ChatML .bin/.idx truncated to ``seq_length``."""
+    from instruct.preprocess_instruct_data import build_parser, config_from_args
+    from megatron_ext.data.preprocess import run_preprocess
+    from megatron_ext.tokenizer_training import jsonl_texts, train_sentencepiece
+
+    corpus = os.path.join(workdir, "corpus.jsonl")
+    start = time.perf_counter()
+    size = _bench_preprocess().generate_corpus(corpus, records, seed=seed)
+    print(f"  corpus: {records:,} records, {size / 1e6:.1f} MB "
+          f"({time.perf_counter() - start:.1f} s)", flush=True)
+
+    start = time.perf_counter()
+    vocab_file = train_sentencepiece(jsonl_texts([corpus]), os.path.join(workdir, "tokenizer"),
+                                     vocab_size)
+    print(f"  tokenizer: {vocab_file} ({time.perf_counter() - start:.1f} s)", flush=True)
+
+    start = time.perf_counter()
+    os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
+    prefix = os.path.join(workdir, "data", "train")
+    argv = ["--input", corpus, "--output_prefix", prefix,
+            "--tokenizer_type", "SentencePieceTokenizer", "--vocab_file", vocab_file,
+            "--vocab_extra_ids_list", ",".join(CHATML), "--question_key", "question",
+            "--answer_key", "answer", "--system_key", "system", "--chat_format", "chatml",
+            "--max_seq_length", str(seq_length), "--overlong", "truncate",
+            "--workers", str(min(2, _cpus())), "--no_progress"]
+    summary = run_preprocess(config_from_args(build_parser().parse_args(argv)))
+    stats = summary.stats
+    with open(prefix + "-meta.json", encoding="utf-8") as handle:
+        meta = json.load(handle)
+    counts = meta.get("counts", {})
+    print(f"  preprocessed: {prefix}: {counts.get('records_out', '?'):,} of "
+          f"{stats.records_in:,} records kept ({counts.get('truncated', 0):,} truncated, "
+          f"{counts.get('rejected', 0):,} rejected: prompt alone over {seq_length} tokens), "
+          f"{int(stats.role_tokens.sum()):,} tokens, vocabulary "
+          f"{meta.get('tokenizer', {}).get('vocab_size', '?')} "
+          f"({time.perf_counter() - start:.1f} s)", flush=True)
+    return {"prefix": prefix, "vocab_file": vocab_file, "meta": meta}
+
+
+# ---------------------------------------------------------------- training
+def train_args(data: dict, args, save: str, variable: bool) -> list[str]:
+    out = ["--data_path", data["prefix"], "--split", "100,0,0",
+           "--tokenizer_type", "SentencePieceTokenizer", "--vocab_file", data["vocab_file"],
+           "--vocab_extra_ids_list", ",".join(CHATML), "--model_name", "llama2",
+           "--num_layers", str(args.num_layers), "--hidden_size", str(args.hidden_size),
+           "--num_attention_heads", str(args.num_attention_heads),
+           "--num_attention_heads_kv", str(args.num_attention_heads_kv),
+           "--seq_length", str(args.seq_length),
+           "--micro_batch_size", str(args.micro_batch_size),
+           "--global_batch_size", str(args.global_batch_size),
+           "--train_iters", str(args.iters), "--lr", "3e-4", "--lr_warmup_iters", "2",
+           "--seed", str(args.seed), "--log_interval", "1", "--save", save]
+    if variable:
+        out.append("--variable_seq_lengths")
+    return out
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, steal) jiffies of the whole machine from /proc/stat, or None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    steal = fields[7] if len(fields) > 7 else 0
+    return sum(fields[:8]) - idle - steal, steal
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for descendants, recursively
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_training(name: str, data: dict, args, workdir: str, variable: bool) -> dict:
+    """One torchrun; returns its train records (metrics.jsonl) and what else used the CPUs."""
+    save = os.path.join(workdir, name)
+    shutil.rmtree(save, ignore_errors=True)  # metrics.jsonl is appended to: start clean
+    os.makedirs(save)
+    threads = max(1, _cpus() // args.nproc)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+               "--master_port", str(_free_port()), os.path.join(REPO, "finetune.py"),
+               *train_args(data, args, save, variable)]
+    log = os.path.join(workdir, f"{name}.log")
+    jiffies, own = _cpu_jiffies(), _children_cpu_seconds()
+    start = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as handle:
+        handle.write(" ".join(command) + "\n\n")
+        handle.flush()
+        result = subprocess.run(command, env=env, cwd=REPO, stdout=handle,
+                                stderr=subprocess.STDOUT, timeout=args.timeout)
+    seconds = time.perf_counter() - start
+    after, own = _cpu_jiffies(), _children_cpu_seconds() - own
+    if result.returncode != 0:
+        with open(log, encoding="utf-8", errors="replace") as handle:
+            tail = handle.read()[-4000:]
+        raise SystemExit(f"training run {name} failed (exit {result.returncode}); "
+                         f"log {log}:\n{tail}")
+    with open(os.path.join(save, "metrics.jsonl"), encoding="utf-8") as handle:
+        records = [r for r in map(json.loads, handle) if r.get("split") == "train"]
+    if len(records) != args.iters:
+        raise SystemExit(f"training run {name} logged {len(records)} iterations, "
+                         f"expected {args.iters}")
+    # CPU time used on this machine by anything but this run (other jobs, the
+    # hypervisor's steal), as a share of the machine's capacity during the run
+    other = 0.0
+    if jiffies is not None and after is not None:
+        hz = os.sysconf("SC_CLK_TCK")
+        busy, steal = (after[0] - jiffies[0]) / hz, (after[1] - jiffies[1]) / hz
+        other = max(0.0, busy - own + steal) / (seconds * _cpus())
+    summary = summarize(records, args.warmup)
+    summary["other_cpu"] = other
+    print(f"  {name}: {seconds:.1f} s with start-up, median step {summary['iter_time']:.3f} s, "
+          f"real tok/s {summary['real_tokens_per_sec']:,.0f}, other CPU load "
+          f"{100 * other:.0f}%", flush=True)
+    return summary
+
+
+def summarize(records: list[dict], warmup: int) -> dict:
+    kept = [r for r in records if r["iteration"] > warmup]
+    seconds = sum(r["iter_time"] for r in kept)
+    return {
+        "iters": len(kept),
+        "tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in kept),
+        "real_tokens_per_sec": statistics.median(r["real_tokens_per_sec"] for r in kept),
+        "real_tokens_per_sec_total": sum(r["real_tokens_per_sec"] * r["iter_time"]
+                                         for r in kept) / seconds,
+        "padding_fraction": statistics.fmean(r["padding_fraction"] for r in kept),
+        "data_wait_fraction": statistics.median(r["data_wait_fraction"] for r in kept),
+        "data_wait_max": max(r["data_wait_fraction"] for r in kept),
+        "iter_time": statistics.median(r["iter_time"] for r in kept),
+        "data_ms": statistics.median(r["data_wait_fraction"] * r["iter_time"] * 1e3 for r in kept),
+        "loss": records[-1]["loss"],
+    }
+
+
+def _row(name: str, s: dict) -> str:
+    return (f"{name:<30}{s['tokens_per_sec']:>11,.0f}{s['real_tokens_per_sec']:>11,.0f}"
+            f"{100 * s['padding_fraction']:>8.1f}{100 * s['data_wait_fraction']:>9.2f}"
+            f"{s['data_ms']:>9.1f}{s['iter_time']:>9.3f}{100 * s['other_cpu']:>8.0f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=20,
+                        help="training iterations per run (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="first iterations left out of the medians (default: %(default)s)")
+    parser.add_argument("--seq_length", type=int, default=512,
+                        help="training --seq_length and preprocessing --max_seq_length "
+                             "(default: %(default)s)")
+    parser.add_argument("--records", type=int, default=3000,
+                        help="records in the generated corpus (default: %(default)s)")
+    parser.add_argument("--nproc", type=int, default=1, choices=[1, 2],
+                        help="torchrun --nproc_per_node: 1, or 2 for data parallel 2 "
+                             "(default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=2,
+                        help="runs of (a) and of (b), alternated; for each, the run with the "
+                             "highest median real tokens/s is kept (default: %(default)s)")
+    parser.add_argument("--workdir", default=None,
+                        help="keep corpus, tokenizer, data, logs, metrics.jsonl and checkpoints "
+                             "here (default: a temporary directory, removed at the end)")
+    parser.add_argument("--vocab_size", type=int, default=4000,
+                        help="SentencePiece vocabulary asked for; the generated corpus has few "
+                             "distinct words, so the trained one is smaller (default: %(default)s)")
+    parser.add_argument("--num_layers", type=int, default=2)
+    parser.add_argument("--hidden_size", type=int, default=128)
+    parser.add_argument("--num_attention_heads", type=int, default=4)
+    parser.add_argument("--num_attention_heads_kv", type=int, default=2)
+    parser.add_argument("--micro_batch_size", type=int, default=4)
+    parser.add_argument("--global_batch_size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=1234,
+                        help="corpus and training seed, the same for every run")
+    parser.add_argument("--timeout", type=int, default=900,
+                        help="seconds allowed per training run (default: %(default)s)")
+    args = parser.parse_args()
+    if args.iters <= args.warmup:
+        parser.error(f"--iters {args.iters} must exceed --warmup {args.warmup}")
+    if args.global_batch_size % (args.micro_batch_size * args.nproc):
+        parser.error("--global_batch_size must be a multiple of --micro_batch_size x --nproc")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+
+    wall = time.perf_counter()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench-train-")
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        print(f"preparing data in {workdir} ...", flush=True)
+        data = prepare_data(workdir, args.records, args.seq_length, args.vocab_size, args.seed)
+        print(f"training {args.num_layers} layers, hidden {args.hidden_size}, "
+              f"{args.num_attention_heads}/{args.num_attention_heads_kv} heads, "
+              f"seq {args.seq_length}, micro {args.micro_batch_size} / global "
+              f"{args.global_batch_size}, {args.iters} iters, {args.nproc} proc x "
+              f"{max(1, _cpus() // args.nproc)} thread(s), {args.repeat} run(s) each ...",
+              flush=True)
+        runs: dict[str, list[dict]] = {"a": [], "b": []}
+        for number in range(1, args.repeat + 1):
+            runs["a"].append(run_training(f"a-padded-{number}", data, args, workdir, False))
+            runs["b"].append(run_training(f"b-variable-{number}", data, args, workdir, True))
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    padded, variable = (max(runs[k], key=lambda r: r["real_tokens_per_sec"]) for k in "ab")
+
+    lengths = data["meta"].get("lengths")
+    header = (f"{'':<30}{'tok/s':>11}{'real tok/s':>11}{'pad %':>8}{'data %':>9}"
+              f"{'data ms':>9}{'step s':>9}{'other %':>8}")
+    print()
+    if lengths:
+        print(f"record lengths (tokens, after truncation): {json.dumps(lengths)}")
+    print(f"medians over iterations {args.warmup + 1}..{args.iters} (pad %: mean); tok/s counts "
+          f"padded positions; data %: global batch build / step; other %: CPU used by other "
+          f"processes or stolen during the run; best of {args.repeat} run(s) each")
+    print(header)
+    print("-" * len(header))
+    print(_row(f"(a) padded to {args.seq_length}", padded))
+    print(_row("(b) --variable_seq_lengths", variable))
+    print()
+    ratio = variable["real_tokens_per_sec"] / padded["real_tokens_per_sec"]
+    total_ratio = variable["real_tokens_per_sec_total"] / padded["real_tokens_per_sec_total"]
+    print(f"ratio (b)/(a) real tokens/s: {ratio:.2f}  "
+          f"(of totals over the same iterations: {total_ratio:.2f})")
+    print(f"final loss: (a) {padded['loss']:.5f}  (b) {variable['loss']:.5f}  "
+          "(same batches, so they should agree to ~1e-5)")
+    busy = max(r["other_cpu"] for r in runs["a"] + runs["b"])
+    if busy > 0.10:
+        print(f"note: other processes used up to {100 * busy:.0f}% of the CPUs during a run; "
+              "times are unreliable, rerun on an idle machine or with --repeat 3")
+    print(f"target: data wait < {100 * TARGET_DATA_WAIT:.0f}% of step time (median per run)")
+    for name, s in (("(a) padded", padded), ("(b) variable", variable)):
+        verdict = "PASS" if s["data_wait_fraction"] < TARGET_DATA_WAIT else "FAIL"
+        print(f"{verdict} data wait {name}: {100 * s['data_wait_fraction']:.2f}% of step time "
+              f"(max {100 * s['data_wait_max']:.2f}%)")
+    print(f"wall time: {time.perf_counter() - wall:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
