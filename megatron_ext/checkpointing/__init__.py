@@ -166,9 +166,12 @@ def load_checkpoint(trainer, root: str, weights_only: bool) -> Optional[int]:
                         saved)
     try:
         loaded = dist_checkpointing.load(state, directory)  # common state comes back merged
-    except Exception as exc:  # megatron-core raises many types for damaged files
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch's CheckpointException is a BaseException
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         raise CheckpointError(
-            f"checkpoint {directory} cannot be loaded ({type(exc).__name__}: {exc}); it is "
+            f"checkpoint {directory} cannot be loaded ({type(exc).__name__}: {detail}); it is "
             "damaged or was written for a different model shape (see its run_config.json)"
         ) from None
     trainer.model.module.load_state_dict(loaded["model"])

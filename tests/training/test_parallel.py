@@ -18,10 +18,15 @@ ITERS = 6
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, train_data):
+def reference_run(tmp_path_factory, train_data):
     out = tmp_path_factory.mktemp("ref")
     torchrun(1, model_args(train_data, ITERS) + ["--save", str(out)])
-    return train_metrics(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    return train_metrics(reference_run)
 
 
 def assert_same_curve(got, want, rtol=2e-5):
@@ -83,3 +88,37 @@ def test_sigterm_saves_then_resume_continues_exactly(tmp_path, train_data):
 
     torchrun(1, model_args(train_data, iters) + ["--save", str(run), "--load", str(run)])
     assert_same_curve(train_metrics(run), want, rtol=1e-6)
+
+
+def test_finetune_with_checkpoint_args_takes_shape_and_weights_only(tmp_path, train_data,
+                                                                  reference_run, reference):
+    """--finetune --use_checkpoint_args: model shape from the checkpoint, fresh optimizer."""
+    args = model_args(train_data, 2) + ["--num_layers", "4", "--hidden_size", "32",  # ignored
+                                        "--load", str(reference_run), "--finetune",
+                                        "--use_checkpoint_args", "--save", str(tmp_path)]
+    result = torchrun(1, args)
+    assert "loaded weights from" in result.stderr
+    tuned = train_metrics(tmp_path)
+    assert [r["iteration"] for r in tuned] == [1, 2]  # iteration and data restart at 0
+    assert tuned[0]["consumed_samples"] == 8
+    assert tuned[0]["loss"] < reference[0]["loss"] - 0.1  # starts from the trained weights
+
+
+def test_missing_or_corrupt_checkpoints_are_clear_errors(tmp_path, train_data, reference_run):
+    import shutil
+
+    args = model_args(train_data, 2)
+    missing = torchrun(1, args + ["--load", str(tmp_path / "nothing")], check=False)
+    assert missing.returncode != 0 and "no checkpoint found" in missing.stderr
+
+    broken = tmp_path / "broken"
+    shutil.copytree(reference_run, broken)
+    (broken / "latest_checkpointed_iteration.txt").write_text("3\n")  # names a missing dir
+    result = torchrun(1, args + ["--load", str(broken)], check=False)
+    assert result.returncode != 0 and "does not exist" in result.stderr
+
+    (broken / "latest_checkpointed_iteration.txt").write_text("6\n")
+    for shard in (broken / "iter_0000006").glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])  # truncated shard files
+    result = torchrun(1, args + ["--load", str(broken)], check=False)
+    assert result.returncode != 0 and "cannot be loaded" in result.stderr
