@@ -46,9 +46,16 @@ def test_inconsistent_arguments_are_refused(extra, world, message):
 def test_all_problems_are_reported_together():
     with pytest.raises(ConfigError) as error:
         config("--num_layers", "3", "--pipeline_model_parallel_size", "2", "--fp16", "--bf16",
-               "--global_batch_size", "3", "--micro_batch_size", "2").validate(2)
+               "--global_batch_size", "3", "--micro_batch_size", "2").validate(2, cuda=True)
     text = str(error.value)
     assert text.count("\n  - ") == 3
+
+
+@pytest.mark.parametrize("flag", ["--bf16", "--fp16", "--use_distributed_optimizer"])
+def test_gpu_only_options_are_refused_on_cpu(flag):
+    config(flag).validate(1, cuda=True)
+    with pytest.raises(ConfigError, match="CUDA"):
+        config(flag).validate(1, cuda=False)
 
 
 def test_both_flag_spellings_and_typed_config():
