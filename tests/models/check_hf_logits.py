@@ -1,0 +1,94 @@
+"""Child process for test_hf_weights.py: HF Llama/Mistral logits vs our converted model.
+
+  python check_hf_logits.py convert FAMILY OUT   (world size 1: convert, compare, save TP=1 checkpoint)
+  torchrun ... check_hf_logits.py check FAMILY OUT   (any TP: load the checkpoint, compare)
+Prints one JSON line on rank 0: the largest absolute logit difference.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+from megatron_ext.models.builder import build_gpt_model, transformer_config
+from megatron_ext.models.hf_weights import llama_to_megatron
+from megatron_ext.training.config import ModelArgs, ParallelArgs, PrecisionArgs
+from megatron_ext.training.distributed import init_distributed
+from megatron_ext.training.step import attention_mask
+
+VOCAB, PADDED = 300, 384
+SHAPE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+             tie_word_embeddings=False, max_position_embeddings=128, vocab_size=VOCAB)
+
+
+def hf_model(family: str, window: int = 8):
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "mistral":
+        config = transformers.MistralConfig(**SHAPE, sliding_window=window)
+        model = transformers.MistralForCausalLM(config)
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE))
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+def our_model(family: str, tp: int):
+    args = ModelArgs(model_name="mistral" if family == "mistral" else "llama2", num_layers=2,
+                     hidden_size=64, num_attention_heads=4, num_attention_heads_kv=2,
+                     ffn_hidden_size=176, seq_length=128, layernorm_epsilon=1e-5,
+                     rope_theta=10000.0, sliding_window_size=8 if family == "mistral" else None)
+    config = transformer_config(args, ParallelArgs(tensor_model_parallel_size=tp), PrecisionArgs())
+    return build_gpt_model(args, config, PADDED, True, True).eval(), args
+
+
+def logits(model, tokens, window):
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    segments = torch.ones_like(tokens, dtype=torch.int32)
+    position_ids = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        out = model(tokens, position_ids, attention_mask(segments, window))
+    return gather_from_tensor_model_parallel_region(out)[..., :VOCAB]
+
+
+def main() -> None:
+    mode, family, out = sys.argv[1:4]
+    tp = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = init_distributed(tp, 1, 1234)
+    from megatron.core import dist_checkpointing
+
+    torch.manual_seed(1)
+    tokens = torch.randint(0, VOCAB, (2, 24))
+    model, args = our_model(family, tp)
+    window = args.sliding_window_size
+    if mode == "convert":
+        reference = hf_model(family)
+        with torch.no_grad():
+            expected = reference(tokens).logits
+        state = llama_to_megatron(reference.state_dict(), 2, 4, 2, VOCAB, PADDED)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
+        os.makedirs(os.path.join(out, "ckpt"), exist_ok=True)
+        torch.save(expected, os.path.join(out, "hf_logits.pt"))
+        dist_checkpointing.save(model.sharded_state_dict(), os.path.join(out, "ckpt"))
+    else:
+        expected = torch.load(os.path.join(out, "hf_logits.pt"))
+        loaded = dist_checkpointing.load(model.sharded_state_dict(), os.path.join(out, "ckpt"))
+        model.load_state_dict(loaded, strict=False)
+    diff = (logits(model, tokens, window) - expected).abs().max().item()
+    unwindowed = 0.0
+    if mode == "convert" and family == "mistral":
+        # the window must matter for this input (24 tokens, window 8)
+        with torch.no_grad():
+            unwindowed = (hf_model(family, window=None)(tokens).logits - expected).abs().max().item()
+    if layout.rank == 0:
+        print(json.dumps({"max_abs_diff": diff, "scale": expected.abs().max().item(),
+                          "diff_without_window": unwindowed}))
+
+
+if __name__ == "__main__":
+    main()
