@@ -18,7 +18,7 @@ setup(
     packages=find_packages(include=["megatron_ext", "megatron_ext.*", "instruct", "tools"]),
     install_requires=[
         "torch>=2.1",
-        "megatron-core>=0.16.1",
+        "megatron-core>=0.16.1,<0.17",  # compat/ and models/ rely on 0.16 internals
         "psutil",  # megatron-core's checkpoint saving needs it
         "numpy",
         "sentencepiece>=0.2",

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -197,6 +198,14 @@ def main() -> None:
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench-preprocess-")
     os.makedirs(workdir, exist_ok=True)
+    try:
+        run_bench(args, workdir)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_bench(args, workdir: str) -> None:
     corpus = os.path.join(workdir, "corpus.jsonl")
     small = os.path.join(workdir, "corpus-small.jsonl")
     print(f"generating {args.records:,} records in {workdir} ...", flush=True)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Creates ./.venv with everything the project and its tests need, on a fresh
-# machine. torch==2.13.0 comes first: an unpinned torch would pull a CUDA build.
+# machine. torch==2.13.0 comes first so that nothing later pulls another torch
+# (where pip is configured with the CPU wheel, as on our CI machines, that is
+# the CPU build; elsewhere add PyTorch's CPU index to pip's configuration).
 # Idempotent: a stamp records what was installed, so reruns take a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -17,7 +17,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ext.cli import FlagParser, run_cli  # noqa: E402
-from megatron_ext.errors import ConfigError  # noqa: E402
+from megatron_ext.errors import ConfigError, DataError  # noqa: E402
 from megatron_ext.tokenizer_training import (  # noqa: E402
     jsonl_texts,
     train_byte_level_bpe,
@@ -37,7 +37,22 @@ def main(argv=None) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise ConfigError(f"directory {out_dir} does not exist: create it first")
-    texts = list(jsonl_texts(args.input))
+    missing = [path for path in args.input if not os.path.isfile(path)]
+    if missing:
+        raise DataError(f"input file(s) not found: {', '.join(missing)}")
+    try:
+        texts = list(jsonl_texts(args.input))
+    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError
+        raise DataError(f"cannot read the input as JSONL: {exc}") from None
+    if not texts:
+        raise DataError("the input holds no text to learn from")
+    try:
+        return _train(args, texts)
+    except RuntimeError as exc:  # sentencepiece reports bad settings this way
+        raise ConfigError(f"tokenizer training failed: {str(exc).strip()}") from None
+
+
+def _train(args, texts) -> int:
     if args.kind == "sentencepiece":
         import sentencepiece
 

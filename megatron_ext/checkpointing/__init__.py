@@ -129,9 +129,14 @@ def save_checkpoint(trainer, root: str) -> str:
         with open(os.path.join(staging, RUN_CONFIG), "w", encoding="utf-8") as handle:
             json.dump({**trainer.config.to_dict(),
                        "tokenizer_identity": trainer.tokenizer.identity()}, handle, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
+        # never a moment without a complete checkpoint for the tracker to name
+        previous = final + ".previous"
+        if os.path.isdir(final):
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(final, previous)
         os.replace(staging, final)
         _write_tracker(root, trainer.iteration)
+        shutil.rmtree(previous, ignore_errors=True)
     dist.barrier()
     return final
 
@@ -148,7 +153,8 @@ def load_checkpoint(trainer, root: str, weights_only: bool) -> Optional[int]:
     if iteration is None:
         if os.path.abspath(root) == os.path.abspath(trainer.config.checkpoint.save or "") \
                 and not weights_only:
-            logger.info("no checkpoint in %s yet: starting from scratch", root)
+            if trainer.layout.is_logger:
+                logger.info("no checkpoint in %s yet: starting from scratch", root)
             return None
         raise CheckpointError(
             f"--load {root}: no checkpoint found (no {TRACKER}); check the path, or drop --load "
@@ -162,8 +168,9 @@ def load_checkpoint(trainer, root: str, weights_only: bool) -> Optional[int]:
         saved = _saved_layout(directory)
         if saved != {"tp": trainer.layout.tp, "pp": trainer.layout.pp}:
             state.pop("rng_state")  # RNG streams belong to a layout; weights and optimizer do not
-            logger.info("checkpoint layout %s differs from this run's: RNG state not restored",
-                        saved)
+            if trainer.layout.is_logger:
+                logger.info("checkpoint layout %s differs from this run's: RNG state not "
+                            "restored", saved)
     try:
         loaded = dist_checkpointing.load(state, directory)  # common state comes back merged
     except (KeyboardInterrupt, SystemExit):

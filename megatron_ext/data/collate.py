@@ -2,8 +2,10 @@
 
 Why this shape: a batch row holds one sample, or several packed back to back;
 ``segment_ids`` (1, 2, ... per sample, 0 on padding) and ``position_ids``
-(restarting at 0 for every sample) describe both cases, so the trainer and
-the attention backends never need to know whether rows are packed. The loss
+(restarting at 0 for every sample) describe both cases, and the attention
+mask built from ``segment_ids`` keeps packed samples apart. (Before the
+trainer packs rows, RoPE must follow ``position_ids``: megatron-core 0.16's
+``GPTModel`` derives rotary positions from the sequence length alone.) The loss
 weight of a position is the weight of the role of the token it predicts:
 assistant 1, user and system ``scalar_loss_mask``, padding 0. The trainer
 divides the weighted token losses by the *global* batch's total weight.

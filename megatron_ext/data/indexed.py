@@ -22,6 +22,8 @@ from typing import Optional
 
 import numpy as np
 
+from megatron_ext.errors import DataError
+
 ROLE_DTYPE = np.uint8
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
 _INDEX_VERSION = 1
@@ -168,5 +170,8 @@ def read_meta(prefix: str) -> Optional[dict]:
     path = dataset_paths(prefix)["meta"]
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path} is unreadable ({exc}); preprocess the data again") from None

@@ -12,6 +12,7 @@ trainer refuse data made with another tokenizer.
 from __future__ import annotations
 
 import os
+import struct
 from typing import Optional
 
 import numpy as np
@@ -40,7 +41,7 @@ class InstructionDataset:
         try:
             self.text = IndexedDataset(f"{prefix}-text", fast_cache_load=True)
             self.role = IndexedDataset(f"{prefix}-role", fast_cache_load=True)
-        except (AssertionError, ValueError, OSError) as exc:
+        except (AssertionError, ValueError, OSError, struct.error) as exc:
             raise DataError(f"cannot read dataset {prefix}: {exc or type(exc).__name__}") from None
         if not np.array_equal(self.text.sequence_lengths, self.role.sequence_lengths):
             raise DataError(

@@ -11,6 +11,7 @@ their file and line instead of stopping a night's run.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -231,9 +232,15 @@ def _worker_pool(config: PreprocessConfig):
         yield None
         return
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    with context.Pool(config.workers, initializer=init_worker, initargs=(config.encode,)) as pool:
-        yield pool
+    # an executor, not multiprocessing.Pool: a worker killed (e.g. by the OOM
+    # killer) breaks it loudly, where a Pool would wait for that task forever
+    executor = concurrent.futures.ProcessPoolExecutor(
+        config.workers, mp_context=multiprocessing.get_context(method),
+        initializer=init_worker, initargs=(config.encode,))
+    try:
+        yield executor
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def _ordered_results(pool, encoder: Encoder, chunks: Iterable[LineChunk],
@@ -244,12 +251,16 @@ def _ordered_results(pool, encoder: Encoder, chunks: Iterable[LineChunk],
             yield encoder.encode_chunk(chunk)
         return
     pending: collections.deque = collections.deque()
-    for chunk in chunks:
-        pending.append(pool.apply_async(encode_chunk_in_worker, (chunk,)))
-        if len(pending) >= 2 * workers:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+    try:
+        for chunk in chunks:
+            pending.append(pool.submit(encode_chunk_in_worker, chunk))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except concurrent.futures.process.BrokenProcessPool:
+        raise DataError("a worker process died (out of memory, or killed); nothing was written. "
+                        "Use fewer --workers or a smaller --chunk_size") from None
 
 
 class _Progress:

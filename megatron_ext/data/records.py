@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -112,7 +113,7 @@ def iter_chunks(files: Sequence[str], chunk_size: int) -> Iterator[LineChunk]:
                         break
                     yield LineChunk(file_index, line_no, lines, sum(map(len, lines)))
                     line_no += len(lines)
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
             raise DataError(f"{path}: cannot read after line {line_no - 1}: {exc}") from None
 
 

@@ -37,9 +37,6 @@ class EpochOrder:
             self._cache[epoch] = rng.permutation(self.num_records)
         return self._cache[epoch]
 
-    def epoch_of(self, sample: int) -> int:
-        return sample // self.num_records
-
     def records(self, first_sample: int, count: int) -> np.ndarray:
         """Record indices of samples ``first_sample .. first_sample + count - 1``."""
         samples = np.arange(first_sample, first_sample + count)

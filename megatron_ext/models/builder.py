@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.models.families import get_family
+from megatron_ext.models.families import get_family, sliding_window
 
 
 def transformer_config(model, parallel, precision, variable_seq_lengths: bool = False,
@@ -21,7 +21,7 @@ def transformer_config(model, parallel, precision, variable_seq_lengths: bool = 
 
     family = get_family(model.model_name)
     dtype = torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 else torch.float32
-    window = model.sliding_window_size if model.sliding_window_size is not None else family.sliding_window
+    window = sliding_window(model)
     recompute = precision.recompute_granularity
     return TransformerConfig(
         num_layers=model.num_layers,

@@ -30,7 +30,7 @@ class Family:
     def default_ffn_hidden_size(self, hidden_size: int) -> int:
         if not self.swiglu:
             return 4 * hidden_size
-        # Llama's rule: 2/3 of 4h, rounded up to a multiple of 256 (64 for tiny models)
+        # Llama's rule: 2/3 of 4h, rounded up to a multiple of 256 (16 for tiny models)
         multiple = 256 if hidden_size >= 1024 else 16
         size = int(2 * 4 * hidden_size / 3)
         return multiple * ((size + multiple - 1) // multiple)
@@ -52,6 +52,14 @@ def get_family(name: str) -> Family:
     if name not in FAMILIES:
         raise ConfigError(f"unknown --model_name {name!r}: choose one of {', '.join(FAMILIES)}")
     return FAMILIES[name]
+
+
+def sliding_window(model) -> Optional[int]:
+    """Attention window of ``ModelArgs`` ``model``: its flag, else the family's; 0 = none."""
+    window = model.sliding_window_size
+    if window is None:
+        window = get_family(model.model_name).sliding_window
+    return window or None
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel: int) -> int:

@@ -9,8 +9,6 @@ each function receives only the part it uses.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -135,6 +133,19 @@ class TrainConfig:
             cuda = torch.cuda.is_available()
         problems = []
         m, p, s = self.model, self.parallel, self.schedule
+        positive = {"--num_layers": m.num_layers, "--hidden_size": m.hidden_size,
+                    "--num_attention_heads": m.num_attention_heads,
+                    "--num_attention_heads_kv": m.num_attention_heads_kv or 1,
+                    "--seq_length": m.seq_length,
+                    "--make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
+                    "--micro_batch_size": s.micro_batch_size,
+                    "--global_batch_size": s.global_batch_size,
+                    "--train_iters": 1 if s.train_iters is None else s.train_iters,
+                    "--epochs": 1 if s.epochs is None else s.epochs}
+        bad = [f"{flag} must be positive, got {value}" for flag, value in positive.items()
+               if value <= 0]
+        if bad:
+            raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(bad))
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
         if m.model_name not in MODEL_NAMES:
             problems.append(f"--model_name {m.model_name!r} is not one of {', '.join(MODEL_NAMES)}")
@@ -190,6 +201,8 @@ class TrainConfig:
             problems.append("--data_type: only 'instruction' is supported")
         if not self.tokenizer.vocab_file:
             problems.append("--vocab_file is required (the tokenizer the data was made with)")
+        if self.checkpoint.use_checkpoint_args and not self.checkpoint.load:
+            problems.append("--use_checkpoint_args needs --load (the checkpoint to read)")
         if self.checkpoint.finetune and not self.checkpoint.load:
             problems.append("--finetune needs --load (the checkpoint to start from)")
         if s.save_interval and not self.checkpoint.save:
@@ -202,20 +215,3 @@ class TrainConfig:
 
     def with_model(self, model: ModelArgs) -> "TrainConfig":
         return dataclasses.replace(self, model=model)
-
-    def save_json(self, path: str) -> None:
-        from megatron_ext.data.indexed import write_json_atomic
-
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        write_json_atomic(path, self.to_dict())
-
-
-def model_args_from_json(path: str) -> ModelArgs:
-    """The model section of a saved run config (``--use_checkpoint_args``)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            saved = json.load(handle)["model"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"cannot read the checkpoint's arguments from {path}: {exc}") from None
-    known = {f.name for f in dataclasses.fields(ModelArgs)}
-    return ModelArgs(**{k: v for k, v in saved.items() if k in known})

@@ -12,7 +12,6 @@ over the global batch however it is split into micro-batches.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,7 +19,7 @@ import numpy as np
 
 from megatron_ext.data.collate import Batch, collate, padded_width, role_weights
 from megatron_ext.data.instruction_dataset import InstructionDataset
-from megatron_ext.data.sampling import EpochOrder, micro_batch_records
+from megatron_ext.data.sampling import EpochOrder, iterations_for_epochs, micro_batch_records
 from megatron_ext.errors import ConfigError
 
 
@@ -201,4 +200,4 @@ class BatchBuilder:
 def iterations(schedule, train: SplitData) -> int:
     if schedule.train_iters is not None:
         return schedule.train_iters
-    return max(1, math.ceil(schedule.epochs * len(train) / schedule.global_batch_size))
+    return iterations_for_epochs(schedule.epochs, len(train), schedule.global_batch_size)

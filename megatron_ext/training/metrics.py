@@ -40,8 +40,15 @@ class MetricsWriter:
         if not self.enabled:
             return
         self._jsonl.close()
+        kept = []
         with open(self.path, encoding="utf-8") as handle:
-            kept = [line for line in handle if json.loads(line)["iteration"] <= iteration]
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut short by the crash we are resuming from
+                    break
+                if record["iteration"] <= iteration:
+                    kept.append(line if line.endswith("\n") else line + "\n")
         tmp = f"{self.path}.tmp.{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.writelines(kept)
@@ -72,8 +79,3 @@ class MetricsWriter:
             self._tb.close()
             self._tb = None
 
-
-def read_metrics(path: str, split: str = "train") -> list[dict]:
-    """Records of one split from a ``metrics.jsonl``."""
-    with open(path, encoding="utf-8") as handle:
-        return [r for r in map(json.loads, handle) if r.get("split") == split]

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from megatron_ext.models.builder import build_gpt_model, transformer_config
-from megatron_ext.models.families import get_family, padded_vocab_size
+from megatron_ext.models.families import padded_vocab_size, sliding_window
 from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer, parse_extra_ids
 from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.data import BatchBuilder, GlobalBatch, build_splits, iterations
@@ -31,13 +31,13 @@ logger = logging.getLogger(__name__)
 
 class Trainer:
     def __init__(self, config: TrainConfig):
+        if config.checkpoint.use_checkpoint_args and config.checkpoint.load:
+            config = _with_checkpoint_model_args(config)
         self.config = config
         config.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before any process group
         self.layout: Layout = init_distributed(config.parallel.tensor_model_parallel_size,
                                                config.parallel.pipeline_model_parallel_size,
                                                config.schedule.seed)
-        if config.checkpoint.use_checkpoint_args:
-            config = self.config = _with_checkpoint_model_args(config)
         tok_args = config.tokenizer
         self.tokenizer = build_tokenizer(TokenizerConfig(
             tok_args.tokenizer_type, tok_args.vocab_file,
@@ -57,14 +57,14 @@ class Trainer:
                                     config.data.variable_seq_lengths,
                                     config.schedule.micro_batch_size, self.layout.dp_rank,
                                     self.layout.dp)
-        family = get_family(config.model.model_name)
-        self.window = config.model.sliding_window_size or family.sliding_window
+        self.window = sliding_window(config.model)
         self.iteration = 0
         self.consumed_samples = 0
         self.consumed_tokens = 0
         self.metrics = MetricsWriter(config.checkpoint.save, config.checkpoint.tensorboard_dir,
                                      enabled=self.layout.is_logger)
         self._stop_signal: Optional[int] = None
+        self._saved_at: Optional[int] = None  # iteration of the newest checkpoint on disk
         if config.checkpoint.load:
             from megatron_ext.checkpointing import load_checkpoint
 
@@ -72,6 +72,7 @@ class Trainer:
                                      weights_only=config.checkpoint.finetune)
             if loaded is not None and not config.checkpoint.finetune:
                 self.metrics.truncate_after(self.iteration)
+                self._saved_at = self.iteration
             if loaded is not None and self.layout.is_logger:
                 logger.info("loaded %s from %s (iteration %d)%s",
                             "weights" if config.checkpoint.finetune else "checkpoint",
@@ -184,7 +185,8 @@ class Trainer:
         reports = self._run(gb, forward_only=False)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         update_ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=s.global_batch_size)
+        if update_ok:  # an fp16 overflow skips the step: the schedule must not advance
+            self.scheduler.step(increment=s.global_batch_size)
         weighted, weight = self._reduce(reports)
         self.iteration += 1
         self.consumed_samples += s.global_batch_size
@@ -226,9 +228,12 @@ class Trainer:
         interval_start = time.perf_counter()
         last: dict = {}
         started = time.monotonic()
-        saved_at = None
         stopped = False
+        evaluated_at = None
         window: list[float] = []
+        if self.iteration >= self.train_iters and self.layout.is_logger:
+            logger.info("the checkpoint is already at iteration %d of %d: nothing to train",
+                        self.iteration, self.train_iters)
         while self.iteration < self.train_iters:
             last = self.train_step()
             window.append(last["loss"])
@@ -238,18 +243,19 @@ class Trainer:
                 self._log(last)
             if s.eval_interval and self.iteration % s.eval_interval == 0:
                 self._log_eval(self.evaluate())
+                evaluated_at = self.iteration
             stopped = self._should_stop(started)
             if self.config.checkpoint.save and (
                     stopped or (s.save_interval and self.iteration % s.save_interval == 0)):
                 self.save()
-                saved_at = self.iteration
             if stopped:
                 break
         final_eval = None
-        if not stopped:
-            final_eval = self.evaluate()
-            self._log_eval(final_eval)
-            if self.config.checkpoint.save and saved_at != self.iteration:
+        if not stopped and self._saved_at != self.iteration:  # not a finished run reloaded
+            if evaluated_at != self.iteration:
+                final_eval = self.evaluate()
+                self._log_eval(final_eval)
+            if self.config.checkpoint.save:
                 self.save()
         self.metrics.close()
         return {"iteration": self.iteration, "last": last, "valid": final_eval,
@@ -260,6 +266,7 @@ class Trainer:
 
         start = time.perf_counter()
         path = save_checkpoint(self, self.config.checkpoint.save)
+        self._saved_at = self.iteration
         if self.layout.is_logger:
             logger.info("saved checkpoint %s (%.1f s)", path, time.perf_counter() - start)
         return path
@@ -352,7 +359,13 @@ def _with_checkpoint_model_args(config: TrainConfig) -> TrainConfig:
     from megatron_ext.checkpointing import read_run_config
     from megatron_ext.training.config import ModelArgs
 
-    saved = read_run_config(config.checkpoint.load)["model"]
+    from megatron_ext.checkpointing import latest_iteration
+
+    load, save = config.checkpoint.load, config.checkpoint.save
+    if (os.path.abspath(load) == os.path.abspath(save or "")
+            and (not os.path.isdir(load) or latest_iteration(load) is None)):
+        return config  # auto-resume idiom, first launch: the command line has the shape
+    saved = read_run_config(load)["model"]
     known = {f.name for f in dataclasses.fields(ModelArgs)} - {"seq_length"}
     return config.with_model(dataclasses.replace(
         config.model, **{k: v for k, v in saved.items() if k in known}))

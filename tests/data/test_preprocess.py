@@ -352,3 +352,24 @@ def test_writer_bytes_equal_megatron_core_builder(tmp_path, dtype):
         assert (tmp_path / f"ours{suffix}").read_bytes() == (tmp_path / f"ref{suffix}").read_bytes()
     dataset = IndexedDataset(str(tmp_path / "ours"))
     assert all(np.array_equal(dataset[i], r) for i, r in enumerate(records))
+
+
+def test_a_dead_worker_is_an_error_not_a_hang(tmp_path, sp_model, monkeypatch):
+    """A worker killed mid-run (say by the OOM killer) stops the run with a clear error."""
+    import os
+
+    from megatron_ext.data.encode import Encoder
+    from megatron_ext.errors import DataError
+
+    original = Encoder.encode_chunk
+
+    def dying(self, chunk):
+        if chunk.first_line > 1:
+            os._exit(9)  # in the forked worker only
+        return original(self, chunk)
+
+    monkeypatch.setattr(Encoder, "encode_chunk", dying)
+    with pytest.raises(DataError, match="worker process died"):
+        preprocess(tmp_path, qa_records(40), "SentencePieceTokenizer", sp_model,
+                   "--workers", "2", "--chunk_size", "10")
+    assert not list(tmp_path.glob("out-*"))  # nothing published, no temporaries left

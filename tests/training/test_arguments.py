@@ -36,6 +36,10 @@ def config(*extra):
     (["--finetune"], 1, "--finetune needs --load"),
     (["--save_interval", "5"], 1, "--save_interval needs --save"),
     (["--train_data_path", "y"], 1, "either --data_path or --train_data_path"),
+    (["--use_checkpoint_args"], 1, "--use_checkpoint_args needs --load"),
+    (["--micro_batch_size", "0"], 1, "--micro_batch_size must be positive, got 0"),
+    (["--make_vocab_size_divisible_by", "0"], 1, "--make_vocab_size_divisible_by must be positive"),
+    (["--num_attention_heads", "0"], 1, "--num_attention_heads must be positive"),
 ])
 def test_inconsistent_arguments_are_refused(extra, world, message):
     with pytest.raises(ConfigError) as error:

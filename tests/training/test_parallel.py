@@ -57,6 +57,14 @@ def test_tp2_checkpoint_resumes_at_tp1_on_the_same_curve(tmp_path, train_data, r
     torchrun(1, args + ["--load", str(tmp_path)])
     assert_same_curve(train_metrics(tmp_path), reference)
 
+    # relaunching a finished run trains nothing and leaves its checkpoint untouched
+    final = tmp_path / "iter_0000006"
+    stamp = final.stat().st_mtime_ns
+    again = torchrun(1, args + ["--load", str(tmp_path)])
+    assert "nothing to train" in again.stderr
+    assert final.stat().st_mtime_ns == stamp
+    assert len(train_metrics(tmp_path, "valid")) == 1  # no second evaluation either
+
 
 def test_sigterm_saves_then_resume_continues_exactly(tmp_path, train_data):
     """Train N, kill (SIGTERM, as Slurm preempts), resume to 2N == an uninterrupted 2N run."""
