@@ -255,6 +255,7 @@ class Trainer:
             if evaluated_at != self.iteration:
                 final_eval = self.evaluate()
                 self._log_eval(final_eval)
+            self._log_eval(self.evaluate("test"), "test")
             if self.config.checkpoint.save:
                 self.save()
         self.metrics.close()
@@ -343,12 +344,13 @@ class Trainer:
             values["tokens_per_sec"], values["real_tokens_per_sec"],
             100 * values["padding_fraction"], values["memory_mb"])
 
-    def _log_eval(self, result: Optional[dict]) -> None:
+    def _log_eval(self, result: Optional[dict], split: str = "valid") -> None:
         if result is None or not self.layout.is_logger:
             return
         self.metrics.write(self.iteration, {"loss": result["loss"], "ppl": result["ppl"]},
-                           prefix="valid")
-        logger.info("validation at iter %d | loss %.5f | ppl %.3f", self.iteration,
+                           prefix=split)
+        logger.info("%s at iter %d | loss %.5f | ppl %.3f",
+                    "validation" if split == "valid" else split, self.iteration,
                     result["loss"], result["ppl"])
 
 

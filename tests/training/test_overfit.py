@@ -25,6 +25,7 @@ def test_tiny_model_overfits_a_small_dataset(tmp_path, sp_model):
         "--answer_key", "answer", "--workers", "1", "--no_progress"])))
     torchrun(1, [
         "--train_data_path", str(tmp_path / "small"), "--valid_data_path", str(tmp_path / "small"),
+        "--test_data_path", str(tmp_path / "small"),
         "--tokenizer_type", "SentencePieceTokenizer", "--vocab_file", sp_model,
         "--vocab_extra_ids_list", ",".join(CHATML), "--num_layers", "2", "--hidden_size", "96",
         "--num_attention_heads", "4", "--seq_length", "64", "--variable_seq_lengths",
@@ -36,4 +37,6 @@ def test_tiny_model_overfits_a_small_dataset(tmp_path, sp_model):
     assert train[-1]["iteration"] == 120  # 60 epochs of 16 records in batches of 8
     assert train[0]["loss"] > 4.0
     assert valid[-1]["loss"] < 0.2, (train[-1], valid[-1])  # answer-token loss on the same data
+    test = train_metrics(tmp_path / "run", "test")  # the test split is evaluated at the end
+    assert len(test) == 1 and test[0]["loss"] == pytest.approx(valid[-1]["loss"], rel=1e-6)
     assert train[-1]["padding_fraction"] < 0.6
