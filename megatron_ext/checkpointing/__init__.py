@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import shutil
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
@@ -89,71 +90,100 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_state(trainer, include_optimizer: bool, loading: bool) -> dict:
+@dataclass
+class Progress:
+    """Where a run is: what a resume needs besides weights and optimizer state."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+
+
+@dataclass
+class TrainState:
+    """The objects a checkpoint saves and restores.
+
+    ``model`` is the unwrapped megatron-core module (``sharded_state_dict``);
+    ``optimizer`` and ``scheduler`` may be None for weights-only use (tools).
+    ``layout`` needs ``rank``, ``tp``, ``pp``, ``dp``, ``tp_rank``, ``pp_rank``,
+    ``dp_rank`` and ``is_logger``.
+    """
+
+    model: object
+    layout: object
+    optimizer: Optional[object] = None
+    scheduler: Optional[object] = None
+
+
+def _sharded_state(train: TrainState, include_optimizer: bool, loading: bool) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    layout = trainer.layout
-    model_state = trainer.model.module.sharded_state_dict()
+    layout = train.layout
+    model_state = train.model.sharded_state_dict()
     state = {"model": model_state}
     if include_optimizer:
-        state["optimizer"] = trainer.optimizer.sharded_state_dict(model_state, is_loading=loading)
+        state["optimizer"] = train.optimizer.sharded_state_dict(model_state, is_loading=loading)
         state["rng_state"] = ShardedObject(
             "rng_state", _rng_state(), (layout.pp, layout.tp), (layout.pp_rank, layout.tp_rank),
             replica_id=layout.dp_rank)
     return state
 
 
-def save_checkpoint(trainer, root: str) -> str:
-    """Save everything needed to resume ``trainer``; returns the checkpoint directory."""
+def save_checkpoint(root: str, train: TrainState, progress: Progress, run_config: dict) -> str:
+    """Save everything needed to resume; returns the checkpoint directory.
+
+    ``run_config`` is written beside the weights as ``run_config.json``.
+    """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    final = iteration_dir(root, trainer.iteration)
+    layout = train.layout
+    final = iteration_dir(root, progress.iteration)
     staging = final + ".incomplete"
-    if trainer.layout.rank == 0:
+    if layout.rank == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     dist.barrier()
-    state = _sharded_state(trainer, include_optimizer=True, loading=False)
+    state = _sharded_state(train, include_optimizer=True, loading=False)
     state["common"] = {
-        "iteration": trainer.iteration,
-        "consumed_samples": trainer.consumed_samples,
-        "consumed_tokens": trainer.consumed_tokens,
-        "scheduler": trainer.scheduler.state_dict(),
-        "layout": {"tp": trainer.layout.tp, "pp": trainer.layout.pp, "dp": trainer.layout.dp},
+        **asdict(progress),
+        "scheduler": train.scheduler.state_dict(),
+        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
     }
     dist_checkpointing.save(state, staging)
     dist.barrier()
-    if trainer.layout.rank == 0:
+    if layout.rank == 0:
         with open(os.path.join(staging, RUN_CONFIG), "w", encoding="utf-8") as handle:
-            json.dump({**trainer.config.to_dict(),
-                       "tokenizer_identity": trainer.tokenizer.identity()}, handle, indent=2)
+            json.dump(run_config, handle, indent=2)
         # never a moment without a complete checkpoint for the tracker to name
         previous = final + ".previous"
         if os.path.isdir(final):
             shutil.rmtree(previous, ignore_errors=True)
             os.replace(final, previous)
         os.replace(staging, final)
-        _write_tracker(root, trainer.iteration)
+        _write_tracker(root, progress.iteration)
         shutil.rmtree(previous, ignore_errors=True)
     dist.barrier()
     return final
 
 
-def load_checkpoint(trainer, root: str, weights_only: bool) -> Optional[int]:
-    """Restore ``trainer`` from the latest checkpoint in ``root``; returns its iteration.
+def load_checkpoint(root: str, train: TrainState, weights_only: bool,
+                    allow_missing: bool = False) -> Optional[tuple[int, Progress]]:
+    """Restore ``train`` from the latest checkpoint in ``root``.
 
-    Returns None only when ``root`` is the run's own ``--save`` directory and
-    holds no checkpoint yet (the auto-resume idiom); any other absence is an error.
+    Returns (checkpoint iteration, progress to resume from; a fresh one when
+    ``weights_only``), or None when ``root`` holds no checkpoint and
+    ``allow_missing`` (the run's own ``--save`` directory on its first
+    launch); any other absence is a :class:`CheckpointError`.
     """
     from megatron.core import dist_checkpointing
 
+    layout = train.layout
     iteration = latest_iteration(root) if os.path.isdir(root) else None
     if iteration is None:
-        if os.path.abspath(root) == os.path.abspath(trainer.config.checkpoint.save or "") \
-                and not weights_only:
-            if trainer.layout.is_logger:
+        if allow_missing:
+            if layout.is_logger:
                 logger.info("no checkpoint in %s yet: starting from scratch", root)
             return None
         raise CheckpointError(
@@ -163,12 +193,12 @@ def load_checkpoint(trainer, root: str, weights_only: bool) -> Optional[int]:
     if not os.path.isdir(directory):
         raise CheckpointError(f"{root}/{TRACKER} names iteration {iteration} but {directory} "
                               "does not exist (deleted or not finished)")
-    state = _sharded_state(trainer, include_optimizer=not weights_only, loading=True)
+    state = _sharded_state(train, include_optimizer=not weights_only, loading=True)
     if not weights_only:
         saved = _saved_layout(directory)
-        if saved != {"tp": trainer.layout.tp, "pp": trainer.layout.pp}:
+        if saved != {"tp": layout.tp, "pp": layout.pp}:
             state.pop("rng_state")  # RNG streams belong to a layout; weights and optimizer do not
-            if trainer.layout.is_logger:
+            if layout.is_logger:
                 logger.info("checkpoint layout %s differs from this run's: RNG state not "
                             "restored", saved)
     try:
@@ -181,18 +211,16 @@ def load_checkpoint(trainer, root: str, weights_only: bool) -> Optional[int]:
             f"checkpoint {directory} cannot be loaded ({type(exc).__name__}: {detail}); it is "
             "damaged or was written for a different model shape (see its run_config.json)"
         ) from None
-    trainer.model.module.load_state_dict(loaded["model"])
+    train.model.load_state_dict(loaded["model"])
     if weights_only:
-        return iteration
-    trainer.optimizer.load_state_dict(loaded["optimizer"])
+        return iteration, Progress()
+    train.optimizer.load_state_dict(loaded["optimizer"])
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
-    saved_common = loaded["common"]
-    trainer.scheduler.load_state_dict(saved_common["scheduler"])
-    trainer.iteration = saved_common["iteration"]
-    trainer.consumed_samples = saved_common["consumed_samples"]
-    trainer.consumed_tokens = saved_common["consumed_tokens"]
-    return iteration
+    common = loaded["common"]
+    train.scheduler.load_state_dict(common["scheduler"])
+    return iteration, Progress(common["iteration"], common["consumed_samples"],
+                               common["consumed_tokens"])
 
 
 def _saved_layout(directory: str) -> dict:

@@ -66,19 +66,33 @@ class Trainer:
         self._stop_signal: Optional[int] = None
         self._saved_at: Optional[int] = None  # iteration of the newest checkpoint on disk
         if config.checkpoint.load:
-            from megatron_ext.checkpointing import load_checkpoint
+            self._load()
 
-            loaded = load_checkpoint(self, config.checkpoint.load,
-                                     weights_only=config.checkpoint.finetune)
-            if loaded is not None and not config.checkpoint.finetune:
-                self.metrics.truncate_after(self.iteration)
-                self._saved_at = self.iteration
-            if loaded is not None and self.layout.is_logger:
-                logger.info("loaded %s from %s (iteration %d)%s",
-                            "weights" if config.checkpoint.finetune else "checkpoint",
-                            config.checkpoint.load, loaded,
-                            "" if config.checkpoint.finetune else
-                            f"; resuming at iteration {self.iteration}")
+    def _train_state(self):
+        from megatron_ext.checkpointing import TrainState
+
+        return TrainState(self.model.module, self.layout, self.optimizer, self.scheduler)
+
+    def _load(self) -> None:
+        from megatron_ext.checkpointing import load_checkpoint
+
+        c = self.config.checkpoint
+        own_dir = os.path.abspath(c.load) == os.path.abspath(c.save or "")
+        loaded = load_checkpoint(c.load, self._train_state(), weights_only=c.finetune,
+                                 allow_missing=own_dir and not c.finetune)
+        if loaded is None:
+            return
+        iteration, progress = loaded
+        self.iteration = progress.iteration
+        self.consumed_samples = progress.consumed_samples
+        self.consumed_tokens = progress.consumed_tokens
+        if not c.finetune:
+            self.metrics.truncate_after(self.iteration)
+            self._saved_at = self.iteration
+        if self.layout.is_logger:
+            logger.info("loaded %s from %s (iteration %d)%s",
+                        "weights" if c.finetune else "checkpoint", c.load, iteration,
+                        "" if c.finetune else f"; resuming at iteration {self.iteration}")
 
     # ------------------------------------------------------------------ setup
     def _build_model_and_optimizer(self) -> None:
@@ -263,10 +277,13 @@ class Trainer:
                 "stopped_early": stopped, "seconds": time.perf_counter() - interval_start}
 
     def save(self) -> str:
-        from megatron_ext.checkpointing import save_checkpoint
+        from megatron_ext.checkpointing import Progress, save_checkpoint
 
         start = time.perf_counter()
-        path = save_checkpoint(self, self.config.checkpoint.save)
+        progress = Progress(self.iteration, self.consumed_samples, self.consumed_tokens)
+        run_config = {**self.config.to_dict(), "tokenizer_identity": self.tokenizer.identity()}
+        path = save_checkpoint(self.config.checkpoint.save, self._train_state(), progress,
+                               run_config)
         self._saved_at = self.iteration
         if self.layout.is_logger:
             logger.info("saved checkpoint %s (%.1f s)", path, time.perf_counter() - start)
