@@ -68,6 +68,16 @@ class ChatFormat:
         rendered = "".join(text for text, _ in self.render(probe))
         return rendered[: rendered.index(_PROBE)]
 
+    def hf_chat_template(self) -> str:
+        """A Jinja chat template (``apply_chat_template``) that renders this format's text.
+
+        Given a ``messages`` list of ``{"role", "content"}`` it renders the same
+        text as :meth:`render`, and with ``add_generation_prompt`` the text of
+        :meth:`generation_prompt`. Whether the *ids* match too depends on the
+        tokenizer: :func:`megatron_ext.tokenizer_export.chat_template` checks it.
+        """
+        raise TokenizerError(f"chat format {self.name!r} has no Hugging Face chat template")
+
 
 _PROBE = "\x00probe\x00"
 
@@ -93,6 +103,19 @@ class ChatML(ChatFormat):
     @property
     def stop_token(self):
         return "<|im_end|>"
+
+    def hf_chat_template(self):
+        return "".join((
+            _jinja_role_table(self.role_names),
+            "{%- for message in messages %}\n",
+            _JINJA_CHECK_MESSAGE.format(name=jinja_literal(self.name)),
+            "    {{- ", jinja_literal("<|im_start|>"), " ~ roles[message['role']] ~ ",
+            jinja_literal("\n"), " ~ message['content'] ~ ", jinja_literal("<|im_end|>\n"), " }}\n",
+            "{%- endfor %}\n",
+            "{%- if add_generation_prompt %}\n",
+            "    {{- ", jinja_literal(f"<|im_start|>{self.role_names[ASSISTANT]}\n"), " }}\n",
+            "{%- endif %}\n",
+        ))
 
 
 class MegatronLLM(ChatML):
@@ -124,6 +147,22 @@ class Llama3(ChatFormat):
     @property
     def stop_token(self):
         return "<|eot_id|>"
+
+    def hf_chat_template(self):
+        roles = {role: role for role in (SYSTEM, USER, ASSISTANT)}
+        return "".join((
+            _jinja_role_table(roles),
+            "{%- for message in messages %}\n",
+            _JINJA_CHECK_MESSAGE.format(name=jinja_literal(self.name)),
+            "    {%- if loop.first %}{{- ", jinja_literal("<|begin_of_text|>"), " }}{%- endif %}\n",
+            "    {{- ", jinja_literal("<|start_header_id|>"), " ~ message['role'] ~ ",
+            jinja_literal("<|end_header_id|>\n\n"), " ~ (message['content'] | trim) ~ ",
+            jinja_literal("<|eot_id|>"), " }}\n",
+            "{%- endfor %}\n",
+            "{%- if add_generation_prompt %}\n",
+            "    {{- ", jinja_literal(f"<|start_header_id|>{ASSISTANT}<|end_header_id|>\n\n"), " }}\n",
+            "{%- endif %}\n",
+        ))
 
 
 class Alpaca(ChatFormat):
@@ -158,6 +197,33 @@ class Alpaca(ChatFormat):
                 segments.append((f"{message.content}{eos}", ROLE_IDS[ASSISTANT]))
             bos = ""
         return segments
+
+    def hf_chat_template(self):
+        self.check()
+        bos = jinja_literal(self.tokenizer.bos_token or "")
+        roles = {role: role for role in (SYSTEM, USER, ASSISTANT)}
+        return "".join((
+            _jinja_role_table(roles),
+            "{%- set ns = namespace(bos=", bos, ") %}\n",
+            "{%- if messages[0]['role'] != ", jinja_literal(SYSTEM), " %}\n",
+            "    {{- ns.bos ~ ", jinja_literal(f"{self.preamble}\n\n"), " }}\n",
+            "    {%- set ns.bos = '' %}\n",
+            "{%- endif %}\n",
+            "{%- for message in messages %}\n",
+            _JINJA_CHECK_MESSAGE.format(name=jinja_literal(self.name)),
+            "    {%- if message['role'] == ", jinja_literal(SYSTEM), " %}\n",
+            "        {{- ns.bos ~ message['content'] ~ ", jinja_literal("\n\n"), " }}\n",
+            "    {%- elif message['role'] == ", jinja_literal(USER), " %}\n",
+            "        {%- if not loop.first and loop.previtem['role'] == ", jinja_literal(ASSISTANT),
+            " %}{{- ", jinja_literal("\n\n"), " }}{%- endif %}\n",
+            "        {{- ", jinja_literal("### Instruction:\n"), " ~ message['content'] ~ ",
+            jinja_literal("\n\n### Response:\n"), " }}\n",
+            "    {%- else %}\n",
+            "        {{- message['content'] ~ ", jinja_literal(self.tokenizer.eos_token), " }}\n",
+            "    {%- endif %}\n",
+            "    {%- set ns.bos = '' %}\n",
+            "{%- endfor %}\n",
+        ))
 
 
 class Template(ChatFormat):
@@ -213,6 +279,47 @@ class Template(ChatFormat):
                 _append(segments, part, role)
         return segments
 
+    def hf_chat_template(self):
+        name = jinja_literal(self.name)
+        out = [
+            "{%- set ns = namespace(system='', user=none, assistant=none, turns=0) %}\n",
+            "{%- for message in messages %}\n",
+            "    {%- if message['content'] is not string %}{{- raise_exception(", name,
+            " ~ ': message content must be text') }}{%- endif %}\n",
+            "    {%- if message['role'] == ", jinja_literal(SYSTEM), " %}\n",
+            "        {%- if ns.system == '' %}{%- set ns.system = message['content'] %}{%- endif %}\n",
+        ]
+        if not self.has_system:
+            out += ["        {{- raise_exception(", jinja_literal(
+                "the prompt template has no {system}: a system message cannot be rendered"), ") }}\n"]
+        out += [
+            "    {%- elif message['role'] == ", jinja_literal(USER), " and ns.turns == 0 %}\n",
+            "        {%- set ns.user = message['content'] %}{%- set ns.turns = 1 %}\n",
+            "    {%- elif message['role'] == ", jinja_literal(ASSISTANT), " and ns.turns == 1 %}\n",
+            "        {%- set ns.assistant = message['content'] %}{%- set ns.turns = 2 %}\n",
+            "    {%- else %}\n",
+            "        {{- raise_exception(", jinja_literal(
+                "the prompt template renders one user message and one assistant answer "
+                "(and an optional system message), in that order"), ") }}\n",
+            "    {%- endif %}\n",
+            "{%- endfor %}\n",
+            "{%- if ns.turns == 0 or (add_generation_prompt and ns.turns == 2) %}\n",
+            "    {{- raise_exception(", jinja_literal(
+                "the prompt template needs a user message (and, without add_generation_prompt, "
+                "may end with its answer)"), ") }}\n",
+            "{%- endif %}\n",
+        ]
+        values = {"{system}": "ns.system", "{input}": "ns.user", "{output}": "ns.assistant"}
+        for index, part in enumerate(self._parts):
+            if part == "{output}":
+                out.append("{%- if ns.turns == 2 %}\n")
+            if index % 2:
+                out += ["    {{- ", values[part], " }}\n"]
+            elif part:
+                out += ["    {{- ", jinja_literal(part), " }}\n"]
+        out.append("{%- endif %}\n")
+        return "".join(out)
+
 
 def _append(segments: Segments, text: str, role: int) -> None:
     if not text:
@@ -221,6 +328,37 @@ def _append(segments: Segments, text: str, role: int) -> None:
         segments[-1] = (segments[-1][0] + text, role)
     else:
         segments.append((text, role))
+
+
+def jinja_literal(text: str) -> str:
+    """``text`` as a Jinja string literal (Jinja unescapes literals like Python)."""
+    out = []
+    for char in text:
+        if char in "\\'":
+            out.append("\\" + char)
+        elif char == "\n":
+            out.append("\\n")
+        elif char == "\t":
+            out.append("\\t")
+        elif char < " " or char == "\x7f":
+            out.append(f"\\x{ord(char):02x}")
+        else:
+            out.append(char)
+    return "'" + "".join(out) + "'"
+
+
+def _jinja_role_table(roles: dict[str, str]) -> str:
+    items = ", ".join(f"{jinja_literal(k)}: {jinja_literal(v)}" for k, v in roles.items())
+    return "{%- set roles = {" + items + "} %}\n"
+
+
+# Refuse what the format cannot render, rather than render something else.
+_JINJA_CHECK_MESSAGE = (
+    "    {{%- if message['role'] not in roles or message['content'] is not string %}}\n"
+    "        {{{{- raise_exception({name} ~ ': messages need a role among ' ~ (roles | list | join(', '))"
+    " ~ ' and text content') }}}}\n"
+    "    {{%- endif %}}\n"
+)
 
 
 FORMATS = {cls.name: cls for cls in (ChatML, MegatronLLM, Llama3, Alpaca)}
