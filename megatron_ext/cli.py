@@ -13,7 +13,7 @@ import sys
 import warnings
 from typing import Callable
 
-from megatron_ext.errors import UserError
+from megatron_ext.errors import ConfigError, UserError
 
 
 class FlagParser(argparse.ArgumentParser):
@@ -62,3 +62,20 @@ def run_cli(main: Callable[[], int]) -> None:
         print("interrupted: nothing was written (temporary files removed)", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+UNITS = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``2GB``, ``500MB`` or a byte count, for ``--max_shard_size``."""
+    text = text.strip().upper()
+    for unit, factor in UNITS.items():
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    if text.isdigit():
+        return int(text)
+    raise ConfigError(f"--max_shard_size {text!r}: use a size like 2GB or 500MB")

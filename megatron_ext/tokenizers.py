@@ -96,6 +96,7 @@ class InstructTokenizer:
     bos_token: Optional[str] = None
     eos_token: Optional[str] = None
     pad_id: Optional[int] = None
+    base_vocab_size: int = 0  # the tokenizer file's own tokens, before any we appended
 
     def _finish_init(self) -> None:
         # Alternation in insertion order: at equal positions the earlier token
@@ -239,6 +240,7 @@ class SentencePieceTokenizer(InstructTokenizer):
         self.eos_token = eos if eos in specials else None
         self.pad_id = specials.get(pad)
         self._base_size = len(self._sp)
+        self.base_vocab_size = len(self._sp)
         self._special_lists = {token: [index] for token, index in specials.items()}
         self._finish_init()
 
@@ -346,6 +348,7 @@ class HFTokenizer(InstructTokenizer):
 
         settings = _read_tokenizer_config(json_file.parent / "tokenizer_config.json")
         vocab = tok.get_vocab(with_added_tokens=True)
+        self.base_vocab_size = max(vocab.values()) + 1
         specials = {
             added.content: index
             for index, added in sorted(tok.get_added_tokens_decoder().items())

@@ -58,7 +58,7 @@ def latest_iteration(root: str) -> Optional[int]:
     return int(text)
 
 
-def _write_tracker(root: str, iteration: int) -> None:
+def write_tracker(root: str, iteration: int) -> None:
     tmp = os.path.join(root, f"{TRACKER}.tmp.{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as handle:
         handle.write(f"{iteration}\n")
@@ -162,7 +162,7 @@ def save_checkpoint(root: str, train: TrainState, progress: Progress, run_config
             shutil.rmtree(previous, ignore_errors=True)
             os.replace(final, previous)
         os.replace(staging, final)
-        _write_tracker(root, progress.iteration)
+        write_tracker(root, progress.iteration)
         shutil.rmtree(previous, ignore_errors=True)
     dist.barrier()
     return final
@@ -179,7 +179,21 @@ def load_checkpoint(root: str, train: TrainState, weights_only: bool,
     """
     from megatron.core import dist_checkpointing
 
+    from megatron_ext.checkpointing.unsharded import is_unsharded, load_unsharded
+
     layout = train.layout
+    if os.path.isdir(root) and is_unsharded(root):
+        return load_unsharded(root, train, weights_only)
+    from megatron_ext.checkpointing.legacy_detect import is_legacy
+
+    if is_legacy(root):
+        from megatron_ext.checkpointing.legacy import read_legacy_checkpoint
+        from megatron_ext.checkpointing.unsharded import TensorDictReader
+
+        legacy = read_legacy_checkpoint(root)
+        iteration = legacy.iteration if isinstance(legacy.iteration, int) else 0
+        return load_unsharded(root, train, weights_only,
+                              TensorDictReader(root, legacy.state, iteration))
     iteration = latest_iteration(root) if os.path.isdir(root) else None
     if iteration is None:
         if allow_missing:
@@ -194,8 +208,12 @@ def load_checkpoint(root: str, train: TrainState, weights_only: bool,
         raise CheckpointError(f"{root}/{TRACKER} names iteration {iteration} but {directory} "
                               "does not exist (deleted or not finished)")
     state = _sharded_state(train, include_optimizer=not weights_only, loading=True)
+    state["model"] = _without_extra_state(state["model"])
     if not weights_only:
         saved = _saved_layout(directory)
+        if saved.pop("weights_only"):
+            raise CheckpointError(f"{directory} holds weights only (no optimizer state): start "
+                                  "from it with --finetune")
         if saved != {"tp": layout.tp, "pp": layout.pp}:
             state.pop("rng_state")  # RNG streams belong to a layout; weights and optimizer do not
             if layout.is_logger:
@@ -211,7 +229,7 @@ def load_checkpoint(root: str, train: TrainState, weights_only: bool,
             f"checkpoint {directory} cannot be loaded ({type(exc).__name__}: {detail}); it is "
             "damaged or was written for a different model shape (see its run_config.json)"
         ) from None
-    train.model.load_state_dict(loaded["model"])
+    _load_model_weights(train.model, loaded["model"], directory)
     if weights_only:
         return iteration, Progress()
     train.optimizer.load_state_dict(loaded["optimizer"])
@@ -223,6 +241,23 @@ def load_checkpoint(root: str, train: TrainState, weights_only: bool,
                                common["consumed_tokens"])
 
 
+def _without_extra_state(model_state: dict) -> dict:
+    """The model's sharded state minus ``_extra_state`` objects.
+
+    megatron-core's local (non-Transformer-Engine) layers keep no extra state
+    (it is None), and checkpoints written by the conversion tools omit it.
+    """
+    return {k: v for k, v in model_state.items() if not k.endswith("_extra_state")}
+
+
+def _load_model_weights(model, weights: dict, source: str) -> None:
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {source} does not fit the model (missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]})")
+
+
 def _saved_layout(directory: str) -> dict:
     from megatron.core import dist_checkpointing
 
@@ -230,12 +265,24 @@ def _saved_layout(directory: str) -> dict:
         common = dist_checkpointing.load_common_state_dict(directory)
     except Exception as exc:
         raise CheckpointError(f"checkpoint {directory} is unreadable ({exc})") from None
-    layout = common.get("common", {}).get("layout", {})
-    return {"tp": layout.get("tp"), "pp": layout.get("pp")}
+    saved = common.get("common", {})
+    layout = saved.get("layout", {})
+    return {"tp": layout.get("tp"), "pp": layout.get("pp"),
+            "weights_only": bool(saved.get("weights_only"))}
 
 
 def read_run_config(root: str) -> dict:
     """The run config saved with the latest checkpoint in ``root``."""
+    from megatron_ext.checkpointing.unsharded import UnshardedReader, is_unsharded
+
+    if is_unsharded(root):
+        return UnshardedReader(root).run_config()
+    from megatron_ext.checkpointing.legacy_detect import is_legacy
+
+    if is_legacy(root):
+        from megatron_ext.checkpointing.sources import open_checkpoint
+
+        return open_checkpoint(root).run_config
     iteration = latest_iteration(root)
     if iteration is None:
         raise CheckpointError(f"no checkpoint in {root} (no {TRACKER})")

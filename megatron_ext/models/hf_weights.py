@@ -61,27 +61,86 @@ def pad_vocab_rows(weight: torch.Tensor, tokenizer_vocab: int, padded_vocab: int
     return out
 
 
-def llama_to_megatron(hf: Mapping[str, torch.Tensor], num_layers: int, num_heads: int,
-                      num_kv_heads: int, tokenizer_vocab: int, padded_vocab: int,
-                      tie_embeddings: bool = False) -> dict[str, torch.Tensor]:
-    """HF ``LlamaForCausalLM``/``MistralForCausalLM`` state dict to megatron-core names."""
+HF_LAYER_SUFFIXES = (
+    "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+)
+
+
+def hf_layer_names(layer: int) -> list[str]:
+    """The HF tensors of decoder layer ``layer`` (what one conversion step reads)."""
+    return [f"model.layers.{layer}.{suffix}" for suffix in HF_LAYER_SUFFIXES]
+
+
+def layer_to_megatron(hf: Mapping[str, torch.Tensor], layer: int, num_heads: int,
+                      num_kv_heads: int) -> dict[str, torch.Tensor]:
+    """One decoder layer, HF names -> megatron-core names (global layer number kept)."""
+    src, dst = f"model.layers.{layer}.", f"decoder.layers.{layer}."
+    return {
+        dst + "input_layernorm.weight": hf[src + "input_layernorm.weight"],
+        dst + "self_attention.linear_qkv.weight": qkv_to_megatron(
+            hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"],
+            hf[src + "self_attn.v_proj.weight"], num_heads, num_kv_heads),
+        dst + "self_attention.linear_proj.weight": hf[src + "self_attn.o_proj.weight"],
+        dst + "pre_mlp_layernorm.weight": hf[src + "post_attention_layernorm.weight"],
+        dst + "mlp.linear_fc1.weight": torch.cat(
+            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]], dim=0),
+        dst + "mlp.linear_fc2.weight": hf[src + "mlp.down_proj.weight"],
+    }
+
+
+def layer_from_megatron(state: Mapping[str, torch.Tensor], layer: int, num_heads: int,
+                        num_kv_heads: int) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`layer_to_megatron`."""
+    src, dst = f"decoder.layers.{layer}.", f"model.layers.{layer}."
+    q, k, v = qkv_from_megatron(state[src + "self_attention.linear_qkv.weight"], num_heads,
+                                num_kv_heads)
+    gate, up = state[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+    out = {
+        dst + "input_layernorm.weight": state[src + "input_layernorm.weight"],
+        dst + "self_attn.q_proj.weight": q,
+        dst + "self_attn.k_proj.weight": k,
+        dst + "self_attn.v_proj.weight": v,
+        dst + "self_attn.o_proj.weight": state[src + "self_attention.linear_proj.weight"],
+        dst + "post_attention_layernorm.weight": state[src + "pre_mlp_layernorm.weight"],
+        dst + "mlp.gate_proj.weight": gate,
+        dst + "mlp.up_proj.weight": up,
+        dst + "mlp.down_proj.weight": state[src + "mlp.linear_fc2.weight"],
+    }
+    return {key: value.contiguous() for key, value in out.items()}
+
+
+def embeddings_to_megatron(hf: Mapping[str, torch.Tensor], tokenizer_vocab: int,
+                           padded_vocab: int, tie_embeddings: bool = False
+                           ) -> dict[str, torch.Tensor]:
+    """Word embeddings, final norm and output layer (vocabulary padded, new rows = mean)."""
     out = {"embedding.word_embeddings.weight":
            pad_vocab_rows(hf["model.embed_tokens.weight"], tokenizer_vocab, padded_vocab),
            "decoder.final_layernorm.weight": hf["model.norm.weight"]}
     if not tie_embeddings:
-        head = hf.get("lm_head.weight", hf["model.embed_tokens.weight"])
+        head = hf["lm_head.weight"] if "lm_head.weight" in hf else hf["model.embed_tokens.weight"]
         out["output_layer.weight"] = pad_vocab_rows(head, tokenizer_vocab, padded_vocab)
+    return out
+
+
+def embeddings_from_megatron(state: Mapping[str, torch.Tensor], vocab_size: int,
+                             tie_embeddings: bool = False) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`embeddings_to_megatron`; drops the vocabulary padding."""
+    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab_size],
+           "model.norm.weight": state["decoder.final_layernorm.weight"]}
+    if not tie_embeddings:
+        out["lm_head.weight"] = state["output_layer.weight"][:vocab_size]
+    return {key: value.contiguous() for key, value in out.items()}
+
+
+def llama_to_megatron(hf: Mapping[str, torch.Tensor], num_layers: int, num_heads: int,
+                      num_kv_heads: int, tokenizer_vocab: int, padded_vocab: int,
+                      tie_embeddings: bool = False) -> dict[str, torch.Tensor]:
+    """HF ``LlamaForCausalLM``/``MistralForCausalLM`` state dict to megatron-core names."""
+    out = embeddings_to_megatron(hf, tokenizer_vocab, padded_vocab, tie_embeddings)
     for i in range(num_layers):
-        src, dst = f"model.layers.{i}.", f"decoder.layers.{i}."
-        out[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"]
-        out[dst + "self_attention.linear_qkv.weight"] = qkv_to_megatron(
-            hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"],
-            hf[src + "self_attn.v_proj.weight"], num_heads, num_kv_heads)
-        out[dst + "self_attention.linear_proj.weight"] = hf[src + "self_attn.o_proj.weight"]
-        out[dst + "pre_mlp_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"]
-        out[dst + "mlp.linear_fc1.weight"] = torch.cat(
-            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]], dim=0)
-        out[dst + "mlp.linear_fc2.weight"] = hf[src + "mlp.down_proj.weight"]
+        out.update(layer_to_megatron(hf, i, num_heads, num_kv_heads))
     return out
 
 
@@ -89,24 +148,7 @@ def megatron_to_llama(state: Mapping[str, torch.Tensor], num_layers: int, num_he
                       num_kv_heads: int, vocab_size: int,
                       tie_embeddings: bool = False) -> dict[str, torch.Tensor]:
     """Inverse of :func:`llama_to_megatron`; drops the vocabulary padding."""
-    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab_size],
-           "model.norm.weight": state["decoder.final_layernorm.weight"]}
-    if not tie_embeddings:
-        out["lm_head.weight"] = state["output_layer.weight"][:vocab_size]
+    out = embeddings_from_megatron(state, vocab_size, tie_embeddings)
     for i in range(num_layers):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        q, k, v = qkv_from_megatron(state[src + "self_attention.linear_qkv.weight"], num_heads,
-                                    num_kv_heads)
-        gate, up = state[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
-        out.update({
-            dst + "input_layernorm.weight": state[src + "input_layernorm.weight"],
-            dst + "self_attn.q_proj.weight": q,
-            dst + "self_attn.k_proj.weight": k,
-            dst + "self_attn.v_proj.weight": v,
-            dst + "self_attn.o_proj.weight": state[src + "self_attention.linear_proj.weight"],
-            dst + "post_attention_layernorm.weight": state[src + "pre_mlp_layernorm.weight"],
-            dst + "mlp.gate_proj.weight": gate,
-            dst + "mlp.up_proj.weight": up,
-            dst + "mlp.down_proj.weight": state[src + "mlp.linear_fc2.weight"],
-        })
-    return {key: value.contiguous() for key, value in out.items()}
+        out.update(layer_from_megatron(state, i, num_heads, num_kv_heads))
+    return out

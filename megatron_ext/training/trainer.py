@@ -48,9 +48,7 @@ class Trainer:
             for part in split.parts if split else ():
                 part.dataset.check_tokenizer(identity)
         self.train_iters = iterations(config.schedule, self.splits["train"])
-        self.padded_vocab = padded_vocab_size(self.tokenizer.vocab_size,
-                                              config.model.make_vocab_size_divisible_by,
-                                              self.layout.tp)
+        self.padded_vocab = self._padded_vocab()
         self._build_model_and_optimizer()
         pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
         self.batches = BatchBuilder(config.model.seq_length, pad_id, config.data.scalar_loss_mask,
@@ -67,6 +65,41 @@ class Trainer:
         self._saved_at: Optional[int] = None  # iteration of the newest checkpoint on disk
         if config.checkpoint.load:
             self._load()
+
+    def _padded_vocab(self) -> int:
+        """Embedding rows: the checkpoint's when it has a usable count, else padded for TP.
+
+        Reusing the checkpoint's padding keeps a resume at another TP exact (the
+        padded logits take part in the softmax); an unsharded checkpoint's rows
+        are adapted to whatever padding is chosen here.
+        """
+        from megatron_ext.checkpointing import CheckpointError, latest_iteration, iteration_dir
+        from megatron_ext.checkpointing.unsharded import checkpoint_vocab_rows, is_unsharded
+
+        c = self.config
+        default = padded_vocab_size(self.tokenizer.vocab_size,
+                                    c.model.make_vocab_size_divisible_by, self.layout.tp)
+        from megatron_ext.checkpointing.legacy_detect import is_legacy
+
+        load = c.checkpoint.load
+        if not load or not os.path.isdir(load) or is_legacy(load):
+            return default
+        if is_unsharded(load):
+            directory = load
+        else:
+            iteration = latest_iteration(load)
+            if iteration is None:
+                return default
+            directory = iteration_dir(load, iteration)
+        rows = checkpoint_vocab_rows(directory)
+        if rows is None:
+            return default
+        if rows < self.tokenizer.vocab_size:
+            raise CheckpointError(
+                f"{load} has {rows} embedding rows but the tokenizer has "
+                f"{self.tokenizer.vocab_size} tokens: the tokenizer (or --vocab_extra_ids_list) "
+                "differs from the one the checkpoint was made with")
+        return rows if rows % self.layout.tp == 0 and not is_unsharded(load) else default
 
     def _train_state(self):
         from megatron_ext.checkpointing import TrainState

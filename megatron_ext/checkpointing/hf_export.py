@@ -1,0 +1,127 @@
+"""Any project checkpoint -> a Hugging Face directory ``transformers`` loads as it is.
+
+Why streamed: the checkpoint is read a layer at a time (whatever TP/PP wrote
+it) and written as safetensors shards with an index, so export needs about
+one layer of memory. The vocabulary padding is dropped; the tokenizer is
+exported with the same ids as ours (added special tokens included), a chat
+template equal to the data's chat format, and a generation config that stops
+at the format's end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_ext.checkpointing import CheckpointError
+from megatron_ext.checkpointing.atomic import staged_directory
+from megatron_ext.checkpointing.run_config import chat_format_of_run, tokenizer_config_from_run
+from megatron_ext.checkpointing.sources import open_checkpoint
+from megatron_ext.models.hf_config import hf_config_from_model_args
+from megatron_ext.models.hf_weights import embeddings_from_megatron, layer_from_megatron
+from megatron_ext.safetensors_io import ShardedSafetensorsWriter
+from megatron_ext.tokenizers import build_tokenizer
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    load: str
+    out: str
+    dtype: str = "bf16"
+    iteration: Optional[int] = None
+    chat_format: Optional[str] = None  # None: the training data's (meta.json), else chatml
+    vocab_file: Optional[str] = None  # None: the tokenizer named in the checkpoint
+    max_shard_bytes: int = 5 * 2**30
+    overwrite: bool = False
+    progress: bool = True
+
+
+def export_hf(config: ExportConfig) -> dict:
+    """Write the HF directory; returns a summary. Nothing is left at ``out`` on failure."""
+    from tqdm import tqdm
+
+    from megatron_ext.tokenizer_export import export_hf_tokenizer, generation_config_eos
+
+    start = time.perf_counter()
+    source = open_checkpoint(config.load, config.iteration)
+    model = source.run_config.get("model")
+    if not model:
+        raise CheckpointError(f"{source.path}: its run config has no model arguments")
+    tokenizer = build_tokenizer(tokenizer_config_from_run(config.load, source.run_config,
+                                                          config.vocab_file))
+    chat_format = _usable_chat_format(config.chat_format, source.run_config, tokenizer)
+    dtype = DTYPES[config.dtype]
+    heads = model["num_attention_heads"]
+    kv = model.get("num_attention_heads_kv") or heads
+    eos_ids = generation_config_eos(tokenizer, chat_format)
+    hf_config = hf_config_from_model_args(
+        model, tokenizer.vocab_size, tokenizer.bos_id,
+        eos_ids[0] if len(eos_ids) == 1 else eos_ids, tokenizer.pad_id, DTYPE_NAMES[dtype])
+
+    with staged_directory(config.out, config.overwrite) as staging:
+        writer = ShardedSafetensorsWriter(staging, "model", config.max_shard_bytes)
+        groups = source.groups(include_optimizer=False)
+        first = next(groups)
+        rows = first["embedding.word_embeddings.weight"].shape[0]
+        if rows < tokenizer.vocab_size:
+            raise CheckpointError(f"{config.load} has {rows} embedding rows but its tokenizer "
+                                  f"{tokenizer.vocab_size} tokens: wrong --vocab_file?")
+        for name, tensor in embeddings_from_megatron(first, tokenizer.vocab_size).items():
+            writer.add(name, tensor.to(dtype))
+        del first
+        layers = 0
+        for group in tqdm(groups, total=model["num_layers"], desc="exporting layers",
+                          unit="layer", disable=not config.progress):
+            for name, tensor in layer_from_megatron(group, layers, heads, kv).items():
+                writer.add(name, tensor.to(dtype))
+            layers += 1
+        if layers != model["num_layers"]:
+            raise CheckpointError(f"{config.load}: {layers} layers found, the run config says "
+                                  f"{model['num_layers']}")
+        writer.finish()
+        _write_json(os.path.join(staging, "config.json"), hf_config)
+        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos_ids,
+                      "pad_token_id": tokenizer.pad_id, "do_sample": False}
+        _write_json(os.path.join(staging, "generation_config.json"), generation)
+        tokenizer_info = export_hf_tokenizer(tokenizer, chat_format, staging)
+    return {"out": config.out, "source": source.kind, "iteration": source.iteration,
+            "layers": layers, "vocab_size": tokenizer.vocab_size, "padded_rows": rows,
+            "dtype": DTYPE_NAMES[dtype], "chat_format": chat_format, "eos_ids": eos_ids,
+            "bytes": writer.total_bytes, "tokenizer": tokenizer_info,
+            "seconds": time.perf_counter() - start}
+
+
+def _usable_chat_format(requested: Optional[str], run_config: dict, tokenizer) -> Optional[str]:
+    """The chat format to export: as asked; else the data's (or chatml) when the tokenizer
+    has its special tokens; else none (a base model exports without a chat template)."""
+    from megatron_ext.data.chat_formats import build_chat_format
+    from megatron_ext.errors import TokenizerError
+
+    if requested == "none":
+        return None
+    name = requested or chat_format_of_run(run_config) or "chatml"
+    try:
+        build_chat_format(name, tokenizer).check()
+    except TokenizerError as exc:
+        if requested:
+            raise
+        logger.warning("no chat template written: %s", exc)
+        return None
+    return name
+
+
+def _write_json(path: str, value: dict) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, indent=2)
+        handle.write("\n")

@@ -1,0 +1,167 @@
+"""Hugging Face Llama/Mistral directory -> unsharded megatron-core checkpoint.
+
+Why an unsharded checkpoint: it is written one layer at a time (peak memory
+is one layer plus one output shard, never the model) and any TP/PP starts
+from it by reading only its own slices (``finetune.py --load OUT --finetune
+--use_checkpoint_args``). The tokenizer files travel with it, and its
+``run_config.json`` carries the model shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_ext.checkpointing.unsharded import UnshardedWriter
+from megatron_ext.errors import TokenizerError
+from megatron_ext.models.hf_checkpoint import HFWeights, read_hf_config
+from megatron_ext.models.hf_config import model_args_from_hf_config
+from megatron_ext.models.hf_weights import (
+    embeddings_to_megatron,
+    hf_layer_names,
+    layer_to_megatron,
+)
+from megatron_ext.tokenizers import (
+    HUGGINGFACE,
+    SENTENCEPIECE,
+    TokenizerConfig,
+    build_tokenizer,
+    parse_extra_ids,
+)
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json")
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    model_path: str
+    out: str
+    model_name: Optional[str] = None
+    vocab_extra_ids_list: Optional[str] = None
+    tokenizer_type: Optional[str] = None  # None: tokenizer.model -> SentencePiece, else HF
+    vocab_file: Optional[str] = None  # None: the model directory's tokenizer
+    dtype: Optional[str] = None  # None: keep the checkpoint's
+    max_shard_bytes: int = 2 * 2**30
+    overwrite: bool = False
+    progress: bool = True
+
+
+def _tokenizer_source(config: ImportConfig) -> tuple[str, str]:
+    if config.vocab_file:
+        kind = config.tokenizer_type or (
+            SENTENCEPIECE if config.vocab_file.endswith(".model") else HUGGINGFACE)
+        return kind, config.vocab_file
+    sp_file = os.path.join(config.model_path, "tokenizer.model")
+    json_file = os.path.join(config.model_path, "tokenizer.json")
+    if config.tokenizer_type:
+        wanted = TokenizerConfig(config.tokenizer_type, "").tokenizer_type
+        return wanted, sp_file if wanted == SENTENCEPIECE else config.model_path
+    if os.path.exists(sp_file):
+        return SENTENCEPIECE, sp_file
+    if os.path.exists(json_file):
+        return HUGGINGFACE, config.model_path
+    raise TokenizerError(f"{config.model_path} has no tokenizer.model or tokenizer.json: pass "
+                         "the tokenizer with --vocab_file")
+
+
+def _check_tokenizer(tokenizer, hf_config: dict, rows: int, source: str) -> None:
+    """Refuse a tokenizer that does not belong to the model."""
+    problems = []
+    if tokenizer.base_vocab_size > rows:
+        problems.append(f"it has {tokenizer.base_vocab_size} tokens but the model only "
+                        f"{rows} embedding rows")
+    bos, eos = hf_config.get("bos_token_id"), hf_config.get("eos_token_id")
+    if bos is not None and tokenizer.bos_id is not None and tokenizer.bos_id != bos:
+        problems.append(f"its BOS id is {tokenizer.bos_id}, config.json says {bos}")
+    eos_ids = eos if isinstance(eos, list) else [eos]
+    if eos is not None and tokenizer.eos_id is not None and tokenizer.eos_id not in eos_ids:
+        problems.append(f"its EOS id is {tokenizer.eos_id}, config.json says {eos}")
+    if problems:
+        raise TokenizerError(f"the tokenizer {source} does not match the model "
+                             f"({'; '.join(problems)}); pass the model's own tokenizer")
+
+
+def import_hf(config: ImportConfig) -> dict:
+    """Convert; returns a summary. Nothing is left at ``config.out`` on failure."""
+    start = time.perf_counter()
+    hf_config = read_hf_config(config.model_path)
+    model = model_args_from_hf_config(hf_config, config.model_name,
+                                      os.path.join(config.model_path, "config.json"))
+    weights = HFWeights(config.model_path)
+    layers, heads, kv = model["num_layers"], model["num_attention_heads"], \
+        model["num_attention_heads_kv"]
+    needed = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    for layer in range(layers):
+        needed += hf_layer_names(layer)
+    weights.require(needed)
+    rows = weights.shape("model.embed_tokens.weight")[0]
+
+    kind, vocab_file = _tokenizer_source(config)
+    extra = parse_extra_ids(config.vocab_extra_ids_list)
+    tokenizer = build_tokenizer(TokenizerConfig(kind, vocab_file, extra))
+    _check_tokenizer(tokenizer, hf_config, rows, vocab_file)
+    vocab_rows = max(rows, tokenizer.vocab_size)
+    dtype = DTYPES[config.dtype] if config.dtype else None
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype) if dtype is not None and tensor.dtype != dtype else tensor
+
+    from tqdm import tqdm
+
+    with UnshardedWriter(config.out, config.max_shard_bytes, config.overwrite) as writer:
+        first = embeddings_to_megatron(
+            {n: weights.get(n) for n in ("model.embed_tokens.weight", "model.norm.weight",
+                                         "lm_head.weight")}, tokenizer.vocab_size, vocab_rows)
+        for name, tensor in first.items():
+            writer.add(name, cast(tensor))
+        del first
+        for layer in tqdm(range(layers), desc="converting layers", unit="layer",
+                          disable=not config.progress):
+            group = {n: weights.get(n) for n in hf_layer_names(layer)}
+            for name, tensor in layer_to_megatron(group, layer, heads, kv).items():
+                writer.add(name, cast(tensor))
+        tokenizer_dir = os.path.join(writer.staging, "tokenizer")
+        os.makedirs(tokenizer_dir)
+        copied = _copy_tokenizer_files(config.model_path, vocab_file, tokenizer_dir)
+        tok_file = os.path.basename(vocab_file) if kind == SENTENCEPIECE else ""
+        run_config = {
+            "model": model,
+            "tokenizer": {"tokenizer_type": kind,
+                          "vocab_file": os.path.join("tokenizer", tok_file).rstrip("/"),
+                          "vocab_extra_ids_list": config.vocab_extra_ids_list},
+            "source": {"hf_model_path": os.path.abspath(config.model_path),
+                       "model_type": hf_config.get("model_type"),
+                       "dtype": str(hf_config.get("dtype") or hf_config.get("torch_dtype"))},
+        }
+        stored_dtype = str(cast(weights.get("model.norm.weight")).dtype).replace("torch.", "")
+        writer.finish({"vocab_size": tokenizer.vocab_size, "iteration": 0, "source": "hf",
+                       "dtype": stored_dtype}, run_config)
+    return {"out": config.out, "family": model["model_name"], "layers": layers,
+            "hf_vocab_rows": rows, "vocab_size": tokenizer.vocab_size,
+            "new_token_rows": max(0, tokenizer.vocab_size - rows), "dtype": stored_dtype,
+            "bytes": writer.tensors.total_bytes, "tokenizer_files": copied,
+            "seconds": time.perf_counter() - start, "weights_format": weights.format}
+
+
+def _copy_tokenizer_files(model_path: str, vocab_file: str, out_dir: str) -> list[str]:
+    copied = []
+    if os.path.isfile(vocab_file):
+        shutil.copy2(vocab_file, out_dir)
+        copied.append(os.path.basename(vocab_file))
+    source_dir = vocab_file if os.path.isdir(vocab_file) else model_path
+    for name in TOKENIZER_FILES:
+        path = os.path.join(source_dir, name)
+        if name not in copied and os.path.isfile(path):
+            shutil.copy2(path, out_dir)
+            copied.append(name)
+    return copied

@@ -1,0 +1,187 @@
+"""Merge a checkpoint into one unsharded file set, and split one into a target layout.
+
+Why both directions through the unsharded form: every format the project
+reads (dist, unsharded, legacy per-rank) streams into it layer by layer, and
+every target (a ``dist_checkpointing`` run directory, legacy Megatron-LLM
+per-rank files) is written from it, so N formats need N readers and N
+writers, not N x N converters. Tensors are copied bit for bit; only
+vocabulary *padding* rows change when a target TP needs another padding.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_ext.checkpointing import CheckpointError, iteration_dir, write_tracker
+from megatron_ext.checkpointing.atomic import staged_directory
+from megatron_ext.checkpointing.sources import CheckpointSource, open_checkpoint
+from megatron_ext.checkpointing.unsharded import (
+    RUN_CONFIG,
+    UnshardedWriter,
+    _is_vocab_tensor,
+    save_dist_from_tensors,
+)
+from megatron_ext.models.families import padded_vocab_size
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReshardConfig:
+    load: str
+    out: str
+    iteration: Optional[int] = None
+    include_optimizer: bool = True
+    target_tp: int = 1
+    target_pp: int = 1
+    format: str = "dist"  # split target: dist | legacy
+    max_shard_bytes: int = 2 * 2**30
+    overwrite: bool = False
+
+
+def _copy_tokenizer_dir(source: CheckpointSource, destination: str) -> None:
+    tokenizer_dir = os.path.join(source.path, "tokenizer")
+    if source.kind == "unsharded" and os.path.isdir(tokenizer_dir):
+        shutil.copytree(tokenizer_dir, os.path.join(destination, "tokenizer"))
+
+
+def merge(config: ReshardConfig) -> dict:
+    """Any checkpoint -> unsharded file set (with optimizer state when it has one)."""
+    start = time.perf_counter()
+    source = open_checkpoint(config.load, config.iteration)
+    with_optimizer = config.include_optimizer and source.has_optimizer
+    if config.include_optimizer and not source.has_optimizer:
+        logger.info("%s holds no optimizer state: merging weights only", config.load)
+    count = 0
+    with UnshardedWriter(config.out, config.max_shard_bytes, config.overwrite) as writer:
+        rows = None
+        for group in source.groups(include_optimizer=with_optimizer):
+            for name, tensor in group.items():
+                if name == "embedding.word_embeddings.weight":
+                    rows = tensor.shape[0]
+                writer.add(name, tensor)
+                count += 1
+        _copy_tokenizer_dir(source, writer.staging)
+        meta = {"iteration": source.iteration, "source": source.kind,
+                "source_path": os.path.abspath(source.path), "vocab_rows": rows}
+        common = source.common() if with_optimizer else None
+        writer.finish(meta, source.run_config, common)
+    return {"out": config.out, "source": source.kind, "iteration": source.iteration,
+            "tensors": count, "optimizer": with_optimizer, "bytes": writer.tensors.total_bytes,
+            "seconds": time.perf_counter() - start}
+
+
+def _validate_layout(model: dict, tp: int, pp: int) -> None:
+    heads = model["num_attention_heads"]
+    kv = model.get("num_attention_heads_kv") or heads
+    problems = []
+    if tp < 1 or pp < 1:
+        problems.append("--target_tp and --target_pp must be >= 1")
+    else:
+        if heads % tp or kv % tp:
+            problems.append(f"{heads} heads / {kv} key-value heads are not divisible by "
+                            f"TP {tp}")
+        if model["num_layers"] % pp:
+            problems.append(f"{model['num_layers']} layers are not divisible by PP {pp}")
+    if problems:
+        raise CheckpointError("cannot split to this layout: " + "; ".join(problems))
+
+
+def _target_rows(rows: int, vocab: Optional[int], model: dict, tp: int) -> int:
+    """Rows for the target TP: unchanged when they divide, else re-padded."""
+    if rows % tp == 0:
+        return rows
+    return padded_vocab_size(vocab or rows, int(model.get("make_vocab_size_divisible_by", 128)),
+                             tp)
+
+
+def _adapt_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if tensor.shape[0] == rows:
+        return tensor
+    out = torch.zeros((rows, *tensor.shape[1:]), dtype=tensor.dtype)
+    keep = min(rows, tensor.shape[0])
+    out[:keep] = tensor[:keep]
+    return out
+
+
+def split(config: ReshardConfig) -> dict:
+    """Any checkpoint -> a ``dist_checkpointing`` run directory or legacy per-rank files."""
+    start = time.perf_counter()
+    if config.format not in ("dist", "legacy"):
+        raise CheckpointError(f"--format {config.format!r}: use dist or legacy")
+    source = open_checkpoint(config.load, config.iteration)
+    model = source.run_config.get("model") or {}
+    if not model:
+        raise CheckpointError(f"{source.path}: its run config has no model arguments")
+    _validate_layout(model, config.target_tp, config.target_pp)
+    with_optimizer = (config.include_optimizer and source.has_optimizer
+                      and config.format == "dist")
+    tensors: dict[str, torch.Tensor] = {}
+    for group in source.groups(include_optimizer=with_optimizer):
+        tensors.update(group)
+    rows = tensors["embedding.word_embeddings.weight"].shape[0]
+    vocab = _vocab_size(source)
+    if vocab is not None and rows < vocab:
+        raise CheckpointError(f"{config.load} has {rows} embedding rows but its tokenizer "
+                              f"{vocab} tokens")
+    target_rows = _target_rows(rows, vocab, model, config.target_tp)
+    for name in [n for n in tensors if _is_vocab_tensor(n)]:
+        tensors[name] = _adapt_rows(tensors[name], target_rows)
+    run_config = dict(source.run_config)
+    parallel = dict(run_config.get("parallel") or {})
+    parallel.update(tensor_model_parallel_size=config.target_tp,
+                    pipeline_model_parallel_size=config.target_pp)
+    run_config["parallel"] = parallel
+    with staged_directory(config.out, config.overwrite) as staging:
+        if config.format == "legacy":
+            from megatron_ext.checkpointing.legacy import write_legacy_checkpoint
+
+            tok = run_config.get("tokenizer") or {}
+            extra = {k: tok[k] for k in ("tokenizer_type", "vocab_file", "vocab_extra_ids_list")
+                     if tok.get(k)}
+            write_legacy_checkpoint(staging, tensors, model, config.target_tp, config.target_pp,
+                                    source.iteration, target_rows, extra_args=extra)
+        else:
+            _write_dist(source, tensors, staging, run_config, with_optimizer)
+        _copy_tokenizer_dir(source, staging)
+    return {"out": config.out, "source": source.kind, "format": config.format,
+            "iteration": source.iteration, "tp": config.target_tp, "pp": config.target_pp,
+            "tensors": len(tensors), "optimizer": with_optimizer, "vocab_rows": target_rows,
+            "seconds": time.perf_counter() - start}
+
+
+def _vocab_size(source: CheckpointSource) -> Optional[int]:
+    if source.kind == "unsharded":
+        from megatron_ext.checkpointing.unsharded import UnshardedReader
+
+        return UnshardedReader(source.path).meta.get("vocab_size")
+    return None
+
+
+def _write_dist(source: CheckpointSource, tensors: dict, staging: str, run_config: dict,
+                with_optimizer: bool) -> None:
+    from megatron_ext.checkpointing.sources import _ensure_process_group
+
+    _ensure_process_group()
+    common = source.common() if with_optimizer else {}
+    common = dict(common)
+    saved = dict(common.get("common") or {})
+    saved.setdefault("iteration", source.iteration)
+    # no layout: RNG streams are not carried over, so any TP/PP resumes without them
+    saved["layout"] = {"tp": None, "pp": None, "dp": None}
+    saved["weights_only"] = not with_optimizer
+    common["common"] = saved
+    directory = iteration_dir(staging, source.iteration)
+    os.makedirs(directory)
+    save_dist_from_tensors(tensors, directory, common)
+    with open(os.path.join(directory, RUN_CONFIG), "w", encoding="utf-8") as handle:
+        json.dump(run_config, handle, indent=2)
+    write_tracker(staging, source.iteration)

@@ -1,0 +1,52 @@
+"""What a checkpoint's ``run_config.json`` says about its tokenizer and chat format.
+
+Why here: the trainer, the converters and the inference tools all rebuild
+the tokenizer a checkpoint was made with; they must resolve it the same way
+(a converted checkpoint carries its tokenizer files beside the weights).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+from megatron_ext.errors import ConfigError
+from megatron_ext.tokenizers import TokenizerConfig, parse_extra_ids
+
+
+def tokenizer_config_from_run(load: str, run_config: dict,
+                              vocab_file: Optional[str] = None) -> TokenizerConfig:
+    """The tokenizer a checkpoint was trained or converted with.
+
+    A relative ``vocab_file`` is looked up beside the checkpoint first (the
+    converters copy the tokenizer there), then as given.
+    """
+    tok = run_config.get("tokenizer") or {}
+    path = vocab_file or tok.get("vocab_file")
+    if not path:
+        raise ConfigError(f"{load}: the checkpoint does not name its tokenizer; pass --vocab_file")
+    if not vocab_file and not os.path.isabs(path):
+        beside = os.path.join(load, path)
+        if os.path.exists(beside):
+            path = beside
+    return TokenizerConfig(tok.get("tokenizer_type") or "SentencePieceTokenizer", path,
+                           parse_extra_ids(tok.get("vocab_extra_ids_list")),
+                           tok.get("new_tokens", True))
+
+
+def chat_format_of_run(run_config: dict) -> Optional[str]:
+    """The chat format of the run's training data (from its ``-meta.json``), if known."""
+    data = run_config.get("data") or {}
+    paths = list(data.get("train_data_path") or ()) + list(data.get("data_path") or ())
+    for entry in paths:
+        meta = f"{entry}-meta.json"
+        if os.path.exists(meta):
+            try:
+                with open(meta, encoding="utf-8") as handle:
+                    value = json.load(handle).get("chat_format")
+            except (OSError, ValueError):
+                continue
+            if value:
+                return value if isinstance(value, str) else value.get("name")
+    return (run_config.get("chat") or {}).get("format")

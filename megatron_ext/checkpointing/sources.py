@@ -1,0 +1,150 @@
+"""Any checkpoint the project reads, as unsharded tensors a layer at a time.
+
+Why: export to Hugging Face and the reshard tool must accept whatever the
+user has (a ``dist_checkpointing`` run directory at any TP/PP, an unsharded
+file set, a legacy Megatron-LM/Megatron-LLM per-rank checkpoint) and must
+not need the whole model in memory where the format allows streaming.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from megatron_ext.checkpointing import (
+    RUN_CONFIG,
+    CheckpointError,
+    iteration_dir,
+    latest_iteration,
+)
+from megatron_ext.checkpointing.legacy_detect import is_legacy
+from megatron_ext.checkpointing.unsharded import (
+    UnshardedReader,
+    is_unsharded,
+    iter_dist_checkpoint,
+)
+
+_LAYER = re.compile(r"^(?:optimizer\.state\.[^.]+\.)?decoder\.layers\.(\d+)\.")
+
+
+@dataclass
+class CheckpointSource:
+    kind: str  # dist | unsharded | legacy
+    path: str  # the directory holding the tensors
+    run_config: dict
+    iteration: int
+    has_optimizer: bool
+    _groups: Callable[[bool], Iterator[dict[str, torch.Tensor]]] = field(repr=False)
+    common: Callable[[], dict] = field(repr=False, default=dict)
+
+    def groups(self, include_optimizer: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """Non-layer tensors first, then one dict per decoder layer (unsharded names)."""
+        return self._groups(include_optimizer)
+
+
+def group_by_layer(names: list[str]) -> list[list[str]]:
+    """Names split into [non-layer names, layer 0 names, layer 1 names, ...]."""
+    flat, layers = [], {}
+    for name in names:
+        match = _LAYER.match(name)
+        if match:
+            layers.setdefault(int(match.group(1)), []).append(name)
+        else:
+            flat.append(name)
+    return [flat] + [layers[i] for i in sorted(layers)]
+
+
+def _ensure_process_group() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        import socket
+
+        from megatron_ext.training.distributed import init_distributed
+
+        if "WORLD_SIZE" not in os.environ:  # a one-process group for a tool: any free port
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+
+        init_distributed(1, 1, 1234)
+
+
+def open_checkpoint(path: str, iteration: Optional[int] = None) -> CheckpointSource:
+    """Detect the format of ``path`` and open it (``iteration``: default the latest)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"--load {path} does not exist")
+    if is_unsharded(path):
+        return _open_unsharded(path)
+    if is_legacy(path):
+        return _open_legacy(path, iteration)
+    if iteration is None:
+        iteration = latest_iteration(path)
+        if iteration is None:
+            raise CheckpointError(f"{path}: no checkpoint found (no latest_checkpointed_"
+                                  "iteration.txt, unsharded.json or mp_rank_* directories)")
+    directory = iteration_dir(path, iteration)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory} does not exist")
+    run_config = _read_json(os.path.join(directory, RUN_CONFIG))
+
+    def groups(include_optimizer: bool):
+        _ensure_process_group()
+        return iter_dist_checkpoint(directory, include_optimizer)
+
+    def common() -> dict:
+        from megatron.core import dist_checkpointing
+
+        return dist_checkpointing.load_common_state_dict(directory)
+
+    return CheckpointSource("dist", directory, run_config, iteration, True, groups, common)
+
+
+def _open_unsharded(path: str) -> CheckpointSource:
+    reader = UnshardedReader(path)
+
+    def groups(include_optimizer: bool):
+        names = [n for n in reader.names()
+                 if include_optimizer or not n.startswith("optimizer.")]
+        for group in group_by_layer(names):
+            yield {name: reader.view(name) for name in group}
+
+    return CheckpointSource("unsharded", path, reader.run_config(),
+                            int(reader.meta.get("iteration", 0)), reader.has_optimizer, groups,
+                            reader.common)
+
+
+def _open_legacy(path: str, iteration: Optional[int]) -> CheckpointSource:
+    from megatron_ext.checkpointing.legacy import read_legacy_checkpoint
+
+    legacy = read_legacy_checkpoint(path, iteration)
+    args = vars(legacy.legacy_args) if legacy.legacy_args is not None and not isinstance(
+        legacy.legacy_args, dict) else (legacy.legacy_args or {})
+    tokenizer = {"tokenizer_type": args.get("tokenizer_type"),
+                 "vocab_file": args.get("vocab_file"),
+                 "vocab_extra_ids_list": args.get("vocab_extra_ids_list")}
+
+    def groups(include_optimizer: bool):
+        for group in group_by_layer(list(legacy.state)):
+            yield {name: legacy.state[name] for name in group}
+
+    run_config = {"model": legacy.model_args,
+                  "tokenizer": {k: v for k, v in tokenizer.items() if v},
+                  "source": {"legacy_checkpoint": os.path.abspath(path), "tp": legacy.tp,
+                             "pp": legacy.pp}}
+    number = legacy.iteration if isinstance(legacy.iteration, int) else 0  # "release"
+    return CheckpointSource("legacy", path, run_config, number, False, groups)
+
+
+def _read_json(path: str) -> dict:
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None

@@ -1,0 +1,120 @@
+"""A trained or converted checkpoint as a model ready for inference, at any TP/PP.
+
+Why one function: generation, evaluation and the logits checks of the
+converters all need the same steps (run config -> model shape, tokenizer
+from the checkpoint's own files when it carries them, vocabulary padding,
+weights-only load), and they must agree with how the trainer built the
+model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_ext.checkpointing import (
+    TrainState,
+    iteration_dir,
+    latest_iteration,
+    load_checkpoint,
+    read_run_config,
+)
+from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
+from megatron_ext.checkpointing.unsharded import checkpoint_vocab_rows, is_unsharded
+from megatron_ext.errors import ConfigError
+from megatron_ext.models.builder import build_gpt_model, transformer_config
+from megatron_ext.models.families import padded_vocab_size, sliding_window
+from megatron_ext.tokenizers import InstructTokenizer, build_tokenizer
+from megatron_ext.training.config import ModelArgs, ParallelArgs, PrecisionArgs
+from megatron_ext.training.distributed import Layout, init_distributed
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    model_args: ModelArgs
+    tokenizer: InstructTokenizer
+    run_config: dict
+    layout: Layout
+    padded_vocab: int
+
+    @property
+    def window(self) -> Optional[int]:
+        return sliding_window(self.model_args)
+
+
+def checkpoint_directory(load: str) -> str:
+    """The directory holding the weights: ``load`` itself, or its latest ``iter_*``."""
+    from megatron_ext.checkpointing.legacy_detect import is_legacy
+
+    if is_unsharded(load) or is_legacy(load):
+        return load
+    iteration = latest_iteration(load)
+    return iteration_dir(load, iteration) if iteration is not None else load
+
+
+def load_for_inference(load: str, tp: int = 1, pp: int = 1, seed: int = 1234,
+                       vocab_file: Optional[str] = None) -> LoadedModel:
+    """Build the checkpoint's model for this process's TP/PP rank and load its weights."""
+    if not os.path.isdir(load):
+        raise ConfigError(f"--load {load} does not exist")
+    layout = init_distributed(tp, pp, seed)
+    run_config = read_run_config(load)
+    fields = {f.name for f in dataclasses.fields(ModelArgs)}
+    model_args = ModelArgs(**{k: v for k, v in run_config["model"].items() if k in fields})
+    tokenizer = build_tokenizer(tokenizer_config_from_run(load, run_config, vocab_file))
+    rows = checkpoint_vocab_rows(checkpoint_directory(load))
+    padded = padded_vocab_size(tokenizer.vocab_size, model_args.make_vocab_size_divisible_by, tp)
+    if rows is not None and rows >= tokenizer.vocab_size and rows % tp == 0 \
+            and not is_unsharded(load):
+        padded = rows
+    config = transformer_config(model_args, ParallelArgs(tp, pp), PrecisionArgs())
+    model = build_gpt_model(model_args, config, padded, pre_process=layout.first_stage,
+                            post_process=layout.last_stage, init_seed=seed)
+    model.to(layout.device)
+    load_checkpoint(load, TrainState(model, layout), weights_only=True)
+    model.eval()
+    return LoadedModel(model, model_args, tokenizer, run_config, layout, padded)
+
+
+def full_logits(loaded: LoadedModel, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+    """Real-vocabulary logits ``[b, s, vocab]`` of whole sequences (no padding).
+
+    Returns the logits on last-pipeline-stage ranks and None on the others;
+    with PP > 1 the forward pass runs through megatron-core's pipeline
+    schedule.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_ext.training.step import attention_mask
+
+    device = loaded.layout.device
+    tokens = tokens.to(device)
+    batch, length = tokens.shape
+    position_ids = torch.arange(length, device=device).expand(batch, length)
+    mask = attention_mask(torch.ones_like(tokens, dtype=torch.int32), loaded.window)
+    vocab = loaded.tokenizer.vocab_size
+
+    def finish(output: torch.Tensor) -> torch.Tensor:
+        # [b, s, padded vocab / TP] per rank -> the whole real vocabulary
+        logits = gather_from_tensor_model_parallel_region(output)
+        return logits[..., :vocab].float()
+
+    with torch.no_grad():
+        if loaded.layout.pp == 1:
+            return finish(loaded.model(tokens, position_ids, mask))
+
+        def forward_step(data_iterator, model):
+            output = model(next(data_iterator), position_ids, mask)
+            return output, lambda out, non_loss_data=True: finish(out)
+
+        collected = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([tokens]), model=[loaded.model],
+            num_microbatches=1, seq_length=length, micro_batch_size=batch, forward_only=True,
+            collect_non_loss_data=True)
+    return collected[0] if loaded.layout.last_stage else None

@@ -1,0 +1,113 @@
+"""Hugging Face model directories as tensor sources, read one tensor at a time.
+
+Why lazily: a 70B model must convert on a machine with less RAM than the
+model. Safetensors shards are memory-mapped (pages are read when a tensor is
+used and can be dropped again); ``.bin`` shards are opened with
+``torch.load(mmap=True)``. Everything a directory needs (config, every shard
+the index names, intact headers) is checked before any output is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+from megatron_ext.safetensors_io import SafetensorsError, SafetensorsIndex
+from megatron_ext.errors import UserError
+
+
+class HFCheckpointError(UserError):
+    """A Hugging Face model directory that cannot be read."""
+
+
+def read_hf_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isdir(model_dir):
+        raise HFCheckpointError(f"--model_path {model_dir} is not a directory")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise HFCheckpointError(f"{path} is missing: --model_path must be a Hugging Face model "
+                                "directory (config.json, weights, tokenizer files)") from None
+    except (OSError, ValueError) as exc:
+        raise HFCheckpointError(f"{path} is unreadable ({exc})") from None
+
+
+class HFWeights:
+    """The tensors of a model directory (safetensors preferred, else ``.bin``)."""
+
+    def __init__(self, model_dir: str):
+        self.model_dir = model_dir
+        has = lambda name: os.path.exists(os.path.join(model_dir, name))  # noqa: E731
+        self._bin_files: dict[str, str] = {}
+        self._bin_loaded: dict[str, dict] = {}
+        self._st: Optional[SafetensorsIndex] = None
+        try:
+            if has("model.safetensors") or has("model.safetensors.index.json"):
+                self._st = SafetensorsIndex(model_dir, "model")
+                self.format = "safetensors"
+            elif has("pytorch_model.bin.index.json") or has("pytorch_model.bin"):
+                self._index_bins()
+                self.format = "bin"
+            else:
+                raise HFCheckpointError(
+                    f"{model_dir} has no weights (model.safetensors[.index.json] or "
+                    "pytorch_model.bin[.index.json])")
+        except SafetensorsError as exc:
+            raise HFCheckpointError(str(exc)) from None
+
+    def _index_bins(self) -> None:
+        index = os.path.join(self.model_dir, "pytorch_model.bin.index.json")
+        if os.path.exists(index):
+            try:
+                with open(index, encoding="utf-8") as handle:
+                    weight_map = json.load(handle)["weight_map"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise HFCheckpointError(f"{index}: unreadable index ({exc})") from None
+            for name, file in weight_map.items():
+                self._bin_files[name] = file
+            for file in set(weight_map.values()):
+                if not os.path.exists(os.path.join(self.model_dir, file)):
+                    raise HFCheckpointError(f"{os.path.join(self.model_dir, file)} is missing "
+                                            "(named by the index); the download is incomplete")
+        else:
+            for name in self._load_bin("pytorch_model.bin"):
+                self._bin_files[name] = "pytorch_model.bin"
+
+    def _load_bin(self, file: str) -> dict:
+        if file not in self._bin_loaded:
+            path = os.path.join(self.model_dir, file)
+            try:
+                self._bin_loaded[file] = torch.load(path, map_location="cpu", mmap=True,
+                                                    weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - any failure means a damaged file
+                raise HFCheckpointError(f"{path} is damaged or truncated ({type(exc).__name__}: "
+                                        f"{str(exc)[:160]}); re-download it") from None
+        return self._bin_loaded[file]
+
+    def names(self) -> list[str]:
+        return list(self._st.names()) if self._st else list(self._bin_files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._st:
+            return self._st.info(name).shape
+        return tuple(self.get(name).shape)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` (a file view for safetensors: copy before writing to it)."""
+        if self._st:
+            return self._st.view(name)
+        return self._load_bin(self._bin_files[name])[name]
+
+    def require(self, names: list[str]) -> None:
+        have = set(self.names())
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise HFCheckpointError(
+                f"{self.model_dir}: {len(missing)} expected tensors are missing "
+                f"({', '.join(missing[:4])}{'...' if len(missing) > 4 else ''}); the checkpoint "
+                "is incomplete or not a Llama/Mistral model")

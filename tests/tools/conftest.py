@@ -1,0 +1,61 @@
+"""Tiny random Hugging Face Llama/Mistral model directories with a real tokenizer file."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training.conftest import train_data  # noqa: F401 - the trainer tests' dataset fixture
+
+SHAPE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256,
+             tie_word_embeddings=False)
+
+
+def make_hf_model(directory: Path, sp_model: str, family: str = "llama",
+                  safetensors: bool = True, **overrides) -> Path:
+    """Save a random ``LlamaForCausalLM``/``MistralForCausalLM`` plus tokenizer.model."""
+    import sentencepiece
+    import transformers
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=sp_model)
+    settings = dict(SHAPE, vocab_size=sp.get_piece_size(), bos_token_id=sp.bos_id(),
+                    eos_token_id=sp.eos_id())
+    settings.update(overrides)
+    torch.manual_seed(0)
+    if family == "mistral":
+        settings.setdefault("sliding_window", 8)
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**settings))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings))
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    if not safetensors:  # older checkpoints: pickled .bin shards (transformers 5 writes none)
+        for path in directory.glob("model*.safetensors*"):
+            path.unlink()
+        torch.save({k: v.clone() for k, v in model.state_dict().items()},
+                   directory / "pytorch_model.bin")
+    shutil.copy(sp_model, directory / "tokenizer.model")
+    return directory
+
+
+def hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        return model.eval()(tokens).logits
+
+
+@pytest.fixture(scope="session")
+def hf_llama(tmp_path_factory, sp_model) -> Path:
+    return make_hf_model(tmp_path_factory.mktemp("hf_llama") / "model", sp_model)
+
+
+@pytest.fixture(scope="session")
+def hf_mistral(tmp_path_factory, sp_model) -> Path:
+    return make_hf_model(tmp_path_factory.mktemp("hf_mistral") / "model", sp_model, "mistral")

@@ -1,0 +1,219 @@
+"""tools/hf_to_megatron.py: exact weights, logits at TP/PP, streaming, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
+from megatron_ext.checkpointing.unsharded import UnshardedReader
+from megatron_ext.models.hf_weights import llama_to_megatron
+from tests.conftest import CHATML, REPO
+from tests.tools.conftest import hf_logits, make_hf_model
+from tests.training.conftest import free_port
+
+CHECK = str(REPO / "tests/tools/check_logits.py")
+EXTRA = ",".join(CHATML)
+
+
+def run_tool(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(REPO / "tools" / tool), *args, "--no_progress"]
+                            if tool != "checkpoint_util.py" else
+                            [sys.executable, str(REPO / "tools" / tool), *args],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{tool} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def checkpoint_logits(load: Path, tokens: torch.Tensor, tmp: Path, tp: int = 1,
+                      pp: int = 1, vocab_file: str = "") -> torch.Tensor:
+    torch.save(tokens, tmp / "tokens.pt")
+    out = tmp / f"logits_{tp}_{pp}.pt"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp),
+         "--master_port", str(free_port()), CHECK, str(load), str(tmp / "tokens.pt"), str(out),
+         str(tp), str(pp), *([vocab_file] if vocab_file else [])], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out)
+
+
+def test_import_writes_exactly_the_converted_weights(tmp_path, hf_llama, sp_model):
+    out = tmp_path / "ckpt"
+    summary = import_hf(ImportConfig(str(hf_llama), str(out), vocab_extra_ids_list=EXTRA,
+                                     max_shard_bytes=300_000, progress=False))
+    reader = UnshardedReader(str(out))
+    from safetensors.torch import load_file
+
+    hf = load_file(str(hf_llama / "model.safetensors"))
+    rows = hf["model.embed_tokens.weight"].shape[0]
+    want = llama_to_megatron(hf, 4, 4, 2, summary["vocab_size"], summary["vocab_size"])
+    assert sorted(reader.names()) == sorted(want)
+    for name, tensor in want.items():
+        assert torch.equal(reader.view(name), tensor), name
+    embedding = reader.view("embedding.word_embeddings.weight")
+    assert summary["new_token_rows"] == summary["vocab_size"] - rows == 5 + len(CHATML)
+    assert torch.allclose(embedding[rows:], hf["model.embed_tokens.weight"].mean(0).expand(
+        summary["vocab_size"] - rows, -1))
+    assert len(reader.index.headers) > 1  # sharded by --max_shard_size
+    config = reader.run_config()
+    assert config["model"]["num_attention_heads_kv"] == 2
+    assert config["model"]["model_name"] == "llama2"
+    assert (out / "tokenizer" / "tokenizer.model").read_bytes() == Path(sp_model).read_bytes()
+    assert not (tmp_path / "ckpt.incomplete").exists()
+
+
+def test_bin_shards_give_the_same_checkpoint(tmp_path, sp_model, hf_llama):
+    bin_dir = make_hf_model(tmp_path / "bin", sp_model, safetensors=False)
+    assert (bin_dir / "pytorch_model.bin").exists() or (
+        bin_dir / "pytorch_model.bin.index.json").exists()
+    a = import_hf(ImportConfig(str(hf_llama), str(tmp_path / "a"), progress=False))
+    b = import_hf(ImportConfig(str(bin_dir), str(tmp_path / "b"), progress=False))
+    assert (a["weights_format"], b["weights_format"]) == ("safetensors", "bin")
+    ra, rb = UnshardedReader(a["out"]), UnshardedReader(b["out"])
+    assert sorted(ra.names()) == sorted(rb.names())
+    assert all(torch.equal(ra.view(n), rb.view(n)) for n in ra.names())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,layouts", [("llama", [(1, 1), (2, 1), (1, 2)]),
+                                            ("mistral", [(2, 1)])])
+def test_converted_checkpoint_reproduces_transformers_logits(tmp_path, family, layouts,
+                                                             hf_llama, hf_mistral):
+    source = hf_llama if family == "llama" else hf_mistral
+    out = tmp_path / "ckpt"
+    run_tool("hf_to_megatron.py", "--model_path", str(source), "--out", str(out),
+             "--vocab_extra_ids_list", EXTRA)
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 1500, (2, 40))  # 40 > the Mistral window of 8
+    want = hf_logits(source, tokens)
+    for tp, pp in layouts:
+        got = checkpoint_logits(out, tokens, tmp_path, tp, pp)[..., :want.shape[-1]]
+        assert (got - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item()), (tp, pp)
+
+
+def _no_output(tmp_path: Path) -> None:
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out.incomplete").exists()
+
+
+def test_unsupported_architecture_is_refused(tmp_path, hf_llama):
+    model = tmp_path / "model"
+    shutil.copytree(hf_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    (model / "config.json").write_text(json.dumps(config))
+    result = run_tool("hf_to_megatron.py", "--model_path", str(model), "--out",
+                      str(tmp_path / "out"), check=False)
+    assert result.returncode == 1
+    assert "model_type 'gpt2'" in result.stderr and "llama, mistral" in result.stderr
+    _no_output(tmp_path)
+
+
+def test_rope_scaling_is_refused_not_silently_dropped(tmp_path, hf_llama):
+    model = tmp_path / "model"
+    shutil.copytree(hf_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    (model / "config.json").write_text(json.dumps(config))
+    result = run_tool("hf_to_megatron.py", "--model_path", str(model), "--out",
+                      str(tmp_path / "out"), check=False)
+    assert result.returncode == 1 and "rope_scaling" in result.stderr
+    _no_output(tmp_path)
+
+
+def test_missing_files_are_named(tmp_path, hf_llama):
+    model = tmp_path / "model"
+    shutil.copytree(hf_llama, model)
+    (model / "config.json").unlink()
+    result = run_tool("hf_to_megatron.py", "--model_path", str(model), "--out",
+                      str(tmp_path / "out"), check=False)
+    assert result.returncode == 1 and "config.json is missing" in result.stderr
+    # a shard named by the index but absent
+    shutil.copy(hf_llama / "config.json", model / "config.json")
+    index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = run_tool("hf_to_megatron.py", "--model_path", str(model), "--out",
+                      str(tmp_path / "out"), check=False)
+    assert result.returncode == 1
+    assert "model-00002-of-00002.safetensors is missing" in result.stderr
+    _no_output(tmp_path)
+
+
+def test_truncated_shard_is_a_clear_error(tmp_path, hf_llama):
+    model = tmp_path / "model"
+    shutil.copytree(hf_llama, model)
+    shard = model / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    result = run_tool("hf_to_megatron.py", "--model_path", str(model), "--out",
+                      str(tmp_path / "out"), check=False)
+    assert result.returncode == 1
+    assert "model.safetensors: truncated" in result.stderr
+    _no_output(tmp_path)
+
+
+def test_mismatched_tokenizer_is_refused(tmp_path, hf_llama, hf_tokenizer_dir):
+    result = run_tool("hf_to_megatron.py", "--model_path", str(hf_llama), "--out",
+                      str(tmp_path / "out"), "--tokenizer_type", "HFTokenizer",
+                      "--vocab_file", str(Path(hf_tokenizer_dir) / "tokenizer.json"),
+                      check=False)
+    assert result.returncode == 1
+    assert "does not match the model" in result.stderr, result.stderr[-2000:]
+    _no_output(tmp_path)
+
+
+def test_existing_output_is_not_overwritten(tmp_path, hf_llama):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    result = run_tool("hf_to_megatron.py", "--model_path", str(hf_llama), "--out",
+                      str(tmp_path / "out"), check=False)
+    assert result.returncode == 1 and "--overwrite" in result.stderr
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+# RSS sampled by a thread: ru_maxrss would report the forking parent's peak (Linux keeps
+# it across exec)
+MEMORY_PROBE = r"""
+import sys, threading, time
+import psutil
+from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
+process = psutil.Process()
+base = peak = process.memory_info().rss
+done = False
+def sample():
+    global peak
+    while not done:
+        peak = max(peak, process.memory_info().rss)
+        time.sleep(0.005)
+thread = threading.Thread(target=sample)
+thread.start()
+import_hf(ImportConfig(sys.argv[1], sys.argv[2], max_shard_bytes=8 * 2**20, progress=False))
+done = True
+thread.join()
+print(base, peak)
+"""
+
+
+@pytest.mark.slow
+def test_conversion_streams_instead_of_loading_the_model(tmp_path, sp_model):
+    """Peak memory grows by a few layers, not by the model (here 16 layers, ~200 MB)."""
+    model = make_hf_model(tmp_path / "big", sp_model, hidden_size=512, intermediate_size=1408,
+                          num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=8)
+    size = (model / "model.safetensors").stat().st_size
+    assert size > 150 * 2**20
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(model), str(tmp_path / "o")],
+                            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    base, peak = map(int, result.stdout.split()[-2:])
+    assert peak - base < 0.4 * size, (peak - base, size)

@@ -1,0 +1,101 @@
+"""tools/megatron_to_hf.py: HF -> Megatron -> HF is identical; a finetuned run exports exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from megatron_ext.checkpointing.hf_export import ExportConfig, export_hf
+from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
+from megatron_ext.data.records import ASSISTANT, SYSTEM, USER, Message
+from tests.conftest import CHATML
+from tests.tools.conftest import hf_logits, make_hf_model
+from tests.tools.test_hf_conversion import checkpoint_logits, run_tool
+from tests.training.conftest import model_args, torchrun
+
+CONFIG_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_parameters",
+               "vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_id",
+               "tie_word_embeddings", "sliding_window")
+
+
+def hf_model_with_hf_tokenizer(directory, hf_tokenizer_dir, sp_model, family):
+    """A model whose tokenizer.json needs no new tokens: the round trip must be identical."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(f"{hf_tokenizer_dir}/tokenizer.json")
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    ids = tok.get_vocab(with_added_tokens=True)
+    model = make_hf_model(directory, sp_model, family, vocab_size=vocab,
+                          bos_token_id=ids["<|begin_of_text|>"],
+                          eos_token_id=ids["<|end_of_text|>"])
+    (model / "tokenizer.model").unlink()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(f"{hf_tokenizer_dir}/{name}", model / name)
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_hf_megatron_hf_gives_back_identical_tensors_and_config(tmp_path, family,
+                                                                 hf_tokenizer_dir, sp_model):
+    from safetensors.torch import load_file
+
+    source = hf_model_with_hf_tokenizer(tmp_path / "hf", hf_tokenizer_dir, sp_model, family)
+    import_hf(ImportConfig(str(source), str(tmp_path / "ckpt"), progress=False))
+    summary = export_hf(ExportConfig(str(tmp_path / "ckpt"), str(tmp_path / "back"),
+                                     dtype="fp32", progress=False))
+    assert summary["vocab_size"] == json.loads((source / "config.json").read_text())["vocab_size"]
+    before = load_file(str(source / "model.safetensors"))
+    after = {}
+    for shard in (tmp_path / "back").glob("model*.safetensors"):
+        after.update(load_file(str(shard)))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    want = json.loads((source / "config.json").read_text())
+    got = json.loads((tmp_path / "back" / "config.json").read_text())
+    for key in CONFIG_KEYS:
+        assert got.get(key) == want.get(key), key
+    tokens = torch.randint(0, summary["vocab_size"], (1, 30))
+    assert torch.equal(hf_logits(source, tokens), hf_logits(tmp_path / "back", tokens))
+
+
+@pytest.mark.slow
+def test_finetuned_checkpoint_exports_to_a_model_transformers_reproduces(
+        tmp_path, hf_llama, train_data):
+    import transformers
+
+    converted, run, exported = tmp_path / "converted", tmp_path / "run", tmp_path / "hf"
+    run_tool("hf_to_megatron.py", "--model_path", str(hf_llama), "--out", str(converted),
+             "--vocab_extra_ids_list", ",".join(CHATML))
+    torchrun(2, model_args(train_data, 3) + ["--load", str(converted), "--finetune",
+                                             "--use_checkpoint_args", "--save", str(run),
+                                             "--tensor_model_parallel_size", "2"])
+    result = run_tool("megatron_to_hf.py", "--load", str(run), "--out", str(exported),
+                      "--dtype", "fp32")
+    assert "chat template: chatml" in result.stdout
+    torch.manual_seed(2)
+    tokens = torch.randint(0, 1507, (2, 32))
+    ours = checkpoint_logits(run, tokens, tmp_path)
+    theirs = hf_logits(exported, tokens)
+    assert theirs.shape[-1] == 1507  # padding removed, the new tokens kept
+    assert (ours - theirs).abs().max() < 1e-5 * max(1.0, theirs.abs().max().item())
+    # and it is a finetuned model, not the converted one
+    assert (hf_logits(hf_llama, tokens.clamp(max=1499)) - theirs[..., :1500]).abs().max() > 1e-4
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
+    from megatron_ext.data.chat_formats import build_chat_format
+    from megatron_ext.tokenizer_export import chat_template_ids, format_ids
+    from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer
+
+    ours_tok = build_tokenizer(TokenizerConfig("SentencePieceTokenizer", train_data["vocab_file"],
+                                               CHATML))
+    conversation = (Message(SYSTEM, "Be brief."), Message(USER, "What is 2+2?"),
+                    Message(ASSISTANT, "4"))
+    messages = [{"role": m.role, "content": m.content} for m in conversation]
+    assert chat_template_ids(tokenizer, messages) == format_ids(
+        build_chat_format("chatml", ours_tok), conversation)
+    generation = json.loads((exported / "generation_config.json").read_text())
+    assert ours_tok.token_id("<|im_end|>") in generation["eos_token_id"]
