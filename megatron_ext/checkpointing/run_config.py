@@ -37,6 +37,11 @@ def tokenizer_config_from_run(load: str, run_config: dict,
 
 def chat_format_of_run(run_config: dict) -> Optional[str]:
     """The chat format of the run's training data (from its ``-meta.json``), if known."""
+    return chat_settings_of_run(run_config)[0]
+
+
+def chat_settings_of_run(run_config: dict) -> tuple[Optional[str], Optional[str]]:
+    """(chat format name, prompt template) of the run's training data, if known."""
     data = run_config.get("data") or {}
     paths = list(data.get("train_data_path") or ()) + list(data.get("data_path") or ())
     for entry in paths:
@@ -47,6 +52,8 @@ def chat_format_of_run(run_config: dict) -> Optional[str]:
                     value = json.load(handle).get("chat_format")
             except (OSError, ValueError):
                 continue
+            if isinstance(value, str):
+                return value, None
             if value:
-                return value if isinstance(value, str) else value.get("name")
-    return (run_config.get("chat") or {}).get("format")
+                return value.get("name"), value.get("prompt_template")
+    return None, None

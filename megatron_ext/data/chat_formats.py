@@ -64,9 +64,21 @@ class ChatFormat:
 
     def generation_prompt(self, conversation: Conversation) -> str:
         """Text of ``conversation`` followed by the opening of an assistant turn."""
-        probe = conversation + (_probe_message(),)
-        rendered = "".join(text for text, _ in self.render(probe))
-        return rendered[: rendered.index(_PROBE)]
+        return "".join(text for text, _ in self.generation_prompt_segments(conversation))
+
+    def generation_prompt_segments(self, conversation: Conversation) -> Segments:
+        """:meth:`generation_prompt` as (text, role) segments, split exactly as
+        :meth:`render` splits them, so that a model sees the prompt tokenized as
+        preprocessing tokenized its training data."""
+        segments = []
+        for text, role in self.render(conversation + (_probe_message(),)):
+            if _PROBE in text:
+                head = text[: text.index(_PROBE)]
+                if head:
+                    segments.append((head, role))
+                return segments
+            segments.append((text, role))
+        raise AssertionError(f"chat format {self.name} dropped the assistant turn")
 
     def hf_chat_template(self) -> str:
         """A Jinja chat template (``apply_chat_template``) that renders this format's text.

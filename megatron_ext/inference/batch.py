@@ -1,0 +1,138 @@
+"""Generation and evaluation over many records: batching, decoding, metrics, output.
+
+Why apart from the engine: the engine works on token ids; the tools work on
+records (prompts, conversations, reference answers) and need the chat
+format, the stop tokens, the decoded text and a summary. Every TP rank runs
+the same calls (the engine keeps them in step); only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+from megatron_ext.data.chat_formats import ChatFormat
+from megatron_ext.inference.generation import SamplingParams, forward_logits, generate
+from megatron_ext.inference.loading import LoadedModel
+from megatron_ext.inference.metrics import aggregate, answer_nll, exact_match, loss_summary, \
+    token_f1
+from megatron_ext.inference.prompts import (
+    ASSISTANT_ROLE,
+    PromptRecord,
+    conversation_ids,
+    prompt_ids,
+)
+from megatron_ext.data.records import ASSISTANT, Message
+
+
+def stop_ids(loaded: LoadedModel, fmt: Optional[ChatFormat]) -> set[int]:
+    """End-of-turn token of the chat format, and the tokenizer's EOS."""
+    tokenizer = loaded.tokenizer
+    ids = {tokenizer.eos_id} if tokenizer.eos_id is not None else set()
+    if fmt is not None and fmt.stop_token:
+        ids.add(tokenizer.token_id(fmt.stop_token))
+    return ids
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def generate_records(loaded: LoadedModel, fmt: Optional[ChatFormat],
+                     records: list[PromptRecord], params: SamplingParams, batch_size: int = 8,
+                     progress: bool = False) -> list[dict]:
+    """One output dict per record: prompt, generated text and ids, stop reason."""
+    from tqdm import tqdm
+
+    tokenizer = loaded.tokenizer
+    stops = stop_ids(loaded, fmt)
+    limit = loaded.model_args.max_position_embeddings or loaded.model_args.seq_length
+    out = []
+    bar = tqdm(total=len(records), desc="generating", unit="prompt",
+               disable=not (progress and loaded.layout.is_logger))
+    for batch in _batches(records, batch_size):
+        prompts = [prompt_ids(fmt, tokenizer, record) for record in batch]
+        for record, ids in zip(batch, prompts):
+            if len(ids) + params.max_new_tokens > limit:
+                from megatron_ext.errors import DataError
+
+                raise DataError(f"{record.where}: {len(ids)} prompt tokens + --max_new_tokens "
+                                f"{params.max_new_tokens} exceed the model's {limit} positions")
+        results = generate(loaded.model, prompts, params, stops, tokenizer.vocab_size,
+                           loaded.window)
+        for record, ids, result in zip(batch, prompts, results):
+            text = tokenizer.decode(result.token_ids, doc_start=False,
+                                    megatron_llm=bool(fmt and fmt.megatron_llm))
+            out.append({"prompt": record.prompt, "generated_text": text,
+                        "generated_ids": result.token_ids, "prompt_tokens": len(ids),
+                        "stop_reason": result.stop_reason})
+        bar.update(len(batch))
+    bar.close()
+    return out
+
+
+def answer_loss(loaded: LoadedModel, fmt: ChatFormat, records: list[PromptRecord],
+                batch_size: int = 8) -> dict:
+    """Mean NLL and perplexity of the reference answers' tokens (assistant tokens only,
+    the trainer's loss with --scalar_loss_mask 0), teacher-forced."""
+    nll, count = 0.0, 0
+    limit = loaded.model_args.max_position_embeddings or loaded.model_args.seq_length
+    scored = [r for r in records if r.answers]
+    for batch in _batches(scored, batch_size):
+        encoded = [conversation_ids(fmt, loaded.tokenizer,
+                                    r.conversation + (Message(ASSISTANT, r.answers[0]),))
+                   for r in batch]
+        encoded = [(ids[:limit], roles[:limit]) for ids, roles in encoded]
+        width = max(len(ids) for ids, _ in encoded)
+        tokens = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.bool)
+        for row, (ids, roles) in enumerate(encoded):
+            tokens[row, :len(ids)] = torch.tensor(ids)
+            mask[row, :len(ids)] = torch.tensor(roles) == ASSISTANT_ROLE
+        mask[:, 0] = False
+        logits = forward_logits(loaded.model, tokens.to(loaded.layout.device), loaded.window,
+                                loaded.tokenizer.vocab_size, [len(ids) for ids, _ in encoded])
+        part, n = answer_nll(logits.cpu(), tokens, mask)
+        nll, count = nll + part, count + n
+    return loss_summary(nll, count)
+
+
+def evaluate_records(loaded: LoadedModel, fmt: ChatFormat, records: list[PromptRecord],
+                     params: Optional[SamplingParams], batch_size: int = 8,
+                     progress: bool = False) -> tuple[list[dict], dict]:
+    """(per-record rows, summary): answer loss/perplexity and, when ``params`` is given,
+    exact match and token F1 of generated answers."""
+    summary = {"records": len(records),
+               "with_reference": sum(1 for r in records if r.answers)}
+    summary.update({f"answer_{k}": v for k, v in
+                    answer_loss(loaded, fmt, records, batch_size).items()})
+    rows = [{"prompt": r.prompt, "answers": list(r.answers)} for r in records]
+    if params is not None:
+        generated = generate_records(loaded, fmt, records, params, batch_size, progress)
+        predictions, references = [], []
+        for row, record, result in zip(rows, records, generated):
+            row.update(prediction=result["generated_text"].strip(),
+                       stop_reason=result["stop_reason"])
+            if record.answers:
+                row["exact_match"] = exact_match(row["prediction"], list(record.answers))
+                row["f1"] = token_f1(row["prediction"], list(record.answers))
+                predictions.append(row["prediction"])
+                references.append(list(record.answers))
+        scores = aggregate(predictions, references)
+        summary.update(exact_match=scores["exact_match"], f1=scores["f1"],
+                       scored=scores["count"])
+    return rows, summary
+
+
+def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

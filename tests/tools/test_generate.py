@@ -1,0 +1,137 @@
+"""tools/generate.py and tools/evaluate.py on a converted checkpoint, against transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_ext.data.chat_formats import build_chat_format
+from megatron_ext.inference.prompts import PromptRecord, conversation_ids, prompt_ids
+from megatron_ext.data.records import ASSISTANT, USER, Message
+from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer
+from tests.conftest import CHATML, REPO
+from tests.tools.conftest import make_hf_model
+from tests.tools.test_hf_conversion import run_tool
+from tests.training.conftest import free_port
+
+pytestmark = pytest.mark.slow
+QUESTIONS = ["What is the capital of France?", "Name three colours.",
+             "Write a haiku about autumn leaves falling slowly"]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, sp_model):
+    """A tiny random Llama (init std 0.2: clear argmax margins) converted with ChatML tokens."""
+    root = tmp_path_factory.mktemp("gen")
+    hf = make_hf_model(root / "hf", sp_model, initializer_range=0.2)
+    run_tool("hf_to_megatron.py", "--model_path", str(hf), "--out", str(root / "ckpt"),
+             "--vocab_extra_ids_list", ",".join(CHATML))
+    tokenizer = build_tokenizer(TokenizerConfig("SentencePieceTokenizer", sp_model, CHATML))
+    return {"hf": hf, "ckpt": root / "ckpt", "tokenizer": tokenizer, "root": root}
+
+
+def launch(tool: str, nproc: int, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    command = ([sys.executable, str(REPO / "tools" / tool)] if nproc == 1 else
+               [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(free_port()), str(REPO / "tools" / tool)])
+    result = subprocess.run(command + list(args) + ["--no_progress"], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def hf_greedy(converted, prompts: list[list[int]], new_tokens: int, stop: list[int]):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(converted["hf"],
+                                                              dtype=torch.float32).eval()
+    vocab = model.config.vocab_size
+    model.resize_token_embeddings(converted["tokenizer"].vocab_size)  # the ChatML rows
+    from megatron_ext.checkpointing.unsharded import UnshardedReader
+
+    reader = UnshardedReader(str(converted["ckpt"]))
+    with torch.no_grad():  # the new rows as the converter initialised them
+        model.get_input_embeddings().weight[vocab:] = reader.view(
+            "embedding.word_embeddings.weight")[vocab:]
+        model.get_output_embeddings().weight[vocab:] = reader.view("output_layer.weight")[vocab:]
+    out = []
+    for ids in prompts:
+        generated = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens,
+                                   do_sample=False, eos_token_id=stop, pad_token_id=0)
+        tokens = generated[0, len(ids):].tolist()
+        out.append(tokens[:-1] if tokens and tokens[-1] in stop else tokens)
+    return out, model
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_greedy_generation_equals_transformers_generate(tmp_path, converted, nproc):
+    output = tmp_path / "out.jsonl"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
+    launch("generate.py", nproc, "--load", str(converted["ckpt"]), "--input", str(prompts),
+           "--greedy", "--max_new_tokens", "24", "--output", str(output), "--chat_format",
+           "chatml", "--tensor_model_parallel_size", str(nproc), "--batch_size", "2")
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    tokenizer = converted["tokenizer"]
+    fmt = build_chat_format("chatml", tokenizer)
+    ids = [prompt_ids(fmt, tokenizer, PromptRecord("", q, (Message(USER, q),))) for q in QUESTIONS]
+    stop = [tokenizer.token_id("<|im_end|>"), tokenizer.eos_id]
+    want, _ = hf_greedy(converted, ids, 24, stop)
+    assert [r["generated_ids"] for r in rows] == want
+    assert [r["prompt"] for r in rows] == QUESTIONS
+    assert any(len(set(w)) >= 5 for w in want)  # non-trivial continuations
+    for row in rows:
+        assert row["generated_text"] == tokenizer.decode(row["generated_ids"])
+
+
+def test_raw_prompt_skips_the_chat_format(converted):
+    result = launch("generate.py", 1, "--load", str(converted["ckpt"]), "--raw", "--prompt",
+                    "Once upon a time", "--greedy", "--max_new_tokens", "8")
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    tokenizer = converted["tokenizer"]
+    ids = tokenizer.encode_segments(["Once upon a time"], [True])[0]
+    want, _ = hf_greedy(converted, [ids], 8, [tokenizer.eos_id])
+    assert row["generated_ids"] == want[0] and row["prompt_tokens"] == len(ids)
+
+
+def test_evaluate_scores_loss_and_answers(tmp_path, converted):
+    """References equal to the model's own greedy answers: EM = F1 = 1, and the answer loss
+    equals the one transformers computes for the same tokens."""
+    prompts = tmp_path / "q.jsonl"
+    prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
+    generated = tmp_path / "g.jsonl"
+    launch("generate.py", 1, "--load", str(converted["ckpt"]), "--input", str(prompts),
+           "--greedy", "--max_new_tokens", "12", "--output", str(generated))
+    answers = [json.loads(line)["generated_text"].strip()
+               for line in generated.read_text().splitlines()]
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                            for q, a in zip(QUESTIONS, answers)))
+    summary_file = tmp_path / "summary.json"
+    result = launch("evaluate.py", 1, "--load", str(converted["ckpt"]), "--input", str(test),
+                    "--max_new_tokens", "12", "--summary_json", str(summary_file),
+                    "--output", str(tmp_path / "rows.jsonl"))
+    assert "exact match" in result.stdout and "answer perplexity" in result.stdout
+    summary = json.loads(summary_file.read_text())
+    assert summary["exact_match"] == 1.0 and summary["f1"] == 1.0
+    # the same loss from transformers' logits
+    tokenizer = converted["tokenizer"]
+    fmt = build_chat_format("chatml", tokenizer)
+    _, model = hf_greedy(converted, [], 1, [0])
+    nll, count = 0.0, 0
+    for q, a in zip(QUESTIONS, answers):
+        ids, roles = conversation_ids(fmt, tokenizer, (Message(USER, q), Message(ASSISTANT, a)))
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        losses = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]),
+                                                   reduction="none")
+        mask = torch.tensor(roles[1:]) == 2
+        nll, count = nll + losses[mask].sum().item(), count + int(mask.sum())
+    assert summary["answer_tokens"] == count
+    assert summary["answer_loss"] == pytest.approx(nll / count, rel=1e-4)
