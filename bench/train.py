@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Trainer throughput, padded to --seq_length against --variable_seq_lengths, in one run.
+"""Trainer throughput: padded to --seq_length, --variable_seq_lengths, and packing, in one run.
 
 What it does:
 1. generates a corpus (default 3,000 records) with instruction-like length
@@ -15,16 +15,19 @@ What it does:
    (a) baseline: every micro-batch padded to ``--seq_length``;
    (b) ``--variable_seq_lengths``: each micro-batch padded to its longest
        sample, rounded up to a multiple of 16;
-   (a) and (b) alternate ``--repeat`` times (default 2); for each, the run
-   with the highest median real tokens/s is kept;
+   (c) ``--variable_seq_lengths --pack_sequences``: each micro-batch's
+       samples packed into as few rows as fit ``--seq_length``;
+   (a), (b) and (c) alternate ``--repeat`` times (default 2); for each, the
+   run with the highest median real tokens/s is kept;
 4. reads each run's ``metrics.jsonl`` (logged every iteration by the trainer),
    drops the first ``--warmup`` iterations, and prints per run: median
    tokens/s (positions computed, padding included), median real tokens/s
    (non-padding positions), mean padding fraction, median data-wait share of
    the step (time spent building the global batch / iteration time, as the
-   trainer measures it), median step time, and the ratio (b)/(a) of real
-   tokens/s. Both runs must end at the same loss (same batches): a check
-   that (b) computes the same thing as (a), only on fewer positions.
+   trainer measures it), median step time, and the ratios (b)/(a) and
+   (c)/(a) of real tokens/s. All runs must end at the same loss (same
+   batches): a check that (b) and (c) compute the same thing as (a), only
+   on fewer positions.
 
 Target: data wait below 2% of step time, for each run; a PASS/FAIL line is
 printed per run (the exit status stays 0 either way: this is a measurement,
@@ -132,7 +135,7 @@ def prepare_data(workdir: str, records: int, seq_length: int, vocab_size: int, s
 
 
 # ---------------------------------------------------------------- training
-def train_args(data: dict, args, save: str, variable: bool) -> list[str]:
+def train_args(data: dict, args, save: str, mode: str) -> list[str]:
     out = ["--data_path", data["prefix"], "--split", "100,0,0",
            "--tokenizer_type", "SentencePieceTokenizer", "--vocab_file", data["vocab_file"],
            "--vocab_extra_ids_list", ",".join(CHATML), "--model_name", "llama2",
@@ -144,8 +147,10 @@ def train_args(data: dict, args, save: str, variable: bool) -> list[str]:
            "--global_batch_size", str(args.global_batch_size),
            "--train_iters", str(args.iters), "--lr", "3e-4", "--lr_warmup_iters", "2",
            "--seed", str(args.seed), "--log_interval", "1", "--save", save]
-    if variable:
+    if mode in ("variable", "packed"):
         out.append("--variable_seq_lengths")
+    if mode == "packed":
+        out.append("--pack_sequences")
     return out
 
 
@@ -166,7 +171,7 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_training(name: str, data: dict, args, workdir: str, variable: bool) -> dict:
+def run_training(name: str, data: dict, args, workdir: str, mode: str) -> dict:
     """One torchrun; returns its train records (metrics.jsonl) and what else used the CPUs."""
     save = os.path.join(workdir, name)
     shutil.rmtree(save, ignore_errors=True)  # metrics.jsonl is appended to: start clean
@@ -176,7 +181,7 @@ def run_training(name: str, data: dict, args, workdir: str, variable: bool) -> d
                OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
                "--master_port", str(_free_port()), os.path.join(REPO, "finetune.py"),
-               *train_args(data, args, save, variable)]
+               *train_args(data, args, save, mode)]
     log = os.path.join(workdir, f"{name}.log")
     jiffies, own = _cpu_jiffies(), _children_cpu_seconds()
     start = time.perf_counter()
@@ -291,14 +296,16 @@ def main() -> None:
               f"{args.global_batch_size}, {args.iters} iters, {args.nproc} proc x "
               f"{max(1, _cpus() // args.nproc)} thread(s), {args.repeat} run(s) each ...",
               flush=True)
-        runs: dict[str, list[dict]] = {"a": [], "b": []}
+        runs: dict[str, list[dict]] = {"a": [], "b": [], "c": []}
         for number in range(1, args.repeat + 1):
-            runs["a"].append(run_training(f"a-padded-{number}", data, args, workdir, False))
-            runs["b"].append(run_training(f"b-variable-{number}", data, args, workdir, True))
+            for key, mode in (("a", "padded"), ("b", "variable"), ("c", "packed")):
+                runs[key].append(run_training(f"{key}-{mode}-{number}", data, args, workdir,
+                                              mode))
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    padded, variable = (max(runs[k], key=lambda r: r["real_tokens_per_sec"]) for k in "ab")
+    padded, variable, packed = (max(runs[k], key=lambda r: r["real_tokens_per_sec"])
+                                for k in "abc")
 
     lengths = data["meta"].get("lengths")
     header = (f"{'':<30}{'tok/s':>11}{'real tok/s':>11}{'pad %':>8}{'data %':>9}"
@@ -313,19 +320,21 @@ def main() -> None:
     print("-" * len(header))
     print(_row(f"(a) padded to {args.seq_length}", padded))
     print(_row("(b) --variable_seq_lengths", variable))
+    print(_row("(c) + --pack_sequences", packed))
     print()
-    ratio = variable["real_tokens_per_sec"] / padded["real_tokens_per_sec"]
-    total_ratio = variable["real_tokens_per_sec_total"] / padded["real_tokens_per_sec_total"]
-    print(f"ratio (b)/(a) real tokens/s: {ratio:.2f}  "
-          f"(of totals over the same iterations: {total_ratio:.2f})")
+    for label, run in (("(b)/(a)", variable), ("(c)/(a)", packed)):
+        ratio = run["real_tokens_per_sec"] / padded["real_tokens_per_sec"]
+        total_ratio = run["real_tokens_per_sec_total"] / padded["real_tokens_per_sec_total"]
+        print(f"ratio {label} real tokens/s: {ratio:.2f}  "
+              f"(of totals over the same iterations: {total_ratio:.2f})")
     print(f"final loss: (a) {padded['loss']:.5f}  (b) {variable['loss']:.5f}  "
-          "(same batches, so they should agree to ~1e-5)")
-    busy = max(r["other_cpu"] for r in runs["a"] + runs["b"])
+          f"(c) {packed['loss']:.5f}  (same batches, so they should agree to ~1e-5)")
+    busy = max(r["other_cpu"] for r in runs["a"] + runs["b"] + runs["c"])
     if busy > 0.10:
         print(f"note: other processes used up to {100 * busy:.0f}% of the CPUs during a run; "
               "times are unreliable, rerun on an idle machine or with --repeat 3")
     print(f"target: data wait < {100 * TARGET_DATA_WAIT:.0f}% of step time (median per run)")
-    for name, s in (("(a) padded", padded), ("(b) variable", variable)):
+    for name, s in (("(a) padded", padded), ("(b) variable", variable), ("(c) packed", packed)):
         verdict = "PASS" if s["data_wait_fraction"] < TARGET_DATA_WAIT else "FAIL"
         print(f"{verdict} data wait {name}: {100 * s['data_wait_fraction']:.2f}% of step time "
               f"(max {100 * s['data_wait_max']:.2f}%)")

@@ -3,9 +3,9 @@
 Why this shape: a batch row holds one sample, or several packed back to back;
 ``segment_ids`` (1, 2, ... per sample, 0 on padding) and ``position_ids``
 (restarting at 0 for every sample) describe both cases, and the attention
-mask built from ``segment_ids`` keeps packed samples apart. (Before the
-trainer packs rows, RoPE must follow ``position_ids``: megatron-core 0.16's
-``GPTModel`` derives rotary positions from the sequence length alone.) The loss
+mask built from ``segment_ids`` keeps packed samples apart, and the model's
+RoPE follows ``position_ids`` (``models.builder``), so a packed sample sees
+exactly the numbers it would see alone in a row. The loss
 weight of a position is the weight of the role of the token it predicts:
 assistant 1, user and system ``scalar_loss_mask``, padding 0. The trainer
 divides the weighted token losses by the *global* batch's total weight.
@@ -55,6 +55,28 @@ def padded_width(longest: int, seq_length: int, variable_seq_lengths: bool,
     if not variable_seq_lengths:
         return seq_length
     return min(seq_length, -(-max(longest, 1) // multiple) * multiple)
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indexes of ``lengths`` grouped into rows of total length <= ``capacity``.
+
+    First-fit decreasing (longest first, ties in order), deterministic, so
+    every rank packs a micro-batch identically; rows keep their samples in
+    input order and come out ordered by their first sample.
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        size = min(lengths[index], capacity)
+        for row, free in enumerate(room):
+            if size <= free:
+                rows[row].append(index)
+                room[row] -= size
+                break
+        else:
+            rows.append([index])
+            room.append(capacity - size)
+    return sorted((sorted(row) for row in rows), key=lambda row: row[0])
 
 
 def collate(rows: Sequence[Sequence[Sample]], seq_length: int, pad_id: int,

@@ -241,13 +241,16 @@ def _flash_attention(module: PortableAttention, query, key, value, attention_mas
 
 # ----------------------------------------------------------------- layer spec
 def use_portable_attention(spec, use_flash_attn: bool = True):
-    """A copy of a GPT layer ``spec`` whose self-attention core is ``PortableAttention``.
+    """A copy of a GPT layer (or block) ``spec`` whose self-attention core is ``PortableAttention``.
 
     Nothing shared is mutated: the layer spec, its submodules, the
     self-attention spec and its submodules are replaced, not edited.
     """
     from megatron.core.transformer.spec_utils import ModuleSpec
 
+    if hasattr(spec, "layer_specs"):  # a block spec: every layer's
+        return dataclasses.replace(spec, layer_specs=[
+            use_portable_attention(layer, use_flash_attn) for layer in spec.layer_specs])
     self_attention = spec.submodules.self_attention
     core = ModuleSpec(module=PortableAttention, params={"use_flash_attn": use_flash_attn})
     attention_submodules = dataclasses.replace(self_attention.submodules, core_attention=core)

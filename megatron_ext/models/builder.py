@@ -66,7 +66,8 @@ def transformer_config(model, parallel, precision, variable_seq_lengths: bool = 
 
 
 def layer_spec(config, init_seed: int, use_flash_attn: bool = False):
-    """megatron-core's local layer spec with :class:`PortableAttention`, seeded per layer.
+    """Block spec: megatron-core's local layer with :class:`PortableAttention` and
+    :class:`PortableNorm` (sequence-parallel capable), seeded per layer.
 
     Attention runs on PyTorch SDPA (flash-attn on CUDA with ``use_flash_attn``
     when installed), honouring padding/packing masks even with a sliding window.
@@ -91,20 +92,80 @@ def layer_spec(config, init_seed: int, use_flash_attn: bool = False):
             super().__init__(config, submodules, layer_number, hidden_dropout, pg_collection,
                              vp_stage)
 
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
     from megatron_ext.models.attention import portable_layer_spec
+    from megatron_ext.models.norm import PortableNorm
 
     spec = portable_layer_spec(config.normalization, use_flash_attn=use_flash_attn)
-    return dataclasses.replace(spec, module=SeededTransformerLayer)
+    submodules = dataclasses.replace(spec.submodules, input_layernorm=PortableNorm,
+                                     pre_mlp_layernorm=PortableNorm)
+    spec = dataclasses.replace(spec, module=SeededTransformerLayer, submodules=submodules)
+    # the block spec also names the final norm (megatron-core's default refuses sequence
+    # parallelism without Transformer Engine)
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
+                                      layer_norm=PortableNorm)
+
+
+def rope_for_positions(inv_freq: torch.Tensor, position_ids: torch.Tensor,
+                       interleaved: bool = False) -> torch.Tensor:
+    """RoPE angles ``[s, b, 1, dim]`` for explicit ``position_ids`` ``[b, s]``.
+
+    The same numbers as megatron-core's ``RotaryEmbedding.get_emb`` (``[s, 1, 1,
+    dim]``, positions ``0..s-1``) but per row, so samples packed into one row
+    each start at position 0.
+    """
+    freqs = position_ids.t().to(inv_freq.dtype)[..., None] * inv_freq  # [s, b, dim/2]
+    if interleaved:
+        emb = torch.stack((freqs, freqs), dim=-1).flatten(-2)
+    else:
+        emb = torch.cat((freqs, freqs), dim=-1)
+    return emb[:, :, None, :]
+
+
+def _gpt_model_class():
+    from megatron.core.models.gpt import GPTModel
+
+    class PositionedGPTModel(GPTModel):
+        """``GPTModel`` whose RoPE follows ``position_ids``.
+
+        megatron-core 0.16 derives rotary positions from the sequence length
+        alone. Attention scores under RoPE depend only on the distance between
+        positions, so a packed sample at offset 300 computes the same function,
+        but with angles of larger positions that round differently in fp32/bf16;
+        following ``position_ids`` gives a packed sample exactly the numbers it
+        gets alone in a row (and is what learned absolute positions need anyway).
+        """
+
+        def _preprocess(self, input_ids, position_ids, decoder_input=None,
+                        inference_context=None, packed_seq_params=None, padding_mask=None):
+            out = super()._preprocess(input_ids, position_ids, decoder_input, inference_context,
+                                      packed_seq_params, padding_mask)
+            if (self.position_embedding_type != "rope" or position_ids is None
+                    or inference_context is not None or packed_seq_params is not None
+                    or out[1] is None):
+                return out
+            length = position_ids.shape[-1]
+            plain = torch.arange(length, device=position_ids.device)
+            if torch.equal(position_ids, plain.expand_as(position_ids)):
+                return out  # one sample per row: megatron-core's own angles
+            rope = self.rotary_pos_emb
+            inv_freq = rope.inv_freq.to(position_ids.device)
+            emb = rope_for_positions(inv_freq, position_ids, rope.rotary_interleaved)
+            return (out[0], emb.to(out[1].dtype), *out[2:])
+
+    return PositionedGPTModel
 
 
 def build_gpt_model(model, config, padded_vocab: int, pre_process: bool, post_process: bool,
                     init_seed: int = 1234, use_flash_attn: bool = False):
     """A ``GPTModel`` (this pipeline stage's layers) for ``ModelArgs`` ``model``."""
-    from megatron.core.models.gpt import GPTModel
-
     family = get_family(model.model_name)
     torch.manual_seed(init_seed)  # embeddings: drawn first, on the first stage only
-    return GPTModel(
+    return _gpt_model_class()(
         config=config,
         transformer_layer_spec=layer_spec(config, init_seed, use_flash_attn),
         vocab_size=padded_vocab,

@@ -82,6 +82,10 @@ def build_parser() -> FlagParser:
     g.add_argument("--variable_seq_lengths", action="store_true",
                    help="pad each micro-batch to its longest sample (multiple of 16), "
                         "not to --seq_length")
+    g.add_argument("--pack_sequences", action="store_true",
+                   help="pack each micro-batch's samples into as few rows of at most "
+                        "--seq_length tokens as fit (samples never attend to each other; "
+                        "positions restart per sample); the loss is unchanged, padding shrinks")
     g.add_argument("--scalar_loss_mask", type=float, default=0.0,
                    help="loss weight of user and system tokens (assistant tokens: 1)")
 
@@ -145,7 +149,8 @@ def config_from_args(args) -> TrainConfig:
                                 args.recompute_granularity),
         data=DataArgs(tuple(args.data_path), tuple(args.train_data_path),
                       tuple(args.valid_data_path), tuple(args.test_data_path), args.split,
-                      args.variable_seq_lengths, args.scalar_loss_mask, args.data_type),
+                      args.variable_seq_lengths, args.scalar_loss_mask, args.data_type,
+                      args.pack_sequences),
         tokenizer=TokenizerArgs(args.tokenizer_type, args.vocab_file, args.vocab_extra_ids_list,
                                 args.new_tokens),
         optim=OptimArgs(args.lr, args.min_lr, args.lr_decay_style, args.lr_warmup_iters,

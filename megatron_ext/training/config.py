@@ -66,6 +66,7 @@ class DataArgs:
     variable_seq_lengths: bool = False
     scalar_loss_mask: float = 0.0
     data_type: str = "instruction"
+    pack_sequences: bool = False
 
 
 @dataclass(frozen=True)
@@ -177,10 +178,15 @@ class TrainConfig:
             problems.append("give exactly one of --train_iters and --epochs")
         if self.precision.bf16 and self.precision.fp16:
             problems.append("--bf16 and --fp16 are exclusive")
-        if p.sequence_parallel:
-            problems.append("--sequence_parallel needs the Transformer Engine layer spec, which "
-                            "this version does not build yet (megatron-core's local norm refuses "
-                            "it); drop the flag")
+        if p.sequence_parallel and tp == 1:
+            problems.append("--sequence_parallel splits the sequence over tensor-parallel ranks: "
+                            "it needs --tensor_model_parallel_size > 1")
+        if p.sequence_parallel and not self.data.variable_seq_lengths and m.seq_length % tp:
+            problems.append(f"--sequence_parallel: --seq_length {m.seq_length} must be divisible "
+                            f"by --tensor_model_parallel_size {tp}")
+        if p.sequence_parallel and self.data.variable_seq_lengths and 16 % tp:
+            problems.append("--sequence_parallel with --variable_seq_lengths pads widths to a "
+                            f"multiple of 16, which TP {tp} does not divide")
         if (self.precision.bf16 or self.precision.fp16) and not cuda:
             problems.append("--bf16/--fp16 need CUDA (megatron-core's mixed-precision optimizer "
                             "wraps CUDA tensors only); on CPU train in fp32")

@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_ext.data.collate import Batch, collate, padded_width, role_weights
+from megatron_ext.data.collate import Batch, collate, pack_rows, padded_width, role_weights
 from megatron_ext.data.instruction_dataset import InstructionDataset
 from megatron_ext.data.sampling import EpochOrder, iterations_for_epochs, micro_batch_records
 from megatron_ext.errors import ConfigError
@@ -157,8 +157,10 @@ class BatchBuilder:
     """Turns a split and a sample position into this rank's micro-batches."""
 
     def __init__(self, seq_length: int, pad_id: int, scalar_loss_mask: float,
-                 variable_seq_lengths: bool, micro_batch_size: int, dp_rank: int, dp_size: int):
+                 variable_seq_lengths: bool, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 pack: bool = False):
         self.seq_length = seq_length
+        self.pack = pack
         self.pad_id = pad_id
         self.scalar_loss_mask = scalar_loss_mask
         self.variable_seq_lengths = variable_seq_lengths
@@ -178,22 +180,33 @@ class BatchBuilder:
             real += take
         mine = micro_batch_records(np.arange(size), self.dp_rank, self.dp_size,
                                    self.micro_batch_size)
-        micro = [collate([[samples[i]] for i in group], self.seq_length, self.pad_id,
-                         self.scalar_loss_mask, self.variable_seq_lengths) for group in mine]
+        micro = [collate([[samples[i] for i in row] for row in self._rows(samples, group)],
+                         self.seq_length, self.pad_id, self.scalar_loss_mask,
+                         self.variable_seq_lengths) for group in mine]
         padded = self._padded_positions(samples)
         return GlobalBatch(micro, total_weight, real, padded)
 
+    def _length(self, sample) -> int:
+        return min(len(sample[0]) - 1, self.seq_length)
+
+    def _rows(self, samples, group) -> list[list[int]]:
+        """A micro-batch's rows: one sample each, or packed (``--pack_sequences``)."""
+        if not self.pack:
+            return [[i] for i in group]
+        lengths = [self._length(samples[i]) for i in group]
+        return [[group[j] for j in row] for row in pack_rows(lengths, self.seq_length)]
+
     def _padded_positions(self, samples) -> int:
         """Positions the whole global batch computes, padding included."""
-        if not self.variable_seq_lengths:
-            return len(samples) * self.seq_length
         total = 0
         groups = [micro_batch_records(np.arange(len(samples)), r, self.dp_size, self.micro_batch_size)
                   for r in range(self.dp_size)]
         for rank_groups in groups:
             for group in rank_groups:
-                longest = max(min(len(samples[i][0]) - 1, self.seq_length) for i in group)
-                total += padded_width(longest, self.seq_length, True) * len(group)
+                rows = self._rows(samples, list(group))
+                longest = max(sum(self._length(samples[i]) for i in row) for row in rows)
+                width = padded_width(longest, self.seq_length, self.variable_seq_lengths)
+                total += width * len(rows)
         return total
 
 

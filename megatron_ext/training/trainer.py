@@ -54,7 +54,7 @@ class Trainer:
         self.batches = BatchBuilder(config.model.seq_length, pad_id, config.data.scalar_loss_mask,
                                     config.data.variable_seq_lengths,
                                     config.schedule.micro_batch_size, self.layout.dp_rank,
-                                    self.layout.dp)
+                                    self.layout.dp, pack=config.data.pack_sequences)
         self.window = sliding_window(config.model)
         self.iteration = 0
         self.consumed_samples = 0
@@ -140,7 +140,9 @@ class Trainer:
         c, layout = self.config, self.layout
         self.model_config = transformer_config(
             c.model, c.parallel, c.precision,
-            variable_seq_lengths=c.data.variable_seq_lengths and layout.pp > 1,
+            # shapes then travel with the activations between pipeline stages
+            variable_seq_lengths=(c.data.variable_seq_lengths or c.data.pack_sequences)
+            and layout.pp > 1,
             use_cpu_initialization=True,
         )
         model = build_gpt_model(c.model, self.model_config, self.padded_vocab,

@@ -40,9 +40,10 @@ def assert_same_curve(got, want, rtol=2e-5):
 
 @pytest.mark.parametrize("layout", [
     ["--tensor_model_parallel_size", "2"],
+    ["--tensor_model_parallel_size", "2", "--sequence_parallel"],
     ["--pipeline_model_parallel_size", "2"],
     [],  # DP=2
-], ids=["tp2", "pp2", "dp2"])
+], ids=["tp2", "tp2-sp", "pp2", "dp2"])
 def test_parallel_layouts_match_single_process(tmp_path, train_data, reference, layout):
     torchrun(2, model_args(train_data, ITERS) + layout + ["--save", str(tmp_path)])
     assert_same_curve(train_metrics(tmp_path), reference)
@@ -130,3 +131,19 @@ def test_missing_or_corrupt_checkpoints_are_clear_errors(tmp_path, train_data, r
         shard.write_bytes(shard.read_bytes()[:100])  # truncated shard files
     result = torchrun(1, args + ["--load", str(broken)], check=False)
     assert result.returncode != 0 and "cannot be loaded" in result.stderr
+
+
+def test_two_node_launch_matches_single_process(tmp_path, train_data, reference):
+    """torchrun's multi-node flags (--nnodes/--node_rank/--master_addr/--master_port), two
+    'nodes' of one process each on this machine: DP=2 across nodes, the same curve."""
+    port = str(free_port())
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+         str(REPO / "finetune.py"), *model_args(train_data, ITERS), "--save", str(tmp_path)],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][1][-3000:]
+    assert_same_curve(train_metrics(tmp_path), reference)
