@@ -59,7 +59,7 @@ def run_cli(main: Callable[[], int]) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted: nothing was written (temporary files removed)", file=sys.stderr)
+        print("interrupted: unfinished outputs were removed", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
 

@@ -77,6 +77,12 @@ def read_header(path: str) -> dict[str, TensorInfo]:
             raise SafetensorsError(f"{path}: damaged header entry for {name!r}") from None
         if dtype not in _DTYPES:
             raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if end - start != numel * torch.empty(0, dtype=_DTYPES[dtype][0]).element_size():
+            raise SafetensorsError(f"{path}: damaged header (tensor {name!r} of shape {shape} "
+                                   f"{dtype} spans {end - start} bytes)")
         if end > size:
             raise SafetensorsError(f"{path}: truncated ({size} bytes, tensor {name!r} ends at "
                                    f"byte {end}); re-download or re-create the file")

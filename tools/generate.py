@@ -37,7 +37,8 @@ def add_model_arguments(parser: FlagParser) -> None:
     parser.add_argument("--chat_format", default=None,
                         help="chatml, megatron-llm, llama3, alpaca (default: the training "
                              "data's, from its -meta.json)")
-    parser.add_argument("--prompt_template", default=None, help="custom chat template")
+    parser.add_argument("--prompt_template", default=None,
+                        help="the preprocessing --prompt_template, for --chat_format template")
     parser.add_argument("--vocab_file", default=None,
                         help="tokenizer file, when the one named in the checkpoint has moved")
     parser.add_argument("--question_key", default="question")
@@ -47,11 +48,13 @@ def add_model_arguments(parser: FlagParser) -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together")
     parser.add_argument("--max_new_tokens", type=int, default=256)
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (the default "
-                        "unless --temperature/--top_k/--top_p are given)")
+                        "unless --temperature/--top_k/--top_p are given; --temperature 0 too)")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top_k", type=int, default=0)
     parser.add_argument("--top_p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--bf16", action="store_true",
+                        help="run the model in bfloat16 (half the memory; default fp32)")
     parser.add_argument("--no_progress", action="store_true")
 
 
@@ -59,6 +62,8 @@ def sampling_params(args):
     from megatron_ext.errors import ConfigError
     from megatron_ext.inference.generation import SamplingParams
 
+    if args.temperature == 0:  # as in transformers and vLLM: temperature 0 means argmax
+        args.temperature, args.greedy = None, True
     sampling = args.temperature is not None or args.top_k or args.top_p < 1.0
     if args.greedy and sampling:
         raise ConfigError("--greedy excludes --temperature/--top_k/--top_p")
@@ -73,15 +78,27 @@ def sampling_params(args):
 
 
 def load_model_and_format(args, raw: bool = False):
+    import logging
+
     from megatron_ext.checkpointing.run_config import chat_settings_of_run
     from megatron_ext.data.chat_formats import build_chat_format
+    from megatron_ext.errors import ConfigError
     from megatron_ext.inference.loading import load_for_inference
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != args.tensor_model_parallel_size:
+        raise ConfigError(f"{world} processes but --tensor_model_parallel_size "
+                          f"{args.tensor_model_parallel_size}: generation runs one model copy "
+                          "(PP=1, no data parallelism); start as many processes as TP ranks")
     loaded = load_for_inference(args.load, args.tensor_model_parallel_size, 1,
-                                vocab_file=args.vocab_file)
+                                vocab_file=args.vocab_file, bf16=args.bf16)
     if raw:
         return loaded, None
     name, template = chat_settings_of_run(loaded.run_config)
+    if not args.chat_format and name is None:
+        logging.getLogger("generate").warning(
+            "the checkpoint does not record its data's chat format: using chatml (pass "
+            "--chat_format, or --raw for a base model)")
     name = args.chat_format or name or "chatml"
     fmt = build_chat_format(name, loaded.tokenizer, args.prompt_template or (
         template if not args.chat_format else None))

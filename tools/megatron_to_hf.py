@@ -2,9 +2,9 @@
 """Export a checkpoint (any TP/PP) as a Hugging Face model directory.
 
 Reads what finetune.py saved (a dist_checkpointing run directory, at whatever
-TP/PP it was trained with), an unsharded checkpoint from hf_to_megatron.py or
-checkpoint_util.py, or a legacy Megatron-LLM per-rank checkpoint, one layer
-at a time, and writes safetensors shards with an index, config.json,
+TP/PP it was trained with) or an unsharded checkpoint from hf_to_megatron.py or
+checkpoint_util.py one layer at a time (a legacy Megatron-LLM per-rank
+checkpoint is read whole: merge a large one first), and writes safetensors shards with an index, config.json,
 generation_config.json (stopping at the chat format's end-of-turn token) and
 the tokenizer with its added special tokens and a matching chat template.
 
@@ -39,6 +39,8 @@ def build_parser() -> FlagParser:
                         help="chat template to write (chatml, megatron-llm, llama3, alpaca, or "
                              "none); default: the training data's, from its -meta.json, else "
                              "chatml when the tokenizer has its tokens")
+    parser.add_argument("--prompt_template", default=None,
+                        help="with --chat_format template: the preprocessing --prompt_template")
     parser.add_argument("--vocab_file", default=None,
                         help="tokenizer file, when the one named in the checkpoint has moved")
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors file")
@@ -54,7 +56,8 @@ def main(argv=None) -> int:
 
     summary = export_hf(ExportConfig(
         load=args.load, out=args.out, dtype=args.dtype, iteration=args.iteration,
-        chat_format=args.chat_format, vocab_file=args.vocab_file,
+        chat_format=args.chat_format, prompt_template=args.prompt_template,
+        vocab_file=args.vocab_file,
         max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite,
         progress=not args.no_progress))
     print(f"exported {args.load} ({summary['source']}, iteration {summary['iteration']}) -> "

@@ -35,6 +35,10 @@ from megatron_ext.errors import UserError
 logger = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# The distributed optimizer's layout-independent format: one state tensor per parameter,
+# as the plain optimizer saves it. megatron-core 0.16's default for it
+# ("fully_sharded_model_space") builds flattened shards that 0.16 itself refuses.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 RUN_CONFIG = "run_config.json"
 
 
@@ -122,7 +126,8 @@ def _sharded_state(train: TrainState, include_optimizer: bool, loading: bool) ->
     model_state = train.model.sharded_state_dict()
     state = {"model": model_state}
     if include_optimizer:
-        state["optimizer"] = train.optimizer.sharded_state_dict(model_state, is_loading=loading)
+        state["optimizer"] = train.optimizer.sharded_state_dict(
+            model_state, is_loading=loading, metadata=OPTIMIZER_METADATA)
         state["rng_state"] = ShardedObject(
             "rng_state", _rng_state(), (layout.pp, layout.tp), (layout.pp_rank, layout.tp_rank),
             replica_id=layout.dp_rank)
@@ -191,6 +196,7 @@ def load_checkpoint(root: str, train: TrainState, weights_only: bool,
         from megatron_ext.checkpointing.unsharded import TensorDictReader
 
         legacy = read_legacy_checkpoint(root)
+        check_model_matches(legacy.model_args, train.model, root)
         iteration = legacy.iteration if isinstance(legacy.iteration, int) else 0
         return load_unsharded(root, train, weights_only,
                               TensorDictReader(root, legacy.state, iteration))
@@ -207,6 +213,15 @@ def load_checkpoint(root: str, train: TrainState, weights_only: bool,
     if not os.path.isdir(directory):
         raise CheckpointError(f"{root}/{TRACKER} names iteration {iteration} but {directory} "
                               "does not exist (deleted or not finished)")
+    saved_config = os.path.join(directory, RUN_CONFIG)
+    if os.path.exists(saved_config):
+        try:
+            with open(saved_config, encoding="utf-8") as handle:
+                saved_model = json.load(handle).get("model")
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {saved_config}: {exc}") from None
+        if saved_model:
+            check_model_matches(saved_model, train.model, directory)
     state = _sharded_state(train, include_optimizer=not weights_only, loading=True)
     state["model"] = _without_extra_state(state["model"])
     if not weights_only:
@@ -239,6 +254,46 @@ def load_checkpoint(root: str, train: TrainState, weights_only: bool,
     train.scheduler.load_state_dict(common["scheduler"])
     return iteration, Progress(common["iteration"], common["consumed_samples"],
                                common["consumed_tokens"])
+
+
+def check_model_matches(saved_model: dict, model, source: str) -> None:
+    """Refuse to load weights into a model whose architecture differs from the checkpoint's.
+
+    Shapes alone do not catch everything: another RoPE base, norm epsilon or
+    window computes a different function with the same tensors, and fewer
+    layers would load a prefix of the model. ``saved_model`` is the run
+    config's ``model`` section; ``model`` the megatron-core ``GPTModel``.
+    """
+    import dataclasses
+
+    if not saved_model:
+        return
+    from megatron_ext.models.builder import transformer_config
+    from megatron_ext.models.families import get_family
+    from megatron_ext.training.config import ModelArgs, ParallelArgs, PrecisionArgs
+
+    fields = {f.name for f in dataclasses.fields(ModelArgs)}
+    args = ModelArgs(**{k: v for k, v in saved_model.items() if k in fields})
+    want = transformer_config(args, ParallelArgs(), PrecisionArgs())
+    have = model.config
+    names = {"num_layers": "--num_layers", "hidden_size": "--hidden_size",
+             "num_attention_heads": "--num_attention_heads",
+             "num_query_groups": "--num_attention_heads_kv", "ffn_hidden_size": "--ffn_hidden_size",
+             "layernorm_epsilon": "--layernorm_epsilon", "window_size": "--sliding_window_size",
+             "normalization": "--model_name", "gated_linear_unit": "--model_name"}
+    problems = [f"{flag}: checkpoint {getattr(want, key)}, this run {getattr(have, key)}"
+                for key, flag in names.items() if getattr(want, key) != getattr(have, key)]
+    theta = float(args.rope_theta or get_family(args.model_name).rope_theta)
+    if getattr(model, "position_embedding_type", None) == "rope" and \
+            abs(float(getattr(model, "rotary_base", theta)) - theta) > 1e-6 * theta:
+        problems.append(f"--rope_theta: checkpoint {theta:g}, this run {model.rotary_base:g}")
+    if bool(args.rope_scaling_factor) != bool(getattr(model, "rotary_scaling", False)):
+        problems.append(f"--rope_scaling_factor: checkpoint {args.rope_scaling_factor}, this "
+                        "run differs")
+    if problems:
+        raise CheckpointError(f"{source} was made for another model shape ("
+                              + "; ".join(problems) + "); pass --use_checkpoint_args to take the "
+                              "checkpoint's, or fix the flags")
 
 
 def _without_extra_state(model_state: dict) -> dict:

@@ -21,7 +21,7 @@ import torch
 
 from megatron_ext.checkpointing import CheckpointError
 from megatron_ext.checkpointing.atomic import staged_directory
-from megatron_ext.checkpointing.run_config import chat_format_of_run, tokenizer_config_from_run
+from megatron_ext.checkpointing.run_config import chat_settings_of_run, tokenizer_config_from_run
 from megatron_ext.checkpointing.sources import open_checkpoint
 from megatron_ext.models.hf_config import hf_config_from_model_args
 from megatron_ext.models.hf_weights import embeddings_from_megatron, layer_from_megatron
@@ -41,6 +41,7 @@ class ExportConfig:
     dtype: str = "bf16"
     iteration: Optional[int] = None
     chat_format: Optional[str] = None  # None: the training data's (meta.json), else chatml
+    prompt_template: Optional[str] = None  # with chat_format "template"
     vocab_file: Optional[str] = None  # None: the tokenizer named in the checkpoint
     max_shard_bytes: int = 5 * 2**30
     overwrite: bool = False
@@ -60,16 +61,24 @@ def export_hf(config: ExportConfig) -> dict:
         raise CheckpointError(f"{source.path}: its run config has no model arguments")
     tokenizer = build_tokenizer(tokenizer_config_from_run(config.load, source.run_config,
                                                           config.vocab_file))
-    chat_format = _usable_chat_format(config.chat_format, source.run_config, tokenizer)
+    chat_format, template = _usable_chat_format(config.chat_format, config.prompt_template,
+                                                source.run_config, tokenizer)
     dtype = DTYPES[config.dtype]
     heads = model["num_attention_heads"]
     kv = model.get("num_attention_heads_kv") or heads
-    eos_ids = generation_config_eos(tokenizer, chat_format)
+    eos_ids = generation_config_eos(tokenizer, chat_format, template)
     hf_config = hf_config_from_model_args(
         model, tokenizer.vocab_size, tokenizer.bos_id,
         eos_ids[0] if len(eos_ids) == 1 else eos_ids, tokenizer.pad_id, DTYPE_NAMES[dtype])
 
     with staged_directory(config.out, config.overwrite) as staging:
+        # config and tokenizer first: a tokenizer that cannot be exported exactly fails
+        # before hours of weight writing, not after
+        _write_json(os.path.join(staging, "config.json"), hf_config)
+        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos_ids,
+                      "pad_token_id": tokenizer.pad_id, "do_sample": False}
+        _write_json(os.path.join(staging, "generation_config.json"), generation)
+        tokenizer_info = export_hf_tokenizer(tokenizer, chat_format, staging, template)
         writer = ShardedSafetensorsWriter(staging, "model", config.max_shard_bytes)
         groups = source.groups(include_optimizer=False)
         first = next(groups)
@@ -83,18 +92,18 @@ def export_hf(config: ExportConfig) -> dict:
         layers = 0
         for group in tqdm(groups, total=model["num_layers"], desc="exporting layers",
                           unit="layer", disable=not config.progress):
-            for name, tensor in layer_from_megatron(group, layers, heads, kv).items():
+            try:
+                converted = layer_from_megatron(group, layers, heads, kv)
+            except KeyError as exc:
+                raise CheckpointError(f"{config.load}: layer {layers} lacks {exc.args[0]} "
+                                      "(an incomplete or foreign checkpoint)") from None
+            for name, tensor in converted.items():
                 writer.add(name, tensor.to(dtype))
             layers += 1
         if layers != model["num_layers"]:
             raise CheckpointError(f"{config.load}: {layers} layers found, the run config says "
                                   f"{model['num_layers']}")
         writer.finish()
-        _write_json(os.path.join(staging, "config.json"), hf_config)
-        generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos_ids,
-                      "pad_token_id": tokenizer.pad_id, "do_sample": False}
-        _write_json(os.path.join(staging, "generation_config.json"), generation)
-        tokenizer_info = export_hf_tokenizer(tokenizer, chat_format, staging)
     return {"out": config.out, "source": source.kind, "iteration": source.iteration,
             "layers": layers, "vocab_size": tokenizer.vocab_size, "padded_rows": rows,
             "dtype": DTYPE_NAMES[dtype], "chat_format": chat_format, "eos_ids": eos_ids,
@@ -102,23 +111,32 @@ def export_hf(config: ExportConfig) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def _usable_chat_format(requested: Optional[str], run_config: dict, tokenizer) -> Optional[str]:
-    """The chat format to export: as asked; else the data's (or chatml) when the tokenizer
-    has its special tokens; else none (a base model exports without a chat template)."""
-    from megatron_ext.data.chat_formats import build_chat_format
-    from megatron_ext.errors import TokenizerError
+def _usable_chat_format(requested: Optional[str], template: Optional[str], run_config: dict,
+                        tokenizer) -> tuple[Optional[str], Optional[str]]:
+    """(chat format, prompt template) to export: as asked; else the data's (or chatml)
+    when an exact chat template exists for it; else none (no chat template written)."""
+    from megatron_ext.errors import ConfigError, TokenizerError
+    from megatron_ext.tokenizer_export import chat_template
 
     if requested == "none":
-        return None
-    name = requested or chat_format_of_run(run_config) or "chatml"
+        return None, None
+    if requested:
+        name = requested
+    else:
+        name, saved_template = chat_settings_of_run(run_config)
+        template = template or saved_template
+        if name is None:
+            logger.warning("the training data's chat format is unknown (its -meta.json is not "
+                           "found from here): trying chatml; pass --chat_format to choose")
+            name = "chatml"
     try:
-        build_chat_format(name, tokenizer).check()
-    except TokenizerError as exc:
+        chat_template(name, tokenizer, template)  # raises when it cannot be exact
+    except (TokenizerError, ConfigError) as exc:
         if requested:
             raise
         logger.warning("no chat template written: %s", exc)
-        return None
-    return name
+        return None, None
+    return name, template
 
 
 def _write_json(path: str, value: dict) -> None:

@@ -85,7 +85,9 @@ def _check_tokenizer(tokenizer, hf_config: dict, rows: int, source: str) -> None
         problems.append(f"its BOS id is {tokenizer.bos_id}, config.json says {bos}")
     eos_ids = eos if isinstance(eos, list) else [eos]
     if eos is not None and tokenizer.eos_id is not None and tokenizer.eos_id not in eos_ids:
-        problems.append(f"its EOS id is {tokenizer.eos_id}, config.json says {eos}")
+        # finetunes often change the EOS in config.json only: worth a warning, not a refusal
+        logger.warning("the tokenizer's EOS id %d is not config.json's %s; check that %s is "
+                       "the model's tokenizer", tokenizer.eos_id, eos, source)
     if problems:
         raise TokenizerError(f"the tokenizer {source} does not match the model "
                              f"({'; '.join(problems)}); pass the model's own tokenizer")
@@ -158,7 +160,8 @@ def _copy_tokenizer_files(model_path: str, vocab_file: str, out_dir: str) -> lis
     if os.path.isfile(vocab_file):
         shutil.copy2(vocab_file, out_dir)
         copied.append(os.path.basename(vocab_file))
-    source_dir = vocab_file if os.path.isdir(vocab_file) else model_path
+    # the tokenizer's own settings (bos/eos), wherever the tokenizer came from
+    source_dir = vocab_file if os.path.isdir(vocab_file) else os.path.dirname(vocab_file)
     for name in TOKENIZER_FILES:
         path = os.path.join(source_dir, name)
         if name not in copied and os.path.isfile(path):

@@ -280,6 +280,10 @@ def resolve_model_args(model_args: Mapping[str, Any]) -> dict[str, Any]:
         raise CheckpointError(f"unknown model argument(s) {', '.join(unknown)}; expected "
                               f"ModelArgs fields ({', '.join(_model_args_fields())})")
     resolved = dict(vars(ModelArgs(**model_args)))
+    if resolved.get("rope_scaling_factor"):
+        raise CheckpointError("Llama 3.1-style RoPE scaling (rope_scaling_factor "
+                              f"{resolved['rope_scaling_factor']}) has no Megatron-LLM "
+                              "equivalent: this model cannot be written in the legacy layout")
     family = _family(resolved["model_name"])
     hidden, heads = resolved["hidden_size"], resolved["num_attention_heads"]
     resolved["num_attention_heads_kv"] = resolved["num_attention_heads_kv"] or heads

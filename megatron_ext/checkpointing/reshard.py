@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from megatron_ext.checkpointing import CheckpointError, iteration_dir, write_tracker
-from megatron_ext.checkpointing.atomic import staged_directory
+from megatron_ext.checkpointing.atomic import check_out_free, staged_directory
 from megatron_ext.checkpointing.sources import CheckpointSource, open_checkpoint
 from megatron_ext.checkpointing.unsharded import (
     RUN_CONFIG,
@@ -96,11 +96,13 @@ def _validate_layout(model: dict, tp: int, pp: int) -> None:
 
 
 def _target_rows(rows: int, vocab: Optional[int], model: dict, tp: int) -> int:
-    """Rows for the target TP: unchanged when they divide, else re-padded."""
-    if rows % tp == 0:
+    """Rows for the target TP: unchanged when already padded for it (a multiple of
+    ``make_vocab_size_divisible_by`` x TP, as the trainer pads), else padded up with zero
+    rows. Never fewer: trained padding rows take part in the softmax."""
+    multiple = int(model.get("make_vocab_size_divisible_by", 128)) * tp
+    if rows % multiple == 0:
         return rows
-    return padded_vocab_size(vocab or rows, int(model.get("make_vocab_size_divisible_by", 128)),
-                             tp)
+    return padded_vocab_size(max(rows, vocab or 0), multiple // tp, tp)
 
 
 def _adapt_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
@@ -117,6 +119,7 @@ def split(config: ReshardConfig) -> dict:
     start = time.perf_counter()
     if config.format not in ("dist", "legacy"):
         raise CheckpointError(f"--format {config.format!r}: use dist or legacy")
+    check_out_free(os.path.abspath(config.out), config.overwrite)
     source = open_checkpoint(config.load, config.iteration)
     model = source.run_config.get("model") or {}
     if not model:

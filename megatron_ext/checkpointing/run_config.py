@@ -41,7 +41,14 @@ def chat_format_of_run(run_config: dict) -> Optional[str]:
 
 
 def chat_settings_of_run(run_config: dict) -> tuple[Optional[str], Optional[str]]:
-    """(chat format name, prompt template) of the run's training data, if known."""
+    """(chat format name, prompt template) of the run's training data, if known.
+
+    Saved in the run config since it exists; older runs: read from the data's
+    ``-meta.json`` when it is found from here.
+    """
+    chat = run_config.get("chat") or {}
+    if chat.get("format"):
+        return chat["format"], chat.get("prompt_template")
     data = run_config.get("data") or {}
     paths = list(data.get("train_data_path") or ()) + list(data.get("data_path") or ())
     for entry in paths:

@@ -101,7 +101,9 @@ def open_checkpoint(path: str, iteration: Optional[int] = None) -> CheckpointSou
 
         return dist_checkpointing.load_common_state_dict(directory)
 
-    return CheckpointSource("dist", directory, run_config, iteration, True, groups, common)
+    weights_only = bool((common().get("common") or {}).get("weights_only"))
+    return CheckpointSource("dist", directory, run_config, iteration, not weights_only, groups,
+                            common)
 
 
 def _open_unsharded(path: str) -> CheckpointSource:

@@ -126,6 +126,7 @@ class UnshardedWriter:
         os.makedirs(self.staging)
         self.tensors = ShardedSafetensorsWriter(self.staging, "model", max_shard_bytes)
         self.names: list[str] = []
+        self.finished = False
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.tensors.add(name, tensor)
@@ -140,9 +141,10 @@ class UnshardedWriter:
             _write_json(os.path.join(self.staging, RUN_CONFIG), run_config)
         if common is not None:
             torch.save(common, os.path.join(self.staging, COMMON))
-        if os.path.exists(self.out_dir):
-            shutil.rmtree(self.out_dir)
-        os.replace(self.staging, self.out_dir)
+        from megatron_ext.checkpointing.atomic import publish
+
+        self.finished = True  # complete from here on: never deleted, even if publishing fails
+        publish(self.staging, self.out_dir)
         return self.out_dir
 
     def abort(self) -> None:
@@ -152,7 +154,7 @@ class UnshardedWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
+        if exc_type is not None and not self.finished:
             self.abort()
 
 
@@ -280,13 +282,20 @@ def load_unsharded(root: str, train, weights_only: bool, reader=None):
 
     from megatron_ext.checkpointing import Progress
 
-    reader = reader or UnshardedReader(root)
+    from megatron_ext.checkpointing import check_model_matches
+
+    if reader is None:
+        reader = UnshardedReader(root)
+        check_model_matches(reader.run_config().get("model") or {}, train.model, root)
     if not weights_only and not reader.has_optimizer:
         raise _error(f"{root} holds weights only (no optimizer state): start from it with "
                      "--finetune, or merge a checkpoint with its optimizer state")
     state = {"model": train.model.sharded_state_dict()}
     if not weights_only:
-        state["optimizer"] = train.optimizer.sharded_state_dict(state["model"], is_loading=True)
+        from megatron_ext.checkpointing import OPTIMIZER_METADATA
+
+        state["optimizer"] = train.optimizer.sharded_state_dict(
+            state["model"], is_loading=True, metadata=OPTIMIZER_METADATA)
     state, nonpersistent, factories = load_preprocess(state)
     if not weights_only:  # plain values (param groups) come from the saved common state
         from megatron.core.dist_checkpointing.utils import extract_sharded_base
@@ -295,7 +304,10 @@ def load_unsharded(root: str, train, weights_only: bool, reader=None):
 
     def fill(value):
         if isinstance(value, ShardedTensor):
-            return _slice_for(reader, value).to(value.data.dtype)
+            # into the model's (or optimizer's) own tensor: no second copy of the model
+            with torch.no_grad():
+                value.data.copy_(_slice_for(reader, value))
+            return value.data
         if isinstance(value, ShardedObject):
             return value.data  # megatron-core's local layers keep no extra state
         return value

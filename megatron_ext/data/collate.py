@@ -93,9 +93,11 @@ def collate(rows: Sequence[Sequence[Sample]], seq_length: int, pad_id: int,
         inputs, labels, weights, positions, segments = [], [], [], [], []
         used = 0
         for number, (tokens, roles) in enumerate(row, start=1):
-            take = min(len(tokens) - 1, seq_length - used)
-            if take <= 0:
+            if used >= seq_length:
                 break
+            take = min(len(tokens) - 1, seq_length - used)
+            if take <= 0:  # a one-token sample predicts nothing; later ones still count
+                continue
             inputs.append(tokens[:take])
             labels.append(tokens[1:take + 1])
             weights.append(weights_of_role[roles[1:take + 1]])

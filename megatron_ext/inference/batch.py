@@ -52,16 +52,18 @@ def generate_records(loaded: LoadedModel, fmt: Optional[ChatFormat],
     stops = stop_ids(loaded, fmt)
     limit = loaded.model_args.max_position_embeddings or loaded.model_args.seq_length
     out = []
+    encoded = [prompt_ids(fmt, tokenizer, record) for record in records]
+    too_long = [f"{record.where} ({len(ids)} tokens)" for record, ids in zip(records, encoded)
+                if len(ids) + params.max_new_tokens > limit]
+    if too_long:  # found before any work, not hours in
+        from megatron_ext.errors import DataError
+
+        raise DataError(f"{len(too_long)} prompt(s) + --max_new_tokens {params.max_new_tokens} "
+                        f"exceed the model's {limit} positions: {', '.join(too_long[:5])}")
     bar = tqdm(total=len(records), desc="generating", unit="prompt",
                disable=not (progress and loaded.layout.is_logger))
-    for batch in _batches(records, batch_size):
-        prompts = [prompt_ids(fmt, tokenizer, record) for record in batch]
-        for record, ids in zip(batch, prompts):
-            if len(ids) + params.max_new_tokens > limit:
-                from megatron_ext.errors import DataError
-
-                raise DataError(f"{record.where}: {len(ids)} prompt tokens + --max_new_tokens "
-                                f"{params.max_new_tokens} exceed the model's {limit} positions")
+    for start in range(0, len(records), batch_size):
+        batch, prompts = records[start:start + batch_size], encoded[start:start + batch_size]
         results = generate(loaded.model, prompts, params, stops, tokenizer.vocab_size,
                            loaded.window)
         for record, ids, result in zip(batch, prompts, results):

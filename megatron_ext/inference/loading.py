@@ -58,8 +58,12 @@ def checkpoint_directory(load: str) -> str:
 
 
 def load_for_inference(load: str, tp: int = 1, pp: int = 1, seed: int = 1234,
-                       vocab_file: Optional[str] = None) -> LoadedModel:
-    """Build the checkpoint's model for this process's TP/PP rank and load its weights."""
+                       vocab_file: Optional[str] = None, bf16: bool = False) -> LoadedModel:
+    """Build the checkpoint's model for this process's TP/PP rank and load its weights.
+
+    The weights are not randomly initialised first (the checkpoint sets every
+    one); ``bf16`` builds the model in bfloat16 (half the memory of fp32).
+    """
     if not os.path.isdir(load):
         raise ConfigError(f"--load {load} does not exist")
     layout = init_distributed(tp, pp, seed)
@@ -72,7 +76,8 @@ def load_for_inference(load: str, tp: int = 1, pp: int = 1, seed: int = 1234,
     if rows is not None and rows >= tokenizer.vocab_size and rows % tp == 0 \
             and not is_unsharded(load):
         padded = rows
-    config = transformer_config(model_args, ParallelArgs(tp, pp), PrecisionArgs())
+    config = transformer_config(model_args, ParallelArgs(tp, pp), PrecisionArgs(bf16=bf16),
+                                init_weights=False)
     model = build_gpt_model(model_args, config, padded, pre_process=layout.first_stage,
                             post_process=layout.last_stage, init_seed=seed)
     model.to(layout.device)

@@ -101,11 +101,13 @@ def read_records(path: str, question_key: str = "question", answer_key: str = "a
 
 def prompt_ids(fmt: Optional[ChatFormat], tokenizer: InstructTokenizer,
                record: PromptRecord) -> list[int]:
-    """The ids the model continues: the chat-formatted prompt, or the raw text (fmt None)."""
+    """The ids the model continues: the chat-formatted prompt, or (fmt None) BOS and the
+    raw text, as a base model saw documents in pretraining."""
     if fmt is None:
         text = record.prompt if isinstance(record.prompt, str) else "\n".join(
             m.content for m in record.conversation)
-        return tokenizer.encode_segments([text], [True])[0]
+        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        return bos + tokenizer.encode_segments([text], [True])[0]
     segments = fmt.generation_prompt_segments(record.conversation)
     return _encode(fmt, tokenizer, segments)[0]
 

@@ -14,7 +14,7 @@ from megatron_ext.models.families import get_family, sliding_window
 
 
 def transformer_config(model, parallel, precision, variable_seq_lengths: bool = False,
-                       use_cpu_initialization: bool = True):
+                       use_cpu_initialization: bool = True, init_weights: bool = True):
     """megatron-core ``TransformerConfig`` for our ``ModelArgs``/``ParallelArgs``/``PrecisionArgs``."""
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -50,7 +50,7 @@ def transformer_config(model, parallel, precision, variable_seq_lengths: bool = 
         # megatron-core refuses variable lengths with its default MoE dispatcher (no MoE here)
         moe_token_dispatcher_type="alltoall",
         use_cpu_initialization=use_cpu_initialization,
-        perform_initialization=True,
+        perform_initialization=init_weights,  # False when a checkpoint overwrites them all
         gradient_accumulation_fusion=False,
         masked_softmax_fusion=False,
         bias_activation_fusion=False,
@@ -176,4 +176,6 @@ def build_gpt_model(model, config, padded_vocab: int, pre_process: bool, post_pr
         share_embeddings_and_output_weights=family.tie_embeddings,
         position_embedding_type=family.position_embedding,
         rotary_base=int(model.rope_theta or family.rope_theta),
+        rope_scaling=bool(model.rope_scaling_factor),
+        rope_scaling_factor=float(model.rope_scaling_factor or 8.0),
     )

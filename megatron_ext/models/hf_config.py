@@ -16,6 +16,9 @@ from megatron_ext.errors import ConfigError
 from megatron_ext.models.families import FAMILIES
 
 HF_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+# megatron-core's Llama 3.1 RoPE scaling has only the factor as a parameter
+LLAMA3_SCALING_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192.0}
 
 
 class UnsupportedModelError(ConfigError):
@@ -62,8 +65,15 @@ def model_args_from_hf_config(config: dict, model_name: Optional[str] = None,
             f"converts {', '.join(HF_MODEL_TYPES)} (Llama 1/2/3, CodeLlama, Mistral)")
     problems = []
     theta, rope_scaling = rope_settings(config)
+    scaling_factor = None
     if rope_scaling:
-        problems.append(f"rope_scaling {rope_scaling} (only plain RoPE is built)")
+        kind = rope_scaling.get("rope_type") or rope_scaling.get("type")
+        if kind == "llama3" and all(float(rope_scaling.get(k, v)) == v for k, v in
+                                    LLAMA3_SCALING_FIXED.items()):
+            scaling_factor = float(rope_scaling["factor"])
+        else:
+            problems.append(f"rope_scaling {rope_scaling} (only plain RoPE and Llama 3.1-style "
+                            f"scaling with {LLAMA3_SCALING_FIXED} are built)")
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
             problems.append(f"{flag}=true (the Llama spec has no biases)")
@@ -96,6 +106,7 @@ def model_args_from_hf_config(config: dict, model_name: Optional[str] = None,
         "seq_length": positions,
         "max_position_embeddings": positions,
         "rope_theta": theta,
+        "rope_scaling_factor": scaling_factor,
         "layernorm_epsilon": float(config.get("rms_norm_eps", 1e-5)),
         "sliding_window_size": int(window) if window else 0,
         "init_method_std": float(config.get("initializer_range", 0.02)),
@@ -147,21 +158,14 @@ def hf_config_from_model_args(model: dict, vocab_size: int, bos_token_id: Option
         config["pretraining_tp"] = 1
     else:
         config["sliding_window"] = window
-    return _as_installed_transformers_writes_it(config)
-
-
-def _as_installed_transformers_writes_it(config: dict) -> dict:
-    """The same settings in the layout of the installed ``transformers`` (which moved
-    ``rope_theta`` into ``rope_parameters`` in version 5), so it loads without guessing."""
-    try:
-        import transformers
-    except ImportError:  # the plain layout still loads in every version
-        return config
-    cls = getattr(transformers, HF_MODEL_TYPES[config["model_type"]].replace(
-        "ForCausalLM", "Config"))
-    dtype = config.pop("torch_dtype")
-    out = cls(**config).to_dict()
-    out.pop("transformers_version", None)
-    out["dtype" if "dtype" in out or "torch_dtype" not in out else "torch_dtype"] = dtype
-    out["architectures"] = config["architectures"]
-    return out
+    # both layouts: transformers >= 5 reads rope_parameters, older readers (transformers 4,
+    # llama.cpp, serving stacks) rope_theta, and would silently fall back to 10000 without it
+    config["rope_parameters"] = {"rope_theta": config["rope_theta"], "rope_type": "default"}
+    if args.rope_scaling_factor:
+        scaling = {"rope_type": "llama3", "factor": float(args.rope_scaling_factor),
+                   **{k: (int(v) if k.startswith("original") else v)
+                      for k, v in LLAMA3_SCALING_FIXED.items()}}
+        config["rope_scaling"] = scaling
+        config["rope_parameters"].update(scaling)
+    config["dtype"] = torch_dtype
+    return config

@@ -27,7 +27,8 @@ class PortableNorm:
         kinds = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
         if config.normalization not in kinds:
             raise ValueError(f"normalization {config.normalization!r}: use LayerNorm or RMSNorm")
-        norm = kinds[config.normalization](normalized_shape=hidden_size, eps=eps)
+        norm = kinds[config.normalization](normalized_shape=hidden_size, eps=eps,
+                                           dtype=config.params_dtype)
         for parameter in norm.parameters():
             parameter.sequence_parallel = config.sequence_parallel
         return norm

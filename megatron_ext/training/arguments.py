@@ -53,6 +53,9 @@ def build_parser() -> FlagParser:
     g.add_argument("--seq_length", type=int, default=2048, help="longest sample in tokens")
     g.add_argument("--max_position_embeddings", type=int, default=None)
     g.add_argument("--rope_theta", type=float, default=None, help="RoPE base (default: family's)")
+    g.add_argument("--rope_scaling_factor", type=float, default=None,
+                   help="Llama 3.1-style RoPE scaling with this factor (low/high frequency "
+                        "factors 1/4, original context 8192); default: none")
     g.add_argument("--layernorm_epsilon", type=float, default=None)
     g.add_argument("--sliding_window_size", type=int, default=None,
                    help="attention window (Mistral; default: the family's)")
@@ -140,6 +143,7 @@ def config_from_args(args) -> TrainConfig:
             num_attention_heads_kv=args.num_attention_heads_kv,
             ffn_hidden_size=args.ffn_hidden_size, seq_length=args.seq_length,
             max_position_embeddings=args.max_position_embeddings, rope_theta=args.rope_theta,
+            rope_scaling_factor=args.rope_scaling_factor,
             layernorm_epsilon=args.layernorm_epsilon, sliding_window_size=args.sliding_window_size,
             init_method_std=args.init_method_std,
             make_vocab_size_divisible_by=args.make_vocab_size_divisible_by),

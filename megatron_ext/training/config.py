@@ -30,6 +30,7 @@ class ModelArgs:
     seq_length: int = 2048
     max_position_embeddings: Optional[int] = None
     rope_theta: Optional[float] = None
+    rope_scaling_factor: Optional[float] = None  # Llama 3.1-style scaling when set
     layernorm_epsilon: Optional[float] = None
     sliding_window_size: Optional[int] = None
     init_method_std: float = 0.02

@@ -99,7 +99,25 @@ class Trainer:
                 f"{load} has {rows} embedding rows but the tokenizer has "
                 f"{self.tokenizer.vocab_size} tokens: the tokenizer (or --vocab_extra_ids_list) "
                 "differs from the one the checkpoint was made with")
-        return rows if rows % self.layout.tp == 0 and not is_unsharded(load) else default
+        if is_unsharded(load):
+            return default  # its rows are adapted to any padding
+        if rows % self.layout.tp:
+            raise CheckpointError(
+                f"{load} has {rows} vocabulary rows, which TP {self.layout.tp} cannot split; "
+                f"reshard it first: python tools/checkpoint_util.py split --load {load} "
+                f"--out NEW_DIR --target_tp {self.layout.tp}")
+        return rows
+
+    def _chat_settings(self) -> dict:
+        """The training data's chat format (from its meta.json), saved with every checkpoint
+        so export and generation use it wherever they run."""
+        for split in self.splits.values():
+            for part in split.parts if split else ():
+                chat = (part.dataset.meta or {}).get("chat_format")
+                if isinstance(chat, dict) and chat.get("name"):
+                    return {"format": chat["name"],
+                            "prompt_template": chat.get("prompt_template")}
+        return {"format": None, "prompt_template": None}
 
     def _train_state(self):
         from megatron_ext.checkpointing import TrainState
@@ -316,7 +334,8 @@ class Trainer:
 
         start = time.perf_counter()
         progress = Progress(self.iteration, self.consumed_samples, self.consumed_tokens)
-        run_config = {**self.config.to_dict(), "tokenizer_identity": self.tokenizer.identity()}
+        run_config = {**self.config.to_dict(), "tokenizer_identity": self.tokenizer.identity(),
+                      "chat": self._chat_settings()}
         path = save_checkpoint(self.config.checkpoint.save, self._train_state(), progress,
                                run_config)
         self._saved_at = self.iteration

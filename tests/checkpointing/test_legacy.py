@@ -30,13 +30,15 @@ HEAD_DIM = HIDDEN // HEADS
 LLAMA_ARGS = {"model_name": "llama2", "num_layers": LAYERS, "hidden_size": HIDDEN,
               "num_attention_heads": HEADS, "num_attention_heads_kv": KV,
               "ffn_hidden_size": FFN, "seq_length": 32, "max_position_embeddings": 32,
-              "rope_theta": 10000.0, "layernorm_epsilon": 1e-5, "sliding_window_size": None,
-              "init_method_std": 0.02, "make_vocab_size_divisible_by": 8}
+              "rope_theta": 10000.0, "rope_scaling_factor": None, "layernorm_epsilon": 1e-5,
+              "sliding_window_size": None, "init_method_std": 0.02,
+              "make_vocab_size_divisible_by": 8}
 GPT_ARGS = {"model_name": "gpt", "num_layers": LAYERS, "hidden_size": HIDDEN,
             "num_attention_heads": HEADS, "num_attention_heads_kv": HEADS,
             "ffn_hidden_size": 4 * HIDDEN, "seq_length": 24, "max_position_embeddings": 24,
-            "rope_theta": 10000.0, "layernorm_epsilon": 1e-5, "sliding_window_size": None,
-            "init_method_std": 0.02, "make_vocab_size_divisible_by": 8}
+            "rope_theta": 10000.0, "rope_scaling_factor": None, "layernorm_epsilon": 1e-5,
+            "sliding_window_size": None, "init_method_std": 0.02,
+            "make_vocab_size_divisible_by": 8}
 
 
 def llama_state() -> dict[str, torch.Tensor]:
@@ -496,3 +498,9 @@ def test_architectures_we_cannot_represent_are_refused(tmp_path):
     torch.save(saved, path)
     with pytest.raises(CheckpointError, match="does not have the gpt architecture"):
         read_legacy_checkpoint(str(tmp_path), model_name="gpt")
+
+
+def test_llama31_rope_scaling_has_no_legacy_equivalent(tmp_path):
+    args = dict(LLAMA_ARGS, model_name="llama3", rope_scaling_factor=8.0)
+    with pytest.raises(CheckpointError, match="RoPE scaling"):
+        write_legacy_checkpoint(str(tmp_path), llama_state(), args, 1, 1, 1, PADDED)

@@ -251,7 +251,7 @@ def test_sigterm_and_sigint_clean_up_everything(interrupted, name):
     assert run.temporary_bytes_at_signal >= GROWN_BYTES
     assert run.returncode != 0
     assert run.returncode == 130, run.stderr  # run_cli: 130 interrupted
-    assert "interrupted: nothing was written" in run.stderr
+    assert "interrupted: unfinished outputs were removed" in run.stderr
     assert "Preprocessing summary" not in run.stdout
     assert run.leftovers == []  # no outputs, no *.tmp.* files
     assert run.live_group == [], "pool workers outlived the interrupted run"

@@ -38,8 +38,11 @@ def test_mistral_without_window_keeps_none():
 
 
 @pytest.mark.parametrize("extra,words", [
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
-    ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}},
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "yarn", "factor": 4.0}},
+     "rope_scaling"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0,
+                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
      "rope_scaling"),
     ({"tie_word_embeddings": True}, "tie_word_embeddings"),
     ({"attention_bias": True}, "attention_bias"),
@@ -55,4 +58,20 @@ def test_export_config_round_trips_through_the_import():
     config = {**BASE, "model_type": "mistral", "sliding_window": 16, "rope_theta": 1e6}
     args = model_args_from_hf_config(config)
     back = hf_config_from_model_args(args, 300, 1, 2, None, "float32")
+    assert model_args_from_hf_config(back) == args
+
+
+LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("layout", ["rope_scaling", "rope_parameters"])
+def test_llama31_rope_scaling_is_converted_both_ways(layout):
+    config = {**BASE, "rope_theta": 500000.0}
+    config[layout] = dict(LLAMA31, **({"rope_theta": 500000.0} if layout == "rope_parameters"
+                                      else {}))
+    args = model_args_from_hf_config(config)
+    assert (args["model_name"], args["rope_scaling_factor"]) == ("llama3", 8.0)
+    back = hf_config_from_model_args(args, 300, 1, 2, None, "bfloat16")
+    assert back["rope_scaling"]["factor"] == 8.0 and back["rope_theta"] == 500000.0
     assert model_args_from_hf_config(back) == args

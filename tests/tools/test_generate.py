@@ -95,7 +95,7 @@ def test_raw_prompt_skips_the_chat_format(converted):
                     "Once upon a time", "--greedy", "--max_new_tokens", "8")
     row = json.loads(result.stdout.strip().splitlines()[-1])
     tokenizer = converted["tokenizer"]
-    ids = tokenizer.encode_segments(["Once upon a time"], [True])[0]
+    ids = [tokenizer.bos_id] + tokenizer.encode_segments(["Once upon a time"], [True])[0]
     want, _ = hf_greedy(converted, [ids], 8, [tokenizer.eos_id])
     assert row["generated_ids"] == want[0] and row["prompt_tokens"] == len(ids)
 

@@ -101,6 +101,23 @@ def test_converted_checkpoint_reproduces_transformers_logits(tmp_path, family, l
         assert (got - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item()), (tp, pp)
 
 
+@pytest.mark.slow
+def test_finetuning_with_other_shape_flags_is_refused(tmp_path, hf_llama, train_data):
+    """Without --use_checkpoint_args, flags that differ from the checkpoint are an error
+    (not a silently truncated model or another RoPE base)."""
+    from tests.training.conftest import model_args, torchrun
+
+    out = tmp_path / "ckpt"
+    run_tool("hf_to_megatron.py", "--model_path", str(hf_llama), "--out", str(out),
+             "--vocab_extra_ids_list", EXTRA)
+    result = torchrun(1, model_args(train_data, 1) + ["--load", str(out), "--finetune",
+                                                      "--rope_theta", "500000"], check=False)
+    assert result.returncode == 1
+    assert "--num_layers: checkpoint 4, this run 2" in result.stderr
+    assert "--rope_theta: checkpoint 10000, this run 500000" in result.stderr
+    assert "--use_checkpoint_args" in result.stderr
+
+
 def _no_output(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "out.incomplete").exists()
@@ -123,7 +140,7 @@ def test_rope_scaling_is_refused_not_silently_dropped(tmp_path, hf_llama):
     model = tmp_path / "model"
     shutil.copytree(hf_llama, model)
     config = json.loads((model / "config.json").read_text())
-    config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
     (model / "config.json").write_text(json.dumps(config))
     result = run_tool("hf_to_megatron.py", "--model_path", str(model), "--out",
                       str(tmp_path / "out"), check=False)
@@ -217,3 +234,24 @@ def test_conversion_streams_instead_of_loading_the_model(tmp_path, sp_model):
     assert result.returncode == 0, result.stderr[-3000:]
     base, peak = map(int, result.stdout.split()[-2:])
     assert peak - base < 0.4 * size, (peak - base, size)
+
+
+@pytest.mark.slow
+def test_llama31_rope_scaling_reproduces_transformers_logits(tmp_path, sp_model):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+               "rope_theta": 500000.0}
+    plain = make_hf_model(tmp_path / "plain", sp_model, initializer_range=0.2,
+                          rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    scaled = make_hf_model(tmp_path / "scaled", sp_model, initializer_range=0.2,
+                           rope_parameters=scaling)
+    out = tmp_path / "ckpt"
+    run_tool("hf_to_megatron.py", "--model_path", str(scaled), "--out", str(out))
+    assert UnshardedReader(str(out)).run_config()["model"]["rope_scaling_factor"] == 8.0
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 1500, (2, 200))
+    want = hf_logits(scaled, tokens)
+    got = checkpoint_logits(out, tokens, tmp_path)[..., :want.shape[-1]]
+    scale = max(1.0, want.abs().max().item())
+    assert (got - want).abs().max() < 1e-5 * scale
+    assert (hf_logits(plain, tokens) - want).abs().max() > 1e-3 * scale  # scaling matters here

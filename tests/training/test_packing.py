@@ -41,3 +41,11 @@ def test_packed_training_has_the_unpacked_loss_curve(tmp_path, train_data):
     assert_same_curve(train_metrics(tmp_path / "packed_pp2"), plain)
     # fewer positions computed for the same samples
     assert sum(r["padding_fraction"] for r in packed) < sum(r["padding_fraction"] for r in plain)
+
+
+def test_a_one_token_sample_does_not_drop_the_rest_of_its_row():
+    lone = (np.array([7]), np.array([2]))
+    b = (np.arange(10, 14), np.full(4, 2))
+    batch = collate([[lone, b]], seq_length=16, pad_id=0, variable_seq_lengths=True)
+    assert batch.labels[0, :3].tolist() == [11, 12, 13]
+    assert batch.real_tokens == 3
