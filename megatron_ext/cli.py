@@ -48,7 +48,12 @@ def setup_logging(verbose: bool = False) -> None:
     )
     # megatron-core announces missing GPU packages at import; that is expected here
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    for message in (".*Transformer Engine and Apex are not installed.*",
+                    "Apex is not installed.*",
+                    # megatron-core 0.16's own calls into torch; nothing a user can change
+                    "full scope is deprecated.*", "`load_state_dict` is deprecated.*",
+                    "torch.distributed is disabled.*"):
+        warnings.filterwarnings("ignore", message=message)
 
 
 def run_cli(main: Callable[[], int]) -> None:
