@@ -138,6 +138,7 @@ def import_hf(config: ImportConfig) -> dict:
         tok_file = os.path.basename(vocab_file) if kind == SENTENCEPIECE else ""
         run_config = {
             "model": model,
+            "tokenizer_identity": tokenizer.identity(),
             "tokenizer": {"tokenizer_type": kind,
                           "vocab_file": os.path.join("tokenizer", tok_file).rstrip("/"),
                           "vocab_extra_ids_list": config.vocab_extra_ids_list},

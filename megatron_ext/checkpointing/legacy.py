@@ -242,8 +242,14 @@ def load_legacy_file(path: str) -> dict:
         raise CheckpointError(f"legacy checkpoint file {path} is missing (every tensor- and "
                               "pipeline-parallel rank needs its file)")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=False,
-                            pickle_module=_pickle_module())
+        try:  # memory-mapped: tensors are read when used, not all at once
+            loaded = torch.load(path, map_location="cpu", weights_only=False,
+                                pickle_module=_pickle_module(), mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            loaded = torch.load(path, map_location="cpu", weights_only=False,  # pre-zip format
+                                pickle_module=_pickle_module())
     except Exception as exc:  # noqa: BLE001 -- zip errors, EOFError, UnpicklingError...
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise CheckpointError(f"legacy checkpoint file {path} cannot be loaded "

@@ -62,14 +62,7 @@ def _ensure_process_group() -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        import socket
-
         from megatron_ext.training.distributed import init_distributed
-
-        if "WORLD_SIZE" not in os.environ:  # a one-process group for a tool: any free port
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
 
         init_distributed(1, 1, 1234)
 
@@ -93,8 +86,7 @@ def open_checkpoint(path: str, iteration: Optional[int] = None) -> CheckpointSou
     run_config = _read_json(os.path.join(directory, RUN_CONFIG))
 
     def groups(include_optimizer: bool):
-        _ensure_process_group()
-        return iter_dist_checkpoint(directory, include_optimizer)
+        return iter_dist_checkpoint(directory, include_optimizer)  # plain DCP reads, no group
 
     def common() -> dict:
         from megatron.core import dist_checkpointing

@@ -67,6 +67,10 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> 
         device = torch.device("cpu")
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "WORLD_SIZE" not in os.environ:
+            # one process started without torchrun (a tool): it needs no agreed port, so any
+            # free one, never an inherited MASTER_PORT that another process may hold
+            os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
@@ -92,6 +96,14 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> 
         dp_rank=parallel_state.get_data_parallel_rank(),
         device=device,
     )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def set_seed(seed: int) -> None:

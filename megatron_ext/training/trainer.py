@@ -91,6 +91,7 @@ class Trainer:
             if iteration is None:
                 return default
             directory = iteration_dir(load, iteration)
+        self._check_checkpoint_tokenizer(directory)
         rows = checkpoint_vocab_rows(directory)
         if rows is None:
             return default
@@ -107,6 +108,30 @@ class Trainer:
                 f"reshard it first: python tools/checkpoint_util.py split --load {load} "
                 f"--out NEW_DIR --target_tp {self.layout.tp}")
         return rows
+
+    def _check_checkpoint_tokenizer(self, directory: str) -> None:
+        """Refuse a checkpoint made with another tokenizer: its embedding rows would mean
+        other tokens (same vocabulary size or not)."""
+        import json
+
+        from megatron_ext.checkpointing import RUN_CONFIG, CheckpointError
+
+        try:
+            with open(os.path.join(directory, RUN_CONFIG), encoding="utf-8") as handle:
+                saved = json.load(handle).get("tokenizer_identity")
+        except (OSError, ValueError):
+            return  # checked later with a full message if the checkpoint is unreadable
+        if not saved:
+            return
+        ours = self.tokenizer.identity()
+        differences = [f"{field}: checkpoint {saved.get(field)!r} vs this run "
+                       f"{ours.get(field)!r}" for field in ("sha256", "vocab_size", "special_tokens")
+                       if saved.get(field) != ours.get(field)]
+        if differences:
+            shown = "; ".join(d if len(d) < 160 else d[:160] + "..." for d in differences)
+            raise CheckpointError(
+                f"{directory} was made with another tokenizer ({shown}); pass the checkpoint's "
+                "tokenizer (--vocab_file, --vocab_extra_ids_list in the same order)")
 
     def _chat_settings(self) -> dict:
         """The training data's chat format (from its meta.json), saved with every checkpoint

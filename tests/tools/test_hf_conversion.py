@@ -118,6 +118,20 @@ def test_finetuning_with_other_shape_flags_is_refused(tmp_path, hf_llama, train_
     assert "--use_checkpoint_args" in result.stderr
 
 
+@pytest.mark.slow
+def test_finetuning_with_another_tokenizer_is_refused(tmp_path, hf_llama, train_data):
+    """Same vocabulary size, other ids for the chat tokens: refused, not trained on."""
+    from tests.training.conftest import model_args, torchrun
+
+    out = tmp_path / "ckpt"
+    run_tool("hf_to_megatron.py", "--model_path", str(hf_llama), "--out", str(out),
+             "--vocab_extra_ids_list", ",".join(reversed(CHATML)))
+    result = torchrun(1, model_args(train_data, 1) + ["--load", str(out), "--finetune",
+                                                      "--use_checkpoint_args"], check=False)
+    assert result.returncode == 1
+    assert "was made with another tokenizer (special_tokens" in result.stderr
+
+
 def _no_output(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "out.incomplete").exists()
