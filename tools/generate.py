@@ -41,21 +41,32 @@ def add_model_arguments(parser: FlagParser) -> None:
                         help="the preprocessing --prompt_template, for --chat_format template")
     parser.add_argument("--vocab_file", default=None,
                         help="tokenizer file, when the one named in the checkpoint has moved")
-    parser.add_argument("--question_key", default="question")
-    parser.add_argument("--answer_key", default="answer")
-    parser.add_argument("--system_key", default="system")
-    parser.add_argument("--messages_key", default="messages")
+    parser.add_argument("--question_key", default="question",
+                        help="JSONL key of the question (\"prompt\" is also accepted)")
+    parser.add_argument("--answer_key", default="answer",
+                        help="JSONL key of the reference answer (or a list; also \"answers\")")
+    parser.add_argument("--system_key", default="system", help="JSONL key of the system prompt")
+    parser.add_argument("--messages_key", default="messages",
+                        help="JSONL key of an OpenAI/ShareGPT message list (instead of a "
+                             "question); a final assistant turn is the reference")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts decoded together")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
+    parser.add_argument("--max_new_tokens", type=int, default=256,
+                        help="most tokens generated per prompt (the end-of-turn token ends "
+                             "earlier)")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (the default "
                         "unless --temperature/--top_k/--top_p are given; --temperature 0 too)")
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--top_k", type=int, default=0)
-    parser.add_argument("--top_p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sample with this temperature (0: greedy)")
+    parser.add_argument("--top_k", type=int, default=0,
+                        help="sample among the k most likely tokens (0: all)")
+    parser.add_argument("--top_p", type=float, default=1.0,
+                        help="sample from the smallest set of tokens with this total "
+                             "probability (nucleus sampling; 1: all)")
+    parser.add_argument("--seed", type=int, default=1234,
+                        help="sampling seed (the same seed gives the same output)")
     parser.add_argument("--bf16", action="store_true",
                         help="run the model in bfloat16 (half the memory; default fp32)")
-    parser.add_argument("--no_progress", action="store_true")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
 def sampling_params(args):

@@ -85,6 +85,4 @@ def test_weights_only_merge_needs_finetune(tmp_path, train_data, straight):
     result = torchrun(1, model_args(train_data, ITERS) + ["--load", str(merged), "--save",
                                                           str(tmp_path / "run")], check=False)
     assert result.returncode != 0 and "--finetune" in result.stderr
-    torchrun(1, model_args(train_data, 2) + ["--load", str(merged), "--finetune", "--save",
-                                             str(tmp_path / "run2")])
-    assert len(train_metrics(tmp_path / "run2")) == 2
+    # (starting from an unsharded checkpoint with --finetune: tests/tools/test_hf_export.py)

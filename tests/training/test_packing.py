@@ -30,15 +30,15 @@ def test_packed_rows_restart_positions_and_keep_samples_apart():
 
 @pytest.mark.slow
 def test_packed_training_has_the_unpacked_loss_curve(tmp_path, train_data):
+    """Packed at PP=2 (shapes vary per micro-batch between stages) against one sample per
+    row in one process: the same losses and grad norms."""
     base = model_args(train_data, 4) + ["--seq_length", "192", "--micro_batch_size", "4"]
     torchrun(1, base + ["--save", str(tmp_path / "plain")])
-    torchrun(1, base + ["--pack_sequences", "--save", str(tmp_path / "packed")])
     torchrun(2, base + ["--pack_sequences", "--pipeline_model_parallel_size", "2",
-                        "--save", str(tmp_path / "packed_pp2")])
+                        "--save", str(tmp_path / "packed")])
     plain = train_metrics(tmp_path / "plain")
     packed = train_metrics(tmp_path / "packed")
     assert_same_curve(packed, plain)
-    assert_same_curve(train_metrics(tmp_path / "packed_pp2"), plain)
     # fewer positions computed for the same samples
     assert sum(r["padding_fraction"] for r in packed) < sum(r["padding_fraction"] for r in plain)
 
