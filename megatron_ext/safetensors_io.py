@@ -110,6 +110,25 @@ def mmap_tensors(path: str, header: Mapping[str, TensorInfo] | None = None
     return {name: mmap_tensor(path, info) for name, info in header.items()}
 
 
+def read_weight_map(index_path: str, error=None) -> dict[str, str]:
+    """``weight_map`` of a Hugging Face shard index, every file it names checked to exist.
+
+    ``error`` is the exception class to raise (default :class:`SafetensorsError`).
+    """
+    error = error or SafetensorsError
+    try:
+        with open(index_path, encoding="utf-8") as handle:
+            weight_map = json.load(handle)["weight_map"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise error(f"{index_path}: unreadable index ({exc})") from None
+    directory = os.path.dirname(index_path)
+    for name in sorted(set(weight_map.values())):
+        if not os.path.exists(os.path.join(directory, name)):
+            raise error(f"{os.path.join(directory, name)} is missing (named by the index); "
+                        "the download is incomplete")
+    return weight_map
+
+
 class ShardedSafetensorsWriter:
     """Tensors added one by one, written as shards of at most ``max_shard_bytes``.
 
@@ -180,11 +199,7 @@ class SafetensorsIndex:
         index_path = os.path.join(directory, f"{stem}.safetensors.index.json")
         single = os.path.join(directory, f"{stem}.safetensors")
         if os.path.exists(index_path):
-            try:
-                with open(index_path, encoding="utf-8") as handle:
-                    weight_map = json.load(handle)["weight_map"]
-            except (OSError, ValueError, KeyError) as exc:
-                raise SafetensorsError(f"{index_path}: unreadable index ({exc})") from None
+            weight_map = read_weight_map(index_path)
             files = sorted(set(weight_map.values()))
         elif os.path.exists(single):
             files, weight_map = [f"{stem}.safetensors"], None
@@ -193,11 +208,7 @@ class SafetensorsIndex:
                                    f"{stem}.safetensors.index.json")
         self.headers: dict[str, dict[str, TensorInfo]] = {}
         for name in files:
-            path = os.path.join(directory, name)
-            if not os.path.exists(path):
-                raise SafetensorsError(f"{path} is missing (named by the index); the download "
-                                       "is incomplete")
-            self.headers[name] = read_header(path)
+            self.headers[name] = read_header(os.path.join(directory, name))
         self.file_of: dict[str, str] = {}
         for name, header in self.headers.items():
             for tensor in header:

@@ -21,6 +21,7 @@ import torch
 
 from megatron_ext.checkpointing import CheckpointError
 from megatron_ext.checkpointing.atomic import staged_directory
+from megatron_ext.checkpointing.hf_import import DTYPES
 from megatron_ext.checkpointing.run_config import chat_settings_of_run, tokenizer_config_from_run
 from megatron_ext.checkpointing.sources import open_checkpoint
 from megatron_ext.models.hf_config import hf_config_from_model_args
@@ -30,7 +31,6 @@ from megatron_ext.tokenizers import build_tokenizer
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 

@@ -131,7 +131,7 @@ def split(config: ReshardConfig) -> dict:
     for group in source.groups(include_optimizer=with_optimizer):
         tensors.update(group)
     rows = tensors["embedding.word_embeddings.weight"].shape[0]
-    vocab = _vocab_size(source)
+    vocab = source.vocab_size
     if vocab is not None and rows < vocab:
         raise CheckpointError(f"{config.load} has {rows} embedding rows but its tokenizer "
                               f"{vocab} tokens")
@@ -161,18 +161,17 @@ def split(config: ReshardConfig) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def _vocab_size(source: CheckpointSource) -> Optional[int]:
-    if source.kind == "unsharded":
-        from megatron_ext.checkpointing.unsharded import UnshardedReader
+def _ensure_process_group() -> None:
+    import torch.distributed as dist
 
-        return UnshardedReader(source.path).meta.get("vocab_size")
-    return None
+    if not dist.is_initialized():
+        from megatron_ext.training.distributed import init_distributed
+
+        init_distributed(1, 1, 1234)
 
 
 def _write_dist(source: CheckpointSource, tensors: dict, staging: str, run_config: dict,
                 with_optimizer: bool) -> None:
-    from megatron_ext.checkpointing.sources import _ensure_process_group
-
     _ensure_process_group()
     common = source.common() if with_optimizer else {}
     common = dict(common)

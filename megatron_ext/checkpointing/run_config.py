@@ -35,11 +35,6 @@ def tokenizer_config_from_run(load: str, run_config: dict,
                            tok.get("new_tokens", True))
 
 
-def chat_format_of_run(run_config: dict) -> Optional[str]:
-    """The chat format of the run's training data (from its ``-meta.json``), if known."""
-    return chat_settings_of_run(run_config)[0]
-
-
 def chat_settings_of_run(run_config: dict) -> tuple[Optional[str], Optional[str]]:
     """(chat format name, prompt template) of the run's training data, if known.
 

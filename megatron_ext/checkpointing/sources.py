@@ -8,6 +8,7 @@ not need the whole model in memory where the format allows streaming.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class CheckpointSource:
     has_optimizer: bool
     _groups: Callable[[bool], Iterator[dict[str, torch.Tensor]]] = field(repr=False)
     common: Callable[[], dict] = field(repr=False, default=dict)
+    vocab_size: Optional[int] = None  # the tokenizer's, where the format records it
 
     def groups(self, include_optimizer: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """Non-layer tensors first, then one dict per decoder layer (unsharded names)."""
@@ -56,15 +58,6 @@ def group_by_layer(names: list[str]) -> list[list[str]]:
         else:
             flat.append(name)
     return [flat] + [layers[i] for i in sorted(layers)]
-
-
-def _ensure_process_group() -> None:
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        from megatron_ext.training.distributed import init_distributed
-
-        init_distributed(1, 1, 1234)
 
 
 def open_checkpoint(path: str, iteration: Optional[int] = None) -> CheckpointSource:
@@ -88,6 +81,7 @@ def open_checkpoint(path: str, iteration: Optional[int] = None) -> CheckpointSou
     def groups(include_optimizer: bool):
         return iter_dist_checkpoint(directory, include_optimizer)  # plain DCP reads, no group
 
+    @functools.lru_cache(maxsize=1)
     def common() -> dict:
         from megatron.core import dist_checkpointing
 
@@ -109,7 +103,7 @@ def _open_unsharded(path: str) -> CheckpointSource:
 
     return CheckpointSource("unsharded", path, reader.run_config(),
                             int(reader.meta.get("iteration", 0)), reader.has_optimizer, groups,
-                            reader.common)
+                            reader.common, reader.meta.get("vocab_size"))
 
 
 def _open_legacy(path: str, iteration: Optional[int]) -> CheckpointSource:

@@ -39,7 +39,6 @@ from megatron_ext.safetensors_io import (
     SafetensorsIndex,
     ShardedSafetensorsWriter,
 )
-from megatron_ext.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +116,10 @@ class UnshardedWriter:
     """
 
     def __init__(self, out_dir: str, max_shard_bytes: int = 2 * 2**30, overwrite: bool = False):
+        from megatron_ext.checkpointing.atomic import check_out_free
+
         self.out_dir = os.path.abspath(out_dir)
-        if os.path.exists(self.out_dir) and os.listdir(self.out_dir) and not overwrite:
-            raise _error(f"{out_dir} already exists and is not empty; choose a new --out or "
-                         "pass --overwrite")
+        check_out_free(self.out_dir, overwrite)
         self.staging = self.out_dir + ".incomplete"
         shutil.rmtree(self.staging, ignore_errors=True)
         os.makedirs(self.staging)
@@ -317,11 +316,9 @@ def load_unsharded(root: str, train, weights_only: bool, reader=None):
     merge(common, nonpersistent)  # e.g. the optimizer's param ids per group
     merge(common, state)
     loaded = apply_factory_merges(common, factories)
-    missing, unexpected = train.model.load_state_dict(loaded["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise _error(f"{root}: weights do not fit the model (missing {missing[:3]}, "
-                     f"unexpected {unexpected[:3]})")
+    from megatron_ext.checkpointing import _load_model_weights
+
+    _load_model_weights(train.model, loaded["model"], root)
     iteration = int(reader.meta.get("iteration", 0))
     if weights_only:
         return iteration, Progress()
@@ -458,7 +455,3 @@ def checkpoint_vocab_rows(path: str) -> Optional[int]:
         return None
     entry = metadata.get("embedding.word_embeddings.weight")
     return int(entry.global_shape[0]) if entry is not None else None
-
-
-class CheckpointFormatError(UserError):
-    """A path that is no checkpoint of a known format."""

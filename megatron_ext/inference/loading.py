@@ -18,16 +18,14 @@ import torch
 
 from megatron_ext.checkpointing import (
     TrainState,
-    iteration_dir,
-    latest_iteration,
     load_checkpoint,
     read_run_config,
 )
 from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
-from megatron_ext.checkpointing.unsharded import checkpoint_vocab_rows, is_unsharded
+from megatron_ext.checkpointing.vocab import padded_vocab_for
 from megatron_ext.errors import ConfigError
 from megatron_ext.models.builder import build_gpt_model, transformer_config
-from megatron_ext.models.families import padded_vocab_size, sliding_window
+from megatron_ext.models.families import sliding_window
 from megatron_ext.tokenizers import InstructTokenizer, build_tokenizer
 from megatron_ext.training.config import ModelArgs, ParallelArgs, PrecisionArgs
 from megatron_ext.training.distributed import Layout, init_distributed
@@ -47,16 +45,6 @@ class LoadedModel:
         return sliding_window(self.model_args)
 
 
-def checkpoint_directory(load: str) -> str:
-    """The directory holding the weights: ``load`` itself, or its latest ``iter_*``."""
-    from megatron_ext.checkpointing.legacy_detect import is_legacy
-
-    if is_unsharded(load) or is_legacy(load):
-        return load
-    iteration = latest_iteration(load)
-    return iteration_dir(load, iteration) if iteration is not None else load
-
-
 def load_for_inference(load: str, tp: int = 1, pp: int = 1, seed: int = 1234,
                        vocab_file: Optional[str] = None, bf16: bool = False) -> LoadedModel:
     """Build the checkpoint's model for this process's TP/PP rank and load its weights.
@@ -71,11 +59,8 @@ def load_for_inference(load: str, tp: int = 1, pp: int = 1, seed: int = 1234,
     fields = {f.name for f in dataclasses.fields(ModelArgs)}
     model_args = ModelArgs(**{k: v for k, v in run_config["model"].items() if k in fields})
     tokenizer = build_tokenizer(tokenizer_config_from_run(load, run_config, vocab_file))
-    rows = checkpoint_vocab_rows(checkpoint_directory(load))
-    padded = padded_vocab_size(tokenizer.vocab_size, model_args.make_vocab_size_divisible_by, tp)
-    if rows is not None and rows >= tokenizer.vocab_size and rows % tp == 0 \
-            and not is_unsharded(load):
-        padded = rows
+    padded = padded_vocab_for(load, tokenizer.vocab_size, model_args.make_vocab_size_divisible_by,
+                              tp)
     config = transformer_config(model_args, ParallelArgs(tp, pp), PrecisionArgs(bf16=bf16),
                                 init_weights=False)
     model = build_gpt_model(model_args, config, padded, pre_process=layout.first_stage,

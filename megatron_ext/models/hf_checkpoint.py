@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from megatron_ext.safetensors_io import SafetensorsError, SafetensorsIndex
+from megatron_ext.safetensors_io import SafetensorsError, SafetensorsIndex, read_weight_map
 from megatron_ext.errors import UserError
 
 
@@ -63,17 +63,7 @@ class HFWeights:
     def _index_bins(self) -> None:
         index = os.path.join(self.model_dir, "pytorch_model.bin.index.json")
         if os.path.exists(index):
-            try:
-                with open(index, encoding="utf-8") as handle:
-                    weight_map = json.load(handle)["weight_map"]
-            except (OSError, ValueError, KeyError) as exc:
-                raise HFCheckpointError(f"{index}: unreadable index ({exc})") from None
-            for name, file in weight_map.items():
-                self._bin_files[name] = file
-            for file in set(weight_map.values()):
-                if not os.path.exists(os.path.join(self.model_dir, file)):
-                    raise HFCheckpointError(f"{os.path.join(self.model_dir, file)} is missing "
-                                            "(named by the index); the download is incomplete")
+            self._bin_files.update(read_weight_map(index, HFCheckpointError))
         else:
             for name in self._load_bin("pytorch_model.bin"):
                 self._bin_files[name] = "pytorch_model.bin"

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from megatron_ext.models.builder import build_gpt_model, transformer_config
-from megatron_ext.models.families import padded_vocab_size, sliding_window
+from megatron_ext.models.families import sliding_window
 from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer, parse_extra_ids
 from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.data import BatchBuilder, GlobalBatch, build_splits, iterations
@@ -67,47 +67,16 @@ class Trainer:
             self._load()
 
     def _padded_vocab(self) -> int:
-        """Embedding rows: the checkpoint's when it has a usable count, else padded for TP.
-
-        Reusing the checkpoint's padding keeps a resume at another TP exact (the
-        padded logits take part in the softmax); an unsharded checkpoint's rows
-        are adapted to whatever padding is chosen here.
-        """
-        from megatron_ext.checkpointing import CheckpointError, latest_iteration, iteration_dir
-        from megatron_ext.checkpointing.unsharded import checkpoint_vocab_rows, is_unsharded
+        """Embedding rows: the checkpoint's when it has a usable count, else padded for TP
+        (``checkpointing.vocab``); a checkpoint made with another tokenizer is refused."""
+        from megatron_ext.checkpointing.vocab import checkpoint_directory, padded_vocab_for
 
         c = self.config
-        default = padded_vocab_size(self.tokenizer.vocab_size,
-                                    c.model.make_vocab_size_divisible_by, self.layout.tp)
-        from megatron_ext.checkpointing.legacy_detect import is_legacy
-
-        load = c.checkpoint.load
-        if not load or not os.path.isdir(load) or is_legacy(load):
-            return default
-        if is_unsharded(load):
-            directory = load
-        else:
-            iteration = latest_iteration(load)
-            if iteration is None:
-                return default
-            directory = iteration_dir(load, iteration)
-        self._check_checkpoint_tokenizer(directory)
-        rows = checkpoint_vocab_rows(directory)
-        if rows is None:
-            return default
-        if rows < self.tokenizer.vocab_size:
-            raise CheckpointError(
-                f"{load} has {rows} embedding rows but the tokenizer has "
-                f"{self.tokenizer.vocab_size} tokens: the tokenizer (or --vocab_extra_ids_list) "
-                "differs from the one the checkpoint was made with")
-        if is_unsharded(load):
-            return default  # its rows are adapted to any padding
-        if rows % self.layout.tp:
-            raise CheckpointError(
-                f"{load} has {rows} vocabulary rows, which TP {self.layout.tp} cannot split; "
-                f"reshard it first: python tools/checkpoint_util.py split --load {load} "
-                f"--out NEW_DIR --target_tp {self.layout.tp}")
-        return rows
+        directory = checkpoint_directory(c.checkpoint.load)
+        if directory is not None:
+            self._check_checkpoint_tokenizer(directory)
+        return padded_vocab_for(c.checkpoint.load, self.tokenizer.vocab_size,
+                                c.model.make_vocab_size_divisible_by, self.layout.tp)
 
     def _check_checkpoint_tokenizer(self, directory: str) -> None:
         """Refuse a checkpoint made with another tokenizer: its embedding rows would mean
