@@ -133,7 +133,8 @@ class ConfigParser(FlagParser):
         self._groups: dict[str, argparse._ArgumentGroup] = {}
         self._dests: dict[str, type] = {}
 
-    def _group(self, title: Optional[str]):
+    def section(self, title: Optional[str]):
+        """The help section ``title`` (created on first use; sections show in that order)."""
         if title is None:
             return self
         if title not in self._groups:
@@ -159,7 +160,8 @@ class ConfigParser(FlagParser):
                 raise TypeError(f"{cls.__name__}.{f.name}: a field of that name is already a "
                                 f"flag (of {self._dests[f.name].__name__})")
             self._dests[f.name] = cls
-            kwargs: dict[str, Any] = {"dest": f.name, "help": _help_text(flag, default)}
+            kwargs: dict[str, Any] = {"dest": f.name,
+                                      "help": _help_text(flag, None if required else default)}
             names = flag.names
             if hint is bool:
                 action = flag.action or ("store_false" if default else "store_true")
@@ -176,10 +178,11 @@ class ConfigParser(FlagParser):
                 kwargs.update(default=default, required=required)
                 if flag.choices is not None:
                     kwargs["choices"] = flag.choices
-                if flag.metavar:
-                    kwargs["metavar"] = flag.metavar
+                if flag.metavar or (flag.names and flag.choices is None):
+                    # named after the flag, not the field: --question_key QUESTION_KEY
+                    kwargs["metavar"] = flag.metavar or flag.names[0].lstrip("-").upper()
             names = names or (f"--{f.name}",)
-            self._group(flag.group or title).add_argument(*names, *flag.aliases, **kwargs)
+            self.section(flag.group or title).add_argument(*names, *flag.aliases, **kwargs)
         if overrides:
             raise TypeError(f"{cls.__name__} has no flag field {', '.join(overrides)}")
 
