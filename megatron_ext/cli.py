@@ -89,6 +89,15 @@ def internal(default: Any = MISSING) -> Any:
     return field(default=default, metadata={FLAG: None})
 
 
+def _dest(f: dataclasses.Field) -> str:
+    """The namespace attribute of a field's flag: named after the flag when the field
+    has its own spelling (``--question_key`` -> ``question_key``), else the field's name."""
+    flag = f.metadata.get(FLAG)
+    if flag is not None and flag.names:
+        return flag.names[0].lstrip("-").replace("-", "_")
+    return f.name
+
+
 def _unwrap_optional(hint: Any) -> Any:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -123,9 +132,10 @@ def _flag_fields(cls: type) -> Iterator[tuple[dataclasses.Field, Any, Optional[F
 class ConfigParser(FlagParser):
     """A :class:`FlagParser` whose flags come from config dataclasses.
 
-    ``add_config(cls)`` adds one flag per field (see :class:`Flag`) under the
-    field's name as ``dest``, so that ``build_config(cls, namespace)`` builds the
-    object back by keyword. Field names are unique across the configs of a parser.
+    ``add_config(cls)`` adds one flag per field (see :class:`Flag`), so that
+    ``build_config(cls, namespace)`` builds the object back by keyword. Each flag's
+    namespace attribute is the field's name (or its own flag's, see ``_dest``) and
+    is unique across the configs of a parser.
     """
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -156,11 +166,12 @@ class ConfigParser(FlagParser):
             required = changes.pop("required", f.default is MISSING
                                    and f.default_factory is MISSING)
             flag = dataclasses.replace(flag or Flag(), **changes)
-            if f.name in self._dests:
-                raise TypeError(f"{cls.__name__}.{f.name}: a field of that name is already a "
-                                f"flag (of {self._dests[f.name].__name__})")
-            self._dests[f.name] = cls
-            kwargs: dict[str, Any] = {"dest": f.name,
+            dest = _dest(f)
+            if dest in self._dests:
+                raise TypeError(f"{cls.__name__}.{f.name}: {dest!r} is already the flag of a "
+                                f"field of {self._dests[dest].__name__}")
+            self._dests[dest] = cls
+            kwargs: dict[str, Any] = {"dest": dest,
                                       "help": _help_text(flag, None if required else default)}
             names = flag.names
             if hint is bool:
@@ -178,9 +189,8 @@ class ConfigParser(FlagParser):
                 kwargs.update(default=default, required=required)
                 if flag.choices is not None:
                     kwargs["choices"] = flag.choices
-                if flag.metavar or (flag.names and flag.choices is None):
-                    # named after the flag, not the field: --question_key QUESTION_KEY
-                    kwargs["metavar"] = flag.metavar or flag.names[0].lstrip("-").upper()
+                if flag.metavar:
+                    kwargs["metavar"] = flag.metavar
             names = names or (f"--{f.name}",)
             self.section(flag.group or title).add_argument(*names, *flag.aliases, **kwargs)
         if overrides:
@@ -221,9 +231,9 @@ def build_config(cls: type, namespace: argparse.Namespace, **given: Any) -> Any:
         if _is_config(hint):
             kwargs[f.name] = build_config(hint, namespace)
             continue
-        if not hasattr(namespace, f.name):
+        if not hasattr(namespace, _dest(f)):
             raise TypeError(f"{cls.__name__}.{f.name} has no flag in this parser")
-        value = getattr(namespace, f.name)
+        value = getattr(namespace, _dest(f))
         if _tuple_item(hint) is not None and value is not None:
             value = tuple(value)
         kwargs[f.name] = value
