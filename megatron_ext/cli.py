@@ -204,7 +204,7 @@ class ConfigParser(FlagParser):
 def _help_text(flag: Flag, default: Any) -> str:
     """The field's help, with its default when that says something and the help does not."""
     text = flag.help
-    if "%(default)" in text or default is None or isinstance(default, bool) or default == ():
+    if "(default" in text or default is None or isinstance(default, bool) or default == ():
         return text
     return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
