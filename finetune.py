@@ -12,12 +12,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from megatron_ext.cli import run_cli, setup_logging  # noqa: E402
-from megatron_ext.training.arguments import build_parser, config_from_args  # noqa: E402
+from megatron_ext.training.arguments import parse_config  # noqa: E402
 
 
 def main(argv=None) -> int:
-    config = config_from_args(build_parser().parse_args(argv))
+    config = parse_config(argv)  # flags checked before torch and megatron-core are imported
     setup_logging()
+    # imported only now, for the same reason: a bad flag must not cost their import
     from megatron_ext.training.distributed import shutdown
     from megatron_ext.training.trainer import Trainer
 

@@ -1,17 +1,23 @@
 """Shared command-line plumbing for the project's scripts.
 
 Why: every CLI must accept Megatron-LLM's ``--snake_case`` flags and the
-``--kebab-case`` spelling alike, and turn a :class:`UserError` into a
-one-line message and a non-zero exit instead of a traceback.
+``--kebab-case`` spelling alike, derive its flags from the config dataclasses
+it builds (one default, one help text, objects built by keyword), and turn a
+:class:`UserError` into a one-line message and a non-zero exit instead of a
+traceback. Floor 0: knows nothing of the project's configs, imports no torch.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+import types
+import typing
 import warnings
-from typing import Callable
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from megatron_ext.errors import ConfigError, UserError
 
@@ -37,6 +43,201 @@ class FlagParser(argparse.ArgumentParser):
         flag, sep, value = arg.partition("=")
         snake = flag[:2] + flag[2:].replace("-", "_")
         return snake + sep + value if snake in self._option_string_actions else arg
+
+
+# -- flags derived from config dataclasses -----------------------------------------------------
+#
+# Why: a default written once. A config dataclass declares each setting with its type, default
+# and help (``option(...)``); the parser's flags are derived from those fields and the objects
+# are built back by keyword, so reordering or adding a field cannot silently swap two flags.
+
+FLAG = "flag"  # the key of a field's metadata that holds its :class:`Flag`
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How one dataclass field appears on the command line.
+
+    Anything left unset is derived from the field: the flag ``--<field name>``,
+    the type from the annotation (``Optional[X]`` takes X; ``tuple[X, ...]`` takes
+    one or more values), a ``bool`` field is a switch (``--name`` when it defaults
+    to False, ``--no_name`` when it defaults to True), and a field without a
+    default is a required flag.
+    """
+
+    help: str = ""
+    names: tuple[str, ...] = ()  # the spellings, first shown; default: ("--<field name>",)
+    aliases: tuple[str, ...] = ()  # further spellings (e.g. Megatron-LM's longer names)
+    choices: Optional[tuple] = None
+    action: Optional[str] = None  # store_true | store_false; default from a bool's default
+    nargs: Optional[str] = None  # default "+" for a tuple field
+    metavar: Optional[str] = None
+    group: Optional[str] = None  # help section; default: the one the dataclass is added to
+    type: Optional[Callable[[str], Any]] = None  # default: from the annotation
+
+
+def option(default: Any = MISSING, help: str = "", **flag: Any) -> Any:
+    """A dataclass field together with its flag: ``lr: float = option(1e-5, "peak learning rate")``.
+
+    ``flag`` takes :class:`Flag`'s other attributes (names, aliases, choices, ...).
+    """
+    return field(default=default, metadata={FLAG: Flag(help=help, **flag)})
+
+
+def internal(default: Any = MISSING) -> Any:
+    """A dataclass field that is not a flag (the CLI passes it to :func:`build_config`)."""
+    return field(default=default, metadata={FLAG: None})
+
+
+def _dest(f: dataclasses.Field) -> str:
+    """The namespace attribute of a field's flag: named after the flag when the field
+    has its own spelling (``--question_key`` -> ``question_key``), else the field's name."""
+    flag = f.metadata.get(FLAG)
+    if flag is not None and flag.names:
+        return flag.names[0].lstrip("-").replace("-", "_")
+    return f.name
+
+
+def _unwrap_optional(hint: Any) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+def _is_config(hint: Any) -> bool:
+    return dataclasses.is_dataclass(hint) and isinstance(hint, type)
+
+
+def _tuple_item(hint: Any) -> Optional[Any]:
+    """X for ``tuple[X, ...]``, else None."""
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return args[0]
+    return None
+
+
+def _flag_fields(cls: type) -> Iterator[tuple[dataclasses.Field, Any, Optional[Flag]]]:
+    """(field, resolved type, Flag or None) of each field that the command line sets."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = _unwrap_optional(hints[f.name])
+        if FLAG in f.metadata and f.metadata[FLAG] is None or _is_config(hint):
+            continue  # an internal value, or a nested config built on its own
+        yield f, hint, f.metadata.get(FLAG)
+
+
+class ConfigParser(FlagParser):
+    """A :class:`FlagParser` whose flags come from config dataclasses.
+
+    ``add_config(cls)`` adds one flag per field (see :class:`Flag`), so that
+    ``build_config(cls, namespace)`` builds the object back by keyword. Each flag's
+    namespace attribute is the field's name (or its own flag's, see ``_dest``) and
+    is unique across the configs of a parser.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._groups: dict[str, argparse._ArgumentGroup] = {}
+        self._dests: dict[str, type] = {}
+
+    def section(self, title: Optional[str]):
+        """The help section ``title`` (created on first use; sections show in that order)."""
+        if title is None:
+            return self
+        if title not in self._groups:
+            self._groups[title] = self.add_argument_group(title)
+        return self._groups[title]
+
+    def add_config(self, cls: type, title: Optional[str] = None,
+                   overrides: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
+        """One flag per field of ``cls``, in field order, in the help section ``title``.
+
+        ``overrides`` changes, for this command only, a field's ``default``,
+        ``required`` or any :class:`Flag` attribute: ``{"workers": {"default": 8}}``.
+        """
+        overrides = dict(overrides or {})
+        for f, hint, flag in _flag_fields(cls):
+            changes = dict(overrides.pop(f.name, {}))
+            default = changes.pop("default", f.default if f.default is not MISSING else (
+                f.default_factory() if f.default_factory is not MISSING else None))
+            required = changes.pop("required", f.default is MISSING
+                                   and f.default_factory is MISSING)
+            flag = dataclasses.replace(flag or Flag(), **changes)
+            dest = _dest(f)
+            if dest in self._dests:
+                raise TypeError(f"{cls.__name__}.{f.name}: {dest!r} is already the flag of a "
+                                f"field of {self._dests[dest].__name__}")
+            self._dests[dest] = cls
+            kwargs: dict[str, Any] = {"dest": dest,
+                                      "help": _help_text(flag, None if required else default)}
+            names = flag.names
+            if hint is bool:
+                action = flag.action or ("store_false" if default else "store_true")
+                kwargs.update(action=action, default=default)
+                names = names or ((f"--no_{f.name}",) if action == "store_false"
+                                  else (f"--{f.name}",))
+            else:
+                item = _tuple_item(hint)
+                kind = flag.type or (item if item is not None else hint)
+                if kind is not str:
+                    kwargs["type"] = kind
+                if item is not None or flag.nargs:
+                    kwargs["nargs"] = flag.nargs or "+"
+                kwargs.update(default=default, required=required)
+                if flag.choices is not None:
+                    kwargs["choices"] = flag.choices
+                if flag.metavar:
+                    kwargs["metavar"] = flag.metavar
+            names = names or (f"--{f.name}",)
+            self.section(flag.group or title).add_argument(*names, *flag.aliases, **kwargs)
+        if overrides:
+            raise TypeError(f"{cls.__name__} has no flag field {', '.join(overrides)}")
+
+    def parse_config(self, cls: type, argv: Optional[Sequence[str]] = None) -> Any:
+        """Parse ``argv`` and build ``cls`` (nested configs too) by keyword."""
+        return build_config(cls, self.parse_args(argv))
+
+
+def _help_text(flag: Flag, default: Any) -> str:
+    """The field's help, with its default when that says something and the help does not."""
+    text = flag.help
+    if "(default" in text or default is None or isinstance(default, bool) or default == ():
+        return text
+    return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+def build_config(cls: type, namespace: argparse.Namespace, **given: Any) -> Any:
+    """``cls`` by keyword from parsed flags: each flag field from the attribute of its name,
+    each nested config field built the same way, ``given`` values as they are.
+
+    Internal fields not given keep their defaults; a flag field missing from the namespace
+    is a programming error, reported instead of silently taking the default.
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(given) - names
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field {', '.join(sorted(unknown))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = dict(given)
+    for f in dataclasses.fields(cls):
+        if f.name in given:
+            continue
+        hint = _unwrap_optional(hints[f.name])
+        if FLAG in f.metadata and f.metadata[FLAG] is None:
+            continue
+        if _is_config(hint):
+            kwargs[f.name] = build_config(hint, namespace)
+            continue
+        if not hasattr(namespace, _dest(f)):
+            raise TypeError(f"{cls.__name__}.{f.name} has no flag in this parser")
+        value = getattr(namespace, _dest(f))
+        if _tuple_item(hint) is not None and value is not None:
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
 
 
 def setup_logging(verbose: bool = False) -> None:

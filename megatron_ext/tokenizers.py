@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from megatron_ext.cli import option
 from megatron_ext.errors import TokenizerError
 
 SENTENCEPIECE = "SentencePieceTokenizer"
@@ -75,6 +76,32 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tokenizer_type", canonical_tokenizer_type(self.tokenizer_type))
+
+
+@dataclass(frozen=True)
+class TokenizerArgs:
+    """The tokenizer flags as typed (Megatron-LLM's names), shared by the preprocessor and
+    the trainer; also what a run's ``run_config.json`` records. :meth:`config` is the one
+    conversion to the :class:`TokenizerConfig` that builds the tokenizer."""
+
+    tokenizer_type: str = option(
+        SENTENCEPIECE, f"one of {', '.join(TOKENIZER_TYPES)} (SentencePiece .model file, or a "
+                       "Hugging Face tokenizer.json / model directory)")
+    vocab_file: Optional[str] = option(
+        None, "tokenizer.model, tokenizer.json, or a directory holding one")
+    vocab_extra_ids_list: Optional[str] = option(
+        None, "comma-separated special tokens, e.g. \"<|im_start|>,<|im_end|>\": ids after the "
+              "base vocabulary, never split")
+    new_tokens: bool = option(
+        True, "add no token to the vocabulary: extra ids must already exist (and "
+              "SentencePiece gets no <CLS>/<SEP>/<EOD>/<MASK>/<PAD>)")
+
+    def config(self) -> TokenizerConfig:
+        if not self.vocab_file:
+            raise TokenizerError("--vocab_file is required (the tokenizer file or directory)")
+        return TokenizerConfig(tokenizer_type=self.tokenizer_type, vocab_file=self.vocab_file,
+                               extra_ids=parse_extra_ids(self.vocab_extra_ids_list),
+                               new_tokens=self.new_tokens)
 
 
 def file_sha256(path: str) -> str:

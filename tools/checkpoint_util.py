@@ -67,15 +67,15 @@ def main(argv=None) -> int:
                            overwrite=args.overwrite)
     if args.command == "merge":
         s = merge(config)
-        print(f"merged {args.load} ({s['source']}, iteration {s['iteration']}) -> {s['out']}: "
-              f"{s['tensors']} tensors, {s['bytes'] / 2**20:.1f} MiB, optimizer state "
-              f"{'included' if s['optimizer'] else 'not included'} ({s['seconds']:.1f} s)")
+        print(f"merged {args.load} ({s.source}, iteration {s.iteration}) -> {s.out}: "
+              f"{s.tensors} tensors, {s.bytes / 2**20:.1f} MiB, optimizer state "
+              f"{'included' if s.optimizer else 'not included'} ({s.seconds:.1f} s)")
     else:
         s = split(config)
-        print(f"split {args.load} ({s['source']}, iteration {s['iteration']}) -> {s['out']}: "
-              f"{s['format']} at TP={s['tp']} PP={s['pp']}, {s['tensors']} tensors, "
-              f"vocabulary rows {s['vocab_rows']}, optimizer state "
-              f"{'included' if s['optimizer'] else 'not included'} ({s['seconds']:.1f} s)")
+        print(f"split {args.load} ({s.source}, iteration {s.iteration}) -> {s.out}: "
+              f"{s.format} at TP={s.tp} PP={s.pp}, {s.tensors} tensors, "
+              f"vocabulary rows {s.vocab_rows}, optimizer state "
+              f"{'included' if s.optimizer else 'not included'} ({s.seconds:.1f} s)")
     return 0
 
 

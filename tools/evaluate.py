@@ -24,50 +24,53 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ext.cli import FlagParser, run_cli, setup_logging  # noqa: E402
-from tools.generate import add_model_arguments, load_model_and_format, sampling_params  # noqa: E402,E501
+from megatron_ext.cli import ConfigParser, build_config, run_cli, setup_logging  # noqa: E402
+from megatron_ext.inference.options import (  # noqa: E402
+    InferenceOptions,
+    add_inference_options,
+    load_model_and_format,
+)
 
 
-def format_summary(summary: dict) -> str:
-    rows = [("records", f"{summary['records']} ({summary['with_reference']} with a reference)"),
-            ("answer loss", f"{summary['answer_loss']:.4f}"),
-            ("answer perplexity", f"{summary['answer_perplexity']:.3f}"),
-            ("answer tokens", str(summary["answer_tokens"]))]
-    if "exact_match" in summary:
-        rows += [("exact match", f"{100 * summary['exact_match']:.2f} %"),
-                 ("token F1", f"{100 * summary['f1']:.2f} %")]
+def format_summary(summary) -> str:
+    """The summary table (``summary``: an :class:`EvaluationSummary`)."""
+    rows = [("records", f"{summary.records} ({summary.with_reference} with a reference)"),
+            ("answer loss", f"{summary.answer_loss:.4f}"),
+            ("answer perplexity", f"{summary.answer_perplexity:.3f}"),
+            ("answer tokens", str(summary.answer_tokens))]
+    if summary.exact_match is not None:
+        rows += [("exact match", f"{100 * summary.exact_match:.2f} %"),
+                 ("token F1", f"{100 * summary.f1:.2f} %")]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
 def main(argv=None) -> int:
-    parser = FlagParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
-                        epilog=__doc__.split("\n\n", 1)[1])
-    add_model_arguments(parser)
+    parser = ConfigParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+                          epilog=__doc__.split("\n\n", 1)[1])
+    add_inference_options(parser, max_new_tokens=64)
     parser.add_argument("--input", required=True, help="JSONL records with reference answers")
     parser.add_argument("--no_generate", action="store_true",
                         help="answer loss and perplexity only (no generation, no EM/F1)")
     parser.add_argument("--output", default=None, help="JSONL of per-record results")
     parser.add_argument("--summary_json", default=None, help="write the summary as JSON here")
-    parser.set_defaults(max_new_tokens=64)
     args = parser.parse_args(argv)
+    options = build_config(InferenceOptions, args)
     setup_logging()
-    params = None if args.no_generate else sampling_params(args)
+    params = None if args.no_generate else options.sampling_params()
     from megatron_ext.inference.batch import evaluate_records, write_jsonl_atomic
-    from megatron_ext.inference.prompts import read_records
 
-    records = read_records(args.input, args.question_key, args.answer_key, args.system_key,
-                           args.messages_key)
-    loaded, fmt = load_model_and_format(args)
-    rows, summary = evaluate_records(loaded, fmt, records, params, args.batch_size,
-                                     progress=not args.no_progress)
+    records = options.read_records(args.input)
+    loaded, fmt = load_model_and_format(options)
+    rows, summary = evaluate_records(loaded, fmt, records, params, options.batch_size,
+                                     progress=options.progress)
     if loaded.layout.is_logger:
         if args.output:
-            write_jsonl_atomic(args.output, rows)
+            write_jsonl_atomic(args.output, [row.to_json() for row in rows])
         if args.summary_json:
             with open(args.summary_json, "w", encoding="utf-8") as handle:
-                json.dump(summary, handle, indent=2)
-        print(f"evaluation of {args.load} on {args.input} (chat format {fmt.name}):")
+                json.dump(summary.to_json(), handle, indent=2)
+        print(f"evaluation of {options.load} on {args.input} (chat format {fmt.name}):")
         print(format_summary(summary))
     return 0
 

@@ -68,14 +68,14 @@ def main(argv=None) -> int:
         vocab_file=args.vocab_file, dtype=args.dtype,
         max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite,
         progress=not args.no_progress))
-    print(f"converted {args.model_path} ({summary['weights_format']}) -> {summary['out']}\n"
-          f"  family {summary['family']}, {summary['layers']} layers, {summary['dtype']}, "
-          f"{summary['bytes'] / 2**20:.1f} MiB\n"
-          f"  vocabulary: {summary['hf_vocab_rows']} rows in the model, tokenizer "
-          f"{summary['vocab_size']} ({summary['new_token_rows']} new rows initialised to the "
+    print(f"converted {args.model_path} ({summary.weights_format}) -> {summary.out}\n"
+          f"  family {summary.family}, {summary.layers} layers, {summary.dtype}, "
+          f"{summary.bytes / 2**20:.1f} MiB\n"
+          f"  vocabulary: {summary.hf_vocab_rows} rows in the model, tokenizer "
+          f"{summary.vocab_size} ({summary.new_token_rows} new rows initialised to the "
           f"mean embedding)\n"
-          f"  tokenizer files: {', '.join(summary['tokenizer_files']) or 'none'}\n"
-          f"  took {summary['seconds']:.1f} s; start training with --load {summary['out']} "
+          f"  tokenizer files: {', '.join(summary.tokenizer_files) or 'none'}\n"
+          f"  took {summary.seconds:.1f} s; start training with --load {summary.out} "
           "--finetune --use_checkpoint_args")
     return 0
 

@@ -60,14 +60,14 @@ def main(argv=None) -> int:
         vocab_file=args.vocab_file,
         max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite,
         progress=not args.no_progress))
-    print(f"exported {args.load} ({summary['source']}, iteration {summary['iteration']}) -> "
-          f"{summary['out']}\n"
-          f"  {summary['layers']} layers, {summary['dtype']}, "
-          f"{summary['bytes'] / 2**20:.1f} MiB; vocabulary {summary['vocab_size']} "
-          f"(padding to {summary['padded_rows']} removed)\n"
-          f"  chat template: {summary['chat_format']}; generation stops at token ids "
-          f"{summary['eos_ids']}\n"
-          f"  took {summary['seconds']:.1f} s")
+    print(f"exported {args.load} ({summary.source}, iteration {summary.iteration}) -> "
+          f"{summary.out}\n"
+          f"  {summary.layers} layers, {summary.dtype}, "
+          f"{summary.bytes / 2**20:.1f} MiB; vocabulary {summary.vocab_size} "
+          f"(padding to {summary.padded_rows} removed)\n"
+          f"  chat template: {summary.chat_format}; generation stops at token ids "
+          f"{summary.eos_ids}\n"
+          f"  took {summary.seconds:.1f} s")
     return 0
 
 

@@ -48,7 +48,25 @@ class ExportConfig:
     progress: bool = True
 
 
-def export_hf(config: ExportConfig) -> dict:
+@dataclass(frozen=True)
+class ExportSummary:
+    """What :func:`export_hf` wrote."""
+
+    out: str
+    source: str  # dist | unsharded | legacy
+    iteration: int
+    layers: int
+    vocab_size: int
+    padded_rows: int  # embedding rows in the checkpoint, padding included
+    dtype: str
+    chat_format: Optional[str]
+    eos_ids: list[int]
+    bytes: int
+    tokenizer: dict  # the tokenizer export's own summary
+    seconds: float
+
+
+def export_hf(config: ExportConfig) -> ExportSummary:
     """Write the HF directory; returns a summary. Nothing is left at ``out`` on failure."""
     from tqdm import tqdm
 
@@ -104,11 +122,11 @@ def export_hf(config: ExportConfig) -> dict:
             raise CheckpointError(f"{config.load}: {layers} layers found, the run config says "
                                   f"{model['num_layers']}")
         writer.finish()
-    return {"out": config.out, "source": source.kind, "iteration": source.iteration,
-            "layers": layers, "vocab_size": tokenizer.vocab_size, "padded_rows": rows,
-            "dtype": DTYPE_NAMES[dtype], "chat_format": chat_format, "eos_ids": eos_ids,
-            "bytes": writer.total_bytes, "tokenizer": tokenizer_info,
-            "seconds": time.perf_counter() - start}
+    return ExportSummary(out=config.out, source=source.kind, iteration=source.iteration,
+                         layers=layers, vocab_size=tokenizer.vocab_size, padded_rows=rows,
+                         dtype=DTYPE_NAMES[dtype], chat_format=chat_format, eos_ids=eos_ids,
+                         bytes=writer.total_bytes, tokenizer=tokenizer_info,
+                         seconds=time.perf_counter() - start)
 
 
 def _usable_chat_format(requested: Optional[str], template: Optional[str], run_config: dict,

@@ -56,6 +56,23 @@ class ImportConfig:
     progress: bool = True
 
 
+@dataclass(frozen=True)
+class ImportSummary:
+    """What :func:`import_hf` wrote."""
+
+    out: str
+    family: str
+    layers: int
+    hf_vocab_rows: int  # embedding rows in the Hugging Face model
+    vocab_size: int  # the tokenizer's, with the added tokens
+    new_token_rows: int  # rows added, initialised to the mean embedding
+    dtype: str
+    bytes: int
+    tokenizer_files: list[str]
+    seconds: float
+    weights_format: str  # safetensors | bin
+
+
 def _tokenizer_source(config: ImportConfig) -> tuple[str, str]:
     if config.vocab_file:
         kind = config.tokenizer_type or (
@@ -93,7 +110,7 @@ def _check_tokenizer(tokenizer, hf_config: dict, rows: int, source: str) -> None
                              f"({'; '.join(problems)}); pass the model's own tokenizer")
 
 
-def import_hf(config: ImportConfig) -> dict:
+def import_hf(config: ImportConfig) -> ImportSummary:
     """Convert; returns a summary. Nothing is left at ``config.out`` on failure."""
     start = time.perf_counter()
     hf_config = read_hf_config(config.model_path)
@@ -149,11 +166,11 @@ def import_hf(config: ImportConfig) -> dict:
         stored_dtype = str(cast(weights.get("model.norm.weight")).dtype).replace("torch.", "")
         writer.finish({"vocab_size": tokenizer.vocab_size, "iteration": 0, "source": "hf",
                        "dtype": stored_dtype}, run_config)
-    return {"out": config.out, "family": model["model_name"], "layers": layers,
-            "hf_vocab_rows": rows, "vocab_size": tokenizer.vocab_size,
-            "new_token_rows": max(0, tokenizer.vocab_size - rows), "dtype": stored_dtype,
-            "bytes": writer.tensors.total_bytes, "tokenizer_files": copied,
-            "seconds": time.perf_counter() - start, "weights_format": weights.format}
+    return ImportSummary(out=config.out, family=model["model_name"], layers=layers,
+                         hf_vocab_rows=rows, vocab_size=tokenizer.vocab_size,
+                         new_token_rows=max(0, tokenizer.vocab_size - rows), dtype=stored_dtype,
+                         bytes=writer.tensors.total_bytes, tokenizer_files=copied,
+                         seconds=time.perf_counter() - start, weights_format=weights.format)
 
 
 def _copy_tokenizer_files(model_path: str, vocab_file: str, out_dir: str) -> list[str]:

@@ -47,13 +47,42 @@ class ReshardConfig:
     overwrite: bool = False
 
 
+@dataclass(frozen=True)
+class MergeSummary:
+    """What :func:`merge` wrote."""
+
+    out: str
+    source: str  # dist | unsharded | legacy
+    iteration: int
+    tensors: int
+    optimizer: bool  # optimizer state and training position included
+    bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SplitSummary:
+    """What :func:`split` wrote."""
+
+    out: str
+    source: str
+    format: str  # dist | legacy
+    iteration: int
+    tp: int
+    pp: int
+    tensors: int
+    optimizer: bool
+    vocab_rows: int  # embedding rows, padded for the target TP
+    seconds: float
+
+
 def _copy_tokenizer_dir(source: CheckpointSource, destination: str) -> None:
     tokenizer_dir = os.path.join(source.path, "tokenizer")
     if source.kind == "unsharded" and os.path.isdir(tokenizer_dir):
         shutil.copytree(tokenizer_dir, os.path.join(destination, "tokenizer"))
 
 
-def merge(config: ReshardConfig) -> dict:
+def merge(config: ReshardConfig) -> MergeSummary:
     """Any checkpoint -> unsharded file set (with optimizer state when it has one)."""
     start = time.perf_counter()
     source = open_checkpoint(config.load, config.iteration)
@@ -74,9 +103,9 @@ def merge(config: ReshardConfig) -> dict:
                 "source_path": os.path.abspath(source.path), "vocab_rows": rows}
         common = source.common() if with_optimizer else None
         writer.finish(meta, source.run_config, common)
-    return {"out": config.out, "source": source.kind, "iteration": source.iteration,
-            "tensors": count, "optimizer": with_optimizer, "bytes": writer.tensors.total_bytes,
-            "seconds": time.perf_counter() - start}
+    return MergeSummary(out=config.out, source=source.kind, iteration=source.iteration,
+                        tensors=count, optimizer=with_optimizer,
+                        bytes=writer.tensors.total_bytes, seconds=time.perf_counter() - start)
 
 
 def _validate_layout(model: dict, tp: int, pp: int) -> None:
@@ -114,7 +143,7 @@ def _adapt_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
-def split(config: ReshardConfig) -> dict:
+def split(config: ReshardConfig) -> SplitSummary:
     """Any checkpoint -> a ``dist_checkpointing`` run directory or legacy per-rank files."""
     start = time.perf_counter()
     if config.format not in ("dist", "legacy"):
@@ -155,10 +184,10 @@ def split(config: ReshardConfig) -> dict:
         else:
             _write_dist(source, tensors, staging, run_config, with_optimizer)
         _copy_tokenizer_dir(source, staging)
-    return {"out": config.out, "source": source.kind, "format": config.format,
-            "iteration": source.iteration, "tp": config.target_tp, "pp": config.target_pp,
-            "tensors": len(tensors), "optimizer": with_optimizer, "vocab_rows": target_rows,
-            "seconds": time.perf_counter() - start}
+    return SplitSummary(out=config.out, source=source.kind, format=config.format,
+                        iteration=source.iteration, tp=config.target_tp, pp=config.target_pp,
+                        tensors=len(tensors), optimizer=with_optimizer, vocab_rows=target_rows,
+                        seconds=time.perf_counter() - start)
 
 
 def _ensure_process_group() -> None:

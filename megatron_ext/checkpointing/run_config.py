@@ -12,7 +12,7 @@ import os
 from typing import Optional
 
 from megatron_ext.errors import ConfigError
-from megatron_ext.tokenizers import TokenizerConfig, parse_extra_ids
+from megatron_ext.tokenizers import SENTENCEPIECE, TokenizerArgs, TokenizerConfig
 
 
 def tokenizer_config_from_run(load: str, run_config: dict,
@@ -30,9 +30,9 @@ def tokenizer_config_from_run(load: str, run_config: dict,
         beside = os.path.join(load, path)
         if os.path.exists(beside):
             path = beside
-    return TokenizerConfig(tok.get("tokenizer_type") or "SentencePieceTokenizer", path,
-                           parse_extra_ids(tok.get("vocab_extra_ids_list")),
-                           tok.get("new_tokens", True))
+    return TokenizerArgs(tokenizer_type=tok.get("tokenizer_type") or SENTENCEPIECE,
+                         vocab_file=path, vocab_extra_ids_list=tok.get("vocab_extra_ids_list"),
+                         new_tokens=tok.get("new_tokens", True)).config()
 
 
 def chat_settings_of_run(run_config: dict) -> tuple[Optional[str], Optional[str]]:

@@ -17,7 +17,8 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_ext.data.chat_formats import build_chat_format
+from megatron_ext.cli import option
+from megatron_ext.data.chat_formats import CHAT_FORMAT_NAMES, FORMATS, build_chat_format
 from megatron_ext.data.indexed import text_dtype_for
 from megatron_ext.data.records import ROLE_IDS, LineChunk, RecordError, RecordKeys, parse_line
 from megatron_ext.tokenizers import InstructTokenizer, TokenizerConfig, build_tokenizer
@@ -31,10 +32,20 @@ class EncodeConfig:
 
     tokenizer: TokenizerConfig
     keys: RecordKeys
-    chat_format: str = "chatml"
-    prompt_template: Optional[str] = None
-    max_seq_length: Optional[int] = None
-    overlong: str = "drop"  # drop | truncate
+    chat_format: str = option(
+        "chatml", "how a conversation becomes text (default: %(default)s). "
+                  + "; ".join(f"{name}: {cls.description}" for name, cls in FORMATS.items()),
+        choices=CHAT_FORMAT_NAMES)
+    prompt_template: Optional[str] = option(
+        None, "single-turn template with {system}, {input} and {output} placeholders, e.g. "
+              "'User: {input}\\nAssistant: {output}</s>'; \\n and \\t are unescaped; implies "
+              "--chat_format template")
+    max_seq_length: Optional[int] = option(
+        None, "longest record in tokens; longer ones follow --overlong")
+    overlong: str = option(
+        "drop", "drop over-long records (counted as rejects), or truncate their end; a record "
+                "whose prompt alone fills --max_seq_length is always rejected, never kept "
+                "without its answer (default: %(default)s)", choices=("drop", "truncate"))
 
 
 @dataclass

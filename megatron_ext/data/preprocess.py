@@ -26,6 +26,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from megatron_ext import __version__
+from megatron_ext.cli import option
 from megatron_ext.data.chat_formats import build_chat_format
 from megatron_ext.data.encode import (
     ChunkResult,
@@ -48,15 +49,21 @@ EXAMPLES_IN_SUMMARY = 5
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    inputs: tuple[str, ...]
-    output_prefix: str
+    inputs: tuple[str, ...] = option(
+        help="JSONL files or globs (.jsonl or .jsonl.gz), read in the order given",
+        names=("--input",), metavar="PATH")
+    output_prefix: str = option(help="output path prefix; writes PREFIX-text.bin/.idx, "
+                                     "PREFIX-role.bin/.idx and PREFIX-meta.json")
     encode: EncodeConfig
-    workers: int = 1
-    chunk_size: int = 256
-    log_interval: int = 10000
-    rejects_file: Optional[str] = None
-    strict: bool = False
-    progress: bool = True
+    workers: int = option(1, "tokenizer processes; output is identical for any number")
+    chunk_size: int = option(256, "records per task sent to a worker (default: %(default)s)")
+    log_interval: int = option(10000, "records between progress lines when not on a terminal "
+                                      "(default: %(default)s)")
+    rejects_file: Optional[str] = option(
+        None, "write every rejected line as JSONL {file, line, code, reason, text}")
+    strict: bool = option(False, "stop with an error at the first bad record instead of "
+                                 "skipping it")
+    progress: bool = option(True, "no progress bar")
 
     def validate(self) -> None:
         if self.workers < 1:

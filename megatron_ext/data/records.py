@@ -19,6 +19,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
+from megatron_ext.cli import option
 from megatron_ext.errors import DataError
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
@@ -56,10 +57,16 @@ Conversation = tuple[Message, ...]
 class RecordKeys:
     """Which JSON keys hold the conversation (Megatron-LLM's flag names)."""
 
-    question: str = "input"
-    answer: str = "output"
-    system: Optional[str] = None
-    messages: Optional[str] = None
+    question: str = option("input", "key of the user question", names=("--question_key",))
+    answer: str = option("output", "key of the answer, the training target",
+                         names=("--answer_key",))
+    system: Optional[str] = option(
+        None, "key of an optional system prompt; absent or empty means none (megatron-llm "
+              "format renders an empty one, as Megatron-LLM does)", names=("--system_key",))
+    messages: Optional[str] = option(
+        None, "key of a multi-turn list of {role, content} (OpenAI) or {from, value} "
+              "(ShareGPT) messages; replaces question/answer keys. Every assistant turn is a "
+              "target", names=("--messages_key",))
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:

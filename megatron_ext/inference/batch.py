@@ -8,8 +8,10 @@ the same calls (the engine keeps them in step); only rank 0 writes.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -28,6 +30,60 @@ from megatron_ext.inference.prompts import (
 from megatron_ext.data.records import ASSISTANT, Message
 
 
+@dataclass
+class Generation:
+    """One record's generation: a line of ``generate.py``'s output."""
+
+    prompt: str
+    generated_text: str
+    generated_ids: list[int]
+    prompt_tokens: int
+    stop_reason: str  # stop | length
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Evaluation:
+    """One record's evaluation: a line of ``evaluate.py --output``. The prediction and its
+    stop reason exist when answers were generated; the scores when there are references."""
+
+    prompt: str
+    answers: list[str]
+    prediction: Optional[str] = None
+    stop_reason: Optional[str] = None
+    exact_match: Optional[float] = None
+    f1: Optional[float] = None
+
+    def to_json(self) -> dict:
+        return _without_unset(self, ("prediction", "stop_reason", "exact_match", "f1"))
+
+
+@dataclass
+class EvaluationSummary:
+    """Answer loss and perplexity of the references and, when answers were generated,
+    exact match and token F1 (in [0, 1]) over the ``scored`` records with a reference."""
+
+    records: int
+    with_reference: int
+    answer_loss: float
+    answer_perplexity: float
+    answer_tokens: int
+    exact_match: Optional[float] = None
+    f1: Optional[float] = None
+    scored: Optional[int] = None
+
+    def to_json(self) -> dict:
+        return _without_unset(self, ("exact_match", "f1", "scored"))
+
+
+def _without_unset(result, optional: tuple[str, ...]) -> dict:
+    """The result as JSON, without the optional fields that were not computed."""
+    return {k: v for k, v in dataclasses.asdict(result).items()
+            if v is not None or k not in optional}
+
+
 def stop_ids(loaded: LoadedModel, fmt: Optional[ChatFormat]) -> set[int]:
     """End-of-turn token of the chat format, and the tokenizer's EOS."""
     tokenizer = loaded.tokenizer
@@ -44,8 +100,8 @@ def _batches(items: list, size: int):
 
 def generate_records(loaded: LoadedModel, fmt: Optional[ChatFormat],
                      records: list[PromptRecord], params: SamplingParams, batch_size: int = 8,
-                     progress: bool = False) -> list[dict]:
-    """One output dict per record: prompt, generated text and ids, stop reason."""
+                     progress: bool = False) -> list[Generation]:
+    """One generation per record: prompt, generated text and ids, stop reason."""
     from tqdm import tqdm
 
     tokenizer = loaded.tokenizer
@@ -69,9 +125,9 @@ def generate_records(loaded: LoadedModel, fmt: Optional[ChatFormat],
         for record, ids, result in zip(batch, prompts, results):
             text = tokenizer.decode(result.token_ids, doc_start=False,
                                     megatron_llm=bool(fmt and fmt.megatron_llm))
-            out.append({"prompt": record.prompt, "generated_text": text,
-                        "generated_ids": result.token_ids, "prompt_tokens": len(ids),
-                        "stop_reason": result.stop_reason})
+            out.append(Generation(prompt=record.prompt, generated_text=text,
+                                  generated_ids=result.token_ids, prompt_tokens=len(ids),
+                                  stop_reason=result.stop_reason))
         bar.update(len(batch))
     bar.close()
     return out
@@ -105,28 +161,29 @@ def answer_loss(loaded: LoadedModel, fmt: ChatFormat, records: list[PromptRecord
 
 def evaluate_records(loaded: LoadedModel, fmt: ChatFormat, records: list[PromptRecord],
                      params: Optional[SamplingParams], batch_size: int = 8,
-                     progress: bool = False) -> tuple[list[dict], dict]:
+                     progress: bool = False) -> tuple[list[Evaluation], EvaluationSummary]:
     """(per-record rows, summary): answer loss/perplexity and, when ``params`` is given,
     exact match and token F1 of generated answers."""
-    summary = {"records": len(records),
-               "with_reference": sum(1 for r in records if r.answers)}
-    summary.update({f"answer_{k}": v for k, v in
-                    answer_loss(loaded, fmt, records, batch_size).items()})
-    rows = [{"prompt": r.prompt, "answers": list(r.answers)} for r in records]
+    loss = answer_loss(loaded, fmt, records, batch_size)
+    summary = EvaluationSummary(records=len(records),
+                                with_reference=sum(1 for r in records if r.answers),
+                                answer_loss=loss["loss"], answer_perplexity=loss["perplexity"],
+                                answer_tokens=loss["tokens"])
+    rows = [Evaluation(prompt=r.prompt, answers=list(r.answers)) for r in records]
     if params is not None:
         generated = generate_records(loaded, fmt, records, params, batch_size, progress)
         predictions, references = [], []
         for row, record, result in zip(rows, records, generated):
-            row.update(prediction=result["generated_text"].strip(),
-                       stop_reason=result["stop_reason"])
+            row.prediction = result.generated_text.strip()
+            row.stop_reason = result.stop_reason
             if record.answers:
-                row["exact_match"] = exact_match(row["prediction"], list(record.answers))
-                row["f1"] = token_f1(row["prediction"], list(record.answers))
-                predictions.append(row["prediction"])
+                row.exact_match = exact_match(row.prediction, list(record.answers))
+                row.f1 = token_f1(row.prediction, list(record.answers))
+                predictions.append(row.prediction)
                 references.append(list(record.answers))
         scores = aggregate(predictions, references)
-        summary.update(exact_match=scores["exact_match"], f1=scores["f1"],
-                       scored=scores["count"])
+        summary.exact_match, summary.f1 = scores["exact_match"], scores["f1"]
+        summary.scored = scores["count"]
     return rows, summary
 
 

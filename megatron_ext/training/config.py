@@ -3,7 +3,9 @@
 Why: Megatron-LM keeps every setting in one global ``args`` namespace that
 any function may read. Here ``finetune.py`` parses flags once into small
 frozen dataclasses, checks them together (:meth:`TrainConfig.validate`), and
-each function receives only the part it uses.
+each function receives only the part it uses. Each field carries its flag's
+help (``option``): the parser is derived from these fields (``arguments.py``),
+so a default is written once. Importing this module costs no torch.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_ext.cli import option
 from megatron_ext.errors import ConfigError
+from megatron_ext.tokenizers import TokenizerArgs
 
 MODEL_NAMES = ("llama", "llama2", "llama3", "codellama", "mistral", "gpt")
 
@@ -21,36 +25,50 @@ MODEL_NAMES = ("llama", "llama2", "llama3", "codellama", "mistral", "gpt")
 class ModelArgs:
     """Architecture. ``None`` means: the family's default (see models/)."""
 
-    model_name: str = "llama2"
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    num_attention_heads_kv: Optional[int] = None  # GQA groups; None = num_attention_heads
-    ffn_hidden_size: Optional[int] = None
-    seq_length: int = 2048
-    max_position_embeddings: Optional[int] = None
-    rope_theta: Optional[float] = None
-    rope_scaling_factor: Optional[float] = None  # Llama 3.1-style scaling when set
-    layernorm_epsilon: Optional[float] = None
-    sliding_window_size: Optional[int] = None
-    init_method_std: float = 0.02
-    make_vocab_size_divisible_by: int = 128
+    model_name: str = option("llama2", "model family: sets norm, activation, RoPE base, biases",
+                             choices=MODEL_NAMES)
+    num_layers: int = option(2, "transformer layers")
+    hidden_size: int = option(64, "width of the hidden states")
+    num_attention_heads: int = option(4, "attention (query) heads")
+    num_attention_heads_kv: Optional[int] = option(
+        None, "key/value heads for grouped-query attention (default: all heads)")
+    ffn_hidden_size: Optional[int] = option(None, "MLP width (default: the family's rule)")
+    seq_length: int = option(2048, "longest sample in tokens")
+    max_position_embeddings: Optional[int] = option(
+        None, "positions the model is built for (default: --seq_length)")
+    rope_theta: Optional[float] = option(None, "RoPE base (default: the family's)")
+    rope_scaling_factor: Optional[float] = option(
+        None, "Llama 3.1-style RoPE scaling with this factor (low/high frequency factors 1/4, "
+              "original context 8192); default: none")
+    layernorm_epsilon: Optional[float] = option(None, "epsilon of the normalisation layers "
+                                                      "(default: the family's)")
+    sliding_window_size: Optional[int] = option(
+        None, "attention window (Mistral; default: the family's)")
+    init_method_std: float = option(0.02, "standard deviation of the random initialisation")
+    make_vocab_size_divisible_by: int = option(
+        128, "pad the vocabulary to a multiple of this times --tensor_model_parallel_size")
 
 
 @dataclass(frozen=True)
 class ParallelArgs:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
+    tensor_model_parallel_size: int = option(1, "tensor-parallel ranks (TP)")
+    pipeline_model_parallel_size: int = option(1, "pipeline stages (PP); the data-parallel size "
+                                                  "is the world size / (TP x PP)")
+    sequence_parallel: bool = option(False, "split layer norms and dropout along the sequence "
+                                            "over the tensor-parallel ranks (needs TP > 1)")
+    use_distributed_optimizer: bool = option(False, "shard the optimizer state over the "
+                                                    "data-parallel ranks (CUDA only)")
 
 
 @dataclass(frozen=True)
 class PrecisionArgs:
-    bf16: bool = False
-    fp16: bool = False
-    use_flash_attn: bool = False
-    recompute_granularity: Optional[str] = None  # selective | full
+    bf16: bool = option(False, "bfloat16 mixed precision (CUDA only)")
+    fp16: bool = option(False, "float16 mixed precision with loss scaling (CUDA only)")
+    use_flash_attn: bool = option(False, "flash-attn kernels on CUDA when installed, "
+                                         "else PyTorch SDPA")
+    recompute_granularity: Optional[str] = option(
+        None, "recompute activations in the backward pass to save memory: selective "
+              "(attention only) or full (whole layers)", choices=("selective", "full"))
 
     @property
     def dtype_name(self) -> str:
@@ -59,61 +77,68 @@ class PrecisionArgs:
 
 @dataclass(frozen=True)
 class DataArgs:
-    data_path: tuple[str, ...] = ()  # prefix, or weight prefix weight prefix ...
-    train_data_path: tuple[str, ...] = ()
-    valid_data_path: tuple[str, ...] = ()
-    test_data_path: tuple[str, ...] = ()
-    split: str = "969,30,1"
-    variable_seq_lengths: bool = False
-    scalar_loss_mask: float = 0.0
-    data_type: str = "instruction"
-    pack_sequences: bool = False
-
-
-@dataclass(frozen=True)
-class TokenizerArgs:
-    tokenizer_type: str = "SentencePieceTokenizer"
-    vocab_file: Optional[str] = None
-    vocab_extra_ids_list: Optional[str] = None
-    new_tokens: bool = True
+    data_path: tuple[str, ...] = option(
+        (), "preprocessed prefix, or weighted prefixes '0.7 a 0.3 b' (blended)")
+    train_data_path: tuple[str, ...] = option((), "training prefixes (instead of --data_path)")
+    valid_data_path: tuple[str, ...] = option((), "validation prefixes (with --train_data_path)")
+    test_data_path: tuple[str, ...] = option((), "test prefixes (with --train_data_path)")
+    split: str = option("969,30,1", "train,valid,test proportions of --data_path")
+    variable_seq_lengths: bool = option(False, "pad each micro-batch to its longest sample "
+                                               "(multiple of 16), not to --seq_length")
+    scalar_loss_mask: float = option(0.0, "loss weight of user and system tokens "
+                                          "(assistant tokens: 1)")
+    data_type: str = option("instruction", "kind of the preprocessed data",
+                            choices=("instruction",))
+    pack_sequences: bool = option(
+        False, "pack each micro-batch's samples into as few rows of at most --seq_length "
+               "tokens as fit (samples never attend to each other; positions restart per "
+               "sample); the loss is unchanged, padding shrinks")
 
 
 @dataclass(frozen=True)
 class OptimArgs:
-    lr: float = 1e-5
-    min_lr: float = 0.0
-    lr_decay_style: str = "cosine"
-    lr_warmup_iters: int = 0
-    lr_decay_iters: Optional[int] = None
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    lr: float = option(1e-5, "peak learning rate (Adam)")
+    min_lr: float = option(0.0, "learning rate at the end of the decay")
+    lr_decay_style: str = option("cosine", "learning-rate decay after the warmup",
+                                 choices=("cosine", "linear", "constant"))
+    lr_warmup_iters: int = option(0, "iterations of linear warmup from 0 to --lr")
+    lr_decay_iters: Optional[int] = option(None, "iterations of warmup plus decay "
+                                                 "(default: all training iterations)")
+    weight_decay: float = option(0.0, "decoupled weight decay (AdamW)")
+    clip_grad: float = option(1.0, "clip the global gradient norm to this (0: no clipping)")
+    adam_beta1: float = option(0.9, "Adam's first-moment decay")
+    adam_beta2: float = option(0.999, "Adam's second-moment decay")
+    adam_eps: float = option(1e-8, "Adam's epsilon")
 
 
 @dataclass(frozen=True)
 class ScheduleArgs:
-    micro_batch_size: int = 1
-    global_batch_size: int = 1
-    train_iters: Optional[int] = None
-    epochs: Optional[float] = None
-    seed: int = 1234
-    log_interval: int = 1
-    eval_interval: int = 0
-    eval_iters: int = 10
-    save_interval: int = 0
-    exit_interval: Optional[int] = None
-    exit_duration_in_mins: Optional[float] = None
+    micro_batch_size: int = option(1, "samples per forward/backward pass on each rank")
+    global_batch_size: int = option(1, "samples per optimizer step over all data-parallel "
+                                       "ranks (gradient accumulation makes up the rest)")
+    train_iters: Optional[int] = option(None, "optimizer steps to train for")
+    epochs: Optional[float] = option(
+        None, "train for this many passes over the training split instead of --train_iters")
+    seed: int = option(1234, "random seed (initialisation, data order)")
+    log_interval: int = option(1, "iterations between log lines")
+    eval_interval: int = option(0, "iterations between evaluations; 0: only at the end")
+    eval_iters: int = option(10, "validation batches per evaluation")
+    save_interval: int = option(0, "iterations between checkpoints; 0: only at the end")
+    exit_interval: Optional[int] = option(
+        None, "stop (after saving) when the iteration is a multiple of this")
+    exit_duration_in_mins: Optional[float] = option(
+        None, "stop (after saving) once this many minutes have passed")
 
 
 @dataclass(frozen=True)
 class CheckpointArgs:
-    save: Optional[str] = None
-    load: Optional[str] = None
-    finetune: bool = False
-    use_checkpoint_args: bool = False
-    tensorboard_dir: Optional[str] = None
+    save: Optional[str] = option(None, "checkpoint directory (also holds metrics.jsonl)")
+    load: Optional[str] = option(None, "resume from the latest checkpoint here")
+    finetune: bool = option(False, "with --load: take the weights only (fresh optimizer, "
+                                   "iteration 0)")
+    use_checkpoint_args: bool = option(False, "take the model shape from the checkpoint in "
+                                              "--load")
+    tensorboard_dir: Optional[str] = option(None, "also write TensorBoard event files here")
 
 
 @dataclass(frozen=True)
@@ -127,51 +152,44 @@ class TrainConfig:
     schedule: ScheduleArgs = field(default_factory=ScheduleArgs)
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
 
-    def validate(self, world_size: int, cuda: Optional[bool] = None) -> None:
-        """Every inconsistency, found before any work, in one message."""
-        if cuda is None:
-            import torch
+    def validate(self, world_size: int, cuda: Optional[bool] = None, *,
+                 model_shape: bool = True) -> None:
+        """Every inconsistency, found before any work, in one message.
 
-            cuda = torch.cuda.is_available()
+        Pure: imports nothing, so ``finetune.py`` refuses bad flags before torch and
+        megatron-core are imported. ``cuda`` (whether CUDA is available) adds the
+        device checks (bf16/fp16 and the distributed optimizer need CUDA); None skips
+        them: the trainer runs them once torch is imported. ``model_shape=False``
+        skips the checks of the model's shape, for ``--use_checkpoint_args`` before
+        the checkpoint's shape is read.
+        """
         problems = []
         m, p, s = self.model, self.parallel, self.schedule
-        positive = {"--num_layers": m.num_layers, "--hidden_size": m.hidden_size,
-                    "--num_attention_heads": m.num_attention_heads,
-                    "--num_attention_heads_kv": m.num_attention_heads_kv or 1,
-                    "--seq_length": m.seq_length,
-                    "--make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
-                    "--micro_batch_size": s.micro_batch_size,
+        positive = {"--micro_batch_size": s.micro_batch_size,
                     "--global_batch_size": s.global_batch_size,
+                    "--seq_length": m.seq_length,
                     "--train_iters": 1 if s.train_iters is None else s.train_iters,
                     "--epochs": 1 if s.epochs is None else s.epochs}
+        if model_shape:
+            positive = {"--num_layers": m.num_layers, "--hidden_size": m.hidden_size,
+                        "--num_attention_heads": m.num_attention_heads,
+                        "--num_attention_heads_kv": m.num_attention_heads_kv or 1,
+                        "--make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
+                        **positive}
         bad = [f"{flag} must be positive, got {value}" for flag, value in positive.items()
                if value <= 0]
         if bad:
             raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(bad))
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        if m.model_name not in MODEL_NAMES:
+        if model_shape and m.model_name not in MODEL_NAMES:
             problems.append(f"--model_name {m.model_name!r} is not one of {', '.join(MODEL_NAMES)}")
         if tp < 1 or pp < 1:
             problems.append("--tensor_model_parallel_size and --pipeline_model_parallel_size must be >= 1")
         elif world_size % (tp * pp):
             problems.append(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
         dp = max(1, world_size // max(1, tp * pp))
-        if m.num_attention_heads % tp:
-            problems.append(f"--num_attention_heads {m.num_attention_heads} is not divisible by "
-                            f"--tensor_model_parallel_size {tp}")
-        kv = m.num_attention_heads_kv or m.num_attention_heads
-        if m.num_attention_heads % kv:
-            problems.append(f"--num_attention_heads {m.num_attention_heads} is not divisible by "
-                            f"--num_attention_heads_kv {kv}")
-        if kv % tp:
-            problems.append(f"--num_attention_heads_kv {kv} is not divisible by "
-                            f"--tensor_model_parallel_size {tp}")
-        if m.hidden_size % m.num_attention_heads:
-            problems.append(f"--hidden_size {m.hidden_size} is not divisible by "
-                            f"--num_attention_heads {m.num_attention_heads}")
-        if m.num_layers % pp:
-            problems.append(f"--num_layers {m.num_layers} is not divisible by "
-                            f"--pipeline_model_parallel_size {pp}")
+        if model_shape and tp >= 1 and pp >= 1:
+            problems += self._shape_problems(tp, pp)
         if s.global_batch_size % (s.micro_batch_size * dp):
             problems.append(f"--global_batch_size {s.global_batch_size} is not divisible by "
                             f"--micro_batch_size {s.micro_batch_size} x data parallel size {dp}")
@@ -188,10 +206,10 @@ class TrainConfig:
         if p.sequence_parallel and self.data.variable_seq_lengths and 16 % tp:
             problems.append("--sequence_parallel with --variable_seq_lengths pads widths to a "
                             f"multiple of 16, which TP {tp} does not divide")
-        if (self.precision.bf16 or self.precision.fp16) and not cuda:
+        if (self.precision.bf16 or self.precision.fp16) and cuda is False:
             problems.append("--bf16/--fp16 need CUDA (megatron-core's mixed-precision optimizer "
                             "wraps CUDA tensors only); on CPU train in fp32")
-        if p.use_distributed_optimizer and not cuda:
+        if p.use_distributed_optimizer and cuda is False:
             problems.append("--use_distributed_optimizer needs CUDA (megatron-core's distributed "
                             "optimizer checks for CUDA tensors); drop it on CPU")
         if self.optim.lr_decay_style not in ("cosine", "linear", "constant"):
@@ -216,6 +234,27 @@ class TrainConfig:
             problems.append("--save_interval needs --save")
         if problems:
             raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
+
+    def _shape_problems(self, tp: int, pp: int) -> list[str]:
+        """What the model's shape and the parallel layout disagree on."""
+        m, problems = self.model, []
+        if m.num_attention_heads % tp:
+            problems.append(f"--num_attention_heads {m.num_attention_heads} is not divisible by "
+                            f"--tensor_model_parallel_size {tp}")
+        kv = m.num_attention_heads_kv or m.num_attention_heads
+        if m.num_attention_heads % kv:
+            problems.append(f"--num_attention_heads {m.num_attention_heads} is not divisible by "
+                            f"--num_attention_heads_kv {kv}")
+        if kv % tp:
+            problems.append(f"--num_attention_heads_kv {kv} is not divisible by "
+                            f"--tensor_model_parallel_size {tp}")
+        if m.hidden_size % m.num_attention_heads:
+            problems.append(f"--hidden_size {m.hidden_size} is not divisible by "
+                            f"--num_attention_heads {m.num_attention_heads}")
+        if m.num_layers % pp:
+            problems.append(f"--num_layers {m.num_layers} is not divisible by "
+                            f"--pipeline_model_parallel_size {pp}")
+        return problems
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

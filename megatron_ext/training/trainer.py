@@ -19,7 +19,7 @@ import torch
 
 from megatron_ext.models.builder import build_gpt_model, transformer_config
 from megatron_ext.models.families import sliding_window
-from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer, parse_extra_ids
+from megatron_ext.tokenizers import build_tokenizer
 from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.data import BatchBuilder, GlobalBatch, build_splits, iterations
 from megatron_ext.training.distributed import Layout, init_distributed
@@ -34,14 +34,12 @@ class Trainer:
         if config.checkpoint.use_checkpoint_args and config.checkpoint.load:
             config = _with_checkpoint_model_args(config)
         self.config = config
-        config.validate(int(os.environ.get("WORLD_SIZE", "1")))  # before any process group
+        # before any process group; with the device checks finetune.py could not run
+        config.validate(int(os.environ.get("WORLD_SIZE", "1")), cuda=torch.cuda.is_available())
         self.layout: Layout = init_distributed(config.parallel.tensor_model_parallel_size,
                                                config.parallel.pipeline_model_parallel_size,
                                                config.schedule.seed)
-        tok_args = config.tokenizer
-        self.tokenizer = build_tokenizer(TokenizerConfig(
-            tok_args.tokenizer_type, tok_args.vocab_file,
-            parse_extra_ids(tok_args.vocab_extra_ids_list), tok_args.new_tokens))
+        self.tokenizer = build_tokenizer(config.tokenizer.config())
         identity = self.tokenizer.identity()
         self.splits = build_splits(config.data, config.schedule.seed)
         for split in self.splits.values():

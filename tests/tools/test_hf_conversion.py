@@ -56,14 +56,14 @@ def test_import_writes_exactly_the_converted_weights(tmp_path, hf_llama, sp_mode
 
     hf = load_file(str(hf_llama / "model.safetensors"))
     rows = hf["model.embed_tokens.weight"].shape[0]
-    want = llama_to_megatron(hf, 4, 4, 2, summary["vocab_size"], summary["vocab_size"])
+    want = llama_to_megatron(hf, 4, 4, 2, summary.vocab_size, summary.vocab_size)
     assert sorted(reader.names()) == sorted(want)
     for name, tensor in want.items():
         assert torch.equal(reader.view(name), tensor), name
     embedding = reader.view("embedding.word_embeddings.weight")
-    assert summary["new_token_rows"] == summary["vocab_size"] - rows == 5 + len(CHATML)
+    assert summary.new_token_rows == summary.vocab_size - rows == 5 + len(CHATML)
     assert torch.allclose(embedding[rows:], hf["model.embed_tokens.weight"].mean(0).expand(
-        summary["vocab_size"] - rows, -1))
+        summary.vocab_size - rows, -1))
     assert len(reader.index.headers) > 1  # sharded by --max_shard_size
     config = reader.run_config()
     assert config["model"]["num_attention_heads_kv"] == 2
@@ -78,8 +78,8 @@ def test_bin_shards_give_the_same_checkpoint(tmp_path, sp_model, hf_llama):
         bin_dir / "pytorch_model.bin.index.json").exists()
     a = import_hf(ImportConfig(str(hf_llama), str(tmp_path / "a"), progress=False))
     b = import_hf(ImportConfig(str(bin_dir), str(tmp_path / "b"), progress=False))
-    assert (a["weights_format"], b["weights_format"]) == ("safetensors", "bin")
-    ra, rb = UnshardedReader(a["out"]), UnshardedReader(b["out"])
+    assert (a.weights_format, b.weights_format) == ("safetensors", "bin")
+    ra, rb = UnshardedReader(a.out), UnshardedReader(b.out)
     assert sorted(ra.names()) == sorted(rb.names())
     assert all(torch.equal(ra.view(n), rb.view(n)) for n in ra.names())
 

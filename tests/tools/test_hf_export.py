@@ -47,7 +47,7 @@ def test_hf_megatron_hf_gives_back_identical_tensors_and_config(tmp_path, family
     import_hf(ImportConfig(str(source), str(tmp_path / "ckpt"), progress=False))
     summary = export_hf(ExportConfig(str(tmp_path / "ckpt"), str(tmp_path / "back"),
                                      dtype="fp32", progress=False))
-    assert summary["vocab_size"] == json.loads((source / "config.json").read_text())["vocab_size"]
+    assert summary.vocab_size == json.loads((source / "config.json").read_text())["vocab_size"]
     before = load_file(str(source / "model.safetensors"))
     after = {}
     for shard in (tmp_path / "back").glob("model*.safetensors"):
@@ -58,7 +58,7 @@ def test_hf_megatron_hf_gives_back_identical_tensors_and_config(tmp_path, family
     got = json.loads((tmp_path / "back" / "config.json").read_text())
     for key in CONFIG_KEYS:
         assert got.get(key) == want.get(key), key
-    tokens = torch.randint(0, summary["vocab_size"], (1, 30))
+    tokens = torch.randint(0, summary.vocab_size, (1, 30))
     assert torch.equal(hf_logits(source, tokens), hf_logits(tmp_path / "back", tokens))
 
 

@@ -1,0 +1,231 @@
+"""Flags derived from config dataclasses (megatron_ext/cli.py), and the commands that use them:
+every field reachable from its flag, objects built by keyword, no torch before the flags pass."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import typing
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pytest
+
+from megatron_ext.cli import (
+    ConfigParser,
+    _dest,
+    _flag_fields,
+    _tuple_item,
+    build_config,
+    internal,
+    option,
+)
+from tests.conftest import REPO
+
+
+@dataclass(frozen=True)
+class Inner:
+    count: Optional[int] = option(None, "how many")
+    ratio: float = option(0.5, "a fraction")
+    names: tuple[str, ...] = option((), "one or more names", aliases=("--name_list",))
+    kind: str = option("a", "which kind", choices=("a", "b"))
+    switch: bool = option(False, "turn it on")
+    keep: bool = option(True, "drop it")
+
+
+@dataclass(frozen=True)
+class Outer:
+    path: str = option(help="required, no default", names=("--input_path",), metavar="PATH")
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    note: str = internal("set by the program")
+
+
+def parser() -> ConfigParser:
+    p = ConfigParser(prog="demo")
+    p.add_config(Outer, "outer")
+    p.add_config(Inner, "inner")
+    return p
+
+
+def test_types_switches_and_spellings_are_derived_from_the_fields():
+    built = parser().parse_config(Outer, [
+        "--input-path", "x", "--count", "3", "--ratio=0.25", "--name_list", "p", "q",
+        "--kind", "b", "--switch", "--no-keep"])
+    assert built == Outer(path="x", inner=Inner(count=3, ratio=0.25, names=("p", "q"),
+                                                kind="b", switch=True, keep=False),
+                          note="set by the program")
+    assert isinstance(built.inner.names, tuple)
+    assert parser().parse_config(Outer, ["--input_path", "x"]) == Outer("x", Inner(), "set by the program")
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: --input_path"),
+    (["--input_path", "x", "--count", "many"], "--count: invalid int value: 'many'"),
+    (["--input_path", "x", "--kind", "c"], "--kind: invalid choice: 'c'"),
+    (["--input_path", "x", "--keep"], "unrecognized arguments: --keep"),
+])
+def test_bad_flags_are_refused_by_argparse(argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parser().parse_args(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_help_shows_each_default_once():
+    text = " ".join(parser().format_help().split())
+    assert "a fraction (default: 0.5)" in text and "which kind (default: a)" in text
+    assert "--no_keep drop it" in text and "--input_path PATH required, no default" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_a_field_name_is_a_flag_once_per_parser():
+    @dataclass
+    class Clash:
+        ratio: float = option(1.0)
+
+    p = parser()
+    with pytest.raises(TypeError, match="ratio"):
+        p.add_config(Clash)
+    with pytest.raises(TypeError, match="no flag field"):
+        ConfigParser().add_config(Inner, overrides={"nothing": {"default": 1}})
+
+
+def test_given_values_and_unknown_fields():
+    args = parser().parse_args(["--input_path", "x"])
+    assert build_config(Outer, args, note="n").note == "n"
+    with pytest.raises(TypeError, match="no field"):
+        build_config(Outer, args, nothing=1)
+    with pytest.raises(TypeError, match="no flag"):
+        build_config(Outer, ConfigParser().parse_args([]))
+
+
+# -- every field of a real command reachable from its flag -------------------------------------
+
+def non_default_argv(p: ConfigParser, configs) -> tuple[list[str], dict]:
+    """Flags that set every flag field of ``configs`` to a value other than its default,
+    and the values expected per (config, field)."""
+    actions = {a.dest: a for a in p._actions}
+    argv, want = [], {}
+    for cls in configs:
+        for f, hint, _ in _flag_fields(cls):
+            action = actions[_dest(f)]
+            flag = action.option_strings[0]
+            default = action.default
+            if hint is bool:
+                argv.append(flag)
+                value: Any = not default
+            elif action.choices:
+                others = [c for c in action.choices if c != default]
+                if not others:  # a single choice cannot differ; still check it arrives
+                    others = list(action.choices)
+                value = others[-1]
+                argv += [flag, str(value)]
+            elif _tuple_item(hint) is not None:
+                value = (f"{f.name}-1", f"{f.name}-2")
+                argv += [flag, *value]
+            elif hint is int:
+                value = (default or 0) + 7
+                argv += [flag, str(value)]
+            elif hint is float:
+                value = (default or 0.0) + 0.375
+                argv += [flag, repr(value)]
+            else:
+                value = f"{f.name}-value"
+                argv += [flag, value]
+            want[cls, f.name] = value
+    return argv, want
+
+
+def check_every_field(p: ConfigParser, configs, built_of) -> None:
+    argv, want = non_default_argv(p, configs)
+    args = p.parse_args(argv)
+    for (cls, name), value in want.items():
+        built = build_config(cls, args) if built_of is None else built_of(cls, args)
+        assert getattr(built, name) == value, (cls.__name__, name)
+
+
+def test_every_finetune_flag_sets_its_field():
+    from megatron_ext.training.arguments import SECTIONS, build_parser, config_from_args
+    from megatron_ext.training.config import TrainConfig
+
+    sections = {f.type if isinstance(f.type, type) else typing.get_type_hints(TrainConfig)[f.name]:
+                f.name for f in dataclasses.fields(TrainConfig)}
+    configs = [cls for cls, _ in SECTIONS]
+    assert set(configs) == set(sections)  # every part of TrainConfig has its flags
+    check_every_field(build_parser(), configs,
+                      lambda cls, args: getattr(config_from_args(args), sections[cls]))
+
+
+def test_every_preprocessor_flag_sets_its_field():
+    from instruct.preprocess_instruct_data import build_parser, config_from_args
+    from megatron_ext.data.encode import EncodeConfig
+    from megatron_ext.data.preprocess import PreprocessConfig
+    from megatron_ext.data.records import RecordKeys
+    from megatron_ext.tokenizers import TokenizerArgs
+
+    p = build_parser()
+    argv, want = non_default_argv(p, [PreprocessConfig, EncodeConfig, RecordKeys, TokenizerArgs])
+    argv[argv.index("--tokenizer_type") + 1] = "HFTokenizer"
+    argv[argv.index("--vocab_extra_ids_list") + 1] = "<a>,<b>"
+    at = argv.index("--prompt_template")  # implies --chat_format template: checked apart
+    template = argv[at:at + 2]
+    del argv[at:at + 2]
+    config = config_from_args(p.parse_args(argv))
+    tok = config.encode.tokenizer
+    assert (tok.tokenizer_type, tok.vocab_file, tok.extra_ids, tok.new_tokens) == (
+        "HFTokenizer", "vocab_file-value", ("<a>", "<b>"), False)
+    for (cls, name), value in want.items():
+        part = {PreprocessConfig: config, EncodeConfig: config.encode,
+                RecordKeys: config.encode.keys}.get(cls)
+        if part is not None and name != "prompt_template":
+            assert getattr(part, name) == value, (cls.__name__, name)
+    template[1] = "U: {input}\\nA: {output}"
+    templated = config_from_args(p.parse_args(argv + template))
+    assert (templated.encode.chat_format, templated.encode.prompt_template) == (
+        "template", "U: {input}\nA: {output}")
+
+
+# -- no torch before the flags pass ------------------------------------------------------------
+
+GUARD = """
+import runpy, sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "megatron"):
+            raise ImportError(f"{name} imported before the flags were checked")
+sys.meta_path.insert(0, NoTorch())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_guarded(script: str, *argv: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-c", GUARD, str(REPO / script), *argv], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+TRAIN = ["--data_path", "x", "--vocab_file", "tok.model", "--train_iters", "1"]
+
+
+@pytest.mark.parametrize("script, argv, code, message", [
+    ("finetune.py", ["--help"], 0, "--use_checkpoint_args"),
+    ("finetune.py", [*TRAIN, "--num_layerz", "2"], 2, "unrecognized arguments: --num_layerz"),
+    ("finetune.py", [*TRAIN, "--lr", "fast"], 2, "--lr: invalid float value: 'fast'"),
+    ("finetune.py", [*TRAIN, "--model_name", "llama4"], 2, "--model_name: invalid choice"),
+    ("finetune.py", [*TRAIN, "--num_layers", "3", "--pipeline_model_parallel_size", "2",
+                     "--bf16", "--fp16"], 1,
+     "  - --num_layers 3 is not divisible by --pipeline_model_parallel_size 2\n"
+     "  - --bf16 and --fp16 are exclusive"),
+    ("instruct/preprocess_instruct_data.py", ["--help"], 0, "--no_new_tokens"),
+    ("instruct/preprocess_instruct_data.py", ["--input", "a.jsonl", "--output_prefix", "o",
+                                              "--tokenizer_type", "x", "--vocab_file", "v"], 1,
+     "error: unknown --tokenizer_type 'x'"),
+])
+def test_help_and_argument_errors_come_back_without_torch(script, argv, code, message):
+    result = run_guarded(script, *argv)
+    output = result.stdout + result.stderr
+    assert "imported before the flags were checked" not in output
+    assert result.returncode == code, output[-2000:]
+    assert message in output and "Traceback" not in output
