@@ -18,7 +18,7 @@ from megatron_ext.training.arguments import build_parser, config_from_args  # no
 def main(argv=None) -> int:
     config = config_from_args(build_parser().parse_args(argv))
     setup_logging()
-    from megatron_ext.training.distributed import shutdown
+    from megatron_ext.parallel import shutdown
     from megatron_ext.training.trainer import Trainer
 
     try:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from megatron_ext.cli import FlagParser
+from megatron_ext.models.config import ModelArgs, PrecisionArgs
+from megatron_ext.models.families import family_names
+from megatron_ext.parallel import ParallelArgs
 from megatron_ext.training.config import (
-    MODEL_NAMES,
     CheckpointArgs,
     DataArgs,
-    ModelArgs,
     OptimArgs,
-    ParallelArgs,
-    PrecisionArgs,
     ScheduleArgs,
     TokenizerArgs,
     TrainConfig,
@@ -41,7 +40,7 @@ def build_parser() -> FlagParser:
         epilog=EXAMPLE,
     )
     g = parser.add_argument_group("model")
-    g.add_argument("--model_name", default="llama2", choices=MODEL_NAMES,
+    g.add_argument("--model_name", default="llama2", choices=family_names(),
                    help="model family: sets norm, activation, RoPE base, biases (default: %(default)s)")
     g.add_argument("--num_layers", type=int, default=2)
     g.add_argument("--hidden_size", type=int, default=64)

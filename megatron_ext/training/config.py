@@ -13,48 +13,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_ext.errors import ConfigError
-
-MODEL_NAMES = ("llama", "llama2", "llama3", "codellama", "mistral", "gpt")
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    """Architecture. ``None`` means: the family's default (see models/)."""
-
-    model_name: str = "llama2"
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_attention_heads: int = 4
-    num_attention_heads_kv: Optional[int] = None  # GQA groups; None = num_attention_heads
-    ffn_hidden_size: Optional[int] = None
-    seq_length: int = 2048
-    max_position_embeddings: Optional[int] = None
-    rope_theta: Optional[float] = None
-    rope_scaling_factor: Optional[float] = None  # Llama 3.1-style scaling when set
-    layernorm_epsilon: Optional[float] = None
-    sliding_window_size: Optional[int] = None
-    init_method_std: float = 0.02
-    make_vocab_size_divisible_by: int = 128
-
-
-@dataclass(frozen=True)
-class ParallelArgs:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
-
-
-@dataclass(frozen=True)
-class PrecisionArgs:
-    bf16: bool = False
-    fp16: bool = False
-    use_flash_attn: bool = False
-    recompute_granularity: Optional[str] = None  # selective | full
-
-    @property
-    def dtype_name(self) -> str:
-        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+from megatron_ext.models.config import ModelArgs, PrecisionArgs
+from megatron_ext.models.families import family_names
+from megatron_ext.parallel import ParallelArgs
 
 
 @dataclass(frozen=True)
@@ -149,8 +110,9 @@ class TrainConfig:
         if bad:
             raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(bad))
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        if m.model_name not in MODEL_NAMES:
-            problems.append(f"--model_name {m.model_name!r} is not one of {', '.join(MODEL_NAMES)}")
+        if m.model_name not in family_names():
+            problems.append(f"--model_name {m.model_name!r} is not one of "
+                            f"{', '.join(family_names())}")
         if tp < 1 or pp < 1:
             problems.append("--tensor_model_parallel_size and --pipeline_model_parallel_size must be >= 1")
         elif world_size % (tp * pp):
