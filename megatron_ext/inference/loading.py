@@ -33,7 +33,7 @@ from megatron_ext.parallel import Layout, ParallelArgs, init_distributed
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
-    model_args: ModelArgs
+    model_args: ModelArgs  # resolved: every family default filled in
     tokenizer: InstructTokenizer
     run_config: dict
     layout: Layout
@@ -55,7 +55,7 @@ def load_for_inference(load: str, tp: int = 1, pp: int = 1, seed: int = 1234,
         raise ConfigError(f"--load {load} does not exist")
     layout = init_distributed(tp, pp, seed)
     run_config = read_run_config(load)
-    model_args = ModelArgs.from_dict(run_config["model"])
+    model_args = ModelArgs.from_dict(run_config["model"]).resolved()
     tokenizer = build_tokenizer(tokenizer_config_from_run(load, run_config, vocab_file))
     padded = padded_vocab_for(load, tokenizer.vocab_size, model_args.make_vocab_size_divisible_by,
                               tp)

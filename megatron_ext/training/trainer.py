@@ -373,7 +373,7 @@ class Trainer:
             "model %s: %d layers, hidden %d, heads %d/%d kv, vocab %d (padded %d); "
             "%.2fM parameters on this rank", c.model.model_name, c.model.num_layers,
             c.model.hidden_size, c.model.num_attention_heads,
-            c.model.num_attention_heads_kv or c.model.num_attention_heads,
+            c.model.resolved().num_attention_heads_kv,
             self.tokenizer.vocab_size, self.padded_vocab, params / 1e6)
         logger.info("parallel: world %d = TP %d x PP %d x DP %d on %s", layout.world_size,
                     layout.tp, layout.pp, layout.dp, layout.device)
