@@ -13,8 +13,8 @@ import torch
 
 from megatron_ext.data.collate import collate
 from megatron_ext.models.masks import attention_mask
-from megatron_ext.training.step import loss_func
 from megatron_ext.parallel import free_port
+from megatron_ext.training.step import loss_func
 from tests.conftest import REPO
 
 
