@@ -57,7 +57,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -66,6 +65,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from megatron_ext.parallel import free_port  # noqa: E402
 
 CHATML = ("<|im_start|>", "<|im_end|>")
 TARGET_DATA_WAIT = 0.02  # share of the step spent building the global batch
@@ -85,12 +86,6 @@ def _cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------- data
@@ -180,7 +175,7 @@ def run_training(name: str, data: dict, args, workdir: str, mode: str) -> dict:
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-               "--master_port", str(_free_port()), os.path.join(REPO, "finetune.py"),
+               "--master_port", str(free_port()), os.path.join(REPO, "finetune.py"),
                *train_args(data, args, save, mode)]
     log = os.path.join(workdir, f"{name}.log")
     jiffies, own = _cpu_jiffies(), _children_cpu_seconds()

@@ -28,6 +28,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ext.cli import FlagParser, parse_size, run_cli, setup_logging  # noqa: E402
+from megatron_ext.models.families import hf_family_names  # noqa: E402
+
 
 def build_parser() -> FlagParser:
     parser = FlagParser(prog="hf_to_megatron.py", description=__doc__.split("\n\n")[0],
@@ -37,7 +39,7 @@ def build_parser() -> FlagParser:
                              "*.bin, tokenizer files)")
     parser.add_argument("--out", required=True, help="checkpoint directory to create")
     parser.add_argument("--model_name", default=None,
-                        choices=["llama", "llama2", "llama3", "codellama", "mistral"],
+                        choices=hf_family_names(),
                         help="model family (default: detected from config.json)")
     parser.add_argument("--vocab_extra_ids_list", default=None,
                         help="comma-separated special tokens to add, e.g. "

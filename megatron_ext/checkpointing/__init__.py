@@ -264,16 +264,13 @@ def check_model_matches(saved_model: dict, model, source: str) -> None:
     layers would load a prefix of the model. ``saved_model`` is the run
     config's ``model`` section; ``model`` the megatron-core ``GPTModel``.
     """
-    import dataclasses
-
     if not saved_model:
         return
     from megatron_ext.models.builder import transformer_config
-    from megatron_ext.models.families import get_family
-    from megatron_ext.training.config import ModelArgs, ParallelArgs, PrecisionArgs
+    from megatron_ext.models.config import ModelArgs, PrecisionArgs
+    from megatron_ext.parallel import ParallelArgs
 
-    fields = {f.name for f in dataclasses.fields(ModelArgs)}
-    args = ModelArgs(**{k: v for k, v in saved_model.items() if k in fields})
+    args = ModelArgs.from_dict(saved_model).resolved()
     want = transformer_config(args, ParallelArgs(), PrecisionArgs())
     have = model.config
     names = {"num_layers": "--num_layers", "hidden_size": "--hidden_size",
@@ -283,7 +280,7 @@ def check_model_matches(saved_model: dict, model, source: str) -> None:
              "normalization": "--model_name", "gated_linear_unit": "--model_name"}
     problems = [f"{flag}: checkpoint {getattr(want, key)}, this run {getattr(have, key)}"
                 for key, flag in names.items() if getattr(want, key) != getattr(have, key)]
-    theta = float(args.rope_theta or get_family(args.model_name).rope_theta)
+    theta = float(args.rope_theta)
     if getattr(model, "position_embedding_type", None) == "rope" and \
             abs(float(getattr(model, "rotary_base", theta)) - theta) > 1e-6 * theta:
         problems.append(f"--rope_theta: checkpoint {theta:g}, this run {model.rotary_base:g}")

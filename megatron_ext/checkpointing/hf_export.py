@@ -24,8 +24,8 @@ from megatron_ext.checkpointing.atomic import staged_directory
 from megatron_ext.checkpointing.hf_import import DTYPES
 from megatron_ext.checkpointing.run_config import chat_settings_of_run, tokenizer_config_from_run
 from megatron_ext.checkpointing.sources import open_checkpoint
-from megatron_ext.models.hf_config import hf_config_from_model_args
-from megatron_ext.models.hf_weights import embeddings_from_megatron, layer_from_megatron
+from megatron_ext.models.config import ModelArgs
+from megatron_ext.models.hf_config import export_adapter, hf_config_from_model_args
 from megatron_ext.safetensors_io import ShardedSafetensorsWriter
 from megatron_ext.tokenizers import build_tokenizer
 
@@ -85,6 +85,7 @@ def export_hf(config: ExportConfig) -> ExportSummary:
     heads = model["num_attention_heads"]
     kv = model.get("num_attention_heads_kv") or heads
     eos_ids = generation_config_eos(tokenizer, chat_format, template)
+    adapter = export_adapter(ModelArgs.from_dict(model).model_name)
     hf_config = hf_config_from_model_args(
         model, tokenizer.vocab_size, tokenizer.bos_id,
         eos_ids[0] if len(eos_ids) == 1 else eos_ids, tokenizer.pad_id, DTYPE_NAMES[dtype])
@@ -104,14 +105,14 @@ def export_hf(config: ExportConfig) -> ExportSummary:
         if rows < tokenizer.vocab_size:
             raise CheckpointError(f"{config.load} has {rows} embedding rows but its tokenizer "
                                   f"{tokenizer.vocab_size} tokens: wrong --vocab_file?")
-        for name, tensor in embeddings_from_megatron(first, tokenizer.vocab_size).items():
+        for name, tensor in adapter.embeddings_from_megatron(first, tokenizer.vocab_size).items():
             writer.add(name, tensor.to(dtype))
         del first
         layers = 0
         for group in tqdm(groups, total=model["num_layers"], desc="exporting layers",
                           unit="layer", disable=not config.progress):
             try:
-                converted = layer_from_megatron(group, layers, heads, kv)
+                converted = adapter.layer_from_megatron(group, layers, heads, kv)
             except KeyError as exc:
                 raise CheckpointError(f"{config.load}: layer {layers} lacks {exc.args[0]} "
                                       "(an incomplete or foreign checkpoint)") from None

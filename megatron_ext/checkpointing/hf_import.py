@@ -21,12 +21,7 @@ import torch
 from megatron_ext.checkpointing.unsharded import UnshardedWriter
 from megatron_ext.errors import TokenizerError
 from megatron_ext.models.hf_checkpoint import HFWeights, read_hf_config
-from megatron_ext.models.hf_config import model_args_from_hf_config
-from megatron_ext.models.hf_weights import (
-    embeddings_to_megatron,
-    hf_layer_names,
-    layer_to_megatron,
-)
+from megatron_ext.models.hf_config import hf_adapter, model_args_from_hf_config
 from megatron_ext.tokenizers import (
     HUGGINGFACE,
     SENTENCEPIECE,
@@ -114,16 +109,18 @@ def import_hf(config: ImportConfig) -> ImportSummary:
     """Convert; returns a summary. Nothing is left at ``config.out`` on failure."""
     start = time.perf_counter()
     hf_config = read_hf_config(config.model_path)
-    model = model_args_from_hf_config(hf_config, config.model_name,
-                                      os.path.join(config.model_path, "config.json"))
+    source = os.path.join(config.model_path, "config.json")
+    model = model_args_from_hf_config(hf_config, config.model_name, source)
+    adapter = hf_adapter(hf_config, source)
     weights = HFWeights(config.model_path)
     layers, heads, kv = model["num_layers"], model["num_attention_heads"], \
         model["num_attention_heads_kv"]
-    needed = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    needed = adapter.embedding_names()
     for layer in range(layers):
-        needed += hf_layer_names(layer)
+        needed += adapter.layer_names(layer)
     weights.require(needed)
-    rows = weights.shape("model.embed_tokens.weight")[0]
+    word_embeddings = adapter.embedding_names()[0]  # the adapter lists them first
+    rows = weights.shape(word_embeddings)[0]
 
     kind, vocab_file = _tokenizer_source(config)
     extra = parse_extra_ids(config.vocab_extra_ids_list)
@@ -138,16 +135,16 @@ def import_hf(config: ImportConfig) -> ImportSummary:
     from tqdm import tqdm
 
     with UnshardedWriter(config.out, config.max_shard_bytes, config.overwrite) as writer:
-        first = embeddings_to_megatron(
-            {n: weights.get(n) for n in ("model.embed_tokens.weight", "model.norm.weight",
-                                         "lm_head.weight")}, tokenizer.vocab_size, vocab_rows)
+        first = adapter.embeddings_to_megatron(
+            {n: weights.get(n) for n in adapter.embedding_names()}, tokenizer.vocab_size,
+            vocab_rows)
         for name, tensor in first.items():
             writer.add(name, cast(tensor))
         del first
         for layer in tqdm(range(layers), desc="converting layers", unit="layer",
                           disable=not config.progress):
-            group = {n: weights.get(n) for n in hf_layer_names(layer)}
-            for name, tensor in layer_to_megatron(group, layer, heads, kv).items():
+            group = {n: weights.get(n) for n in adapter.layer_names(layer)}
+            for name, tensor in adapter.layer_to_megatron(group, layer, heads, kv).items():
                 writer.add(name, cast(tensor))
         tokenizer_dir = os.path.join(writer.staging, "tokenizer")
         os.makedirs(tokenizer_dir)

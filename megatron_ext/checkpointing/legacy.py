@@ -4,7 +4,7 @@ Why: users arrive with checkpoints trained or converted by epfLLM's
 Megatron-LLM (``weights_conversion/hf_to_megatron.py``, ``finetune.py``) and
 may want to hand our models back to it. Our models are megatron-core
 ``GPTModel``s whose *unsharded* weights (TP=1/PP=1 megatron-core names, see
-:mod:`megatron_ext.models.hf_weights`) are the exchange format; this module
+:mod:`megatron_ext.models.hf_llama`) are the exchange format; this module
 translates between that and Megatron-LLM's files, merging or splitting tensor-
 and pipeline-parallel shards.
 
@@ -120,13 +120,19 @@ import re
 import shutil
 import types
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal, Self
 
 import torch
 
 from megatron_ext.checkpointing import TRACKER, CheckpointError, write_tracker
-from megatron_ext.models.families import FAMILIES, Family
+from megatron_ext.models.config import ModelArgs
+from megatron_ext.models.families import (
+    closest_family,
+    families,
+    family_for_legacy_name,
+)
+from megatron_ext.models.family import Family
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +154,6 @@ _LAYER_NAMES = (
     ("mlp.linear_fc2", "mlp.dense_4h_to_h"),
 )
 _NORMS = ("input_layernorm", "post_attention_layernorm")
-# Megatron-LLM's own model names, for the args we write (it has no llama3: same code as llama2)
-_LEGACY_MODEL_NAME = {"llama": "llama", "llama2": "llama2", "codellama": "codellama",
-                      "llama3": "llama2", "mistral": "mistral", "gpt": "gpt"}
 _POSITION_ENUM = {1: "rotary", 2: "absolute"}  # megatron.model.enums.PositionEmbeddingType
 _OUR_NAME_ARG = "megatron_ext_model_name"  # ignored by Megatron-LLM; keeps llama3 apart from llama2
 
@@ -266,8 +269,6 @@ def load_legacy_file(path: str) -> dict:
 
 
 def _model_args_fields() -> tuple[str, ...]:
-    from megatron_ext.training.config import ModelArgs
-
     return tuple(f.name for f in fields(ModelArgs))
 
 
@@ -279,40 +280,25 @@ def resolve_model_args(model_args: Mapping[str, Any]) -> dict[str, Any]:
     the version that wrote it". The sliding window stays ``None`` for families
     without one and becomes ``0`` ("none") for a family whose default has one.
     """
-    from megatron_ext.training.config import ModelArgs
-
     unknown = sorted(set(model_args) - set(_model_args_fields()))
     if unknown:
         raise CheckpointError(f"unknown model argument(s) {', '.join(unknown)}; expected "
                               f"ModelArgs fields ({', '.join(_model_args_fields())})")
-    resolved = dict(vars(ModelArgs(**model_args)))
+    _family(model_args.get("model_name", ModelArgs.model_name))
+    resolved = asdict(ModelArgs(**model_args).resolved())
     if resolved.get("rope_scaling_factor"):
         raise CheckpointError("Llama 3.1-style RoPE scaling (rope_scaling_factor "
                               f"{resolved['rope_scaling_factor']}) has no Megatron-LLM "
                               "equivalent: this model cannot be written in the legacy layout")
-    family = _family(resolved["model_name"])
-    hidden, heads = resolved["hidden_size"], resolved["num_attention_heads"]
-    resolved["num_attention_heads_kv"] = resolved["num_attention_heads_kv"] or heads
-    resolved["ffn_hidden_size"] = (resolved["ffn_hidden_size"]
-                                   or family.default_ffn_hidden_size(hidden))
-    resolved["max_position_embeddings"] = (resolved["max_position_embeddings"]
-                                           or resolved["seq_length"])
-    if resolved["rope_theta"] is None:
-        resolved["rope_theta"] = family.rope_theta
-    if resolved["layernorm_epsilon"] is None:
-        resolved["layernorm_epsilon"] = family.layernorm_epsilon
-    window = resolved["sliding_window_size"]
-    if window is None:
-        window = family.sliding_window
-    resolved["sliding_window_size"] = window or (0 if family.sliding_window else None)
     return resolved
 
 
 def _family(name: str) -> Family:
-    if name not in FAMILIES:
+    known = families()
+    if name not in known:
         raise CheckpointError(f"unknown model family {name!r}: choose one of "
-                              f"{', '.join(FAMILIES)}")
-    return FAMILIES[name]
+                              f"{', '.join(known)}")
+    return known[name]
 
 
 def _enum_name(value: Any, table: Mapping[int, str]) -> Any:
@@ -390,19 +376,12 @@ def _architecture(args: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _guess_family(arch: Mapping[str, Any]) -> str | None:
-    llama_like = (arch["normalization"], arch["swiglu"], arch["position_embedding"],
-                  arch["tie_embeddings"]) == ("RMSNorm", True, "rope", False)
-    if llama_like:
-        if arch["sliding_window_size"]:
-            return "mistral"
-        for name in ("codellama", "llama3"):
-            if arch["rope_theta"] == FAMILIES[name].rope_theta:
-                return name
-        return "llama" if arch["layernorm_epsilon"] == FAMILIES["llama"].layernorm_epsilon \
-            else "llama2"
-    gpt_like = (arch["normalization"], arch["swiglu"], arch["position_embedding"],
-                arch["tie_embeddings"]) == ("LayerNorm", False, "learned_absolute", True)
-    return "gpt" if gpt_like else None
+    """The family whose defaults describe ``arch`` best (ties: the default family)."""
+    structure = {key: arch[key] for key in ("normalization", "swiglu", "position_embedding",
+                                            "tie_embeddings")}
+    family = closest_family(structure, arch["rope_theta"], arch["layernorm_epsilon"],
+                            bool(arch["sliding_window_size"]), prefer=ModelArgs.model_name)
+    return family.name if family else None
 
 
 def legacy_args_to_model_args(args: Mapping[str, Any],
@@ -416,14 +395,14 @@ def legacy_args_to_model_args(args: Mapping[str, Any],
     """
     arch = _architecture(args)
     name = (model_name or args.get(_OUR_NAME_ARG)
-            or (args.get("model_name") if args.get("model_name") in FAMILIES else None)
+            or getattr(family_for_legacy_name(args.get("model_name")), "name", None)
             or _guess_family(arch))
     if name is None:
         raise CheckpointError(
             f"the checkpoint's architecture ({arch['normalization']}, "
             f"{'SwiGLU' if arch['swiglu'] else 'GeLU'}, {arch['position_embedding']} positions, "
             f"{'tied' if arch['tie_embeddings'] else 'untied'} embeddings; model_name="
-            f"{args.get('model_name')!r}) matches none of our families ({', '.join(FAMILIES)})")
+            f"{args.get('model_name')!r}) matches none of our families ({', '.join(families())})")
     family = _family(name)
     wanted = {"normalization": family.normalization, "swiglu": family.swiglu,
               "position_embedding": family.position_embedding,
@@ -482,7 +461,7 @@ def model_args_to_legacy_args(model_args: Mapping[str, Any], tp: int, pp: int,
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
         "num_layers_per_virtual_pipeline_stage": None,
         "virtual_pipeline_model_parallel_size": None,
-        "model_name": _LEGACY_MODEL_NAME[family.name], _OUR_NAME_ARG: family.name,
+        "model_name": family.legacy_name, _OUR_NAME_ARG: family.name,
         "position_embedding_type": "rotary" if family.position_embedding == "rope"
         else "absolute",
         "use_rms_norm": family.normalization == "RMSNorm",

@@ -29,7 +29,8 @@ from megatron_ext.checkpointing.unsharded import (
     _is_vocab_tensor,
     save_dist_from_tensors,
 )
-from megatron_ext.models.families import padded_vocab_size
+from megatron_ext.models.config import padded_vocab_size
+from megatron_ext.parallel import init_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -194,8 +195,6 @@ def _ensure_process_group() -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        from megatron_ext.training.distributed import init_distributed
-
         init_distributed(1, 1, 1234)
 
 

@@ -14,7 +14,7 @@ from typing import Optional
 from megatron_ext.checkpointing import CheckpointError, iteration_dir, latest_iteration
 from megatron_ext.checkpointing.legacy_detect import is_legacy
 from megatron_ext.checkpointing.unsharded import checkpoint_vocab_rows, is_unsharded
-from megatron_ext.models.families import padded_vocab_size
+from megatron_ext.models.config import padded_vocab_size
 
 
 def checkpoint_directory(load: str) -> Optional[str]:

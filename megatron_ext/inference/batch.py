@@ -106,7 +106,7 @@ def generate_records(loaded: LoadedModel, fmt: Optional[ChatFormat],
 
     tokenizer = loaded.tokenizer
     stops = stop_ids(loaded, fmt)
-    limit = loaded.model_args.max_position_embeddings or loaded.model_args.seq_length
+    limit = loaded.model_args.max_position_embeddings
     out = []
     encoded = [prompt_ids(fmt, tokenizer, record) for record in records]
     too_long = [f"{record.where} ({len(ids)} tokens)" for record, ids in zip(records, encoded)
@@ -138,7 +138,7 @@ def answer_loss(loaded: LoadedModel, fmt: ChatFormat, records: list[PromptRecord
     """Mean NLL and perplexity of the reference answers' tokens (assistant tokens only,
     the trainer's loss with --scalar_loss_mask 0), teacher-forced."""
     nll, count = 0.0, 0
-    limit = loaded.model_args.max_position_embeddings or loaded.model_args.seq_length
+    limit = loaded.model_args.max_position_embeddings
     scored = [r for r in records if r.answers]
     for batch in _batches(scored, batch_size):
         encoded = [conversation_ids(fmt, loaded.tokenizer,

@@ -54,6 +54,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_ext.models.masks import attention_mask
+
 
 @dataclass
 class SamplingParams:
@@ -188,15 +190,13 @@ def forward_logits(model, tokens: torch.Tensor, window: int | None = None,
                    lengths: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
     """Logits ``[b, s, vocab_size]`` (fp32, or fp64 for an fp64 model) of ``tokens`` ``[b, s]``.
 
-    No cache: one full forward with the training mask (``step.attention_mask``, window
+    No cache: one full forward with the training mask (``models.masks.attention_mask``, window
     ``window``), gathered over TP and sliced to the real vocabulary
     (``vocab_size``; None keeps the padded one). ``lengths`` ``[b]``: rows are
     right-padded to ``s`` (padding positions get meaningless logits). With
     ``window=None`` a windowed model still applies its own window
     (``PortableAttention`` ANDs it with the mask).
     """
-    from megatron_ext.training.step import attention_mask
-
     b, s = tokens.shape
     positions = torch.arange(s, device=tokens.device)
     if lengths is None:

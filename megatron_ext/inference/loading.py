@@ -9,7 +9,6 @@ model.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -25,16 +24,16 @@ from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
 from megatron_ext.checkpointing.vocab import padded_vocab_for
 from megatron_ext.errors import ConfigError
 from megatron_ext.models.builder import build_gpt_model, transformer_config
-from megatron_ext.models.families import sliding_window
+from megatron_ext.models.config import ModelArgs, PrecisionArgs
 from megatron_ext.tokenizers import InstructTokenizer, build_tokenizer
-from megatron_ext.training.config import ModelArgs, ParallelArgs, PrecisionArgs
-from megatron_ext.training.distributed import Layout, init_distributed
+from megatron_ext.models.masks import attention_mask
+from megatron_ext.parallel import Layout, ParallelArgs, init_distributed
 
 
 @dataclass
 class LoadedModel:
     model: torch.nn.Module
-    model_args: ModelArgs
+    model_args: ModelArgs  # resolved: every family default filled in
     tokenizer: InstructTokenizer
     run_config: dict
     layout: Layout
@@ -42,7 +41,7 @@ class LoadedModel:
 
     @property
     def window(self) -> Optional[int]:
-        return sliding_window(self.model_args)
+        return self.model_args.attention_window
 
 
 def load_for_inference(load: str, tp: int = 1, pp: int = 1, seed: int = 1234,
@@ -56,8 +55,7 @@ def load_for_inference(load: str, tp: int = 1, pp: int = 1, seed: int = 1234,
         raise ConfigError(f"--load {load} does not exist")
     layout = init_distributed(tp, pp, seed)
     run_config = read_run_config(load)
-    fields = {f.name for f in dataclasses.fields(ModelArgs)}
-    model_args = ModelArgs(**{k: v for k, v in run_config["model"].items() if k in fields})
+    model_args = ModelArgs.from_dict(run_config["model"]).resolved()
     tokenizer = build_tokenizer(tokenizer_config_from_run(load, run_config, vocab_file))
     padded = padded_vocab_for(load, tokenizer.vocab_size, model_args.make_vocab_size_divisible_by,
                               tp)
@@ -80,8 +78,6 @@ def full_logits(loaded: LoadedModel, tokens: torch.Tensor) -> Optional[torch.Ten
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    from megatron_ext.training.step import attention_mask
 
     device = loaded.layout.device
     tokens = tokens.to(device)

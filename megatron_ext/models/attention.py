@@ -35,7 +35,7 @@ Semantics kept from megatron-core 0.16.1's local path:
   then see each other); here the window is ANDed with the given mask. The two
   agree whenever the given mask is plain causal or ``None``.
 * Rows whose every key is masked (never produced by
-  ``megatron_ext.training.step.attention_mask``, where padding attends to
+  ``megatron_ext.models.masks.attention_mask``, where padding attends to
   itself): upstream returns the mean of ``v`` over all keys (every score is
   filled with -10000, a uniform softmax), SDPA returns zeros.
 

@@ -10,28 +10,32 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.models.families import get_family, sliding_window
+from megatron_ext.models.config import ModelArgs, PrecisionArgs
+from megatron_ext.models.families import get_family
+from megatron_ext.parallel import ParallelArgs
 
 
-def transformer_config(model, parallel, precision, variable_seq_lengths: bool = False,
-                       use_cpu_initialization: bool = True, init_weights: bool = True):
+def transformer_config(model: ModelArgs, parallel: ParallelArgs, precision: PrecisionArgs,
+                       variable_seq_lengths: bool = False, use_cpu_initialization: bool = True,
+                       init_weights: bool = True):
     """megatron-core ``TransformerConfig`` for our ``ModelArgs``/``ParallelArgs``/``PrecisionArgs``."""
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     family = get_family(model.model_name)
+    model = model.resolved()
     dtype = torch.bfloat16 if precision.bf16 else torch.float16 if precision.fp16 else torch.float32
-    window = sliding_window(model)
+    window = model.attention_window
     recompute = precision.recompute_granularity
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_attention_heads_kv or model.num_attention_heads,
-        ffn_hidden_size=model.ffn_hidden_size or family.default_ffn_hidden_size(model.hidden_size),
+        num_query_groups=model.num_attention_heads_kv,
+        ffn_hidden_size=model.ffn_hidden_size,
         kv_channels=model.hidden_size // model.num_attention_heads,
         normalization=family.normalization,
-        layernorm_epsilon=model.layernorm_epsilon or family.layernorm_epsilon,
+        layernorm_epsilon=model.layernorm_epsilon,
         gated_linear_unit=family.swiglu,
         activation_func=F.silu if family.swiglu else F.gelu,
         add_bias_linear=family.add_bias_linear,
@@ -160,22 +164,27 @@ def _gpt_model_class():
     return PositionedGPTModel
 
 
-def build_gpt_model(model, config, padded_vocab: int, pre_process: bool, post_process: bool,
-                    init_seed: int = 1234, use_flash_attn: bool = False):
-    """A ``GPTModel`` (this pipeline stage's layers) for ``ModelArgs`` ``model``."""
+def build_gpt_model(model: ModelArgs, config, padded_vocab: int, pre_process: bool,
+                    post_process: bool, init_seed: int = 1234, use_flash_attn: bool = False):
+    """A ``GPTModel`` (this pipeline stage's layers) for ``ModelArgs`` ``model``.
+
+    The block spec is the family's own when its file names one, else :func:`layer_spec`.
+    """
     family = get_family(model.model_name)
+    model = model.resolved()
+    block_spec = family.block_spec or layer_spec
     torch.manual_seed(init_seed)  # embeddings: drawn first, on the first stage only
     return _gpt_model_class()(
         config=config,
-        transformer_layer_spec=layer_spec(config, init_seed, use_flash_attn),
+        transformer_layer_spec=block_spec(config, init_seed, use_flash_attn),
         vocab_size=padded_vocab,
-        max_sequence_length=model.max_position_embeddings or model.seq_length,
+        max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=family.tie_embeddings,
         position_embedding_type=family.position_embedding,
-        rotary_base=int(model.rope_theta or family.rope_theta),
+        rotary_base=int(model.rope_theta),
         rope_scaling=bool(model.rope_scaling_factor),
         rope_scaling_factor=float(model.rope_scaling_factor or 8.0),
     )

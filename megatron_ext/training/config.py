@@ -16,63 +16,10 @@ from typing import Optional
 
 from megatron_ext.cli import option
 from megatron_ext.errors import ConfigError
+from megatron_ext.models.config import ModelArgs, PrecisionArgs
+from megatron_ext.models.families import family_names
+from megatron_ext.parallel import ParallelArgs
 from megatron_ext.tokenizers import TokenizerArgs
-
-MODEL_NAMES = ("llama", "llama2", "llama3", "codellama", "mistral", "gpt")
-
-
-@dataclass(frozen=True)
-class ModelArgs:
-    """Architecture. ``None`` means: the family's default (see models/)."""
-
-    model_name: str = option("llama2", "model family: sets norm, activation, RoPE base, biases",
-                             choices=MODEL_NAMES)
-    num_layers: int = option(2, "transformer layers")
-    hidden_size: int = option(64, "width of the hidden states")
-    num_attention_heads: int = option(4, "attention (query) heads")
-    num_attention_heads_kv: Optional[int] = option(
-        None, "key/value heads for grouped-query attention (default: all heads)")
-    ffn_hidden_size: Optional[int] = option(None, "MLP width (default: the family's rule)")
-    seq_length: int = option(2048, "longest sample in tokens")
-    max_position_embeddings: Optional[int] = option(
-        None, "positions the model is built for (default: --seq_length)")
-    rope_theta: Optional[float] = option(None, "RoPE base (default: the family's)")
-    rope_scaling_factor: Optional[float] = option(
-        None, "Llama 3.1-style RoPE scaling with this factor (low/high frequency factors 1/4, "
-              "original context 8192); default: none")
-    layernorm_epsilon: Optional[float] = option(None, "epsilon of the normalisation layers "
-                                                      "(default: the family's)")
-    sliding_window_size: Optional[int] = option(
-        None, "attention window (Mistral; default: the family's)")
-    init_method_std: float = option(0.02, "standard deviation of the random initialisation")
-    make_vocab_size_divisible_by: int = option(
-        128, "pad the vocabulary to a multiple of this times --tensor_model_parallel_size")
-
-
-@dataclass(frozen=True)
-class ParallelArgs:
-    tensor_model_parallel_size: int = option(1, "tensor-parallel ranks (TP)")
-    pipeline_model_parallel_size: int = option(1, "pipeline stages (PP); the data-parallel size "
-                                                  "is the world size / (TP x PP)")
-    sequence_parallel: bool = option(False, "split layer norms and dropout along the sequence "
-                                            "over the tensor-parallel ranks (needs TP > 1)")
-    use_distributed_optimizer: bool = option(False, "shard the optimizer state over the "
-                                                    "data-parallel ranks (CUDA only)")
-
-
-@dataclass(frozen=True)
-class PrecisionArgs:
-    bf16: bool = option(False, "bfloat16 mixed precision (CUDA only)")
-    fp16: bool = option(False, "float16 mixed precision with loss scaling (CUDA only)")
-    use_flash_attn: bool = option(False, "flash-attn kernels on CUDA when installed, "
-                                         "else PyTorch SDPA")
-    recompute_granularity: Optional[str] = option(
-        None, "recompute activations in the backward pass to save memory: selective "
-              "(attention only) or full (whole layers)", choices=("selective", "full"))
-
-    @property
-    def dtype_name(self) -> str:
-        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
 
 @dataclass(frozen=True)
@@ -181,8 +128,9 @@ class TrainConfig:
         if bad:
             raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(bad))
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        if model_shape and m.model_name not in MODEL_NAMES:
-            problems.append(f"--model_name {m.model_name!r} is not one of {', '.join(MODEL_NAMES)}")
+        if model_shape and m.model_name not in family_names():
+            problems.append(f"--model_name {m.model_name!r} is not one of "
+                            f"{', '.join(family_names())}")
         if tp < 1 or pp < 1:
             problems.append("--tensor_model_parallel_size and --pipeline_model_parallel_size must be >= 1")
         elif world_size % (tp * pp):

@@ -1,4 +1,4 @@
-"""One micro-batch through the model: attention mask, forward, weighted loss.
+"""One micro-batch through the model: attention mask (models/masks.py), forward, weighted loss.
 
 Why the loss looks like this: megatron-core's schedules either average
 micro-batch losses (over-weighting short samples) or normalise by an integer
@@ -18,24 +18,7 @@ from typing import Optional
 import torch
 
 from megatron_ext.data.collate import Batch
-
-
-def attention_mask(segment_ids: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
-    """``[b, 1, s, s]`` bool, True where attention is *forbidden* (megatron-core's convention).
-
-    A query attends to earlier-or-same positions of its own sample (so packed
-    samples never see each other), within ``window`` tokens when set. Padding
-    positions attend only to themselves, which keeps every softmax row finite.
-    """
-    s = segment_ids.shape[1]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
-    allowed = same & causal & (segment_ids[:, :, None] > 0)
-    if window is not None:
-        distance = torch.arange(s, device=segment_ids.device)
-        allowed &= (distance[:, None] - distance[None, :]) < window
-    allowed |= torch.eye(s, dtype=torch.bool, device=segment_ids.device)
-    return (~allowed)[:, None]
+from megatron_ext.models.masks import attention_mask
 
 
 def loss_func(loss_weights: torch.Tensor, total_weight: float, output: torch.Tensor):

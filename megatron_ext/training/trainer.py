@@ -18,11 +18,11 @@ from typing import Optional
 import torch
 
 from megatron_ext.models.builder import build_gpt_model, transformer_config
-from megatron_ext.models.families import sliding_window
+from megatron_ext.models.config import ModelArgs
+from megatron_ext.parallel import Layout, init_distributed
 from megatron_ext.tokenizers import build_tokenizer
 from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.data import BatchBuilder, GlobalBatch, build_splits, iterations
-from megatron_ext.training.distributed import Layout, init_distributed
 from megatron_ext.training.metrics import MetricsWriter
 from megatron_ext.training.step import make_forward_step
 
@@ -53,7 +53,7 @@ class Trainer:
                                     config.data.variable_seq_lengths,
                                     config.schedule.micro_batch_size, self.layout.dp_rank,
                                     self.layout.dp, pack=config.data.pack_sequences)
-        self.window = sliding_window(config.model)
+        self.window = config.model.attention_window
         self.iteration = 0
         self.consumed_samples = 0
         self.consumed_tokens = 0
@@ -371,7 +371,7 @@ class Trainer:
             "model %s: %d layers, hidden %d, heads %d/%d kv, vocab %d (padded %d); "
             "%.2fM parameters on this rank", c.model.model_name, c.model.num_layers,
             c.model.hidden_size, c.model.num_attention_heads,
-            c.model.num_attention_heads_kv or c.model.num_attention_heads,
+            c.model.resolved().num_attention_heads_kv,
             self.tokenizer.vocab_size, self.padded_vocab, params / 1e6)
         logger.info("parallel: world %d = TP %d x PP %d x DP %d on %s", layout.world_size,
                     layout.tp, layout.pp, layout.dp, layout.device)
@@ -419,21 +419,16 @@ class Trainer:
 
 def _with_checkpoint_model_args(config: TrainConfig) -> TrainConfig:
     """``--use_checkpoint_args``: the model shape saved with the checkpoint in ``--load``."""
-    import dataclasses
-
-    from megatron_ext.checkpointing import read_run_config
-    from megatron_ext.training.config import ModelArgs
-
-    from megatron_ext.checkpointing import latest_iteration
+    from megatron_ext.checkpointing import latest_iteration, read_run_config
 
     load, save = config.checkpoint.load, config.checkpoint.save
     if (os.path.abspath(load) == os.path.abspath(save or "")
             and (not os.path.isdir(load) or latest_iteration(load) is None)):
         return config  # auto-resume idiom, first launch: the command line has the shape
     saved = read_run_config(load)["model"]
-    known = {f.name for f in dataclasses.fields(ModelArgs)} - {"seq_length"}
-    return config.with_model(dataclasses.replace(
-        config.model, **{k: v for k, v in saved.items() if k in known}))
+    # the sample length stays this run's: it is a data setting, not the model's
+    return config.with_model(ModelArgs.from_dict(
+        {k: v for k, v in saved.items() if k != "seq_length"}, base=config.model))
 
 
 def _memory_mb(device: torch.device) -> float:

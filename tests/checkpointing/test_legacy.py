@@ -21,7 +21,7 @@ from megatron_ext.checkpointing.legacy import (
     resolve_model_args,
     write_legacy_checkpoint,
 )
-from megatron_ext.models.hf_weights import llama_to_megatron, qkv_to_megatron
+from megatron_ext.models.hf_llama import llama_to_megatron, qkv_to_megatron
 from tests.models.test_hf_weights import fake_llama_state
 
 LAYERS, HEADS, KV, HIDDEN, FFN, VOCAB, PADDED = 4, 4, 2, 32, 24, 10, 16

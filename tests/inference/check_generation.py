@@ -21,8 +21,8 @@ import time
 import torch
 
 from megatron_ext.inference.generation import SamplingParams, forward_logits, generate
-from megatron_ext.models.hf_weights import llama_to_megatron
-from megatron_ext.training.distributed import init_distributed
+from megatron_ext.models.hf_llama import llama_to_megatron
+from megatron_ext.parallel import init_distributed
 from tests.models.check_hf_logits import PADDED, SHAPE, VOCAB, our_model
 
 NEW_TOKENS = 24

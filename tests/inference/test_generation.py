@@ -26,9 +26,9 @@ from megatron_ext.inference.generation import (
     generate,
     row_seed,
 )
+from megatron_ext.parallel import free_port
 from tests.conftest import REPO
 from tests.inference.check_generation import NEW_TOKENS, PROMPT_LENGTHS
-from tests.training.conftest import free_port
 
 SCRIPT = str(REPO / "tests/inference/check_generation.py")
 FAMILIES = ["llama", "mistral"]

@@ -12,10 +12,10 @@ import sys
 import torch
 
 from megatron_ext.models.builder import build_gpt_model, transformer_config
-from megatron_ext.models.hf_weights import llama_to_megatron
-from megatron_ext.training.config import ModelArgs, ParallelArgs, PrecisionArgs
-from megatron_ext.training.distributed import init_distributed
-from megatron_ext.training.step import attention_mask
+from megatron_ext.models.config import ModelArgs, PrecisionArgs
+from megatron_ext.models.hf_llama import llama_to_megatron
+from megatron_ext.models.masks import attention_mask
+from megatron_ext.parallel import ParallelArgs, init_distributed
 
 VOCAB, PADDED = 300, 384
 SHAPE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,

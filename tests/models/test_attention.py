@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from megatron_ext.parallel import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TOL = 2e-6  # fp32, O(1) inputs: outputs and gradients
@@ -80,7 +81,7 @@ def _child(out_path: str) -> None:
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_ext.models.attention import PortableAttention, _flash_eligible
-    from megatron_ext.training.step import attention_mask
+    from megatron_ext.models.masks import attention_mask
 
     parallel_state.initialize_model_parallel(1, 1)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
@@ -300,16 +301,10 @@ def _gpt_models(config_kwargs, mask, s=12, b=2, vocab=128, seeded=False):
 
 
 # ----------------------------------------------------------------- test process
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("attention") / "results.json"
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": "",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     code = "import sys; from tests.models.test_attention import _child; _child(sys.argv[1])"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from megatron_ext.models.family import UnsupportedModelError
 from megatron_ext.models.hf_config import (
-    UnsupportedModelError,
     family_from_hf_config,
     hf_config_from_model_args,
     model_args_from_hf_config,

@@ -10,15 +10,15 @@ import sys
 import pytest
 import torch
 
-from megatron_ext.models.hf_weights import (
+from megatron_ext.models.hf_llama import (
     llama_to_megatron,
     megatron_to_llama,
     pad_vocab_rows,
     qkv_from_megatron,
     qkv_to_megatron,
 )
+from megatron_ext.parallel import free_port
 from tests.conftest import REPO
-from tests.training.conftest import free_port
 
 SCRIPT = str(REPO / "tests/models/check_hf_logits.py")
 

@@ -13,11 +13,11 @@ import torch
 from megatron_ext.data.chat_formats import build_chat_format
 from megatron_ext.inference.prompts import PromptRecord, conversation_ids, prompt_ids
 from megatron_ext.data.records import ASSISTANT, USER, Message
+from megatron_ext.parallel import free_port
 from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer
 from tests.conftest import CHATML, REPO
 from tests.tools.conftest import make_hf_model
 from tests.tools.test_hf_conversion import run_tool
-from tests.training.conftest import free_port
 
 pytestmark = pytest.mark.slow
 QUESTIONS = ["What is the capital of France?", "Name three colours.",

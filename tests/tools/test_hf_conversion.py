@@ -14,10 +14,10 @@ import torch
 
 from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
 from megatron_ext.checkpointing.unsharded import UnshardedReader
-from megatron_ext.models.hf_weights import llama_to_megatron
+from megatron_ext.models.hf_llama import llama_to_megatron
+from megatron_ext.parallel import free_port
 from tests.conftest import CHATML, REPO
 from tests.tools.conftest import hf_logits, make_hf_model
-from tests.training.conftest import free_port
 
 CHECK = str(REPO / "tests/tools/check_logits.py")
 EXTRA = ",".join(CHATML)

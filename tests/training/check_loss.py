@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ext.training.arguments import build_parser, config_from_args
-from megatron_ext.training.step import attention_mask
+from megatron_ext.models.masks import attention_mask
 from megatron_ext.training.trainer import Trainer
 
 

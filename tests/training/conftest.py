@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +12,8 @@ import pytest
 
 from instruct.preprocess_instruct_data import build_parser, config_from_args
 from megatron_ext.data.preprocess import run_preprocess
+from megatron_ext.parallel import free_port
 from tests.conftest import CHATML, REPO, SAMPLE
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

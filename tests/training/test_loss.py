@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from megatron_ext.data.collate import collate
-from megatron_ext.training.step import attention_mask, loss_func
+from megatron_ext.models.masks import attention_mask
+from megatron_ext.parallel import free_port
+from megatron_ext.training.step import loss_func
 from tests.conftest import REPO
-from tests.training.conftest import free_port
 
 
 def run_check(train_data, scalar: float) -> dict:

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from tests.conftest import REPO
-from tests.training.conftest import free_port, model_args, torchrun, train_metrics
+from megatron_ext.parallel import free_port
+from tests.training.conftest import model_args, torchrun, train_metrics
 
 pytestmark = pytest.mark.slow
 ITERS = 6

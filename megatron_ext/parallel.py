@@ -1,9 +1,17 @@
-"""Process-group setup for torchrun: NCCL on GPUs, gloo (plus the compat layer) on CPU.
+"""The parallel layout and process-group setup: NCCL on GPUs, gloo (plus the compat
+layer) on CPU.
 
-Why: megatron-core needs ``torch.distributed`` and its ``parallel_state``
-initialised in a fixed order, seeded so that every TP layout draws the same
-initial weights. This module does that once and returns a :class:`Layout`
-that the rest of the trainer passes around instead of querying globals.
+Why on its own floor: the trainer, inference, checkpoint resharding and the
+converters' checks all need megatron-core's groups initialised the same way;
+none of them should reach into another for it. megatron-core needs
+``torch.distributed`` and its ``parallel_state`` initialised in a fixed
+order, seeded so that every TP layout draws the same initial weights.
+:func:`init_distributed` does that once and returns a :class:`Layout` that
+callers pass around instead of querying globals.
+
+torch and megatron-core are imported inside the functions that use them:
+``ParallelArgs`` is part of the command-line configuration, which is parsed
+and validated before either is imported.
 """
 
 from __future__ import annotations
@@ -11,12 +19,26 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
+from megatron_ext.cli import option
 from megatron_ext.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class ParallelArgs:
+    tensor_model_parallel_size: int = option(1, "tensor-parallel ranks (TP)")
+    pipeline_model_parallel_size: int = option(1, "pipeline stages (PP); the data-parallel size "
+                                                  "is the world size / (TP x PP)")
+    sequence_parallel: bool = option(False, "split layer norms and dropout along the sequence "
+                                            "over the tensor-parallel ranks (needs TP > 1)")
+    use_distributed_optimizer: bool = option(False, "shard the optimizer state over the "
+                                                    "data-parallel ranks (CUDA only)")
 
 
 @dataclass(frozen=True)
@@ -46,8 +68,16 @@ class Layout:
         return self.rank == 0
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> Layout:
     """Initialise torch.distributed (from torchrun's env) and megatron-core's groups."""
+    import torch
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
 
@@ -70,7 +100,7 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> 
         if "WORLD_SIZE" not in os.environ:
             # one process started without torchrun (a tool): it needs no agreed port, so any
             # free one, never an inherited MASTER_PORT that another process may hold
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
@@ -98,15 +128,10 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> 
     )
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def set_seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

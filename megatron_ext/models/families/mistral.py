@@ -1,0 +1,32 @@
+"""Mistral: the Llama architecture with a 4096-token sliding attention window by default.
+
+Its Hugging Face configs are told apart by ``model_type`` and carry the
+window (``sliding_window``; ``null`` or ``use_sliding_window: false`` for none).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from megatron_ext.models.family import Family, llama_ffn_hidden_size
+from megatron_ext.models.hf_llama import LlamaLikeHF
+
+
+def matches(config: Mapping[str, Any]) -> bool:
+    return True  # every config of model_type "mistral"
+
+
+FAMILY = Family(
+    name="mistral",
+    legacy_name="mistral",
+    normalization="RMSNorm",
+    swiglu=True,
+    position_embedding="rope",
+    add_bias_linear=False,
+    tie_embeddings=False,
+    default_ffn_hidden_size=llama_ffn_hidden_size,
+    rope_theta=10000.0,
+    layernorm_epsilon=1e-5,
+    sliding_window=4096,
+    hf=LlamaLikeHF("mistral", "MistralForCausalLM", matches, windowed=True),
+)

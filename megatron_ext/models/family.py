@@ -1,0 +1,100 @@
+"""What a model family file declares: the :class:`Family` record and the
+:class:`HFAdapter` interface of its Hugging Face converter.
+
+Why a record: a family is a handful of architectural choices (norm,
+activation, positions, biases, tied embeddings, RoPE base, norm epsilon,
+sliding window, FFN size rule) plus how it is exchanged with other code bases
+(Hugging Face, Megatron-LLM). Each family writes them once, in its own file
+under ``models/families/``; everything that builds, converts or names a model
+reads them from there. This module imports neither torch nor megatron-core,
+so flag parsing and validation can list the families cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol
+
+from megatron_ext.errors import ConfigError
+
+if TYPE_CHECKING:  # type hints only: importing a family must not import torch
+    import torch
+
+    from megatron_ext.models.config import ModelArgs
+
+
+class UnsupportedModelError(ConfigError):
+    """A Hugging Face model this project cannot convert exactly."""
+
+
+def llama_ffn_hidden_size(hidden_size: int) -> int:
+    """Llama's rule: 2/3 of 4h, rounded up to a multiple of 256 (16 for tiny models)."""
+    multiple = 256 if hidden_size >= 1024 else 16
+    size = int(2 * 4 * hidden_size / 3)
+    return multiple * ((size + multiple - 1) // multiple)
+
+
+def four_times_ffn_hidden_size(hidden_size: int) -> int:
+    """GPT's rule: 4h."""
+    return 4 * hidden_size
+
+
+class HFAdapter(Protocol):
+    """How a family is exchanged with ``transformers``: config and weights, both ways.
+
+    Weight maps work on *unsharded* state dicts (TP=PP=1 megatron-core names),
+    one group at a time (embeddings, then each layer), so a 70B model converts
+    in about one layer of memory.
+    """
+
+    model_type: str  # config.json "model_type" this adapter reads and writes
+
+    def matches(self, config: Mapping[str, Any]) -> bool:
+        """True when ``config`` is this family's (exactly one family may say so)."""
+
+    def model_args(self, config: Mapping[str, Any], model_name: str, source: str) -> dict:
+        """``ModelArgs`` fields for ``config``; refuses what the family cannot build exactly."""
+
+    def hf_config(self, args: "ModelArgs", vocab_size: int, bos_token_id: Optional[int],
+                  eos_token_id: Any, pad_token_id: Optional[int], torch_dtype: str,
+                  max_position_embeddings: Optional[int]) -> dict:
+        """``config.json`` for resolved ``args`` (see :meth:`ModelArgs.resolved`)."""
+
+    def embedding_names(self) -> list[str]:
+        """The HF tensors outside the decoder layers (what the first conversion step reads)."""
+
+    def layer_names(self, layer: int) -> list[str]:
+        """The HF tensors of decoder layer ``layer``."""
+
+    def embeddings_to_megatron(self, hf: Mapping[str, "torch.Tensor"], tokenizer_vocab: int,
+                               padded_vocab: int) -> dict[str, "torch.Tensor"]: ...
+
+    def layer_to_megatron(self, hf: Mapping[str, "torch.Tensor"], layer: int, num_heads: int,
+                          num_kv_heads: int) -> dict[str, "torch.Tensor"]: ...
+
+    def embeddings_from_megatron(self, state: Mapping[str, "torch.Tensor"],
+                                 vocab_size: int) -> dict[str, "torch.Tensor"]: ...
+
+    def layer_from_megatron(self, state: Mapping[str, "torch.Tensor"], layer: int,
+                            num_heads: int, num_kv_heads: int) -> dict[str, "torch.Tensor"]: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class Family:
+    """One family's defaults and adapters (``models/families/<name>.py`` defines ``FAMILY``)."""
+
+    name: str  # --model_name; equal to the file's name
+    legacy_name: str  # Megatron-LLM's --model_name for this architecture
+    normalization: str  # RMSNorm | LayerNorm
+    swiglu: bool  # gated SiLU MLP (else GeLU)
+    position_embedding: str  # rope | learned_absolute
+    add_bias_linear: bool
+    tie_embeddings: bool
+    default_ffn_hidden_size: Callable[[int], int]  # hidden size -> FFN size
+    rope_theta: float = 10000.0
+    layernorm_epsilon: float = 1e-5
+    sliding_window: Optional[int] = None
+    hf: Optional[HFAdapter] = None  # None: no Hugging Face equivalent
+    # (megatron-core TransformerConfig, init seed, use_flash_attn) -> block spec;
+    # None: the shared seeded block of models/builder.py
+    block_spec: Optional[Callable[..., Any]] = None

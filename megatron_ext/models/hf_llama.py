@@ -1,0 +1,354 @@
+"""The Hugging Face Llama layout, shared by every Llama-like family (Llama 1/2/3,
+CodeLlama, Mistral): ``config.json`` <-> ``ModelArgs`` and weights <->
+megatron-core ``GPTModel`` (unsharded) weights.
+
+Why one module: these families differ only in defaults and in which configs
+are theirs; the config fields and the tensor layout are the same. A family
+file states what is specific (its ``matches`` predicate, its ``model_type``,
+whether it carries a window) by building a :class:`LlamaLikeHF`.
+
+Config: anything our megatron-core spec cannot reproduce exactly (RoPE
+scaling other than Llama 3.1's, biases, tied embeddings, a head size other
+than hidden/heads) is refused with a clear message instead of being converted
+into a model that silently computes something else.
+
+Weights: both directions work on *unsharded* state dicts (TP=PP=1 names and
+shapes); sharding to any TP/PP is megatron-core ``dist_checkpointing``'s job.
+Layout differences handled:
+
+* q, k, v: HF keeps three matrices; megatron-core one ``linear_qkv`` whose
+  rows are grouped per key/value head: for each group, its query heads, then
+  its key head, then its value head.
+* gate/up: HF ``gate_proj`` and ``up_proj``; megatron-core one ``linear_fc1``
+  holding ``[gate; up]``.
+* RoPE: both use the rotate-half convention (``rotary_interleaved=False``), so
+  q/k rows need no permutation.
+* vocabulary: megatron pads it for tensor parallelism. Rows for tokens the
+  HF checkpoint lacks (``--vocab_extra_ids_list``) start as the mean of the
+  existing embeddings (so new special tokens begin as an "average" token, not
+  noise); padding rows beyond the tokenizer are zero.
+
+torch is imported inside the functions that make tensors: family files import
+this module, and listing the families must not import torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+
+from megatron_ext.models.family import UnsupportedModelError
+
+if TYPE_CHECKING:
+    import torch
+
+    from megatron_ext.models.config import ModelArgs
+
+# megatron-core's Llama 3.1 RoPE scaling has only the factor as a parameter
+LLAMA3_SCALING_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192.0}
+
+
+def rope_settings(config: Mapping[str, Any]) -> tuple[float, dict]:
+    """(RoPE base, scaling settings) from either config layout.
+
+    Older configs keep ``rope_theta`` and ``rope_scaling`` at the top level;
+    transformers 5 writes one ``rope_parameters`` dict (``rope_type`` "default"
+    meaning no scaling).
+    """
+    parameters = dict(config.get("rope_parameters") or {})
+    theta = config.get("rope_theta") or parameters.pop("rope_theta", None) or 10000.0
+    scaling = dict(config.get("rope_scaling") or parameters)
+    kind = scaling.get("rope_type") or scaling.get("type")
+    return float(theta), ({} if kind in (None, "default") else scaling)
+
+
+def rms_norm_eps(config: Mapping[str, Any]) -> float:
+    return float(config.get("rms_norm_eps", 1e-5))
+
+
+def model_args_from_llama_config(config: Mapping[str, Any], model_name: str, source: str,
+                                 windowed: bool) -> dict:
+    """``ModelArgs`` fields for a Llama-layout config; refuses what we cannot match.
+
+    ``windowed``: the config's ``sliding_window`` is read (Mistral's layout).
+    """
+    problems = []
+    theta, rope_scaling = rope_settings(config)
+    scaling_factor = None
+    if rope_scaling:
+        kind = rope_scaling.get("rope_type") or rope_scaling.get("type")
+        if kind == "llama3" and all(float(rope_scaling.get(k, v)) == v for k, v in
+                                    LLAMA3_SCALING_FIXED.items()):
+            scaling_factor = float(rope_scaling["factor"])
+        else:
+            problems.append(f"rope_scaling {rope_scaling} (only plain RoPE and Llama 3.1-style "
+                            f"scaling with {LLAMA3_SCALING_FIXED} are built)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag):
+            problems.append(f"{flag}=true (the Llama spec has no biases)")
+    if config.get("tie_word_embeddings"):
+        problems.append("tie_word_embeddings=true (Llama/Mistral here keep a separate output "
+                        "layer)")
+    if config.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act {config.get('hidden_act')!r} (SwiGLU uses silu)")
+    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+    head_dim = config.get("head_dim")
+    if head_dim is not None and int(head_dim) * heads != hidden:
+        problems.append(f"head_dim {head_dim} x {heads} heads != hidden_size {hidden}")
+    if problems:
+        raise UnsupportedModelError(f"{source}: cannot convert exactly: " + "; ".join(problems))
+    window = config.get("sliding_window") if windowed else None
+    if config.get("use_sliding_window") is False:
+        window = None
+    positions = int(config.get("max_position_embeddings", 4096))
+    return {
+        "model_name": model_name,
+        "num_layers": int(config["num_hidden_layers"]),
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_attention_heads_kv": int(config.get("num_key_value_heads") or heads),
+        "ffn_hidden_size": int(config["intermediate_size"]),
+        "seq_length": positions,
+        "max_position_embeddings": positions,
+        "rope_theta": theta,
+        "rope_scaling_factor": scaling_factor,
+        "layernorm_epsilon": rms_norm_eps(config),
+        "sliding_window_size": int(window) if window else 0,
+        "init_method_std": float(config.get("initializer_range", 0.02)),
+    }
+
+
+def llama_config_from_model_args(args: "ModelArgs", model_type: str, architecture: str,
+                                 windowed: bool, vocab_size: int, bos_token_id: Optional[int],
+                                 eos_token_id: Any, pad_token_id: Optional[int],
+                                 torch_dtype: str,
+                                 max_position_embeddings: Optional[int] = None) -> dict:
+    """``config.json`` for ``transformers`` from resolved model arguments."""
+    config = {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.ffn_hidden_size,
+        "num_hidden_layers": args.num_layers,
+        "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": args.num_attention_heads_kv,
+        "head_dim": args.hidden_size // args.num_attention_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_position_embeddings or args.max_position_embeddings,
+        "rms_norm_eps": args.layernorm_epsilon,
+        "rope_theta": float(args.rope_theta),
+        "initializer_range": args.init_method_std,
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "torch_dtype": torch_dtype,
+        "use_cache": True,
+    }
+    if windowed:
+        config["sliding_window"] = args.attention_window
+    else:
+        config["mlp_bias"] = False
+        config["pretraining_tp"] = 1
+    # both layouts: transformers >= 5 reads rope_parameters, older readers (transformers 4,
+    # llama.cpp, serving stacks) rope_theta, and would silently fall back to 10000 without it
+    config["rope_parameters"] = {"rope_theta": config["rope_theta"], "rope_type": "default"}
+    if args.rope_scaling_factor:
+        scaling = {"rope_type": "llama3", "factor": float(args.rope_scaling_factor),
+                   **{k: (int(v) if k.startswith("original") else v)
+                      for k, v in LLAMA3_SCALING_FIXED.items()}}
+        config["rope_scaling"] = scaling
+        config["rope_parameters"].update(scaling)
+    config["dtype"] = torch_dtype
+    return config
+
+
+
+def qkv_to_megatron(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+                    num_kv_heads: int) -> torch.Tensor:
+    import torch  # here, not at the top: family files import this module (see above)
+
+    head_dim = q.shape[0] // num_heads
+    hidden = q.shape[1]
+    per_group = num_heads // num_kv_heads
+    q = q.view(num_kv_heads, per_group, head_dim, hidden)
+    k = k.view(num_kv_heads, 1, head_dim, hidden)
+    v = v.view(num_kv_heads, 1, head_dim, hidden)
+    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+
+
+def qkv_from_megatron(qkv: torch.Tensor, num_heads: int, num_kv_heads: int):
+    per_group = num_heads // num_kv_heads
+    hidden = qkv.shape[1]
+    head_dim = qkv.shape[0] // (num_heads + 2 * num_kv_heads)
+    grouped = qkv.view(num_kv_heads, per_group + 2, head_dim, hidden)
+    q = grouped[:, :per_group].reshape(-1, hidden)
+    k = grouped[:, per_group].reshape(-1, hidden)
+    v = grouped[:, per_group + 1].reshape(-1, hidden)
+    return q, k, v
+
+
+def pad_vocab_rows(weight: torch.Tensor, tokenizer_vocab: int, padded_vocab: int) -> torch.Tensor:
+    """Rows for extra tokens = mean row; rows past the tokenizer = 0."""
+    import torch  # here, not at the top: family files import this module (see above)
+
+    rows, width = weight.shape
+    if padded_vocab < rows:
+        raise ValueError(f"padded vocabulary {padded_vocab} is smaller than the checkpoint's {rows}")
+    out = torch.zeros(padded_vocab, width, dtype=weight.dtype)
+    out[:rows] = weight
+    if tokenizer_vocab > rows:
+        out[rows:tokenizer_vocab] = weight.float().mean(dim=0).to(weight.dtype)
+    return out
+
+
+HF_LAYER_SUFFIXES = (
+    "input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+)
+
+
+def hf_layer_names(layer: int) -> list[str]:
+    """The HF tensors of decoder layer ``layer`` (what one conversion step reads)."""
+    return [f"model.layers.{layer}.{suffix}" for suffix in HF_LAYER_SUFFIXES]
+
+
+def layer_to_megatron(hf: Mapping[str, torch.Tensor], layer: int, num_heads: int,
+                      num_kv_heads: int) -> dict[str, torch.Tensor]:
+    """One decoder layer, HF names -> megatron-core names (global layer number kept)."""
+    import torch  # here, not at the top: family files import this module (see above)
+
+    src, dst = f"model.layers.{layer}.", f"decoder.layers.{layer}."
+    return {
+        dst + "input_layernorm.weight": hf[src + "input_layernorm.weight"],
+        dst + "self_attention.linear_qkv.weight": qkv_to_megatron(
+            hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"],
+            hf[src + "self_attn.v_proj.weight"], num_heads, num_kv_heads),
+        dst + "self_attention.linear_proj.weight": hf[src + "self_attn.o_proj.weight"],
+        dst + "pre_mlp_layernorm.weight": hf[src + "post_attention_layernorm.weight"],
+        dst + "mlp.linear_fc1.weight": torch.cat(
+            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]], dim=0),
+        dst + "mlp.linear_fc2.weight": hf[src + "mlp.down_proj.weight"],
+    }
+
+
+def layer_from_megatron(state: Mapping[str, torch.Tensor], layer: int, num_heads: int,
+                        num_kv_heads: int) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`layer_to_megatron`."""
+    src, dst = f"decoder.layers.{layer}.", f"model.layers.{layer}."
+    q, k, v = qkv_from_megatron(state[src + "self_attention.linear_qkv.weight"], num_heads,
+                                num_kv_heads)
+    gate, up = state[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+    out = {
+        dst + "input_layernorm.weight": state[src + "input_layernorm.weight"],
+        dst + "self_attn.q_proj.weight": q,
+        dst + "self_attn.k_proj.weight": k,
+        dst + "self_attn.v_proj.weight": v,
+        dst + "self_attn.o_proj.weight": state[src + "self_attention.linear_proj.weight"],
+        dst + "post_attention_layernorm.weight": state[src + "pre_mlp_layernorm.weight"],
+        dst + "mlp.gate_proj.weight": gate,
+        dst + "mlp.up_proj.weight": up,
+        dst + "mlp.down_proj.weight": state[src + "mlp.linear_fc2.weight"],
+    }
+    return {key: value.contiguous() for key, value in out.items()}
+
+
+def embeddings_to_megatron(hf: Mapping[str, torch.Tensor], tokenizer_vocab: int,
+                           padded_vocab: int, tie_embeddings: bool = False
+                           ) -> dict[str, torch.Tensor]:
+    """Word embeddings, final norm and output layer (vocabulary padded, new rows = mean)."""
+    out = {"embedding.word_embeddings.weight":
+           pad_vocab_rows(hf["model.embed_tokens.weight"], tokenizer_vocab, padded_vocab),
+           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
+    if not tie_embeddings:
+        head = hf["lm_head.weight"] if "lm_head.weight" in hf else hf["model.embed_tokens.weight"]
+        out["output_layer.weight"] = pad_vocab_rows(head, tokenizer_vocab, padded_vocab)
+    return out
+
+
+def embeddings_from_megatron(state: Mapping[str, torch.Tensor], vocab_size: int,
+                             tie_embeddings: bool = False) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`embeddings_to_megatron`; drops the vocabulary padding."""
+    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab_size],
+           "model.norm.weight": state["decoder.final_layernorm.weight"]}
+    if not tie_embeddings:
+        out["lm_head.weight"] = state["output_layer.weight"][:vocab_size]
+    return {key: value.contiguous() for key, value in out.items()}
+
+
+def llama_to_megatron(hf: Mapping[str, torch.Tensor], num_layers: int, num_heads: int,
+                      num_kv_heads: int, tokenizer_vocab: int, padded_vocab: int,
+                      tie_embeddings: bool = False) -> dict[str, torch.Tensor]:
+    """HF ``LlamaForCausalLM``/``MistralForCausalLM`` state dict to megatron-core names."""
+    out = embeddings_to_megatron(hf, tokenizer_vocab, padded_vocab, tie_embeddings)
+    for i in range(num_layers):
+        out.update(layer_to_megatron(hf, i, num_heads, num_kv_heads))
+    return out
+
+
+def megatron_to_llama(state: Mapping[str, torch.Tensor], num_layers: int, num_heads: int,
+                      num_kv_heads: int, vocab_size: int,
+                      tie_embeddings: bool = False) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`llama_to_megatron`; drops the vocabulary padding."""
+    out = embeddings_from_megatron(state, vocab_size, tie_embeddings)
+    for i in range(num_layers):
+        out.update(layer_from_megatron(state, i, num_heads, num_kv_heads))
+    return out
+
+
+EMBEDDING_NAMES = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
+
+
+@dataclass(frozen=True)
+class LlamaLikeHF:
+    """:class:`~megatron_ext.models.family.HFAdapter` for a family in the Llama layout.
+
+    ``matches`` is the family's own predicate on ``config.json`` (written in its
+    file); ``windowed`` says whether the config carries ``sliding_window``.
+    """
+
+    model_type: str
+    architecture: str
+    predicate: Callable[[Mapping[str, Any]], bool]
+    windowed: bool = False
+
+    def matches(self, config: Mapping[str, Any]) -> bool:
+        return config.get("model_type") == self.model_type and self.predicate(config)
+
+    def model_args(self, config: Mapping[str, Any], model_name: str, source: str) -> dict:
+        return model_args_from_llama_config(config, model_name, source, self.windowed)
+
+    def hf_config(self, args: "ModelArgs", vocab_size: int, bos_token_id: Optional[int],
+                  eos_token_id: Any, pad_token_id: Optional[int], torch_dtype: str,
+                  max_position_embeddings: Optional[int] = None) -> dict:
+        return llama_config_from_model_args(args, self.model_type, self.architecture,
+                                            self.windowed, vocab_size, bos_token_id,
+                                            eos_token_id, pad_token_id, torch_dtype,
+                                            max_position_embeddings)
+
+    def embedding_names(self) -> list[str]:
+        return list(EMBEDDING_NAMES)
+
+    def layer_names(self, layer: int) -> list[str]:
+        return hf_layer_names(layer)
+
+    def embeddings_to_megatron(self, hf: Mapping[str, torch.Tensor], tokenizer_vocab: int,
+                               padded_vocab: int) -> dict[str, torch.Tensor]:
+        return embeddings_to_megatron(hf, tokenizer_vocab, padded_vocab)
+
+    def layer_to_megatron(self, hf: Mapping[str, torch.Tensor], layer: int, num_heads: int,
+                          num_kv_heads: int) -> dict[str, torch.Tensor]:
+        return layer_to_megatron(hf, layer, num_heads, num_kv_heads)
+
+    def embeddings_from_megatron(self, state: Mapping[str, torch.Tensor],
+                                 vocab_size: int) -> dict[str, torch.Tensor]:
+        return embeddings_from_megatron(state, vocab_size)
+
+    def layer_from_megatron(self, state: Mapping[str, torch.Tensor], layer: int,
+                            num_heads: int, num_kv_heads: int) -> dict[str, torch.Tensor]:
+        return layer_from_megatron(state, layer, num_heads, num_kv_heads)
