@@ -17,7 +17,6 @@ examples:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -53,7 +52,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     params = None if args.no_generate else sampling_params(args)
-    from megatron_ext.inference.batch import evaluate_records, write_jsonl_atomic
+    from megatron_ext.inference.batch import evaluate_records
+    from megatron_ext.io import write_json, write_jsonl
     from megatron_ext.inference.prompts import read_records
 
     records = read_records(args.input, args.question_key, args.answer_key, args.system_key,
@@ -63,10 +63,9 @@ def main(argv=None) -> int:
                                      progress=not args.no_progress)
     if loaded.layout.is_logger:
         if args.output:
-            write_jsonl_atomic(args.output, rows)
+            write_jsonl(args.output, rows)
         if args.summary_json:
-            with open(args.summary_json, "w", encoding="utf-8") as handle:
-                json.dump(summary, handle, indent=2)
+            write_json(args.summary_json, summary)
         print(f"evaluation of {args.load} on {args.input} (chat format {fmt.name}):")
         print(format_summary(summary))
     return 0

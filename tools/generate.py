@@ -131,7 +131,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
     params = sampling_params(args)
-    from megatron_ext.inference.batch import generate_records, write_jsonl_atomic
+    from megatron_ext.inference.batch import generate_records
+    from megatron_ext.io import write_jsonl
     from megatron_ext.inference.prompts import read_records, record_from_json
 
     if args.input:
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
                             progress=not args.no_progress)
     if loaded.layout.is_logger:
         if args.output:
-            write_jsonl_atomic(args.output, rows)
+            write_jsonl(args.output, rows)
             stopped = sum(r["stop_reason"] == "stop" for r in rows)
             print(f"wrote {len(rows)} generations to {args.output} ({stopped} ended at the "
                   f"end-of-turn token, {len(rows) - stopped} at --max_new_tokens)")
