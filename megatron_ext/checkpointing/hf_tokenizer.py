@@ -55,7 +55,7 @@ from megatron_ext.data.records import (
     RecordError,
 )
 from megatron_ext.errors import TokenizerError
-from megatron_ext.io import json_text, publish, temporary_directory
+from megatron_ext.io import json_text, publish, temporary_directory, write_text
 from megatron_ext.tokenizers import HFTokenizer, InstructTokenizer, SentencePieceTokenizer
 from megatron_ext.tokenizers.conversion import dummy_prefix_mode, hf_backend
 
@@ -115,8 +115,7 @@ def export_hf_tokenizer(tokenizer: InstructTokenizer, chat_format: str | None, o
     removed: list[str] = []
     with temporary_directory(near) as staging:
         for name, text in files.items():
-            with open(os.path.join(staging, name), "w", encoding="utf-8") as handle:
-                handle.write(text)
+            write_text(os.path.join(staging, name), text)
         for name, source in copies.items():
             shutil.copyfile(source, os.path.join(staging, name))
         # AutoTokenizer also reads the model's config.json: verify with it next to the files
