@@ -18,6 +18,8 @@ once:
   target removes those whose process is gone (:func:`remove_stale`) and
   leaves a live writer's alone.
 
+:func:`read_json` is their reading counterpart (errors that name the file).
+
 Floor 0: imports nothing of the project but its error types.
 """
 
@@ -29,7 +31,7 @@ import shutil
 from contextlib import contextmanager
 from typing import IO, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
-from megatron_ext.errors import CheckpointError
+from megatron_ext.errors import CheckpointError, UserError
 
 TEMP_MARK = ".tmp."
 OLD_MARK = ".old."
@@ -173,6 +175,16 @@ def write_jsonl(path: str, rows: Iterable[dict]) -> None:
     with atomic_write(path) as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str, error: type[UserError] = UserError, advice: str = ""):
+    """A JSON file's value; unreadable or invalid JSON is ``error`` naming the file
+    (``advice`` appended: what to do about it)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise error(f"cannot read {path}: {exc}{advice}") from None
 
 
 class StagedFiles:

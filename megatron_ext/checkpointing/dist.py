@@ -38,6 +38,7 @@ from megatron_ext.checkpointing.state import (
     TrainState,
     check_model_matches,
     load_model_weights,
+    restore_training_state,
     without_extra_state,
 )
 from megatron_ext.checkpointing.tracker import (
@@ -183,13 +184,10 @@ def load_checkpoint(root: str, train: TrainState, weights_only: bool,
     load_model_weights(train.model, loaded["model"], directory)
     if weights_only:
         return iteration, Progress()
-    train.optimizer.load_state_dict(loaded["optimizer"])
+    progress = restore_training_state(train, loaded)
     if "rng_state" in loaded:
         _set_rng_state(loaded["rng_state"])
-    common = loaded["common"]
-    train.scheduler.load_state_dict(common["scheduler"])
-    return iteration, Progress(common["iteration"], common["consumed_samples"],
-                               common["consumed_tokens"])
+    return iteration, progress
 
 
 def _saved_layout(directory: str) -> dict:

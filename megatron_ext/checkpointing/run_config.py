@@ -14,7 +14,7 @@ import os
 from typing import Optional
 
 from megatron_ext.errors import CheckpointError, ConfigError
-from megatron_ext.io import write_json
+from megatron_ext.io import read_json, write_json
 from megatron_ext.tokenizers import TokenizerConfig, parse_extra_ids
 
 RUN_CONFIG = "run_config.json"
@@ -28,11 +28,7 @@ def load_run_config(directory: str, missing_ok: bool = False) -> Optional[dict]:
     path = os.path.join(directory, RUN_CONFIG)
     if missing_ok and not os.path.exists(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    return read_json(path, CheckpointError)
 
 
 def write_run_config(directory: str, run_config: dict) -> None:

@@ -46,6 +46,18 @@ class TrainState:
     scheduler: Optional[object] = None
 
 
+def restore_training_state(train: TrainState, loaded: dict) -> Progress:
+    """Load optimizer and scheduler state from a loaded checkpoint; returns the saved position.
+
+    ``loaded`` holds ``optimizer`` and ``common`` (the scheduler state and the
+    :class:`Progress` fields), as every checkpoint form with optimizer state does.
+    """
+    train.optimizer.load_state_dict(loaded["optimizer"])
+    common = loaded["common"]
+    train.scheduler.load_state_dict(common["scheduler"])
+    return Progress(common["iteration"], common["consumed_samples"], common["consumed_tokens"])
+
+
 def check_model_matches(saved_model: dict, model, source: str) -> None:
     """Refuse to load weights into a model whose architecture differs from the checkpoint's.
 

@@ -39,6 +39,7 @@ from megatron_ext.checkpointing.state import (
     Progress,
     check_model_matches,
     load_model_weights,
+    restore_training_state,
 )
 from megatron_ext.errors import CheckpointError
 from megatron_ext.io import StagedDirectory, write_json
@@ -297,11 +298,7 @@ def load_unsharded(root: str, train, weights_only: bool, reader=None):
     iteration = int(reader.meta.get("iteration", 0))
     if weights_only:
         return iteration, Progress()
-    train.optimizer.load_state_dict(loaded["optimizer"])
-    saved = loaded["common"]
-    train.scheduler.load_state_dict(saved["scheduler"])
-    return iteration, Progress(saved["iteration"], saved["consumed_samples"],
-                               saved["consumed_tokens"])
+    return iteration, restore_training_state(train, loaded)
 
 
 # ---------------------------------------------------------------- dist <-> unsharded

@@ -15,7 +15,6 @@ once everything is complete.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from array import array
@@ -24,7 +23,7 @@ from typing import Optional
 import numpy as np
 
 from megatron_ext.errors import DataError
-from megatron_ext.io import StagedFiles, json_text
+from megatron_ext.io import StagedFiles, json_text, read_json
 
 ROLE_DTYPE = np.uint8
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
@@ -142,8 +141,4 @@ def read_meta(prefix: str) -> Optional[dict]:
     path = dataset_paths(prefix)["meta"]
     if not os.path.exists(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path} is unreadable ({exc}); preprocess the data again") from None
+    return read_json(path, DataError, "; preprocess the data again")
