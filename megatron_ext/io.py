@@ -16,7 +16,8 @@ once:
   new one is in place (:func:`publish`);
 * temporaries carry their writer's process id, so the next writer of the same
   target removes those whose process is gone (:func:`remove_stale`) and
-  leaves a live writer's alone.
+  leaves a live writer's alone (an old output a killed writer had set
+  aside is put back if nothing replaced it).
 
 :func:`read_json` is their reading counterpart (errors that name the file).
 
@@ -71,22 +72,29 @@ def remove_stale(path: str) -> list[str]:
 
     Those are ``{path}.tmp.{pid}`` and ``{path}.old.{pid}`` (files or
     directories) whose process is gone (killed with -9, a crashed node). A
-    live process's temporaries are kept: it may still be writing. Returns
+    live process's temporaries are kept: it may still be writing. An old
+    output set aside by a writer killed before its replacement arrived is
+    put back when ``path`` is missing: it is the only complete copy. Returns
     the removed paths.
     """
-    directory, base = os.path.split(os.path.abspath(path))
+    target = os.path.abspath(path)
+    directory, base = os.path.split(target)
     try:
-        names = os.listdir(directory)
+        names = sorted(os.listdir(directory))
     except OSError:
         return []
     removed = []
     for name in names:
-        for mark in (TEMP_MARK, OLD_MARK):
+        for mark in (OLD_MARK, TEMP_MARK):
             head = base + mark
             tail = name[len(head):]
             if name.startswith(head) and tail.isdigit() and not _process_alive(int(tail)):
-                _remove(os.path.join(directory, name))
-                removed.append(os.path.join(directory, name))
+                stale = os.path.join(directory, name)
+                if mark == OLD_MARK and not os.path.lexists(target):
+                    os.replace(stale, target)
+                else:
+                    _remove(stale)
+                    removed.append(stale)
     return removed
 
 
@@ -267,8 +275,8 @@ class StagedDirectory:
 
     def __init__(self, out: str, overwrite: bool = False):
         self.out = os.path.abspath(out)
+        remove_stale(self.out)  # first: it may put back an output a killed writer set aside
         check_out_free(self.out, overwrite)
-        remove_stale(self.out)
         self.path = self.out + STAGING_SUFFIX
         shutil.rmtree(self.path, ignore_errors=True)
         os.makedirs(self.path)

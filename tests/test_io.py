@@ -76,6 +76,19 @@ def test_next_writer_removes_a_killed_writers_temporaries(killed_writer_leftover
         "latest_checkpointed_iteration.txt", "model"]
 
 
+def test_an_old_output_set_aside_by_a_killed_writer_is_put_back(tmp_path):
+    out = tmp_path / "model"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)
+    aside = tmp_path / f"model.old.{dead.pid}"  # killed between its two renames
+    aside.mkdir()
+    (aside / "weights").write_text("complete")
+    with pytest.raises(CheckpointError, match="--overwrite"):
+        StagedDirectory(str(out))
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+    assert (out / "weights").read_text() == "complete"
+
+
 def test_a_live_writers_temporaries_are_kept(tmp_path):
     target = str(tmp_path / "out.json")
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
