@@ -212,7 +212,7 @@ def run_bench(args, workdir: str) -> None:
     generate_corpus(small, max(1, args.records // 5))
     vocab_file = args.vocab_file
     if vocab_file is None:
-        from megatron_ext.tokenizer_training import jsonl_texts, train_sentencepiece
+        from megatron_ext.tokenizers.training import jsonl_texts, train_sentencepiece
 
         print(f"training a {args.vocab_size}-token SentencePiece tokenizer ...", flush=True)
         texts = []

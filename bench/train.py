@@ -93,7 +93,7 @@ def prepare_data(workdir: str, records: int, seq_length: int, vocab_size: int, s
     """Corpus -> SentencePiece tokenizer -> ChatML .bin/.idx truncated to ``seq_length``."""
     from instruct.preprocess_instruct_data import build_parser, config_from_args
     from megatron_ext.data.preprocess import run_preprocess
-    from megatron_ext.tokenizer_training import jsonl_texts, train_sentencepiece
+    from megatron_ext.tokenizers.training import jsonl_texts, train_sentencepiece
 
     corpus = os.path.join(workdir, "corpus.jsonl")
     start = time.perf_counter()

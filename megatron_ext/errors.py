@@ -19,3 +19,7 @@ class TokenizerError(UserError):
 
 class DataError(UserError):
     """Input data is missing, unreadable or entirely unusable."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint or output directory is missing, incomplete, unreadable or in the way."""

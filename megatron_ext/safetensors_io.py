@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from megatron_ext.errors import UserError
+from megatron_ext.io import write_json
 
 _DTYPES = {
     "F64": (torch.float64, np.float64), "F32": (torch.float32, np.float32),
@@ -181,9 +182,7 @@ class ShardedSafetensorsWriter:
             weight_map.update({name: final for name in names})
         index = {"metadata": {"total_size": self.total_bytes, **(metadata or {})},
                  "weight_map": dict(sorted(weight_map.items()))}
-        with open(os.path.join(self.directory, f"{self.stem}.safetensors.index.json"), "w",
-                  encoding="utf-8") as handle:
-            json.dump(index, handle, indent=2)
+        write_json(os.path.join(self.directory, f"{self.stem}.safetensors.index.json"), index)
         return weight_map
 
 

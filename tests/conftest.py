@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from megatron_ext.tokenizer_training import (  # noqa: E402
+from megatron_ext.tokenizers.training import (  # noqa: E402
     jsonl_texts,
     train_byte_level_bpe,
     train_sentencepiece,

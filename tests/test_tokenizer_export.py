@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from megatron_ext import tokenizer_export as te
+from megatron_ext.checkpointing import hf_tokenizer as te
 from megatron_ext.data.chat_formats import build_chat_format, jinja_literal
 from megatron_ext.data.records import ASSISTANT, SYSTEM, USER, Message
 from megatron_ext.errors import TokenizerError

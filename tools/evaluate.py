@@ -17,7 +17,6 @@ examples:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -58,7 +57,8 @@ def main(argv=None) -> int:
     options = build_config(InferenceOptions, args)
     setup_logging()
     params = None if args.no_generate else options.sampling_params()
-    from megatron_ext.inference.batch import evaluate_records, write_jsonl_atomic
+    from megatron_ext.inference.batch import evaluate_records
+    from megatron_ext.io import write_json, write_jsonl
 
     records = options.read_records(args.input)
     loaded, fmt = load_model_and_format(options)
@@ -66,10 +66,9 @@ def main(argv=None) -> int:
                                      progress=options.progress)
     if loaded.layout.is_logger:
         if args.output:
-            write_jsonl_atomic(args.output, [row.to_json() for row in rows])
+            write_jsonl(args.output, [row.to_json() for row in rows])
         if args.summary_json:
-            with open(args.summary_json, "w", encoding="utf-8") as handle:
-                json.dump(summary.to_json(), handle, indent=2)
+            write_json(args.summary_json, summary.to_json())
         print(f"evaluation of {options.load} on {args.input} (chat format {fmt.name}):")
         print(format_summary(summary))
     return 0

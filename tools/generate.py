@@ -47,8 +47,9 @@ def main(argv=None) -> int:
     options = build_config(InferenceOptions, args)
     setup_logging()
     params = options.sampling_params()
-    from megatron_ext.inference.batch import generate_records, write_jsonl_atomic
+    from megatron_ext.inference.batch import generate_records
     from megatron_ext.inference.prompts import record_from_json
+    from megatron_ext.io import write_jsonl
 
     if args.input:
         records = options.read_records(args.input)
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
                                    progress=options.progress)
     if loaded.layout.is_logger:
         if args.output:
-            write_jsonl_atomic(args.output, [g.to_json() for g in generations])
+            write_jsonl(args.output, [g.to_json() for g in generations])
             stopped = sum(g.stop_reason == "stop" for g in generations)
             print(f"wrote {len(generations)} generations to {args.output} ({stopped} ended at "
                   f"the end-of-turn token, {len(generations) - stopped} at --max_new_tokens)")

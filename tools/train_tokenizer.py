@@ -18,7 +18,7 @@ if __package__ in (None, ""):
 
 from megatron_ext.cli import FlagParser, run_cli  # noqa: E402
 from megatron_ext.errors import ConfigError, DataError  # noqa: E402
-from megatron_ext.tokenizer_training import (  # noqa: E402
+from megatron_ext.tokenizers.training import (  # noqa: E402
     jsonl_texts,
     train_byte_level_bpe,
     train_sentencepiece,

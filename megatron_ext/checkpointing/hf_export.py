@@ -10,7 +10,6 @@ at the format's end-of-turn token.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -19,11 +18,16 @@ from typing import Optional
 
 import torch
 
-from megatron_ext.checkpointing import CheckpointError
-from megatron_ext.checkpointing.atomic import staged_directory
 from megatron_ext.checkpointing.hf_import import DTYPES
+from megatron_ext.checkpointing.hf_tokenizer import (
+    chat_template,
+    export_hf_tokenizer,
+    generation_config_eos,
+)
 from megatron_ext.checkpointing.run_config import chat_settings_of_run, tokenizer_config_from_run
 from megatron_ext.checkpointing.sources import open_checkpoint
+from megatron_ext.errors import CheckpointError, ConfigError, TokenizerError
+from megatron_ext.io import staged_directory, write_json
 from megatron_ext.models.config import ModelArgs
 from megatron_ext.models.hf_config import export_adapter, hf_config_from_model_args
 from megatron_ext.safetensors_io import ShardedSafetensorsWriter
@@ -70,8 +74,6 @@ def export_hf(config: ExportConfig) -> ExportSummary:
     """Write the HF directory; returns a summary. Nothing is left at ``out`` on failure."""
     from tqdm import tqdm
 
-    from megatron_ext.tokenizer_export import export_hf_tokenizer, generation_config_eos
-
     start = time.perf_counter()
     source = open_checkpoint(config.load, config.iteration)
     model = source.run_config.get("model")
@@ -93,10 +95,10 @@ def export_hf(config: ExportConfig) -> ExportSummary:
     with staged_directory(config.out, config.overwrite) as staging:
         # config and tokenizer first: a tokenizer that cannot be exported exactly fails
         # before hours of weight writing, not after
-        _write_json(os.path.join(staging, "config.json"), hf_config)
+        write_json(os.path.join(staging, "config.json"), hf_config)
         generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos_ids,
                       "pad_token_id": tokenizer.pad_id, "do_sample": False}
-        _write_json(os.path.join(staging, "generation_config.json"), generation)
+        write_json(os.path.join(staging, "generation_config.json"), generation)
         tokenizer_info = export_hf_tokenizer(tokenizer, chat_format, staging, template)
         writer = ShardedSafetensorsWriter(staging, "model", config.max_shard_bytes)
         groups = source.groups(include_optimizer=False)
@@ -134,9 +136,6 @@ def _usable_chat_format(requested: Optional[str], template: Optional[str], run_c
                         tokenizer) -> tuple[Optional[str], Optional[str]]:
     """(chat format, prompt template) to export: as asked; else the data's (or chatml)
     when an exact chat template exists for it; else none (no chat template written)."""
-    from megatron_ext.errors import ConfigError, TokenizerError
-    from megatron_ext.tokenizer_export import chat_template
-
     if requested == "none":
         return None, None
     if requested:
@@ -156,9 +155,3 @@ def _usable_chat_format(requested: Optional[str], template: Optional[str], run_c
         logger.warning("no chat template written: %s", exc)
         return None, None
     return name, template
-
-
-def _write_json(path: str, value: dict) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=2)
-        handle.write("\n")

@@ -10,7 +10,6 @@ vocabulary *padding* rows change when a target TP needs another padding.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -20,15 +19,17 @@ from typing import Optional
 
 import torch
 
-from megatron_ext.checkpointing import CheckpointError, iteration_dir, write_tracker
-from megatron_ext.checkpointing.atomic import check_out_free, staged_directory
+from megatron_ext.checkpointing.legacy import write_legacy_checkpoint
+from megatron_ext.checkpointing.run_config import write_run_config
 from megatron_ext.checkpointing.sources import CheckpointSource, open_checkpoint
+from megatron_ext.checkpointing.tracker import iteration_dir, write_tracker
 from megatron_ext.checkpointing.unsharded import (
-    RUN_CONFIG,
     UnshardedWriter,
     _is_vocab_tensor,
     save_dist_from_tensors,
 )
+from megatron_ext.errors import CheckpointError
+from megatron_ext.io import check_out_free, staged_directory
 from megatron_ext.models.config import padded_vocab_size
 from megatron_ext.parallel import init_distributed
 
@@ -175,8 +176,6 @@ def split(config: ReshardConfig) -> SplitSummary:
     run_config["parallel"] = parallel
     with staged_directory(config.out, config.overwrite) as staging:
         if config.format == "legacy":
-            from megatron_ext.checkpointing.legacy import write_legacy_checkpoint
-
             tok = run_config.get("tokenizer") or {}
             extra = {k: tok[k] for k in ("tokenizer_type", "vocab_file", "vocab_extra_ids_list")
                      if tok.get(k)}
@@ -212,6 +211,5 @@ def _write_dist(source: CheckpointSource, tensors: dict, staging: str, run_confi
     directory = iteration_dir(staging, source.iteration)
     os.makedirs(directory)
     save_dist_from_tensors(tensors, directory, common)
-    with open(os.path.join(directory, RUN_CONFIG), "w", encoding="utf-8") as handle:
-        json.dump(run_config, handle, indent=2)
+    write_run_config(directory, run_config)
     write_tracker(staging, source.iteration)

@@ -1,8 +1,10 @@
-"""What a checkpoint's ``run_config.json`` says about its tokenizer and chat format.
+"""A checkpoint's ``run_config.json``: read, written, and what it says about the tokenizer.
 
-Why here: the trainer, the converters and the inference tools all rebuild
-the tokenizer a checkpoint was made with; they must resolve it the same way
-(a converted checkpoint carries its tokenizer files beside the weights).
+Why here: every checkpoint form (dist iteration directories, the unsharded
+file set) carries the run's arguments in ``run_config.json``; the trainer,
+the converters and the inference tools read it through :func:`load_run_config`
+and rebuild the tokenizer a checkpoint was made with the same way (a
+converted checkpoint carries its tokenizer files beside the weights).
 """
 
 from __future__ import annotations
@@ -11,8 +13,26 @@ import json
 import os
 from typing import Optional
 
-from megatron_ext.errors import ConfigError
+from megatron_ext.errors import CheckpointError, ConfigError
+from megatron_ext.io import read_json, write_json
 from megatron_ext.tokenizers import SENTENCEPIECE, TokenizerArgs, TokenizerConfig
+
+RUN_CONFIG = "run_config.json"
+
+
+def load_run_config(directory: str, missing_ok: bool = False) -> Optional[dict]:
+    """The ``run_config.json`` in ``directory``; None when it is absent and ``missing_ok``.
+
+    An unreadable file is a :class:`CheckpointError` naming it.
+    """
+    path = os.path.join(directory, RUN_CONFIG)
+    if missing_ok and not os.path.exists(path):
+        return None
+    return read_json(path, CheckpointError)
+
+
+def write_run_config(directory: str, run_config: dict) -> None:
+    write_json(os.path.join(directory, RUN_CONFIG), run_config)
 
 
 def tokenizer_config_from_run(load: str, run_config: dict,

@@ -16,18 +16,15 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from megatron_ext.checkpointing import (
-    RUN_CONFIG,
-    CheckpointError,
-    iteration_dir,
-    latest_iteration,
-)
-from megatron_ext.checkpointing.legacy_detect import is_legacy
+from megatron_ext.checkpointing.legacy import is_legacy, read_legacy_checkpoint
+from megatron_ext.checkpointing.run_config import load_run_config
+from megatron_ext.checkpointing.tracker import TRACKER, iteration_dir, latest_iteration
 from megatron_ext.checkpointing.unsharded import (
     UnshardedReader,
     is_unsharded,
     iter_dist_checkpoint,
 )
+from megatron_ext.errors import CheckpointError
 
 _LAYER = re.compile(r"^(?:optimizer\.state\.[^.]+\.)?decoder\.layers\.(\d+)\.")
 
@@ -71,12 +68,12 @@ def open_checkpoint(path: str, iteration: Optional[int] = None) -> CheckpointSou
     if iteration is None:
         iteration = latest_iteration(path)
         if iteration is None:
-            raise CheckpointError(f"{path}: no checkpoint found (no latest_checkpointed_"
-                                  "iteration.txt, unsharded.json or mp_rank_* directories)")
+            raise CheckpointError(f"{path}: no checkpoint found (no {TRACKER}, unsharded.json "
+                                  "or mp_rank_* directories)")
     directory = iteration_dir(path, iteration)
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory} does not exist")
-    run_config = _read_json(os.path.join(directory, RUN_CONFIG))
+    run_config = load_run_config(directory)
 
     def groups(include_optimizer: bool):
         return iter_dist_checkpoint(directory, include_optimizer)  # plain DCP reads, no group
@@ -107,8 +104,6 @@ def _open_unsharded(path: str) -> CheckpointSource:
 
 
 def _open_legacy(path: str, iteration: Optional[int]) -> CheckpointSource:
-    from megatron_ext.checkpointing.legacy import read_legacy_checkpoint
-
     legacy = read_legacy_checkpoint(path, iteration)
     args = vars(legacy.legacy_args) if legacy.legacy_args is not None and not isinstance(
         legacy.legacy_args, dict) else (legacy.legacy_args or {})
@@ -128,11 +123,13 @@ def _open_legacy(path: str, iteration: Optional[int]) -> CheckpointSource:
     return CheckpointSource("legacy", path, run_config, number, False, groups)
 
 
-def _read_json(path: str) -> dict:
-    import json
-
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
+def read_run_config(root: str) -> dict:
+    """The run config saved with the latest checkpoint in ``root`` (any of the three forms)."""
+    if is_unsharded(root):
+        return UnshardedReader(root).run_config()
+    if is_legacy(root):
+        return open_checkpoint(root).run_config
+    iteration = latest_iteration(root)
+    if iteration is None:
+        raise CheckpointError(f"no checkpoint in {root} (no {TRACKER})")
+    return load_run_config(iteration_dir(root, iteration))

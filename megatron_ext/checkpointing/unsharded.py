@@ -29,11 +29,20 @@ import json
 import logging
 import os
 import re
-import shutil
 from typing import Iterator, Optional
 
 import torch
 
+from megatron_ext.checkpointing.run_config import load_run_config, write_run_config
+from megatron_ext.checkpointing.state import (
+    OPTIMIZER_METADATA,
+    Progress,
+    check_model_matches,
+    load_model_weights,
+    restore_training_state,
+)
+from megatron_ext.errors import CheckpointError
+from megatron_ext.io import StagedDirectory, write_json
 from megatron_ext.safetensors_io import (
     SafetensorsError,
     SafetensorsIndex,
@@ -45,21 +54,16 @@ logger = logging.getLogger(__name__)
 FORMAT = "megatron_ext.unsharded"
 MARKER = "unsharded.json"
 COMMON = "common.pt"
-RUN_CONFIG = "run_config.json"
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _OPTIMIZER = re.compile(r"^(optimizer\.state\.[^.]+\.)(.+)$")
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
-def _error(message: str):
-    from megatron_ext.checkpointing import CheckpointError
-
-    return CheckpointError(message)
-
-
 # ---------------------------------------------------------------- names
 def _layer_keys_map() -> dict[str, str]:
     """megatron-core's module-prefix -> checkpoint-prefix map of the layer spec."""
+    # in the function: models.attention imports megatron-core, which importing the
+    # checkpointing package must not cost
     from megatron_ext.models.attention import portable_layer_spec
 
     return dict(portable_layer_spec("RMSNorm", use_flash_attn=False)
@@ -116,16 +120,11 @@ class UnshardedWriter:
     """
 
     def __init__(self, out_dir: str, max_shard_bytes: int = 2 * 2**30, overwrite: bool = False):
-        from megatron_ext.checkpointing.atomic import check_out_free
-
-        self.out_dir = os.path.abspath(out_dir)
-        check_out_free(self.out_dir, overwrite)
-        self.staging = self.out_dir + ".incomplete"
-        shutil.rmtree(self.staging, ignore_errors=True)
-        os.makedirs(self.staging)
+        self.staged = StagedDirectory(out_dir, overwrite)
+        self.out_dir = self.staged.out
+        self.staging = self.staged.path
         self.tensors = ShardedSafetensorsWriter(self.staging, "model", max_shard_bytes)
         self.names: list[str] = []
-        self.finished = False
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         self.tensors.add(name, tensor)
@@ -135,32 +134,22 @@ class UnshardedWriter:
                common: Optional[dict] = None) -> str:
         self.tensors.finish()
         marker = {"format": FORMAT, "version": 1, "has_optimizer": common is not None, **meta}
-        _write_json(os.path.join(self.staging, MARKER), marker)
+        write_json(os.path.join(self.staging, MARKER), marker)
         if run_config is not None:
-            _write_json(os.path.join(self.staging, RUN_CONFIG), run_config)
+            write_run_config(self.staging, run_config)
         if common is not None:
             torch.save(common, os.path.join(self.staging, COMMON))
-        from megatron_ext.checkpointing.atomic import publish
-
-        self.finished = True  # complete from here on: never deleted, even if publishing fails
-        publish(self.staging, self.out_dir)
-        return self.out_dir
+        return self.staged.publish()
 
     def abort(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staged.discard()
 
     def __enter__(self) -> "UnshardedWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None and not self.finished:
+        if exc_type is not None:
             self.abort()
-
-
-def _write_json(path: str, value: dict) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=2)
-        handle.write("\n")
 
 
 # ---------------------------------------------------------------- reading
@@ -177,13 +166,13 @@ class UnshardedReader:
             with open(os.path.join(root, MARKER), encoding="utf-8") as handle:
                 self.meta = json.load(handle)
         except (OSError, ValueError) as exc:
-            raise _error(f"{root}: not an unsharded checkpoint ({MARKER}: {exc})") from None
+            raise CheckpointError(f"{root}: not an unsharded checkpoint ({MARKER}: {exc})") from None
         if self.meta.get("format") != FORMAT:
-            raise _error(f"{root}/{MARKER}: unknown format {self.meta.get('format')!r}")
+            raise CheckpointError(f"{root}/{MARKER}: unknown format {self.meta.get('format')!r}")
         try:
             self.index = SafetensorsIndex(root, "model")
         except SafetensorsError as exc:
-            raise _error(str(exc)) from None
+            raise CheckpointError(str(exc)) from None
 
     @property
     def has_optimizer(self) -> bool:
@@ -199,12 +188,7 @@ class UnshardedReader:
         return self.index.view(name)
 
     def run_config(self) -> dict:
-        path = os.path.join(self.root, RUN_CONFIG)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                return json.load(handle)
-        except (OSError, ValueError) as exc:
-            raise _error(f"cannot read {path}: {exc}") from None
+        return load_run_config(self.root)
 
     def common(self) -> dict:
         if not self.has_optimizer:
@@ -213,7 +197,7 @@ class UnshardedReader:
             return torch.load(os.path.join(self.root, COMMON), map_location="cpu",
                               weights_only=False)
         except Exception as exc:
-            raise _error(f"{self.root}/{COMMON} is unreadable ({exc})") from None
+            raise CheckpointError(f"{self.root}/{COMMON} is unreadable ({exc})") from None
 
 
 def _slice_for(reader, sh) -> torch.Tensor:
@@ -225,12 +209,12 @@ def _slice_for(reader, sh) -> torch.Tensor:
     layer = sh.global_offset[0] if prepend else None
     name = unsharded_name(sh.key, layer)
     if sh.flattened_range is not None:
-        raise _error(f"{name}: flattened (distributed-optimizer) shards cannot be read from an "
+        raise CheckpointError(f"{name}: flattened (distributed-optimizer) shards cannot be read from an "
                      "unsharded checkpoint; load it without --use_distributed_optimizer")
     try:
         stored = reader.view(name)
     except KeyError:
-        raise _error(f"{reader.root} has no tensor {name}: it was written for a different model "
+        raise CheckpointError(f"{reader.root} has no tensor {name}: it was written for a different model "
                      "(see its run_config.json) or without optimizer state") from None
     want = tuple(sh.global_shape[prepend:])
     offsets = sh.global_offset[prepend:]
@@ -239,7 +223,7 @@ def _slice_for(reader, sh) -> torch.Tensor:
         rows_only = (len(want) == stored.dim() and want[1:] == tuple(stored.shape[1:])
                      and _is_vocab_tensor(name))
         if not rows_only:
-            raise _error(f"{name}: checkpoint shape {tuple(stored.shape)} but the model needs "
+            raise CheckpointError(f"{name}: checkpoint shape {tuple(stored.shape)} but the model needs "
                          f"{want}; the model arguments differ from the checkpoint's "
                          "(use --use_checkpoint_args)")
     out = torch.zeros(shape, dtype=stored.dtype)
@@ -279,20 +263,14 @@ def load_unsharded(root: str, train, weights_only: bool, reader=None):
     )
     from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
 
-    from megatron_ext.checkpointing import Progress
-
-    from megatron_ext.checkpointing import check_model_matches
-
     if reader is None:
         reader = UnshardedReader(root)
         check_model_matches(reader.run_config().get("model") or {}, train.model, root)
     if not weights_only and not reader.has_optimizer:
-        raise _error(f"{root} holds weights only (no optimizer state): start from it with "
+        raise CheckpointError(f"{root} holds weights only (no optimizer state): start from it with "
                      "--finetune, or merge a checkpoint with its optimizer state")
     state = {"model": train.model.sharded_state_dict()}
     if not weights_only:
-        from megatron_ext.checkpointing import OPTIMIZER_METADATA
-
         state["optimizer"] = train.optimizer.sharded_state_dict(
             state["model"], is_loading=True, metadata=OPTIMIZER_METADATA)
     state, nonpersistent, factories = load_preprocess(state)
@@ -316,17 +294,11 @@ def load_unsharded(root: str, train, weights_only: bool, reader=None):
     merge(common, nonpersistent)  # e.g. the optimizer's param ids per group
     merge(common, state)
     loaded = apply_factory_merges(common, factories)
-    from megatron_ext.checkpointing import _load_model_weights
-
-    _load_model_weights(train.model, loaded["model"], root)
+    load_model_weights(train.model, loaded["model"], root)
     iteration = int(reader.meta.get("iteration", 0))
     if weights_only:
         return iteration, Progress()
-    train.optimizer.load_state_dict(loaded["optimizer"])
-    saved = loaded["common"]
-    train.scheduler.load_state_dict(saved["scheduler"])
-    return iteration, Progress(saved["iteration"], saved["consumed_samples"],
-                               saved["consumed_tokens"])
+    return iteration, restore_training_state(train, loaded)
 
 
 # ---------------------------------------------------------------- dist <-> unsharded
@@ -381,7 +353,7 @@ def iter_dist_checkpoint(directory: str, include_optimizer: bool = True
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:
-        raise _error(f"checkpoint {directory} is unreadable ({type(exc).__name__}: "
+        raise CheckpointError(f"checkpoint {directory} is unreadable ({type(exc).__name__}: "
                      f"{str(exc)[:200]})") from None
     keys = [k for k, v in metadata.items() if isinstance(v, TensorStorageMetadata)
             and (include_optimizer or not k.startswith("optimizer."))]
@@ -389,7 +361,7 @@ def iter_dist_checkpoint(directory: str, include_optimizer: bool = True
     stacked = [k for k in keys if _is_stacked(k)]
     layers = {metadata[k].size[0] for k in stacked}
     if len(layers) > 1:
-        raise _error(f"{directory}: layer tensors disagree on the number of layers ({layers})")
+        raise CheckpointError(f"{directory}: layer tensors disagree on the number of layers ({layers})")
 
     def load(request: dict, offsets: dict) -> dict:
         try:
@@ -398,7 +370,7 @@ def iter_dist_checkpoint(directory: str, include_optimizer: bool = True
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:
-            raise _error(f"checkpoint {directory} cannot be read ({type(exc).__name__}: "
+            raise CheckpointError(f"checkpoint {directory} cannot be read ({type(exc).__name__}: "
                          f"{str(exc).strip()[:200]}); it is damaged or incomplete") from None
         return request
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from megatron_ext.checkpointing import CheckpointError, iteration_dir, latest_iteration
-from megatron_ext.checkpointing.legacy_detect import is_legacy
+from megatron_ext.checkpointing.legacy import is_legacy
+from megatron_ext.checkpointing.tracker import iteration_dir, latest_iteration
 from megatron_ext.checkpointing.unsharded import checkpoint_vocab_rows, is_unsharded
+from megatron_ext.errors import CheckpointError
 from megatron_ext.models.config import padded_vocab_size
 
 

@@ -86,7 +86,7 @@ class ChatFormat:
         Given a ``messages`` list of ``{"role", "content"}`` it renders the same
         text as :meth:`render`, and with ``add_generation_prompt`` the text of
         :meth:`generation_prompt`. Whether the *ids* match too depends on the
-        tokenizer: :func:`megatron_ext.tokenizer_export.chat_template` checks it.
+        tokenizer: :func:`megatron_ext.checkpointing.hf_tokenizer.chat_template` checks it.
         """
         raise TokenizerError(f"chat format {self.name!r} has no Hugging Face chat template")
 

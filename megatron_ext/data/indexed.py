@@ -7,14 +7,14 @@ builder writes one record per Python call with its index in Python lists.
 :class:`ChunkedIndexedDatasetBuilder` writes the same bytes (the tests check
 them against megatron-core's builder, and read them back with megatron-core's
 ``IndexedDataset``) from NumPy arrays, a chunk of records per call, with a
-compact index, and imports no torch. :class:`AtomicDatasetOutputs` writes
-``{prefix}-text``, ``{prefix}-role`` and ``{prefix}-meta.json`` under
-temporary names and renames them only once everything is complete.
+compact index, and imports no torch. :class:`AtomicDatasetOutputs` streams
+``{prefix}-text``, ``{prefix}-role`` and ``{prefix}-meta.json`` into
+temporary files (:class:`megatron_ext.io.StagedFiles`) and renames them only
+once everything is complete.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from array import array
@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 
 from megatron_ext.errors import DataError
+from megatron_ext.io import StagedFiles, json_text, read_json
 
 ROLE_DTYPE = np.uint8
 _INDEX_HEADER = b"MMIDIDX\x00\x00"
@@ -94,15 +95,16 @@ class AtomicDatasetOutputs:
 
     Until :meth:`commit` every file has a ``.tmp.<pid>`` suffix; leaving the
     ``with`` block any other way (error, Ctrl-C, SIGTERM) deletes them. A
-    kill -9 leaves only ``*.tmp.*`` files, which no reader mistakes for data.
-    ``meta.json`` is renamed last and an older one is removed first, so a
-    prefix whose meta.json exists is always a complete, matching set.
+    kill -9 leaves only ``*.tmp.*`` files, which no reader mistakes for data
+    and the next run for the same prefix removes. ``meta.json`` is renamed
+    last and an older one is removed first, so a prefix whose meta.json
+    exists is always a complete, matching set.
     """
 
     def __init__(self, prefix: str, text_dtype: type):
-        self.paths = dataset_paths(prefix)
-        suffix = f".tmp.{os.getpid()}"
-        self.tmp = {key: path + suffix for key, path in self.paths.items()}
+        self.files = StagedFiles(dataset_paths(prefix))
+        self.paths = self.files.paths
+        self.tmp = self.files.tmp
         self.text = ChunkedIndexedDatasetBuilder(self.tmp["text_bin"], text_dtype)
         self.role = ChunkedIndexedDatasetBuilder(self.tmp["role_bin"], ROLE_DTYPE)
         self.committed = False
@@ -117,16 +119,12 @@ class AtomicDatasetOutputs:
     def commit(self, meta: dict) -> None:
         self.text.finalize(self.tmp["text_idx"])
         self.role.finalize(self.tmp["role_idx"])
-        write_json_atomic(self.tmp["meta"], meta, already_tmp=True)
+        self.files.write_text("meta", json_text(meta, ensure_ascii=False))
         # Unpublish an older set first (meta, then indexes): a crash between the
-        # renames below leaves .bin files without .idx, which no reader accepts,
-        # never a new .bin beside an old .idx.
-        for key in ("meta", "text_idx", "role_idx"):
-            if os.path.exists(self.paths[key]):
-                os.remove(self.paths[key])
-        for key in ("text_bin", "role_bin", "text_idx", "role_idx", "meta"):
-            os.replace(self.tmp[key], self.paths[key])
-        _fsync_dir(os.path.dirname(self.paths["meta"]) or ".")
+        # renames leaves .bin files without .idx, which no reader accepts, never a
+        # new .bin beside an old .idx.
+        self.files.publish(order=("text_bin", "role_bin", "text_idx", "role_idx", "meta"),
+                           unpublish_first=("meta", "text_idx", "role_idx"))
         self.committed = True
 
     def __exit__(self, *exc_info) -> None:
@@ -135,34 +133,7 @@ class AtomicDatasetOutputs:
         for builder in (self.text, self.role):
             if not builder.data_file.closed:
                 builder.data_file.close()
-        for path in self.tmp.values():
-            if os.path.exists(path):
-                os.remove(path)
-
-
-def write_json_atomic(path: str, payload: dict, already_tmp: bool = False) -> None:
-    """Write JSON so a reader sees the old file or the new one, never half."""
-    target = path if already_tmp else f"{path}.tmp.{os.getpid()}"
-    with open(target, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    if not already_tmp:
-        os.replace(target, path)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        self.files.discard()
 
 
 def read_meta(prefix: str) -> Optional[dict]:
@@ -170,8 +141,4 @@ def read_meta(prefix: str) -> Optional[dict]:
     path = dataset_paths(prefix)["meta"]
     if not os.path.exists(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path} is unreadable ({exc}); preprocess the data again") from None
+    return read_json(path, DataError, "; preprocess the data again")

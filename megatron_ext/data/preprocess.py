@@ -39,6 +39,7 @@ from megatron_ext.data.encode import (
 from megatron_ext.data.indexed import AtomicDatasetOutputs, text_dtype_for
 from megatron_ext.data.records import ROLE_IDS, LineChunk, expand_inputs, iter_chunks
 from megatron_ext.errors import ConfigError, DataError
+from megatron_ext.io import AtomicFile
 from megatron_ext.tokenizers import build_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -205,13 +206,10 @@ class _RejectsLog:
 
     def __init__(self, path: Optional[str], files: list[str]):
         self.path, self.files = path, files
-        self.handle = None
-        if path:
-            self.tmp = f"{path}.tmp.{os.getpid()}"
-            self.handle = open(self.tmp, "w", encoding="utf-8")
+        self.target = AtomicFile(path) if path else None
 
     def write(self, reject: Reject) -> None:
-        if self.handle is not None:
+        if self.target is not None:
             record = {
                 "file": self.files[reject.file_index],
                 "line": reject.line,
@@ -219,17 +217,16 @@ class _RejectsLog:
                 "reason": reject.message,
                 "text": reject.raw.decode("utf-8", errors="replace").rstrip("\r\n"),
             }
-            self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.target.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def close(self, keep: bool) -> None:
         """Publish the file (a finished run, or the --strict stop it explains) or drop it."""
-        if self.handle is not None:
-            self.handle.close()
+        if self.target is not None:
             if keep:
-                os.replace(self.tmp, self.path)
+                self.target.commit()
             else:
-                os.remove(self.tmp)
-            self.handle = None
+                self.target.discard()
+            self.target = None
 
 
 @contextlib.contextmanager

@@ -3,14 +3,13 @@
 Why apart from the engine: the engine works on token ids; the tools work on
 records (prompts, conversations, reference answers) and need the chat
 format, the stop tokens, the decoded text and a summary. Every TP rank runs
-the same calls (the engine keeps them in step); only rank 0 writes.
+the same calls (the engine keeps them in step); only rank 0 writes (through
+:func:`megatron_ext.io.write_jsonl`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -185,13 +184,3 @@ def evaluate_records(loaded: LoadedModel, fmt: ChatFormat, records: list[PromptR
         summary.exact_match, summary.f1 = scores["exact_match"], scores["f1"]
         summary.scored = scores["count"]
     return rows, summary
-
-
-def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

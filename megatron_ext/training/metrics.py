@@ -12,6 +12,8 @@ import math
 import os
 from typing import Optional
 
+from megatron_ext.io import atomic_write
+
 
 class MetricsWriter:
     """Writes ``metrics.jsonl`` under ``directory`` and TensorBoard events under ``tensorboard_dir``."""
@@ -49,10 +51,8 @@ class MetricsWriter:
                     break
                 if record["iteration"] <= iteration:
                     kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = f"{self.path}.tmp.{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as handle:
+        with atomic_write(self.path) as handle:
             handle.writelines(kept)
-        os.replace(tmp, self.path)
         self._jsonl = open(self.path, "a", encoding="utf-8")
 
     def write(self, iteration: int, values: dict, prefix: str = "train") -> None:

@@ -79,14 +79,11 @@ class Trainer:
     def _check_checkpoint_tokenizer(self, directory: str) -> None:
         """Refuse a checkpoint made with another tokenizer: its embedding rows would mean
         other tokens (same vocabulary size or not)."""
-        import json
-
-        from megatron_ext.checkpointing import RUN_CONFIG, CheckpointError
+        from megatron_ext.checkpointing import CheckpointError, load_run_config
 
         try:
-            with open(os.path.join(directory, RUN_CONFIG), encoding="utf-8") as handle:
-                saved = json.load(handle).get("tokenizer_identity")
-        except (OSError, ValueError):
+            saved = (load_run_config(directory, missing_ok=True) or {}).get("tokenizer_identity")
+        except CheckpointError:
             return  # checked later with a full message if the checkpoint is unreadable
         if not saved:
             return

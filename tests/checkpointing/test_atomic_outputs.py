@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from megatron_ext.checkpointing import CheckpointError
-from megatron_ext.checkpointing.atomic import staged_directory
+from megatron_ext.io import staged_directory
 
 
 def test_existing_output_needs_overwrite_and_survives_a_failure(tmp_path):

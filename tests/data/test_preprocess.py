@@ -236,7 +236,7 @@ def test_extra_ids_after_vocab_and_never_split(tmp_path, sp_model, hf_tokenizer_
 
 
 def test_no_new_tokens_keeps_the_base_vocabulary(tmp_path, tmp_path_factory):
-    from megatron_ext.tokenizer_training import train_sentencepiece
+    from megatron_ext.tokenizers.training import train_sentencepiece
 
     from tests.conftest import _corpus
 

@@ -87,7 +87,7 @@ def test_finetuned_checkpoint_exports_to_a_model_transformers_reproduces(
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(exported)
     from megatron_ext.data.chat_formats import build_chat_format
-    from megatron_ext.tokenizer_export import chat_template_ids, format_ids
+    from megatron_ext.checkpointing.hf_tokenizer import chat_template_ids, format_ids
     from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer
 
     ours_tok = build_tokenizer(TokenizerConfig("SentencePieceTokenizer", train_data["vocab_file"],

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import numpy as np
 
 from megatron_ext.cli import option
 from megatron_ext.errors import TokenizerError
+from megatron_ext.io import read_json
 
 SENTENCEPIECE = "SentencePieceTokenizer"
 HUGGINGFACE = "HFTokenizer"
@@ -426,11 +426,7 @@ def _flatten(segments: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
 def _read_tokenizer_config(path: Path) -> dict:
     if not path.exists():
         return {}
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise TokenizerError(f"cannot read {path}: {exc}") from None
+    return read_json(str(path), TokenizerError)
 
 
 def _pick_token(configured, specials: dict[str, int], candidates: tuple[str, ...]) -> Optional[str]:

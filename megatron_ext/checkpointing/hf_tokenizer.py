@@ -11,13 +11,17 @@ What is written (``export_hf_tokenizer``):
 
 * ``tokenizer.json``: for a SentencePiece ``.model``, a ``tokenizers`` BPE
   pipeline equal to :class:`~megatron_ext.tokenizers.SentencePieceTokenizer`
-  (special tokens split first, the dummy-prefix space only at the start of
-  the document, or before every piece for ``megatron-llm``, see below); for
-  a Hugging Face tokenizer, its ``tokenizer.json`` with the added extra ids;
+  (built by :mod:`megatron_ext.tokenizers.conversion`: special tokens split
+  first, the dummy-prefix space only at the start of the document, or before
+  every piece for ``megatron-llm``, see below); for a Hugging Face tokenizer,
+  its ``tokenizer.json`` with the added extra ids;
 * ``tokenizer_config.json`` / ``special_tokens_map.json``: the named special
   tokens (``eos_token`` is the chat format's end-of-turn token) and the chat
   template, also as ``chat_template.jinja``; for SentencePiece the
   ``tokenizer.model`` too (GGUF converters read it).
+
+Why here, beside :mod:`~megatron_ext.checkpointing.hf_export`: the chat
+template and its verification need the chat formats (``megatron_ext.data``).
 
 Nothing is written unless the result, loaded back with ``AutoTokenizer``,
 passes :func:`verify_hf_tokenizer`; files are staged in a temporary
@@ -39,7 +43,6 @@ import functools
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 
 from megatron_ext.data.chat_formats import FORMATS, ChatFormat, build_chat_format
@@ -52,11 +55,9 @@ from megatron_ext.data.records import (
     RecordError,
 )
 from megatron_ext.errors import TokenizerError
-from megatron_ext.tokenizers import (
-    HFTokenizer,
-    InstructTokenizer,
-    SentencePieceTokenizer,
-)
+from megatron_ext.io import json_text, publish, temporary_directory, write_text
+from megatron_ext.tokenizers import HFTokenizer, InstructTokenizer, SentencePieceTokenizer
+from megatron_ext.tokenizers.conversion import dummy_prefix_mode, hf_backend
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -70,11 +71,6 @@ TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TE
 #: previous tokenizer, they would contradict the new one
 STALE_FILES = (CHAT_TEMPLATE_FILE, SENTENCEPIECE_FILE, "added_tokens.json", "vocab.json",
                "merges.txt")
-
-_SPACE = "\u2581"  # SentencePiece's whitespace symbol
-# sentencepiece_model.proto enums
-_SP_NORMAL, _SP_UNKNOWN, _SP_USER_DEFINED = 1, 2, 4
-_SP_BPE = 2
 
 
 # ---------------------------------------------------------------------------
@@ -95,12 +91,13 @@ def export_hf_tokenizer(tokenizer: InstructTokenizer, chat_format: str | None, o
     fmt = _build_format(chat_format, tokenizer, template)
     every_piece = _every_piece(tokenizer, fmt)
     template_text = _checked_template(fmt, tokenizer) if fmt is not None else None
-    backend, unk_token = _backend(tokenizer, every_piece)
+    backend, unk_token = hf_backend(tokenizer, every_piece)
     named = _named_tokens(tokenizer, fmt, unk_token)
     files = {
         TOKENIZER_JSON: backend.to_str(pretty=True),
-        TOKENIZER_CONFIG: _json(_tokenizer_config(tokenizer, named, template_text, backend)),
-        SPECIAL_TOKENS_MAP: _json(_special_tokens_map(tokenizer, named)),
+        TOKENIZER_CONFIG: json_text(_tokenizer_config(tokenizer, named, template_text, backend),
+                                    ensure_ascii=False),
+        SPECIAL_TOKENS_MAP: json_text(_special_tokens_map(tokenizer, named), ensure_ascii=False),
     }
     if template_text is not None:
         files[CHAT_TEMPLATE_FILE] = template_text
@@ -110,15 +107,15 @@ def export_hf_tokenizer(tokenizer: InstructTokenizer, chat_format: str | None, o
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise TokenizerError(f"tokenizer export: {out_dir} exists and is not a directory")
-    parent = out_dir if os.path.isdir(out_dir) else os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".tokenizer-export-", dir=parent)
+    existing = os.path.isdir(out_dir)
+    os.makedirs(out_dir if existing else os.path.dirname(out_dir), exist_ok=True)
+    # beside the files it replaces (same file system: renames are atomic)
+    near = os.path.join(out_dir, ".tokenizer-export") if existing else out_dir
     written = sorted(files) + sorted(copies)
     removed: list[str] = []
-    try:
+    with temporary_directory(near) as staging:
         for name, text in files.items():
-            with open(os.path.join(staging, name), "w", encoding="utf-8") as handle:
-                handle.write(text)
+            write_text(os.path.join(staging, name), text)
         for name, source in copies.items():
             shutil.copyfile(source, os.path.join(staging, name))
         # AutoTokenizer also reads the model's config.json: verify with it next to the files
@@ -127,7 +124,7 @@ def export_hf_tokenizer(tokenizer: InstructTokenizer, chat_format: str | None, o
             shutil.copyfile(model_config, os.path.join(staging, "config.json"))
         hf = load_hf_tokenizer(staging)
         verify_hf_tokenizer(tokenizer, hf, fmt, template_text, every_piece=every_piece)
-        if os.path.isdir(out_dir):
+        if existing:
             for name in written:
                 os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
             # files of the replaced tokenizer that would contradict the new one (a stale
@@ -138,12 +135,7 @@ def export_hf_tokenizer(tokenizer: InstructTokenizer, chat_format: str | None, o
                     os.remove(path)
                     removed.append(name)
         else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private
-            os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            publish(staging, out_dir)
 
     return {
         "out_dir": out_dir,
@@ -152,7 +144,7 @@ def export_hf_tokenizer(tokenizer: InstructTokenizer, chat_format: str | None, o
         "vocab_size": tokenizer.vocab_size,
         "chat_format": fmt.name if fmt is not None else None,
         "chat_template": template_text is not None,
-        "dummy_prefix": _prefix_mode(tokenizer, every_piece),
+        "dummy_prefix": dummy_prefix_mode(tokenizer, every_piece),
         "special_tokens": {k: v for k, v in named.items() if v is not None},
         "special_token_ids": {k: hf.convert_tokens_to_ids(v) for k, v in named.items()
                               if v is not None},
@@ -434,144 +426,6 @@ def _every_piece_name(tokenizer: InstructTokenizer, chat_format: str | None) -> 
     return isinstance(tokenizer, SentencePieceTokenizer) and bool(cls and cls.megatron_llm)
 
 
-def _prefix_mode(tokenizer: InstructTokenizer, every_piece: bool) -> str:
-    if not isinstance(tokenizer, SentencePieceTokenizer):
-        return "as the tokenizer.json does"
-    return "before every piece between special tokens" if every_piece else "at document start"
-
-
-def _backend(tokenizer: InstructTokenizer, every_piece: bool):
-    """The ``tokenizers.Tokenizer`` to write, and its unknown token (or None)."""
-    if isinstance(tokenizer, SentencePieceTokenizer):
-        return _sentencepiece_backend(tokenizer, every_piece)
-    if isinstance(tokenizer, HFTokenizer):
-        from tokenizers import Tokenizer
-
-        backend = Tokenizer.from_str(tokenizer._tok.to_str())
-        model = json.loads(backend.to_str()).get("model", {})
-        unk = model.get("unk_token")
-        unk = unk if isinstance(unk, str) and backend.token_to_id(unk) is not None else None
-        _check_ids(tokenizer, backend)
-        return backend, unk
-    raise TokenizerError(f"cannot export a {type(tokenizer).__name__} as a Hugging Face tokenizer")
-
-
-def _sentencepiece_backend(tokenizer: SentencePieceTokenizer, every_piece: bool):
-    """A ``tokenizers`` pipeline that encodes like ``tokenizer``.
-
-    Supported: Llama-like models (BPE, identity normalization, whitespace
-    kept, with or without byte fallback and dummy prefix); anything else is a
-    :class:`TokenizerError` rather than an approximation.
-    """
-    from sentencepiece import sentencepiece_model_pb2
-    from tokenizers import (
-        AddedToken,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-    )
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    with open(tokenizer.source_file, "rb") as handle:
-        proto.ParseFromString(handle.read())
-    trainer, norm = proto.trainer_spec, proto.normalizer_spec
-    unsupported = []
-    if trainer.model_type != _SP_BPE:
-        unsupported.append("it is not a BPE model (Llama/Mistral tokenizers are)")
-    if norm.remove_extra_whitespaces:
-        unsupported.append("it removes extra whitespace (remove_extra_whitespaces)")
-    if trainer.treat_whitespace_as_suffix:
-        unsupported.append("it puts whitespace at the end of pieces (treat_whitespace_as_suffix)")
-    if not norm.escape_whitespaces:
-        unsupported.append("it does not escape whitespace")
-    if norm.precompiled_charsmap:
-        unsupported.append(f"its normalization ({norm.name or 'a precompiled rule'}) is not "
-                           "reproduced exactly by Hugging Face; only 'identity' (Llama's) is")
-    loose = [p.piece for p in proto.pieces
-             if p.type == _SP_USER_DEFINED and p.piece not in tokenizer.special_tokens]
-    if loose:
-        shown = ", ".join(repr(t) for t in loose[:10]) + (" ..." if len(loose) > 10 else "")
-        unsupported.append(
-            f"it has user-defined symbols that are not special tokens here ({shown}): "
-            "SentencePiece matches them inside plain text, which a tokenizer.json cannot do "
-            "exactly (a text that starts with one gets an extra dummy-prefix token); adding them "
-            "to --vocab_extra_ids_list makes them special tokens, split off first, as Hugging "
-            "Face does (data preprocessed without that may differ where a text starts with one)")
-    if unsupported:
-        raise TokenizerError(f"cannot export the SentencePiece model {tokenizer.source_file} as an "
-                             f"exact Hugging Face tokenizer: {'; '.join(unsupported)}")
-
-    pieces = proto.pieces
-    vocab = {p.piece: index for index, p in enumerate(pieces)}
-    unk = pieces[trainer.unk_id].piece if 0 <= trainer.unk_id < len(pieces) else None
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=_bpe_merges(pieces), unk_token=unk,
-                                   fuse_unk=True, byte_fallback=trainer.byte_fallback))
-    dummy = norm.add_dummy_prefix
-    steps = []
-    if dummy and every_piece:  # special tokens are split off first: every piece gets it
-        steps.append(normalizers.Prepend(_SPACE))
-    steps.append(normalizers.Replace(" ", _SPACE))
-    backend.normalizer = normalizers.Sequence(steps)
-    if dummy and not every_piece:
-        # The prefix only on the piece at offset 0. Metaspace("first") skips it when the
-        # piece already starts with the replacement, which SentencePiece does not: so
-        # prefix a plain space (the normalizer left none), then turn it into the symbol.
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Metaspace(replacement=" ", prepend_scheme="first", split=False),
-            pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="never", split=False),
-        ])
-    steps = [decoders.ByteFallback(), decoders.Fuse()]
-    if dummy and every_piece:  # the prefix of the piece after each special token
-        steps += [decoders.Replace(token + _SPACE, token) for token in tokenizer.special_tokens]
-    steps.append(decoders.Replace(_SPACE, " "))
-    if dummy:
-        steps.append(decoders.Strip(" ", 1, 0))
-    backend.decoder = decoders.Sequence(steps)
-
-    # Specials in id order: those the model lacks get the next ids, as ours do.
-    added = sorted(tokenizer.special_tokens.items(), key=lambda item: item[1])
-    if unk is not None and unk not in tokenizer.special_tokens:
-        added.insert(0, (unk, trainer.unk_id))
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, _ in added])
-    _check_ids(tokenizer, backend)
-    return backend, unk
-
-
-def _bpe_merges(pieces) -> list[tuple[str, str]]:
-    """Merges giving Hugging Face BPE SentencePiece's order: SentencePiece merges the
-    adjacent pair whose joined piece has the highest score; here a lower rank wins."""
-    normal = {p.piece: index for index, p in enumerate(pieces) if p.type == _SP_NORMAL}
-    ranked = []
-    for index, p in enumerate(pieces):
-        if p.type != _SP_NORMAL:
-            continue
-        text = p.piece
-        for cut in range(1, len(text)):
-            left, right = text[:cut], text[cut:]
-            if left in normal and right in normal:
-                ranked.append((-p.score, index, normal[left], normal[right], left, right))
-    ranked.sort()
-    return [(left, right) for *_, left, right in ranked]
-
-
-def _check_ids(tokenizer: InstructTokenizer, backend) -> None:
-    """Refuse before writing anything if a special token would get another id."""
-    shifted = [f"{token!r}: ours {index}, Hugging Face {backend.token_to_id(token)}"
-               for token, index in tokenizer.special_tokens.items()
-               if backend.token_to_id(token) != index]
-    size = backend.get_vocab_size(with_added_tokens=True)
-    if size != tokenizer.vocab_size:
-        shifted.append(f"vocabulary size: ours {tokenizer.vocab_size}, Hugging Face {size}")
-    if shifted:
-        raise TokenizerError(
-            f"cannot export {tokenizer.source_file} as a Hugging Face tokenizer: these special-"
-            f"token ids cannot be reproduced (Hugging Face numbers added tokens consecutively "
-            f"after the vocabulary), and a tokenizer with shifted ids is never written: "
-            + "; ".join(shifted)
-        )
-
 
 # ---------------------------------------------------------------------------
 # configuration files
@@ -627,6 +481,3 @@ def _special_tokens_map(tokenizer: InstructTokenizer, named: dict) -> dict:
     out["additional_special_tokens"] = _extra_specials(tokenizer, named)
     return out
 
-
-def _json(value) -> str:
-    return json.dumps(value, indent=2, ensure_ascii=False) + "\n"

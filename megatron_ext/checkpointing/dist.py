@@ -1,0 +1,203 @@
+"""Distributed checkpoints: save, find, load (any TP/PP), with a ``latest`` tracker.
+
+Why: a checkpoint must resume a run exactly (model, optimizer, LR schedule,
+RNG, data position) and must load at another tensor/pipeline layout.
+megatron-core's ``dist_checkpointing`` gives the layout-independence; this
+module adds what a trainer needs around it:
+
+* ``{dir}/iter_0000100/`` written under a temporary name and renamed when
+  every rank has finished, so a crash never leaves a checkpoint that looks
+  complete;
+* ``{dir}/latest_checkpointed_iteration.txt`` (Megatron-LM's tracker name),
+  replaced atomically after the rename;
+* ``{dir}/iter_0000100/run_config.json``: the arguments of the run, for
+  ``--use_checkpoint_args`` and the tools.
+
+:func:`load_checkpoint` also accepts the other two forms (an unsharded file
+set, a legacy Megatron-LLM per-rank checkpoint). A missing, half-written or
+unreadable checkpoint is a :class:`CheckpointError` that names the path,
+never a silent fresh start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import asdict
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megatron_ext.checkpointing.legacy import is_legacy, read_legacy_checkpoint
+from megatron_ext.checkpointing.run_config import load_run_config, write_run_config
+from megatron_ext.checkpointing.state import (
+    OPTIMIZER_METADATA,
+    Progress,
+    TrainState,
+    check_model_matches,
+    load_model_weights,
+    restore_training_state,
+    without_extra_state,
+)
+from megatron_ext.checkpointing.tracker import (
+    TRACKER,
+    iteration_dir,
+    latest_iteration,
+    write_tracker,
+)
+from megatron_ext.checkpointing.unsharded import TensorDictReader, is_unsharded, load_unsharded
+from megatron_ext.errors import CheckpointError
+from megatron_ext.io import STAGING_SUFFIX, StagedDirectory
+
+logger = logging.getLogger(__name__)
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _sharded_state(train: TrainState, include_optimizer: bool, loading: bool) -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    layout = train.layout
+    model_state = train.model.sharded_state_dict()
+    state = {"model": model_state}
+    if include_optimizer:
+        state["optimizer"] = train.optimizer.sharded_state_dict(
+            model_state, is_loading=loading, metadata=OPTIMIZER_METADATA)
+        state["rng_state"] = ShardedObject(
+            "rng_state", _rng_state(), (layout.pp, layout.tp), (layout.pp_rank, layout.tp_rank),
+            replica_id=layout.dp_rank)
+    return state
+
+
+def save_checkpoint(root: str, train: TrainState, progress: Progress, run_config: dict) -> str:
+    """Save everything needed to resume; returns the checkpoint directory.
+
+    ``run_config`` is written beside the weights as ``run_config.json``.
+    """
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    layout = train.layout
+    final = iteration_dir(root, progress.iteration)
+    staged = None
+    if layout.rank == 0:
+        os.makedirs(root, exist_ok=True)
+        staged = StagedDirectory(final, overwrite=True)
+    dist.barrier()
+    state = _sharded_state(train, include_optimizer=True, loading=False)
+    state["common"] = {
+        **asdict(progress),
+        "scheduler": train.scheduler.state_dict(),
+        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
+    }
+    dist_checkpointing.save(state, final + STAGING_SUFFIX)  # rank 0 made it
+    dist.barrier()
+    if staged is not None:
+        write_run_config(staged.path, run_config)
+        # never a moment without a complete checkpoint for the tracker to name
+        staged.publish(on_published=lambda: write_tracker(root, progress.iteration))
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(root: str, train: TrainState, weights_only: bool,
+                    allow_missing: bool = False) -> Optional[tuple[int, Progress]]:
+    """Restore ``train`` from the latest checkpoint in ``root``.
+
+    Returns (checkpoint iteration, progress to resume from; a fresh one when
+    ``weights_only``), or None when ``root`` holds no checkpoint and
+    ``allow_missing`` (the run's own ``--save`` directory on its first
+    launch); any other absence is a :class:`CheckpointError`.
+    """
+    from megatron.core import dist_checkpointing
+
+    layout = train.layout
+    if os.path.isdir(root) and is_unsharded(root):
+        return load_unsharded(root, train, weights_only)
+    if is_legacy(root):
+        legacy = read_legacy_checkpoint(root)
+        check_model_matches(legacy.model_args, train.model, root)
+        iteration = legacy.iteration if isinstance(legacy.iteration, int) else 0
+        return load_unsharded(root, train, weights_only,
+                              TensorDictReader(root, legacy.state, iteration))
+    iteration = latest_iteration(root) if os.path.isdir(root) else None
+    if iteration is None:
+        if allow_missing:
+            if layout.is_logger:
+                logger.info("no checkpoint in %s yet: starting from scratch", root)
+            return None
+        raise CheckpointError(
+            f"--load {root}: no checkpoint found (no {TRACKER}); check the path, or drop --load "
+            "to start from scratch")
+    directory = iteration_dir(root, iteration)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{root}/{TRACKER} names iteration {iteration} but {directory} "
+                              "does not exist (deleted or not finished)")
+    saved_model = (load_run_config(directory, missing_ok=True) or {}).get("model")
+    if saved_model:
+        check_model_matches(saved_model, train.model, directory)
+    state = _sharded_state(train, include_optimizer=not weights_only, loading=True)
+    state["model"] = without_extra_state(state["model"])
+    if not weights_only:
+        saved = _saved_layout(directory)
+        if saved.pop("weights_only"):
+            raise CheckpointError(f"{directory} holds weights only (no optimizer state): start "
+                                  "from it with --finetune")
+        if saved != {"tp": layout.tp, "pp": layout.pp}:
+            state.pop("rng_state")  # RNG streams belong to a layout; weights and optimizer do not
+            if layout.is_logger:
+                logger.info("checkpoint layout %s differs from this run's: RNG state not "
+                            "restored", saved)
+    try:
+        loaded = dist_checkpointing.load(state, directory)  # common state comes back merged
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # torch's CheckpointException is a BaseException
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"checkpoint {directory} cannot be loaded ({type(exc).__name__}: {detail}); it is "
+            "damaged or was written for a different model shape (see its run_config.json)"
+        ) from None
+    load_model_weights(train.model, loaded["model"], directory)
+    if weights_only:
+        return iteration, Progress()
+    progress = restore_training_state(train, loaded)
+    if "rng_state" in loaded:
+        _set_rng_state(loaded["rng_state"])
+    return iteration, progress
+
+
+def _saved_layout(directory: str) -> dict:
+    from megatron.core import dist_checkpointing
+
+    try:
+        common = dist_checkpointing.load_common_state_dict(directory)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {directory} is unreadable ({exc})") from None
+    saved = common.get("common", {})
+    layout = saved.get("layout", {})
+    return {"tp": layout.get("tp"), "pp": layout.get("pp"),
+            "weights_only": bool(saved.get("weights_only"))}

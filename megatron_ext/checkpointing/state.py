@@ -1,0 +1,109 @@
+"""What every checkpoint form restores into: the train state, the run position, the model check.
+
+Why apart from the formats: the dist loader, the unsharded loader and the
+legacy reader all restore into the same :class:`TrainState`, return the same
+:class:`Progress` and refuse a model of another shape the same way, so those
+live below the format modules, which then import each other in one direction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_ext.errors import CheckpointError
+from megatron_ext.models.builder import transformer_config
+from megatron_ext.models.config import ModelArgs, PrecisionArgs
+from megatron_ext.parallel import ParallelArgs
+
+# The distributed optimizer's layout-independent format: one state tensor per parameter,
+# as the plain optimizer saves it. megatron-core 0.16's default for it
+# ("fully_sharded_model_space") builds flattened shards that 0.16 itself refuses.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+@dataclass
+class Progress:
+    """Where a run is: what a resume needs besides weights and optimizer state."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+
+
+@dataclass
+class TrainState:
+    """The objects a checkpoint saves and restores.
+
+    ``model`` is the unwrapped megatron-core module (``sharded_state_dict``);
+    ``optimizer`` and ``scheduler`` may be None for weights-only use (tools).
+    ``layout`` needs ``rank``, ``tp``, ``pp``, ``dp``, ``tp_rank``, ``pp_rank``,
+    ``dp_rank`` and ``is_logger``.
+    """
+
+    model: object
+    layout: object
+    optimizer: Optional[object] = None
+    scheduler: Optional[object] = None
+
+
+def restore_training_state(train: TrainState, loaded: dict) -> Progress:
+    """Load optimizer and scheduler state from a loaded checkpoint; returns the saved position.
+
+    ``loaded`` holds ``optimizer`` and ``common`` (the scheduler state and the
+    :class:`Progress` fields), as every checkpoint form with optimizer state does.
+    """
+    train.optimizer.load_state_dict(loaded["optimizer"])
+    common = loaded["common"]
+    train.scheduler.load_state_dict(common["scheduler"])
+    return Progress(common["iteration"], common["consumed_samples"], common["consumed_tokens"])
+
+
+def check_model_matches(saved_model: dict, model, source: str) -> None:
+    """Refuse to load weights into a model whose architecture differs from the checkpoint's.
+
+    Shapes alone do not catch everything: another RoPE base, norm epsilon or
+    window computes a different function with the same tensors, and fewer
+    layers would load a prefix of the model. ``saved_model`` is the run
+    config's ``model`` section; ``model`` the megatron-core ``GPTModel``.
+    """
+    if not saved_model:
+        return
+    args = ModelArgs.from_dict(saved_model).resolved()
+    want = transformer_config(args, ParallelArgs(), PrecisionArgs())
+    have = model.config
+    names = {"num_layers": "--num_layers", "hidden_size": "--hidden_size",
+             "num_attention_heads": "--num_attention_heads",
+             "num_query_groups": "--num_attention_heads_kv", "ffn_hidden_size": "--ffn_hidden_size",
+             "layernorm_epsilon": "--layernorm_epsilon", "window_size": "--sliding_window_size",
+             "normalization": "--model_name", "gated_linear_unit": "--model_name"}
+    problems = [f"{flag}: checkpoint {getattr(want, key)}, this run {getattr(have, key)}"
+                for key, flag in names.items() if getattr(want, key) != getattr(have, key)]
+    theta = float(args.rope_theta)
+    if getattr(model, "position_embedding_type", None) == "rope" and \
+            abs(float(getattr(model, "rotary_base", theta)) - theta) > 1e-6 * theta:
+        problems.append(f"--rope_theta: checkpoint {theta:g}, this run {model.rotary_base:g}")
+    if bool(args.rope_scaling_factor) != bool(getattr(model, "rotary_scaling", False)):
+        problems.append(f"--rope_scaling_factor: checkpoint {args.rope_scaling_factor}, this "
+                        "run differs")
+    if problems:
+        raise CheckpointError(f"{source} was made for another model shape ("
+                              + "; ".join(problems) + "); pass --use_checkpoint_args to take the "
+                              "checkpoint's, or fix the flags")
+
+
+def without_extra_state(model_state: dict) -> dict:
+    """The model's sharded state minus ``_extra_state`` objects.
+
+    megatron-core's local (non-Transformer-Engine) layers keep no extra state
+    (it is None), and checkpoints written by the conversion tools omit it.
+    """
+    return {k: v for k, v in model_state.items() if not k.endswith("_extra_state")}
+
+
+def load_model_weights(model, weights: dict, source: str) -> None:
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {source} does not fit the model (missing "
+                              f"{missing[:3]}, unexpected {unexpected[:3]})")

@@ -1,0 +1,28 @@
+"""Tokenizers (floor 1): one interface over SentencePiece and Hugging Face, training, conversion.
+
+Rooms: ``base`` (the interface, both kinds, :func:`build_tokenizer`),
+``training`` (small tokenizers trained from data, for demos and tests),
+``conversion`` (a SentencePiece model as an equal Hugging Face ``tokenizers``
+pipeline). This face re-exports the interface.
+"""
+
+from megatron_ext.tokenizers.base import (
+    HUGGINGFACE,
+    SENTENCEPIECE,
+    TOKENIZER_TYPES,
+    HFTokenizer,
+    InstructTokenizer,
+    SentencePieceTokenizer,
+    TokenizerArgs,
+    TokenizerConfig,
+    build_tokenizer,
+    canonical_tokenizer_type,
+    file_sha256,
+    parse_extra_ids,
+)
+
+__all__ = [
+    "HUGGINGFACE", "SENTENCEPIECE", "TOKENIZER_TYPES", "HFTokenizer", "InstructTokenizer",
+    "SentencePieceTokenizer", "TokenizerArgs", "TokenizerConfig", "build_tokenizer", "canonical_tokenizer_type",
+    "file_sha256", "parse_extra_ids",
+]
