@@ -34,6 +34,12 @@ def llama_ffn_hidden_size(hidden_size: int) -> int:
     return multiple * ((size + multiple - 1) // multiple)
 
 
+# What every Llama-layout family shares; its file adds RoPE base, epsilon, window, HF adapter.
+LLAMA_LAYOUT: dict[str, Any] = dict(
+    normalization="RMSNorm", swiglu=True, position_embedding="rope", add_bias_linear=False,
+    tie_embeddings=False, default_ffn_hidden_size=llama_ffn_hidden_size)
+
+
 def four_times_ffn_hidden_size(hidden_size: int) -> int:
     """GPT's rule: 4h."""
     return 4 * hidden_size

@@ -33,23 +33,28 @@ def test_every_family_file_defines_its_family():
         assert family.hf is None or family.hf.model_type
 
 
+def readme_family_example() -> str:
+    """The example family file of the README's "Adding a model family"."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start = text.index("# megatron_ext/models/families/longllama.py")
+    return text[start:text.index("```", start)]
+
+
 def test_a_new_file_is_a_new_family(tmp_path, monkeypatch):
-    (tmp_path / "tinyfam.py").write_text(
-        "from megatron_ext.models.family import Family, four_times_ffn_hidden_size\n"
-        "FAMILY = Family(name='tinyfam', legacy_name='gpt', normalization='LayerNorm',\n"
-        "                swiglu=False, position_embedding='learned_absolute',\n"
-        "                add_bias_linear=True, tie_embeddings=True,\n"
-        "                default_ffn_hidden_size=four_times_ffn_hidden_size)\n")
+    """The README's example, dropped in as one file, is a family everywhere."""
+    (tmp_path / "longllama.py").write_text(readme_family_example())
     monkeypatch.setattr(registry, "__path__", [*registry.__path__, str(tmp_path)])
     registry._discovered.cache_clear()
     try:
-        assert "tinyfam" in family_names()
-        assert ModelArgs(model_name="tinyfam").resolved().ffn_hidden_size == 4 * 64
+        assert "longllama" in family_names()
+        assert ModelArgs(model_name="longllama").resolved().rope_theta == 2e6
+        assert family_for_hf_config({"model_type": "longllama"}).name == "longllama"
+        assert family_for_legacy_name("llama2").name == "llama2"  # not taken over
     finally:
         monkeypatch.undo()
         registry._discovered.cache_clear()
-        sys.modules.pop("megatron_ext.models.families.tinyfam", None)
-    assert "tinyfam" not in family_names()
+        sys.modules.pop("megatron_ext.models.families.longllama", None)
+    assert "longllama" not in family_names()
 
 
 def test_registry_config_and_layout_import_neither_torch_nor_megatron():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from megatron_ext.models.family import Family, llama_ffn_hidden_size
+from megatron_ext.models.family import LLAMA_LAYOUT, Family
 from megatron_ext.models.hf_llama import LlamaLikeHF
 
 
@@ -19,12 +19,7 @@ def matches(config: Mapping[str, Any]) -> bool:
 FAMILY = Family(
     name="mistral",
     legacy_name="mistral",
-    normalization="RMSNorm",
-    swiglu=True,
-    position_embedding="rope",
-    add_bias_linear=False,
-    tie_embeddings=False,
-    default_ffn_hidden_size=llama_ffn_hidden_size,
+    **LLAMA_LAYOUT,
     rope_theta=10000.0,
     layernorm_epsilon=1e-5,
     sliding_window=4096,
