@@ -13,7 +13,7 @@ tokens with the tokenizer's offsets.
 
 How a message is located (:func:`locate_messages`): the template is rendered
 twice, once with the real contents and once with a unique placeholder for
-each content. The placeholder rendering is the conversation's *skeleton*:
+each content (this one is cached per conversation shape). The placeholder rendering is the conversation's *skeleton*:
 the text the template writes around the contents (headers, default system
 prompt, end-of-turn tokens). The real text is matched against the skeleton
 piece by piece, left to right; what lies between two skeleton pieces is the
@@ -247,8 +247,30 @@ def locate_messages(template: ChatTemplate, messages: Sequence[dict],
     :class:`ChatTemplateError` when the rendering does not follow its skeleton.
     """
     text = template.render(messages, add_generation_prompt)
+    key = (template.text, tuple(sorted(template.variables.items())),
+           tuple(tuple(sorted((k, v) for k, v in m.items() if k != "content")) for m in messages),
+           add_generation_prompt)
+    skeleton = _skeleton(*key)
+    try:
+        return _locate(text, skeleton, messages)
+    except ChatTemplateError:
+        # a cached skeleton may be stale (strftime_now's date changed since it was made)
+        fresh = _skeleton.__wrapped__(*key)
+        if fresh == skeleton:
+            raise
+        _skeleton.cache_clear()
+        return _locate(text, fresh, messages)
+
+
+@functools.lru_cache(maxsize=256)
+def _skeleton(template: str, variables: tuple, messages: tuple, add_generation_prompt: bool) -> str:
+    """The rendering with a placeholder for each content: it only depends on the
+    messages' roles (and other keys), so conversations of one shape share it."""
     probes = [dict(m, content=_placeholder(i)) for i, m in enumerate(messages)]
-    skeleton = template.render(probes, add_generation_prompt)
+    return render_chat_template(template, probes, add_generation_prompt, **dict(variables))
+
+
+def _locate(text: str, skeleton: str, messages: Sequence[dict]) -> Rendering:
     pieces = _PLACEHOLDER.split(skeleton)
     order = [int(index) for index in pieces[1::2]]
     literals = pieces[0::2]
