@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json")
+                   "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
 
 
 @dataclass(frozen=True)

@@ -39,13 +39,13 @@ the start of the text, like :meth:`InstructTokenizer.encode`.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
 
 from megatron_ext.data.chat_formats import FORMATS, ChatFormat, build_chat_format
+from megatron_ext.data.hf_chat import render_chat_template
 from megatron_ext.data.records import (
     ASSISTANT,
     SYSTEM,
@@ -193,11 +193,7 @@ def reference_ids(tokenizer: InstructTokenizer, text: str, chat_format: str | No
 
 def format_ids(fmt: ChatFormat, conversation: Conversation) -> list[int]:
     """A conversation's ids as preprocessing writes them (segments encoded separately)."""
-    segments = fmt.render(conversation)
-    encoded = fmt.tokenizer.encode_segments([text for text, _ in segments],
-                                            [index == 0 for index in range(len(segments))],
-                                            fmt.megatron_llm)
-    return [token for ids in encoded for token in ids]
+    return fmt.encode([fmt.render(conversation)])[0].tolist()
 
 
 def load_hf_tokenizer(path: str):
@@ -218,28 +214,6 @@ def chat_template_ids(hf_tokenizer, messages: list[dict], add_generation_prompt:
     if isinstance(out, Mapping) or hasattr(out, "input_ids"):
         out = out["input_ids"]
     return [int(i) for i in out]
-
-
-def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = False,
-                         **variables) -> str:
-    """Render a chat template as ``transformers`` does (sandboxed Jinja, trimmed blocks)."""
-    return _compile_template(template).render(messages=messages,
-                                              add_generation_prompt=add_generation_prompt, **variables)
-
-
-@functools.lru_cache(maxsize=16)
-def _compile_template(template: str):
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template)
 
 
 def verify_hf_tokenizer(tokenizer: InstructTokenizer, hf_tokenizer, fmt: ChatFormat | None = None,
@@ -380,7 +354,8 @@ def _checked_template(fmt: ChatFormat, tokenizer: InstructTokenizer) -> str:
     for conversation in probe_conversations(fmt):
         messages = [{"role": m.role, "content": m.content} for m in conversation]
         if _prompts(fmt, conversation):
-            prompt = render_chat_template(text, messages, add_generation_prompt=True)
+            prompt = render_chat_template(text, messages, add_generation_prompt=True,
+                                          **fmt.template_variables())
             if prompt != fmt.generation_prompt(conversation):
                 raise TokenizerError(f"internal error: the {fmt.name} chat template's generation "
                                      f"prompt is {prompt!r}, the format's "
@@ -388,7 +363,7 @@ def _checked_template(fmt: ChatFormat, tokenizer: InstructTokenizer) -> str:
         if not _renders(fmt, conversation):
             continue
         segments = fmt.render(conversation)
-        rendered = render_chat_template(text, messages)
+        rendered = render_chat_template(text, messages, **fmt.template_variables())
         expected_text = "".join(part for part, _ in segments)
         if rendered != expected_text:  # a bug in the template, not in the tokenizer
             raise TokenizerError(f"internal error: the {fmt.name} chat template renders "

@@ -7,27 +7,39 @@ prompt tokenizes exactly as it will at inference time. Special tokens in a
 segment (``<|im_start|>``, ``</s>`` ...) take that segment's role.
 
 Formats: ``chatml``, ``megatron-llm`` (token-for-token Megatron-LLM's
-``preprocess_instruct_data.py``), ``llama3``, ``alpaca`` and ``template``
-(``--prompt_template`` with ``{system}``/``{input}``/``{output}``).
+``preprocess_instruct_data.py``), ``llama3``, ``alpaca``, ``hf`` (the
+tokenizer's own Jinja chat template, see :mod:`megatron_ext.data.hf_chat`)
+and ``template`` (``--prompt_template`` with ``{system}``/``{input}``/``{output}``).
+
+The one exception to "segments are encoded separately": a format with
+``whole_text`` (``hf``) is tokenized as one text, as ``apply_chat_template``
+tokenizes it, and its segments only say which characters have which role;
+:meth:`ChatFormat.encode` gives each token a role from its character offsets.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Optional
+from typing import Optional, Sequence
 
+import numpy as np
+
+from megatron_ext.data import hf_chat
 from megatron_ext.data.records import (
     ASSISTANT,
     ROLE_IDS,
     SYSTEM,
     USER,
     Conversation,
+    Message,
     RecordError,
 )
 from megatron_ext.errors import ConfigError, TokenizerError
-from megatron_ext.tokenizers import InstructTokenizer
+from megatron_ext.tokenizers import HFTokenizer, InstructTokenizer
 
 Segments = list[tuple[str, int]]
+Encoded = tuple[np.ndarray, np.ndarray, np.ndarray]  # tokens int32, roles uint8, lengths
 
 
 class ChatFormat:
@@ -40,6 +52,8 @@ class ChatFormat:
     megatron_llm = False
     #: an empty system prompt is rendered rather than left out
     keep_empty_system = False
+    #: a record's segments are tokenized as one text (roles from character offsets)
+    whole_text = False
 
     def __init__(self, tokenizer: InstructTokenizer):
         self.tokenizer = tokenizer
@@ -56,6 +70,30 @@ class ChatFormat:
 
     def render(self, conversation: Conversation) -> Segments:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def encode(self, records: Sequence[Segments]) -> Encoded:
+        """Tokens (int32), a role per token (uint8) and each record's length, for records
+        given as :meth:`render` segments: what preprocessing writes.
+
+        Every segment is encoded on its own and all its tokens take its role; the
+        document start (SentencePiece's dummy prefix) is each record's first segment.
+        """
+        texts: list[str] = []
+        starts: list[bool] = []
+        segment_roles: list[int] = []
+        segments_per_record: list[int] = []
+        for segments in records:
+            for index, (text, role) in enumerate(segments):
+                texts.append(text)
+                starts.append(index == 0)
+                segment_roles.append(role)
+            segments_per_record.append(len(segments))
+        tokens, segment_lengths = self.tokenizer.encode_flat(texts, starts, self.megatron_llm)
+        roles = np.repeat(np.array(segment_roles, dtype=np.uint8), segment_lengths)
+        ends = np.cumsum(np.concatenate([[0], segment_lengths]))
+        record_ends = ends[np.cumsum(segments_per_record, dtype=np.int64)]
+        lengths = np.diff(np.concatenate([[0], record_ends])).astype(np.int32)
+        return tokens, roles, lengths
 
     @property
     def stop_token(self) -> Optional[str]:
@@ -90,13 +128,19 @@ class ChatFormat:
         """
         raise TokenizerError(f"chat format {self.name!r} has no Hugging Face chat template")
 
+    def template_variables(self) -> dict:
+        """Variables :meth:`hf_chat_template` is rendered with besides the messages."""
+        return {}
+
+    def meta(self) -> dict:
+        """What ``-meta.json`` records about the format beside its name (none by default)."""
+        return {}
+
 
 _PROBE = "\x00probe\x00"
 
 
 def _probe_message():
-    from megatron_ext.data.records import Message
-
     return Message(ASSISTANT, _PROBE)
 
 
@@ -373,7 +417,173 @@ _JINJA_CHECK_MESSAGE = (
 )
 
 
-FORMATS = {cls.name: cls for cls in (ChatML, MegatronLLM, Llama3, Alpaca)}
+class HFChatTemplate(ChatFormat):
+    """The tokenizer's own Jinja ``chat_template`` (``--chat_format hf``).
+
+    A record's text is the template's rendering of it, default system prompt
+    included, tokenized as one text: its ids equal ``transformers``'
+    ``apply_chat_template(messages, tokenize=True)``. The assistant's tokens are
+    its answers plus their end-of-turn token (:mod:`megatron_ext.data.hf_chat`
+    says how they are located and how a token on a boundary is assigned).
+    """
+
+    name = "hf"
+    description = ("the tokenizer's own Jinja chat_template (tokenizer_config.json or "
+                   "chat_template.jinja beside tokenizer.json), default system prompt included: "
+                   "ids equal transformers' apply_chat_template")
+    whole_text = True
+    _probe = (Message(USER, "What is the capital of France?"),
+              Message(ASSISTANT, "The capital of France is Paris."))
+
+    def __init__(self, tokenizer: InstructTokenizer):
+        super().__init__(tokenizer)
+        alternatives = ", ".join(n for n in CHAT_FORMAT_NAMES if n != self.name)
+        if not isinstance(tokenizer, HFTokenizer):
+            raise ConfigError(
+                f"--chat_format hf renders the chat template of a Hugging Face tokenizer, but "
+                f"{tokenizer.source_file} is a {type(tokenizer).__name__}: pass the model's "
+                f"tokenizer.json with --tokenizer_type HFTokenizer, or choose --chat_format "
+                f"among {alternatives}")
+        try:
+            template, looked_at = hf_chat.find_chat_template(tokenizer.source_file)
+        except hf_chat.ChatTemplateError as exc:
+            raise ConfigError(f"--chat_format hf: {exc}") from None
+        if template is None:
+            raise ConfigError(
+                f"--chat_format hf: the tokenizer {tokenizer.source_file} has no chat template "
+                f"(no {' and no chat_template in '.join(looked_at)}): choose --chat_format "
+                f"among {alternatives}")
+        self.template = template
+        self._alternatives = alternatives
+        # special tokens that may end a turn, longest first (a prefix never shadows a token)
+        self._special = sorted(tokenizer.special_tokens, key=len, reverse=True)
+        try:
+            hf_chat.compile_chat_template(template.text)
+        except Exception as exc:  # noqa: BLE001 - jinja2's syntax errors, raised by the template
+            raise ConfigError(f"--chat_format hf: the chat template in {template.source} does "
+                              f"not parse ({exc})") from None
+        self._stop_token = self._find_stop_token()
+
+    def check(self) -> None:
+        """Refuse a template whose assistant turns cannot be located (checked on probe
+        conversations; records that still fail later are rejected one by one)."""
+        probes = [self._probe,
+                  (Message(SYSTEM, "You are a careful assistant."),) + self._probe,
+                  self._probe + (Message(USER, "And of Italy?"), Message(ASSISTANT, "Rome."))]
+        for index, probe in enumerate(probes):
+            try:
+                segments = self.render(probe)
+            except RecordError as err:
+                if index == 0 or err.code != "chat_template_refused":
+                    raise ConfigError(
+                        f"--chat_format hf: the chat template in {self.template.source} cannot be "
+                        f"used for training: {err.message}; choose --chat_format among "
+                        f"{self._alternatives}") from None
+                continue  # e.g. a template that takes no system message: such records are rejected
+            answers = [text for text, role in segments if role == ROLE_IDS[ASSISTANT]]
+            if not any(m.content in "".join(answers) for m in probe if m.role == ASSISTANT):
+                raise ConfigError(
+                    f"--chat_format hf: the assistant turns of the chat template in "
+                    f"{self.template.source} cannot be located; choose --chat_format among "
+                    f"{self._alternatives}")
+
+    def _messages(self, conversation: Conversation) -> list[dict]:
+        return [{"role": m.role, "content": m.content} for m in conversation]
+
+    def _locate(self, conversation: Conversation, add_generation_prompt: bool):
+        import jinja2  # noqa: F401 - loaded with the template already; for the exception type
+
+        try:
+            return hf_chat.locate_messages(self.template, self._messages(conversation),
+                                           add_generation_prompt)
+        except jinja2.TemplateError as exc:
+            raise RecordError("chat_template_refused",
+                              f"the chat template refuses this conversation: {exc}") from None
+        except hf_chat.ChatTemplateError as exc:
+            raise RecordError("chat_template_unlocated",
+                              f"{exc}: the assistant's tokens cannot be marked") from None
+
+    def _segments(self, rendering: "hf_chat.Rendering", conversation: Conversation) -> Segments:
+        chars = hf_chat.character_roles(rendering, [ROLE_IDS[m.role] for m in conversation],
+                                        ROLE_IDS[ASSISTANT], ROLE_IDS[USER], self._special)
+        segments: Segments = []
+        if not len(chars):
+            return segments
+        bounds = np.flatnonzero(np.diff(chars)) + 1
+        for start, end in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(chars)]])):
+            segments.append((rendering.text[start:end], int(chars[start])))
+        return segments
+
+    def render(self, conversation):
+        rendering = self._locate(conversation, False)
+        missing = [n for n, (m, span) in enumerate(zip(conversation, rendering.spans), start=1)
+                   if m.role == ASSISTANT and span is None]
+        if missing:
+            raise RecordError("chat_template_unlocated",
+                              f"the chat template does not render assistant message {missing[0]}")
+        return self._segments(rendering, conversation)
+
+    def generation_prompt_segments(self, conversation):
+        """The rendering with ``add_generation_prompt``: the ids of its one text are
+        ``apply_chat_template(messages, add_generation_prompt=True, tokenize=True)``."""
+        try:
+            return self._segments(self._locate(conversation, True), conversation)
+        except RecordError as err:
+            if err.code != "chat_template_unlocated":
+                raise
+        # where the messages are only matters to training; a prompt is its text
+        text = self.template.render(self._messages(conversation), add_generation_prompt=True)
+        return [(text, ROLE_IDS[USER])]
+
+    def encode(self, records):
+        texts = ["".join(text for text, _ in segments) for segments in records]
+        token_parts, role_parts = [], []
+        lengths = np.zeros(len(records), dtype=np.int32)
+        encoded = self.tokenizer.encode_with_offsets(texts)
+        for index, (segments, (ids, offsets)) in enumerate(zip(records, encoded)):
+            chars = np.repeat(np.array([role for _, role in segments], dtype=np.uint8),
+                              [len(text) for text, _ in segments])
+            token_parts.append(np.asarray(ids, dtype=np.int32))
+            role_parts.append(hf_chat.token_roles(chars, offsets, ROLE_IDS[ASSISTANT]))
+            lengths[index] = len(ids)
+        if not token_parts:
+            return np.zeros(0, np.int32), np.zeros(0, np.uint8), lengths
+        return np.concatenate(token_parts), np.concatenate(role_parts), lengths
+
+    def _find_stop_token(self) -> Optional[str]:
+        """The special token that follows an answer in the probe rendering (the
+        end-of-turn token generation stops at), else the tokenizer's eos."""
+        try:
+            rendering = hf_chat.locate_messages(self.template, self._messages(self._probe))
+        except Exception:  # noqa: BLE001 - check() reports an unusable template clearly
+            return self.tokenizer.eos_token
+        end = rendering.spans[-1][1] if rendering.spans[-1] else None
+        if end is not None:
+            rest = rendering.text[end:].lstrip()
+            token = next((t for t in self._special if rest.startswith(t)), None)
+            if token is not None:
+                return token
+        return self.tokenizer.eos_token
+
+    @property
+    def stop_token(self):
+        return self._stop_token
+
+    def hf_chat_template(self):
+        """The tokenizer's own template, unchanged."""
+        return self.template.text
+
+    def template_variables(self) -> dict:
+        """The named tokens the template is rendered with (``bos_token`` ...)."""
+        return dict(self.template.variables)
+
+    def meta(self) -> dict:
+        """What ``-meta.json`` records beside the format's name: which template it was."""
+        return {"chat_template_sha256": self.template.sha256,
+                "chat_template_file": os.path.basename(self.template.source)}
+
+
+FORMATS = {cls.name: cls for cls in (ChatML, MegatronLLM, Llama3, Alpaca, HFChatTemplate)}
 CHAT_FORMAT_NAMES = tuple(FORMATS) + ("template",)
 
 

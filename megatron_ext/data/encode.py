@@ -95,22 +95,8 @@ class Encoder:
                 continue
             accepted.append((line, segments, raw))
 
-        texts: list[str] = []
-        starts: list[bool] = []
-        segment_roles: list[int] = []
-        segments_per_record: list[int] = []
-        for _, segments, _ in accepted:
-            for index, (text, role) in enumerate(segments):
-                texts.append(text)
-                starts.append(index == 0)
-                segment_roles.append(role)
-            segments_per_record.append(len(segments))
-        tokens, segment_lengths = self.tokenizer.encode_flat(texts, starts, self.format.megatron_llm)
-        roles = np.repeat(np.array(segment_roles, dtype=np.uint8), segment_lengths)
-        ends = np.cumsum(np.concatenate([[0], segment_lengths]))
-        record_ends = ends[np.cumsum(segments_per_record, dtype=np.int64)]
-        offsets = np.concatenate([[0], record_ends[:-1]]).astype(np.int64)
-        lengths = (record_ends - offsets).astype(np.int32)
+        tokens, roles, lengths = self.format.encode([segments for _, segments, _ in accepted])
+        offsets = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64)]).astype(np.int64)
 
         truncated = 0
         limit = self.config.max_seq_length

@@ -381,6 +381,7 @@ def build_meta(config, files, tokenizer, chat_format, stats: PreprocessStats, te
             "name": chat_format.name,
             "prompt_template": config.encode.prompt_template,
             "stop_token": chat_format.stop_token,
+            **chat_format.meta(),
         },
         "keys": {"question": keys.question, "answer": keys.answer, "system": keys.system,
                  "messages": keys.messages},

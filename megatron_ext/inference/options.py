@@ -33,8 +33,8 @@ class InferenceOptions:
     tensor_model_parallel_size: int = option(1, "TP size (default: all processes torchrun "
                                                 "started)")
     chat_format: Optional[str] = option(
-        None, "chatml, megatron-llm, llama3, alpaca (default: the training data's, from its "
-              "-meta.json)")
+        None, "chatml, megatron-llm, llama3, alpaca, hf (the tokenizer's own chat template) "
+              "(default: the training data's, from its -meta.json)")
     prompt_template: Optional[str] = option(
         None, "the preprocessing --prompt_template, for --chat_format template")
     vocab_file: Optional[str] = option(

@@ -2,7 +2,8 @@
 
 Why: a finetuned model only behaves as trained when its prompt is rendered
 with the chat format of its data *and* tokenized the same way preprocessing
-tokenized it (segment by segment, dummy prefix only at the document start).
+tokenized it (segment by segment, dummy prefix only at the document start; or, for
+a model's own chat template, as one text, as ``apply_chat_template`` does).
 This module turns command-line prompts and JSONL records into those ids, and
 reads evaluation references, with clear errors naming file and line.
 """
@@ -109,24 +110,18 @@ def prompt_ids(fmt: Optional[ChatFormat], tokenizer: InstructTokenizer,
         bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
         return bos + tokenizer.encode_segments([text], [True])[0]
     segments = fmt.generation_prompt_segments(record.conversation)
-    return _encode(fmt, tokenizer, segments)[0]
+    return _encode(fmt, segments)[0]
 
 
 def conversation_ids(fmt: ChatFormat, tokenizer: InstructTokenizer,
                      conversation: tuple[Message, ...]) -> tuple[list[int], list[int]]:
     """(token ids, role id per token) of a whole conversation, as preprocessing writes it."""
-    return _encode(fmt, tokenizer, fmt.render(conversation))
+    return _encode(fmt, fmt.render(conversation))
 
 
-def _encode(fmt: ChatFormat, tokenizer: InstructTokenizer, segments):
-    encoded = tokenizer.encode_segments([text for text, _ in segments],
-                                        [i == 0 for i in range(len(segments))],
-                                        fmt.megatron_llm)
-    ids, roles = [], []
-    for (_, role), part in zip(segments, encoded):
-        ids += part
-        roles += [role] * len(part)
-    return ids, roles
+def _encode(fmt: ChatFormat, segments) -> tuple[list[int], list[int]]:
+    tokens, roles, _ = fmt.encode([segments])
+    return tokens.tolist(), roles.tolist()
 
 
 ASSISTANT_ROLE = ROLE_IDS[ASSISTANT]

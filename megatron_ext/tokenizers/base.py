@@ -177,6 +177,14 @@ class InstructTokenizer:
         """
         return _flatten(self.encode_segments(texts, doc_start, megatron_llm))
 
+    def encode_with_offsets(self, texts: Sequence[str]) -> list[tuple[list[int], np.ndarray]]:
+        """Each whole text's ids and their ``[start, end)`` character offsets (an int64
+        array of shape ``(n, 2)``), for chat templates tokenized as one text."""
+        raise TokenizerError(
+            f"the tokenizer {self.source_file} gives no character offsets: a model's own chat "
+            f"template (--chat_format hf) needs --tokenizer_type {HUGGINGFACE} (its tokenizer.json)"
+        )
+
     def decode(self, ids: Sequence[int]) -> str:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -411,6 +419,12 @@ class HFTokenizer(InstructTokenizer):
         if not texts:
             return []
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_with_offsets(self, texts):
+        if not texts:
+            return []
+        return [(e.ids, np.array(e.offsets, dtype=np.int64).reshape(-1, 2))
+                for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids, doc_start: bool = False, megatron_llm: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
