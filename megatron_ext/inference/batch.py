@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 
 from megatron_ext.data.chat_formats import ChatFormat
+from megatron_ext.data.records import ASSISTANT, Message
+from megatron_ext.errors import DataError
 from megatron_ext.inference.generation import SamplingParams, forward_logits, generate
 from megatron_ext.inference.loading import LoadedModel
 from megatron_ext.inference.metrics import aggregate, answer_nll, exact_match, loss_summary, \
@@ -26,7 +28,6 @@ from megatron_ext.inference.prompts import (
     conversation_ids,
     prompt_ids,
 )
-from megatron_ext.data.records import ASSISTANT, Message
 
 
 @dataclass
@@ -111,8 +112,6 @@ def generate_records(loaded: LoadedModel, fmt: Optional[ChatFormat],
     too_long = [f"{record.where} ({len(ids)} tokens)" for record, ids in zip(records, encoded)
                 if len(ids) + params.max_new_tokens > limit]
     if too_long:  # found before any work, not hours in
-        from megatron_ext.errors import DataError
-
         raise DataError(f"{len(too_long)} prompt(s) + --max_new_tokens {params.max_new_tokens} "
                         f"exceed the model's {limit} positions: {', '.join(too_long[:5])}")
     bar = tqdm(total=len(records), desc="generating", unit="prompt",

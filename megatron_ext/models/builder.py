@@ -101,6 +101,8 @@ def layer_spec(config, init_seed: int, use_flash_attn: bool = False):
         get_num_layers_to_build,
     )
 
+    # imported on first build, like megatron-core above: importing the builder (checkpointing
+    # does) must not cost megatron-core
     from megatron_ext.models.attention import portable_layer_spec
     from megatron_ext.models.norm import PortableNorm
 

@@ -17,6 +17,17 @@ from typing import Optional
 
 import torch
 
+from megatron_ext.checkpointing import (
+    CheckpointError,
+    Progress,
+    TrainState,
+    latest_iteration,
+    load_checkpoint,
+    load_run_config,
+    read_run_config,
+    save_checkpoint,
+)
+from megatron_ext.checkpointing.vocab import checkpoint_directory, padded_vocab_for
 from megatron_ext.models.builder import build_gpt_model, transformer_config
 from megatron_ext.models.config import ModelArgs
 from megatron_ext.parallel import Layout, init_distributed
@@ -67,8 +78,6 @@ class Trainer:
     def _padded_vocab(self) -> int:
         """Embedding rows: the checkpoint's when it has a usable count, else padded for TP
         (``checkpointing.vocab``); a checkpoint made with another tokenizer is refused."""
-        from megatron_ext.checkpointing.vocab import checkpoint_directory, padded_vocab_for
-
         c = self.config
         directory = checkpoint_directory(c.checkpoint.load)
         if directory is not None:
@@ -79,8 +88,6 @@ class Trainer:
     def _check_checkpoint_tokenizer(self, directory: str) -> None:
         """Refuse a checkpoint made with another tokenizer: its embedding rows would mean
         other tokens (same vocabulary size or not)."""
-        from megatron_ext.checkpointing import CheckpointError, load_run_config
-
         try:
             saved = (load_run_config(directory, missing_ok=True) or {}).get("tokenizer_identity")
         except CheckpointError:
@@ -109,13 +116,9 @@ class Trainer:
         return {"format": None, "prompt_template": None}
 
     def _train_state(self):
-        from megatron_ext.checkpointing import TrainState
-
         return TrainState(self.model.module, self.layout, self.optimizer, self.scheduler)
 
     def _load(self) -> None:
-        from megatron_ext.checkpointing import load_checkpoint
-
         c = self.config.checkpoint
         own_dir = os.path.abspath(c.load) == os.path.abspath(c.save or "")
         loaded = load_checkpoint(c.load, self._train_state(), weights_only=c.finetune,
@@ -319,8 +322,6 @@ class Trainer:
                 "stopped_early": stopped, "seconds": time.perf_counter() - interval_start}
 
     def save(self) -> str:
-        from megatron_ext.checkpointing import Progress, save_checkpoint
-
         start = time.perf_counter()
         progress = Progress(self.iteration, self.consumed_samples, self.consumed_tokens)
         run_config = {**self.config.to_dict(), "tokenizer_identity": self.tokenizer.identity(),
@@ -416,8 +417,6 @@ class Trainer:
 
 def _with_checkpoint_model_args(config: TrainConfig) -> TrainConfig:
     """``--use_checkpoint_args``: the model shape saved with the checkpoint in ``--load``."""
-    from megatron_ext.checkpointing import latest_iteration, read_run_config
-
     load, save = config.checkpoint.load, config.checkpoint.save
     if (os.path.abspath(load) == os.path.abspath(save or "")
             and (not os.path.isdir(load) or latest_iteration(load) is None)):
