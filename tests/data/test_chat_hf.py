@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 
 from instruct.preprocess_instruct_data import build_parser, config_from_args
+from megatron_ext.checkpointing.hf_tokenizer import export_hf_tokenizer
 from megatron_ext.data import hf_chat
 from megatron_ext.data.chat_formats import CHAT_FORMAT_NAMES, build_chat_format
 from megatron_ext.data.preprocess import run_preprocess
 from megatron_ext.data.records import ASSISTANT, SYSTEM, USER, Message
 from megatron_ext.errors import ConfigError
 from megatron_ext.inference.prompts import PromptRecord, conversation_ids, prompt_ids
-from megatron_ext.tokenizer_training import train_byte_level_bpe
 from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer
+from megatron_ext.tokenizers.training import train_byte_level_bpe
 from tests.conftest import REPO, _corpus, write_jsonl
 
 ASSETS = REPO / ".assets"
@@ -333,8 +334,6 @@ def test_preprocessing_end_to_end_with_workers(tmp_path):
 
 
 def test_export_keeps_the_original_template(tmp_path, smollm2_dir):
-    from megatron_ext.tokenizer_export import export_hf_tokenizer
-
     tokenizer = build_tokenizer(TokenizerConfig("HFTokenizer", smollm2_dir))
     summary = export_hf_tokenizer(tokenizer, "hf", str(tmp_path / "out"))
     assert summary["chat_format"] == "hf"
