@@ -64,3 +64,100 @@ def torchrun(nproc: int, args: list[str], timeout: int = 300, check: bool = True
 def train_metrics(directory: Path, split: str = "train") -> list[dict]:
     with open(directory / "metrics.jsonl", encoding="utf-8") as handle:
         return [r for r in map(json.loads, handle) if r["split"] == split]
+
+
+# ------------------------------------------------------------ several runs per launch
+RUN_MANY = REPO / "tests" / "training" / "run_many.py"
+
+
+def child_env() -> dict:
+    """Environment of a child that trains: one thread each (the machine may have 2 cores)."""
+    return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+class Launch:
+    """One started ``run_many.py`` launch: several trainer runs in one process group.
+
+    Started with :func:`start_runs`, finished with :meth:`wait`, so that two
+    launches (say a serial one and a 2-process one) can run side by side.
+    """
+
+    def __init__(self, nproc: int, runs: list[dict], directory: Path):
+        self.directory, self.runs = directory, runs
+        directory.mkdir(parents=True, exist_ok=True)
+        spec = directory / "spec.json"
+        spec.write_text(json.dumps(runs), encoding="utf-8")
+        prefix = [sys.executable]
+        if nproc > 1:
+            prefix += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                       "--master_port", str(free_port())]
+        self.output = directory / "launch.log"  # a file, not a pipe: nobody reads it meanwhile
+        with open(self.output, "wb") as handle:
+            self.process = subprocess.Popen([*prefix, str(RUN_MANY), str(spec)],
+                                            env=child_env(), cwd=REPO, stdout=handle,
+                                            stderr=subprocess.STDOUT)
+
+    def wait(self, timeout: int = 600) -> dict[str, "RunResult"]:
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        output = self.output.read_text(errors="replace")
+        if self.process.returncode != 0:
+            raise AssertionError(f"run_many.py failed ({self.process.returncode}):\n"
+                                 f"{output[-8000:]}")
+        return {run["name"]: RunResult.read(self.directory, run["name"]) for run in self.runs}
+
+
+class RunResult:
+    """A run's exit status (0, or 1 for a UserError), its log, and files it was asked to
+    stat right after it ended (``mtimes``)."""
+
+    def __init__(self, returncode: int, log: str, mtimes: dict):
+        self.returncode, self.log, self.mtimes = returncode, log, mtimes
+
+    @classmethod
+    def read(cls, directory: Path, name: str) -> "RunResult":
+        status = json.loads((directory / f"{name}.json").read_text(encoding="utf-8"))
+        log = (directory / f"{name}.log").read_text(encoding="utf-8", errors="replace")
+        return cls(status["returncode"], log, status.get("mtimes", {}))
+
+
+def start_runs(nproc: int, runs: list[dict], directory: Path) -> Launch:
+    return Launch(nproc, runs, directory)
+
+
+def run_many(nproc: int, runs: list[dict], directory: Path) -> dict[str, RunResult]:
+    return Launch(nproc, runs, directory).wait()
+
+
+ITERS = 6
+
+
+@pytest.fixture(scope="session")
+def reference_launch(tmp_path_factory, train_data) -> tuple[Launch, Path]:
+    """The serial run every parity, resume and reshard test compares with: 6 iterations,
+    one process, checkpoints at 3 and 6. Started here, waited for by ``reference_run``, so
+    that a fixture may start a 2-process launch beside it."""
+    out = tmp_path_factory.mktemp("reference")
+    launch = start_runs(1, [{"name": "reference", "argv": model_args(train_data, ITERS) + [
+        "--save", str(out / "run"), "--save_interval", "3"]}], out / "launch")
+    yield launch, out / "run"
+    if launch.process.poll() is None:
+        launch.process.kill()
+        launch.process.wait()
+
+
+@pytest.fixture(scope="session")
+def reference_run(reference_launch) -> Path:
+    launch, run = reference_launch
+    result = launch.wait()["reference"]
+    assert result.returncode == 0, result.log[-3000:]
+    return run
+
+
+@pytest.fixture(scope="session")
+def reference(reference_run) -> list[dict]:
+    return train_metrics(reference_run)
