@@ -28,7 +28,7 @@ from megatron_ext.inference.generation import (
 )
 from tests.conftest import REPO
 from tests.inference.check_generation import NEW_TOKENS, PROMPT_LENGTHS
-from tests.training.conftest import free_port
+from tests.runs import free_port
 
 SCRIPT = str(REPO / "tests/inference/check_generation.py")
 FAMILIES = ["llama", "mistral"]

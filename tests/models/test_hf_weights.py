@@ -18,7 +18,7 @@ from megatron_ext.models.hf_weights import (
     qkv_to_megatron,
 )
 from tests.conftest import REPO
-from tests.training.conftest import free_port
+from tests.runs import free_port
 
 SCRIPT = str(REPO / "tests/models/check_hf_logits.py")
 

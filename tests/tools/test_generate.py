@@ -17,7 +17,7 @@ from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer
 from tests.conftest import CHATML, REPO
 from tests.tools.conftest import make_hf_model
 from tests.tools.test_hf_conversion import run_tool
-from tests.training.conftest import free_port
+from tests.runs import free_port
 
 pytestmark = pytest.mark.slow
 QUESTIONS = ["What is the capital of France?", "Name three colours.",

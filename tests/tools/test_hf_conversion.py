@@ -17,7 +17,7 @@ from megatron_ext.checkpointing.unsharded import UnshardedReader
 from megatron_ext.models.hf_weights import llama_to_megatron
 from tests.conftest import CHATML, REPO
 from tests.tools.conftest import hf_logits, make_hf_model
-from tests.training.conftest import free_port
+from tests.runs import free_port
 
 CHECK = str(REPO / "tests/tools/check_logits.py")
 EXTRA = ",".join(CHATML)
@@ -105,7 +105,7 @@ def test_converted_checkpoint_reproduces_transformers_logits(tmp_path, family, l
 def test_finetuning_with_other_shape_flags_is_refused(tmp_path, hf_llama, train_data):
     """Without --use_checkpoint_args, flags that differ from the checkpoint are an error
     (not a silently truncated model or another RoPE base)."""
-    from tests.training.conftest import model_args, torchrun
+    from tests.runs import model_args, torchrun
 
     out = tmp_path / "ckpt"
     run_tool("hf_to_megatron.py", "--model_path", str(hf_llama), "--out", str(out),
@@ -121,7 +121,7 @@ def test_finetuning_with_other_shape_flags_is_refused(tmp_path, hf_llama, train_
 @pytest.mark.slow
 def test_finetuning_with_another_tokenizer_is_refused(tmp_path, hf_llama, train_data):
     """Same vocabulary size, other ids for the chat tokens: refused, not trained on."""
-    from tests.training.conftest import model_args, torchrun
+    from tests.runs import model_args, torchrun
 
     out = tmp_path / "ckpt"
     run_tool("hf_to_megatron.py", "--model_path", str(hf_llama), "--out", str(out),

@@ -14,7 +14,7 @@ from megatron_ext.data.records import ASSISTANT, SYSTEM, USER, Message
 from tests.conftest import CHATML
 from tests.tools.conftest import hf_logits, make_hf_model
 from tests.tools.test_hf_conversion import checkpoint_logits, run_tool
-from tests.training.conftest import model_args, torchrun
+from tests.runs import model_args, torchrun
 
 CONFIG_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_parameters",

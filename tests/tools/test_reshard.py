@@ -8,7 +8,7 @@ import torch
 from megatron_ext.checkpointing.reshard import ReshardConfig, merge
 from megatron_ext.checkpointing.unsharded import UnshardedReader
 from tests.tools.test_hf_conversion import checkpoint_logits, run_tool
-from tests.training.conftest import ITERS, model_args, start_runs, train_metrics
+from tests.runs import ITERS, model_args, start_runs, train_metrics
 from tests.training.test_parallel import assert_same_curve
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.training.conftest import (
+from tests.runs import (
     ITERS,
     child_env,
     free_port,

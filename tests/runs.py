@@ -1,4 +1,8 @@
-"""Fixtures for trainer tests: a small preprocessed dataset and a torchrun launcher."""
+"""Launching the trainer from tests: torchrun, several runs per launch, metrics.
+
+Why a module, not a conftest: fixtures that several test directories share live in
+``tests/conftest.py`` (a fixture imported into two conftests would run twice); the
+helpers they and the tests call live here."""
 
 from __future__ import annotations
 
@@ -9,33 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from instruct.preprocess_instruct_data import build_parser, config_from_args
-from megatron_ext.data.preprocess import run_preprocess
-from tests.conftest import CHATML, REPO, SAMPLE
+REPO = Path(__file__).resolve().parent.parent
+CHATML = ("<|im_start|>", "<|im_end|>")
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def train_data(tmp_path_factory, sp_model):
-    """The first 200 sample records as ChatML, truncated to 96 tokens."""
-    directory = tmp_path_factory.mktemp("train_data")
-    lines = (SAMPLE / "training.jsonl").read_text(encoding="utf-8").splitlines()[:200]
-    source = directory / "train.jsonl"
-    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    argv = ["--input", str(source), "--output_prefix", str(directory / "train"),
-            "--tokenizer_type", "SentencePieceTokenizer", "--vocab_file", sp_model,
-            "--vocab_extra_ids_list", ",".join(CHATML), "--question_key", "question",
-            "--answer_key", "answer", "--system_key", "system", "--max_seq_length", "96",
-            "--overlong", "truncate", "--workers", "1", "--no_progress"]
-    run_preprocess(config_from_args(build_parser().parse_args(argv)))
-    return {"prefix": str(directory / "train"), "vocab_file": sp_model}
 
 
 def model_args(data: dict, iters: int = 6) -> list[str]:
@@ -134,30 +119,3 @@ def run_many(nproc: int, runs: list[dict], directory: Path) -> dict[str, RunResu
 
 
 ITERS = 6
-
-
-@pytest.fixture(scope="session")
-def reference_launch(tmp_path_factory, train_data) -> tuple[Launch, Path]:
-    """The serial run every parity, resume and reshard test compares with: 6 iterations,
-    one process, checkpoints at 3 and 6. Started here, waited for by ``reference_run``, so
-    that a fixture may start a 2-process launch beside it."""
-    out = tmp_path_factory.mktemp("reference")
-    launch = start_runs(1, [{"name": "reference", "argv": model_args(train_data, ITERS) + [
-        "--save", str(out / "run"), "--save_interval", "3"]}], out / "launch")
-    yield launch, out / "run"
-    if launch.process.poll() is None:
-        launch.process.kill()
-        launch.process.wait()
-
-
-@pytest.fixture(scope="session")
-def reference_run(reference_launch) -> Path:
-    launch, run = reference_launch
-    result = launch.wait()["reference"]
-    assert result.returncode == 0, result.log[-3000:]
-    return run
-
-
-@pytest.fixture(scope="session")
-def reference(reference_run) -> list[dict]:
-    return train_metrics(reference_run)
