@@ -13,7 +13,7 @@ from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
 from megatron_ext.data.records import ASSISTANT, SYSTEM, USER, Message
 from tests.conftest import CHATML
 from tests.tools.conftest import hf_logits, make_hf_model
-from tests.tools.test_hf_conversion import checkpoint_logits, run_tool
+from tests.tools.test_hf_conversion import checkpoint_logits, run_tool, tool_main
 from tests.runs import model_args, torchrun
 
 CONFIG_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -68,8 +68,9 @@ def test_finetuned_checkpoint_exports_to_a_model_transformers_reproduces(
     import transformers
 
     converted, run, exported = tmp_path / "converted", tmp_path / "run", tmp_path / "hf"
-    run_tool("hf_to_megatron.py", "--model_path", str(hf_llama), "--out", str(converted),
-             "--vocab_extra_ids_list", ",".join(CHATML))
+    tool_main("hf_to_megatron.py")(["--model_path", str(hf_llama), "--out", str(converted),
+                                    "--vocab_extra_ids_list", ",".join(CHATML),
+                                    "--no_progress"])
     torchrun(2, model_args(train_data, 3) + ["--load", str(converted), "--finetune",
                                              "--use_checkpoint_args", "--save", str(run),
                                              "--tensor_model_parallel_size", "2"])
