@@ -26,8 +26,7 @@ def resharded_runs(tmp_path_factory, train_data, straight):
     merge at 3 (one process), from its TP=2 split (two), and from a weights-only merge."""
     root = tmp_path_factory.mktemp("resharded")
     merged, split, weights = root / "merged", root / "tp2", root / "weights"
-    run_tool("checkpoint_util.py", "merge", "--load", str(straight), "--iteration", "3",
-             "--out", str(merged))
+    merge(ReshardConfig(load=str(straight), out=str(merged), iteration=3))
     run_tool("checkpoint_util.py", "split", "--load", str(merged), "--out", str(split),
              "--target_tp", "2")
     run_tool("checkpoint_util.py", "merge", "--load", str(straight), "--out", str(weights),
