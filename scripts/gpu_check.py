@@ -211,8 +211,9 @@ def rows_for(root: Path, two_gpus: bool, flash_calls: int) -> list[Row]:
 
 # ------------------------------------------------------------------ data
 def prepare_data(directory: Path) -> tuple[str, str]:
-    """A SentencePiece tokenizer trained on the bundled sample, and 200 records that are
-    each at least SEQ tokens long (sample answers joined), truncated to SEQ."""
+    """A SentencePiece tokenizer trained on the bundled sample, and records that are each
+    at least SEQ tokens long (six sample answers joined), truncated to SEQ (those whose
+    question alone fills SEQ are rejected: about 140 of 200 remain)."""
     from instruct.preprocess_instruct_data import build_parser, config_from_args
     from megatron_ext.data.preprocess import run_preprocess
     from megatron_ext.tokenizer_training import jsonl_texts, train_sentencepiece
