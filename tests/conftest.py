@@ -1,4 +1,5 @@
-"""Shared fixtures: tokenizers trained on the fly and JSONL writers (no downloads)."""
+"""Shared fixtures: tokenizers trained on the fly, JSONL writers (no downloads), the
+trainer tests' dataset and the one serial reference run."""
 
 from __future__ import annotations
 
@@ -12,14 +13,23 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from instruct.preprocess_instruct_data import build_parser, config_from_args  # noqa: E402
+from megatron_ext.data.preprocess import run_preprocess  # noqa: E402
 from megatron_ext.tokenizers.training import (  # noqa: E402
     jsonl_texts,
     train_byte_level_bpe,
     train_sentencepiece,
 )
+from tests.runs import (  # noqa: E402
+    CHATML,
+    ITERS,
+    Launch,
+    model_args,
+    start_runs,
+    train_metrics,
+)
 
 SAMPLE = REPO / "data" / "sample"
-CHATML = ("<|im_start|>", "<|im_end|>")
 LLAMA3 = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 
 UNICODE_TEXTS = [
@@ -90,3 +100,48 @@ def cli_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO)
     return env
+
+
+# ------------------------------------------------------------ shared training runs
+# (here, not in a sub-directory conftest, so that each runs once per session)
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory, sp_model):
+    """The first 200 sample records as ChatML, truncated to 96 tokens."""
+    directory = tmp_path_factory.mktemp("train_data")
+    lines = (SAMPLE / "training.jsonl").read_text(encoding="utf-8").splitlines()[:200]
+    source = directory / "train.jsonl"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    argv = ["--input", str(source), "--output_prefix", str(directory / "train"),
+            "--tokenizer_type", "SentencePieceTokenizer", "--vocab_file", sp_model,
+            "--vocab_extra_ids_list", ",".join(CHATML), "--question_key", "question",
+            "--answer_key", "answer", "--system_key", "system", "--max_seq_length", "96",
+            "--overlong", "truncate", "--workers", "1", "--no_progress"]
+    run_preprocess(config_from_args(build_parser().parse_args(argv)))
+    return {"prefix": str(directory / "train"), "vocab_file": sp_model}
+
+
+@pytest.fixture(scope="session")
+def reference_launch(tmp_path_factory, train_data) -> tuple[Launch, Path]:
+    """The serial run every parity, resume and reshard test compares with: 6 iterations,
+    one process, checkpoints at 3 and 6. Started here, waited for by ``reference_run``, so
+    that a fixture may start a 2-process launch beside it."""
+    out = tmp_path_factory.mktemp("reference")
+    launch = start_runs(1, [{"name": "reference", "argv": model_args(train_data, ITERS) + [
+        "--save", str(out / "run"), "--save_interval", "3"]}], out / "launch")
+    yield launch, out / "run"
+    if launch.process.poll() is None:
+        launch.process.kill()
+        launch.process.wait()
+
+
+@pytest.fixture(scope="session")
+def reference_run(reference_launch) -> Path:
+    launch, run = reference_launch
+    result = launch.wait()["reference"]
+    assert result.returncode == 0, result.log[-3000:]
+    return run
+
+
+@pytest.fixture(scope="session")
+def reference(reference_run) -> list[dict]:
+    return train_metrics(reference_run)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ from megatron_ext.models.hf_llama import (
 )
 from megatron_ext.parallel import free_port
 from tests.conftest import REPO
+from tests.runs import child_env
 
 SCRIPT = str(REPO / "tests/models/check_hf_logits.py")
 
@@ -67,18 +67,42 @@ def test_new_token_rows_start_at_the_mean_and_padding_at_zero():
         pad_vocab_rows(weight, 2, 1)
 
 
+FAMILIES = ("llama", "mistral")
+
+
+@pytest.fixture(scope="module")
+def logits_checks(tmp_path_factory) -> dict:
+    """check_hf_logits.py: both families' conversions (one process each) side by side, then
+    each family's TP=2 check (two processes). {(family, mode): its JSON report}."""
+    root = tmp_path_factory.mktemp("hf_weights")
+    env = child_env()
+
+    def start(family, command):
+        return subprocess.Popen(command, env=dict(env, MASTER_PORT=str(free_port())), cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def report(process) -> dict:
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-4000:]
+        return json.loads(out.strip().splitlines()[-1])
+
+    for family in FAMILIES:
+        (root / family).mkdir()
+    converts = {f: start(f, [sys.executable, SCRIPT, "convert", f, str(root / f)])
+                for f in FAMILIES}
+    results = {(f, "convert"): report(p) for f, p in converts.items()}
+    for family in FAMILIES:
+        results[(family, "check")] = report(start(family, [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(free_port()), SCRIPT, "check", family, str(root / family)]))
+    return results
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_converted_model_reproduces_transformers_logits_at_tp1_and_tp2(tmp_path, family):
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
-    runs = [[sys.executable, SCRIPT, "convert", family, str(tmp_path)],
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-             "--master_port", str(free_port()), SCRIPT, "check", family, str(tmp_path)]]
-    for command in runs:
-        out = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
-                             timeout=300)
-        assert out.returncode == 0, out.stderr[-4000:]
-        result = json.loads(out.stdout.strip().splitlines()[-1])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_converted_model_reproduces_transformers_logits_at_tp1_and_tp2(logits_checks, family):
+    for mode in ("convert", "check"):  # TP=1 (converted here), then TP=2 (loaded)
+        result = logits_checks[(family, mode)]
         assert result["max_abs_diff"] < 1e-5 * max(1.0, result["scale"]), result
-        if family == "mistral" and command[1] == SCRIPT:
+        if family == "mistral" and mode == "convert":
             assert result["diff_without_window"] > 1e-3  # the sliding window is exercised

@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.training.conftest import train_data  # noqa: F401 - the trainer tests' dataset fixture
-
 SHAPE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256,
              tie_word_embeddings=False)

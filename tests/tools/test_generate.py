@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -17,7 +16,8 @@ from megatron_ext.parallel import free_port
 from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer
 from tests.conftest import CHATML, REPO
 from tests.tools.conftest import make_hf_model
-from tests.tools.test_hf_conversion import run_tool
+from tests.tools.test_hf_conversion import tool_main
+from tests.runs import child_env
 
 pytestmark = pytest.mark.slow
 QUESTIONS = ["What is the capital of France?", "Name three colours.",
@@ -29,14 +29,15 @@ def converted(tmp_path_factory, sp_model):
     """A tiny random Llama (init std 0.2: clear argmax margins) converted with ChatML tokens."""
     root = tmp_path_factory.mktemp("gen")
     hf = make_hf_model(root / "hf", sp_model, initializer_range=0.2)
-    run_tool("hf_to_megatron.py", "--model_path", str(hf), "--out", str(root / "ckpt"),
-             "--vocab_extra_ids_list", ",".join(CHATML))
+    tool_main("hf_to_megatron.py")(["--model_path", str(hf), "--out", str(root / "ckpt"),
+                                    "--vocab_extra_ids_list", ",".join(CHATML),
+                                    "--no_progress"])
     tokenizer = build_tokenizer(TokenizerConfig("SentencePieceTokenizer", sp_model, CHATML))
     return {"hf": hf, "ckpt": root / "ckpt", "tokenizer": tokenizer, "root": root}
 
 
 def launch(tool: str, nproc: int, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = child_env()
     command = ([sys.executable, str(REPO / "tools" / tool)] if nproc == 1 else
                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_port", str(free_port()), str(REPO / "tools" / tool)])

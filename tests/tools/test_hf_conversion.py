@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,13 +17,33 @@ from megatron_ext.models.hf_llama import llama_to_megatron
 from megatron_ext.parallel import free_port
 from tests.conftest import CHATML, REPO
 from tests.tools.conftest import hf_logits, make_hf_model
+from megatron_ext.errors import UserError
+from tests.runs import child_env, model_args, run_many
 
 CHECK = str(REPO / "tests/tools/check_logits.py")
 EXTRA = ",".join(CHATML)
 
 
+def tool_main(tool: str):
+    """A tool's ``main(argv)``, for its error paths in-process (each one subprocess smoke
+    test stays): tools/ is a directory of scripts, not a package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{tool[:-3]}", REPO / "tools" / tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def tool_error(tool: str, *args: str) -> str:
+    """Run a tool's main in-process, expect a UserError and return what the CLI prints."""
+    with pytest.raises(UserError) as raised:
+        tool_main(tool)([*args, "--no_progress"])
+    return f"error: {raised.value}"
+
+
 def run_tool(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = child_env()
     result = subprocess.run([sys.executable, str(REPO / "tools" / tool), *args, "--no_progress"]
                             if tool != "checkpoint_util.py" else
                             [sys.executable, str(REPO / "tools" / tool), *args],
@@ -38,7 +57,7 @@ def checkpoint_logits(load: Path, tokens: torch.Tensor, tmp: Path, tp: int = 1,
                       pp: int = 1, vocab_file: str = "") -> torch.Tensor:
     torch.save(tokens, tmp / "tokens.pt")
     out = tmp / f"logits_{tp}_{pp}.pt"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = child_env()
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp),
          "--master_port", str(free_port()), CHECK, str(load), str(tmp / "tokens.pt"), str(out),
@@ -91,8 +110,12 @@ def test_converted_checkpoint_reproduces_transformers_logits(tmp_path, family, l
                                                              hf_llama, hf_mistral):
     source = hf_llama if family == "llama" else hf_mistral
     out = tmp_path / "ckpt"
-    run_tool("hf_to_megatron.py", "--model_path", str(source), "--out", str(out),
-             "--vocab_extra_ids_list", EXTRA)
+    if family == "llama":  # the converter's command line, once
+        run_tool("hf_to_megatron.py", "--model_path", str(source), "--out", str(out),
+                 "--vocab_extra_ids_list", EXTRA)
+    else:
+        tool_main("hf_to_megatron.py")(["--model_path", str(source), "--out", str(out),
+                                        "--vocab_extra_ids_list", EXTRA, "--no_progress"])
     torch.manual_seed(1)
     tokens = torch.randint(0, 1500, (2, 40))  # 40 > the Mistral window of 8
     want = hf_logits(source, tokens)
@@ -101,35 +124,40 @@ def test_converted_checkpoint_reproduces_transformers_logits(tmp_path, family, l
         assert (got - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item()), (tp, pp)
 
 
+@pytest.fixture(scope="module")
+def refused_runs(tmp_path_factory, hf_llama, train_data) -> dict:
+    """Finetuning runs on converted checkpoints that must be refused, in one launch."""
+    root = tmp_path_factory.mktemp("refused")
+    convert = tool_main("hf_to_megatron.py")
+    convert(["--model_path", str(hf_llama), "--out", str(root / "ckpt"),
+             "--vocab_extra_ids_list", EXTRA, "--no_progress"])
+    convert(["--model_path", str(hf_llama), "--out", str(root / "other"),
+             "--vocab_extra_ids_list", ",".join(reversed(CHATML)), "--no_progress"])
+    return run_many(1, [
+        {"name": "shape", "argv": model_args(train_data, 1) + [
+            "--load", str(root / "ckpt"), "--finetune", "--rope_theta", "500000"]},
+        {"name": "tokenizer", "argv": model_args(train_data, 1) + [
+            "--load", str(root / "other"), "--finetune", "--use_checkpoint_args"]},
+    ], root / "launch")
+
+
 @pytest.mark.slow
-def test_finetuning_with_other_shape_flags_is_refused(tmp_path, hf_llama, train_data):
+def test_finetuning_with_other_shape_flags_is_refused(refused_runs):
     """Without --use_checkpoint_args, flags that differ from the checkpoint are an error
     (not a silently truncated model or another RoPE base)."""
-    from tests.training.conftest import model_args, torchrun
-
-    out = tmp_path / "ckpt"
-    run_tool("hf_to_megatron.py", "--model_path", str(hf_llama), "--out", str(out),
-             "--vocab_extra_ids_list", EXTRA)
-    result = torchrun(1, model_args(train_data, 1) + ["--load", str(out), "--finetune",
-                                                      "--rope_theta", "500000"], check=False)
+    result = refused_runs["shape"]
     assert result.returncode == 1
-    assert "--num_layers: checkpoint 4, this run 2" in result.stderr
-    assert "--rope_theta: checkpoint 10000, this run 500000" in result.stderr
-    assert "--use_checkpoint_args" in result.stderr
+    assert "--num_layers: checkpoint 4, this run 2" in result.log
+    assert "--rope_theta: checkpoint 10000, this run 500000" in result.log
+    assert "--use_checkpoint_args" in result.log
 
 
 @pytest.mark.slow
-def test_finetuning_with_another_tokenizer_is_refused(tmp_path, hf_llama, train_data):
+def test_finetuning_with_another_tokenizer_is_refused(refused_runs):
     """Same vocabulary size, other ids for the chat tokens: refused, not trained on."""
-    from tests.training.conftest import model_args, torchrun
-
-    out = tmp_path / "ckpt"
-    run_tool("hf_to_megatron.py", "--model_path", str(hf_llama), "--out", str(out),
-             "--vocab_extra_ids_list", ",".join(reversed(CHATML)))
-    result = torchrun(1, model_args(train_data, 1) + ["--load", str(out), "--finetune",
-                                                      "--use_checkpoint_args"], check=False)
+    result = refused_runs["tokenizer"]
     assert result.returncode == 1
-    assert "was made with another tokenizer (special_tokens" in result.stderr
+    assert "was made with another tokenizer (special_tokens" in result.log
 
 
 def _no_output(tmp_path: Path) -> None:
@@ -156,9 +184,9 @@ def test_rope_scaling_is_refused_not_silently_dropped(tmp_path, hf_llama):
     config = json.loads((model / "config.json").read_text())
     config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
     (model / "config.json").write_text(json.dumps(config))
-    result = run_tool("hf_to_megatron.py", "--model_path", str(model), "--out",
-                      str(tmp_path / "out"), check=False)
-    assert result.returncode == 1 and "rope_scaling" in result.stderr
+    stderr = tool_error("hf_to_megatron.py", "--model_path", str(model), "--out",
+                        str(tmp_path / "out"))
+    assert "rope_scaling" in stderr
     _no_output(tmp_path)
 
 
@@ -166,17 +194,16 @@ def test_missing_files_are_named(tmp_path, hf_llama):
     model = tmp_path / "model"
     shutil.copytree(hf_llama, model)
     (model / "config.json").unlink()
-    result = run_tool("hf_to_megatron.py", "--model_path", str(model), "--out",
-                      str(tmp_path / "out"), check=False)
-    assert result.returncode == 1 and "config.json is missing" in result.stderr
+    stderr = tool_error("hf_to_megatron.py", "--model_path", str(model), "--out",
+                        str(tmp_path / "out"))
+    assert "config.json is missing" in stderr
     # a shard named by the index but absent
     shutil.copy(hf_llama / "config.json", model / "config.json")
     index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
-    result = run_tool("hf_to_megatron.py", "--model_path", str(model), "--out",
-                      str(tmp_path / "out"), check=False)
-    assert result.returncode == 1
-    assert "model-00002-of-00002.safetensors is missing" in result.stderr
+    stderr = tool_error("hf_to_megatron.py", "--model_path", str(model), "--out",
+                        str(tmp_path / "out"))
+    assert "model-00002-of-00002.safetensors is missing" in stderr
     _no_output(tmp_path)
 
 
@@ -186,29 +213,26 @@ def test_truncated_shard_is_a_clear_error(tmp_path, hf_llama):
     shard = model / "model.safetensors"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    result = run_tool("hf_to_megatron.py", "--model_path", str(model), "--out",
-                      str(tmp_path / "out"), check=False)
-    assert result.returncode == 1
-    assert "model.safetensors: truncated" in result.stderr
+    stderr = tool_error("hf_to_megatron.py", "--model_path", str(model), "--out",
+                        str(tmp_path / "out"))
+    assert "model.safetensors: truncated" in stderr
     _no_output(tmp_path)
 
 
 def test_mismatched_tokenizer_is_refused(tmp_path, hf_llama, hf_tokenizer_dir):
-    result = run_tool("hf_to_megatron.py", "--model_path", str(hf_llama), "--out",
-                      str(tmp_path / "out"), "--tokenizer_type", "HFTokenizer",
-                      "--vocab_file", str(Path(hf_tokenizer_dir) / "tokenizer.json"),
-                      check=False)
-    assert result.returncode == 1
-    assert "does not match the model" in result.stderr, result.stderr[-2000:]
+    stderr = tool_error("hf_to_megatron.py", "--model_path", str(hf_llama), "--out",
+                        str(tmp_path / "out"), "--tokenizer_type", "HFTokenizer",
+                        "--vocab_file", str(Path(hf_tokenizer_dir) / "tokenizer.json"))
+    assert "does not match the model" in stderr, stderr[-2000:]
     _no_output(tmp_path)
 
 
 def test_existing_output_is_not_overwritten(tmp_path, hf_llama):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    result = run_tool("hf_to_megatron.py", "--model_path", str(hf_llama), "--out",
-                      str(tmp_path / "out"), check=False)
-    assert result.returncode == 1 and "--overwrite" in result.stderr
+    stderr = tool_error("hf_to_megatron.py", "--model_path", str(hf_llama), "--out",
+                        str(tmp_path / "out"))
+    assert "--overwrite" in stderr
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
@@ -242,7 +266,7 @@ def test_conversion_streams_instead_of_loading_the_model(tmp_path, sp_model):
                           num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=8)
     size = (model / "model.safetensors").stat().st_size
     assert size > 150 * 2**20
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = child_env()
     result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(model), str(tmp_path / "o")],
                             env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -260,7 +284,8 @@ def test_llama31_rope_scaling_reproduces_transformers_logits(tmp_path, sp_model)
     scaled = make_hf_model(tmp_path / "scaled", sp_model, initializer_range=0.2,
                            rope_parameters=scaling)
     out = tmp_path / "ckpt"
-    run_tool("hf_to_megatron.py", "--model_path", str(scaled), "--out", str(out))
+    tool_main("hf_to_megatron.py")(["--model_path", str(scaled), "--out", str(out),
+                                    "--no_progress"])
     assert UnshardedReader(str(out)).run_config()["model"]["rope_scaling_factor"] == 8.0
     torch.manual_seed(1)
     tokens = torch.randint(0, 1500, (2, 200))

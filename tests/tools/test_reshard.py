@@ -8,19 +8,39 @@ import torch
 from megatron_ext.checkpointing.reshard import ReshardConfig, merge
 from megatron_ext.checkpointing.unsharded import UnshardedReader
 from tests.tools.test_hf_conversion import checkpoint_logits, run_tool
-from tests.training.conftest import model_args, torchrun, train_metrics
+from tests.runs import ITERS, model_args, start_runs, train_metrics
 from tests.training.test_parallel import assert_same_curve
 
 pytestmark = pytest.mark.slow
-ITERS = 6
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, train_data):
-    """6 iterations at TP=1 with checkpoints at 3 and 6."""
-    out = tmp_path_factory.mktemp("straight")
-    torchrun(1, model_args(train_data, ITERS) + ["--save", str(out), "--save_interval", "3"])
-    return out
+def straight(reference_run):
+    """6 iterations at TP=1 with checkpoints at 3 and 6: the shared reference run."""
+    return reference_run
+
+
+@pytest.fixture(scope="module")
+def resharded_runs(tmp_path_factory, train_data, straight):
+    """Training from resharded checkpoints, all in two launches side by side: from the
+    merge at 3 (one process), from its TP=2 split (two), and from a weights-only merge."""
+    root = tmp_path_factory.mktemp("resharded")
+    merged, split, weights = root / "merged", root / "tp2", root / "weights"
+    merge(ReshardConfig(load=str(straight), out=str(merged), iteration=3))
+    run_tool("checkpoint_util.py", "split", "--load", str(merged), "--out", str(split),
+             "--target_tp", "2")
+    run_tool("checkpoint_util.py", "merge", "--load", str(straight), "--out", str(weights),
+             "--no_optimizer")
+    serial = start_runs(1, [
+        {"name": "from_merged", "argv": model_args(train_data, ITERS) + [
+            "--load", str(merged), "--save", str(root / "from_merged")]},
+        {"name": "weights", "argv": model_args(train_data, ITERS) + [
+            "--load", str(weights), "--save", str(root / "run")]},
+    ], root / "serial")
+    parallel = start_runs(2, [{"name": "tp2run", "argv": model_args(train_data, ITERS) + [
+        "--tensor_model_parallel_size", "2", "--load", str(split),
+        "--save", str(root / "tp2run")]}], root / "parallel")
+    return {"root": root, **parallel.wait(), **serial.wait()}
 
 
 def tensors(path) -> dict:
@@ -28,21 +48,15 @@ def tensors(path) -> dict:
     return {name: reader.view(name).clone() for name in reader.names()}
 
 
-def test_merged_then_split_checkpoint_resumes_on_the_same_curve(tmp_path, train_data, straight):
-    merged, split = tmp_path / "merged", tmp_path / "tp2"
-    run_tool("checkpoint_util.py", "merge", "--load", str(straight), "--iteration", "3",
-             "--out", str(merged))
-    run_tool("checkpoint_util.py", "split", "--load", str(merged), "--out", str(split),
-             "--target_tp", "2")
+def test_merged_then_split_checkpoint_resumes_on_the_same_curve(straight, resharded_runs):
+    root = resharded_runs["root"]
     want = train_metrics(straight)[3:]
     # the unsharded merge itself resumes (optimizer, schedule and data position included)
-    torchrun(1, model_args(train_data, ITERS) + ["--load", str(merged), "--save",
-                                                 str(tmp_path / "from_merged")])
-    assert_same_curve(train_metrics(tmp_path / "from_merged"), want)
+    assert resharded_runs["from_merged"].returncode == 0
+    assert_same_curve(train_metrics(root / "from_merged"), want)
     # and so does the split one, at TP=2
-    torchrun(2, model_args(train_data, ITERS) + ["--tensor_model_parallel_size", "2", "--load",
-                                                 str(split), "--save", str(tmp_path / "tp2run")])
-    assert_same_curve(train_metrics(tmp_path / "tp2run"), want)
+    assert resharded_runs["tp2run"].returncode == 0
+    assert_same_curve(train_metrics(root / "tp2run"), want)
 
 
 def test_round_trips_are_bit_exact(tmp_path, train_data, straight):
@@ -78,11 +92,7 @@ def test_round_trips_are_bit_exact(tmp_path, train_data, straight):
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
-def test_weights_only_merge_needs_finetune(tmp_path, train_data, straight):
-    merged = tmp_path / "weights"
-    run_tool("checkpoint_util.py", "merge", "--load", str(straight), "--out", str(merged),
-             "--no_optimizer")
-    result = torchrun(1, model_args(train_data, ITERS) + ["--load", str(merged), "--save",
-                                                          str(tmp_path / "run")], check=False)
-    assert result.returncode != 0 and "--finetune" in result.stderr
+def test_weights_only_merge_needs_finetune(resharded_runs):
+    result = resharded_runs["weights"]  # a weights-only merge (--no_optimizer) as --load
+    assert result.returncode != 0 and "--finetune" in result.log
     # (starting from an unsharded checkpoint with --finetune: tests/tools/test_hf_export.py)

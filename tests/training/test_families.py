@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tests.training.conftest import model_args, torchrun, train_metrics
+from tests.runs import model_args, run_many, train_metrics
 
 FAMILY_ARGS = {
     "llama3": ["--recompute_granularity", "selective"],
@@ -15,16 +15,25 @@ FAMILY_ARGS = {
 }
 
 
+@pytest.fixture(scope="module")
+def family_runs(tmp_path_factory, train_data):
+    """One 4-iteration run per family, all in one launch."""
+    root = tmp_path_factory.mktemp("families")
+    runs = [{"name": family, "argv": model_args(train_data, 4) + [
+        "--model_name", family, *FAMILY_ARGS[family], "--save", str(root / family),
+        "--tensorboard_dir", str(root / family / "tb")]} for family in sorted(FAMILY_ARGS)]
+    return root, run_many(1, runs, root / "launch")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILY_ARGS))
-def test_family_trains(tmp_path, train_data, family):
-    args = model_args(train_data, 4) + ["--model_name", family, *FAMILY_ARGS[family],
-                                        "--save", str(tmp_path), "--tensorboard_dir",
-                                        str(tmp_path / "tb")]
-    result = torchrun(1, args)
+def test_family_trains(family_runs, family):
+    root, results = family_runs
+    tmp_path, result = root / family, results[family]
+    assert result.returncode == 0, result.log[-3000:]
     train = train_metrics(tmp_path)
     assert len(train) == 4 and all(math.isfinite(r["loss"]) for r in train)
     assert train[-1]["loss"] < train[0]["loss"]
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))  # TensorBoard scalars
-    assert "validation at iter 4" in result.stderr
+    assert "validation at iter 4" in result.log
     assert (tmp_path / "iter_0000004").is_dir()

@@ -18,20 +18,29 @@ from megatron_ext.training.step import loss_func
 from tests.conftest import REPO
 
 
-def run_check(train_data, scalar: float) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), MASTER_PORT=str(free_port()),
-               OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, str(REPO / "tests/training/check_loss.py"),
-                          train_data["prefix"], train_data["vocab_file"], str(scalar)],
-                         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def loss_checks(train_data) -> dict:
+    """check_loss.py for both --scalar_loss_mask values, two single-process children at a
+    time (one core each)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    children = {}
+    for scalar in (0.0, 0.3):
+        children[scalar] = subprocess.Popen(
+            [sys.executable, str(REPO / "tests/training/check_loss.py"), train_data["prefix"],
+             train_data["vocab_file"], str(scalar)],
+            env=dict(env, MASTER_PORT=str(free_port())), cwd=REPO, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+    outputs = {scalar: child.communicate(timeout=300) for scalar, child in children.items()}
+    for scalar, child in children.items():
+        assert child.returncode == 0, outputs[scalar][1][-4000:]
+    return {scalar: json.loads(out.strip().splitlines()[-1])
+            for scalar, (out, _) in outputs.items()}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scalar", [0.0, 0.3])
-def test_trainer_loss_is_the_global_weighted_mean(train_data, scalar):
-    result = run_check(train_data, scalar)
+def test_trainer_loss_is_the_global_weighted_mean(loss_checks, scalar):
+    result = loss_checks[scalar]
     assert result["micro_batches"] == 3 and len(set(result["widths"])) > 1  # uneven lengths
     assert result["denominator"] == pytest.approx(result["total_weight"])
     assert result["trainer"] == pytest.approx(result["reference"], rel=1e-6)

@@ -9,7 +9,7 @@ import pytest
 from instruct.preprocess_instruct_data import build_parser, config_from_args
 from megatron_ext.data.preprocess import run_preprocess
 from tests.conftest import CHATML, SAMPLE
-from tests.training.conftest import torchrun, train_metrics
+from tests.runs import torchrun, train_metrics
 
 
 @pytest.mark.slow

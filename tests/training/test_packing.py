@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from megatron_ext.data.collate import collate, pack_rows
-from tests.training.conftest import model_args, torchrun, train_metrics
+from tests.runs import model_args, start_runs, train_metrics
 from tests.training.test_parallel import assert_same_curve
 
 
@@ -33,9 +33,13 @@ def test_packed_training_has_the_unpacked_loss_curve(tmp_path, train_data):
     """Packed at PP=2 (shapes vary per micro-batch between stages) against one sample per
     row in one process: the same losses and grad norms."""
     base = model_args(train_data, 4) + ["--seq_length", "192", "--micro_batch_size", "4"]
-    torchrun(1, base + ["--save", str(tmp_path / "plain")])
-    torchrun(2, base + ["--pack_sequences", "--pipeline_model_parallel_size", "2",
-                        "--save", str(tmp_path / "packed")])
+    plain_run = start_runs(1, [{"name": "plain", "argv": base + [  # beside the packed run
+        "--save", str(tmp_path / "plain")]}], tmp_path / "serial")
+    packed_run = start_runs(2, [{"name": "packed", "argv": base + [
+        "--pack_sequences", "--pipeline_model_parallel_size", "2",
+        "--save", str(tmp_path / "packed")]}], tmp_path / "parallel")
+    assert packed_run.wait()["packed"].returncode == 0
+    assert plain_run.wait()["plain"].returncode == 0
     plain = train_metrics(tmp_path / "plain")
     packed = train_metrics(tmp_path / "packed")
     assert_same_curve(packed, plain)

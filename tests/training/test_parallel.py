@@ -7,27 +7,81 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
 from megatron_ext.parallel import free_port
-from tests.training.conftest import model_args, torchrun, train_metrics
+from tests.conftest import REPO
+from tests.runs import (
+    ITERS,
+    child_env,
+    model_args,
+    run_many,
+    start_runs,
+    torchrun,
+    train_metrics,
+)
 
 pytestmark = pytest.mark.slow
-ITERS = 6
+LAYOUTS = {
+    "tp2": ["--tensor_model_parallel_size", "2"],
+    "tp2-sp": ["--tensor_model_parallel_size", "2", "--sequence_parallel"],
+    "pp2": ["--pipeline_model_parallel_size", "2"],
+    "dp2": [],
+}
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, train_data):
-    out = tmp_path_factory.mktemp("ref")
-    torchrun(1, model_args(train_data, ITERS) + ["--save", str(out)])
-    return out
+def parallel_runs(tmp_path_factory, train_data, reference_launch) -> Path:
+    """Every 2-process run of this module in one launch (run_many.py re-initialises
+    megatron-core's groups between layouts): the four layouts, and TP=2 stopped at 3.
+    The serial reference launch runs beside it."""
+    root = tmp_path_factory.mktemp("parallel")
+    runs = [{"name": name, "argv": model_args(train_data, ITERS) + layout + [
+        "--save", str(root / name)]} for name, layout in LAYOUTS.items()]
+    runs.append({"name": "tp2-exit3", "argv": model_args(train_data, ITERS) + [
+        "--save", str(root / "tp2-exit3"), "--tensor_model_parallel_size", "2",
+        "--exit_interval", "3"]})
+    results = run_many(2, runs, root / "launch")
+    assert all(r.returncode == 0 for r in results.values())
+    return root
 
 
 @pytest.fixture(scope="module")
-def reference(reference_run):
-    return train_metrics(reference_run)
+def serial_runs(tmp_path_factory, train_data, reference_run, parallel_runs) -> dict:
+    """Every later one-process run of this module in one launch: resuming the TP=2 run at
+    TP=1 and relaunching it when finished, finetuning from the reference, and the
+    missing or corrupt checkpoints (each prepared here from a copy)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("serial")
+    resumed = root / "resumed"
+    shutil.copytree(parallel_runs / "tp2-exit3", resumed)
+    broken = root / "broken"  # the tracker names a missing directory
+    shutil.copytree(reference_run, broken)
+    shutil.rmtree(broken / "iter_0000003")
+    (broken / "latest_checkpointed_iteration.txt").write_text("3\n")
+    truncated = root / "truncated"
+    shutil.copytree(reference_run, truncated)
+    for shard in (truncated / "iter_0000006").glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])  # truncated shard files
+    args = model_args(train_data, ITERS) + ["--save", str(resumed)]
+    final = str(resumed / "iter_0000006")
+    errors = model_args(train_data, 2)
+    runs = [
+        {"name": "resume", "argv": args + ["--load", str(resumed)], "stat": [final]},
+        {"name": "again", "argv": args + ["--load", str(resumed)], "stat": [final]},
+        {"name": "finetune", "argv": model_args(train_data, 2) + [
+            "--num_layers", "4", "--hidden_size", "32",  # ignored
+            "--load", str(reference_run), "--finetune", "--use_checkpoint_args",
+            "--save", str(root / "finetuned")]},
+        {"name": "missing", "argv": errors + ["--load", str(root / "nothing")]},
+        {"name": "broken", "argv": errors + ["--load", str(broken)]},
+        {"name": "truncated", "argv": errors + ["--load", str(truncated)]},
+    ]
+    results = run_many(1, runs, root / "launch")
+    return {"root": root, "resumed": resumed, **results}
 
 
 def assert_same_curve(got, want, rtol=2e-5):
@@ -39,32 +93,26 @@ def assert_same_curve(got, want, rtol=2e-5):
         assert g["consumed_tokens"] == w["consumed_tokens"]
 
 
-@pytest.mark.parametrize("layout", [
-    ["--tensor_model_parallel_size", "2"],
-    ["--tensor_model_parallel_size", "2", "--sequence_parallel"],
-    ["--pipeline_model_parallel_size", "2"],
-    [],  # DP=2
-], ids=["tp2", "tp2-sp", "pp2", "dp2"])
-def test_parallel_layouts_match_single_process(tmp_path, train_data, reference, layout):
-    torchrun(2, model_args(train_data, ITERS) + layout + ["--save", str(tmp_path)])
-    assert_same_curve(train_metrics(tmp_path), reference)
-    assert train_metrics(tmp_path, "valid")  # validation ran at the end
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_parallel_layouts_match_single_process(parallel_runs, reference, layout):
+    assert_same_curve(train_metrics(parallel_runs / layout), reference)
+    assert train_metrics(parallel_runs / layout, "valid")  # validation ran at the end
 
 
-def test_tp2_checkpoint_resumes_at_tp1_on_the_same_curve(tmp_path, train_data, reference):
-    args = model_args(train_data, ITERS) + ["--save", str(tmp_path)]
-    torchrun(2, args + ["--tensor_model_parallel_size", "2", "--exit_interval", "3"])
-    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
-    assert not list(tmp_path.glob("*.incomplete"))
-    torchrun(1, args + ["--load", str(tmp_path)])
+def test_tp2_checkpoint_resumes_at_tp1_on_the_same_curve(parallel_runs, serial_runs, reference):
+    stopped = parallel_runs / "tp2-exit3"
+    assert (stopped / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+    assert not list(stopped.glob("*.incomplete"))
+    tmp_path = serial_runs["resumed"]  # a copy of the stopped run, resumed at TP=1
+    assert serial_runs["resume"].returncode == 0, serial_runs["resume"].log[-3000:]
     assert_same_curve(train_metrics(tmp_path), reference)
 
     # relaunching a finished run trains nothing and leaves its checkpoint untouched
     final = tmp_path / "iter_0000006"
-    stamp = final.stat().st_mtime_ns
-    again = torchrun(1, args + ["--load", str(tmp_path)])
-    assert "nothing to train" in again.stderr
-    assert final.stat().st_mtime_ns == stamp
+    stamp = serial_runs["resume"].mtimes[str(final)]
+    again = serial_runs["again"]
+    assert "nothing to train" in again.log
+    assert again.mtimes[str(final)] == stamp
     assert len(train_metrics(tmp_path, "valid")) == 1  # no second evaluation either
 
 
@@ -72,11 +120,12 @@ def test_sigterm_saves_then_resume_continues_exactly(tmp_path, train_data):
     """Train N, kill (SIGTERM, as Slurm preempts), resume to 2N == an uninterrupted 2N run."""
     iters = 30
     straight = tmp_path / "straight"
-    torchrun(1, model_args(train_data, iters) + ["--save", str(straight)])
-    want = train_metrics(straight)
+    # the uninterrupted run (one process) beside the interrupted one: two cores
+    uninterrupted = start_runs(1, [{"name": "straight", "argv": model_args(train_data, iters)
+                                    + ["--save", str(straight)]}], tmp_path / "launch")
 
     run = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = child_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
                "--master_port", str(free_port()), str(REPO / "finetune.py"),
                *model_args(train_data, iters), "--save", str(run)]
@@ -96,49 +145,37 @@ def test_sigterm_saves_then_resume_continues_exactly(tmp_path, train_data):
     assert 3 <= stopped_at < iters, output[-3000:]
     assert "saving and exiting" in output or "stopping after iteration" in output
 
+    assert uninterrupted.wait()["straight"].returncode == 0
+    want = train_metrics(straight)
     torchrun(1, model_args(train_data, iters) + ["--save", str(run), "--load", str(run)])
     assert_same_curve(train_metrics(run), want, rtol=1e-6)
 
 
-def test_finetune_with_checkpoint_args_takes_shape_and_weights_only(tmp_path, train_data,
-                                                                  reference_run, reference):
+def test_finetune_with_checkpoint_args_takes_shape_and_weights_only(serial_runs, reference):
     """--finetune --use_checkpoint_args: model shape from the checkpoint, fresh optimizer."""
-    args = model_args(train_data, 2) + ["--num_layers", "4", "--hidden_size", "32",  # ignored
-                                        "--load", str(reference_run), "--finetune",
-                                        "--use_checkpoint_args", "--save", str(tmp_path)]
-    result = torchrun(1, args)
-    assert "loaded weights from" in result.stderr
-    tuned = train_metrics(tmp_path)
+    result = serial_runs["finetune"]
+    assert result.returncode == 0, result.log[-3000:]
+    assert "loaded weights from" in result.log
+    tuned = train_metrics(serial_runs["root"] / "finetuned")
     assert [r["iteration"] for r in tuned] == [1, 2]  # iteration and data restart at 0
     assert tuned[0]["consumed_samples"] == 8
     assert tuned[0]["loss"] < reference[0]["loss"] - 0.1  # starts from the trained weights
 
 
-def test_missing_or_corrupt_checkpoints_are_clear_errors(tmp_path, train_data, reference_run):
-    import shutil
-
-    args = model_args(train_data, 2)
-    missing = torchrun(1, args + ["--load", str(tmp_path / "nothing")], check=False)
-    assert missing.returncode != 0 and "no checkpoint found" in missing.stderr
-
-    broken = tmp_path / "broken"
-    shutil.copytree(reference_run, broken)
-    (broken / "latest_checkpointed_iteration.txt").write_text("3\n")  # names a missing dir
-    result = torchrun(1, args + ["--load", str(broken)], check=False)
-    assert result.returncode != 0 and "does not exist" in result.stderr
-
-    (broken / "latest_checkpointed_iteration.txt").write_text("6\n")
-    for shard in (broken / "iter_0000006").glob("*.distcp"):
-        shard.write_bytes(shard.read_bytes()[:100])  # truncated shard files
-    result = torchrun(1, args + ["--load", str(broken)], check=False)
-    assert result.returncode != 0 and "cannot be loaded" in result.stderr
+def test_missing_or_corrupt_checkpoints_are_clear_errors(serial_runs):
+    missing = serial_runs["missing"]
+    assert missing.returncode != 0 and "no checkpoint found" in missing.log
+    result = serial_runs["broken"]  # the tracker names a missing iteration directory
+    assert result.returncode != 0 and "does not exist" in result.log
+    result = serial_runs["truncated"]  # truncated shard files
+    assert result.returncode != 0 and "cannot be loaded" in result.log
 
 
 def test_two_node_launch_matches_single_process(tmp_path, train_data, reference):
     """torchrun's multi-node flags (--nnodes/--node_rank/--master_addr/--master_port), two
     'nodes' of one process each on this machine: DP=2 across nodes, the same curve."""
     port = str(free_port())
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = child_env()
     nodes = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
          "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
