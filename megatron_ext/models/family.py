@@ -95,11 +95,13 @@ class Family:
     swiglu: bool  # gated SiLU MLP (else GeLU)
     position_embedding: str  # rope | learned_absolute
     add_bias_linear: bool
-    tie_embeddings: bool
+    tie_embeddings: bool  # the default; a model may choose otherwise (--tie_embed_logits)
     default_ffn_hidden_size: Callable[[int], int]  # hidden size -> FFN size
     rope_theta: float = 10000.0
     layernorm_epsilon: float = 1e-5
     sliding_window: Optional[int] = None
+    add_qkv_bias: bool = False  # biases on the query/key/value projection only (Qwen2)
+    qk_layernorm: bool = False  # per-head norm of queries and keys (Qwen3)
     hf: Optional[HFAdapter] = None  # None: no Hugging Face equivalent
     # (megatron-core TransformerConfig, init seed, use_flash_attn) -> block spec;
     # None: the shared seeded block of models/builder.py

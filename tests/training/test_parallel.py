@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -148,3 +149,38 @@ def test_two_node_launch_matches_single_process(tmp_path, train_data, reference)
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert all(node.returncode == 0 for node in nodes), outputs[0][1][-3000:]
     assert_same_curve(train_metrics(tmp_path), reference)
+
+
+# Architectures beyond the default Llama: each trains serially once, then at TP=2 and PP=2
+# on the same curve. Tied embeddings at PP=2 is the case that matters most: the last stage
+# holds a copy of the word embeddings whose gradients megatron-core sums with the first's.
+VARIANTS = {
+    "llama-tied": ["--tie_embed_logits"],
+}
+
+
+@pytest.fixture(scope="module")
+def variant_reference(tmp_path_factory, train_data):
+    cache: dict[str, list[dict]] = {}
+
+    def reference_for(variant: str) -> list[dict]:
+        if variant not in cache:
+            out = tmp_path_factory.mktemp(f"ref-{variant}")
+            torchrun(1, model_args(train_data, ITERS) + VARIANTS[variant] + ["--save", str(out)])
+            cache[variant] = train_metrics(out)
+        return cache[variant]
+
+    return reference_for
+
+
+@pytest.mark.parametrize("layout", [["--tensor_model_parallel_size", "2"],
+                                    ["--pipeline_model_parallel_size", "2"]],
+                         ids=["tp2", "pp2"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_architecture_variants_match_single_process(tmp_path, train_data, variant_reference,
+                                                    variant, layout):
+    torchrun(2, model_args(train_data, ITERS) + VARIANTS[variant] + layout
+             + ["--save", str(tmp_path)])
+    assert_same_curve(train_metrics(tmp_path), variant_reference(variant))
+    run_config = json.loads((tmp_path / "iter_0000006" / "run_config.json").read_text())
+    assert run_config["model"]["tie_embeddings"] == ("--tie_embed_logits" in VARIANTS[variant])
