@@ -44,10 +44,14 @@ def test_mistral_without_window_keeps_none():
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0,
                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
      "rope_scaling"),
-    ({"tie_word_embeddings": True}, "tie_word_embeddings"),
     ({"attention_bias": True}, "attention_bias"),
-    ({"head_dim": 32}, "head_dim"),
-    ({"model_type": "qwen2"}, "not supported"),
+    ({"model_type": "qwen2", "attention_bias": True}, "attention_bias"),
+    ({"model_type": "qwen3", "attention_bias": True}, "attention_bias"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 8,
+      "max_window_layers": 1}, "sliding window applies to only 1 of 2 layers"),
+    ({"model_type": "qwen3", "sliding_window": 8,
+      "layer_types": ["full_attention", "sliding_attention"]}, "only 1 of 2 layers"),
+    ({"model_type": "gemma2"}, r"not supported; this tool converts llama, mistral, qwen2, qwen3"),
 ])
 def test_what_cannot_be_converted_exactly_is_refused(extra, words):
     with pytest.raises(UnsupportedModelError, match=words):
@@ -74,4 +78,45 @@ def test_llama31_rope_scaling_is_converted_both_ways(layout):
     assert (args["model_name"], args["rope_scaling_factor"]) == ("llama3", 8.0)
     back = hf_config_from_model_args(args, 300, 1, 2, None, "bfloat16")
     assert back["rope_scaling"]["factor"] == 8.0 and back["rope_theta"] == 500000.0
+    assert model_args_from_hf_config(back) == args
+
+
+@pytest.mark.parametrize("extra,family", [
+    ({}, "llama2"),  # Llama 3.2 1B/3B and SmolLM2 are Llama configs that tie
+    ({"rope_theta": 500000.0, "rope_scaling": LLAMA31}, "llama3"),
+    ({"model_type": "qwen2", "rope_theta": 1e6, "rms_norm_eps": 1e-6}, "qwen2"),
+    ({"model_type": "qwen3", "rope_theta": 1e6, "rms_norm_eps": 1e-6, "head_dim": 32},
+     "qwen3"),
+])
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_embeddings_and_head_dim_are_the_models_own(extra, family, tied):
+    config = {**BASE, **extra, "tie_word_embeddings": tied}
+    args = model_args_from_hf_config(config)
+    assert (args["model_name"], args["tie_embeddings"]) == (family, tied)
+    assert args["kv_channels"] == extra.get("head_dim", 16)
+    back = hf_config_from_model_args(args, 300, 1, 2, None, "float32")
+    assert back["tie_word_embeddings"] is tied and back["head_dim"] == args["kv_channels"]
+    assert back["model_type"] == config["model_type"]
+    assert model_args_from_hf_config(back) == args
+
+
+@pytest.mark.parametrize("window", [
+    {"use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 28},
+    {"use_sliding_window": True, "sliding_window": 4096, "max_window_layers": 2},  # past the end
+    {"layer_types": ["full_attention", "full_attention"]},
+])
+def test_qwen_window_on_no_layer_is_no_window(window):
+    args = model_args_from_hf_config({**BASE, "model_type": "qwen2", **window})
+    assert args["sliding_window_size"] == 0
+
+
+def test_qwen_window_on_every_layer_round_trips():
+    config = {**BASE, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16,
+              "max_window_layers": 0}
+    args = model_args_from_hf_config(config)
+    assert args["sliding_window_size"] == 16
+    back = hf_config_from_model_args(args, 300, 1, 2, None, "float32")
+    assert (back["use_sliding_window"], back["sliding_window"], back["max_window_layers"]) == (
+        True, 16, 0)
+    assert "attention_bias" not in back  # Qwen2's biases are not optional
     assert model_args_from_hf_config(back) == args
