@@ -416,10 +416,10 @@ class LlamaLikeHF:
                                               self.windowed, vocab_size, bos_token_id,
                                               eos_token_id, pad_token_id, torch_dtype,
                                               max_position_embeddings, qwen=self.qwen)
-        if self.qwen:
-            config.pop("attention_bias")  # Qwen2 has none to set: its q/k/v always have biases
-            if not self.qkv_bias:
-                config["attention_bias"] = False
+        if self.qkv_bias:  # Qwen2: no such fields, its q/k/v always have biases and its
+            config.pop("attention_bias")  # head size is hidden/heads unless stated
+            if args.kv_channels * args.num_attention_heads == args.hidden_size:
+                config.pop("head_dim")
         return config
 
     def embedding_names(self, tied: bool = False) -> list[str]:

@@ -95,7 +95,8 @@ def test_tied_embeddings_and_head_dim_are_the_models_own(extra, family, tied):
     assert (args["model_name"], args["tie_embeddings"]) == (family, tied)
     assert args["kv_channels"] == extra.get("head_dim", 16)
     back = hf_config_from_model_args(args, 300, 1, 2, None, "float32")
-    assert back["tie_word_embeddings"] is tied and back["head_dim"] == args["kv_channels"]
+    assert back["tie_word_embeddings"] is tied
+    assert back.get("head_dim", 16) == args["kv_channels"]  # Qwen2 writes none when 64/4
     assert back["model_type"] == config["model_type"]
     assert model_args_from_hf_config(back) == args
 
