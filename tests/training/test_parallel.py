@@ -156,7 +156,14 @@ def test_two_node_launch_matches_single_process(tmp_path, train_data, reference)
 # holds a copy of the word embeddings whose gradients megatron-core sums with the first's.
 VARIANTS = {
     "llama-tied": ["--tie_embed_logits"],
+    "qwen2": ["--model_name", "qwen2", "--tie_embed_logits"],  # QKV biases, tied
+    "qwen3": ["--model_name", "qwen3", "--kv_channels", "32"],  # q/k norms, head size 32
 }
+# tied embeddings at TP=2 are covered by Qwen2; Llama's tied run is the PP=2 one
+VARIANT_LAYOUTS = {"tp2": ["--tensor_model_parallel_size", "2"],
+                   "pp2": ["--pipeline_model_parallel_size", "2"]}
+VARIANT_CASES = [(variant, layout) for variant in VARIANTS for layout in VARIANT_LAYOUTS
+                 if (variant, layout) != ("llama-tied", "tp2")]
 
 
 @pytest.fixture(scope="module")
@@ -173,13 +180,11 @@ def variant_reference(tmp_path_factory, train_data):
     return reference_for
 
 
-@pytest.mark.parametrize("layout", [["--tensor_model_parallel_size", "2"],
-                                    ["--pipeline_model_parallel_size", "2"]],
-                         ids=["tp2", "pp2"])
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant,layout", VARIANT_CASES,
+                         ids=[f"{v}-{layout}" for v, layout in VARIANT_CASES])
 def test_architecture_variants_match_single_process(tmp_path, train_data, variant_reference,
                                                     variant, layout):
-    torchrun(2, model_args(train_data, ITERS) + VARIANTS[variant] + layout
+    torchrun(2, model_args(train_data, ITERS) + VARIANTS[variant] + VARIANT_LAYOUTS[layout]
              + ["--save", str(tmp_path)])
     assert_same_curve(train_metrics(tmp_path), variant_reference(variant))
     run_config = json.loads((tmp_path / "iter_0000006" / "run_config.json").read_text())
