@@ -121,3 +121,47 @@ def test_qwen_window_on_every_layer_round_trips():
         True, 16, 0)
     assert "attention_bias" not in back  # Qwen2's biases are not optional
     assert model_args_from_hf_config(back) == args
+
+
+# config.json of real small models (architecture fields as published)
+LLAMA32_1B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 2048,
+              "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+              "num_key_value_heads": 8, "head_dim": 64, "rms_norm_eps": 1e-5,
+              "rope_theta": 500000.0, "max_position_embeddings": 131072,
+              "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                               "original_max_position_embeddings": 8192,
+                               "rope_type": "llama3"},
+              "tie_word_embeddings": True, "vocab_size": 128256, "hidden_act": "silu",
+              "attention_bias": False, "mlp_bias": False}
+SMOLLM2_135M = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 576,
+                "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                "num_key_value_heads": 3, "rms_norm_eps": 1e-5, "rope_theta": 100000,
+                "max_position_embeddings": 8192, "tie_word_embeddings": True,
+                "vocab_size": 49152, "hidden_act": "silu"}
+QWEN25_05B = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 896,
+              "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+              "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+              "max_position_embeddings": 32768, "tie_word_embeddings": True,
+              "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": 21,
+              "vocab_size": 151936, "hidden_act": "silu"}
+QWEN3_06B = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "hidden_size": 1024,
+             "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+             "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6,
+             "rope_theta": 1000000, "max_position_embeddings": 40960,
+             "tie_word_embeddings": True, "attention_bias": False, "use_sliding_window": False,
+             "sliding_window": None, "max_window_layers": 28, "vocab_size": 151936,
+             "hidden_act": "silu"}
+
+
+@pytest.mark.parametrize("config,want", [
+    (LLAMA32_1B, dict(model_name="llama3", rope_scaling_factor=32.0, kv_channels=64)),
+    (SMOLLM2_135M, dict(model_name="llama2", rope_theta=100000.0, kv_channels=64)),
+    (QWEN25_05B, dict(model_name="qwen2", sliding_window_size=0, kv_channels=64)),
+    (QWEN3_06B, dict(model_name="qwen3", sliding_window_size=0, kv_channels=128)),
+], ids=["llama3.2-1b", "smollm2-135m", "qwen2.5-0.5b", "qwen3-0.6b"])
+def test_popular_small_models_are_read_tied(config, want):
+    args = model_args_from_hf_config(config)
+    assert args["tie_embeddings"] is True
+    assert {key: args[key] for key in want} == want
+    back = hf_config_from_model_args(args, config["vocab_size"], 1, 2, None, "bfloat16")
+    assert model_args_from_hf_config(back) == args
