@@ -165,3 +165,11 @@ def test_popular_small_models_are_read_tied(config, want):
     assert {key: args[key] for key in want} == want
     back = hf_config_from_model_args(args, config["vocab_size"], 1, 2, None, "bfloat16")
     assert model_args_from_hf_config(back) == args
+
+
+def test_model_name_override_must_keep_the_layer_layout():
+    assert model_args_from_hf_config(BASE, "llama3")["model_name"] == "llama3"
+    with pytest.raises(UnsupportedModelError, match="another layer layout.*qk_layernorm"):
+        model_args_from_hf_config(BASE, "qwen3")
+    with pytest.raises(UnsupportedModelError, match="add_qkv_bias"):
+        model_args_from_hf_config({**BASE, "model_type": "qwen2"}, "llama2")

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 from megatron_ext.parallel import free_port
@@ -189,3 +190,26 @@ def test_architecture_variants_match_single_process(tmp_path, train_data, varian
     assert_same_curve(train_metrics(tmp_path), variant_reference(variant))
     run_config = json.loads((tmp_path / "iter_0000006" / "run_config.json").read_text())
     assert run_config["model"]["tie_embeddings"] == ("--tie_embed_logits" in VARIANTS[variant])
+    if (variant, layout) == ("llama-tied", "pp2"):
+        check_tied_checkpoint_stores_one_tensor(tmp_path)
+
+
+def check_tied_checkpoint_stores_one_tensor(run) -> None:
+    """A tied run saved at PP=2 merges to an unsharded file set with one vocabulary tensor
+    (optimizer state included) and exports without ``lm_head``."""
+    from safetensors.torch import load_file
+
+    from megatron_ext.checkpointing.hf_export import ExportConfig, export_hf
+    from megatron_ext.checkpointing.reshard import ReshardConfig, merge
+    from megatron_ext.checkpointing.unsharded import UnshardedReader
+
+    merge(ReshardConfig(str(run), str(run / "merged")))
+    reader = UnshardedReader(str(run / "merged"))
+    assert not [name for name in reader.names() if "output_layer" in name]
+    assert any(name.startswith("optimizer.") for name in reader.names())
+    summary = export_hf(ExportConfig(str(run), str(run / "hf"), dtype="fp32", progress=False))
+    assert json.loads((run / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
+    weights = load_file(str(run / "hf" / "model.safetensors"))
+    assert "lm_head.weight" not in weights
+    embedding = reader.view("embedding.word_embeddings.weight")[:summary.vocab_size]
+    assert torch.equal(weights["model.embed_tokens.weight"], embedding)
