@@ -68,6 +68,9 @@ class Flag:
     help: str = ""
     names: tuple[str, ...] = ()  # the spellings, first shown; default: ("--<field name>",)
     aliases: tuple[str, ...] = ()  # further spellings (e.g. Megatron-LM's longer names)
+    # spellings that set a bool field to the opposite value (Megatron-LM's --untie_... for a
+    # --tie_... field): one setting, the spellings of both projects
+    negations: tuple[str, ...] = ()
     choices: Optional[tuple] = None
     action: Optional[str] = None  # store_true | store_false; default from a bool's default
     nargs: Optional[str] = None  # default "+" for a tuple field
@@ -192,7 +195,14 @@ class ConfigParser(FlagParser):
                 if flag.metavar:
                     kwargs["metavar"] = flag.metavar
             names = names or (f"--{f.name}",)
-            self.section(flag.group or title).add_argument(*names, *flag.aliases, **kwargs)
+            section = self.section(flag.group or title)
+            section.add_argument(*names, *flag.aliases, **kwargs)
+            if flag.negations:
+                if hint is not bool:
+                    raise TypeError(f"{cls.__name__}.{f.name}: negations need a bool field")
+                section.add_argument(*flag.negations, dest=dest, default=default,
+                                     action="store_true" if kwargs["action"] == "store_false"
+                                     else "store_false", help=f"the opposite of {names[0]}")
         if overrides:
             raise TypeError(f"{cls.__name__} has no flag field {', '.join(overrides)}")
 

@@ -105,7 +105,9 @@ def test_given_values_and_unknown_fields():
 def non_default_argv(p: ConfigParser, configs) -> tuple[list[str], dict]:
     """Flags that set every flag field of ``configs`` to a value other than its default,
     and the values expected per (config, field)."""
-    actions = {a.dest: a for a in p._actions}
+    actions: dict = {}
+    for action in p._actions:  # a field's own flag, not its negation (added after it)
+        actions.setdefault(action.dest, action)
     argv, want = [], {}
     for cls in configs:
         for f, hint, _ in _flag_fields(cls):

@@ -87,7 +87,8 @@ def export_hf(config: ExportConfig) -> ExportSummary:
     heads = model["num_attention_heads"]
     kv = model.get("num_attention_heads_kv") or heads
     eos_ids = generation_config_eos(tokenizer, chat_format, template)
-    adapter = export_adapter(ModelArgs.from_dict(model).model_name)
+    args = ModelArgs.from_dict(model).resolved()
+    adapter = export_adapter(args.model_name)
     hf_config = hf_config_from_model_args(
         model, tokenizer.vocab_size, tokenizer.bos_id,
         eos_ids[0] if len(eos_ids) == 1 else eos_ids, tokenizer.pad_id, DTYPE_NAMES[dtype])
@@ -107,7 +108,8 @@ def export_hf(config: ExportConfig) -> ExportSummary:
         if rows < tokenizer.vocab_size:
             raise CheckpointError(f"{config.load} has {rows} embedding rows but its tokenizer "
                                   f"{tokenizer.vocab_size} tokens: wrong --vocab_file?")
-        for name, tensor in adapter.embeddings_from_megatron(first, tokenizer.vocab_size).items():
+        for name, tensor in adapter.embeddings_from_megatron(
+                first, tokenizer.vocab_size, tied=args.tie_embeddings).items():
             writer.add(name, tensor.to(dtype))
         del first
         layers = 0

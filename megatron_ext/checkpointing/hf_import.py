@@ -115,11 +115,12 @@ def import_hf(config: ImportConfig) -> ImportSummary:
     weights = HFWeights(config.model_path)
     layers, heads, kv = model["num_layers"], model["num_attention_heads"], \
         model["num_attention_heads_kv"]
-    needed = adapter.embedding_names()
+    tied = bool(model["tie_embeddings"])
+    needed = adapter.embedding_names(tied)
     for layer in range(layers):
         needed += adapter.layer_names(layer)
     weights.require(needed)
-    word_embeddings = adapter.embedding_names()[0]  # the adapter lists them first
+    word_embeddings = needed[0]  # the adapter lists them first
     rows = weights.shape(word_embeddings)[0]
 
     kind, vocab_file = _tokenizer_source(config)
@@ -136,8 +137,8 @@ def import_hf(config: ImportConfig) -> ImportSummary:
 
     with UnshardedWriter(config.out, config.max_shard_bytes, config.overwrite) as writer:
         first = adapter.embeddings_to_megatron(
-            {n: weights.get(n) for n in adapter.embedding_names()}, tokenizer.vocab_size,
-            vocab_rows)
+            {n: weights.get(n) for n in adapter.embedding_names(tied)}, tokenizer.vocab_size,
+            vocab_rows, tied)
         for name, tensor in first.items():
             writer.add(name, cast(tensor))
         del first

@@ -76,9 +76,16 @@ def check_model_matches(saved_model: dict, model, source: str) -> None:
              "num_attention_heads": "--num_attention_heads",
              "num_query_groups": "--num_attention_heads_kv", "ffn_hidden_size": "--ffn_hidden_size",
              "layernorm_epsilon": "--layernorm_epsilon", "window_size": "--sliding_window_size",
-             "normalization": "--model_name", "gated_linear_unit": "--model_name"}
+             "normalization": "--model_name", "gated_linear_unit": "--model_name",
+             "add_qkv_bias": "--model_name", "qk_layernorm": "--model_name"}
     problems = [f"{flag}: checkpoint {getattr(want, key)}, this run {getattr(have, key)}"
                 for key, flag in names.items() if getattr(want, key) != getattr(have, key)]
+    if want.kv_channels != have.kv_channels:
+        problems.append(f"--kv_channels: checkpoint {want.kv_channels}, this run "
+                        f"{have.kv_channels}")
+    tied = bool(getattr(model, "share_embeddings_and_output_weights", args.tie_embeddings))
+    if bool(args.tie_embeddings) != tied:
+        problems.append(f"--tie_embed_logits: checkpoint {args.tie_embeddings}, this run {tied}")
     theta = float(args.rope_theta)
     if getattr(model, "position_embedding_type", None) == "rope" and \
             abs(float(getattr(model, "rotary_base", theta)) - theta) > 1e-6 * theta:

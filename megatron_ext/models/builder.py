@@ -33,12 +33,14 @@ def transformer_config(model: ModelArgs, parallel: ParallelArgs, precision: Prec
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_attention_heads_kv,
         ffn_hidden_size=model.ffn_hidden_size,
-        kv_channels=model.hidden_size // model.num_attention_heads,
+        kv_channels=model.kv_channels,
         normalization=family.normalization,
         layernorm_epsilon=model.layernorm_epsilon,
         gated_linear_unit=family.swiglu,
         activation_func=F.silu if family.swiglu else F.gelu,
         add_bias_linear=family.add_bias_linear,
+        add_qkv_bias=family.add_qkv_bias,
+        qk_layernorm=family.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
@@ -107,8 +109,12 @@ def layer_spec(config, init_seed: int, use_flash_attn: bool = False):
     from megatron_ext.models.norm import PortableNorm
 
     spec = portable_layer_spec(config.normalization, use_flash_attn=use_flash_attn)
+    attention = spec.submodules.self_attention
+    if config.qk_layernorm:  # per-head norms of queries and keys (Qwen3)
+        attention = dataclasses.replace(attention, submodules=dataclasses.replace(
+            attention.submodules, q_layernorm=PortableNorm, k_layernorm=PortableNorm))
     submodules = dataclasses.replace(spec.submodules, input_layernorm=PortableNorm,
-                                     pre_mlp_layernorm=PortableNorm)
+                                     pre_mlp_layernorm=PortableNorm, self_attention=attention)
     spec = dataclasses.replace(spec, module=SeededTransformerLayer, submodules=submodules)
     # the block spec also names the final norm (megatron-core's default refuses sequence
     # parallelism without Transformer Engine)
@@ -171,6 +177,10 @@ def build_gpt_model(model: ModelArgs, config, padded_vocab: int, pre_process: bo
     """A ``GPTModel`` (this pipeline stage's layers) for ``ModelArgs`` ``model``.
 
     The block spec is the family's own when its file names one, else :func:`layer_spec`.
+    Tied embeddings (``model.tie_embeddings``) are megatron-core's own: with PP > 1 the
+    last stage holds a copy of the word embeddings as its output layer, made equal to the
+    first stage's at build time and kept equal by ``finalize_model_grads`` summing their
+    gradients over the embedding group.
     """
     family = get_family(model.model_name)
     model = model.resolved()
@@ -184,7 +194,7 @@ def build_gpt_model(model: ModelArgs, config, padded_vocab: int, pre_process: bo
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=True,
-        share_embeddings_and_output_weights=family.tie_embeddings,
+        share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type=family.position_embedding,
         rotary_base=int(model.rope_theta),
         rope_scaling=bool(model.rope_scaling_factor),

@@ -41,6 +41,14 @@ class ModelArgs:
                                                       "(default: the family's)")
     sliding_window_size: Optional[int] = option(
         None, "attention window (Mistral; default: the family's)")
+    tie_embeddings: Optional[bool] = option(
+        None, "share the input word embeddings with the output layer (Hugging Face "
+              "tie_word_embeddings; default: the family's)",
+        names=("--tie_embed_logits",), aliases=("--tie_word_embeddings",),
+        negations=("--untie_embeddings_and_output_weights", "--untie_embed_logits"))
+    kv_channels: Optional[int] = option(
+        None, "attention head size (Hugging Face head_dim; default: hidden size / heads)",
+        aliases=("--head_dim",))
     init_method_std: float = option(0.02, "standard deviation of the random initialisation")
     make_vocab_size_divisible_by: int = option(
         128, "pad the vocabulary to a multiple of this times --tensor_model_parallel_size")
@@ -76,6 +84,9 @@ class ModelArgs:
             rope_theta=self.rope_theta or family.rope_theta,
             layernorm_epsilon=self.layernorm_epsilon or family.layernorm_epsilon,
             sliding_window_size=window or (0 if family.sliding_window else None),
+            tie_embeddings=(family.tie_embeddings if self.tie_embeddings is None
+                            else bool(self.tie_embeddings)),
+            kv_channels=self.kv_channels or self.hidden_size // self.num_attention_heads,
         )
 
     @property

@@ -35,6 +35,7 @@ def llama_ffn_hidden_size(hidden_size: int) -> int:
 
 
 # What every Llama-layout family shares; its file adds RoPE base, epsilon, window, HF adapter.
+# tie_embeddings is only the default: Llama 3.2 1B/3B and SmolLM2 tie theirs (per model).
 LLAMA_LAYOUT: dict[str, Any] = dict(
     normalization="RMSNorm", swiglu=True, position_embedding="rope", add_bias_linear=False,
     tie_embeddings=False, default_ffn_hidden_size=llama_ffn_hidden_size)
@@ -66,20 +67,23 @@ class HFAdapter(Protocol):
                   max_position_embeddings: Optional[int]) -> dict:
         """``config.json`` for resolved ``args`` (see :meth:`ModelArgs.resolved`)."""
 
-    def embedding_names(self) -> list[str]:
-        """The HF tensors outside the decoder layers (what the first conversion step reads)."""
+    def embedding_names(self, tied: bool = False) -> list[str]:
+        """The HF tensors outside the decoder layers (what the first conversion step reads);
+        ``tied``: the model's output layer is its word embeddings (no ``lm_head``)."""
 
     def layer_names(self, layer: int) -> list[str]:
         """The HF tensors of decoder layer ``layer``."""
 
     def embeddings_to_megatron(self, hf: Mapping[str, "torch.Tensor"], tokenizer_vocab: int,
-                               padded_vocab: int) -> dict[str, "torch.Tensor"]: ...
+                               padded_vocab: int, tied: bool = False
+                               ) -> dict[str, "torch.Tensor"]: ...
 
     def layer_to_megatron(self, hf: Mapping[str, "torch.Tensor"], layer: int, num_heads: int,
                           num_kv_heads: int) -> dict[str, "torch.Tensor"]: ...
 
     def embeddings_from_megatron(self, state: Mapping[str, "torch.Tensor"],
-                                 vocab_size: int) -> dict[str, "torch.Tensor"]: ...
+                                 vocab_size: int, tied: bool = False
+                                 ) -> dict[str, "torch.Tensor"]: ...
 
     def layer_from_megatron(self, state: Mapping[str, "torch.Tensor"], layer: int,
                             num_heads: int, num_kv_heads: int) -> dict[str, "torch.Tensor"]: ...
@@ -95,11 +99,13 @@ class Family:
     swiglu: bool  # gated SiLU MLP (else GeLU)
     position_embedding: str  # rope | learned_absolute
     add_bias_linear: bool
-    tie_embeddings: bool
+    tie_embeddings: bool  # the default; a model may choose otherwise (--tie_embed_logits)
     default_ffn_hidden_size: Callable[[int], int]  # hidden size -> FFN size
     rope_theta: float = 10000.0
     layernorm_epsilon: float = 1e-5
     sliding_window: Optional[int] = None
+    add_qkv_bias: bool = False  # biases on the query/key/value projection only (Qwen2)
+    qk_layernorm: bool = False  # per-head norm of queries and keys (Qwen3)
     hf: Optional[HFAdapter] = None  # None: no Hugging Face equivalent
     # (megatron-core TransformerConfig, init seed, use_flash_attn) -> block spec;
     # None: the shared seeded block of models/builder.py

@@ -61,6 +61,13 @@ def model_args_from_hf_config(config: Mapping[str, Any], model_name: Optional[st
     family = _claiming_family(config, source)
     name = model_name or family.name
     export_adapter(name)  # the name must be one we can convert back
+    chosen = get_family(name)
+    layout = ("add_qkv_bias", "qk_layernorm", "normalization", "swiglu", "position_embedding")
+    differ = [key for key in layout if getattr(chosen, key) != getattr(family, key)]
+    if differ:
+        raise UnsupportedModelError(
+            f"{source}: --model_name {name} has another layer layout than this "
+            f"{family.name} model ({', '.join(differ)}); leave --model_name out")
     return family.hf.model_args(config, name, source)
 
 

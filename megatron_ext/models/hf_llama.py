@@ -1,5 +1,5 @@
 """The Hugging Face Llama layout, shared by every Llama-like family (Llama 1/2/3,
-CodeLlama, Mistral): ``config.json`` <-> ``ModelArgs`` and weights <->
+CodeLlama, Mistral, Qwen2, Qwen3): ``config.json`` <-> ``ModelArgs`` and weights <->
 megatron-core ``GPTModel`` (unsharded) weights.
 
 Why one module: these families differ only in defaults and in which configs
@@ -8,9 +8,11 @@ file states what is specific (its ``matches`` predicate, its ``model_type``,
 whether it carries a window) by building a :class:`LlamaLikeHF`.
 
 Config: anything our megatron-core spec cannot reproduce exactly (RoPE
-scaling other than Llama 3.1's, biases, tied embeddings, a head size other
-than hidden/heads) is refused with a clear message instead of being converted
-into a model that silently computes something else.
+scaling other than Llama 3.1's, biases the family's layout lacks, a sliding
+window on some layers only) is refused with a clear message instead of being
+converted into a model that silently computes something else. Tied
+embeddings (``tie_word_embeddings``) and an explicit ``head_dim`` are the
+model's own settings (``ModelArgs.tie_embeddings``, ``kv_channels``).
 
 Weights: both directions work on *unsharded* state dicts (TP=PP=1 names and
 shapes); sharding to any TP/PP is megatron-core ``dist_checkpointing``'s job.
@@ -67,11 +69,34 @@ def rms_norm_eps(config: Mapping[str, Any]) -> float:
     return float(config.get("rms_norm_eps", 1e-5))
 
 
+def window_layers(config: Mapping[str, Any]) -> Optional[list[bool]]:
+    """Per layer, whether the sliding window applies, from Qwen's fields; None: no such fields.
+
+    ``layer_types`` when the config lists it, else transformers' rule: the window
+    applies with ``use_sliding_window`` to the layers from ``max_window_layers`` on.
+    """
+    layers = int(config["num_hidden_layers"])
+    kinds = config.get("layer_types")
+    if kinds:
+        return [kind == "sliding_attention" for kind in kinds]
+    if "use_sliding_window" not in config and "max_window_layers" not in config:
+        return None
+    if not config.get("use_sliding_window") or config.get("sliding_window") is None:
+        return [False] * layers
+    first = int(config.get("max_window_layers", 0) or 0)
+    return [i >= first for i in range(layers)]
+
+
 def model_args_from_llama_config(config: Mapping[str, Any], model_name: str, source: str,
-                                 windowed: bool) -> dict:
+                                 windowed: bool, qkv_bias: bool = False,
+                                 qk_norm: bool = False) -> dict:
     """``ModelArgs`` fields for a Llama-layout config; refuses what we cannot match.
 
-    ``windowed``: the config's ``sliding_window`` is read (Mistral's layout).
+    ``windowed``: the config's ``sliding_window`` is read (Mistral's and Qwen's
+    layouts; Qwen's ``use_sliding_window``/``max_window_layers``/``layer_types``
+    must put the window on every layer or on none). ``qkv_bias``: the layout has
+    query/key/value biases (Qwen2), so ``attention_bias`` is not refused.
+    ``qk_norm``: per-head query/key norms (Qwen3).
     """
     problems = []
     theta, rope_scaling = rope_settings(config)
@@ -86,21 +111,35 @@ def model_args_from_llama_config(config: Mapping[str, Any], model_name: str, sou
                             f"scaling with {LLAMA3_SCALING_FIXED} are built)")
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
-            problems.append(f"{flag}=true (the Llama spec has no biases)")
-    if config.get("tie_word_embeddings"):
-        problems.append("tie_word_embeddings=true (Llama/Mistral here keep a separate output "
-                        "layer)")
+            problems.append(f"{flag}=true (this layout has "
+                            f"{'only query/key/value biases' if qkv_bias else 'no biases'})")
     if config.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {config.get('hidden_act')!r} (SwiGLU uses silu)")
     hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-    head_dim = config.get("head_dim")
-    if head_dim is not None and int(head_dim) * heads != hidden:
-        problems.append(f"head_dim {head_dim} x {heads} heads != hidden_size {hidden}")
-    if problems:
-        raise UnsupportedModelError(f"{source}: cannot convert exactly: " + "; ".join(problems))
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    if not config.get("head_dim") and hidden % heads:
+        problems.append(f"hidden_size {hidden} is not divisible by {heads} heads and the "
+                        "config gives no head_dim")
     window = config.get("sliding_window") if windowed else None
     if config.get("use_sliding_window") is False:
         window = None
+    per_layer = window_layers(config) if windowed else None
+    if per_layer is not None:
+        if all(per_layer):
+            if not window:
+                problems.append("layer_types asks for sliding attention but sliding_window is "
+                                "not set")
+        elif any(per_layer):
+            problems.append(
+                f"the sliding window applies to only {sum(per_layer)} of {len(per_layer)} "
+                f"layers (use_sliding_window={config.get('use_sliding_window')}, "
+                f"max_window_layers={config.get('max_window_layers')}, layer_types="
+                f"{config.get('layer_types')}); only a window on every layer or on none is "
+                "built")
+        else:
+            window = None
+    if problems:
+        raise UnsupportedModelError(f"{source}: cannot convert exactly: " + "; ".join(problems))
     positions = int(config.get("max_position_embeddings", 4096))
     return {
         "model_name": model_name,
@@ -115,6 +154,8 @@ def model_args_from_llama_config(config: Mapping[str, Any], model_name: str, sou
         "rope_scaling_factor": scaling_factor,
         "layernorm_epsilon": rms_norm_eps(config),
         "sliding_window_size": int(window) if window else 0,
+        "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
+        "kv_channels": head_dim,
         "init_method_std": float(config.get("initializer_range", 0.02)),
     }
 
@@ -123,7 +164,8 @@ def llama_config_from_model_args(args: "ModelArgs", model_type: str, architectur
                                  windowed: bool, vocab_size: int, bos_token_id: Optional[int],
                                  eos_token_id: Any, pad_token_id: Optional[int],
                                  torch_dtype: str,
-                                 max_position_embeddings: Optional[int] = None) -> dict:
+                                 max_position_embeddings: Optional[int] = None,
+                                 qwen: bool = False) -> dict:
     """``config.json`` for ``transformers`` from resolved model arguments."""
     config = {
         "architectures": [architecture],
@@ -133,14 +175,14 @@ def llama_config_from_model_args(args: "ModelArgs", model_type: str, architectur
         "num_hidden_layers": args.num_layers,
         "num_attention_heads": args.num_attention_heads,
         "num_key_value_heads": args.num_attention_heads_kv,
-        "head_dim": args.hidden_size // args.num_attention_heads,
+        "head_dim": args.kv_channels,
         "hidden_act": "silu",
         "max_position_embeddings": max_position_embeddings or args.max_position_embeddings,
         "rms_norm_eps": args.layernorm_epsilon,
         "rope_theta": float(args.rope_theta),
         "initializer_range": args.init_method_std,
         "vocab_size": vocab_size,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": bool(args.tie_embeddings),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "bos_token_id": bos_token_id,
@@ -149,7 +191,13 @@ def llama_config_from_model_args(args: "ModelArgs", model_type: str, architectur
         "torch_dtype": torch_dtype,
         "use_cache": True,
     }
-    if windowed:
+    if qwen:  # Qwen's window fields: on every layer (max_window_layers 0) or on none
+        window = args.attention_window
+        config.update(use_sliding_window=bool(window), sliding_window=window,
+                      max_window_layers=0 if window else args.num_layers,
+                      layer_types=[("sliding_attention" if window else "full_attention")
+                                   for _ in range(args.num_layers)])
+    elif windowed:
         config["sliding_window"] = args.attention_window
     else:
         config["mlp_bias"] = False
@@ -170,25 +218,27 @@ def llama_config_from_model_args(args: "ModelArgs", model_type: str, architectur
 
 def qkv_to_megatron(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
                     num_kv_heads: int) -> torch.Tensor:
+    """HF q, k, v (weights ``[rows, hidden]`` or biases ``[rows]``) -> one grouped tensor."""
     import torch  # here, not at the top: family files import this module (see above)
 
     head_dim = q.shape[0] // num_heads
-    hidden = q.shape[1]
+    rest = tuple(q.shape[1:])
     per_group = num_heads // num_kv_heads
-    q = q.view(num_kv_heads, per_group, head_dim, hidden)
-    k = k.view(num_kv_heads, 1, head_dim, hidden)
-    v = v.view(num_kv_heads, 1, head_dim, hidden)
-    return torch.cat([q, k, v], dim=1).reshape(-1, hidden)
+    q = q.reshape(num_kv_heads, per_group, head_dim, *rest)
+    k = k.reshape(num_kv_heads, 1, head_dim, *rest)
+    v = v.reshape(num_kv_heads, 1, head_dim, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
 
 
 def qkv_from_megatron(qkv: torch.Tensor, num_heads: int, num_kv_heads: int):
+    """Inverse of :func:`qkv_to_megatron` (weight or bias)."""
     per_group = num_heads // num_kv_heads
-    hidden = qkv.shape[1]
+    rest = tuple(qkv.shape[1:])
     head_dim = qkv.shape[0] // (num_heads + 2 * num_kv_heads)
-    grouped = qkv.view(num_kv_heads, per_group + 2, head_dim, hidden)
-    q = grouped[:, :per_group].reshape(-1, hidden)
-    k = grouped[:, per_group].reshape(-1, hidden)
-    v = grouped[:, per_group + 1].reshape(-1, hidden)
+    grouped = qkv.reshape(num_kv_heads, per_group + 2, head_dim, *rest)
+    q = grouped[:, :per_group].reshape(-1, *rest)
+    k = grouped[:, per_group].reshape(-1, *rest)
+    v = grouped[:, per_group + 1].reshape(-1, *rest)
     return q, k, v
 
 
@@ -211,20 +261,31 @@ HF_LAYER_SUFFIXES = (
     "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
     "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
 )
+QKV_BIAS_SUFFIXES = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
+QK_NORM_SUFFIXES = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+# HF per-head query/key norms <-> megatron-core's q_layernorm/k_layernorm
+QK_NORM_NAMES = (("self_attn.q_norm.weight", "self_attention.q_layernorm.weight"),
+                 ("self_attn.k_norm.weight", "self_attention.k_layernorm.weight"))
 
 
-def hf_layer_names(layer: int) -> list[str]:
+def hf_layer_names(layer: int, qkv_bias: bool = False, qk_norm: bool = False) -> list[str]:
     """The HF tensors of decoder layer ``layer`` (what one conversion step reads)."""
-    return [f"model.layers.{layer}.{suffix}" for suffix in HF_LAYER_SUFFIXES]
+    suffixes = (HF_LAYER_SUFFIXES + (QKV_BIAS_SUFFIXES if qkv_bias else ())
+                + (QK_NORM_SUFFIXES if qk_norm else ()))
+    return [f"model.layers.{layer}.{suffix}" for suffix in suffixes]
 
 
 def layer_to_megatron(hf: Mapping[str, torch.Tensor], layer: int, num_heads: int,
-                      num_kv_heads: int) -> dict[str, torch.Tensor]:
-    """One decoder layer, HF names -> megatron-core names (global layer number kept)."""
+                      num_kv_heads: int, qkv_bias: bool = False,
+                      qk_norm: bool = False) -> dict[str, torch.Tensor]:
+    """One decoder layer, HF names -> megatron-core names (global layer number kept).
+
+    The QKV bias is grouped per key/value head exactly like the QKV weight rows.
+    """
     import torch  # here, not at the top: family files import this module (see above)
 
     src, dst = f"model.layers.{layer}.", f"decoder.layers.{layer}."
-    return {
+    out = {
         dst + "input_layernorm.weight": hf[src + "input_layernorm.weight"],
         dst + "self_attention.linear_qkv.weight": qkv_to_megatron(
             hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"],
@@ -235,10 +296,18 @@ def layer_to_megatron(hf: Mapping[str, torch.Tensor], layer: int, num_heads: int
             [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]], dim=0),
         dst + "mlp.linear_fc2.weight": hf[src + "mlp.down_proj.weight"],
     }
+    if qkv_bias:
+        out[dst + "self_attention.linear_qkv.bias"] = qkv_to_megatron(
+            *(hf[src + suffix] for suffix in QKV_BIAS_SUFFIXES), num_heads, num_kv_heads)
+    if qk_norm:
+        for theirs, ours in QK_NORM_NAMES:
+            out[dst + ours] = hf[src + theirs]
+    return out
 
 
 def layer_from_megatron(state: Mapping[str, torch.Tensor], layer: int, num_heads: int,
-                        num_kv_heads: int) -> dict[str, torch.Tensor]:
+                        num_kv_heads: int, qkv_bias: bool = False,
+                        qk_norm: bool = False) -> dict[str, torch.Tensor]:
     """Inverse of :func:`layer_to_megatron`."""
     src, dst = f"decoder.layers.{layer}.", f"model.layers.{layer}."
     q, k, v = qkv_from_megatron(state[src + "self_attention.linear_qkv.weight"], num_heads,
@@ -255,6 +324,13 @@ def layer_from_megatron(state: Mapping[str, torch.Tensor], layer: int, num_heads
         dst + "mlp.up_proj.weight": up,
         dst + "mlp.down_proj.weight": state[src + "mlp.linear_fc2.weight"],
     }
+    if qkv_bias:
+        biases = qkv_from_megatron(state[src + "self_attention.linear_qkv.bias"], num_heads,
+                                   num_kv_heads)
+        out.update({dst + suffix: bias for suffix, bias in zip(QKV_BIAS_SUFFIXES, biases)})
+    if qk_norm:
+        for theirs, ours in QK_NORM_NAMES:
+            out[dst + theirs] = state[src + ours]
     return {key: value.contiguous() for key, value in out.items()}
 
 
@@ -283,21 +359,23 @@ def embeddings_from_megatron(state: Mapping[str, torch.Tensor], vocab_size: int,
 
 def llama_to_megatron(hf: Mapping[str, torch.Tensor], num_layers: int, num_heads: int,
                       num_kv_heads: int, tokenizer_vocab: int, padded_vocab: int,
-                      tie_embeddings: bool = False) -> dict[str, torch.Tensor]:
-    """HF ``LlamaForCausalLM``/``MistralForCausalLM`` state dict to megatron-core names."""
+                      tie_embeddings: bool = False, qkv_bias: bool = False,
+                      qk_norm: bool = False) -> dict[str, torch.Tensor]:
+    """HF Llama-layout (Llama, Mistral, Qwen2, Qwen3) state dict to megatron-core names."""
     out = embeddings_to_megatron(hf, tokenizer_vocab, padded_vocab, tie_embeddings)
     for i in range(num_layers):
-        out.update(layer_to_megatron(hf, i, num_heads, num_kv_heads))
+        out.update(layer_to_megatron(hf, i, num_heads, num_kv_heads, qkv_bias, qk_norm))
     return out
 
 
 def megatron_to_llama(state: Mapping[str, torch.Tensor], num_layers: int, num_heads: int,
-                      num_kv_heads: int, vocab_size: int,
-                      tie_embeddings: bool = False) -> dict[str, torch.Tensor]:
+                      num_kv_heads: int, vocab_size: int, tie_embeddings: bool = False,
+                      qkv_bias: bool = False, qk_norm: bool = False
+                      ) -> dict[str, torch.Tensor]:
     """Inverse of :func:`llama_to_megatron`; drops the vocabulary padding."""
     out = embeddings_from_megatron(state, vocab_size, tie_embeddings)
     for i in range(num_layers):
-        out.update(layer_from_megatron(state, i, num_heads, num_kv_heads))
+        out.update(layer_from_megatron(state, i, num_heads, num_kv_heads, qkv_bias, qk_norm))
     return out
 
 
@@ -309,46 +387,62 @@ class LlamaLikeHF:
     """:class:`~megatron_ext.models.family.HFAdapter` for a family in the Llama layout.
 
     ``matches`` is the family's own predicate on ``config.json`` (written in its
-    file); ``windowed`` says whether the config carries ``sliding_window``.
+    file); ``windowed`` says whether the config carries ``sliding_window``;
+    ``qkv_bias`` and ``qk_norm`` add Qwen2's query/key/value biases and Qwen3's
+    per-head query/key norms; ``qwen`` writes Qwen's window fields on export.
+    Tied embeddings are the model's own choice (``tie_word_embeddings``): a tied
+    model has no ``lm_head`` on either side.
     """
 
     model_type: str
     architecture: str
     predicate: Callable[[Mapping[str, Any]], bool]
     windowed: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    qwen: bool = False
 
     def matches(self, config: Mapping[str, Any]) -> bool:
         return config.get("model_type") == self.model_type and self.predicate(config)
 
     def model_args(self, config: Mapping[str, Any], model_name: str, source: str) -> dict:
-        return model_args_from_llama_config(config, model_name, source, self.windowed)
+        return model_args_from_llama_config(config, model_name, source, self.windowed,
+                                            self.qkv_bias, self.qk_norm)
 
     def hf_config(self, args: "ModelArgs", vocab_size: int, bos_token_id: Optional[int],
                   eos_token_id: Any, pad_token_id: Optional[int], torch_dtype: str,
                   max_position_embeddings: Optional[int] = None) -> dict:
-        return llama_config_from_model_args(args, self.model_type, self.architecture,
-                                            self.windowed, vocab_size, bos_token_id,
-                                            eos_token_id, pad_token_id, torch_dtype,
-                                            max_position_embeddings)
+        config = llama_config_from_model_args(args, self.model_type, self.architecture,
+                                              self.windowed, vocab_size, bos_token_id,
+                                              eos_token_id, pad_token_id, torch_dtype,
+                                              max_position_embeddings, qwen=self.qwen)
+        if self.qkv_bias:  # Qwen2: no such fields, its q/k/v always have biases and its
+            config.pop("attention_bias")  # head size is hidden/heads unless stated
+            if args.kv_channels * args.num_attention_heads == args.hidden_size:
+                config.pop("head_dim")
+        return config
 
-    def embedding_names(self) -> list[str]:
-        return list(EMBEDDING_NAMES)
+    def embedding_names(self, tied: bool = False) -> list[str]:
+        return [name for name in EMBEDDING_NAMES if not (tied and name == "lm_head.weight")]
 
     def layer_names(self, layer: int) -> list[str]:
-        return hf_layer_names(layer)
+        return hf_layer_names(layer, self.qkv_bias, self.qk_norm)
 
     def embeddings_to_megatron(self, hf: Mapping[str, torch.Tensor], tokenizer_vocab: int,
-                               padded_vocab: int) -> dict[str, torch.Tensor]:
-        return embeddings_to_megatron(hf, tokenizer_vocab, padded_vocab)
+                               padded_vocab: int, tied: bool = False
+                               ) -> dict[str, torch.Tensor]:
+        return embeddings_to_megatron(hf, tokenizer_vocab, padded_vocab, tied)
 
     def layer_to_megatron(self, hf: Mapping[str, torch.Tensor], layer: int, num_heads: int,
                           num_kv_heads: int) -> dict[str, torch.Tensor]:
-        return layer_to_megatron(hf, layer, num_heads, num_kv_heads)
+        return layer_to_megatron(hf, layer, num_heads, num_kv_heads, self.qkv_bias,
+                                 self.qk_norm)
 
-    def embeddings_from_megatron(self, state: Mapping[str, torch.Tensor],
-                                 vocab_size: int) -> dict[str, torch.Tensor]:
-        return embeddings_from_megatron(state, vocab_size)
+    def embeddings_from_megatron(self, state: Mapping[str, torch.Tensor], vocab_size: int,
+                                 tied: bool = False) -> dict[str, torch.Tensor]:
+        return embeddings_from_megatron(state, vocab_size, tied)
 
     def layer_from_megatron(self, state: Mapping[str, torch.Tensor], layer: int,
                             num_heads: int, num_kv_heads: int) -> dict[str, torch.Tensor]:
-        return layer_from_megatron(state, layer, num_heads, num_kv_heads)
+        return layer_from_megatron(state, layer, num_heads, num_kv_heads, self.qkv_bias,
+                                   self.qk_norm)

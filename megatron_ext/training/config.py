@@ -196,7 +196,7 @@ class TrainConfig:
         if kv % tp:
             problems.append(f"--num_attention_heads_kv {kv} is not divisible by "
                             f"--tensor_model_parallel_size {tp}")
-        if m.hidden_size % m.num_attention_heads:
+        if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
             problems.append(f"--hidden_size {m.hidden_size} is not divisible by "
                             f"--num_attention_heads {m.num_attention_heads}")
         if m.num_layers % pp:

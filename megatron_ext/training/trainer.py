@@ -326,6 +326,9 @@ class Trainer:
         progress = Progress(self.iteration, self.consumed_samples, self.consumed_tokens)
         run_config = {**self.config.to_dict(), "tokenizer_identity": self.tokenizer.identity(),
                       "chat": self._chat_settings()}
+        # whether the output layer is tied is recorded as decided, not as "the family's
+        # default", so a checkpoint says which tensors it holds whatever reads it
+        run_config["model"]["tie_embeddings"] = self.config.model.resolved().tie_embeddings
         path = save_checkpoint(self.config.checkpoint.save, self._train_state(), progress,
                                run_config)
         self._saved_at = self.iteration

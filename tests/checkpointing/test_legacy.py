@@ -32,13 +32,14 @@ LLAMA_ARGS = {"model_name": "llama2", "num_layers": LAYERS, "hidden_size": HIDDE
               "ffn_hidden_size": FFN, "seq_length": 32, "max_position_embeddings": 32,
               "rope_theta": 10000.0, "rope_scaling_factor": None, "layernorm_epsilon": 1e-5,
               "sliding_window_size": None, "init_method_std": 0.02,
-              "make_vocab_size_divisible_by": 8}
+              "make_vocab_size_divisible_by": 8, "tie_embeddings": False,
+              "kv_channels": HEAD_DIM}
 GPT_ARGS = {"model_name": "gpt", "num_layers": LAYERS, "hidden_size": HIDDEN,
             "num_attention_heads": HEADS, "num_attention_heads_kv": HEADS,
             "ffn_hidden_size": 4 * HIDDEN, "seq_length": 24, "max_position_embeddings": 24,
             "rope_theta": 10000.0, "rope_scaling_factor": None, "layernorm_epsilon": 1e-5,
             "sliding_window_size": None, "init_method_std": 0.02,
-            "make_vocab_size_divisible_by": 8}
+            "make_vocab_size_divisible_by": 8, "tie_embeddings": True, "kv_channels": HEAD_DIM}
 
 
 def llama_state() -> dict[str, torch.Tensor]:
@@ -473,7 +474,8 @@ def test_bad_inputs_to_write_are_refused(tmp_path):
         write_legacy_checkpoint(str(tmp_path), state, {**LLAMA_ARGS, "ffn_hidden_size": 12},
                                 1, 1, 1, PADDED)
     with pytest.raises(CheckpointError, match="does not match gpt"):
-        write_legacy_checkpoint(str(tmp_path), state, {**LLAMA_ARGS, "model_name": "gpt"},
+        write_legacy_checkpoint(str(tmp_path), state, {**LLAMA_ARGS, "model_name": "gpt",
+                                                       "tie_embeddings": None},
                                 1, 1, 1, PADDED)
     assert os.listdir(tmp_path) == []
 
@@ -504,3 +506,17 @@ def test_llama31_rope_scaling_has_no_legacy_equivalent(tmp_path):
     args = dict(LLAMA_ARGS, model_name="llama3", rope_scaling_factor=8.0)
     with pytest.raises(CheckpointError, match="RoPE scaling"):
         write_legacy_checkpoint(str(tmp_path), llama_state(), args, 1, 1, 1, PADDED)
+
+
+@pytest.mark.parametrize("changes,words", [
+    # Megatron-LLM's Llama models assert untied embeddings (its GPT tied ones)
+    ({"tie_embeddings": True}, "tied embeddings in the llama2 family"),
+    ({"model_name": "qwen2"}, "query/key/value biases"),
+    ({"model_name": "qwen3"}, "query/key norms"),
+    ({"kv_channels": 2 * HEAD_DIM}, "head size"),
+])
+def test_what_megatron_llm_cannot_build_is_not_written(tmp_path, changes, words):
+    with pytest.raises(CheckpointError, match=words):
+        write_legacy_checkpoint(str(tmp_path), llama_state(), dict(LLAMA_ARGS, **changes), 1, 1,
+                                1, PADDED)
+    assert not os.listdir(tmp_path)

@@ -210,6 +210,33 @@ def finish(out: dict, model, batch, window) -> dict:
     return out
 
 
+def check_variant(family: str, tp: int, rank: int) -> dict:
+    """Tied Llama, Qwen2, Qwen3 (``check_hf_logits.VARIANTS``): greedy tokens vs transformers
+    and the KV cache vs a full forward (the sampling and stop checks do not depend on the
+    architecture and run for Llama and Mistral)."""
+    import torch.distributed as dist
+
+    from tests.models.check_hf_logits import hf_model as variant_model
+    from tests.models.check_hf_logits import to_megatron
+
+    reference = variant_model(family, initializer_range=INIT_STD)
+    model, _ = our_model(family, tp)
+    full = to_megatron(family, reference.state_dict())
+    missing, unexpected = model.load_state_dict(tp_slice(full, model, tp, rank), strict=False)
+    assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
+    batch = prompts()
+    results = generate(model, batch, SamplingParams(max_new_tokens=NEW_TOKENS), set(), VOCAB,
+                       None, return_logits=True)
+    out = {"ours": ids(results), "hf": [hf_greedy(reference, p, NEW_TOKENS) for p in batch],
+           "greedy_margin": greedy_margin(results),
+           "cache_vs_full_max_abs_diff": cache_vs_full(model, batch, results, None),
+           "logit_scale": max(r.logits.abs().max().item() for r in results)}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, out["ours"])
+    out["ranks_agree"] = all(g == gathered[0] for g in gathered)
+    return out
+
+
 def main() -> None:
     path = sys.argv[1]
     tp = int(os.environ.get("WORLD_SIZE", "1"))
@@ -218,6 +245,10 @@ def main() -> None:
     report = {"tp": tp}
     for family in ("llama", "mistral"):
         report[family] = check_family(family, tp, layout.tp_rank)
+    from tests.models.check_hf_logits import VARIANTS
+
+    for family in VARIANTS:
+        report[family] = check_variant(family, tp, layout.tp_rank)
     report["seconds"] = round(time.perf_counter() - start, 2)
     if layout.rank == 0:
         with open(path, "w", encoding="utf-8") as handle:

@@ -190,6 +190,26 @@ def test_tp2_generation_matches_transformers_and_tp1(tp1, tp2, family):
     assert r["sample_a"] == one["sample_a"]
 
 
+# ------------------------------------------------------------ tied Llama, Qwen2, Qwen3
+@pytest.mark.parametrize("family", ["llama-tied", "qwen2", "qwen3"])
+def test_tied_and_qwen_greedy_generation_equals_transformers(tp1, family):
+    r = tp1[family]
+    assert r["ours"] == r["hf"]
+    assert r["greedy_margin"] > 1e-4
+    for tokens in r["ours"]:
+        assert len(tokens) == NEW_TOKENS and len(set(tokens)) >= 8
+    assert r["cache_vs_full_max_abs_diff"] < 1e-5 * max(1.0, r["logit_scale"]), r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama-tied", "qwen2", "qwen3"])
+def test_tp2_tied_and_qwen_generation_matches_transformers_and_tp1(tp1, tp2, family):
+    r, one = tp2[family], tp1[family]
+    assert r["ranks_agree"]
+    assert r["ours"] == r["hf"] == one["ours"]
+    assert r["cache_vs_full_max_abs_diff"] < 1e-5 * max(1.0, r["logit_scale"]), r
+
+
 # ------------------------------------------------------------ in-process
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([0.15, 0.5, 0.05, 0.3])  # sorted: 0.5 (1), 0.3 (3), 0.15 (0), 0.05 (2)

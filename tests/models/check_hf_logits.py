@@ -1,4 +1,4 @@
-"""Child process for test_hf_weights.py: HF Llama/Mistral logits vs our converted model.
+"""Child process for test_hf_weights.py: HF Llama/Mistral/Qwen logits vs our converted model.
 
   python check_hf_logits.py convert FAMILY OUT   (world size 1: convert, compare, save TP=1 checkpoint)
   torchrun ... check_hf_logits.py check FAMILY OUT   (any TP: load the checkpoint, compare)
@@ -23,24 +23,71 @@ SHAPE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_att
              tie_word_embeddings=False, max_position_embeddings=128, vocab_size=VOCAB)
 
 
-def hf_model(family: str, window: int = 8):
+# the architectures beyond plain Llama: transformers classes, their config, our ModelArgs
+VARIANTS = {
+    "llama-tied": dict(hf="Llama", config=dict(tie_word_embeddings=True),
+                       ours=dict(model_name="llama2", tie_embeddings=True)),
+    # Qwen's own defaults (norm epsilon 1e-6, RoPE base 1e6) left to the family file
+    "qwen2": dict(hf="Qwen2", config=dict(tie_word_embeddings=True, rms_norm_eps=1e-6,
+                                          rope_theta=1e6),
+                  ours=dict(model_name="qwen2", tie_embeddings=True, layernorm_epsilon=None,
+                            rope_theta=None)),
+    "qwen3": dict(hf="Qwen3", config=dict(head_dim=32, rms_norm_eps=1e-6, rope_theta=1e6),
+                  ours=dict(model_name="qwen3", kv_channels=32, layernorm_epsilon=None,
+                            rope_theta=None)),
+}
+
+
+def perturb_biases_and_norms(model) -> None:
+    """transformers starts biases at 0 and norms at 1, where a wrong mapping goes unseen."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias") or "norm" in name:
+                base = 1.0 if "norm" in name else 0.0
+                parameter.copy_(base + 0.3 * torch.randn(parameter.shape, generator=g))
+
+
+def hf_model(family: str, window: int = 8, **settings):
     import transformers
 
     torch.manual_seed(0)
     if family == "mistral":
-        config = transformers.MistralConfig(**SHAPE, sliding_window=window)
+        config = transformers.MistralConfig(**SHAPE, sliding_window=window, **settings)
         model = transformers.MistralForCausalLM(config)
+    elif family in VARIANTS:
+        variant = VARIANTS[family]
+        config = getattr(transformers, variant["hf"] + "Config")(
+            **{**SHAPE, **variant["config"], **settings})
+        model = getattr(transformers, variant["hf"] + "ForCausalLM")(config)
+        perturb_biases_and_norms(model)
     else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE))
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SHAPE, **settings))
     model.config._attn_implementation = "eager"
     return model.eval()
 
 
+def to_megatron(family: str, hf_state: dict) -> dict:
+    """The HF model's weights in our unsharded names, the variant's layout flags applied."""
+    from megatron_ext.models.families import get_family
+
+    args = our_args(family)
+    adapter = get_family(args.model_name).hf
+    return llama_to_megatron(hf_state, 2, 4, 2, VOCAB, PADDED, args.resolved().tie_embeddings,
+                             adapter.qkv_bias, adapter.qk_norm)
+
+
+def our_args(family: str) -> ModelArgs:
+    base = dict(model_name="mistral" if family == "mistral" else "llama2", num_layers=2,
+                hidden_size=64, num_attention_heads=4, num_attention_heads_kv=2,
+                ffn_hidden_size=176, seq_length=128, layernorm_epsilon=1e-5,
+                rope_theta=10000.0, sliding_window_size=8 if family == "mistral" else None)
+    base.update(VARIANTS.get(family, {}).get("ours", {}))
+    return ModelArgs(**base)
+
+
 def our_model(family: str, tp: int):
-    args = ModelArgs(model_name="mistral" if family == "mistral" else "llama2", num_layers=2,
-                     hidden_size=64, num_attention_heads=4, num_attention_heads_kv=2,
-                     ffn_hidden_size=176, seq_length=128, layernorm_epsilon=1e-5,
-                     rope_theta=10000.0, sliding_window_size=8 if family == "mistral" else None)
+    args = our_args(family)
     config = transformer_config(args, ParallelArgs(tensor_model_parallel_size=tp), PrecisionArgs())
     return build_gpt_model(args, config, PADDED, True, True).eval(), args
 
@@ -55,10 +102,7 @@ def logits(model, tokens, window):
     return gather_from_tensor_model_parallel_region(out)[..., :VOCAB]
 
 
-def main() -> None:
-    mode, family, out = sys.argv[1:4]
-    tp = int(os.environ.get("WORLD_SIZE", "1"))
-    layout = init_distributed(tp, 1, 1234)
+def check(mode: str, family: str, out: str, tp: int, rank: int) -> None:
     from megatron.core import dist_checkpointing
 
     torch.manual_seed(1)
@@ -69,7 +113,7 @@ def main() -> None:
         reference = hf_model(family)
         with torch.no_grad():
             expected = reference(tokens).logits
-        state = llama_to_megatron(reference.state_dict(), 2, 4, 2, VOCAB, PADDED)
+        state = to_megatron(family, reference.state_dict())
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
         os.makedirs(os.path.join(out, "ckpt"), exist_ok=True)
@@ -85,9 +129,22 @@ def main() -> None:
         # the window must matter for this input (24 tokens, window 8)
         with torch.no_grad():
             unwindowed = (hf_model(family, window=None)(tokens).logits - expected).abs().max().item()
-    if layout.rank == 0:
-        print(json.dumps({"max_abs_diff": diff, "scale": expected.abs().max().item(),
-                          "diff_without_window": unwindowed}))
+    if rank == 0:
+        print(json.dumps({"family": family, "max_abs_diff": diff,
+                          "scale": expected.abs().max().item(),
+                          "diff_without_window": unwindowed}), flush=True)
+
+
+def main() -> None:
+    """FAMILY may list several (comma-separated): one launch checks them all, one line each
+    (a family's files go to OUT/FAMILY when there are several)."""
+    mode, families, out = sys.argv[1:4]
+    tp = int(os.environ.get("WORLD_SIZE", "1"))
+    layout = init_distributed(tp, 1, 1234)
+    names = families.split(",")
+    for family in names:
+        check(mode, family, out if len(names) == 1 else os.path.join(out, family), tp,
+              layout.rank)
 
 
 if __name__ == "__main__":

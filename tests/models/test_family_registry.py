@@ -79,7 +79,8 @@ def test_exactly_one_family_claims_each_hf_config(model_type, theta, eps):
     want = ("mistral" if model_type == "mistral" else "codellama" if theta == 1e6
             else "llama3" if theta >= 500000.0 else "llama" if eps <= 1e-6 else "llama2")
     assert family_for_hf_config(config).name == want
-    assert family_for_hf_config({**config, "model_type": "qwen2"}) is None
+    assert family_for_hf_config({**config, "model_type": "qwen2"}).name == "qwen2"
+    assert family_for_hf_config({**config, "model_type": "gemma2"}) is None
 
 
 LLAMA = {"normalization": "RMSNorm", "swiglu": True, "position_embedding": "rope",

@@ -106,3 +106,49 @@ def test_converted_model_reproduces_transformers_logits_at_tp1_and_tp2(logits_ch
         assert result["max_abs_diff"] < 1e-5 * max(1.0, result["scale"]), result
         if family == "mistral" and mode == "convert":
             assert result["diff_without_window"] > 1e-3  # the sliding window is exercised
+
+
+@pytest.mark.slow
+def test_tied_and_qwen_models_reproduce_transformers_logits_at_tp1_and_tp2(tmp_path):
+    """Tied Llama, Qwen2 (tied, QKV biases) and Qwen3 (q/k norms, head_dim 32 != 64/4):
+    one launch per TP for all three."""
+    from tests.models.check_hf_logits import VARIANTS
+
+    env = dict(child_env(), MASTER_PORT=str(free_port()))
+    names = ",".join(VARIANTS)
+    runs = [[sys.executable, SCRIPT, "convert", names, str(tmp_path)],
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+             "--master_port", str(free_port()), SCRIPT, "check", names, str(tmp_path)]]
+    for command in runs:
+        out = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-4000:]
+        results = [json.loads(line) for line in out.stdout.strip().splitlines()
+                   if line.startswith("{")]
+        assert [r["family"] for r in results] == list(VARIANTS)
+        for result in results:
+            assert result["max_abs_diff"] < 1e-5 * max(1.0, result["scale"]), result
+
+
+def test_qkv_bias_and_qk_norms_round_trip_exactly():
+    hf = fake_llama_state()
+    g = torch.Generator().manual_seed(1)
+    for i in range(2):
+        p = f"model.layers.{i}.self_attn."
+        hf.update({p + "q_proj.bias": torch.randn(16, generator=g),
+                   p + "k_proj.bias": torch.randn(8, generator=g),
+                   p + "v_proj.bias": torch.randn(8, generator=g),
+                   p + "q_norm.weight": torch.randn(4, generator=g),
+                   p + "k_norm.weight": torch.randn(4, generator=g)})
+    del hf["lm_head.weight"]  # tied
+    ours = llama_to_megatron(hf, 2, 4, 2, 10, 16, True, qkv_bias=True, qk_norm=True)
+    assert "output_layer.weight" not in ours
+    # the bias is grouped per key/value head exactly like the weight rows
+    weight = ours["decoder.layers.0.self_attention.linear_qkv.weight"]
+    bias = ours["decoder.layers.0.self_attention.linear_qkv.bias"]
+    assert torch.equal(bias, qkv_to_megatron(*(hf[f"model.layers.0.self_attn.{x}_proj.bias"]
+                                               for x in "qkv"), 4, 2))
+    assert bias.shape[0] == weight.shape[0]
+    back = megatron_to_llama(ours, 2, 4, 2, 10, True, qkv_bias=True, qk_norm=True)
+    assert back.keys() == hf.keys()
+    assert all(torch.equal(back[k], hf[k]) for k in hf)

@@ -1,4 +1,4 @@
-"""Tiny random Hugging Face Llama/Mistral model directories with a real tokenizer file."""
+"""Tiny random Hugging Face Llama/Mistral/Qwen model directories with a real tokenizer file."""
 
 from __future__ import annotations
 
@@ -8,14 +8,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.models.check_hf_logits import perturb_biases_and_norms
+
 SHAPE = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=256,
              tie_word_embeddings=False)
 
 
+# Qwen-style settings of the tiny models: Qwen2 ties its embeddings (as its small models do),
+# Qwen3 has a head size of 32 with hidden 64 and 4 heads
+QWEN = {"qwen2": dict(rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True),
+        "qwen3": dict(rms_norm_eps=1e-6, rope_theta=1e6, head_dim=32)}
+
+
 def make_hf_model(directory: Path, sp_model: str, family: str = "llama",
                   safetensors: bool = True, **overrides) -> Path:
-    """Save a random ``LlamaForCausalLM``/``MistralForCausalLM`` plus tokenizer.model."""
+    """Save a random ``LlamaForCausalLM``/``MistralForCausalLM``/``Qwen2ForCausalLM``/
+    ``Qwen3ForCausalLM`` plus tokenizer.model (Qwen biases and norms perturbed)."""
     import sentencepiece
     import transformers
 
@@ -27,6 +36,12 @@ def make_hf_model(directory: Path, sp_model: str, family: str = "llama",
     if family == "mistral":
         settings.setdefault("sliding_window", 8)
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**settings))
+    elif family in QWEN:
+        settings = {**settings, **QWEN[family], **overrides}
+        kind = family.capitalize()
+        model = getattr(transformers, f"{kind}ForCausalLM")(
+            getattr(transformers, f"{kind}Config")(**settings))
+        perturb_biases_and_norms(model)
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings))
     directory.mkdir(parents=True, exist_ok=True)
@@ -57,3 +72,14 @@ def hf_llama(tmp_path_factory, sp_model) -> Path:
 @pytest.fixture(scope="session")
 def hf_mistral(tmp_path_factory, sp_model) -> Path:
     return make_hf_model(tmp_path_factory.mktemp("hf_mistral") / "model", sp_model, "mistral")
+
+
+@pytest.fixture(scope="session")
+def hf_variants(tmp_path_factory, sp_model) -> dict[str, Path]:
+    """Tied Llama (Llama 3.2 / SmolLM2 style), Qwen2 (tied, QKV biases), Qwen3 (q/k norms,
+    head_dim 32)."""
+    root = tmp_path_factory.mktemp("hf_variants")
+    return {"llama-tied": make_hf_model(root / "llama-tied", sp_model,
+                                        tie_word_embeddings=True),
+            "qwen2": make_hf_model(root / "qwen2", sp_model, "qwen2"),
+            "qwen3": make_hf_model(root / "qwen3", sp_model, "qwen3")}

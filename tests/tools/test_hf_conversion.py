@@ -15,10 +15,10 @@ from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
 from megatron_ext.checkpointing.unsharded import UnshardedReader
 from megatron_ext.models.hf_llama import llama_to_megatron
 from megatron_ext.parallel import free_port
-from tests.conftest import CHATML, REPO
-from tests.tools.conftest import hf_logits, make_hf_model
 from megatron_ext.errors import UserError
+from tests.conftest import CHATML, REPO
 from tests.runs import child_env, model_args, run_many
+from tests.tools.conftest import hf_logits, make_hf_model
 
 CHECK = str(REPO / "tests/tools/check_logits.py")
 EXTRA = ",".join(CHATML)
@@ -64,6 +64,22 @@ def checkpoint_logits(load: Path, tokens: torch.Tensor, tmp: Path, tp: int = 1,
          str(tp), str(pp), *([vocab_file] if vocab_file else [])], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out)
+
+
+def many_checkpoint_logits(loads: dict[str, Path], tokens: torch.Tensor, tmp: Path, tp: int,
+                           pp: int) -> dict[str, torch.Tensor]:
+    """Logits of several checkpoints at one TP/PP, from one launch."""
+    torch.save(tokens, tmp / "tokens.pt")
+    jobs = []
+    for name, load in loads.items():
+        jobs += [str(load), str(tmp / "tokens.pt"), str(tmp / f"logits_{name}_{tp}_{pp}.pt")]
+    env = child_env()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp),
+         "--master_port", str(free_port()), CHECK, "--many", str(tp), str(pp), *jobs],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return {name: torch.load(tmp / f"logits_{name}_{tp}_{pp}.pt") for name in loads}
 
 
 def test_import_writes_exactly_the_converted_weights(tmp_path, hf_llama, sp_model):
@@ -142,6 +158,32 @@ def refused_runs(tmp_path_factory, hf_llama, train_data) -> dict:
 
 
 @pytest.mark.slow
+def test_tied_and_qwen_imports_reproduce_transformers_logits_at_tp1_tp2_pp2(tmp_path,
+                                                                          hf_variants):
+    """Tied Llama (no lm_head stored), Qwen2 (tied, QKV biases) and Qwen3 (q/k norms, head
+    size 32): the imported checkpoints at TP=1, TP=2 and PP=2, one launch per layout."""
+    from safetensors.torch import load_file
+
+    loads = {}
+    for name, source in hf_variants.items():
+        loads[name] = tmp_path / name
+        summary = import_hf(ImportConfig(str(source), str(loads[name]), progress=False))
+        reader = UnshardedReader(summary.out)
+        tied = name != "qwen3"
+        assert ("output_layer.weight" in reader.names()) is not tied  # one tensor when tied
+        assert "lm_head.weight" not in load_file(str(source / "model.safetensors")) or not tied
+        assert reader.run_config()["model"]["tie_embeddings"] is tied
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 1500, (2, 40))
+    want = {name: hf_logits(source, tokens) for name, source in hf_variants.items()}
+    for tp, pp in ((1, 1), (2, 1), (1, 2)):
+        got = many_checkpoint_logits(loads, tokens, tmp_path, tp, pp)
+        for name, logits in got.items():
+            expected = want[name]
+            diff = (logits[..., :expected.shape[-1]] - expected).abs().max()
+            assert diff < 1e-5 * max(1.0, expected.abs().max().item()), (name, tp, pp, diff)
+
+
 def test_finetuning_with_other_shape_flags_is_refused(refused_runs):
     """Without --use_checkpoint_args, flags that differ from the checkpoint are an error
     (not a silently truncated model or another RoPE base)."""
@@ -174,7 +216,8 @@ def test_unsupported_architecture_is_refused(tmp_path, hf_llama):
     result = run_tool("hf_to_megatron.py", "--model_path", str(model), "--out",
                       str(tmp_path / "out"), check=False)
     assert result.returncode == 1
-    assert "model_type 'gpt2'" in result.stderr and "llama, mistral" in result.stderr
+    assert "model_type 'gpt2'" in result.stderr
+    assert "llama, mistral, qwen2, qwen3" in result.stderr
     _no_output(tmp_path)
 
 

@@ -20,10 +20,39 @@ from tests.runs import model_args, torchrun
 CONFIG_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_parameters",
                "vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_id",
-               "tie_word_embeddings", "sliding_window")
+               "tie_word_embeddings", "sliding_window", "head_dim", "layer_types",
+               "use_sliding_window")
 
 
-def hf_model_with_hf_tokenizer(directory, hf_tokenizer_dir, sp_model, family):
+@pytest.fixture(scope="session")
+def qwen_tokenizer_dir(tmp_path_factory) -> str:
+    """A tokenizer built like Qwen2's (NFC, Qwen's split pattern, byte level, <|endoftext|>):
+    transformers loads the tokenizer of every qwen2 model as ``Qwen2Tokenizer``, which
+    rebuilds that pipeline, so only such a tokenizer exports exactly with a qwen2 model."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from tests.conftest import _corpus
+
+    directory = tmp_path_factory.mktemp("qwen_tokenizer")
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(
+        vocab_size=1200, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    return str(directory)
+
+
+def hf_model_with_hf_tokenizer(directory, hf_tokenizer_dir, sp_model, family,
+                               bos="<|begin_of_text|>", eos="<|end_of_text|>", **overrides):
     """A model whose tokenizer.json needs no new tokens: the round trip must be identical."""
     from tokenizers import Tokenizer
 
@@ -31,20 +60,26 @@ def hf_model_with_hf_tokenizer(directory, hf_tokenizer_dir, sp_model, family):
     vocab = tok.get_vocab_size(with_added_tokens=True)
     ids = tok.get_vocab(with_added_tokens=True)
     model = make_hf_model(directory, sp_model, family, vocab_size=vocab,
-                          bos_token_id=ids["<|begin_of_text|>"],
-                          eos_token_id=ids["<|end_of_text|>"])
+                          bos_token_id=ids[bos] if bos else None, eos_token_id=ids[eos],
+                          **overrides)
     (model / "tokenizer.model").unlink()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(f"{hf_tokenizer_dir}/{name}", model / name)
     return model
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "llama-tied", "qwen2", "qwen3"])
 def test_hf_megatron_hf_gives_back_identical_tensors_and_config(tmp_path, family,
-                                                                 hf_tokenizer_dir, sp_model):
+                                                                 hf_tokenizer_dir, sp_model,
+                                                                 qwen_tokenizer_dir):
     from safetensors.torch import load_file
 
-    source = hf_model_with_hf_tokenizer(tmp_path / "hf", hf_tokenizer_dir, sp_model, family)
+    overrides = {"tie_word_embeddings": True} if family == "llama-tied" else {}
+    if family == "qwen2":
+        overrides.update(hf_tokenizer_dir=qwen_tokenizer_dir, bos=None, eos="<|endoftext|>")
+    overrides.setdefault("hf_tokenizer_dir", hf_tokenizer_dir)
+    source = hf_model_with_hf_tokenizer(tmp_path / "hf", sp_model=sp_model,
+                                        family=family.removesuffix("-tied"), **overrides)
     import_hf(ImportConfig(str(source), str(tmp_path / "ckpt"), progress=False))
     summary = export_hf(ExportConfig(str(tmp_path / "ckpt"), str(tmp_path / "back"),
                                      dtype="fp32", progress=False))

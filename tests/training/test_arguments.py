@@ -90,3 +90,21 @@ def test_mismatched_tokenizer_is_refused(tmp_path, train_data):
     other = build_tokenizer(TokenizerConfig("SentencePieceTokenizer", train_data["vocab_file"], ()))
     with pytest.raises(DataError, match="different tokenizer"):
         InstructionDataset(train_data["prefix"]).check_tokenizer(other.identity())
+
+
+@pytest.mark.parametrize("argv,tied", [
+    ([], None),  # the family's default (resolved: untied for Llama, tied for GPT)
+    (["--tie_embed_logits"], True), (["--tie-word-embeddings"], True),
+    (["--untie_embeddings_and_output_weights"], False), (["--untie-embed-logits"], False),
+])
+def test_tied_embeddings_have_the_spellings_of_both_projects(argv, tied):
+    from megatron_ext.models.config import ModelArgs
+    from megatron_ext.training.arguments import build_parser, config_from_args
+
+    config = config_from_args(build_parser().parse_args(
+        ["--data_path", "d", "--vocab_file", "v", *argv, "--head_dim", "32"]))
+    assert config.model.tie_embeddings is tied
+    assert config.model.kv_channels == 32
+    assert ModelArgs(model_name="gpt").resolved().tie_embeddings is True
+    assert ModelArgs(model_name="llama2").resolved().tie_embeddings is False
+    assert ModelArgs(model_name="llama2", tie_embeddings=True).resolved().tie_embeddings is True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_ext.parallel import free_port
 from tests.conftest import REPO
@@ -185,3 +187,68 @@ def test_two_node_launch_matches_single_process(tmp_path, train_data, reference)
     outputs = [node.communicate(timeout=300) for node in nodes]
     assert all(node.returncode == 0 for node in nodes), outputs[0][1][-3000:]
     assert_same_curve(train_metrics(tmp_path), reference)
+
+
+# Architectures beyond the default Llama: each trains serially once, then at TP=2 and PP=2
+# on the same curve. Tied embeddings at PP=2 is the case that matters most: the last stage
+# holds a copy of the word embeddings whose gradients megatron-core sums with the first's.
+VARIANTS = {
+    "llama-tied": ["--tie_embed_logits"],
+    "qwen2": ["--model_name", "qwen2", "--tie_embed_logits"],  # QKV biases, tied
+    "qwen3": ["--model_name", "qwen3", "--kv_channels", "32"],  # q/k norms, head size 32
+}
+# tied embeddings at TP=2 are covered by Qwen2; Llama's tied run is the PP=2 one
+VARIANT_LAYOUTS = {"tp2": ["--tensor_model_parallel_size", "2"],
+                   "pp2": ["--pipeline_model_parallel_size", "2"]}
+VARIANT_CASES = [(variant, layout) for variant in VARIANTS for layout in VARIANT_LAYOUTS
+                 if (variant, layout) != ("llama-tied", "tp2")]
+
+
+@pytest.fixture(scope="module")
+def variant_runs(tmp_path_factory, train_data) -> Path:
+    """Each variant's serial reference (one launch) beside its TP=2 / PP=2 runs (one 2-process
+    launch): two launches for all eight runs."""
+    root = tmp_path_factory.mktemp("variants")
+    serial = start_runs(1, [{"name": f"{variant}-ref", "argv": model_args(train_data, ITERS)
+                             + VARIANTS[variant] + ["--save", str(root / f"{variant}-ref")]}
+                            for variant in VARIANTS], root / "serial")
+    parallel = start_runs(2, [{"name": f"{variant}-{layout}", "argv": model_args(train_data, ITERS)
+                               + VARIANTS[variant] + VARIANT_LAYOUTS[layout]
+                               + ["--save", str(root / f"{variant}-{layout}")]}
+                              for variant, layout in VARIANT_CASES], root / "parallel")
+    results = {**parallel.wait(), **serial.wait()}
+    assert all(r.returncode == 0 for r in results.values()), {
+        name: r.log[-2000:] for name, r in results.items() if r.returncode}
+    return root
+
+
+@pytest.mark.parametrize("variant,layout", VARIANT_CASES,
+                         ids=[f"{v}-{layout}" for v, layout in VARIANT_CASES])
+def test_architecture_variants_match_single_process(variant_runs, variant, layout):
+    run = variant_runs / f"{variant}-{layout}"
+    assert_same_curve(train_metrics(run), train_metrics(variant_runs / f"{variant}-ref"))
+    run_config = json.loads((run / "iter_0000006" / "run_config.json").read_text())
+    assert run_config["model"]["tie_embeddings"] == ("--tie_embed_logits" in VARIANTS[variant])
+    if (variant, layout) == ("llama-tied", "pp2"):
+        check_tied_checkpoint_stores_one_tensor(run)
+
+
+def check_tied_checkpoint_stores_one_tensor(run) -> None:
+    """A tied run saved at PP=2 merges to an unsharded file set with one vocabulary tensor
+    (optimizer state included) and exports without ``lm_head``."""
+    from safetensors.torch import load_file
+
+    from megatron_ext.checkpointing.hf_export import ExportConfig, export_hf
+    from megatron_ext.checkpointing.reshard import ReshardConfig, merge
+    from megatron_ext.checkpointing.unsharded import UnshardedReader
+
+    merge(ReshardConfig(str(run), str(run / "merged")))
+    reader = UnshardedReader(str(run / "merged"))
+    assert not [name for name in reader.names() if "output_layer" in name]
+    assert any(name.startswith("optimizer.") for name in reader.names())
+    summary = export_hf(ExportConfig(str(run), str(run / "hf"), dtype="fp32", progress=False))
+    assert json.loads((run / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
+    weights = load_file(str(run / "hf" / "model.safetensors"))
+    assert "lm_head.weight" not in weights
+    embedding = reader.view("embedding.word_embeddings.weight")[:summary.vocab_size]
+    assert torch.equal(weights["model.embed_tokens.weight"], embedding)

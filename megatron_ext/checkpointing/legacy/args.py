@@ -43,12 +43,28 @@ def resolve_model_args(model_args: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise CheckpointError(f"unknown model argument(s) {', '.join(unknown)}; expected "
                               f"ModelArgs fields ({', '.join(_model_args_fields())})")
-    family_named(model_args.get("model_name", ModelArgs.model_name))
+    family = family_named(model_args.get("model_name", ModelArgs.model_name))
     resolved = asdict(ModelArgs(**model_args).resolved())
+    problems = []
     if resolved.get("rope_scaling_factor"):
-        raise CheckpointError("Llama 3.1-style RoPE scaling (rope_scaling_factor "
-                              f"{resolved['rope_scaling_factor']}) has no Megatron-LLM "
-                              "equivalent: this model cannot be written in the legacy layout")
+        problems.append("Llama 3.1-style RoPE scaling (rope_scaling_factor "
+                        f"{resolved['rope_scaling_factor']})")
+    if family.add_qkv_bias or family.qk_layernorm:
+        problems.append(f"the {family.name} family's "
+                        + ("query/key/value biases" if family.add_qkv_bias
+                           else "query/key norms"))
+    if resolved["kv_channels"] * resolved["num_attention_heads"] != resolved["hidden_size"]:
+        problems.append(f"a head size (kv_channels {resolved['kv_channels']}) other than "
+                        "hidden size / heads")
+    if resolved["tie_embeddings"] != family.tie_embeddings:
+        # Megatron-LLM's Llama-family models assert untied embeddings, its GPT tied ones
+        problems.append(f"{'tied' if resolved['tie_embeddings'] else 'untied'} embeddings in "
+                        f"the {family.name} family (Megatron-LLM's {family.legacy_name} "
+                        f"requires tie_embed_logits={family.tie_embeddings})")
+    if problems:
+        raise CheckpointError(f"{'; '.join(problems)}: no Megatron-LLM equivalent, this model "
+                              "cannot be written in the legacy layout (use the dist or "
+                              "unsharded checkpoint forms, or export to Hugging Face)")
     return resolved
 
 
@@ -226,7 +242,7 @@ def model_args_to_legacy_args(model_args: Mapping[str, Any], tp: int, pp: int,
         "use_rms_norm": family.normalization == "RMSNorm",
         "use_bias": family.add_bias_linear,
         "glu_activation": "swiglu" if family.swiglu else None,
-        "tie_embed_logits": family.tie_embeddings,
+        "tie_embed_logits": resolved["tie_embeddings"],
         "rope_theta": float(resolved["rope_theta"]), "rope_scaling_factor": 1.0,
         "layernorm_epsilon": float(resolved["layernorm_epsilon"]),
         "sliding_window_size": resolved["sliding_window_size"] or None,

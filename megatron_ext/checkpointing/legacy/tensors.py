@@ -107,7 +107,7 @@ def rank_layout(model_args: Mapping[str, Any], tp: int, pp: int, linear_bias: bo
         rotary=family.position_embedding == "rope", swiglu=family.swiglu,
         layernorm_bias=family.normalization == "LayerNorm", linear_bias=linear_bias,
         position_embeddings=family.position_embedding == "learned_absolute",
-        tied=family.tie_embeddings, tp=tp, pp=pp)
+        tied=bool(model_args.get("tie_embeddings", family.tie_embeddings)), tp=tp, pp=pp)
     problems = []
     if tp < 1 or pp < 1:
         problems.append(f"TP={tp} and PP={pp} must be at least 1")

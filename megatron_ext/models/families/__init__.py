@@ -92,8 +92,10 @@ def closest_family(structure: Mapping[str, Any], rope_theta: float, layernorm_ep
         return 2 * (family.rope_theta == rope_theta) + (family.layernorm_epsilon
                                                         == layernorm_epsilon)
 
+    # families with query/key/value biases or query/key norms only when the structure says so
+    features = {"add_qkv_bias": False, "qk_layernorm": False, **structure}
     candidates = [family for family in _discovered().values()
-                  if all(getattr(family, key) == value for key, value in structure.items())]
+                  if all(getattr(family, key) == value for key, value in features.items())]
     candidates = ([family for family in candidates if bool(family.sliding_window) == has_window]
                   or candidates)
     if not candidates:
