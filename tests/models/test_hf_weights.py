@@ -72,29 +72,24 @@ FAMILIES = ("llama", "mistral")
 
 @pytest.fixture(scope="module")
 def logits_checks(tmp_path_factory) -> dict:
-    """check_hf_logits.py: both families' conversions (one process each) side by side, then
-    each family's TP=2 check (two processes). {(family, mode): its JSON report}."""
+    """check_hf_logits.py: every family's conversion in one process, then every family's
+    TP=2 check in one launch (two processes). {(family, mode): its JSON report}."""
     root = tmp_path_factory.mktemp("hf_weights")
-    env = child_env()
 
-    def start(family, command):
-        return subprocess.Popen(command, env=dict(env, MASTER_PORT=str(free_port())), cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def reports(mode: str, command: list[str]) -> dict:
+        process = subprocess.run(command + [SCRIPT, mode, str(root), *FAMILIES],
+                                 env=dict(child_env(), MASTER_PORT=str(free_port())), cwd=REPO,
+                                 capture_output=True, text=True, timeout=300)
+        assert process.returncode == 0, process.stderr[-4000:]
+        lines = [json.loads(line) for line in process.stdout.splitlines()
+                 if line.startswith("{")]
+        return {(line["family"], mode): line for line in lines}
 
-    def report(process) -> dict:
-        out, err = process.communicate(timeout=300)
-        assert process.returncode == 0, err[-4000:]
-        return json.loads(out.strip().splitlines()[-1])
-
-    for family in FAMILIES:
-        (root / family).mkdir()
-    converts = {f: start(f, [sys.executable, SCRIPT, "convert", f, str(root / f)])
-                for f in FAMILIES}
-    results = {(f, "convert"): report(p) for f, p in converts.items()}
-    for family in FAMILIES:
-        results[(family, "check")] = report(start(family, [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(free_port()), SCRIPT, "check", family, str(root / family)]))
+    results = reports("convert", [sys.executable])
+    results.update(reports("check", [sys.executable, "-m", "torch.distributed.run",
+                                     "--nproc_per_node", "2", "--master_port",
+                                     str(free_port())]))
+    assert set(results) == {(f, m) for f in FAMILIES for m in ("convert", "check")}
     return results
 
 

@@ -14,13 +14,11 @@ import torch
 from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
 from megatron_ext.checkpointing.unsharded import UnshardedReader
 from megatron_ext.models.hf_llama import llama_to_megatron
-from megatron_ext.parallel import free_port
 from tests.conftest import CHATML, REPO
 from tests.tools.conftest import hf_logits, make_hf_model
 from megatron_ext.errors import UserError
-from tests.runs import child_env, model_args, run_many
+from tests.runs import child_env, job_logits, logits_job, model_args, run_many, start_runs
 
-CHECK = str(REPO / "tests/tools/check_logits.py")
 EXTRA = ",".join(CHATML)
 
 
@@ -42,28 +40,29 @@ def tool_error(tool: str, *args: str) -> str:
     return f"error: {raised.value}"
 
 
-def run_tool(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = child_env()
-    result = subprocess.run([sys.executable, str(REPO / "tools" / tool), *args, "--no_progress"]
-                            if tool != "checkpoint_util.py" else
-                            [sys.executable, str(REPO / "tools" / tool), *args],
-                            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+def start_tool(tool: str, *args: str) -> subprocess.Popen:
+    """Start a tool's command line (a subprocess smoke test), output in pipes."""
+    extra = [] if tool == "checkpoint_util.py" else ["--no_progress"]
+    return subprocess.Popen([sys.executable, str(REPO / "tools" / tool), *args, *extra],
+                            env=child_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish_tool(process: subprocess.Popen, check: bool = True) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
-        raise AssertionError(f"{tool} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(f"{process.args[1]} failed:\n{stdout[-2000:]}\n{stderr[-4000:]}")
     return result
 
 
-def checkpoint_logits(load: Path, tokens: torch.Tensor, tmp: Path, tp: int = 1,
-                      pp: int = 1, vocab_file: str = "") -> torch.Tensor:
-    torch.save(tokens, tmp / "tokens.pt")
-    out = tmp / f"logits_{tp}_{pp}.pt"
-    env = child_env()
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp),
-         "--master_port", str(free_port()), CHECK, str(load), str(tmp / "tokens.pt"), str(out),
-         str(tp), str(pp), *([vocab_file] if vocab_file else [])], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return torch.load(out)
+def run_tool(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return finish_tool(start_tool(tool, *args), check)
 
 
 def test_import_writes_exactly_the_converted_weights(tmp_path, hf_llama, sp_model):
@@ -103,24 +102,60 @@ def test_bin_shards_give_the_same_checkpoint(tmp_path, sp_model, hf_llama):
     assert all(torch.equal(ra.view(n), rb.view(n)) for n in ra.names())
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family,layouts", [("llama", [(2, 1), (1, 2)]),
-                                            ("mistral", [(2, 1)])])
-def test_converted_checkpoint_reproduces_transformers_logits(tmp_path, family, layouts,
-                                                             hf_llama, hf_mistral):
-    source = hf_llama if family == "llama" else hf_mistral
-    out = tmp_path / "ckpt"
-    if family == "llama":  # the converter's command line, once
-        run_tool("hf_to_megatron.py", "--model_path", str(source), "--out", str(out),
-                 "--vocab_extra_ids_list", EXTRA)
-    else:
-        tool_main("hf_to_megatron.py")(["--model_path", str(source), "--out", str(out),
-                                        "--vocab_extra_ids_list", EXTRA, "--no_progress"])
+LOGITS_CASES = {"llama": [(2, 1), (1, 2)], "mistral": [(2, 1)]}
+"""Per family, the TP/PP layouts its converted checkpoint's logits are checked at."""
+
+
+@pytest.fixture(scope="module")
+def converted_logits(tmp_path_factory, sp_model, hf_llama, hf_mistral) -> dict:
+    """Every logits check of this module in two launches side by side: each family's
+    conversion at its layouts (two processes), the Llama 3.1 rope-scaled model at TP=1
+    (one). The converter's command line runs once (for Llama), beside the in-process
+    conversions. {(case, tp, pp): logits} plus the tokens and models."""
+    root = tmp_path_factory.mktemp("converted")
+    sources = {"llama": hf_llama, "mistral": hf_mistral}
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+               "rope_theta": 500000.0}
+    plain = make_hf_model(root / "plain", sp_model, initializer_range=0.2,
+                          rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    scaled = make_hf_model(root / "scaled", sp_model, initializer_range=0.2,
+                           rope_parameters=scaling)
+    cli = start_tool("hf_to_megatron.py", "--model_path", str(hf_llama), "--out",
+                     str(root / "llama"), "--vocab_extra_ids_list", EXTRA)
+    for family, source in sources.items():
+        if family != "llama":
+            tool_main("hf_to_megatron.py")(["--model_path", str(source), "--out",
+                                            str(root / family), "--vocab_extra_ids_list",
+                                            EXTRA, "--no_progress"])
+    tool_main("hf_to_megatron.py")(["--model_path", str(scaled), "--out",
+                                    str(root / "scaled_ckpt"), "--no_progress"])
+    finish_tool(cli)
     torch.manual_seed(1)
     tokens = torch.randint(0, 1500, (2, 40))  # 40 > the Mistral window of 8
+    torch.manual_seed(1)
+    long_tokens = torch.randint(0, 1500, (2, 200))
+    jobs = {(family, tp, pp): logits_job(f"{family}_{tp}_{pp}", root / family, tokens,
+                                         root / "logits", tp, pp)
+            for family, layouts in LOGITS_CASES.items() for tp, pp in layouts}
+    scaled_job = logits_job("scaled", root / "scaled_ckpt", long_tokens, root / "logits")
+    serial = start_runs(1, [scaled_job], root / "serial")
+    parallel = start_runs(2, list(jobs.values()), root / "parallel")
+    results = {**parallel.wait(), **serial.wait()}
+    return {"tokens": tokens, "long_tokens": long_tokens, "sources": sources,
+            "plain": plain, "scaled": scaled, "scaled_ckpt": root / "scaled_ckpt",
+            "scaled_logits": job_logits(results, scaled_job),
+            **{key: job_logits(results, job) for key, job in jobs.items()}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,layouts", list(LOGITS_CASES.items()))
+def test_converted_checkpoint_reproduces_transformers_logits(converted_logits, family, layouts):
+    source = converted_logits["sources"][family]
+    tokens = converted_logits["tokens"]
     want = hf_logits(source, tokens)
     for tp, pp in layouts:
-        got = checkpoint_logits(out, tokens, tmp_path, tp, pp)[..., :want.shape[-1]]
+        got = converted_logits[(family, tp, pp)][..., :want.shape[-1]]
         assert (got - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item()), (tp, pp)
 
 
@@ -275,22 +310,13 @@ def test_conversion_streams_instead_of_loading_the_model(tmp_path, sp_model):
 
 
 @pytest.mark.slow
-def test_llama31_rope_scaling_reproduces_transformers_logits(tmp_path, sp_model):
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
-               "rope_theta": 500000.0}
-    plain = make_hf_model(tmp_path / "plain", sp_model, initializer_range=0.2,
-                          rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
-    scaled = make_hf_model(tmp_path / "scaled", sp_model, initializer_range=0.2,
-                           rope_parameters=scaling)
-    out = tmp_path / "ckpt"
-    tool_main("hf_to_megatron.py")(["--model_path", str(scaled), "--out", str(out),
-                                    "--no_progress"])
+def test_llama31_rope_scaling_reproduces_transformers_logits(converted_logits):
+    scaled, plain = converted_logits["scaled"], converted_logits["plain"]
+    out = converted_logits["scaled_ckpt"]
     assert UnshardedReader(str(out)).run_config()["model"]["rope_scaling_factor"] == 8.0
-    torch.manual_seed(1)
-    tokens = torch.randint(0, 1500, (2, 200))
+    tokens = converted_logits["long_tokens"]
     want = hf_logits(scaled, tokens)
-    got = checkpoint_logits(out, tokens, tmp_path)[..., :want.shape[-1]]
+    got = converted_logits["scaled_logits"][..., :want.shape[-1]]
     scale = max(1.0, want.abs().max().item())
     assert (got - want).abs().max() < 1e-5 * scale
     assert (hf_logits(plain, tokens) - want).abs().max() > 1e-3 * scale  # scaling matters here
