@@ -92,17 +92,49 @@ class Launch:
 
 
 class RunResult:
-    """A run's exit status (0, or 1 for a UserError), its log, and files it was asked to
-    stat right after it ended (``mtimes``)."""
+    """A job's exit status (0, or 1 for a UserError), its log, files it was asked to stat
+    right after it ended (``mtimes``) and, for a tool job, its standard output."""
 
-    def __init__(self, returncode: int, log: str, mtimes: dict):
-        self.returncode, self.log, self.mtimes = returncode, log, mtimes
+    def __init__(self, returncode: int, log: str, mtimes: dict, stdout: str = ""):
+        self.returncode, self.log, self.mtimes, self.stdout = returncode, log, mtimes, stdout
 
     @classmethod
     def read(cls, directory: Path, name: str) -> "RunResult":
         status = json.loads((directory / f"{name}.json").read_text(encoding="utf-8"))
         log = (directory / f"{name}.log").read_text(encoding="utf-8", errors="replace")
-        return cls(status["returncode"], log, status.get("mtimes", {}))
+        out = directory / f"{name}.out"
+        stdout = out.read_text(encoding="utf-8") if out.exists() else ""
+        return cls(status["returncode"], log, status.get("mtimes", {}), stdout)
+
+
+def logits_job(name: str, load: Path, tokens, directory: Path, tp: int = 1, pp: int = 1,
+               vocab_file: str = "") -> dict:
+    """A run_many.py job that saves ``load``'s logits for ``tokens`` at TP/PP; read them
+    with :func:`job_logits` after the launch. Jobs of any number of checkpoints and
+    layouts share one launch (of a world size divisible by each TP x PP)."""
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(tokens, directory / f"{name}.tokens.pt")
+    return {"name": name, "logits": {
+        "load": str(load), "tokens": str(directory / f"{name}.tokens.pt"),
+        "out": str(directory / f"{name}.logits.pt"), "tp": tp, "pp": pp,
+        "vocab_file": vocab_file}}
+
+
+def job_logits(results: dict, job: dict):
+    """The logits a :func:`logits_job` saved (its run must have succeeded)."""
+    import torch
+
+    result = results[job["name"]]
+    assert result.returncode == 0, result.log[-3000:]
+    return torch.load(job["logits"]["out"])
+
+
+def tool_job(name: str, tool: str, *argv: str) -> dict:
+    """A run_many.py job that runs ``tools/<tool>``'s ``main(argv)`` (with --no_progress)
+    in the launch's processes; its standard output is the result's ``stdout``."""
+    return {"name": name, "tool": tool, "argv": [*argv, "--no_progress"]}
 
 
 def start_runs(nproc: int, runs: list[dict], directory: Path) -> Launch:

@@ -1,8 +1,10 @@
 """Child process for test_hf_weights.py: HF Llama/Mistral/Qwen logits vs our converted model.
 
-  python check_hf_logits.py convert FAMILY OUT   (world size 1: convert, compare, save TP=1 checkpoint)
-  torchrun ... check_hf_logits.py check FAMILY OUT   (any TP: load the checkpoint, compare)
-Prints one JSON line on rank 0: the largest absolute logit difference.
+  python check_hf_logits.py convert OUT FAMILY...   (world size 1: convert, compare, save TP=1 checkpoints)
+  torchrun ... check_hf_logits.py check OUT FAMILY...   (any TP: load the checkpoints, compare)
+Each family's files are in OUT/FAMILY. Prints one JSON line per family on rank 0:
+``{"family": ..., "max_abs_diff": ...}``, the largest absolute logit difference.
+Several families per process: starting one costs more than checking one.
 """
 
 import json
@@ -102,7 +104,8 @@ def logits(model, tokens, window):
     return gather_from_tensor_model_parallel_region(out)[..., :VOCAB]
 
 
-def check(mode: str, family: str, out: str, tp: int, rank: int) -> None:
+def check(mode: str, family: str, out: str, tp: int, layout) -> None:
+    """One family's check, in OUT/FAMILY."""
     from megatron.core import dist_checkpointing
 
     torch.manual_seed(1)
@@ -129,22 +132,19 @@ def check(mode: str, family: str, out: str, tp: int, rank: int) -> None:
         # the window must matter for this input (24 tokens, window 8)
         with torch.no_grad():
             unwindowed = (hf_model(family, window=None)(tokens).logits - expected).abs().max().item()
-    if rank == 0:
+    if layout.rank == 0:
         print(json.dumps({"family": family, "max_abs_diff": diff,
                           "scale": expected.abs().max().item(),
                           "diff_without_window": unwindowed}), flush=True)
 
 
 def main() -> None:
-    """FAMILY may list several (comma-separated): one launch checks them all, one line each
-    (a family's files go to OUT/FAMILY when there are several)."""
-    mode, families, out = sys.argv[1:4]
+    mode, out, *families = sys.argv[1:]
     tp = int(os.environ.get("WORLD_SIZE", "1"))
     layout = init_distributed(tp, 1, 1234)
-    names = families.split(",")
-    for family in names:
-        check(mode, family, out if len(names) == 1 else os.path.join(out, family), tp,
-              layout.rank)
+    for family in families:
+        os.makedirs(os.path.join(out, family), exist_ok=True)
+        check(mode, family, os.path.join(out, family), tp, layout)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from megatron_ext.models.hf_llama import (
 )
 from megatron_ext.parallel import free_port
 from tests.conftest import REPO
+from tests.models.check_hf_logits import VARIANTS
 from tests.runs import child_env
 
 SCRIPT = str(REPO / "tests/models/check_hf_logits.py")
@@ -67,34 +68,30 @@ def test_new_token_rows_start_at_the_mean_and_padding_at_zero():
         pad_vocab_rows(weight, 2, 1)
 
 
-FAMILIES = ("llama", "mistral")
+# tied Llama, Qwen2 (tied, QKV biases) and Qwen3 (q/k norms, head_dim 32 != 64/4) beside them
+FAMILIES = ("llama", "mistral", *VARIANTS)
 
 
 @pytest.fixture(scope="module")
 def logits_checks(tmp_path_factory) -> dict:
-    """check_hf_logits.py: both families' conversions (one process each) side by side, then
-    each family's TP=2 check (two processes). {(family, mode): its JSON report}."""
+    """check_hf_logits.py: every family's conversion in one process, then every family's
+    TP=2 check in one launch (two processes). {(family, mode): its JSON report}."""
     root = tmp_path_factory.mktemp("hf_weights")
-    env = child_env()
 
-    def start(family, command):
-        return subprocess.Popen(command, env=dict(env, MASTER_PORT=str(free_port())), cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def reports(mode: str, command: list[str]) -> dict:
+        process = subprocess.run(command + [SCRIPT, mode, str(root), *FAMILIES],
+                                 env=dict(child_env(), MASTER_PORT=str(free_port())), cwd=REPO,
+                                 capture_output=True, text=True, timeout=300)
+        assert process.returncode == 0, process.stderr[-4000:]
+        lines = [json.loads(line) for line in process.stdout.splitlines()
+                 if line.startswith("{")]
+        return {(line["family"], mode): line for line in lines}
 
-    def report(process) -> dict:
-        out, err = process.communicate(timeout=300)
-        assert process.returncode == 0, err[-4000:]
-        return json.loads(out.strip().splitlines()[-1])
-
-    for family in FAMILIES:
-        (root / family).mkdir()
-    converts = {f: start(f, [sys.executable, SCRIPT, "convert", f, str(root / f)])
-                for f in FAMILIES}
-    results = {(f, "convert"): report(p) for f, p in converts.items()}
-    for family in FAMILIES:
-        results[(family, "check")] = report(start(family, [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-            "--master_port", str(free_port()), SCRIPT, "check", family, str(root / family)]))
+    results = reports("convert", [sys.executable])
+    results.update(reports("check", [sys.executable, "-m", "torch.distributed.run",
+                                     "--nproc_per_node", "2", "--master_port",
+                                     str(free_port())]))
+    assert set(results) == {(f, m) for f in FAMILIES for m in ("convert", "check")}
     return results
 
 
@@ -106,28 +103,6 @@ def test_converted_model_reproduces_transformers_logits_at_tp1_and_tp2(logits_ch
         assert result["max_abs_diff"] < 1e-5 * max(1.0, result["scale"]), result
         if family == "mistral" and mode == "convert":
             assert result["diff_without_window"] > 1e-3  # the sliding window is exercised
-
-
-@pytest.mark.slow
-def test_tied_and_qwen_models_reproduce_transformers_logits_at_tp1_and_tp2(tmp_path):
-    """Tied Llama, Qwen2 (tied, QKV biases) and Qwen3 (q/k norms, head_dim 32 != 64/4):
-    one launch per TP for all three."""
-    from tests.models.check_hf_logits import VARIANTS
-
-    env = dict(child_env(), MASTER_PORT=str(free_port()))
-    names = ",".join(VARIANTS)
-    runs = [[sys.executable, SCRIPT, "convert", names, str(tmp_path)],
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-             "--master_port", str(free_port()), SCRIPT, "check", names, str(tmp_path)]]
-    for command in runs:
-        out = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True,
-                             timeout=300)
-        assert out.returncode == 0, out.stderr[-4000:]
-        results = [json.loads(line) for line in out.stdout.strip().splitlines()
-                   if line.startswith("{")]
-        assert [r["family"] for r in results] == list(VARIANTS)
-        for result in results:
-            assert result["max_abs_diff"] < 1e-5 * max(1.0, result["scale"]), result
 
 
 def test_qkv_bias_and_qk_norms_round_trip_exactly():

@@ -17,7 +17,7 @@ from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer
 from tests.conftest import CHATML, REPO
 from tests.tools.conftest import make_hf_model
 from tests.tools.test_hf_conversion import tool_main
-from tests.runs import child_env
+from tests.runs import child_env, start_runs, tool_job
 
 pytestmark = pytest.mark.slow
 QUESTIONS = ["What is the capital of France?", "Name three colours.",
@@ -36,15 +36,49 @@ def converted(tmp_path_factory, sp_model):
     return {"hf": hf, "ckpt": root / "ckpt", "tokenizer": tokenizer, "root": root}
 
 
-def launch(tool: str, nproc: int, *args: str) -> subprocess.CompletedProcess:
-    env = child_env()
+def launch(tool: str, nproc: int, *args: str) -> subprocess.Popen:
+    """Start a tool's command line (at nproc > 1 under torchrun): a subprocess smoke test."""
     command = ([sys.executable, str(REPO / "tools" / tool)] if nproc == 1 else
                [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                 "--master_port", str(free_port()), str(REPO / "tools" / tool)])
-    result = subprocess.run(command + list(args) + ["--no_progress"], env=env, cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+    return subprocess.Popen(command + list(args) + ["--no_progress"], env=child_env(),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(process: subprocess.Popen) -> str:
+    """A launched tool's standard output, once it has succeeded."""
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-4000:]
+    return stdout
+
+
+@pytest.fixture(scope="module")
+def generations(tmp_path_factory, converted) -> dict:
+    """Every generate.py run of this module, started together: at TP=2 the command line
+    under torchrun (its smoke test), beside one process that runs the TP=1 ones in turn
+    (the tool's main in run_many.py). {name: output file or stdout}."""
+    root = tmp_path_factory.mktemp("generations")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
+    chat = ["--load", str(converted["ckpt"]), "--input", str(prompts), "--greedy",
+            "--max_new_tokens", "24", "--chat_format", "chatml", "--batch_size", "2"]
+    tp2 = launch("generate.py", 2, *chat, "--output", str(root / "chat2.jsonl"),
+                 "--tensor_model_parallel_size", "2")
+    serial = start_runs(1, [
+        tool_job("chat1", "generate.py", *chat, "--output", str(root / "chat1.jsonl"),
+                 "--tensor_model_parallel_size", "1"),
+        tool_job("raw", "generate.py", "--load", str(converted["ckpt"]), "--raw", "--prompt",
+                 "Once upon a time", "--greedy", "--max_new_tokens", "8"),
+        tool_job("answers", "generate.py", "--load", str(converted["ckpt"]), "--input",
+                 str(prompts), "--greedy", "--max_new_tokens", "12", "--output",
+                 str(root / "answers.jsonl")),
+    ], root / "serial")
+    results = serial.wait()
+    assert all(r.returncode == 0 for r in results.values()), {
+        name: r.log[-2000:] for name, r in results.items()}
+    finished(tp2)
+    return {1: root / "chat1.jsonl", 2: root / "chat2.jsonl", "raw": results["raw"].stdout,
+            "answers": root / "answers.jsonl"}
 
 
 def hf_greedy(converted, prompts: list[list[int]], new_tokens: int, stop: list[int]):
@@ -71,13 +105,8 @@ def hf_greedy(converted, prompts: list[list[int]], new_tokens: int, stop: list[i
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_greedy_generation_equals_transformers_generate(tmp_path, converted, nproc):
-    output = tmp_path / "out.jsonl"
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
-    launch("generate.py", nproc, "--load", str(converted["ckpt"]), "--input", str(prompts),
-           "--greedy", "--max_new_tokens", "24", "--output", str(output), "--chat_format",
-           "chatml", "--tensor_model_parallel_size", str(nproc), "--batch_size", "2")
+def test_greedy_generation_equals_transformers_generate(converted, generations, nproc):
+    output = generations[nproc]
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     tokenizer = converted["tokenizer"]
     fmt = build_chat_format("chatml", tokenizer)
@@ -91,34 +120,28 @@ def test_greedy_generation_equals_transformers_generate(tmp_path, converted, npr
         assert row["generated_text"] == tokenizer.decode(row["generated_ids"])
 
 
-def test_raw_prompt_skips_the_chat_format(converted):
-    result = launch("generate.py", 1, "--load", str(converted["ckpt"]), "--raw", "--prompt",
-                    "Once upon a time", "--greedy", "--max_new_tokens", "8")
-    row = json.loads(result.stdout.strip().splitlines()[-1])
+def test_raw_prompt_skips_the_chat_format(converted, generations):
+    row = json.loads(generations["raw"].strip().splitlines()[-1])
     tokenizer = converted["tokenizer"]
     ids = [tokenizer.bos_id] + tokenizer.encode_segments(["Once upon a time"], [True])[0]
     want, _ = hf_greedy(converted, [ids], 8, [tokenizer.eos_id])
     assert row["generated_ids"] == want[0] and row["prompt_tokens"] == len(ids)
 
 
-def test_evaluate_scores_loss_and_answers(tmp_path, converted):
+def test_evaluate_scores_loss_and_answers(tmp_path, converted, generations):
     """References equal to the model's own greedy answers: EM = F1 = 1, and the answer loss
     equals the one transformers computes for the same tokens."""
-    prompts = tmp_path / "q.jsonl"
-    prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
-    generated = tmp_path / "g.jsonl"
-    launch("generate.py", 1, "--load", str(converted["ckpt"]), "--input", str(prompts),
-           "--greedy", "--max_new_tokens", "12", "--output", str(generated))
+    generated = generations["answers"]  # generate.py --max_new_tokens 12
     answers = [json.loads(line)["generated_text"].strip()
                for line in generated.read_text().splitlines()]
     test = tmp_path / "test.jsonl"
     test.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
                             for q, a in zip(QUESTIONS, answers)))
     summary_file = tmp_path / "summary.json"
-    result = launch("evaluate.py", 1, "--load", str(converted["ckpt"]), "--input", str(test),
-                    "--max_new_tokens", "12", "--summary_json", str(summary_file),
-                    "--output", str(tmp_path / "rows.jsonl"))
-    assert "exact match" in result.stdout and "answer perplexity" in result.stdout
+    stdout = finished(launch("evaluate.py", 1, "--load", str(converted["ckpt"]), "--input",
+                             str(test), "--max_new_tokens", "12", "--summary_json",
+                             str(summary_file), "--output", str(tmp_path / "rows.jsonl")))
+    assert "exact match" in stdout and "answer perplexity" in stdout
     summary = json.loads(summary_file.read_text())
     assert summary["exact_match"] == 1.0 and summary["f1"] == 1.0
     # the same loss from transformers' logits

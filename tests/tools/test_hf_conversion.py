@@ -14,13 +14,11 @@ import torch
 from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
 from megatron_ext.checkpointing.unsharded import UnshardedReader
 from megatron_ext.models.hf_llama import llama_to_megatron
-from megatron_ext.parallel import free_port
 from megatron_ext.errors import UserError
 from tests.conftest import CHATML, REPO
-from tests.runs import child_env, model_args, run_many
+from tests.runs import child_env, job_logits, logits_job, model_args, run_many, start_runs
 from tests.tools.conftest import hf_logits, make_hf_model
 
-CHECK = str(REPO / "tests/tools/check_logits.py")
 EXTRA = ",".join(CHATML)
 
 
@@ -42,44 +40,29 @@ def tool_error(tool: str, *args: str) -> str:
     return f"error: {raised.value}"
 
 
-def run_tool(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = child_env()
-    result = subprocess.run([sys.executable, str(REPO / "tools" / tool), *args, "--no_progress"]
-                            if tool != "checkpoint_util.py" else
-                            [sys.executable, str(REPO / "tools" / tool), *args],
-                            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+def start_tool(tool: str, *args: str) -> subprocess.Popen:
+    """Start a tool's command line (a subprocess smoke test), output in pipes."""
+    extra = [] if tool == "checkpoint_util.py" else ["--no_progress"]
+    return subprocess.Popen([sys.executable, str(REPO / "tools" / tool), *args, *extra],
+                            env=child_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish_tool(process: subprocess.Popen, check: bool = True) -> subprocess.CompletedProcess:
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
-        raise AssertionError(f"{tool} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(f"{process.args[1]} failed:\n{stdout[-2000:]}\n{stderr[-4000:]}")
     return result
 
 
-def checkpoint_logits(load: Path, tokens: torch.Tensor, tmp: Path, tp: int = 1,
-                      pp: int = 1, vocab_file: str = "") -> torch.Tensor:
-    torch.save(tokens, tmp / "tokens.pt")
-    out = tmp / f"logits_{tp}_{pp}.pt"
-    env = child_env()
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp),
-         "--master_port", str(free_port()), CHECK, str(load), str(tmp / "tokens.pt"), str(out),
-         str(tp), str(pp), *([vocab_file] if vocab_file else [])], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return torch.load(out)
-
-
-def many_checkpoint_logits(loads: dict[str, Path], tokens: torch.Tensor, tmp: Path, tp: int,
-                           pp: int) -> dict[str, torch.Tensor]:
-    """Logits of several checkpoints at one TP/PP, from one launch."""
-    torch.save(tokens, tmp / "tokens.pt")
-    jobs = []
-    for name, load in loads.items():
-        jobs += [str(load), str(tmp / "tokens.pt"), str(tmp / f"logits_{name}_{tp}_{pp}.pt")]
-    env = child_env()
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp),
-         "--master_port", str(free_port()), CHECK, "--many", str(tp), str(pp), *jobs],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return {name: torch.load(tmp / f"logits_{name}_{tp}_{pp}.pt") for name in loads}
+def run_tool(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return finish_tool(start_tool(tool, *args), check)
 
 
 def test_import_writes_exactly_the_converted_weights(tmp_path, hf_llama, sp_model):
@@ -119,24 +102,71 @@ def test_bin_shards_give_the_same_checkpoint(tmp_path, sp_model, hf_llama):
     assert all(torch.equal(ra.view(n), rb.view(n)) for n in ra.names())
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("family,layouts", [("llama", [(2, 1), (1, 2)]),
-                                            ("mistral", [(2, 1)])])
-def test_converted_checkpoint_reproduces_transformers_logits(tmp_path, family, layouts,
-                                                             hf_llama, hf_mistral):
-    source = hf_llama if family == "llama" else hf_mistral
-    out = tmp_path / "ckpt"
-    if family == "llama":  # the converter's command line, once
-        run_tool("hf_to_megatron.py", "--model_path", str(source), "--out", str(out),
-                 "--vocab_extra_ids_list", EXTRA)
-    else:
-        tool_main("hf_to_megatron.py")(["--model_path", str(source), "--out", str(out),
-                                        "--vocab_extra_ids_list", EXTRA, "--no_progress"])
+LOGITS_CASES = {"llama": [(2, 1), (1, 2)], "mistral": [(2, 1)]}
+"""Per family, the TP/PP layouts its converted checkpoint's logits are checked at."""
+VARIANT_LAYOUTS = ((1, 1), (2, 1), (1, 2))
+"""The layouts of the tied Llama / Qwen2 / Qwen3 imports (``hf_variants``)."""
+
+
+@pytest.fixture(scope="module")
+def converted_logits(tmp_path_factory, sp_model, hf_llama, hf_mistral, hf_variants) -> dict:
+    """Every logits check of this module in two launches side by side: each family's
+    conversion at its layouts (two processes), the Llama 3.1 rope-scaled model at TP=1
+    (one). The converter's command line runs once (for Llama), beside the in-process
+    conversions. {(case, tp, pp): logits} plus the tokens and models."""
+    root = tmp_path_factory.mktemp("converted")
+    sources = {"llama": hf_llama, "mistral": hf_mistral}
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+               "rope_theta": 500000.0}
+    plain = make_hf_model(root / "plain", sp_model, initializer_range=0.2,
+                          rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    scaled = make_hf_model(root / "scaled", sp_model, initializer_range=0.2,
+                           rope_parameters=scaling)
+    cli = start_tool("hf_to_megatron.py", "--model_path", str(hf_llama), "--out",
+                     str(root / "llama"), "--vocab_extra_ids_list", EXTRA)
+    for family, source in sources.items():
+        if family != "llama":
+            tool_main("hf_to_megatron.py")(["--model_path", str(source), "--out",
+                                            str(root / family), "--vocab_extra_ids_list",
+                                            EXTRA, "--no_progress"])
+    tool_main("hf_to_megatron.py")(["--model_path", str(scaled), "--out",
+                                    str(root / "scaled_ckpt"), "--no_progress"])
+    finish_tool(cli)
     torch.manual_seed(1)
     tokens = torch.randint(0, 1500, (2, 40))  # 40 > the Mistral window of 8
+    torch.manual_seed(1)
+    long_tokens = torch.randint(0, 1500, (2, 200))
+    jobs = {(family, tp, pp): logits_job(f"{family}_{tp}_{pp}", root / family, tokens,
+                                         root / "logits", tp, pp)
+            for family, layouts in LOGITS_CASES.items() for tp, pp in layouts}
+    # tied Llama, Qwen2 and Qwen3 (imported in-process) at TP=1, TP=2 and PP=2
+    for name, source in hf_variants.items():
+        import_hf(ImportConfig(str(source), str(root / name), progress=False))
+        for tp, pp in VARIANT_LAYOUTS:
+            jobs[(name, tp, pp)] = logits_job(f"{name}_{tp}_{pp}", root / name, tokens,
+                                              root / "logits", tp, pp)
+    scaled_job = logits_job("scaled", root / "scaled_ckpt", long_tokens, root / "logits")
+    serial = start_runs(1, [scaled_job] + [job for key, job in jobs.items() if key[1:] == (1, 1)],
+                        root / "serial")
+    parallel = start_runs(2, [job for key, job in jobs.items() if key[1:] != (1, 1)],
+                          root / "parallel")
+    results = {**parallel.wait(), **serial.wait()}
+    return {"tokens": tokens, "long_tokens": long_tokens, "sources": sources,
+            "plain": plain, "scaled": scaled, "scaled_ckpt": root / "scaled_ckpt",
+            "variants": {name: root / name for name in hf_variants},
+            "scaled_logits": job_logits(results, scaled_job),
+            **{key: job_logits(results, job) for key, job in jobs.items()}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,layouts", list(LOGITS_CASES.items()))
+def test_converted_checkpoint_reproduces_transformers_logits(converted_logits, family, layouts):
+    source = converted_logits["sources"][family]
+    tokens = converted_logits["tokens"]
     want = hf_logits(source, tokens)
     for tp, pp in layouts:
-        got = checkpoint_logits(out, tokens, tmp_path, tp, pp)[..., :want.shape[-1]]
+        got = converted_logits[(family, tp, pp)][..., :want.shape[-1]]
         assert (got - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item()), (tp, pp)
 
 
@@ -158,28 +188,22 @@ def refused_runs(tmp_path_factory, hf_llama, train_data) -> dict:
 
 
 @pytest.mark.slow
-def test_tied_and_qwen_imports_reproduce_transformers_logits_at_tp1_tp2_pp2(tmp_path,
+def test_tied_and_qwen_imports_reproduce_transformers_logits_at_tp1_tp2_pp2(converted_logits,
                                                                           hf_variants):
     """Tied Llama (no lm_head stored), Qwen2 (tied, QKV biases) and Qwen3 (q/k norms, head
-    size 32): the imported checkpoints at TP=1, TP=2 and PP=2, one launch per layout."""
+    size 32): the imported checkpoints at TP=1, TP=2 and PP=2, in the module's launches."""
     from safetensors.torch import load_file
 
-    loads = {}
+    tokens = converted_logits["tokens"]
     for name, source in hf_variants.items():
-        loads[name] = tmp_path / name
-        summary = import_hf(ImportConfig(str(source), str(loads[name]), progress=False))
-        reader = UnshardedReader(summary.out)
+        reader = UnshardedReader(str(converted_logits["variants"][name]))
         tied = name != "qwen3"
         assert ("output_layer.weight" in reader.names()) is not tied  # one tensor when tied
         assert "lm_head.weight" not in load_file(str(source / "model.safetensors")) or not tied
         assert reader.run_config()["model"]["tie_embeddings"] is tied
-    torch.manual_seed(1)
-    tokens = torch.randint(0, 1500, (2, 40))
-    want = {name: hf_logits(source, tokens) for name, source in hf_variants.items()}
-    for tp, pp in ((1, 1), (2, 1), (1, 2)):
-        got = many_checkpoint_logits(loads, tokens, tmp_path, tp, pp)
-        for name, logits in got.items():
-            expected = want[name]
+        expected = hf_logits(source, tokens)
+        for tp, pp in VARIANT_LAYOUTS:
+            logits = converted_logits[(name, tp, pp)]
             diff = (logits[..., :expected.shape[-1]] - expected).abs().max()
             assert diff < 1e-5 * max(1.0, expected.abs().max().item()), (name, tp, pp, diff)
 
@@ -318,22 +342,13 @@ def test_conversion_streams_instead_of_loading_the_model(tmp_path, sp_model):
 
 
 @pytest.mark.slow
-def test_llama31_rope_scaling_reproduces_transformers_logits(tmp_path, sp_model):
-    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
-               "rope_theta": 500000.0}
-    plain = make_hf_model(tmp_path / "plain", sp_model, initializer_range=0.2,
-                          rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
-    scaled = make_hf_model(tmp_path / "scaled", sp_model, initializer_range=0.2,
-                           rope_parameters=scaling)
-    out = tmp_path / "ckpt"
-    tool_main("hf_to_megatron.py")(["--model_path", str(scaled), "--out", str(out),
-                                    "--no_progress"])
+def test_llama31_rope_scaling_reproduces_transformers_logits(converted_logits):
+    scaled, plain = converted_logits["scaled"], converted_logits["plain"]
+    out = converted_logits["scaled_ckpt"]
     assert UnshardedReader(str(out)).run_config()["model"]["rope_scaling_factor"] == 8.0
-    torch.manual_seed(1)
-    tokens = torch.randint(0, 1500, (2, 200))
+    tokens = converted_logits["long_tokens"]
     want = hf_logits(scaled, tokens)
-    got = checkpoint_logits(out, tokens, tmp_path)[..., :want.shape[-1]]
+    got = converted_logits["scaled_logits"][..., :want.shape[-1]]
     scale = max(1.0, want.abs().max().item())
     assert (got - want).abs().max() < 1e-5 * scale
     assert (hf_logits(plain, tokens) - want).abs().max() > 1e-3 * scale  # scaling matters here

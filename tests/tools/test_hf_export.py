@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -14,8 +13,8 @@ from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
 from megatron_ext.data.records import ASSISTANT, SYSTEM, USER, Message
 from tests.conftest import CHATML
 from tests.tools.conftest import hf_logits, make_hf_model
-from tests.tools.test_hf_conversion import checkpoint_logits, run_tool, tool_main
-from tests.runs import model_args, torchrun
+from tests.runs import job_logits, logits_job, model_args, run_many
+from tests.tools.test_hf_conversion import run_tool, tool_main
 
 CONFIG_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_parameters",
@@ -107,16 +106,16 @@ def test_finetuned_checkpoint_exports_to_a_model_transformers_reproduces(
     tool_main("hf_to_megatron.py")(["--model_path", str(hf_llama), "--out", str(converted),
                                     "--vocab_extra_ids_list", ",".join(CHATML),
                                     "--no_progress"])
-    torchrun(2, model_args(train_data, 3) + ["--load", str(converted), "--finetune",
-                                             "--use_checkpoint_args", "--save", str(run),
-                                             "--tensor_model_parallel_size", "2"])
     torch.manual_seed(2)
     tokens = torch.randint(0, 1507, (2, 32))
-    with ThreadPoolExecutor(2) as pool:  # two one-process children side by side
-        exporting = pool.submit(run_tool, "megatron_to_hf.py", "--load", str(run), "--out",
-                                str(exported), "--dtype", "fp32")
-        ours = checkpoint_logits(run, tokens, tmp_path)
-        result = exporting.result()
+    logits = logits_job("ours", run, tokens, tmp_path / "launch")  # at TP=1, after training
+    results = run_many(2, [{"name": "train", "argv": model_args(train_data, 3) + [
+        "--load", str(converted), "--finetune", "--use_checkpoint_args", "--save", str(run),
+        "--tensor_model_parallel_size", "2"]}, logits], tmp_path / "launch")
+    assert results["train"].returncode == 0, results["train"].log[-3000:]
+    ours = job_logits(results, logits)
+    result = run_tool("megatron_to_hf.py", "--load", str(run), "--out", str(exported),
+                      "--dtype", "fp32")
     assert "chat template: chatml" in result.stdout
     theirs = hf_logits(exported, tokens)
     assert theirs.shape[-1] == 1507  # padding removed, the new tokens kept

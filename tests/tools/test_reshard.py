@@ -7,8 +7,8 @@ import torch
 
 from megatron_ext.checkpointing.reshard import ReshardConfig, merge
 from megatron_ext.checkpointing.unsharded import UnshardedReader
-from tests.tools.test_hf_conversion import checkpoint_logits, run_tool
-from tests.runs import ITERS, model_args, start_runs, train_metrics
+from tests.runs import ITERS, job_logits, logits_job, model_args, start_runs, train_metrics
+from tests.tools.test_hf_conversion import finish_tool, start_tool, tool_main
 from tests.training.test_parallel import assert_same_curve
 
 pytestmark = pytest.mark.slow
@@ -22,25 +22,44 @@ def straight(reference_run):
 
 @pytest.fixture(scope="module")
 def resharded_runs(tmp_path_factory, train_data, straight):
-    """Training from resharded checkpoints, all in two launches side by side: from the
-    merge at 3 (one process), from its TP=2 split (two), and from a weights-only merge."""
+    """Every resharded checkpoint of this module, then every run on them in two launches
+    side by side: training from the merge at 3 (one process), from its TP=2 split (two)
+    and from a weights-only merge; the logits of the reference run at TP=1 and of its
+    legacy TP=2 x PP=2 split at TP=2. The two dist splits are the tool's command line
+    (they need a process group), side by side; the rest runs in-process."""
     root = tmp_path_factory.mktemp("resharded")
     merged, split, weights = root / "merged", root / "tp2", root / "weights"
+    m1, dist, legacy = root / "m1", root / "dist", root / "legacy"
     merge(ReshardConfig(load=str(straight), out=str(merged), iteration=3))
-    run_tool("checkpoint_util.py", "split", "--load", str(merged), "--out", str(split),
-             "--target_tp", "2")
-    run_tool("checkpoint_util.py", "merge", "--load", str(straight), "--out", str(weights),
-             "--no_optimizer")
+    merge(ReshardConfig(load=str(straight), out=str(m1)))
+    splits = [start_tool("checkpoint_util.py", "split", "--load", str(merged), "--out",
+                         str(split), "--target_tp", "2"),
+              start_tool("checkpoint_util.py", "split", "--load", str(m1), "--out", str(dist),
+                         "--target_tp", "2", "--target_pp", "2")]
+    tool = tool_main("checkpoint_util.py")
+    tool(["merge", "--load", str(straight), "--out", str(weights), "--no_optimizer"])
+    # legacy Megatron-LLM per-rank layout at TP=2 x PP=2 (written without a process group)
+    tool(["split", "--load", str(m1), "--out", str(legacy), "--format", "legacy",
+          "--target_tp", "2", "--target_pp", "2"])
+    for process in splits:
+        finish_tool(process)
+    torch.manual_seed(3)
+    tokens = torch.randint(0, 1500, (2, 24))
+    want = logits_job("straight_logits", straight, tokens, root / "logits")
+    got = logits_job("legacy_logits", legacy, tokens, root / "logits", tp=2)
     serial = start_runs(1, [
         {"name": "from_merged", "argv": model_args(train_data, ITERS) + [
             "--load", str(merged), "--save", str(root / "from_merged")]},
         {"name": "weights", "argv": model_args(train_data, ITERS) + [
             "--load", str(weights), "--save", str(root / "run")]},
+        want,
     ], root / "serial")
     parallel = start_runs(2, [{"name": "tp2run", "argv": model_args(train_data, ITERS) + [
         "--tensor_model_parallel_size", "2", "--load", str(split),
-        "--save", str(root / "tp2run")]}], root / "parallel")
-    return {"root": root, **parallel.wait(), **serial.wait()}
+        "--save", str(root / "tp2run")]}, got], root / "parallel")
+    results = {**parallel.wait(), **serial.wait()}
+    return {"root": root, "m1": m1, "dist": dist, "legacy": legacy,
+            "logits": (job_logits(results, want), job_logits(results, got)), **results}
 
 
 def tensors(path) -> dict:
@@ -59,14 +78,12 @@ def test_merged_then_split_checkpoint_resumes_on_the_same_curve(straight, reshar
     assert_same_curve(train_metrics(root / "tp2run"), want)
 
 
-def test_round_trips_are_bit_exact(tmp_path, train_data, straight):
-    m1 = tmp_path / "m1"
-    merge(ReshardConfig(load=str(straight), out=str(m1)))
+def test_round_trips_are_bit_exact(tmp_path, resharded_runs):
+    m1 = resharded_runs["m1"]  # the reference run merged
     first = tensors(m1)
     assert any(name.startswith("optimizer.state.exp_avg.") for name in first)
-    run_tool("checkpoint_util.py", "split", "--load", str(m1), "--out", str(tmp_path / "dist"),
-             "--target_tp", "2", "--target_pp", "2")
-    merge(ReshardConfig(load=str(tmp_path / "dist"), out=str(tmp_path / "m2")))
+    # split at TP=2 x PP=2 (in the fixture) and merged back
+    merge(ReshardConfig(load=str(resharded_runs["dist"]), out=str(tmp_path / "m2")))
     second = tensors(tmp_path / "m2")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -75,9 +92,7 @@ def test_round_trips_are_bit_exact(tmp_path, train_data, straight):
     assert common1["common"]["scheduler"] == common2["common"]["scheduler"]
     assert common1["common"]["consumed_samples"] == common2["common"]["consumed_samples"]
     # legacy Megatron-LLM per-rank layout at TP=2 x PP=2, and back
-    legacy = tmp_path / "legacy"
-    run_tool("checkpoint_util.py", "split", "--load", str(m1), "--out", str(legacy),
-             "--format", "legacy", "--target_tp", "2", "--target_pp", "2")
+    legacy = resharded_runs["legacy"]
     assert (legacy / "iter_0000006" / "mp_rank_01_001" / "model_optim_rng.pt").exists()
     merge(ReshardConfig(load=str(legacy), out=str(tmp_path / "m3")))
     third = tensors(tmp_path / "m3")
@@ -85,10 +100,7 @@ def test_round_trips_are_bit_exact(tmp_path, train_data, straight):
     assert sorted(third) == sorted(model_names)
     assert all(torch.equal(first[k], third[k]) for k in model_names)
     # a legacy TP=2 checkpoint loads (here at TP=2) and gives the trained model's logits
-    torch.manual_seed(3)
-    tokens = torch.randint(0, 1500, (2, 24))
-    want = checkpoint_logits(straight, tokens, tmp_path)
-    got = checkpoint_logits(legacy, tokens, tmp_path, tp=2)
+    want, got = resharded_runs["logits"]
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tests.runs import model_args, run_many, train_metrics
+from tests.runs import model_args, train_metrics
 
 FAMILY_ARGS = {
     "llama3": ["--recompute_granularity", "selective"],
@@ -15,14 +15,17 @@ FAMILY_ARGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def family_runs(tmp_path_factory, train_data):
-    """One 4-iteration run per family, all in one launch."""
-    root = tmp_path_factory.mktemp("families")
-    runs = [{"name": family, "argv": model_args(train_data, 4) + [
+def family_runs_spec(root, train_data) -> list[dict]:
+    """One 4-iteration run per family, all in one launch (started in conftest.py)."""
+    return [{"name": family, "argv": model_args(train_data, 4) + [
         "--model_name", family, *FAMILY_ARGS[family], "--save", str(root / family),
         "--tensorboard_dir", str(root / family / "tb")]} for family in sorted(FAMILY_ARGS)]
-    return root, run_many(1, runs, root / "launch")
+
+
+@pytest.fixture(scope="module")
+def family_runs(single_process_launches):
+    launch = single_process_launches["families"]
+    return launch.directory.parent, launch.wait()
 
 
 @pytest.mark.slow

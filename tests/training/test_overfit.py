@@ -9,11 +9,11 @@ import pytest
 from instruct.preprocess_instruct_data import build_parser, config_from_args
 from megatron_ext.data.preprocess import run_preprocess
 from tests.conftest import CHATML, SAMPLE
-from tests.runs import torchrun, train_metrics
+from tests.runs import train_metrics
 
 
-@pytest.mark.slow
-def test_tiny_model_overfits_a_small_dataset(tmp_path, sp_model):
+def overfit_run_spec(tmp_path, sp_model) -> list[dict]:
+    """Its small dataset, prepared here, and its run (a launch started in conftest.py)."""
     records = [json.loads(line) for line in (SAMPLE / "test.jsonl").read_text().splitlines()]
     short = [r for r in records if len(r["answer"]) < 40][:16]
     source = tmp_path / "small.jsonl"
@@ -23,7 +23,7 @@ def test_tiny_model_overfits_a_small_dataset(tmp_path, sp_model):
         "--tokenizer_type", "SentencePieceTokenizer", "--vocab_file", sp_model,
         "--vocab_extra_ids_list", ",".join(CHATML), "--question_key", "question",
         "--answer_key", "answer", "--workers", "1", "--no_progress"])))
-    torchrun(1, [
+    return [{"name": "overfit", "argv": [
         "--train_data_path", str(tmp_path / "small"), "--valid_data_path", str(tmp_path / "small"),
         "--test_data_path", str(tmp_path / "small"),
         "--tokenizer_type", "SentencePieceTokenizer", "--vocab_file", sp_model,
@@ -31,7 +31,15 @@ def test_tiny_model_overfits_a_small_dataset(tmp_path, sp_model):
         "--num_attention_heads", "4", "--seq_length", "64", "--variable_seq_lengths",
         "--micro_batch_size", "8", "--global_batch_size", "8", "--epochs", "60",
         "--lr", "3e-3", "--lr_decay_style", "constant", "--eval_iters", "2",
-        "--log_interval", "5", "--save", str(tmp_path / "run")])
+        "--log_interval", "5", "--save", str(tmp_path / "run")]}]
+
+
+@pytest.mark.slow
+def test_tiny_model_overfits_a_small_dataset(single_process_launches):
+    launch = single_process_launches["overfit"]
+    result = launch.wait()["overfit"]
+    assert result.returncode == 0, result.log[-3000:]
+    tmp_path = launch.directory.parent
     train = train_metrics(tmp_path / "run")
     valid = train_metrics(tmp_path / "run", "valid")
     assert train[-1]["iteration"] == 120  # 60 epochs of 16 records in batches of 8

@@ -21,7 +21,6 @@ from tests.runs import (
     model_args,
     run_many,
     start_runs,
-    torchrun,
     train_metrics,
 )
 
@@ -147,9 +146,13 @@ def test_sigterm_saves_then_resume_continues_exactly(tmp_path, train_data):
     assert 3 <= stopped_at < iters, output[-3000:]
     assert "saving and exiting" in output or "stopping after iteration" in output
 
+    # resumed (one process) beside what is left of the uninterrupted run
+    resuming = start_runs(1, [{"name": "resume", "argv": model_args(train_data, iters) + [
+        "--save", str(run), "--load", str(run)]}], tmp_path / "resume")
     assert uninterrupted.wait()["straight"].returncode == 0
     want = train_metrics(straight)
-    torchrun(1, model_args(train_data, iters) + ["--save", str(run), "--load", str(run)])
+    resumed = resuming.wait()["resume"]
+    assert resumed.returncode == 0, resumed.log[-3000:]
     assert_same_curve(train_metrics(run), want, rtol=1e-6)
 
 
