@@ -31,8 +31,9 @@ def build_parser() -> FlagParser:
                         help="checkpoint: a run's --save directory, an unsharded checkpoint, "
                              "or a legacy Megatron-LLM checkpoint")
     parser.add_argument("--out", required=True, help="Hugging Face directory to create")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="bf16",
-                        help="weights dtype in the export (default bf16)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="weights dtype in the export (default: the precision the model "
+                             "was trained in, else the dtype it was imported in, else fp32)")
     parser.add_argument("--iteration", type=int, default=None,
                         help="export this iteration instead of the latest")
     parser.add_argument("--chat_format", default=None,

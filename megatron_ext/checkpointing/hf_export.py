@@ -38,11 +38,28 @@ logger = logging.getLogger(__name__)
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+DTYPE_FLAGS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def export_dtype(requested: Optional[str], run_config: dict) -> str:
+    """The dtype to export in: ``requested`` (``--dtype``) when given, else the precision the
+    checkpoint was trained in, else the dtype its weights were imported in, else fp32.
+
+    Why not a fixed bf16: an fp32 model (a tiny test model, a CPU finetune) must round-trip
+    bit-exact without flags, and a bf16 model gains nothing from being widened."""
+    if requested:
+        return requested
+    precision = run_config.get("precision")
+    if precision:  # a trainer's run config
+        return "bf16" if precision.get("bf16") else "fp16" if precision.get("fp16") else "fp32"
+    return DTYPE_FLAGS.get((run_config.get("source") or {}).get("stored_dtype"), "fp32")
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     load: str
     out: str
-    dtype: str = "bf16"
+    dtype: Optional[str] = None  # None: the model's own (see export_dtype)
     iteration: Optional[int] = None
     chat_format: Optional[str] = None  # None: the training data's (meta.json), else chatml
     prompt_template: Optional[str] = None  # with chat_format "template"
@@ -83,7 +100,7 @@ def export_hf(config: ExportConfig) -> ExportSummary:
                                                           config.vocab_file))
     chat_format, template = _usable_chat_format(config.chat_format, config.prompt_template,
                                                 source.run_config, tokenizer)
-    dtype = DTYPES[config.dtype]
+    dtype = DTYPES[export_dtype(config.dtype, source.run_config)]
     heads = model["num_attention_heads"]
     kv = model.get("num_attention_heads_kv") or heads
     eos_ids = generation_config_eos(tokenizer, chat_format, template)

@@ -162,6 +162,7 @@ def import_hf(config: ImportConfig) -> ImportSummary:
                        "dtype": str(hf_config.get("dtype") or hf_config.get("torch_dtype"))},
         }
         stored_dtype = str(cast(weights.get("model.norm.weight")).dtype).replace("torch.", "")
+        run_config["source"]["stored_dtype"] = stored_dtype  # the export's default dtype
         writer.finish({"vocab_size": tokenizer.vocab_size, "iteration": 0, "source": "hf",
                        "dtype": stored_dtype}, run_config)
     return ImportSummary(out=config.out, family=model["model_name"], layers=layers,

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from megatron_ext.checkpointing.hf_export import ExportConfig, export_hf
+from megatron_ext.checkpointing.hf_export import ExportConfig, export_dtype, export_hf
 from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
 from megatron_ext.data.records import ASSISTANT, SYSTEM, USER, Message
 from tests.conftest import CHATML
@@ -80,8 +80,9 @@ def test_hf_megatron_hf_gives_back_identical_tensors_and_config(tmp_path, family
     source = hf_model_with_hf_tokenizer(tmp_path / "hf", sp_model=sp_model,
                                         family=family.removesuffix("-tied"), **overrides)
     import_hf(ImportConfig(str(source), str(tmp_path / "ckpt"), progress=False))
+    # default flags: the export keeps the dtype the model came in with (fp32 here)
     summary = export_hf(ExportConfig(str(tmp_path / "ckpt"), str(tmp_path / "back"),
-                                     dtype="fp32", progress=False))
+                                     progress=False))
     assert summary.vocab_size == json.loads((source / "config.json").read_text())["vocab_size"]
     before = load_file(str(source / "model.safetensors"))
     after = {}
@@ -137,3 +138,22 @@ def test_finetuned_checkpoint_exports_to_a_model_transformers_reproduces(
         build_chat_format("chatml", ours_tok), conversation)
     generation = json.loads((exported / "generation_config.json").read_text())
     assert ours_tok.token_id("<|im_end|>") in generation["eos_token_id"]
+
+
+def test_export_dtype_defaults_to_the_models_own():
+    """--dtype wins; else the trained precision; else the imported dtype; else fp32."""
+    trained_bf16 = {"precision": {"bf16": True, "fp16": False},
+                    "source": {"stored_dtype": "float32"}}
+    assert export_dtype(None, trained_bf16) == "bf16"
+    assert export_dtype("fp16", trained_bf16) == "fp16"
+    assert export_dtype(None, {"precision": {"bf16": False, "fp16": False}}) == "fp32"
+    assert export_dtype(None, {"source": {"stored_dtype": "bfloat16"}}) == "bf16"
+    assert export_dtype(None, {"source": {"stored_dtype": "float16"}}) == "fp16"
+    assert export_dtype(None, {}) == "fp32"  # e.g. a legacy checkpoint: lossless
+
+
+def test_imported_model_records_its_dtype_for_the_export(tmp_path, hf_llama):
+    import_hf(ImportConfig(str(hf_llama), str(tmp_path / "ckpt"), dtype="bf16", progress=False))
+    run_config = json.loads((tmp_path / "ckpt" / "run_config.json").read_text())
+    assert run_config["source"]["stored_dtype"] == "bfloat16"
+    assert export_dtype(None, run_config) == "bf16"
