@@ -342,3 +342,15 @@ def test_export_keeps_the_original_template(tmp_path, smollm2_dir):
     fmt = build_chat_format("hf", tokenizer)
     for conversation in CONVERSATIONS:
         assert _ids(hf, _messages(conversation)) == conversation_ids(fmt, tokenizer, conversation)[0]
+
+
+def test_extra_ids_the_tokenizer_already_has_keep_their_ids():
+    """Qwen's tokenizer has <|im_start|>/<|im_end|>: --vocab_extra_ids_list reuses those
+    ids and adds no row (a duplicate would be a second, untrained embedding)."""
+    plain = build_tokenizer(TokenizerConfig("HFTokenizer", _asset("qwen3")))
+    chat = build_tokenizer(TokenizerConfig("HFTokenizer", _asset("qwen3"),
+                                           ("<|im_start|>", "<|im_end|>")))
+    assert chat.vocab_size == plain.vocab_size
+    ids = plain.encode("<|im_start|>user<|im_end|>")
+    assert chat.special_tokens["<|im_start|>"] == ids[0]
+    assert chat.special_tokens["<|im_end|>"] == ids[-1]
