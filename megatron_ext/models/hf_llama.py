@@ -386,8 +386,8 @@ EMBEDDING_NAMES = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.we
 class LlamaLikeHF:
     """:class:`~megatron_ext.models.family.HFAdapter` for a family in the Llama layout.
 
-    ``matches`` is the family's own predicate on ``config.json`` (written in its
-    file); ``windowed`` says whether the config carries ``sliding_window``;
+    ``predicate`` is the family's own test of ``config.json`` (written in its file),
+    None when every config of ``model_type`` is the family's; ``windowed`` says whether the config carries ``sliding_window``;
     ``qkv_bias`` and ``qk_norm`` add Qwen2's query/key/value biases and Qwen3's
     per-head query/key norms; ``qwen`` writes Qwen's window fields on export.
     Tied embeddings are the model's own choice (``tie_word_embeddings``): a tied
@@ -396,14 +396,15 @@ class LlamaLikeHF:
 
     model_type: str
     architecture: str
-    predicate: Callable[[Mapping[str, Any]], bool]
+    predicate: Optional[Callable[[Mapping[str, Any]], bool]] = None
     windowed: bool = False
     qkv_bias: bool = False
     qk_norm: bool = False
     qwen: bool = False
 
     def matches(self, config: Mapping[str, Any]) -> bool:
-        return config.get("model_type") == self.model_type and self.predicate(config)
+        return config.get("model_type") == self.model_type and (
+            self.predicate is None or self.predicate(config))
 
     def model_args(self, config: Mapping[str, Any], model_name: str, source: str) -> dict:
         return model_args_from_llama_config(config, model_name, source, self.windowed,

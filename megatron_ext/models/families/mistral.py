@@ -6,14 +6,8 @@ window (``sliding_window``; ``null`` or ``use_sliding_window: false`` for none).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 from megatron_ext.models.family import LLAMA_LAYOUT, Family
 from megatron_ext.models.hf_llama import LlamaLikeHF
-
-
-def matches(config: Mapping[str, Any]) -> bool:
-    return True  # every config of model_type "mistral"
 
 
 FAMILY = Family(
@@ -23,5 +17,5 @@ FAMILY = Family(
     rope_theta=10000.0,
     layernorm_epsilon=1e-5,
     sliding_window=4096,
-    hf=LlamaLikeHF("mistral", "MistralForCausalLM", matches, windowed=True),
+    hf=LlamaLikeHF("mistral", "MistralForCausalLM", windowed=True),
 )

@@ -10,14 +10,8 @@ only is refused by name.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 from megatron_ext.models.family import LLAMA_LAYOUT, Family
 from megatron_ext.models.hf_llama import LlamaLikeHF
-
-
-def matches(config: Mapping[str, Any]) -> bool:
-    return True  # every config of model_type "qwen2"
 
 
 FAMILY = Family(
@@ -27,6 +21,6 @@ FAMILY = Family(
     rope_theta=1e6,
     layernorm_epsilon=1e-6,
     add_qkv_bias=True,
-    hf=LlamaLikeHF("qwen2", "Qwen2ForCausalLM", matches, windowed=True, qkv_bias=True,
+    hf=LlamaLikeHF("qwen2", "Qwen2ForCausalLM", windowed=True, qkv_bias=True,
                    qwen=True),
 )

@@ -8,14 +8,8 @@ Sliding-window fields are read as for Qwen2 (every layer or none).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 from megatron_ext.models.family import LLAMA_LAYOUT, Family
 from megatron_ext.models.hf_llama import LlamaLikeHF
-
-
-def matches(config: Mapping[str, Any]) -> bool:
-    return True  # every config of model_type "qwen3"
 
 
 FAMILY = Family(
@@ -25,6 +19,6 @@ FAMILY = Family(
     rope_theta=1e6,
     layernorm_epsilon=1e-6,
     qk_layernorm=True,
-    hf=LlamaLikeHF("qwen3", "Qwen3ForCausalLM", matches, windowed=True, qk_norm=True,
+    hf=LlamaLikeHF("qwen3", "Qwen3ForCausalLM", windowed=True, qk_norm=True,
                    qwen=True),
 )
