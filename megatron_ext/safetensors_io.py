@@ -15,7 +15,7 @@ import json
 import os
 import struct
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -102,13 +102,6 @@ def mmap_tensor(path: str, info: TensorInfo) -> torch.Tensor:
     if info.dtype == "BF16":
         tensor = tensor.view(torch.bfloat16)
     return tensor.view(info.shape)
-
-
-def mmap_tensors(path: str, header: Mapping[str, TensorInfo] | None = None
-                 ) -> dict[str, torch.Tensor]:
-    """Every tensor of ``path`` as a copy-on-write view of the file (no read yet)."""
-    header = read_header(path) if header is None else header
-    return {name: mmap_tensor(path, info) for name, info in header.items()}
 
 
 def read_weight_map(index_path: str, error=None) -> dict[str, str]:

@@ -28,7 +28,7 @@ from megatron_ext.checkpointing.run_config import chat_settings_of_run, tokenize
 from megatron_ext.checkpointing.sources import open_checkpoint
 from megatron_ext.errors import CheckpointError, ConfigError, TokenizerError
 from megatron_ext.io import staged_directory, write_json
-from megatron_ext.models.config import ModelArgs
+from megatron_ext.models.config import ModelArgs, PrecisionArgs
 from megatron_ext.models.hf_config import export_adapter, hf_config_from_model_args
 from megatron_ext.safetensors_io import ShardedSafetensorsWriter
 from megatron_ext.tokenizers import build_tokenizer
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-DTYPE_FLAGS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DTYPE_FLAGS = {DTYPE_NAMES[dtype]: flag for flag, dtype in DTYPES.items()}  # "bfloat16": "bf16"
 
 
 def export_dtype(requested: Optional[str], run_config: dict) -> str:
@@ -51,7 +51,8 @@ def export_dtype(requested: Optional[str], run_config: dict) -> str:
         return requested
     precision = run_config.get("precision")
     if precision:  # a trainer's run config
-        return "bf16" if precision.get("bf16") else "fp16" if precision.get("fp16") else "fp32"
+        return PrecisionArgs(bf16=bool(precision.get("bf16")),
+                             fp16=bool(precision.get("fp16"))).dtype_name
     return DTYPE_FLAGS.get((run_config.get("source") or {}).get("stored_dtype"), "fp32")
 
 

@@ -11,10 +11,10 @@ Formats: ``chatml``, ``megatron-llm`` (token-for-token Megatron-LLM's
 tokenizer's own Jinja chat template, see :mod:`megatron_ext.data.hf_chat`)
 and ``template`` (``--prompt_template`` with ``{system}``/``{input}``/``{output}``).
 
-The one exception to "segments are encoded separately": a format with
-``whole_text`` (``hf``) is tokenized as one text, as ``apply_chat_template``
-tokenizes it, and its segments only say which characters have which role;
-:meth:`ChatFormat.encode` gives each token a role from its character offsets.
+The one exception to "segments are encoded separately": ``hf`` is tokenized as one
+text, as ``apply_chat_template`` tokenizes it; its segments only say which
+characters have which role, and its ``encode`` gives each token a role from its
+character offsets.
 """
 
 from __future__ import annotations
@@ -52,8 +52,6 @@ class ChatFormat:
     megatron_llm = False
     #: an empty system prompt is rendered rather than left out
     keep_empty_system = False
-    #: a record's segments are tokenized as one text (roles from character offsets)
-    whole_text = False
 
     def __init__(self, tokenizer: InstructTokenizer):
         self.tokenizer = tokenizer
@@ -431,7 +429,6 @@ class HFChatTemplate(ChatFormat):
     description = ("the tokenizer's own Jinja chat_template (tokenizer_config.json or "
                    "chat_template.jinja beside tokenizer.json), default system prompt included: "
                    "ids equal transformers' apply_chat_template")
-    whole_text = True
     _probe = (Message(USER, "What is the capital of France?"),
               Message(ASSISTANT, "The capital of France is Paris."))
 

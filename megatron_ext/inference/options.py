@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from megatron_ext.cli import ConfigParser, option
-from megatron_ext.data.chat_formats import ChatFormat, build_chat_format
+from megatron_ext.data.chat_formats import CHAT_FORMAT_NAMES, ChatFormat, build_chat_format
 from megatron_ext.errors import ConfigError
 from megatron_ext.inference.prompts import PromptRecord, read_records
 
@@ -33,8 +33,8 @@ class InferenceOptions:
     tensor_model_parallel_size: int = option(1, "TP size (default: all processes torchrun "
                                                 "started)")
     chat_format: Optional[str] = option(
-        None, "chatml, megatron-llm, llama3, alpaca, hf (the tokenizer's own chat template) "
-              "(default: the training data's, from its -meta.json)")
+        None, "hf is the tokenizer's own chat template, template the --prompt_template "
+              "(default: the training data's, from its -meta.json)", choices=CHAT_FORMAT_NAMES)
     prompt_template: Optional[str] = option(
         None, "the preprocessing --prompt_template, for --chat_format template")
     vocab_file: Optional[str] = option(

@@ -44,11 +44,12 @@ def family_from_hf_config(config: Mapping[str, Any]) -> str:
 
 def export_adapter(model_name: str) -> HFAdapter:
     """The adapter that writes family ``model_name``; refuses a family without one."""
-    if model_name not in families() or get_family(model_name).hf is None:
+    family = families().get(model_name)
+    if family is None or family.hf is None:
         raise UnsupportedModelError(
             f"the {model_name!r} family has no Hugging Face equivalent; conversion supports "
             f"{', '.join(hf_family_names())}")
-    return get_family(model_name).hf
+    return family.hf
 
 
 def model_args_from_hf_config(config: Mapping[str, Any], model_name: Optional[str] = None,

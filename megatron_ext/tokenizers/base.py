@@ -153,12 +153,6 @@ class InstructTokenizer:
             )
         return self.special_tokens[token]
 
-    def split_special(self, text: str) -> list[str]:
-        """``[plain, special, plain, special, ..., plain]`` (plain may be empty)."""
-        if self._split_re is None:
-            return [text]
-        return self._split_re.split(text)
-
     # -- encode / decode --------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Encode one whole text that starts a document."""
