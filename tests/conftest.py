@@ -104,10 +104,8 @@ def cli_env():
 
 # ------------------------------------------------------------ shared training runs
 # (here, not in a sub-directory conftest, so that each runs once per session)
-@pytest.fixture(scope="session")
-def train_data(tmp_path_factory, sp_model):
+def _chatml_data(directory: Path, sp_model: str, tokenizer_flags: tuple[str, ...] = ()) -> dict:
     """The first 200 sample records as ChatML, truncated to 96 tokens."""
-    directory = tmp_path_factory.mktemp("train_data")
     lines = (SAMPLE / "training.jsonl").read_text(encoding="utf-8").splitlines()[:200]
     source = directory / "train.jsonl"
     source.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -115,9 +113,24 @@ def train_data(tmp_path_factory, sp_model):
             "--tokenizer_type", "SentencePieceTokenizer", "--vocab_file", sp_model,
             "--vocab_extra_ids_list", ",".join(CHATML), "--question_key", "question",
             "--answer_key", "answer", "--system_key", "system", "--max_seq_length", "96",
-            "--overlong", "truncate", "--workers", "1", "--no_progress"]
+            "--overlong", "truncate", "--workers", "1", "--no_progress", *tokenizer_flags]
     run_preprocess(config_from_args(build_parser().parse_args(argv)))
-    return {"prefix": str(directory / "train"), "vocab_file": sp_model}
+    return {"prefix": str(directory / "train"), "vocab_file": sp_model,
+            "tokenizer_flags": list(tokenizer_flags)}
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory, sp_model):
+    """The first 200 sample records as ChatML (Megatron-LLM's SentencePiece id layout)."""
+    return _chatml_data(tmp_path_factory.mktemp("train_data"), sp_model)
+
+
+@pytest.fixture(scope="session")
+def imported_train_data(tmp_path_factory, sp_model):
+    """The same records tokenized as a pretrained model's own tokenizer.model: what a model
+    imported with tools/hf_to_megatron.py trains on (no <CLS> <SEP> <EOD> <MASK> <PAD>)."""
+    return _chatml_data(tmp_path_factory.mktemp("imported_train_data"), sp_model,
+                        ("--no_megatron_llm_specials",))
 
 
 @pytest.fixture(scope="session")

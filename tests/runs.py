@@ -25,7 +25,8 @@ def model_args(data: dict, iters: int = 6) -> list[str]:
             "--num_layers", "2", "--hidden_size", "64", "--num_attention_heads", "4",
             "--num_attention_heads_kv", "2", "--seq_length", "96", "--variable_seq_lengths",
             "--micro_batch_size", "2", "--global_batch_size", "8", "--train_iters", str(iters),
-            "--lr", "1e-3", "--lr_warmup_iters", "1", "--eval_iters", "1", "--seed", "1234"]
+            "--lr", "1e-3", "--lr_warmup_iters", "1", "--eval_iters", "1", "--seed", "1234",
+            *data.get("tokenizer_flags", ())]
 
 
 def torchrun(nproc: int, args: list[str], timeout: int = 300, check: bool = True,

@@ -125,7 +125,9 @@ def import_hf(config: ImportConfig) -> ImportSummary:
 
     kind, vocab_file = _tokenizer_source(config)
     extra = parse_extra_ids(config.vocab_extra_ids_list)
-    tokenizer = build_tokenizer(TokenizerConfig(kind, vocab_file, extra))
+    # the model's own ids: none of Megatron-LLM's SentencePiece additions (<CLS> <SEP> ...)
+    tokenizer = build_tokenizer(TokenizerConfig(kind, vocab_file, extra,
+                                                megatron_llm_specials=False))
     _check_tokenizer(tokenizer, hf_config, rows, vocab_file)
     vocab_rows = max(rows, tokenizer.vocab_size)
     dtype = DTYPES[config.dtype] if config.dtype else None
@@ -156,7 +158,8 @@ def import_hf(config: ImportConfig) -> ImportSummary:
             "tokenizer_identity": tokenizer.identity(),
             "tokenizer": {"tokenizer_type": kind,
                           "vocab_file": os.path.join("tokenizer", tok_file).rstrip("/"),
-                          "vocab_extra_ids_list": config.vocab_extra_ids_list},
+                          "vocab_extra_ids_list": config.vocab_extra_ids_list,
+                          **({"megatron_llm_specials": False} if kind == SENTENCEPIECE else {})},
             "source": {"hf_model_path": os.path.abspath(config.model_path),
                        "model_type": hf_config.get("model_type"),
                        "dtype": str(hf_config.get("dtype") or hf_config.get("torch_dtype"))},

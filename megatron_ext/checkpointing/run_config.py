@@ -52,7 +52,8 @@ def tokenizer_config_from_run(load: str, run_config: dict,
             path = beside
     return TokenizerArgs(tokenizer_type=tok.get("tokenizer_type") or SENTENCEPIECE,
                          vocab_file=path, vocab_extra_ids_list=tok.get("vocab_extra_ids_list"),
-                         new_tokens=tok.get("new_tokens", True)).config()
+                         new_tokens=tok.get("new_tokens", True),
+                         megatron_llm_specials=tok.get("megatron_llm_specials", True)).config()
 
 
 def chat_settings_of_run(run_config: dict) -> tuple[Optional[str], Optional[str]]:

@@ -19,6 +19,7 @@ import numpy as np
 
 from megatron_ext.data.indexed import dataset_paths, read_meta
 from megatron_ext.errors import DataError
+from megatron_ext.tokenizers import megatron_llm_specials_hint
 
 TOKENIZER_FIELDS = ("type", "sha256", "vocab_size", "special_tokens")
 
@@ -78,4 +79,5 @@ class InstructionDataset:
                 f"dataset {self.prefix} was tokenized with a different tokenizer ({shown}); "
                 "pass the same --tokenizer_type/--vocab_file/--vocab_extra_ids_list as when "
                 "preprocessing, or preprocess the data again with this tokenizer"
+                + megatron_llm_specials_hint(recorded, identity)
             )

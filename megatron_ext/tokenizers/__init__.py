@@ -18,11 +18,12 @@ from megatron_ext.tokenizers.base import (
     build_tokenizer,
     canonical_tokenizer_type,
     file_sha256,
+    megatron_llm_specials_hint,
     parse_extra_ids,
 )
 
 __all__ = [
     "HUGGINGFACE", "SENTENCEPIECE", "TOKENIZER_TYPES", "HFTokenizer", "InstructTokenizer",
     "SentencePieceTokenizer", "TokenizerArgs", "TokenizerConfig", "build_tokenizer", "canonical_tokenizer_type",
-    "file_sha256", "parse_extra_ids",
+    "file_sha256", "megatron_llm_specials_hint", "parse_extra_ids",
 ]

@@ -15,11 +15,15 @@ contract here:
 ``SentencePieceTokenizer`` reproduces Megatron-LLM's id layout exactly
 (``<CLS> <SEP> <EOD> <MASK>``, pad/bos/eos, then ``--vocab_extra_ids_list``,
 unless ``--no_new_tokens``), so data and checkpoints move between the two
-projects unchanged.
+projects unchanged. Those four additions belong to Megatron-LLM's own training
+path: a pretrained model's ``tokenizer.model`` (what ``tools/hf_to_megatron.py``
+imports) keeps its ids and gains only the missing ``--vocab_extra_ids_list``
+tokens (``--no_megatron_llm_specials``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import os
@@ -73,6 +77,7 @@ class TokenizerConfig:
     vocab_file: str
     extra_ids: tuple[str, ...] = ()
     new_tokens: bool = True
+    megatron_llm_specials: bool = True  # SentencePiece only: <CLS> <SEP> <EOD> <MASK> <PAD>
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tokenizer_type", canonical_tokenizer_type(self.tokenizer_type))
@@ -95,13 +100,30 @@ class TokenizerArgs:
     new_tokens: bool = option(
         True, "add no token to the vocabulary: extra ids must already exist (and "
               "SentencePiece gets no <CLS>/<SEP>/<EOD>/<MASK>/<PAD>)")
+    megatron_llm_specials: bool = option(
+        True, "SentencePiece only: do not append Megatron-LLM's <CLS> <SEP> <EOD> <MASK> (and "
+              "<PAD> where the model has no pad piece); a pretrained model's own tokenizer.model "
+              "keeps its ids (tools/hf_to_megatron.py imports it so), while Megatron-LLM's data "
+              "has them")
 
     def config(self) -> TokenizerConfig:
         if not self.vocab_file:
             raise TokenizerError("--vocab_file is required (the tokenizer file or directory)")
         return TokenizerConfig(tokenizer_type=self.tokenizer_type, vocab_file=self.vocab_file,
                                extra_ids=parse_extra_ids(self.vocab_extra_ids_list),
-                               new_tokens=self.new_tokens)
+                               new_tokens=self.new_tokens,
+                               megatron_llm_specials=self.megatron_llm_specials)
+
+
+def megatron_llm_specials_hint(recorded: dict, ours: dict) -> str:
+    """Advice for two identities that differ only by Megatron-LLM's SentencePiece additions
+    (data or a checkpoint made from a pretrained model's tokenizer.model, read with them)."""
+    has = lambda identity: "<CLS>" in (identity.get("special_tokens") or {})  # noqa: E731
+    if ours.get("type") != SENTENCEPIECE or has(recorded) == has(ours):
+        return ""
+    flag = "--no_megatron_llm_specials" if has(ours) else "no --no_megatron_llm_specials"
+    return (f"; with {flag}, the SentencePiece tokenizer gets the other id layout (Megatron-LLM's "
+            "<CLS> <SEP> <EOD> <MASK> <PAD> additions)")
 
 
 def file_sha256(path: str) -> str:
@@ -196,6 +218,9 @@ class InstructTokenizer:
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
             "pad_id": self.pad_id,
+            # only when off, so that the identities recorded before the switch existed still match
+            **({} if self.config.megatron_llm_specials or self.config.tokenizer_type != SENTENCEPIECE
+               else {"megatron_llm_specials": False}),
         }
 
 
@@ -252,14 +277,17 @@ class SentencePieceTokenizer(InstructTokenizer):
         def piece(index: int, fallback: str) -> str:
             return self._sp.id_to_piece(index) if 0 <= index < len(self._sp) else fallback
 
-        for token in ("<CLS>", "<SEP>", "<EOD>", "<MASK>"):
-            add(token)
+        if config.megatron_llm_specials:
+            for token in ("<CLS>", "<SEP>", "<EOD>", "<MASK>"):
+                add(token)
         pad = piece(self._sp.pad_id(), "<PAD>")
-        add(pad)
+        if config.megatron_llm_specials or pad in vocab:
+            add(pad)
         bos = piece(self._sp.bos_id(), "<BOS>")
-        add(bos)
         eos = piece(self._sp.eos_id(), "<EOS>")
-        add(eos)
+        for token in (bos, eos):  # a pretrained model's vocabulary gains no BOS/EOS of ours
+            if config.megatron_llm_specials or token in vocab:
+                add(token)
         for token in config.extra_ids:
             add(token, required=True)
 
@@ -453,7 +481,6 @@ def build_tokenizer(config: TokenizerConfig) -> InstructTokenizer:
         if os.path.isdir(config.vocab_file):
             candidate = os.path.join(config.vocab_file, "tokenizer.model")
             if os.path.exists(candidate):
-                config = TokenizerConfig(config.tokenizer_type, candidate, config.extra_ids,
-                                         config.new_tokens)
+                config = dataclasses.replace(config, vocab_file=candidate)
         return SentencePieceTokenizer(config)
     return HFTokenizer(config)

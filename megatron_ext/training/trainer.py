@@ -31,7 +31,7 @@ from megatron_ext.checkpointing.vocab import checkpoint_directory, padded_vocab_
 from megatron_ext.models.builder import build_gpt_model, transformer_config
 from megatron_ext.models.config import ModelArgs
 from megatron_ext.parallel import Layout, init_distributed
-from megatron_ext.tokenizers import build_tokenizer
+from megatron_ext.tokenizers import build_tokenizer, megatron_llm_specials_hint
 from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.data import BatchBuilder, GlobalBatch, build_splits, iterations
 from megatron_ext.training.metrics import MetricsWriter
@@ -102,7 +102,8 @@ class Trainer:
             shown = "; ".join(d if len(d) < 160 else d[:160] + "..." for d in differences)
             raise CheckpointError(
                 f"{directory} was made with another tokenizer ({shown}); pass the checkpoint's "
-                "tokenizer (--vocab_file, --vocab_extra_ids_list in the same order)")
+                "tokenizer (--vocab_file, --vocab_extra_ids_list in the same order)"
+                + megatron_llm_specials_hint(saved, ours))
 
     def _chat_settings(self) -> dict:
         """The training data's chat format (from its meta.json), saved with every checkpoint

@@ -682,3 +682,32 @@ def test_rejects_file_in_missing_directory_is_a_user_error(tmp_path, sp_model, s
               "--rejects_file", str(tmp_path / "nodir" / "rejects.jsonl"), "--no_progress",
               "--workers", "1",
               *sp_flags(sp_model), *QA_KEYS])
+
+
+def test_pretrained_sentencepiece_layout_keeps_its_ids_and_is_told_apart(
+        tmp_path, sp_model, small_input, sp_tokenizer):
+    """--no_megatron_llm_specials: a pretrained model's tokenizer.model gains only the missing
+    extra ids (no <CLS> <SEP> <EOD> <MASK> <PAD>); data made with the other layout is refused
+    with the flag named."""
+    import sentencepiece as spm
+
+    plain = build_tokenizer(TokenizerConfig("SentencePieceTokenizer", sp_model, CHATML,
+                                            megatron_llm_specials=False))
+    size = spm.SentencePieceProcessor(model_file=sp_model).get_piece_size()
+    assert plain.vocab_size == size + len(CHATML)
+    assert [plain.token_id(t) for t in CHATML] == [size, size + 1]
+    assert set(plain.special_tokens) == {*CHATML, plain.bos_token, plain.eos_token}
+    assert plain.identity()["megatron_llm_specials"] is False
+    assert "megatron_llm_specials" not in sp_tokenizer.identity()  # old identities still match
+    assert "<CLS>" in sp_tokenizer.special_tokens
+
+    prefix = str(tmp_path / "out")
+    main(["--input", str(small_input), "--output_prefix", prefix, "--tokenizer_type",
+          "SentencePieceTokenizer", "--vocab_file", sp_model, "--vocab_extra_ids_list",
+          ",".join(CHATML), "--question_key", "question", "--answer_key", "answer",
+          "--no_progress", "--workers", "1"])
+    from megatron_ext.data.instruction_dataset import InstructionDataset
+
+    with pytest.raises(UserError, match="--no_megatron_llm_specials"):
+        InstructionDataset(prefix).check_tokenizer(plain.identity())
+    InstructionDataset(prefix).check_tokenizer(sp_tokenizer.identity())

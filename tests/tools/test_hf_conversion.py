@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
+from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
 from megatron_ext.checkpointing.unsharded import UnshardedReader
 from megatron_ext.models.hf_llama import llama_to_megatron
 from megatron_ext.errors import UserError
+from megatron_ext.tokenizers import build_tokenizer
 from tests.conftest import CHATML, REPO
 from tests.runs import child_env, job_logits, logits_job, model_args, run_many, start_runs
 from tests.tools.conftest import hf_logits, make_hf_model
@@ -79,7 +81,11 @@ def test_import_writes_exactly_the_converted_weights(tmp_path, hf_llama, sp_mode
     for name, tensor in want.items():
         assert torch.equal(reader.view(name), tensor), name
     embedding = reader.view("embedding.word_embeddings.weight")
-    assert summary.new_token_rows == summary.vocab_size - rows == 5 + len(CHATML)
+    # the model's own ids plus the chat tokens only: none of Megatron-LLM's <CLS> <SEP> ...
+    assert summary.new_token_rows == summary.vocab_size - rows == len(CHATML)
+    tokenizer = build_tokenizer(tokenizer_config_from_run(str(out), reader.run_config()))
+    assert "<CLS>" not in tokenizer.special_tokens and tokenizer.vocab_size == rows + len(CHATML)
+    assert [tokenizer.special_tokens[t] for t in CHATML] == [rows, rows + 1]
     assert torch.allclose(embedding[rows:], hf["model.embed_tokens.weight"].mean(0).expand(
         summary.vocab_size - rows, -1))
     assert len(reader.index.headers) > 1  # sharded by --max_shard_size
@@ -171,7 +177,7 @@ def test_converted_checkpoint_reproduces_transformers_logits(converted_logits, f
 
 
 @pytest.fixture(scope="module")
-def refused_runs(tmp_path_factory, hf_llama, train_data) -> dict:
+def refused_runs(tmp_path_factory, hf_llama, imported_train_data) -> dict:
     """Finetuning runs on converted checkpoints that must be refused, in one launch."""
     root = tmp_path_factory.mktemp("refused")
     convert = tool_main("hf_to_megatron.py")
@@ -180,9 +186,9 @@ def refused_runs(tmp_path_factory, hf_llama, train_data) -> dict:
     convert(["--model_path", str(hf_llama), "--out", str(root / "other"),
              "--vocab_extra_ids_list", ",".join(reversed(CHATML)), "--no_progress"])
     return run_many(1, [
-        {"name": "shape", "argv": model_args(train_data, 1) + [
+        {"name": "shape", "argv": model_args(imported_train_data, 1) + [
             "--load", str(root / "ckpt"), "--finetune", "--rope_theta", "500000"]},
-        {"name": "tokenizer", "argv": model_args(train_data, 1) + [
+        {"name": "tokenizer", "argv": model_args(imported_train_data, 1) + [
             "--load", str(root / "other"), "--finetune", "--use_checkpoint_args"]},
     ], root / "launch")
 
@@ -309,6 +315,7 @@ MEMORY_PROBE = r"""
 import sys, threading, time
 import psutil
 from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
+from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
 process = psutil.Process()
 base = peak = process.memory_info().rss
 done = False

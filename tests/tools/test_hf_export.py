@@ -100,7 +100,7 @@ def test_hf_megatron_hf_gives_back_identical_tensors_and_config(tmp_path, family
 
 @pytest.mark.slow
 def test_finetuned_checkpoint_exports_to_a_model_transformers_reproduces(
-        tmp_path, hf_llama, train_data):
+        tmp_path, hf_llama, imported_train_data):
     import transformers
 
     converted, run, exported = tmp_path / "converted", tmp_path / "run", tmp_path / "hf"
@@ -108,9 +108,9 @@ def test_finetuned_checkpoint_exports_to_a_model_transformers_reproduces(
                                     "--vocab_extra_ids_list", ",".join(CHATML),
                                     "--no_progress"])
     torch.manual_seed(2)
-    tokens = torch.randint(0, 1507, (2, 32))
+    tokens = torch.randint(0, 1502, (2, 32))
     logits = logits_job("ours", run, tokens, tmp_path / "launch")  # at TP=1, after training
-    results = run_many(2, [{"name": "train", "argv": model_args(train_data, 3) + [
+    results = run_many(2, [{"name": "train", "argv": model_args(imported_train_data, 3) + [
         "--load", str(converted), "--finetune", "--use_checkpoint_args", "--save", str(run),
         "--tensor_model_parallel_size", "2"]}, logits], tmp_path / "launch")
     assert results["train"].returncode == 0, results["train"].log[-3000:]
@@ -119,7 +119,7 @@ def test_finetuned_checkpoint_exports_to_a_model_transformers_reproduces(
                       "--dtype", "fp32")
     assert "chat template: chatml" in result.stdout
     theirs = hf_logits(exported, tokens)
-    assert theirs.shape[-1] == 1507  # padding removed, the new tokens kept
+    assert theirs.shape[-1] == 1502  # padding removed, the two chat tokens kept
     assert (ours - theirs).abs().max() < 1e-5 * max(1.0, theirs.abs().max().item())
     # and it is a finetuned model, not the converted one
     assert (hf_logits(hf_llama, tokens.clamp(max=1499)) - theirs[..., :1500]).abs().max() > 1e-4
@@ -129,8 +129,9 @@ def test_finetuned_checkpoint_exports_to_a_model_transformers_reproduces(
     from megatron_ext.checkpointing.hf_tokenizer import chat_template_ids, format_ids
     from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer
 
-    ours_tok = build_tokenizer(TokenizerConfig("SentencePieceTokenizer", train_data["vocab_file"],
-                                               CHATML))
+    ours_tok = build_tokenizer(TokenizerConfig(
+        "SentencePieceTokenizer", imported_train_data["vocab_file"], CHATML,
+        megatron_llm_specials=False))
     conversation = (Message(SYSTEM, "Be brief."), Message(USER, "What is 2+2?"),
                     Message(ASSISTANT, "4"))
     messages = [{"role": m.role, "content": m.content} for m in conversation]
