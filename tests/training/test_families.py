@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -12,6 +13,8 @@ FAMILY_ARGS = {
     "llama3": ["--recompute_granularity", "selective"],
     "mistral": ["--sliding_window_size", "16", "--recompute_granularity", "full"],
     "gpt": [],  # LayerNorm, GeLU, learned positions, biases, tied embeddings
+    "qwen2": ["--tie_embed_logits"],  # QKV biases, RMSNorm eps 1e-6, RoPE base 1e6
+    "qwen3": ["--kv_channels", "24"],  # per-head q/k RMSNorm, head size != hidden / heads
 }
 
 
@@ -40,3 +43,5 @@ def test_family_trains(family_runs, family):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))  # TensorBoard scalars
     assert "validation at iter 4" in result.log
     assert (tmp_path / "iter_0000004").is_dir()
+    run_config = json.loads((tmp_path / "iter_0000004" / "run_config.json").read_text())
+    assert run_config["model"]["model_name"] == family
