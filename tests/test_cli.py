@@ -231,3 +231,115 @@ def test_help_and_argument_errors_come_back_without_torch(script, argv, code, me
     assert "imported before the flags were checked" not in output
     assert result.returncode == code, output[-2000:]
     assert message in output and "Traceback" not in output
+
+
+# -- the checkpoint tools: hf_to_megatron, megatron_to_hf, checkpoint_util ----------------------
+
+def tool_parser(script: str) -> ConfigParser:
+    """``build_parser()`` of a tool, loaded by path (tools/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{script}", REPO / "tools" / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.build_parser()
+
+
+@pytest.mark.parametrize("script, config, command", [
+    ("hf_to_megatron.py", "ImportConfig", []),
+    ("megatron_to_hf.py", "ExportConfig", []),
+    ("checkpoint_util.py", "ReshardConfig", ["split"]),
+])
+def test_every_checkpoint_tool_flag_sets_its_field(script, config, command):
+    from megatron_ext.checkpointing import options
+
+    cls = getattr(options, config)
+    p = tool_parser(script)
+    argv, want = non_default_argv(p, [cls])
+    built = build_config(cls, p.parse_args(command + argv))
+    for (_, name), value in want.items():
+        assert getattr(built, name) == value, name
+
+
+def test_checkpoint_tool_flags_keep_their_megatron_spellings():
+    from megatron_ext.checkpointing.options import ExportConfig, ImportConfig, ReshardConfig
+
+    reshard = build_config(ReshardConfig, tool_parser("checkpoint_util.py").parse_args([
+        "merge", "--load", "l", "--out", "o", "--no-optimizer", "--target_tensor_parallel_size",
+        "4", "--target-pipeline-parallel-size", "2", "--max_shard_size", "500MB"]))
+    assert reshard == ReshardConfig(load="l", out="o", include_optimizer=False, target_tp=4,
+                                    target_pp=2, max_shard_bytes=500 * 2**20)
+    imported = build_config(ImportConfig, tool_parser("hf_to_megatron.py").parse_args([
+        "--model_path", "m", "--out", "o", "--no_progress", "--max-shard-size=3GB"]))
+    assert imported == ImportConfig(model_path="m", out="o", progress=False,
+                                    max_shard_bytes=3 * 2**30)
+    exported = build_config(ExportConfig, tool_parser("megatron_to_hf.py").parse_args([
+        "--load", "l", "--out", "o"]))
+    assert exported == ExportConfig(load="l", out="o") and exported.max_shard_bytes == 5 * 2**30
+
+
+def test_dtype_choices_are_the_importers_dtypes():
+    from megatron_ext.checkpointing.hf_import import DTYPES
+    from megatron_ext.checkpointing.options import DTYPE_CHOICES
+
+    assert DTYPE_CHOICES == tuple(DTYPES)
+
+
+# One child for every case: each tool runs in it by path, as from a shell, behind the NoTorch
+# guard; the child reports (exit status, output) per case and whether torch ever got in.
+GUARD_MANY = """
+import contextlib, io, json, runpy, sys
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "megatron"):
+            raise ImportError(f"{name} imported before the flags were checked")
+sys.meta_path.insert(0, NoTorch())
+from megatron_ext.cli import run_cli
+results = []
+for script, *argv in json.loads(sys.argv[1]):
+    sys.argv = [script, *argv]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            namespace = runpy.run_path(script)  # not as __main__: run_cli is called below
+            run_cli(namespace["main"])
+        except SystemExit as stop:
+            code = stop.code
+        except BaseException as exc:
+            code = f"{type(exc).__name__}: {exc}"
+    results.append([code, out.getvalue()])
+print(json.dumps({"results": results, "torch": "torch" in sys.modules}))
+"""
+
+TOOL_CASES = [
+    ("tools/hf_to_megatron.py", ["--help"], 0, "or a .gguf file"),
+    ("tools/hf_to_megatron.py", ["--model_path", "m", "--out", "o", "--dtype", "fp8"], 2,
+     "--dtype: invalid choice: 'fp8'"),
+    ("tools/hf_to_megatron.py", ["--model_path", "m", "--out", "o", "--max_shard_size", "2XB"],
+     1, "error: --max_shard_size '2XB': use a size like 2GB or 500MB"),
+    ("tools/megatron_to_hf.py", ["--help"], 0, "--no_progress"),
+    ("tools/megatron_to_hf.py", ["--load", "l", "--out", "o", "--iteration", "last"], 2,
+     "--iteration: invalid int value: 'last'"),
+    ("tools/checkpoint_util.py", ["--help"], 0, "--target_tensor_parallel_size"),
+    ("tools/checkpoint_util.py", ["merge", "--load", "l", "--out", "o", "--optimizer"], 2,
+     "unrecognized arguments: --optimizer"),
+    ("tools/checkpoint_util.py", ["join", "--load", "l", "--out", "o"], 2,
+     "argument command: invalid choice: 'join'"),
+]
+
+
+def test_checkpoint_tools_answer_help_and_flag_errors_without_torch():
+    import json
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    cases = [[script, *argv] for script, argv, _, _ in TOOL_CASES]
+    child = subprocess.run([sys.executable, "-c", GUARD_MANY, json.dumps(cases)], env=env,
+                           cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    report = json.loads(child.stdout.splitlines()[-1])
+    assert report["torch"] is False
+    for (script, argv, code, message), (got, output) in zip(TOOL_CASES, report["results"]):
+        assert "imported before the flags were checked" not in output, (script, argv, output)
+        assert got == code and message in " ".join(output.split()), (script, argv, got,
+                                                                    output[-2000:])
+        assert "Traceback" not in output

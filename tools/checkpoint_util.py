@@ -31,48 +31,34 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_ext.cli import FlagParser, parse_size, run_cli, setup_logging  # noqa: E402
+from megatron_ext.checkpointing.options import ReshardConfig  # noqa: E402
+from megatron_ext.cli import ConfigParser, build_config, run_cli, setup_logging  # noqa: E402
 
 
-def build_parser() -> FlagParser:
-    parser = FlagParser(prog="checkpoint_util.py", description=__doc__.split("\n\n")[0],
-                        epilog=__doc__.split("\n\n", 1)[1])
+def build_parser() -> ConfigParser:
+    """The command (not a setting of :class:`ReshardConfig`: it picks the function) and the
+    config's flags; building it imports no torch."""
+    parser = ConfigParser(prog="checkpoint_util.py", description=__doc__.split("\n\n")[0],
+                          epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("command", choices=["merge", "split"])
-    parser.add_argument("--load", required=True, help="checkpoint to read (format detected)")
-    parser.add_argument("--out", required=True, help="directory to create")
-    parser.add_argument("--iteration", type=int, default=None,
-                        help="read this iteration instead of the latest")
-    parser.add_argument("--no_optimizer", action="store_true",
-                        help="weights only (drop optimizer state and training position)")
-    parser.add_argument("--target_tp", "--target_tensor_parallel_size", type=int, default=1,
-                        help="split: tensor parallel size of the result")
-    parser.add_argument("--target_pp", "--target_pipeline_parallel_size", type=int, default=1,
-                        help="split: pipeline parallel size of the result")
-    parser.add_argument("--format", choices=["dist", "legacy"], default="dist",
-                        help="split: output format (default dist)")
-    parser.add_argument("--max_shard_size", default="2GB", help="merge: largest output file")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_config(ReshardConfig)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    config = build_config(ReshardConfig, args)
     setup_logging()
-    from megatron_ext.checkpointing.reshard import ReshardConfig, merge, split
+    from megatron_ext.checkpointing.reshard import merge, split
 
-    config = ReshardConfig(load=args.load, out=args.out, iteration=args.iteration,
-                           include_optimizer=not args.no_optimizer, target_tp=args.target_tp,
-                           target_pp=args.target_pp, format=args.format,
-                           max_shard_bytes=parse_size(args.max_shard_size),
-                           overwrite=args.overwrite)
     if args.command == "merge":
         s = merge(config)
-        print(f"merged {args.load} ({s.source}, iteration {s.iteration}) -> {s.out}: "
+        print(f"merged {config.load} ({s.source}, iteration {s.iteration}) -> {s.out}: "
               f"{s.tensors} tensors, {s.bytes / 2**20:.1f} MiB, optimizer state "
               f"{'included' if s.optimizer else 'not included'} ({s.seconds:.1f} s)")
     else:
         s = split(config)
-        print(f"split {args.load} ({s.source}, iteration {s.iteration}) -> {s.out}: "
+        print(f"split {config.load} ({s.source}, iteration {s.iteration}) -> {s.out}: "
               f"{s.format} at TP={s.tp} PP={s.pp}, {s.tensors} tensors, "
               f"vocabulary rows {s.vocab_rows}, optimizer state "
               f"{'included' if s.optimizer else 'not included'} ({s.seconds:.1f} s)")

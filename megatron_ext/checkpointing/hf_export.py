@@ -24,6 +24,7 @@ from megatron_ext.checkpointing.hf_tokenizer import (
     export_hf_tokenizer,
     generation_config_eos,
 )
+from megatron_ext.checkpointing.options import ExportConfig  # (lives there: no torch)
 from megatron_ext.checkpointing.run_config import chat_settings_of_run, tokenizer_config_from_run
 from megatron_ext.checkpointing.sources import open_checkpoint
 from megatron_ext.errors import CheckpointError, ConfigError, TokenizerError
@@ -54,20 +55,6 @@ def export_dtype(requested: Optional[str], run_config: dict) -> str:
         return PrecisionArgs(bf16=bool(precision.get("bf16")),
                              fp16=bool(precision.get("fp16"))).dtype_name
     return DTYPE_FLAGS.get((run_config.get("source") or {}).get("stored_dtype"), "fp32")
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    load: str
-    out: str
-    dtype: Optional[str] = None  # None: the model's own (see export_dtype)
-    iteration: Optional[int] = None
-    chat_format: Optional[str] = None  # None: the training data's (meta.json), else chatml
-    prompt_template: Optional[str] = None  # with chat_format "template"
-    vocab_file: Optional[str] = None  # None: the tokenizer named in the checkpoint
-    max_shard_bytes: int = 5 * 2**30
-    overwrite: bool = False
-    progress: bool = True
 
 
 @dataclass(frozen=True)

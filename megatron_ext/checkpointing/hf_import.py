@@ -14,10 +14,10 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
+from megatron_ext.checkpointing.options import ImportConfig  # (lives there: no torch)
 from megatron_ext.checkpointing.unsharded import UnshardedWriter
 from megatron_ext.errors import TokenizerError
 from megatron_ext.models.hf_checkpoint import HFWeights, read_hf_config
@@ -35,20 +35,6 @@ logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
-
-
-@dataclass(frozen=True)
-class ImportConfig:
-    model_path: str
-    out: str
-    model_name: Optional[str] = None
-    vocab_extra_ids_list: Optional[str] = None
-    tokenizer_type: Optional[str] = None  # None: tokenizer.model -> SentencePiece, else HF
-    vocab_file: Optional[str] = None  # None: the model directory's tokenizer
-    dtype: Optional[str] = None  # None: keep the checkpoint's
-    max_shard_bytes: int = 2 * 2**30
-    overwrite: bool = False
-    progress: bool = True
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from megatron_ext.checkpointing.legacy import write_legacy_checkpoint
+from megatron_ext.checkpointing.options import ReshardConfig  # (lives there: no torch)
 from megatron_ext.checkpointing.run_config import write_run_config
 from megatron_ext.checkpointing.sources import CheckpointSource, open_checkpoint
 from megatron_ext.checkpointing.tracker import iteration_dir, write_tracker
@@ -34,19 +35,6 @@ from megatron_ext.models.config import padded_vocab_size
 from megatron_ext.parallel import init_distributed
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ReshardConfig:
-    load: str
-    out: str
-    iteration: Optional[int] = None
-    include_optimizer: bool = True
-    target_tp: int = 1
-    target_pp: int = 1
-    format: str = "dist"  # split target: dist | legacy
-    max_shard_bytes: int = 2 * 2**30
-    overwrite: bool = False
 
 
 @dataclass(frozen=True)
