@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Convert a Hugging Face Llama 1/2/3, CodeLlama or Mistral model into a checkpoint to finetune.
+"""Convert a Hugging Face model directory or a GGUF file into a checkpoint to finetune.
 
-The output is an unsharded checkpoint (safetensors in megatron-core names, the
-model shape in run_config.json, the tokenizer files in tokenizer/) that
-finetune.py starts from at any TP/PP. Tensors are converted one layer at a
-time, so the model never has to fit in memory.
+Families: Llama 1/2/3/3.1/3.2, CodeLlama, Mistral, SmolLM2, Qwen2/2.5, Qwen3 (read
+from config.json, or from the GGUF metadata). The output is an unsharded
+checkpoint (safetensors in megatron-core names, the model shape in
+run_config.json, the tokenizer files in tokenizer/) that finetune.py starts
+from at any TP/PP. Tensors are converted one layer at a time (a GGUF's are
+dequantized one at a time), so the model never has to fit in memory.
+finetune.py --load HF_DIR (or a .gguf) runs this on the fly, into a cache.
 
 examples:
   python tools/hf_to_megatron.py --model_path Llama-2-7b-hf --out ckpt/llama2-7b \\
@@ -12,11 +15,14 @@ examples:
   torchrun --nproc_per_node 8 finetune.py --load ckpt/llama2-7b --finetune \\
       --use_checkpoint_args --tensor_model_parallel_size 4 --save runs/sft \\
       --tokenizer_type SentencePieceTokenizer --vocab_file ckpt/llama2-7b/tokenizer/tokenizer.model \\
-      --vocab_extra_ids_list "<|im_start|>,<|im_end|>" ...
+      --no_megatron_llm_specials --vocab_extra_ids_list "<|im_start|>,<|im_end|>" ...
+  python tools/hf_to_megatron.py --model_path SmolLM2-135M-Instruct.Q4_1.gguf --out ckpt/smollm2
 
-New tokens from --vocab_extra_ids_list get embedding and output rows equal to
-the mean of the existing rows. The family (--model_name) is read from
-config.json when not given.
+The model keeps its tokenizer's ids. Tokens of --vocab_extra_ids_list that the
+tokenizer lacks get embedding and output rows equal to the mean of the existing
+rows; those it has keep their ids. A SentencePiece tokenizer.model gets none of
+Megatron-LLM's <CLS> <SEP> <EOD> <MASK> <PAD>: preprocess its data with
+--no_megatron_llm_specials.
 """
 
 from __future__ import annotations

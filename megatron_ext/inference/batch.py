@@ -107,7 +107,6 @@ def generate_records(loaded: LoadedModel, fmt: Optional[ChatFormat],
     tokenizer = loaded.tokenizer
     stops = stop_ids(loaded, fmt)
     limit = loaded.model_args.max_position_embeddings
-    out = []
     encoded = [prompt_ids(fmt, tokenizer, record) for record in records]
     too_long = [f"{record.where} ({len(ids)} tokens)" for record, ids in zip(records, encoded)
                 if len(ids) + params.max_new_tokens > limit]
@@ -116,16 +115,21 @@ def generate_records(loaded: LoadedModel, fmt: Optional[ChatFormat],
                         f"exceed the model's {limit} positions: {', '.join(too_long[:5])}")
     bar = tqdm(total=len(records), desc="generating", unit="prompt",
                disable=not (progress and loaded.layout.is_logger))
-    for start in range(0, len(records), batch_size):
-        batch, prompts = records[start:start + batch_size], encoded[start:start + batch_size]
+    # Batches of similar prompt lengths: a batch is prefilled up to its shortest prompt and
+    # then advances one position at a time, so one long prompt among short ones would cost
+    # a decoding step per token of its length. The order is deterministic (stable sort).
+    order = sorted(range(len(records)), key=lambda i: len(encoded[i]))
+    out: list[Optional[Generation]] = [None] * len(records)
+    for batch in _batches(order, batch_size):
+        prompts = [encoded[i] for i in batch]
         results = generate(loaded.model, prompts, params, stops, tokenizer.vocab_size,
                            loaded.window)
-        for record, ids, result in zip(batch, prompts, results):
+        for i, ids, result in zip(batch, prompts, results):
             text = tokenizer.decode(result.token_ids, doc_start=False,
                                     megatron_llm=bool(fmt and fmt.megatron_llm))
-            out.append(Generation(prompt=record.prompt, generated_text=text,
-                                  generated_ids=result.token_ids, prompt_tokens=len(ids),
-                                  stop_reason=result.stop_reason))
+            out[i] = Generation(prompt=records[i].prompt, generated_text=text,
+                                generated_ids=result.token_ids, prompt_tokens=len(ids),
+                                stop_reason=result.stop_reason)
         bar.update(len(batch))
     bar.close()
     return out
@@ -138,14 +142,16 @@ def answer_loss(loaded: LoadedModel, fmt: ChatFormat, records: list[PromptRecord
     nll, count = 0.0, 0
     limit = loaded.model_args.max_position_embeddings
     scored = [r for r in records if r.answers]
-    for batch in _batches(scored, batch_size):
-        encoded = [conversation_ids(fmt, loaded.tokenizer,
-                                    r.conversation + (Message(ASSISTANT, r.answers[0]),))
-                   for r in batch]
-        encoded = [(ids[:limit], roles[:limit]) for ids, roles in encoded]
+    conversations = [conversation_ids(fmt, loaded.tokenizer,
+                                      r.conversation + (Message(ASSISTANT, r.answers[0]),))
+                     for r in scored]
+    conversations = [(ids[:limit], roles[:limit]) for ids, roles in conversations]
+    # batches of similar lengths (less padding); the sums do not depend on the order
+    conversations.sort(key=lambda pair: len(pair[0]))
+    for encoded in _batches(conversations, batch_size):
         width = max(len(ids) for ids, _ in encoded)
-        tokens = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.bool)
+        tokens = torch.zeros(len(encoded), width, dtype=torch.long)
+        mask = torch.zeros(len(encoded), width, dtype=torch.bool)
         for row, (ids, roles) in enumerate(encoded):
             tokens[row, :len(ids)] = torch.tensor(ids)
             mask[row, :len(ids)] = torch.tensor(roles) == ASSISTANT_ROLE
