@@ -45,7 +45,8 @@ def temp_path(path: str) -> str:
     return f"{path}{TEMP_MARK}{os.getpid()}"
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (so its temporaries are in use)."""
     if pid == os.getpid():
         return True
     try:
@@ -88,7 +89,7 @@ def remove_stale(path: str) -> list[str]:
         for mark in (OLD_MARK, TEMP_MARK):
             head = base + mark
             tail = name[len(head):]
-            if name.startswith(head) and tail.isdigit() and not _process_alive(int(tail)):
+            if name.startswith(head) and tail.isdigit() and not process_alive(int(tail)):
                 stale = os.path.join(directory, name)
                 if mark == OLD_MARK and not os.path.lexists(target):
                     os.replace(stale, target)

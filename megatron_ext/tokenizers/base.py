@@ -89,7 +89,8 @@ class TokenizerArgs:
     the trainer; also what a run's ``run_config.json`` records. :meth:`config` is the one
     conversion to the :class:`TokenizerConfig` that builds the tokenizer."""
 
-    tokenizer_type: str = option(
+    # None: not given (finetune.py then takes the type of the model --load imports)
+    tokenizer_type: Optional[str] = option(
         SENTENCEPIECE, f"one of {', '.join(TOKENIZER_TYPES)} (SentencePiece .model file, or a "
                        "Hugging Face tokenizer.json / model directory)")
     vocab_file: Optional[str] = option(
@@ -109,7 +110,8 @@ class TokenizerArgs:
     def config(self) -> TokenizerConfig:
         if not self.vocab_file:
             raise TokenizerError("--vocab_file is required (the tokenizer file or directory)")
-        return TokenizerConfig(tokenizer_type=self.tokenizer_type, vocab_file=self.vocab_file,
+        return TokenizerConfig(tokenizer_type=self.tokenizer_type or SENTENCEPIECE,
+                               vocab_file=self.vocab_file,
                                extra_ids=parse_extra_ids(self.vocab_extra_ids_list),
                                new_tokens=self.new_tokens,
                                megatron_llm_specials=self.megatron_llm_specials)

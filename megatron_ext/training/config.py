@@ -11,6 +11,7 @@ so a default is written once. Importing this module costs no torch.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -18,6 +19,7 @@ from megatron_ext.cli import option
 from megatron_ext.errors import ConfigError
 from megatron_ext.models.config import ModelArgs, PrecisionArgs
 from megatron_ext.models.families import family_names
+from megatron_ext.models.import_sources import import_source_kind
 from megatron_ext.parallel import ParallelArgs
 from megatron_ext.tokenizers import TokenizerArgs
 
@@ -80,12 +82,32 @@ class ScheduleArgs:
 @dataclass(frozen=True)
 class CheckpointArgs:
     save: Optional[str] = option(None, "checkpoint directory (also holds metrics.jsonl)")
-    load: Optional[str] = option(None, "resume from the latest checkpoint here")
+    load: Optional[str] = option(
+        None, "resume from the latest checkpoint here; or start from a Hugging Face model "
+              "directory (config.json + weights) or a .gguf file, imported once into "
+              "--import_cache_dir (implies --finetune --use_checkpoint_args; the model's "
+              "tokenizer unless --vocab_file)")
     finetune: bool = option(False, "with --load: take the weights only (fresh optimizer, "
                                    "iteration 0)")
     use_checkpoint_args: bool = option(False, "take the model shape from the checkpoint in "
                                               "--load")
+    import_cache_dir: Optional[str] = option(
+        None, "where --load of a Hugging Face model or GGUF file is imported, keyed by the "
+              "source's files and the import options, and reused while they are unchanged "
+              "(default: SAVE/imported_models, without --save "
+              "~/.cache/megatron-instruct/imports)")
     tensorboard_dir: Optional[str] = option(None, "also write TensorBoard event files here")
+
+    @property
+    def imports_model(self) -> bool:
+        """--load names a model to import (a Hugging Face directory, a GGUF file), not a
+        checkpoint: its shape and tokenizer come from the import."""
+        return import_source_kind(self.load) is not None
+
+    @property
+    def shape_from_load(self) -> bool:
+        """The model's shape is read from --load, not from the model flags."""
+        return self.use_checkpoint_args or self.imports_model
 
 
 @dataclass(frozen=True)
@@ -172,8 +194,12 @@ class TrainConfig:
             problems.append("give either --data_path or --train_data_path, not both")
         if self.data.data_type != "instruction":
             problems.append("--data_type: only 'instruction' is supported")
-        if not self.tokenizer.vocab_file:
-            problems.append("--vocab_file is required (the tokenizer the data was made with)")
+        c = self.checkpoint
+        if not self.tokenizer.vocab_file and not c.imports_model:
+            problems.append("--vocab_file is required (the tokenizer the data was made with), "
+                            "unless --load is a Hugging Face model or GGUF file (its own)")
+        if c.imports_model and c.save and os.path.abspath(c.save) == os.path.abspath(c.load):
+            problems.append(f"--save {c.save} is the model --load imports from; save elsewhere")
         if self.checkpoint.use_checkpoint_args and not self.checkpoint.load:
             problems.append("--use_checkpoint_args needs --load (the checkpoint to read)")
         if self.checkpoint.finetune and not self.checkpoint.load:

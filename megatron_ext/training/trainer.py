@@ -8,10 +8,12 @@ one object makes that explicit. Everything is built from a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Optional
 
@@ -27,6 +29,12 @@ from megatron_ext.checkpointing import (
     read_run_config,
     save_checkpoint,
 )
+from megatron_ext.checkpointing.import_cache import (
+    ImportOptions,
+    default_cache_dir,
+    ensure_imported,
+)
+from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
 from megatron_ext.checkpointing.vocab import checkpoint_directory, padded_vocab_for
 from megatron_ext.models.builder import build_gpt_model, transformer_config
 from megatron_ext.models.config import ModelArgs
@@ -42,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 class Trainer:
     def __init__(self, config: TrainConfig):
+        if config.checkpoint.imports_model:
+            config = _with_imported_model(config)
         if config.checkpoint.use_checkpoint_args and config.checkpoint.load:
             config = _with_checkpoint_model_args(config)
         self.config = config
@@ -417,6 +427,26 @@ class Trainer:
         logger.info("%s at iter %d | loss %.5f | ppl %.3f",
                     "validation" if split == "valid" else split, self.iteration,
                     result["loss"], result["ppl"])
+
+
+def _with_imported_model(config: TrainConfig) -> TrainConfig:
+    """``--load`` of a Hugging Face model or GGUF file: its import in the cache (made now
+    when missing), loaded as weights only with the model's shape; its tokenizer unless
+    ``--vocab_file`` names one. Runs before any process group: the ranks wait for the
+    import through the file system (``checkpointing/import_cache.py``)."""
+    c, tokenizer = config.checkpoint, config.tokenizer
+    cached = ensure_imported(
+        c.load, c.import_cache_dir or default_cache_dir(c.save),
+        ImportOptions(vocab_extra_ids_list=tokenizer.vocab_extra_ids_list,
+                      tokenizer_type=tokenizer.tokenizer_type, vocab_file=tokenizer.vocab_file),
+        announce=int(os.environ.get("RANK", "0")) == 0, progress=sys.stderr.isatty())
+    if not tokenizer.vocab_file:
+        own = tokenizer_config_from_run(cached.path, cached.run_config)
+        tokenizer = dataclasses.replace(tokenizer, tokenizer_type=own.tokenizer_type,
+                                        vocab_file=own.vocab_file,
+                                        megatron_llm_specials=own.megatron_llm_specials)
+    return dataclasses.replace(config, tokenizer=tokenizer, checkpoint=dataclasses.replace(
+        c, load=cached.path, finetune=True, use_checkpoint_args=True))
 
 
 def _with_checkpoint_model_args(config: TrainConfig) -> TrainConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -55,6 +56,23 @@ def make_hf_model(directory: Path, sp_model: str, family: str = "llama",
     return directory
 
 
+def with_hf_tokenizer(model: Path, tokenizer_dir: str, out: Path) -> Path:
+    """A copy of the model directory ``model`` whose tokenizer is ``tokenizer_dir``'s
+    tokenizer.json (and tokenizer_config.json) instead of tokenizer.model, with its BOS and
+    EOS ids in config.json (the vocabulary sizes of the tests' tokenizers agree)."""
+    from megatron_ext.tokenizers import HUGGINGFACE, TokenizerConfig, build_tokenizer
+
+    shutil.copytree(model, out)
+    (out / "tokenizer.model").unlink()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tokenizer_dir) / name, out / name)
+    tokenizer = build_tokenizer(TokenizerConfig(HUGGINGFACE, str(out)))
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return out
+
+
 def hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
     import transformers
 
@@ -67,6 +85,14 @@ def hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def hf_llama(tmp_path_factory, sp_model) -> Path:
     return make_hf_model(tmp_path_factory.mktemp("hf_llama") / "model", sp_model)
+
+
+@pytest.fixture(scope="session")
+def hf_llama_bpe(tmp_path_factory, hf_llama, hf_tokenizer_dir) -> Path:
+    """``hf_llama`` with a byte-level BPE tokenizer.json (Llama 3 style) and no
+    tokenizer.model."""
+    return with_hf_tokenizer(hf_llama, hf_tokenizer_dir,
+                             tmp_path_factory.mktemp("hf_llama_bpe") / "model")
 
 
 @pytest.fixture(scope="session")

@@ -108,3 +108,53 @@ def test_tied_embeddings_have_the_spellings_of_both_projects(argv, tied):
     assert ModelArgs(model_name="gpt").resolved().tie_embeddings is True
     assert ModelArgs(model_name="llama2").resolved().tie_embeddings is False
     assert ModelArgs(model_name="llama2", tie_embeddings=True).resolved().tie_embeddings is True
+
+
+# -- --load of a Hugging Face model: shape and tokenizer come from its import -----------------
+def hf_dir(tmp_path):
+    """What makes --load a model to import, as far as the flags are concerned."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    return str(tmp_path / "hf")
+
+
+def test_load_of_a_hf_model_takes_shape_and_tokenizer_from_it(tmp_path, monkeypatch):
+    from megatron_ext.training.arguments import parse_config
+
+    hf = hf_dir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    no_tokenizer = ["--data_path", "x", "--train_iters", "1", "--global_batch_size", "2",
+                    "--load", hf]
+    # model flags that would not fit the layout are not checked: the import's shape counts
+    config = parse_config([*no_tokenizer, "--num_layers", "3",
+                           "--pipeline_model_parallel_size", "2"])
+    assert config.checkpoint.imports_model and config.checkpoint.shape_from_load
+    assert config.tokenizer.tokenizer_type is None  # resolved from the import by the trainer
+    assert not config.checkpoint.finetune  # implied by the trainer, not spelled here
+    explicit = parse_config([*no_tokenizer, "--tokenizer_type", "HFTokenizer"])
+    assert explicit.tokenizer.tokenizer_type == "HFTokenizer"
+    # with a --vocab_file, or without a model to import, the default type as before
+    assert parse_config([*no_tokenizer, "--vocab_file", "t.model"]).tokenizer.tokenizer_type \
+        == "SentencePieceTokenizer"
+    assert config_from_args(build_parser().parse_args(BASE)).tokenizer.tokenizer_type \
+        == "SentencePieceTokenizer"
+    assert not config_from_args(build_parser().parse_args(
+        [*BASE, "--load", str(tmp_path)])).checkpoint.imports_model
+    gguf = config_from_args(build_parser().parse_args([*no_tokenizer[:-1], "m.gguf"]))
+    assert gguf.checkpoint.imports_model and gguf.tokenizer.tokenizer_type is None
+    with pytest.raises(ConfigError, match="--vocab_file is required"):
+        parse_config(no_tokenizer[:-2])
+    with pytest.raises(ConfigError, match=f"--save {hf} is the model --load imports from"):
+        parse_config([*no_tokenizer, "--save", hf])
+
+
+def test_hf_load_flags_are_checked_without_torch(tmp_path):
+    from tests.test_cli import run_guarded
+
+    result = run_guarded("finetune.py", "--data_path", "x", "--train_iters", "1", "--load",
+                         hf_dir(tmp_path), "--bf16", "--fp16")
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "--bf16 and --fp16 are exclusive" in output, output
+    assert "imported before the flags were checked" not in output
+    help_text = run_guarded("finetune.py", "--help").stdout
+    assert "--import_cache_dir" in help_text and "Hugging Face model" in help_text
