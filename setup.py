@@ -28,9 +28,9 @@ setup(
         "tensorboard",  # training scalars (metrics.jsonl has the same figures)
     ],
     extras_require={
-        "hf": ["transformers>=4.40", "safetensors"],
+        "hf": ["transformers>=4.40", "safetensors", "gguf>=0.17"],
         "gpu": ["flash-attn", "transformer-engine"],
-        "test": ["pytest", "pytest-timeout", "transformers>=4.40", "safetensors"],
+        "test": ["pytest", "pytest-timeout", "transformers>=4.40", "safetensors", "gguf>=0.17"],
     },
     entry_points={
         "console_scripts": [
