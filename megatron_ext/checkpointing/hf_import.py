@@ -21,14 +21,14 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from megatron_ext.checkpointing.unsharded import UnshardedWriter
 from megatron_ext.errors import TokenizerError
 from megatron_ext.models.gguf_checkpoint import GGUFModel, is_gguf_path
-from megatron_ext.models.hf_checkpoint import HFWeights, read_hf_config
+from megatron_ext.models.hf_checkpoint import HFWeights, WeightSource, read_hf_config
 from megatron_ext.models.hf_config import hf_adapter, model_args_from_hf_config
 from megatron_ext.tokenizers import (
     HUGGINGFACE,
@@ -82,7 +82,7 @@ class ModelSource:
 
     hf_config: dict  # config.json's content
     config_file: str  # named in messages about the config
-    weights: Any  # HFWeights or GGUFWeights: names/shape/get/require/format
+    weights: WeightSource
     record: dict  # run_config["source"]
     tokenizer_dir: Callable[[], str]  # the folder of the model's own tokenizer files
 

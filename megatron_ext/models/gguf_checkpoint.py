@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -55,12 +55,25 @@ if TYPE_CHECKING:
     import torch
 
 GGUF_MAGIC = b"GGUF"
-# GGUF architecture -> (HF model_type, HF class, q/k rows permuted for llama.cpp's RoPE,
-# extra tensors of the layout: query/key/value biases, per-head query/key norms)
-ARCHITECTURES: dict[str, tuple[str, str, bool, bool, bool]] = {
-    "llama": ("llama", "LlamaForCausalLM", True, False, False),
-    "qwen2": ("qwen2", "Qwen2ForCausalLM", False, True, False),
-    "qwen3": ("qwen3", "Qwen3ForCausalLM", False, False, True),
+
+
+class Layout(NamedTuple):
+    """How a GGUF architecture maps onto a ``transformers`` model."""
+
+    model_type: str
+    hf_class: str
+    permuted_qk: bool  # query/key rows in llama.cpp's interleaved-RoPE order
+    qkv_bias: bool  # query/key/value biases (Qwen2)
+    qk_norm: bool  # per-head query/key norms (Qwen3)
+
+
+ARCHITECTURES = {
+    "llama": Layout("llama", "LlamaForCausalLM", permuted_qk=True, qkv_bias=False,
+                    qk_norm=False),
+    "qwen2": Layout("qwen2", "Qwen2ForCausalLM", permuted_qk=False, qkv_bias=True,
+                    qk_norm=False),
+    "qwen3": Layout("qwen3", "Qwen3ForCausalLM", permuted_qk=False, qkv_bias=False,
+                    qk_norm=True),
 }
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1 RoPE scaling, folded into the config
 FLOAT_TYPES = ("F32", "F16", "BF16")
@@ -134,9 +147,9 @@ def llama3_rope_scaling(factors, theta: float, head_dim: int, source: str) -> di
 
 
 class GGUFModel:
-    """One GGUF file: its HF config (:attr:`config`), weights (:attr:`weights`, an
-    :class:`~megatron_ext.models.hf_checkpoint.HFWeights` look-alike) and tokenizer
-    (:meth:`write_tokenizer`).
+    """One GGUF file: its HF config (:attr:`config`), weights (:attr:`weights`, a
+    :class:`~megatron_ext.models.hf_checkpoint.WeightSource` like a directory's) and
+    tokenizer (:meth:`write_tokenizer`).
 
     Everything is checked on opening (magic, completeness, architecture, tensor types,
     the tensors the layout needs and no others), before any output is written.
@@ -184,7 +197,17 @@ class GGUFModel:
         return value
 
     def _arch_value(self, name: str, default: Any = None, required: bool = False) -> Any:
-        return self._value(f"{self.architecture}.{name}", default, required)
+        """``<architecture>.<name>``; one value for a per-layer list whose layers agree
+        (a model whose layers differ in shape is refused)."""
+        value = self._value(f"{self.architecture}.{name}", default, required)
+        if isinstance(value, list):
+            if len(set(value)) != 1:
+                raise UnsupportedModelError(
+                    f"{self.path}: {self.architecture}.{name} differs between layers "
+                    f"({value[:8]}{'...' if len(value) > 8 else ''}); only models whose "
+                    "layers all have one shape are imported")
+            value = value[0]
+        return value
 
     def _check_types(self) -> None:
         """Refuse tensor types the ``gguf`` package cannot dequantize, before reading any."""
@@ -211,8 +234,12 @@ class GGUFModel:
 
     def record(self) -> dict:
         """What a converted checkpoint's ``run_config["source"]`` says about this file."""
-        return {"gguf_path": os.path.abspath(self.path), "model_type": self.config["model_type"],
-                "quantization": self.quantization()}
+        record = {"gguf_path": os.path.abspath(self.path),
+                  "model_type": self.config["model_type"], "quantization": self.quantization()}
+        name = self._value("general.name")
+        if name:
+            record["name"] = str(name)
+        return record
 
     def tensor_shape(self, gguf_name: str) -> tuple[int, ...]:
         """A tensor's shape in torch order (GGUF lists the fastest dimension first)."""
@@ -231,7 +258,7 @@ class GGUFModel:
         The head size comes from the query matrix (key_length and rope.dimension_count,
         when stated, must agree with it); the vocabulary size from the embedding rows.
         """
-        model_type, architecture, _, _, _ = ARCHITECTURES[self.architecture]
+        layout = ARCHITECTURES[self.architecture]
         experts = self._arch_value("expert_count", 0)
         if experts:
             raise UnsupportedModelError(
@@ -251,8 +278,8 @@ class GGUFModel:
                     f"{head_dim} wide; partial RoPE or unequal key/value sizes are not built")
         theta = float(self._arch_value("rope.freq_base", DEFAULT_ROPE_THETA))
         config = {
-            "architectures": [architecture],
-            "model_type": model_type,
+            "architectures": [layout.hf_class],
+            "model_type": layout.model_type,
             "hidden_size": int(self._arch_value("embedding_length", required=True)),
             "intermediate_size": int(self._arch_value("feed_forward_length", required=True)),
             "num_hidden_layers": int(self._arch_value("block_count", required=True)),
@@ -260,7 +287,7 @@ class GGUFModel:
             "num_key_value_heads": int(self._arch_value("attention.head_count_kv", heads)),
             "head_dim": head_dim,
             "hidden_act": "silu",
-            "max_position_embeddings": int(self._arch_value("context_length", 4096)),
+            "max_position_embeddings": int(self._arch_value("context_length", required=True)),
             "rms_norm_eps": float(self._arch_value("attention.layer_norm_rms_epsilon",
                                                    required=True)),
             "rope_theta": theta,
@@ -364,7 +391,7 @@ class GGUFModel:
 
 class GGUFWeights:
     """The tensors of a :class:`GGUFModel` under their HF names, float32, read one at a
-    time (the interface of :class:`~megatron_ext.models.hf_checkpoint.HFWeights`).
+    time (a :class:`~megatron_ext.models.hf_checkpoint.WeightSource`).
 
     Every tensor of the file must have an HF name in the layout (``rope_freqs.weight``
     aside, which the config took): a tensor this reader would drop means a model it
@@ -376,13 +403,14 @@ class GGUFWeights:
     def __init__(self, model: GGUFModel):
         self.model = model
         self.model_dir = model.path  # named in messages, like HFWeights'
-        _, _, self._permuted, qkv_bias, qk_norm = ARCHITECTURES[model.architecture]
+        layout = ARCHITECTURES[model.architecture]
+        self._permuted = layout.permuted_qk
         layers = int(model.config["num_hidden_layers"])
         self._heads = {"q_proj": int(model.config["num_attention_heads"]),
                        "k_proj": int(model.config["num_key_value_heads"])}
         names = list(EMBEDDING_NAMES)
         for layer in range(layers):
-            names += hf_layer_names(layer, qkv_bias, qk_norm)
+            names += hf_layer_names(layer, layout.qkv_bias, layout.qk_norm)
         self._to_gguf = {}
         table = _gguf_name_table(model.architecture, layers)
         for name in names:

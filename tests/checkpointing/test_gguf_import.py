@@ -5,8 +5,6 @@ metadata, and a bad file is refused with nothing written."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ from tests.checkpointing.gguf_files import (
     write_gguf,
 )
 from tests.conftest import REPO
-from tests.runs import child_env, job_logits, logits_job, run_many
+from tests.runs import import_memory_growth, job_logits, logits_job, run_many
 
 SMOLLM2 = sorted((REPO / ".assets" / "smollm2").glob("**/*.gguf"))
 CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -111,6 +109,7 @@ def test_import_writes_the_converted_checkpoint_and_the_tokenizer(tmp_path, gguf
     run_config = reader.run_config()
     assert run_config["source"] == {
         "gguf_path": str(path), "model_type": "llama", "stored_dtype": "float32",
+        "name": "Tiny SmolLM",
         "quantization": {"Q8_0": 3, "F32": 5, "Q4_1": 2, "BF16": 2, "Q5_0": 2, "Q5_1": 2,
                          "Q2_K": 2, "Q3_K": 2}}
     assert run_config["model"]["rope_theta"] == 100000.0
@@ -199,7 +198,9 @@ def test_llama3_rope_scaling_is_read_back_from_rope_freqs(scaled_gguf, tmp_path,
 @pytest.fixture(scope="module")
 def imported_logits(tmp_path_factory, gguf_files, scaled_gguf) -> dict:
     """Our checkpoints' logits (one serial launch) for the tied Llama, Mistral-as-Llama,
-    Qwen2, Qwen3 and RoPE-scaled imports."""
+    Qwen2, Qwen3 and RoPE-scaled imports (Qwen3's through the tool's command line)."""
+    from tests.tools.test_hf_conversion import tool_main
+
     root = tmp_path_factory.mktemp("gguf_logits")
     sources = {name: gguf_files[name][0] for name in ("llama-tied", "mistral", "qwen2", "qwen3")}
     sources["scaled"] = scaled_gguf[0]
@@ -207,7 +208,11 @@ def imported_logits(tmp_path_factory, gguf_files, scaled_gguf) -> dict:
     tokens = torch.randint(0, 1500, (2, 40))
     jobs = {}
     for name, path in sources.items():
-        import_hf(ImportConfig(str(path), str(root / name), progress=False))
+        if name == "qwen3":
+            tool_main("hf_to_megatron.py")(["--model_path", str(path), "--out", str(root / name),
+                                            "--no_progress"])
+        else:
+            import_hf(ImportConfig(str(path), str(root / name), progress=False))
         jobs[name] = logits_job(name, root / name, tokens, root / "logits")
     results = run_many(1, list(jobs.values()), root / "launch")
     return {"tokens": tokens, **{name: job_logits(results, job) for name, job in jobs.items()}}
@@ -307,33 +312,6 @@ def test_tensors_outside_the_layout_are_refused(tmp_path, tokenizer_json):
 
 
 # ------------------------------------------------------------------ memory
-# Peak anonymous memory (RssAnon) of an import, sampled by a thread. File-backed pages (the
-# memory-mapped GGUF) are page cache the kernel can drop, so they are not counted; a small
-# file is imported before the base is taken, so that what any import costs once (libraries,
-# the tokenizer conversion's machinery) is not counted as the model's.
-ANON_MEMORY_PROBE = r"""
-import sys, threading, time
-from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
-import_hf(ImportConfig(sys.argv[1], sys.argv[3] + "-warm", progress=False))
-def anon():
-    with open("/proc/self/status") as status:
-        return next(int(l.split()[1]) * 1024 for l in status if l.startswith("RssAnon:"))
-base = peak = anon()
-done = False
-def sample():
-    global peak
-    while not done:
-        peak = max(peak, anon())
-        time.sleep(0.005)
-thread = threading.Thread(target=sample)
-thread.start()
-import_hf(ImportConfig(sys.argv[2], sys.argv[3], max_shard_bytes=8 * 2**20, progress=False))
-done = True
-thread.join()
-print(base, peak)
-"""
-
-
 @pytest.mark.slow
 def test_import_streams_instead_of_dequantizing_the_model(tmp_path, tokenizer_json,
                                                           gguf_files):
@@ -347,12 +325,10 @@ def test_import_streams_instead_of_dequantizing_the_model(tmp_path, tokenizer_js
     size = 4 * sum(p.numel() for p in model.parameters())
     del model
     assert size > 200 * 2**20
-    result = subprocess.run([sys.executable, "-c", ANON_MEMORY_PROBE, str(gguf_files["llama"][0]),
-                             str(path), str(tmp_path / "o")], env=child_env(), cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    base, peak = map(int, result.stdout.split()[-2:])
-    assert peak - base < 0.4 * size, (peak - base, size)
+    # anonymous memory only: the memory-mapped file's pages are page cache the kernel can
+    # drop; a small file imported first takes what every import costs once
+    growth = import_memory_growth(path, tmp_path / "o", "RssAnon", (gguf_files["llama"][0],))
+    assert growth < 0.4 * size, (growth, size)
 
 
 # ------------------------------------------------------------------ the real model
