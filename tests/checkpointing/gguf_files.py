@@ -97,21 +97,34 @@ def stored(values: np.ndarray, kind: str, rng: np.random.Generator):
     return gguf.quants.quantize(values.astype(np.float32), qtype), qtype
 
 
-def tokenizer_metadata(tokenizer_json: Path) -> dict:
-    """tokens (by id), merges and token types of a byte-level BPE tokenizer.json."""
-    spec = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+def tokenizer_metadata(tokenizer_file: Path) -> dict:
+    """What llama.cpp stores of a tokenizer: a byte-level BPE tokenizer.json ("gpt2":
+    tokens by id, merges, token types) or a SentencePiece model ("llama": pieces, scores,
+    token types), with its BOS/EOS ids."""
+    if tokenizer_file.suffix == ".model":
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_file))
+        ids = range(sp.get_piece_size())
+        kinds = [(sp.is_unknown, 2), (sp.is_control, 3), (sp.is_byte, 6)]
+        return {"model": "llama", "tokens": [sp.id_to_piece(i) for i in ids],
+                "scores": [sp.get_score(i) for i in ids],
+                "types": [next((kind for test, kind in kinds if test(i)), 1) for i in ids],
+                "bos": sp.bos_id(), "eos": sp.eos_id(), "unk": sp.unk_id()}
+    spec = json.loads(tokenizer_file.read_text(encoding="utf-8"))
     vocab = dict(spec["model"]["vocab"])
     specials = {t["content"]: t["id"] for t in spec["added_tokens"] if t["special"]}
     vocab.update(specials)
     tokens = [None] * (max(vocab.values()) + 1)
     for token, index in vocab.items():
         tokens[index] = token
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    types = [3 if token in specials else 1 for token in tokens]  # CONTROL / NORMAL
-    return {"tokens": tokens, "merges": merges, "types": types, "specials": specials}
+    return {"model": "gpt2", "tokens": tokens,
+            "merges": [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]],
+            "types": [3 if token in specials else 1 for token in tokens],  # CONTROL / NORMAL
+            "bos": specials["<|begin_of_text|>"], "eos": specials["<|end_of_text|>"]}
 
 
-def write_gguf(path: Path, variant: str, tokenizer_json: Path, types=None,
+def write_gguf(path: Path, variant: str, tokenizer_file: Path, types=None,
                extra_tensors=None, **extra) -> tuple[Path, object]:
     """Write ``variant`` (random weights, ``extra`` config settings) as a GGUF, each kind
     of matrix stored as ``types`` says (else as the variant says), ``extra_tensors``
@@ -120,9 +133,8 @@ def write_gguf(path: Path, variant: str, tokenizer_json: Path, types=None,
 
     kind, _, name, default_types = VARIANTS[variant]
     types = {**default_types, **(types or {})}
-    vocab = tokenizer_metadata(tokenizer_json)
-    bos, eos = vocab["specials"]["<|begin_of_text|>"], vocab["specials"]["<|end_of_text|>"]
-    model = hf_model(variant, len(vocab["tokens"]), bos, eos, **extra)
+    vocab = tokenizer_metadata(tokenizer_file)
+    model = hf_model(variant, len(vocab["tokens"]), vocab["bos"], vocab["eos"], **extra)
     config = model.config
     arch = ARCHITECTURE[kind]
     writer = gguf.GGUFWriter(str(path), arch)
@@ -142,13 +154,17 @@ def write_gguf(path: Path, variant: str, tokenizer_json: Path, types=None,
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(vocab["model"])
     writer.add_tokenizer_pre("default")
     writer.add_token_list(vocab["tokens"])
     writer.add_token_types(vocab["types"])
-    writer.add_token_merges(vocab["merges"])
-    writer.add_bos_token_id(bos)
-    writer.add_eos_token_id(eos)
+    if "merges" in vocab:
+        writer.add_token_merges(vocab["merges"])
+    if "scores" in vocab:
+        writer.add_token_scores(vocab["scores"])
+        writer.add_unk_token_id(vocab["unk"])
+    writer.add_bos_token_id(vocab["bos"])
+    writer.add_eos_token_id(vocab["eos"])
     writer.add_chat_template(CHAT_TEMPLATE)
     table = gguf.get_tensor_name_map(
         next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), config.num_hidden_layers)

@@ -40,10 +40,14 @@ def tokenizer_json(hf_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def gguf_files(tmp_path_factory, tokenizer_json) -> dict[str, tuple[Path, object]]:
-    """Every variant as a GGUF file: {name: (path, the HF model it was written from)}."""
+def gguf_files(tmp_path_factory, tokenizer_json, sp_model) -> dict[str, tuple[Path, object]]:
+    """Every variant as a GGUF file: {name: (path, the HF model it was written from)};
+    Mistral's with a SentencePiece vocabulary (as Mistral and Llama 2 files have), the
+    others with a byte-level BPE one."""
     root = tmp_path_factory.mktemp("gguf")
-    return {name: write_gguf(root / f"{name}.gguf", name, tokenizer_json) for name in VARIANTS}
+    return {name: write_gguf(root / f"{name}.gguf", name,
+                             Path(sp_model) if name == "mistral" else tokenizer_json)
+            for name in VARIANTS}
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +137,25 @@ def test_import_writes_the_converted_checkpoint_and_the_tokenizer(tmp_path, gguf
                                                               "<|end_of_text|>")
 
 
+def test_sentencepiece_vocabulary_becomes_a_tokenizer_json(tmp_path, gguf_files, sp_model):
+    """tokenizer.ggml.model "llama" (pieces and scores): the rebuilt tokenizer.json gives
+    the SentencePiece model's ids and BOS/EOS. (Text that starts with several spaces is
+    left out: transformers' conversion spells those with one dummy-prefix piece fewer.)"""
+    import sentencepiece
+
+    from megatron_ext.tokenizers import HUGGINGFACE, TokenizerConfig, build_tokenizer
+
+    path, _ = gguf_files["mistral"]
+    summary = import_hf(ImportConfig(str(path), str(tmp_path / "ckpt"), progress=False))
+    assert summary.tokenizer_files[:2] == ["tokenizer.json", "tokenizer_config.json"]
+    ours = build_tokenizer(TokenizerConfig(HUGGINGFACE, str(tmp_path / "ckpt" / "tokenizer")))
+    sp = sentencepiece.SentencePieceProcessor(model_file=sp_model)
+    assert (ours.base_vocab_size, ours.bos_id, ours.eos_id) == (sp.get_piece_size(),
+                                                                 sp.bos_id(), sp.eos_id())
+    for text in ("Grüße aus Köln! 日本語 🤖 x² ≤ ∞", "two  spaces\nand\tTabs, 3.14"):
+        assert ours.encode(text) == sp.encode(text), text
+
+
 def test_dtype_flag_and_extra_tokens(tmp_path, gguf_files, references):
     path, _ = gguf_files["qwen2"]
     summary = import_hf(ImportConfig(str(path), str(tmp_path / "ckpt"), dtype="bf16",
@@ -205,7 +228,7 @@ def imported_logits(tmp_path_factory, gguf_files, scaled_gguf) -> dict:
     sources = {name: gguf_files[name][0] for name in ("llama-tied", "mistral", "qwen2", "qwen3")}
     sources["scaled"] = scaled_gguf[0]
     torch.manual_seed(1)
-    tokens = torch.randint(0, 1500, (2, 40))
+    tokens = torch.randint(0, 1000, (2, 40))  # within both vocabularies
     jobs = {}
     for name, path in sources.items():
         if name == "qwen3":
