@@ -12,8 +12,9 @@ What a GGUF stores differently from ``transformers``, each undone here:
   on; the ``gguf`` package's own name table (``get_tensor_name_map``) says which is which;
 * values: quantized blocks (Q4_0, Q4_K, Q8_0, ...), dequantized to float32 with the
   ``gguf`` package's ``quants.dequantize``, a slice of rows at a time so that its
-  temporaries stay small; the file is memory-mapped, so peak memory follows the tensor
-  being read, not the model;
+  temporaries stay small; the file is memory-mapped (its pages are page cache the
+  kernel can drop), so the memory a conversion holds follows the tensors being read,
+  not the model;
 * llama.cpp reorders the rows of each Llama query/key head for its interleaved RoPE
   (Qwen2/Qwen3 use the rotate-half RoPE there and are stored as they are): undone by
   :func:`unpermute_heads`;
@@ -86,7 +87,7 @@ def _gguf():
         import gguf
     except ImportError:
         raise HFCheckpointError("reading a .gguf file needs the gguf package: pip install gguf "
-                                "(or pip install megatron-ext[hf])") from None
+                                "(or pip install megatron-instruct[hf])") from None
     return gguf
 
 
