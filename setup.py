@@ -28,10 +28,10 @@ setup(
         "tensorboard",  # training scalars (metrics.jsonl has the same figures)
     ],
     extras_require={
-        "hf": ["transformers>=4.40", "safetensors", "gguf>=0.10"],  # gguf: GGUF imports
+        "hf": ["transformers>=4.40", "safetensors", "gguf>=0.17"],  # gguf: GGUF imports
         "gpu": ["flash-attn", "transformer-engine"],
         # transformers reads GGUF files with gguf and accelerate: the tests compare with it
-        "test": ["pytest", "pytest-timeout", "transformers>=4.40", "safetensors", "gguf>=0.10",
+        "test": ["pytest", "pytest-timeout", "transformers>=4.40", "safetensors", "gguf>=0.17",
                  "accelerate"],
     },
     entry_points={

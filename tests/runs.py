@@ -147,3 +147,45 @@ def run_many(nproc: int, runs: list[dict], directory: Path) -> dict[str, RunResu
 
 
 ITERS = 6
+
+
+# ------------------------------------------------------------ memory of a conversion
+IMPORT_MEMORY_PROBE = r"""
+import sys, threading, time
+from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
+model_path, out, counted, *warm_up = sys.argv[1:]
+for path in warm_up:
+    import_hf(ImportConfig(path, out + "-warm-up", progress=False))
+def used():
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
+    return sum(int(fields[key].split()[0]) * 1024 for key in counted.split(","))
+base = peak = used()
+done = False
+def sample():
+    global peak
+    while not done:
+        peak = max(peak, used())
+        time.sleep(0.005)
+thread = threading.Thread(target=sample)
+thread.start()
+import_hf(ImportConfig(model_path, out, max_shard_bytes=8 * 2**20, progress=False))
+done = True
+thread.join()
+print(base, peak)
+"""
+
+
+def import_memory_growth(model_path: Path, out: Path, counted: str = "VmRSS",
+                         warm_up: tuple[Path, ...] = ()) -> int:
+    """Bytes by which ``import_hf(model_path)`` raises the peak of ``counted`` (fields of
+    /proc/self/status, e.g. ``VmRSS`` or ``RssAnon``), in a fresh process, sampled by a
+    thread (ru_maxrss would report the forking parent's peak: Linux keeps it across exec).
+    ``warm_up``: models imported first, so that what any import costs once (libraries,
+    a tokenizer conversion's machinery) is not counted."""
+    result = subprocess.run([sys.executable, "-c", IMPORT_MEMORY_PROBE, str(model_path),
+                             str(out), counted, *map(str, warm_up)], env=child_env(),
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    base, peak = map(int, result.stdout.split()[-2:])
+    return peak - base

@@ -1,26 +1,35 @@
-"""Hugging Face Llama/Mistral directory -> unsharded megatron-core checkpoint.
+"""Hugging Face model directory or GGUF file -> unsharded megatron-core checkpoint.
 
 Why an unsharded checkpoint: it is written one layer at a time (peak memory
 is one layer plus one output shard, never the model) and any TP/PP starts
 from it by reading only its own slices (``finetune.py --load OUT --finetune
 --use_checkpoint_args``). The tokenizer files travel with it, and its
 ``run_config.json`` carries the model shape.
+
+Why a :class:`ModelSource`: a directory and a GGUF file differ only in where
+the HF config, the HF-named tensors and the tokenizer files come from; the
+conversion itself is the same.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 
 from megatron_ext.checkpointing.options import ImportConfig  # (lives there: no torch)
 from megatron_ext.checkpointing.unsharded import UnshardedWriter
 from megatron_ext.errors import TokenizerError
-from megatron_ext.models.hf_checkpoint import HFWeights, read_hf_config
+from megatron_ext.models.gguf_checkpoint import GGUFModel, is_gguf_path
+from megatron_ext.models.hf_checkpoint import HFWeights, WeightSource, read_hf_config
 from megatron_ext.models.hf_config import hf_adapter, model_args_from_hf_config
 from megatron_ext.tokenizers import (
     HUGGINGFACE,
@@ -51,28 +60,65 @@ class ImportSummary:
     bytes: int
     tokenizer_files: list[str]
     seconds: float
-    weights_format: str  # safetensors | bin
+    weights_format: str  # safetensors | bin | gguf
 
 
-def _tokenizer_source(config: ImportConfig) -> tuple[str, str]:
+@dataclass(frozen=True)
+class ModelSource:
+    """What the conversion reads, wherever the model comes from."""
+
+    hf_config: dict  # config.json's content
+    config_file: str  # named in messages about the config
+    weights: WeightSource
+    record: dict  # run_config["source"]
+    tokenizer_dir: Callable[[], str]  # the folder of the model's own tokenizer files
+
+
+@contextlib.contextmanager
+def open_model_source(model_path: str) -> Iterator[ModelSource]:
+    """An HF directory as it is; a GGUF file with its tokenizer rebuilt (only when asked
+    for) in a temporary folder that lives as long as the source."""
+    if not is_gguf_path(model_path):
+        hf_config = read_hf_config(model_path)
+        yield ModelSource(hf_config, os.path.join(model_path, "config.json"),
+                          HFWeights(model_path),
+                          {"hf_model_path": os.path.abspath(model_path),
+                           "model_type": hf_config.get("model_type"),
+                           "dtype": str(hf_config.get("dtype") or hf_config.get("torch_dtype"))},
+                          lambda: model_path)
+        return
+    model = GGUFModel(model_path)
+    with tempfile.TemporaryDirectory(prefix="gguf-tokenizer-") as folder:
+        @functools.cache
+        def tokenizer_dir() -> str:
+            model.write_tokenizer(folder)
+            return folder
+
+        yield ModelSource(model.config, model_path, model.weights, model.record(),
+                          tokenizer_dir)
+
+
+def _tokenizer_source(config: ImportConfig, source: ModelSource) -> tuple[str, str]:
     if config.vocab_file:
         kind = config.tokenizer_type or (
             SENTENCEPIECE if config.vocab_file.endswith(".model") else HUGGINGFACE)
         return kind, config.vocab_file
-    sp_file = os.path.join(config.model_path, "tokenizer.model")
-    json_file = os.path.join(config.model_path, "tokenizer.json")
+    model_dir = source.tokenizer_dir()
+    sp_file = os.path.join(model_dir, "tokenizer.model")
+    json_file = os.path.join(model_dir, "tokenizer.json")
     if config.tokenizer_type:
         wanted = TokenizerConfig(config.tokenizer_type, "").tokenizer_type
-        return wanted, sp_file if wanted == SENTENCEPIECE else config.model_path
+        return wanted, sp_file if wanted == SENTENCEPIECE else model_dir
     if os.path.exists(sp_file):
         return SENTENCEPIECE, sp_file
     if os.path.exists(json_file):
-        return HUGGINGFACE, config.model_path
+        return HUGGINGFACE, model_dir
     raise TokenizerError(f"{config.model_path} has no tokenizer.model or tokenizer.json: pass "
                          "the tokenizer with --vocab_file")
 
 
-def _check_tokenizer(tokenizer, hf_config: dict, rows: int, source: str) -> None:
+def _check_tokenizer(tokenizer, hf_config: dict, rows: int, source: str,
+                     config_file: str = "config.json") -> None:
     """Refuse a tokenizer that does not belong to the model."""
     problems = []
     if tokenizer.base_vocab_size > rows:
@@ -80,12 +126,12 @@ def _check_tokenizer(tokenizer, hf_config: dict, rows: int, source: str) -> None
                         f"{rows} embedding rows")
     bos, eos = hf_config.get("bos_token_id"), hf_config.get("eos_token_id")
     if bos is not None and tokenizer.bos_id is not None and tokenizer.bos_id != bos:
-        problems.append(f"its BOS id is {tokenizer.bos_id}, config.json says {bos}")
+        problems.append(f"its BOS id is {tokenizer.bos_id}, {config_file} says {bos}")
     eos_ids = eos if isinstance(eos, list) else [eos]
     if eos is not None and tokenizer.eos_id is not None and tokenizer.eos_id not in eos_ids:
         # finetunes often change the EOS in config.json only: worth a warning, not a refusal
-        logger.warning("the tokenizer's EOS id %d is not config.json's %s; check that %s is "
-                       "the model's tokenizer", tokenizer.eos_id, eos, source)
+        logger.warning("the tokenizer's EOS id %d is not %s's %s; check that %s is "
+                       "the model's tokenizer", tokenizer.eos_id, config_file, eos, source)
     if problems:
         raise TokenizerError(f"the tokenizer {source} does not match the model "
                              f"({'; '.join(problems)}); pass the model's own tokenizer")
@@ -93,12 +139,15 @@ def _check_tokenizer(tokenizer, hf_config: dict, rows: int, source: str) -> None
 
 def import_hf(config: ImportConfig) -> ImportSummary:
     """Convert; returns a summary. Nothing is left at ``config.out`` on failure."""
+    with open_model_source(config.model_path) as source:
+        return _convert(config, source)
+
+
+def _convert(config: ImportConfig, source: ModelSource) -> ImportSummary:
     start = time.perf_counter()
-    hf_config = read_hf_config(config.model_path)
-    source = os.path.join(config.model_path, "config.json")
-    model = model_args_from_hf_config(hf_config, config.model_name, source)
-    adapter = hf_adapter(hf_config, source)
-    weights = HFWeights(config.model_path)
+    hf_config, weights = source.hf_config, source.weights
+    model = model_args_from_hf_config(hf_config, config.model_name, source.config_file)
+    adapter = hf_adapter(hf_config, source.config_file)
     layers, heads, kv = model["num_layers"], model["num_attention_heads"], \
         model["num_attention_heads_kv"]
     tied = bool(model["tie_embeddings"])
@@ -109,12 +158,12 @@ def import_hf(config: ImportConfig) -> ImportSummary:
     word_embeddings = needed[0]  # the adapter lists them first
     rows = weights.shape(word_embeddings)[0]
 
-    kind, vocab_file = _tokenizer_source(config)
+    kind, vocab_file = _tokenizer_source(config, source)
     extra = parse_extra_ids(config.vocab_extra_ids_list)
     # the model's own ids: none of Megatron-LLM's SentencePiece additions (<CLS> <SEP> ...)
     tokenizer = build_tokenizer(TokenizerConfig(kind, vocab_file, extra,
                                                 megatron_llm_specials=False))
-    _check_tokenizer(tokenizer, hf_config, rows, vocab_file)
+    _check_tokenizer(tokenizer, hf_config, rows, vocab_file, source.config_file)
     vocab_rows = max(rows, tokenizer.vocab_size)
     dtype = DTYPES[config.dtype] if config.dtype else None
 
@@ -137,7 +186,7 @@ def import_hf(config: ImportConfig) -> ImportSummary:
                 writer.add(name, cast(tensor))
         tokenizer_dir = os.path.join(writer.staging, "tokenizer")
         os.makedirs(tokenizer_dir)
-        copied = _copy_tokenizer_files(config.model_path, vocab_file, tokenizer_dir)
+        copied = _copy_tokenizer_files(vocab_file, tokenizer_dir)
         tok_file = os.path.basename(vocab_file) if kind == SENTENCEPIECE else ""
         run_config = {
             "model": model,
@@ -146,9 +195,7 @@ def import_hf(config: ImportConfig) -> ImportSummary:
                           "vocab_file": os.path.join("tokenizer", tok_file).rstrip("/"),
                           "vocab_extra_ids_list": config.vocab_extra_ids_list,
                           **({"megatron_llm_specials": False} if kind == SENTENCEPIECE else {})},
-            "source": {"hf_model_path": os.path.abspath(config.model_path),
-                       "model_type": hf_config.get("model_type"),
-                       "dtype": str(hf_config.get("dtype") or hf_config.get("torch_dtype"))},
+            "source": dict(source.record),
         }
         stored_dtype = str(cast(weights.get("model.norm.weight")).dtype).replace("torch.", "")
         run_config["source"]["stored_dtype"] = stored_dtype  # the export's default dtype
@@ -161,7 +208,7 @@ def import_hf(config: ImportConfig) -> ImportSummary:
                          seconds=time.perf_counter() - start, weights_format=weights.format)
 
 
-def _copy_tokenizer_files(model_path: str, vocab_file: str, out_dir: str) -> list[str]:
+def _copy_tokenizer_files(vocab_file: str, out_dir: str) -> list[str]:
     copied = []
     if os.path.isfile(vocab_file):
         shutil.copy2(vocab_file, out_dir)

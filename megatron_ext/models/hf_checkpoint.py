@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
 
@@ -20,7 +20,23 @@ from megatron_ext.errors import UserError
 
 
 class HFCheckpointError(UserError):
-    """A Hugging Face model directory that cannot be read."""
+    """A Hugging Face model directory (or GGUF file) that cannot be read."""
+
+
+class WeightSource(Protocol):
+    """Tensors under their Hugging Face names, read one at a time: :class:`HFWeights`,
+    :class:`~megatron_ext.models.gguf_checkpoint.GGUFWeights`."""
+
+    format: str  # safetensors | bin | gguf
+
+    def names(self) -> list[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def require(self, names: list[str]) -> None:
+        """Raise :class:`HFCheckpointError` naming what is missing."""
 
 
 def read_hf_config(model_dir: str) -> dict:

@@ -18,7 +18,15 @@ from megatron_ext.models.hf_llama import llama_to_megatron
 from megatron_ext.errors import UserError
 from megatron_ext.tokenizers import build_tokenizer
 from tests.conftest import CHATML, REPO
-from tests.runs import child_env, job_logits, logits_job, model_args, run_many, start_runs
+from tests.runs import (
+    child_env,
+    import_memory_growth,
+    job_logits,
+    logits_job,
+    model_args,
+    run_many,
+    start_runs,
+)
 from tests.tools.conftest import hf_logits, make_hf_model
 
 EXTRA = ",".join(CHATML)
@@ -309,30 +317,6 @@ def test_existing_output_is_not_overwritten(tmp_path, hf_llama):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
-# RSS sampled by a thread: ru_maxrss would report the forking parent's peak (Linux keeps
-# it across exec)
-MEMORY_PROBE = r"""
-import sys, threading, time
-import psutil
-from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
-from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
-process = psutil.Process()
-base = peak = process.memory_info().rss
-done = False
-def sample():
-    global peak
-    while not done:
-        peak = max(peak, process.memory_info().rss)
-        time.sleep(0.005)
-thread = threading.Thread(target=sample)
-thread.start()
-import_hf(ImportConfig(sys.argv[1], sys.argv[2], max_shard_bytes=8 * 2**20, progress=False))
-done = True
-thread.join()
-print(base, peak)
-"""
-
-
 @pytest.mark.slow
 def test_conversion_streams_instead_of_loading_the_model(tmp_path, sp_model):
     """Peak memory grows by a few layers, not by the model (here 16 layers, ~200 MB)."""
@@ -340,12 +324,8 @@ def test_conversion_streams_instead_of_loading_the_model(tmp_path, sp_model):
                           num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=8)
     size = (model / "model.safetensors").stat().st_size
     assert size > 150 * 2**20
-    env = child_env()
-    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(model), str(tmp_path / "o")],
-                            env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    base, peak = map(int, result.stdout.split()[-2:])
-    assert peak - base < 0.4 * size, (peak - base, size)
+    growth = import_memory_growth(model, tmp_path / "o")
+    assert growth < 0.4 * size, (growth, size)
 
 
 @pytest.mark.slow

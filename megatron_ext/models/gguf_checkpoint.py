@@ -1,0 +1,459 @@
+"""GGUF files (llama.cpp's single-file format) as a model source, read like a Hugging Face
+directory: an HF ``config.json`` dict rebuilt from the metadata, the tensors under their
+HF names as floats, and the tokenizer files.
+
+Why a sibling of :mod:`hf_checkpoint` rather than a converter to an HF directory: the
+importer then reads a GGUF exactly as it reads a directory (one layer at a time, checked
+before anything is written), and nothing the size of the model is ever written twice.
+
+What a GGUF stores differently from ``transformers``, each undone here:
+
+* names: ``blk.N.attn_q.weight`` for ``model.layers.N.self_attn.q_proj.weight`` and so
+  on; the ``gguf`` package's own name table (``get_tensor_name_map``) says which is which;
+* values: quantized blocks (Q4_0, Q4_K, Q8_0, ...), dequantized to float32 with the
+  ``gguf`` package's ``quants.dequantize``, a slice of rows at a time so that its
+  temporaries stay small; the file is memory-mapped (its pages are page cache the
+  kernel can drop), so the memory a conversion holds follows the tensors being read,
+  not the model;
+* llama.cpp reorders the rows of each Llama query/key head for its interleaved RoPE
+  (Qwen2/Qwen3 use the rotate-half RoPE there and are stored as they are): undone by
+  :func:`unpermute_heads`;
+* a tied output layer is simply absent (no ``output.weight``);
+* Llama 3.1-style RoPE scaling survives only as a ``rope_freqs.weight`` tensor of
+  per-frequency factors: the scaling factor is read back from it and checked against
+  the formula (see :func:`llama3_rope_scaling`). ``transformers`` ignores that tensor,
+  so its GGUF loader builds Llama 3.1/3.2 files without the scaling; here the model
+  computes what llama.cpp computes.
+
+A Mistral GGUF is stored as architecture ``llama`` with no sliding window, and llama.cpp
+runs it without one: it is read as the Llama layout (the family then follows from its
+RoPE base and norm epsilon, as for a ``config.json``).
+
+``gguf`` is imported lazily: only GGUF imports need it (``pip install gguf``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+
+import numpy as np
+
+from megatron_ext.errors import TokenizerError
+from megatron_ext.models.family import UnsupportedModelError
+from megatron_ext.models.hf_checkpoint import HFCheckpointError
+from megatron_ext.models.hf_llama import (
+    EMBEDDING_NAMES,
+    LLAMA3_SCALING_FIXED,
+    QK_NORM_SUFFIXES,
+    QKV_BIAS_SUFFIXES,
+    hf_layer_names,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+GGUF_MAGIC = b"GGUF"
+
+
+class Layout(NamedTuple):
+    """How a GGUF architecture maps onto a ``transformers`` model."""
+
+    model_type: str
+    hf_class: str
+    permuted_qk: bool  # query/key rows in llama.cpp's interleaved-RoPE order
+    qkv_bias: bool  # query/key/value biases (Qwen2)
+    qk_norm: bool  # per-head query/key norms (Qwen3)
+
+
+ARCHITECTURES = {
+    "llama": Layout("llama", "LlamaForCausalLM", permuted_qk=True, qkv_bias=False,
+                    qk_norm=False),
+    "qwen2": Layout("qwen2", "Qwen2ForCausalLM", permuted_qk=False, qkv_bias=True,
+                    qk_norm=False),
+    "qwen3": Layout("qwen3", "Qwen3ForCausalLM", permuted_qk=False, qkv_bias=False,
+                    qk_norm=True),
+}
+ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1 RoPE scaling, folded into the config
+FLOAT_TYPES = ("F32", "F16", "BF16")
+DEQUANT_CHUNK_ELEMENTS = 1 << 24  # elements dequantized at once (64 MiB of float32)
+DEFAULT_ROPE_THETA = 10000.0  # llama.cpp's when a file states none
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise HFCheckpointError("reading a .gguf file needs the gguf package: pip install gguf "
+                                "(or pip install megatron-instruct[hf])") from None
+    return gguf
+
+
+def is_gguf_path(path: str) -> bool:
+    """Whether ``--model_path`` names a GGUF file (a ``.gguf`` name or any plain file)
+    rather than a Hugging Face directory."""
+    return str(path).lower().endswith(".gguf") or os.path.isfile(path)
+
+
+def unpermute_heads(weight: "torch.Tensor", num_heads: int) -> "torch.Tensor":
+    """Undo llama.cpp's per-head row order of a Llama query/key matrix.
+
+    llama.cpp stores the two rotate-half halves of each head interleaved (row
+    ``2j`` holds HF row ``j``, row ``2j+1`` HF row ``j + head_dim/2``); HF keeps
+    them as halves.
+    """
+    rows = weight.shape[0]
+    rest = tuple(weight.shape[1:])
+    half = rows // num_heads // 2
+    return (weight.reshape(num_heads, half, 2, *rest).transpose(1, 2)
+            .reshape(rows, *rest).contiguous())
+
+
+def llama3_rope_factors(factor: float, theta: float, head_dim: int) -> list[float]:
+    """Per-frequency divisors of Llama 3.1's RoPE scaling (the values of ``rope_freqs``),
+    with megatron-core's fixed low/high frequency factors and original context."""
+    low = LLAMA3_SCALING_FIXED["low_freq_factor"]
+    high = LLAMA3_SCALING_FIXED["high_freq_factor"]
+    original = LLAMA3_SCALING_FIXED["original_max_position_embeddings"]
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * theta ** (i / head_dim)
+        if wavelength < original / high:
+            out.append(1.0)
+        elif wavelength > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelength - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+def llama3_rope_scaling(factors, theta: float, head_dim: int, source: str) -> dict:
+    """The HF ``rope_scaling`` whose factors ``rope_freqs.weight`` holds; refuses factors
+    that are not Llama 3.1's scaling (another shape could only be approximated)."""
+    values = [float(v) for v in factors]
+    factor = max(values)
+    expected = llama3_rope_factors(factor, theta, head_dim)
+    if len(values) != len(expected) or any(
+            abs(a - b) > 1e-5 * max(1.0, abs(b)) for a, b in zip(values, expected)):
+        raise UnsupportedModelError(
+            f"{source}: {ROPE_FREQS} holds RoPE frequency factors that are not Llama 3.1's "
+            f"scaling (low_freq_factor 1, high_freq_factor 4, original context 8192); "
+            "this RoPE cannot be built exactly")
+    return {"rope_type": "llama3", "factor": factor,
+            **{k: (int(v) if k.startswith("original") else v)
+               for k, v in LLAMA3_SCALING_FIXED.items()}}
+
+
+class GGUFModel:
+    """One GGUF file: its HF config (:attr:`config`), weights (:attr:`weights`, a
+    :class:`~megatron_ext.models.hf_checkpoint.WeightSource` like a directory's) and
+    tokenizer (:meth:`write_tokenizer`).
+
+    Everything is checked on opening (magic, completeness, architecture, tensor types,
+    the tensors the layout needs and no others), before any output is written.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        gguf = _gguf()
+        if not os.path.isfile(path):
+            raise HFCheckpointError(f"--model_path {path}: no such GGUF file")
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if magic != GGUF_MAGIC:
+            raise HFCheckpointError(
+                f"{path} is not a GGUF file (it starts with {magic!r}, not {GGUF_MAGIC!r}); "
+                "--model_path takes a Hugging Face model directory or a .gguf file")
+        try:
+            self.reader = gguf.GGUFReader(path, "r")  # memory-mapped: tensors are read when used
+        except Exception as exc:  # noqa: BLE001 - any failure means a damaged file
+            raise HFCheckpointError(
+                f"{path} is truncated or damaged ({type(exc).__name__}: {str(exc)[:160]}); "
+                "re-download or re-convert it") from None
+        self.architecture = str(self._value("general.architecture", required=True))
+        if self.architecture not in ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"{path}: GGUF architecture {self.architecture!r} is not supported; this tool "
+                f"imports {', '.join(ARCHITECTURES)}")
+        self._tensors = {tensor.name: tensor for tensor in self.reader.tensors}
+        self._check_types()
+        self.config = self._hf_config()
+        self.weights = GGUFWeights(self)
+
+    # ------------------------------------------------------------------ metadata
+    def _value(self, key: str, default: Any = None, required: bool = False) -> Any:
+        field = self.reader.get_field(key)
+        if field is None:
+            if required:
+                raise HFCheckpointError(f"{self.path}: the metadata lacks {key}; the file is "
+                                        "incomplete or was not written by llama.cpp's converter")
+            return default
+        value = field.contents()
+        if field.types == [_gguf().GGUFValueType.FLOAT32]:
+            # the shortest decimal of this float32: 1e-05, not 9.999999747378752e-06
+            value = float(str(np.float32(value)))
+        return value
+
+    def _arch_value(self, name: str, default: Any = None, required: bool = False) -> Any:
+        """``<architecture>.<name>``; one value for a per-layer list whose layers agree
+        (a model whose layers differ in shape is refused)."""
+        value = self._value(f"{self.architecture}.{name}", default, required)
+        if isinstance(value, list):
+            if len(set(value)) != 1:
+                raise UnsupportedModelError(
+                    f"{self.path}: {self.architecture}.{name} differs between layers "
+                    f"({value[:8]}{'...' if len(value) > 8 else ''}); only models whose "
+                    "layers all have one shape are imported")
+            value = value[0]
+        return value
+
+    def _check_types(self) -> None:
+        """Refuse tensor types the ``gguf`` package cannot dequantize, before reading any."""
+        gguf = _gguf()
+        unsupported = set()
+        for kind in {tensor.tensor_type for tensor in self.reader.tensors}:
+            if kind.name in FLOAT_TYPES:
+                continue
+            _, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+            try:  # the library's own answer, on one zero block
+                gguf.quants.dequantize(np.zeros((1, block_bytes), np.uint8), kind)
+            except (NotImplementedError, ValueError):
+                unsupported.add(kind.name)
+        if unsupported:
+            raise HFCheckpointError(
+                f"{self.path} holds tensors of type {', '.join(sorted(unsupported))}, which the "
+                f"gguf package cannot dequantize; supported: {', '.join(FLOAT_TYPES)} and the "
+                "block types gguf.quants dequantizes (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K-Q6_K, "
+                "IQ*)")
+
+    def quantization(self) -> dict[str, int]:
+        """Tensor count per stored type, e.g. ``{"Q4_1": 210, "F32": 61, "Q8_0": 1}``."""
+        return dict(Counter(t.tensor_type.name for t in self.reader.tensors).most_common())
+
+    def record(self) -> dict:
+        """What a converted checkpoint's ``run_config["source"]`` says about this file."""
+        record = {"gguf_path": os.path.abspath(self.path),
+                  "model_type": self.config["model_type"], "quantization": self.quantization()}
+        name = self._value("general.name")
+        if name:
+            record["name"] = str(name)
+        return record
+
+    def tensor_shape(self, gguf_name: str) -> tuple[int, ...]:
+        """A tensor's shape in torch order (GGUF lists the fastest dimension first)."""
+        return tuple(int(d) for d in reversed(self._tensors[gguf_name].shape.tolist()))
+
+    def has_tensor(self, gguf_name: str) -> bool:
+        return gguf_name in self._tensors
+
+    def tensor_names(self) -> list[str]:
+        """The GGUF names of the file's tensors, in file order."""
+        return list(self._tensors)
+
+    def _hf_config(self) -> dict:
+        """``config.json`` for transformers, from the metadata and the tensor shapes.
+
+        The head size comes from the query matrix (key_length and rope.dimension_count,
+        when stated, must agree with it); the vocabulary size from the embedding rows.
+        """
+        layout = ARCHITECTURES[self.architecture]
+        experts = self._arch_value("expert_count", 0)
+        if experts:
+            raise UnsupportedModelError(
+                f"{self.path}: a mixture of experts ({self.architecture}.expert_count "
+                f"{experts}) is not supported; only dense models are imported")
+        for name in ("token_embd.weight", "blk.0.attn_q.weight"):
+            if name not in self._tensors:
+                raise HFCheckpointError(f"{self.path} has no {name} tensor; it is incomplete "
+                                        f"or not a {self.architecture} model")
+        heads = int(self._arch_value("attention.head_count", required=True))
+        head_dim = self.tensor_shape("blk.0.attn_q.weight")[0] // heads
+        for key in ("attention.key_length", "attention.value_length", "rope.dimension_count"):
+            stated = self._arch_value(key)
+            if stated is not None and int(stated) != head_dim:
+                raise UnsupportedModelError(
+                    f"{self.path}: {self.architecture}.{key} is {stated} but the heads are "
+                    f"{head_dim} wide; partial RoPE or unequal key/value sizes are not built")
+        theta = float(self._arch_value("rope.freq_base", DEFAULT_ROPE_THETA))
+        config = {
+            "architectures": [layout.hf_class],
+            "model_type": layout.model_type,
+            "hidden_size": int(self._arch_value("embedding_length", required=True)),
+            "intermediate_size": int(self._arch_value("feed_forward_length", required=True)),
+            "num_hidden_layers": int(self._arch_value("block_count", required=True)),
+            "num_attention_heads": heads,
+            "num_key_value_heads": int(self._arch_value("attention.head_count_kv", heads)),
+            "head_dim": head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": int(self._arch_value("context_length", required=True)),
+            "rms_norm_eps": float(self._arch_value("attention.layer_norm_rms_epsilon",
+                                                   required=True)),
+            "rope_theta": theta,
+            "vocab_size": self.tensor_shape("token_embd.weight")[0],
+            # llama.cpp writes the output layer only when it is not the embedding matrix
+            "tie_word_embeddings": "output.weight" not in self._tensors,
+            "bos_token_id": self._value("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self._value("tokenizer.ggml.eos_token_id"),
+            "pad_token_id": self._value("tokenizer.ggml.padding_token_id"),
+        }
+        scaling = self._rope_scaling(theta, head_dim)
+        if scaling:
+            config["rope_scaling"] = scaling
+        return config
+
+    def _rope_scaling(self, theta: float, head_dim: int) -> Optional[dict]:
+        """The HF ``rope_scaling`` the file states, if any (the importer refuses what it
+        cannot build, as for a ``config.json``)."""
+        if ROPE_FREQS in self._tensors:
+            return llama3_rope_scaling(self.read(ROPE_FREQS).flatten().tolist(), theta,
+                                       head_dim, self.path)
+        kind = self._arch_value("rope.scaling.type")
+        if kind in (None, "none"):
+            return None
+        scaling = {"rope_type": str(kind), "factor": self._arch_value("rope.scaling.factor")}
+        original = self._arch_value("rope.scaling.original_context_length")
+        if original:
+            scaling["original_max_position_embeddings"] = int(original)
+        return scaling
+
+    # ------------------------------------------------------------------ tensors
+    def read(self, gguf_name: str) -> "torch.Tensor":
+        """One tensor as float32, dequantized a slice of rows at a time into the result."""
+        import torch
+
+        gguf = _gguf()
+        tensor = self._tensors[gguf_name]
+        shape = self.tensor_shape(gguf_name)
+        out = torch.empty(shape, dtype=torch.float32)
+        target = out.numpy().reshape(-1, shape[-1])
+        stored = tensor.data.reshape(-1, tensor.data.shape[-1])  # rows of values or blocks
+        step = max(1, DEQUANT_CHUNK_ELEMENTS // shape[-1])
+        for start in range(0, stored.shape[0], step):
+            target[start:start + step] = gguf.quants.dequantize(stored[start:start + step],
+                                                                tensor.tensor_type)
+        return out
+
+    # ------------------------------------------------------------------ tokenizer
+    def write_tokenizer(self, out_dir: str) -> list[str]:
+        """``tokenizer.json``, ``tokenizer_config.json`` (BOS/EOS/pad) and
+        ``chat_template.jinja`` (``tokenizer.chat_template``) in ``out_dir``, by
+        ``transformers``' own GGUF tokenizer conversion; returns the file names.
+
+        The file is shown to ``transformers`` alone in a folder of its own, so that no
+        tokenizer file lying beside it is mixed in.
+        """
+        import tempfile
+
+        if self._value("tokenizer.ggml.model") is None:
+            raise TokenizerError(f"{self.path} holds no tokenizer (no tokenizer.ggml.model); "
+                                 "pass the model's tokenizer with --vocab_file")
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise TokenizerError("rebuilding a GGUF file's tokenizer needs transformers: pip "
+                                 "install transformers (or pass --vocab_file)") from None
+        with tempfile.TemporaryDirectory(prefix="gguf-tokenizer-") as alone:
+            link = os.path.join(alone, "model.gguf")
+            os.symlink(os.path.abspath(self.path), link)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file="model.gguf")
+            except Exception as exc:  # noqa: BLE001 - the library's message, with the file
+                raise TokenizerError(
+                    f"transformers cannot rebuild the tokenizer of {self.path} "
+                    f"({type(exc).__name__}: {str(exc)[:200]}); pass the model's tokenizer "
+                    "with --vocab_file") from None
+        os.makedirs(out_dir, exist_ok=True)
+        tokenizer.save_pretrained(out_dir)
+        self._drop_tokens_beyond_the_vocabulary(os.path.join(out_dir, "tokenizer.json"))
+        return sorted(os.listdir(out_dir))
+
+    def _drop_tokens_beyond_the_vocabulary(self, tokenizer_json: str) -> None:
+        """Remove added tokens the file does not have.
+
+        transformers' byte-level builder adds GPT-2's ``<|endoftext|>`` whenever the
+        vocabulary lacks it (Llama 3's does): one id past the model's embedding rows,
+        which no text of the model contains.
+        """
+        import json
+
+        size = len(self.reader.get_field("tokenizer.ggml.tokens").data)
+        with open(tokenizer_json, encoding="utf-8") as handle:
+            spec = json.load(handle)
+        kept = [token for token in spec.get("added_tokens", []) if token["id"] < size]
+        if len(kept) == len(spec.get("added_tokens", [])):
+            return
+        spec["added_tokens"] = kept
+        with open(tokenizer_json, "w", encoding="utf-8") as handle:
+            json.dump(spec, handle, ensure_ascii=False, indent=2)
+
+
+class GGUFWeights:
+    """The tensors of a :class:`GGUFModel` under their HF names, float32, read one at a
+    time (a :class:`~megatron_ext.models.hf_checkpoint.WeightSource`).
+
+    Every tensor of the file must have an HF name in the layout (``rope_freqs.weight``
+    aside, which the config took): a tensor this reader would drop means a model it
+    would convert wrongly.
+    """
+
+    format = "gguf"
+
+    def __init__(self, model: GGUFModel):
+        self.model = model
+        self.model_dir = model.path  # named in messages, like HFWeights'
+        layout = ARCHITECTURES[model.architecture]
+        self._permuted = layout.permuted_qk
+        layers = int(model.config["num_hidden_layers"])
+        self._heads = {"q_proj": int(model.config["num_attention_heads"]),
+                       "k_proj": int(model.config["num_key_value_heads"])}
+        names = list(EMBEDDING_NAMES)
+        for layer in range(layers):
+            names += hf_layer_names(layer, layout.qkv_bias, layout.qk_norm)
+        self._to_gguf = {}
+        table = _gguf_name_table(model.architecture, layers)
+        for name in names:
+            stem, suffix = name.rsplit(".", 1)
+            gguf_name = table.get_name(stem)
+            if gguf_name and model.has_tensor(f"{gguf_name}.{suffix}"):
+                self._to_gguf[name] = f"{gguf_name}.{suffix}"
+        read = set(self._to_gguf.values()) | {ROPE_FREQS}
+        unread = [name for name in model.tensor_names() if name not in read]
+        if unread:
+            extra = QKV_BIAS_SUFFIXES + QK_NORM_SUFFIXES
+            raise UnsupportedModelError(
+                f"{model.path}: {len(unread)} tensors do not belong to the "
+                f"{model.architecture} layout ({', '.join(unread[:4])}"
+                f"{'...' if len(unread) > 4 else ''}); biases or norms beyond "
+                f"{', '.join(s.split('.')[-2] for s in extra)} are not built")
+
+    def names(self) -> list[str]:
+        return list(self._to_gguf)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.model.tensor_shape(self._to_gguf[name])
+
+    def get(self, name: str) -> "torch.Tensor":
+        """Tensor ``name``, dequantized to float32 (a new tensor each call)."""
+        tensor = self.model.read(self._to_gguf[name])
+        projection = name.rsplit(".", 2)[-2]
+        if self._permuted and projection in self._heads and name.endswith(".weight"):
+            tensor = unpermute_heads(tensor, self._heads[projection])
+        return tensor
+
+    def require(self, names: list[str]) -> None:
+        missing = [n for n in names if n not in self._to_gguf]
+        if missing:
+            raise HFCheckpointError(
+                f"{self.model.path}: {len(missing)} expected tensors are missing "
+                f"({', '.join(missing[:4])}{'...' if len(missing) > 4 else ''}); the file is "
+                f"incomplete or not a {self.model.architecture} model")
+
+
+def _gguf_name_table(architecture: str, layers: int):
+    """The ``gguf`` package's HF -> GGUF tensor name table for ``architecture``."""
+    gguf = _gguf()
+    arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == architecture)
+    return gguf.get_tensor_name_map(arch, layers)
