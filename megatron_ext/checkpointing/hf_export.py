@@ -25,7 +25,11 @@ from megatron_ext.checkpointing.hf_tokenizer import (
     generation_config_eos,
 )
 from megatron_ext.checkpointing.options import ExportConfig  # (lives there: no torch)
-from megatron_ext.checkpointing.run_config import chat_settings_of_run, tokenizer_config_from_run
+from megatron_ext.checkpointing.run_config import (
+    chat_settings_of_run,
+    default_chat_format,
+    tokenizer_config_from_run,
+)
 from megatron_ext.checkpointing.sources import open_checkpoint
 from megatron_ext.errors import CheckpointError, ConfigError, TokenizerError
 from megatron_ext.io import staged_directory, write_json
@@ -151,9 +155,10 @@ def _usable_chat_format(requested: Optional[str], template: Optional[str], run_c
         name, saved_template = chat_settings_of_run(run_config)
         template = template or saved_template
         if name is None:
-            logger.warning("the training data's chat format is unknown (its -meta.json is not "
-                           "found from here): trying chatml; pass --chat_format to choose")
-            name = "chatml"
+            name = default_chat_format(tokenizer)
+            logger.warning("the training data's chat format is unknown (an imported model, or "
+                           "its -meta.json is not found from here): trying %s; pass "
+                           "--chat_format to choose", name)
     try:
         chat_template(name, tokenizer, template)  # raises when it cannot be exact
     except (TokenizerError, ConfigError) as exc:

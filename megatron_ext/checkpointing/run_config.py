@@ -13,9 +13,16 @@ import json
 import os
 from typing import Optional
 
+from megatron_ext.data.hf_chat import ChatTemplateError, find_chat_template
 from megatron_ext.errors import CheckpointError, ConfigError
 from megatron_ext.io import read_json, write_json
-from megatron_ext.tokenizers import SENTENCEPIECE, TokenizerArgs, TokenizerConfig
+from megatron_ext.tokenizers import (
+    HUGGINGFACE,
+    SENTENCEPIECE,
+    InstructTokenizer,
+    TokenizerArgs,
+    TokenizerConfig,
+)
 
 RUN_CONFIG = "run_config.json"
 
@@ -80,3 +87,16 @@ def chat_settings_of_run(run_config: dict) -> tuple[Optional[str], Optional[str]
             if value:
                 return value.get("name"), value.get("prompt_template")
     return None, None
+
+
+def default_chat_format(tokenizer: InstructTokenizer) -> str:
+    """The chat format for a checkpoint that records none (an imported model, or data made
+    before formats were recorded): the tokenizer's own template (``hf``) when it has one,
+    as an imported chat model does, else ``chatml``."""
+    if tokenizer.config.tokenizer_type == HUGGINGFACE:
+        try:
+            if find_chat_template(tokenizer.source_file)[0] is not None:
+                return "hf"
+        except ChatTemplateError:
+            pass  # an unreadable template: chatml, and --chat_format hf names the problem
+    return "chatml"

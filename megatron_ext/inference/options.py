@@ -97,7 +97,10 @@ def load_model_and_format(options: InferenceOptions, raw: bool = False
                           ) -> tuple["LoadedModel", Optional[ChatFormat]]:
     """The model on this rank's TP slice, and the chat format its data was made with
     (None with ``raw``: prompts go in as they are)."""
-    from megatron_ext.checkpointing.run_config import chat_settings_of_run  # torch: module doc
+    from megatron_ext.checkpointing.run_config import (  # torch: module doc
+        chat_settings_of_run,
+        default_chat_format,
+    )
     from megatron_ext.inference.loading import load_for_inference
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -111,9 +114,11 @@ def load_model_and_format(options: InferenceOptions, raw: bool = False
         return loaded, None
     name, template = chat_settings_of_run(loaded.run_config)
     if not options.chat_format and name is None:
-        logger.warning("the checkpoint does not record its data's chat format: using chatml "
-                       "(pass --chat_format, or --raw for a base model)")
-    name = options.chat_format or name or "chatml"
+        name = default_chat_format(loaded.tokenizer)
+        logger.warning("the checkpoint does not record its data's chat format: using %s "
+                       "(pass --chat_format, or --raw for a base model)",
+                       "the tokenizer's own chat template (hf)" if name == "hf" else name)
+    name = options.chat_format or name
     fmt = build_chat_format(name, loaded.tokenizer, options.prompt_template or (
         template if not options.chat_format else None))
     fmt.check()
