@@ -7,6 +7,8 @@ order) and two processes (DP=2, both ranks asking for the same import at once)."
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 
@@ -52,8 +54,25 @@ def bpe_data(train_data: dict, model: Path, out: Path) -> str:
     return str(out / "train")
 
 
+def gguf_data(train_data: dict, gguf: Path, out: Path) -> str:
+    """The training records tokenized with the tokenizer rebuilt from the GGUF's metadata (the
+    same conversion the import makes, so the same tokenizer identity)."""
+    from megatron_ext.models.gguf_checkpoint import GGUFModel
+
+    GGUFModel(str(gguf)).write_tokenizer(str(out / "tokenizer"))
+    source = Path(train_data["prefix"]).parent / "train.jsonl"
+    argv = ["--input", str(source), "--output_prefix", str(out / "train"),
+            "--tokenizer_type", "HFTokenizer", "--vocab_file", str(out / "tokenizer"),
+            "--vocab_extra_ids_list", EXTRA, "--question_key", "question",
+            "--answer_key", "answer", "--system_key", "system", "--max_seq_length", "96",
+            "--overlong", "truncate", "--workers", "1", "--no_progress"]
+    run_preprocess(config_from_args(build_parser().parse_args(argv)))
+    return str(out / "train")
+
+
 @pytest.fixture(scope="module")
-def hf_runs(tmp_path_factory, hf_llama, hf_llama_bpe, imported_train_data) -> dict:
+def hf_runs(tmp_path_factory, hf_llama, hf_llama_bpe, imported_train_data,
+            hf_tokenizer_dir) -> dict:
     root = tmp_path_factory.mktemp("finetune_from_hf")
     # data tokenized with the model's own tokenizer.model ids (no Megatron-LLM additions)
     cache, prefix = root / "cache", imported_train_data["prefix"]
@@ -62,6 +81,10 @@ def hf_runs(tmp_path_factory, hf_llama, hf_llama_bpe, imported_train_data) -> di
     converted = root / "converted"
     bpe_prefix = bpe_data(imported_train_data, hf_llama_bpe, root / "bpe_data")
     from_hf = ["--load", str(hf_llama), "--import_cache_dir", str(cache)]
+    from tests.checkpointing.gguf_files import write_gguf
+
+    gguf, _ = write_gguf(root / "tiny.gguf", "llama-tied", Path(hf_tokenizer_dir) / "tokenizer.json")
+    gguf_prefix = gguf_data(imported_train_data, gguf, root / "gguf_data")
     serial = start_runs(1, [
         tool_job("convert", "hf_to_megatron.py", "--model_path", str(hf_llama), "--out",
                  str(converted), "--vocab_extra_ids_list", EXTRA),
@@ -77,6 +100,9 @@ def hf_runs(tmp_path_factory, hf_llama, hf_llama_bpe, imported_train_data) -> di
         # the default cache (under --save); the data was made from the model directory
         {"name": "bpe", "argv": run_args(bpe_prefix, root / "bpe") + [
             "--load", str(hf_llama_bpe)]},
+        # a GGUF file: imported on the fly (dequantized), its rebuilt tokenizer used
+        {"name": "gguf", "argv": run_args(gguf_prefix, root / "gguf") + [
+            "--load", str(gguf), "--import_cache_dir", str(root / "cache_gguf")]},
         # the check is not switched off: data of another tokenizer is still refused
         {"name": "bpe_wrong_data", "argv": run_args(prefix, root / "wrong") + [
             "--load", str(hf_llama_bpe), "--import_cache_dir", str(cache)]},
@@ -137,3 +163,16 @@ def test_two_processes_on_an_empty_cache_import_once(hf_runs):
     serial = train_metrics(hf_runs["root"] / "first")[0]["loss"]
     parallel = train_metrics(hf_runs["root"] / "dp2")[0]["loss"]
     assert abs(parallel - serial) <= 1e-5 * abs(serial)
+
+
+def test_a_gguf_file_is_imported_on_the_fly_with_its_own_tokenizer(hf_runs):
+    result = ok(hf_runs, "gguf")
+    cache = hf_runs["root"] / "cache_gguf"
+    assert len(IMPORTING.findall(result.log)) == 1 and f"into the cache {cache}/" in result.log
+    entries = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(entries) == 1
+    run_config = json.loads((entries[0] / "run_config.json").read_text())
+    assert run_config["source"]["gguf_path"].endswith("tiny.gguf")
+    assert run_config["model"]["tie_embeddings"] is True
+    train = train_metrics(hf_runs["root"] / "gguf")
+    assert len(train) == ITERS and all(math.isfinite(r["loss"]) for r in train)
