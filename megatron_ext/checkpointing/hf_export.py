@@ -36,7 +36,7 @@ from megatron_ext.io import staged_directory, write_json
 from megatron_ext.models.config import ModelArgs, PrecisionArgs
 from megatron_ext.models.hf_config import export_adapter, hf_config_from_model_args
 from megatron_ext.safetensors_io import ShardedSafetensorsWriter
-from megatron_ext.tokenizers import build_tokenizer
+from megatron_ext.tokenizers import GENERATION_CONFIG, build_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def export_hf(config: ExportConfig) -> ExportSummary:
         write_json(os.path.join(staging, "config.json"), hf_config)
         generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos_ids,
                       "pad_token_id": tokenizer.pad_id, "do_sample": False}
-        write_json(os.path.join(staging, "generation_config.json"), generation)
+        write_json(os.path.join(staging, GENERATION_CONFIG), generation)
         tokenizer_info = export_hf_tokenizer(tokenizer, chat_format, staging, template)
         writer = ShardedSafetensorsWriter(staging, "model", config.max_shard_bytes)
         groups = source.groups(include_optimizer=False)

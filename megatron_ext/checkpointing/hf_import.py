@@ -32,8 +32,14 @@ from megatron_ext.models.gguf_checkpoint import GGUFModel, is_gguf_path
 from megatron_ext.models.hf_checkpoint import HFWeights, WeightSource, read_hf_config
 from megatron_ext.models.hf_config import hf_adapter, model_args_from_hf_config
 from megatron_ext.tokenizers import (
+    CHAT_TEMPLATE_FILE,
+    GENERATION_CONFIG,
     HUGGINGFACE,
     SENTENCEPIECE,
+    SENTENCEPIECE_FILE,
+    SPECIAL_TOKENS_MAP,
+    TOKENIZER_CONFIG,
+    TOKENIZER_JSON,
     TokenizerConfig,
     build_tokenizer,
     parse_extra_ids,
@@ -42,8 +48,8 @@ from megatron_ext.tokenizers import (
 logger = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, TOKENIZER_JSON, TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE,
+                   SPECIAL_TOKENS_MAP, GENERATION_CONFIG)
 
 
 @dataclass(frozen=True)
@@ -104,8 +110,8 @@ def _tokenizer_source(config: ImportConfig, source: ModelSource) -> tuple[str, s
             SENTENCEPIECE if config.vocab_file.endswith(".model") else HUGGINGFACE)
         return kind, config.vocab_file
     model_dir = source.tokenizer_dir()
-    sp_file = os.path.join(model_dir, "tokenizer.model")
-    json_file = os.path.join(model_dir, "tokenizer.json")
+    sp_file = os.path.join(model_dir, SENTENCEPIECE_FILE)
+    json_file = os.path.join(model_dir, TOKENIZER_JSON)
     if config.tokenizer_type:
         wanted = TokenizerConfig(config.tokenizer_type, "").tokenizer_type
         return wanted, sp_file if wanted == SENTENCEPIECE else model_dir

@@ -39,7 +39,6 @@ the start of the text, like :meth:`InstructTokenizer.encode`.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -56,14 +55,19 @@ from megatron_ext.data.records import (
 )
 from megatron_ext.errors import TokenizerError
 from megatron_ext.io import json_text, publish, temporary_directory, write_text
-from megatron_ext.tokenizers import HFTokenizer, InstructTokenizer, SentencePieceTokenizer
+from megatron_ext.tokenizers import (
+    CHAT_TEMPLATE_FILE,
+    SENTENCEPIECE_FILE,
+    SPECIAL_TOKENS_MAP,
+    TOKENIZER_CONFIG,
+    TOKENIZER_JSON,
+    HFTokenizer,
+    InstructTokenizer,
+    SentencePieceTokenizer,
+    read_tokenizer_config,
+)
 from megatron_ext.tokenizers.conversion import dummy_prefix_mode, hf_backend
 
-TOKENIZER_JSON = "tokenizer.json"
-TOKENIZER_CONFIG = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP = "special_tokens_map.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
-SENTENCEPIECE_FILE = "tokenizer.model"
 #: files an export writes; nothing else in the output directory is touched, except ...
 TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, CHAT_TEMPLATE_FILE,
                    SENTENCEPIECE_FILE)
@@ -427,14 +431,11 @@ def _tokenizer_config(tokenizer: InstructTokenizer, named: dict, template: str |
                       backend) -> dict:
     config: dict = {"tokenizer_class": "PreTrainedTokenizerFast"}
     if isinstance(tokenizer, HFTokenizer):
-        source = os.path.join(os.path.dirname(tokenizer.source_file), TOKENIZER_CONFIG)
-        if os.path.isfile(source):
-            with open(source, encoding="utf-8") as handle:
-                settings = json.load(handle)
-            for key in ("model_max_length", "padding_side", "truncation_side",
-                        "model_input_names", "add_bos_token", "add_eos_token"):
-                if key in settings:
-                    config[key] = settings[key]
+        settings = read_tokenizer_config(os.path.dirname(tokenizer.source_file))
+        for key in ("model_max_length", "padding_side", "truncation_side",
+                    "model_input_names", "add_bos_token", "add_eos_token"):
+            if key in settings:
+                config[key] = settings[key]
     else:
         config.update(add_bos_token=False, add_eos_token=False)
     config["clean_up_tokenization_spaces"] = False

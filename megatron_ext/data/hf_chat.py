@@ -55,8 +55,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-TOKENIZER_CONFIG = "tokenizer_config.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
+from megatron_ext.tokenizers import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG, read_tokenizer_config
+
 #: the tokenizer's named tokens a template sees (``transformers``' special_tokens_map)
 TEMPLATE_VARIABLES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -96,14 +96,7 @@ def find_chat_template(tokenizer_file: str) -> tuple[Optional[ChatTemplate], lis
     directory = Path(tokenizer_file).parent
     config_path = directory / TOKENIZER_CONFIG
     jinja_path = directory / CHAT_TEMPLATE_FILE
-    config: dict = {}
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ChatTemplateError(f"cannot read {config_path}: {exc}") from None
-        if not isinstance(config, dict):
-            raise ChatTemplateError(f"{config_path} is not a JSON object")
+    config = read_tokenizer_config(str(directory), ChatTemplateError)
     variables = {}
     for name in TEMPLATE_VARIABLES:
         value = config.get(name)

@@ -44,6 +44,7 @@ import numpy as np
 from megatron_ext.errors import TokenizerError
 from megatron_ext.models.family import UnsupportedModelError
 from megatron_ext.models.hf_checkpoint import HFCheckpointError
+from megatron_ext.tokenizers import TOKENIZER_JSON
 from megatron_ext.models.hf_llama import (
     EMBEDDING_NAMES,
     LLAMA3_SCALING_FIXED,
@@ -367,7 +368,7 @@ class GGUFModel:
                     "with --vocab_file") from None
         os.makedirs(out_dir, exist_ok=True)
         tokenizer.save_pretrained(out_dir)
-        self._drop_tokens_beyond_the_vocabulary(os.path.join(out_dir, "tokenizer.json"))
+        self._drop_tokens_beyond_the_vocabulary(os.path.join(out_dir, TOKENIZER_JSON))
         return sorted(os.listdir(out_dir))
 
     def _drop_tokens_beyond_the_vocabulary(self, tokenizer_json: str) -> None:

@@ -7,8 +7,14 @@ pipeline). This face re-exports the interface.
 """
 
 from megatron_ext.tokenizers.base import (
+    CHAT_TEMPLATE_FILE,
+    GENERATION_CONFIG,
     HUGGINGFACE,
     SENTENCEPIECE,
+    SENTENCEPIECE_FILE,
+    SPECIAL_TOKENS_MAP,
+    TOKENIZER_CONFIG,
+    TOKENIZER_JSON,
     TOKENIZER_TYPES,
     HFTokenizer,
     InstructTokenizer,
@@ -20,9 +26,12 @@ from megatron_ext.tokenizers.base import (
     file_sha256,
     megatron_llm_specials_hint,
     parse_extra_ids,
+    read_tokenizer_config,
 )
 
 __all__ = [
+    "CHAT_TEMPLATE_FILE", "GENERATION_CONFIG", "SENTENCEPIECE_FILE", "SPECIAL_TOKENS_MAP",
+    "TOKENIZER_CONFIG", "TOKENIZER_JSON", "read_tokenizer_config",
     "HUGGINGFACE", "SENTENCEPIECE", "TOKENIZER_TYPES", "HFTokenizer", "InstructTokenizer",
     "SentencePieceTokenizer", "TokenizerArgs", "TokenizerConfig", "build_tokenizer", "canonical_tokenizer_type",
     "file_sha256", "megatron_llm_specials_hint", "parse_extra_ids",

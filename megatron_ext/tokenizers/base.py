@@ -51,6 +51,15 @@ _TYPE_ALIASES = {
 }
 TOKENIZER_TYPES = (SENTENCEPIECE, HUGGINGFACE)
 
+# The files of a tokenizer directory as Hugging Face lays it out, named once here for the
+# importers, the chat-template reader and the exporter.
+SENTENCEPIECE_FILE = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_CONFIG = "generation_config.json"
+
 
 def parse_extra_ids(value: Optional[str]) -> tuple[str, ...]:
     """Split ``--vocab_extra_ids_list "<|im_start|>,<|im_end|>"`` into tokens."""
@@ -387,7 +396,7 @@ class HFTokenizer(InstructTokenizer):
 
     def __init__(self, config: TokenizerConfig):
         path = Path(config.vocab_file)
-        json_file = path / "tokenizer.json" if path.is_dir() else path
+        json_file = path / TOKENIZER_JSON if path.is_dir() else path
         super().__init__(config=config, source_file=str(json_file))
         if not json_file.exists():
             hint = ""
@@ -405,7 +414,7 @@ class HFTokenizer(InstructTokenizer):
                 f"SentencePiece tokenizer.model use --tokenizer_type {SENTENCEPIECE}"
             ) from None
 
-        settings = _read_tokenizer_config(json_file.parent / "tokenizer_config.json")
+        settings = read_tokenizer_config(str(json_file.parent))
         vocab = tok.get_vocab(with_added_tokens=True)
         self.base_vocab_size = max(vocab.values()) + 1
         specials = {
@@ -461,10 +470,16 @@ def _flatten(segments: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return tokens, lengths
 
 
-def _read_tokenizer_config(path: Path) -> dict:
-    if not path.exists():
+def read_tokenizer_config(directory: str, error: type = TokenizerError) -> dict:
+    """``directory``'s ``tokenizer_config.json`` as a dict ({} when there is none); an
+    unreadable file or one that is not a JSON object raises ``error`` naming it."""
+    path = os.path.join(directory, TOKENIZER_CONFIG)
+    if not os.path.exists(path):
         return {}
-    return read_json(str(path), TokenizerError)
+    config = read_json(path, error)
+    if not isinstance(config, dict):
+        raise error(f"{path} is not a JSON object")
+    return config
 
 
 def _pick_token(configured, specials: dict[str, int], candidates: tuple[str, ...]) -> Optional[str]:
