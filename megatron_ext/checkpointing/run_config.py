@@ -9,12 +9,12 @@ converted checkpoint carries its tokenizer files beside the weights).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
 from megatron_ext.data.hf_chat import ChatTemplateError, find_chat_template
-from megatron_ext.errors import CheckpointError, ConfigError
+from megatron_ext.data.indexed import chat_settings_of_meta, read_meta
+from megatron_ext.errors import CheckpointError, ConfigError, DataError
 from megatron_ext.io import read_json, write_json
 from megatron_ext.tokenizers import (
     HUGGINGFACE,
@@ -75,17 +75,12 @@ def chat_settings_of_run(run_config: dict) -> tuple[Optional[str], Optional[str]
     data = run_config.get("data") or {}
     paths = list(data.get("train_data_path") or ()) + list(data.get("data_path") or ())
     for entry in paths:
-        meta = f"{entry}-meta.json"
-        if os.path.exists(meta):
-            try:
-                with open(meta, encoding="utf-8") as handle:
-                    value = json.load(handle).get("chat_format")
-            except (OSError, ValueError):
-                continue
-            if isinstance(value, str):
-                return value, None
-            if value:
-                return value.get("name"), value.get("prompt_template")
+        try:
+            name, template = chat_settings_of_meta(read_meta(entry))
+        except DataError:
+            continue  # an unreadable meta.json here: the next path may tell
+        if name:
+            return name, template
     return None, None
 
 

@@ -136,6 +136,17 @@ class AtomicDatasetOutputs:
         self.files.discard()
 
 
+def chat_settings_of_meta(meta: Optional[dict]) -> tuple[Optional[str], Optional[str]]:
+    """(chat format name, prompt template) a ``-meta.json`` records: a dict since the
+    format has a template, a bare name before; (None, None) when it records none."""
+    value = (meta or {}).get("chat_format")
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, dict) and value.get("name"):
+        return value["name"], value.get("prompt_template")
+    return None, None
+
+
 def read_meta(prefix: str) -> Optional[dict]:
     """``{prefix}-meta.json`` if present (Megatron-LLM datasets have none)."""
     path = dataset_paths(prefix)["meta"]

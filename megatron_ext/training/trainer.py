@@ -36,6 +36,7 @@ from megatron_ext.checkpointing.import_cache import (
 )
 from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
 from megatron_ext.checkpointing.vocab import checkpoint_directory, padded_vocab_for
+from megatron_ext.data.indexed import chat_settings_of_meta
 from megatron_ext.models.builder import build_gpt_model, transformer_config
 from megatron_ext.models.config import ModelArgs
 from megatron_ext.parallel import Layout, init_distributed
@@ -120,10 +121,9 @@ class Trainer:
         so export and generation use it wherever they run."""
         for split in self.splits.values():
             for part in split.parts if split else ():
-                chat = (part.dataset.meta or {}).get("chat_format")
-                if isinstance(chat, dict) and chat.get("name"):
-                    return {"format": chat["name"],
-                            "prompt_template": chat.get("prompt_template")}
+                name, template = chat_settings_of_meta(part.dataset.meta)
+                if name:
+                    return {"format": name, "prompt_template": template}
         return {"format": None, "prompt_template": None}
 
     def _train_state(self):
