@@ -24,8 +24,13 @@ from tests.runs import (  # noqa: E402
     CHATML,
     ITERS,
     Launch,
+    close_pool,
     model_args,
+    open_pool,
+    start_early,
     start_runs,
+    started,
+    starts_early,
     train_metrics,
 )
 
@@ -104,6 +109,18 @@ def cli_env():
 
 # ------------------------------------------------------------ shared training runs
 # (here, not in a sub-directory conftest, so that each runs once per session)
+@pytest.fixture(scope="session", autouse=True)
+def run_many_workers(request, tmp_path_factory):
+    """The session's run_many.py workers (tests/runs.py:Pool): started by the first batch
+    that needs them, stopped at the end. Here, at the first test, the batches that the
+    selected tests will wait for and that need nothing made by a test start early
+    (tests/runs.py:starts_early), beside the in-process tests."""
+    pool = open_pool(tmp_path_factory.mktemp("workers"))
+    start_early(request)
+    yield pool
+    close_pool()
+
+
 def _chatml_data(directory: Path, sp_model: str, tokenizer_flags: tuple[str, ...] = ()) -> dict:
     """The first 200 sample records as ChatML, truncated to 96 tokens."""
     lines = (SAMPLE / "training.jsonl").read_text(encoding="utf-8").splitlines()[:200]
@@ -133,18 +150,21 @@ def imported_train_data(tmp_path_factory, sp_model):
                         ("--no_megatron_llm_specials",))
 
 
-@pytest.fixture(scope="session")
-def reference_launch(tmp_path_factory, train_data) -> tuple[Launch, Path]:
-    """The serial run every parity, resume and reshard test compares with: 6 iterations,
-    one process, checkpoints at 3 and 6. Started here, waited for by ``reference_run``, so
-    that a fixture may start a 2-process launch beside it."""
-    out = tmp_path_factory.mktemp("reference")
+@starts_early("reference_launch")
+def start_reference(request) -> tuple[Launch, Path]:
+    out = request.getfixturevalue("tmp_path_factory").mktemp("reference")
+    train_data = request.getfixturevalue("train_data")
     launch = start_runs(1, [{"name": "reference", "argv": model_args(train_data, ITERS) + [
-        "--save", str(out / "run"), "--save_interval", "3"]}], out / "launch")
-    yield launch, out / "run"
-    if launch.process.poll() is None:
-        launch.process.kill()
-        launch.process.wait()
+        "--save", str(out / "run"), "--save_interval", "3"]}], out / "launch", early=True)
+    return launch, out / "run"
+
+
+@pytest.fixture(scope="session")
+def reference_launch(request) -> tuple[Launch, Path]:
+    """The serial run every parity, resume and reshard test compares with: 6 iterations,
+    one process, checkpoints at 3 and 6. Started early (``start_reference``), waited for
+    by ``reference_run``."""
+    return started("reference_launch", request)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@
   python check_generation.py OUT.json              (world size 1: TP=1)
   torchrun --nproc_per_node 2 check_generation.py OUT.json   (TP=2)
 
+(test_generation.py calls ``main([OUT.json])`` in the session's run_many.py workers.)
+
 For tiny random Llama (GQA) and Mistral (sliding window 8, shorter than
 prompt + generation) models of ``tests/models/check_hf_logits.py``'s shape,
 initialised with std 0.2 (std 0.02 gives near-uniform logits whose top-2 gap
@@ -237,8 +239,8 @@ def check_variant(family: str, tp: int, rank: int) -> dict:
     return out
 
 
-def main() -> None:
-    path = sys.argv[1]
+def main(argv=None) -> None:
+    path = (sys.argv[1:] if argv is None else argv)[0]
     tp = int(os.environ.get("WORLD_SIZE", "1"))
     layout = init_distributed(tp, 1, 1234)
     start = time.perf_counter()

@@ -1,19 +1,16 @@
 """Generation with megatron-core's KV cache: parity with ``transformers``, cache, stop, sampling.
 
 The model checks need megatron-core's process groups and the CPU compat layer,
-which must not leak into other tests, so they run in child processes
-(``check_generation.py``): once at TP=1 (plain python, world size 1) and once
-at TP=2 (torchrun, 2 processes), started together once per module when the
-selected tests need both; the tests here assert on their JSON reports. The
-sampling filters are tested in-process.
+which must not leak into other tests, so they run in the session's run_many.py
+workers (``check_generation.py``'s ``main``): once at TP=1 (world size 1) and once
+at TP=2 (2 processes), handed over together once per module when the selected
+tests need both; the tests here assert on their JSON reports. The sampling
+filters are tested in-process.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,82 +23,46 @@ from megatron_ext.inference.generation import (
     generate,
     row_seed,
 )
-from megatron_ext.parallel import free_port
-from tests.conftest import REPO
 from tests.inference.check_generation import NEW_TOKENS, PROMPT_LENGTHS
+from tests.runs import call_job, start_runs, started, starts_early
 
-SCRIPT = str(REPO / "tests/inference/check_generation.py")
 FAMILIES = ["llama", "mistral"]
 WINDOW = 8  # Mistral's sliding window in check_generation.py
+WORLD = {"tp1": 1, "tp2": 2}
 
 
-class _Children:
-    """The TP=1 and TP=2 child runs, started together when both are needed.
-
-    The TP=1 run is single-threaded, so running it beside the 2-process TP=2
-    run uses the second core instead of leaving it idle.
-    """
-
-    def __init__(self, directory, wanted: set[str]):
-        self.directory, self.wanted = directory, wanted
-        self.running: dict[str, tuple[subprocess.Popen, str]] = {}
-        self.done: dict[str, dict] = {}
-
-    def _start(self, name: str) -> None:
-        if name in self.running or name in self.done:
-            return
-        out = str(self.directory / f"{name}.json")
-        prefix = [sys.executable]
-        if name == "tp2":
-            prefix += ["-m", "torch.distributed.run", "--nproc_per_node", "2",
-                       "--master_port", str(free_port())]
-        env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-        log = self.directory / f"{name}.log"  # a file, not a pipe: nobody reads it meanwhile
-        with open(log, "wb") as handle:
-            process = subprocess.Popen([*prefix, SCRIPT, out], env=env, cwd=REPO,
-                                       stdout=handle, stderr=subprocess.STDOUT)
-        self.running[name] = (process, out)
-
-    def result(self, name: str) -> dict:
-        if name not in self.done:
-            for other in sorted(self.wanted | {name}):
-                self._start(other)
-            process, out = self.running.pop(name)
-            try:
-                process.wait(timeout=300)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                raise
-            log = (self.directory / f"{name}.log").read_text(errors="replace")
-            assert process.returncode == 0, log[-4000:]
-            with open(out, encoding="utf-8") as handle:
-                self.done[name] = json.load(handle)
-        return self.done[name]
-
-    def close(self) -> None:
-        for process, _ in self.running.values():
-            process.kill()
-            process.wait()
-
-
-@pytest.fixture(scope="module")
-def children(request, tmp_path_factory):
+@starts_early("generation_checks")
+def start_generation_checks(request) -> dict:
+    """{"tp1" / "tp2": its started check and report file}, for those the selected tests
+    need: the TP=1 check (one process) runs beside the TP=2 one (two)."""
+    directory = request.getfixturevalue("tmp_path_factory").mktemp("generation")
     wanted = {name for item in request.session.items
-              for name in ("tp1", "tp2") if name in getattr(item, "fixturenames", ())}
-    runs = _Children(tmp_path_factory.mktemp("generation"), wanted)
-    yield runs
-    runs.close()
+              for name in WORLD if name in getattr(item, "fixturenames", ())}
+    return {name: (start_runs(WORLD[name], [call_job(
+        name, "tests.inference.check_generation:main", [str(directory / f"{name}.json")])],
+        directory / name, early=True), directory / f"{name}.json") for name in sorted(wanted)}
 
 
 @pytest.fixture(scope="module")
-def tp1(children):
-    return children.result("tp1")
+def generation_checks(request) -> dict:
+    return started("generation_checks", request)
+
+
+def _report(checks: dict, name: str) -> dict:
+    launch, out = checks[name]
+    launch.wait()
+    with open(out, encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 @pytest.fixture(scope="module")
-def tp2(children):
-    return children.result("tp2")
+def tp1(generation_checks):
+    return _report(generation_checks, "tp1")
+
+
+@pytest.fixture(scope="module")
+def tp2(generation_checks):
+    return _report(generation_checks, "tp2")
 
 
 def _truncated_at(tokens: list[int], stop: int) -> list[int]:

@@ -4,7 +4,9 @@
   torchrun ... check_hf_logits.py check OUT FAMILY...   (any TP: load the checkpoints, compare)
 Each family's files are in OUT/FAMILY. Prints one JSON line per family on rank 0:
 ``{"family": ..., "max_abs_diff": ...}``, the largest absolute logit difference.
-Several families per process: starting one costs more than checking one.
+Several families per process: starting one costs more than checking one
+(test_hf_weights.py calls ``main([mode, OUT, FAMILY...])`` in the session's run_many.py
+workers).
 """
 
 import json
@@ -138,8 +140,8 @@ def check(mode: str, family: str, out: str, tp: int, layout) -> None:
                           "diff_without_window": unwindowed}), flush=True)
 
 
-def main() -> None:
-    mode, out, *families = sys.argv[1:]
+def main(argv=None) -> None:
+    mode, out, *families = sys.argv[1:] if argv is None else argv
     tp = int(os.environ.get("WORLD_SIZE", "1"))
     layout = init_distributed(tp, 1, 1234)
     for family in families:

@@ -3,24 +3,22 @@
 megatron-core needs ``torch.distributed``, ``parallel_state`` and the CPU
 compatibility layer (process-wide patches and a ``TorchFunctionMode``), none
 of which may leak into other tests. So every comparison runs in *one* child
-process (``_child`` below, started once per module): it initialises gloo with
-world size 1, runs all cases and writes their max abs differences to a JSON
-file; the tests here only read that file. Run time: ~10 s, mostly imports.
+process (``_child`` below, called once per module in a one-process run_many.py
+worker of the session): it initialises gloo with world size 1 (unless an earlier
+job there did), runs all cases and writes their max abs differences to a JSON
+file; the tests here only read that file.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from megatron_ext.parallel import free_port
+from tests.runs import call_job, start_runs, started, starts_early
 
-REPO = Path(__file__).resolve().parents[2]
 TOL = 2e-6  # fp32, O(1) inputs: outputs and gradients
 
 CASES = ["causal", "causal_mask_none", "one_query_mask_none", "padding", "packed", "gqa",
@@ -70,22 +68,17 @@ def _compare(make_ref, make_new, mask, *, s=12, b=2, np_=4, ng=4, hn=8, train=Fa
 
 def _child(out_path: str) -> None:
     import torch
-
-    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
-    from megatron_ext.compat import enable_cpu_compat
-
-    enable_cpu_compat()
-    from megatron.core import parallel_state, tensor_parallel
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_ext.models.attention import PortableAttention, _flash_eligible
     from megatron_ext.models.masks import attention_mask
+    from megatron_ext.parallel import init_distributed
 
-    parallel_state.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)
-    torch.manual_seed(1234)
+    # gloo at world size 1 (kept from an earlier job of the worker), the CPU compat layer,
+    # TP = PP = 1 and every seed (torch's and megatron-core's RNG tracker) at 1234
+    init_distributed(1, 1, 1234)
     s = 12
 
     def config(np_=4, ng=4, hn=8, **kw):
@@ -301,16 +294,18 @@ def _gpt_models(config_kwargs, mask, s=12, b=2, vocab=128, seeded=False):
 
 
 # ----------------------------------------------------------------- test process
+@starts_early("results")
+def start_attention_checks(request):
+    directory = request.getfixturevalue("tmp_path_factory").mktemp("attention")
+    out = directory / "results.json"
+    return start_runs(1, [call_job("attention", "tests.models.test_attention:_child",
+                                   str(out))], directory, early=True), out
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("attention") / "results.json"
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "CUDA_VISIBLE_DEVICES": "",
-           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    code = "import sys; from tests.models.test_attention import _child; _child(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+def results(request):
+    launch, out = started("results", request)
+    launch.wait()
     return json.loads(out.read_text())
 
 

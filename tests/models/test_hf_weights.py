@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,12 +14,8 @@ from megatron_ext.models.hf_llama import (
     qkv_from_megatron,
     qkv_to_megatron,
 )
-from megatron_ext.parallel import free_port
-from tests.conftest import REPO
 from tests.models.check_hf_logits import VARIANTS
-from tests.runs import child_env
-
-SCRIPT = str(REPO / "tests/models/check_hf_logits.py")
+from tests.runs import call_job, start_runs, started, starts_early
 
 
 def fake_llama_state(layers=2, heads=4, kv=2, hidden=16, ffn=24, vocab=10):
@@ -72,25 +66,33 @@ def test_new_token_rows_start_at_the_mean_and_padding_at_zero():
 FAMILIES = ("llama", "mistral", *VARIANTS)
 
 
+def _start(root, mode: str, nproc: int):
+    return start_runs(nproc, [call_job(mode, "tests.models.check_hf_logits:main",
+                                       [mode, str(root), *FAMILIES])], root / mode, early=True)
+
+
+def _reports(launch, mode: str) -> dict:
+    """{(family, mode): its JSON report} from a finished check_hf_logits.py job."""
+    lines = launch.wait()[mode].stdout.splitlines()
+    return {(line["family"], mode): line
+            for line in map(json.loads, filter(lambda line: line.startswith("{"), lines))}
+
+
+@starts_early("logits_checks")
+def start_conversions(request):
+    """check_hf_logits.py's conversions (one process): they need nothing, so start early."""
+    root = request.getfixturevalue("tmp_path_factory").mktemp("hf_weights")
+    return root, _start(root, "convert", 1)
+
+
 @pytest.fixture(scope="module")
-def logits_checks(tmp_path_factory) -> dict:
+def logits_checks(request) -> dict:
     """check_hf_logits.py: every family's conversion in one process, then every family's
-    TP=2 check in one launch (two processes). {(family, mode): its JSON report}."""
-    root = tmp_path_factory.mktemp("hf_weights")
-
-    def reports(mode: str, command: list[str]) -> dict:
-        process = subprocess.run(command + [SCRIPT, mode, str(root), *FAMILIES],
-                                 env=dict(child_env(), MASTER_PORT=str(free_port())), cwd=REPO,
-                                 capture_output=True, text=True, timeout=300)
-        assert process.returncode == 0, process.stderr[-4000:]
-        lines = [json.loads(line) for line in process.stdout.splitlines()
-                 if line.startswith("{")]
-        return {(line["family"], mode): line for line in lines}
-
-    results = reports("convert", [sys.executable])
-    results.update(reports("check", [sys.executable, "-m", "torch.distributed.run",
-                                     "--nproc_per_node", "2", "--master_port",
-                                     str(free_port())]))
+    TP=2 check in two (the session's run_many.py workers). {(family, mode): its JSON
+    report}."""
+    root, convert = started("logits_checks", request)
+    results = _reports(convert, "convert")
+    results.update(_reports(_start(root, "check", 2), "check"))
     assert set(results) == {(f, m) for f in FAMILIES for m in ("convert", "check")}
     return results
 

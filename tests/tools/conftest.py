@@ -96,6 +96,19 @@ def hf_llama_bpe(tmp_path_factory, hf_llama, hf_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def converted_llama(tmp_path_factory, hf_llama) -> Path:
+    """``hf_llama`` converted once per session with the ChatML tokens added (read only:
+    tests train from it with --save elsewhere, or copy it)."""
+    from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
+    from tests.runs import CHATML
+
+    out = tmp_path_factory.mktemp("converted_llama") / "ckpt"
+    import_hf(ImportConfig(str(hf_llama), str(out), vocab_extra_ids_list=",".join(CHATML),
+                           progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
 def hf_mistral(tmp_path_factory, sp_model) -> Path:
     return make_hf_model(tmp_path_factory.mktemp("hf_mistral") / "model", sp_model, "mistral")
 

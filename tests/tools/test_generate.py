@@ -12,7 +12,6 @@ import torch
 from megatron_ext.data.chat_formats import build_chat_format
 from megatron_ext.inference.prompts import PromptRecord, conversation_ids, prompt_ids
 from megatron_ext.data.records import ASSISTANT, USER, Message
-from megatron_ext.parallel import free_port
 from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer
 from tests.conftest import CHATML, REPO
 from tests.tools.conftest import make_hf_model
@@ -36,13 +35,11 @@ def converted(tmp_path_factory, sp_model):
     return {"hf": hf, "ckpt": root / "ckpt", "tokenizer": tokenizer, "root": root}
 
 
-def launch(tool: str, nproc: int, *args: str) -> subprocess.Popen:
-    """Start a tool's command line (at nproc > 1 under torchrun): a subprocess smoke test."""
-    command = ([sys.executable, str(REPO / "tools" / tool)] if nproc == 1 else
-               [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(free_port()), str(REPO / "tools" / tool)])
-    return subprocess.Popen(command + list(args) + ["--no_progress"], env=child_env(),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def launch(tool: str, *args: str) -> subprocess.Popen:
+    """Start a tool's command line: its subprocess smoke test."""
+    return subprocess.Popen([sys.executable, str(REPO / "tools" / tool), *args, "--no_progress"],
+                            env=child_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def finished(process: subprocess.Popen) -> str:
@@ -54,29 +51,30 @@ def finished(process: subprocess.Popen) -> str:
 
 @pytest.fixture(scope="module")
 def generations(tmp_path_factory, converted) -> dict:
-    """Every generate.py run of this module, started together: at TP=2 the command line
-    under torchrun (its smoke test), beside one process that runs the TP=1 ones in turn
-    (the tool's main in run_many.py). {name: output file or stdout}."""
+    """Every generate.py run of this module, started together: at TP=1 the command line
+    (its smoke test), beside the TP=2 one and then the other TP=1 ones in the session's
+    run_many.py workers (the tool's main). {name: output file or stdout}."""
     root = tmp_path_factory.mktemp("generations")
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
     chat = ["--load", str(converted["ckpt"]), "--input", str(prompts), "--greedy",
             "--max_new_tokens", "24", "--chat_format", "chatml", "--batch_size", "2"]
-    tp2 = launch("generate.py", 2, *chat, "--output", str(root / "chat2.jsonl"),
-                 "--tensor_model_parallel_size", "2")
+    cli = launch("generate.py", *chat, "--output", str(root / "chat1.jsonl"),
+                 "--tensor_model_parallel_size", "1")
+    tp2 = start_runs(2, [tool_job("chat2", "generate.py", *chat, "--output",
+                                  str(root / "chat2.jsonl"), "--tensor_model_parallel_size",
+                                  "2")], root / "tp2")
     serial = start_runs(1, [
-        tool_job("chat1", "generate.py", *chat, "--output", str(root / "chat1.jsonl"),
-                 "--tensor_model_parallel_size", "1"),
         tool_job("raw", "generate.py", "--load", str(converted["ckpt"]), "--raw", "--prompt",
                  "Once upon a time", "--greedy", "--max_new_tokens", "8"),
         tool_job("answers", "generate.py", "--load", str(converted["ckpt"]), "--input",
                  str(prompts), "--greedy", "--max_new_tokens", "12", "--output",
                  str(root / "answers.jsonl")),
     ], root / "serial")
-    results = serial.wait()
+    results = {**serial.wait(), **tp2.wait()}
     assert all(r.returncode == 0 for r in results.values()), {
         name: r.log[-2000:] for name, r in results.items()}
-    finished(tp2)
+    finished(cli)
     return {1: root / "chat1.jsonl", 2: root / "chat2.jsonl", "raw": results["raw"].stdout,
             "answers": root / "answers.jsonl"}
 
@@ -138,7 +136,7 @@ def test_evaluate_scores_loss_and_answers(tmp_path, converted, generations):
     test.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
                             for q, a in zip(QUESTIONS, answers)))
     summary_file = tmp_path / "summary.json"
-    stdout = finished(launch("evaluate.py", 1, "--load", str(converted["ckpt"]), "--input",
+    stdout = finished(launch("evaluate.py", "--load", str(converted["ckpt"]), "--input",
                              str(test), "--max_new_tokens", "12", "--summary_json",
                              str(summary_file), "--output", str(tmp_path / "rows.jsonl")))
     assert "exact match" in stdout and "answer perplexity" in stdout

@@ -123,11 +123,12 @@ VARIANT_LAYOUTS = ((1, 1), (2, 1), (1, 2))
 
 
 @pytest.fixture(scope="module")
-def converted_logits(tmp_path_factory, sp_model, hf_llama, hf_mistral, hf_variants) -> dict:
-    """Every logits check of this module in two launches side by side: each family's
+def converted_logits(tmp_path_factory, sp_model, hf_llama, hf_mistral, hf_variants,
+                     converted_llama) -> dict:
+    """Every logits check of this module in two batches side by side: each family's
     conversion at its layouts (two processes), the Llama 3.1 rope-scaled model at TP=1
-    (one). The converter's command line runs once (for Llama), beside the in-process
-    conversions. {(case, tp, pp): logits} plus the tokens and models."""
+    (one). The converter's command line runs once (for the rope-scaled model), beside the
+    in-process conversions. {(case, tp, pp): logits} plus the tokens and models."""
     root = tmp_path_factory.mktemp("converted")
     sources = {"llama": hf_llama, "mistral": hf_mistral}
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -137,21 +138,17 @@ def converted_logits(tmp_path_factory, sp_model, hf_llama, hf_mistral, hf_varian
                           rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     scaled = make_hf_model(root / "scaled", sp_model, initializer_range=0.2,
                            rope_parameters=scaling)
-    cli = start_tool("hf_to_megatron.py", "--model_path", str(hf_llama), "--out",
-                     str(root / "llama"), "--vocab_extra_ids_list", EXTRA)
-    for family, source in sources.items():
-        if family != "llama":
-            tool_main("hf_to_megatron.py")(["--model_path", str(source), "--out",
-                                            str(root / family), "--vocab_extra_ids_list",
-                                            EXTRA, "--no_progress"])
-    tool_main("hf_to_megatron.py")(["--model_path", str(scaled), "--out",
-                                    str(root / "scaled_ckpt"), "--no_progress"])
-    finish_tool(cli)
+    cli = start_tool("hf_to_megatron.py", "--model_path", str(scaled), "--out",
+                     str(root / "scaled_ckpt"))
+    ckpts = {"llama": converted_llama, "mistral": root / "mistral"}
+    tool_main("hf_to_megatron.py")(["--model_path", str(hf_mistral), "--out",
+                                    str(root / "mistral"), "--vocab_extra_ids_list", EXTRA,
+                                    "--no_progress"])
     torch.manual_seed(1)
     tokens = torch.randint(0, 1500, (2, 40))  # 40 > the Mistral window of 8
     torch.manual_seed(1)
     long_tokens = torch.randint(0, 1500, (2, 200))
-    jobs = {(family, tp, pp): logits_job(f"{family}_{tp}_{pp}", root / family, tokens,
+    jobs = {(family, tp, pp): logits_job(f"{family}_{tp}_{pp}", ckpts[family], tokens,
                                          root / "logits", tp, pp)
             for family, layouts in LOGITS_CASES.items() for tp, pp in layouts}
     # tied Llama, Qwen2 and Qwen3 (imported in-process) at TP=1, TP=2 and PP=2
@@ -160,11 +157,12 @@ def converted_logits(tmp_path_factory, sp_model, hf_llama, hf_mistral, hf_varian
         for tp, pp in VARIANT_LAYOUTS:
             jobs[(name, tp, pp)] = logits_job(f"{name}_{tp}_{pp}", root / name, tokens,
                                               root / "logits", tp, pp)
+    parallel = start_runs(2, [job for key, job in jobs.items() if key[1:] != (1, 1)],
+                          root / "parallel")
+    finish_tool(cli)
     scaled_job = logits_job("scaled", root / "scaled_ckpt", long_tokens, root / "logits")
     serial = start_runs(1, [scaled_job] + [job for key, job in jobs.items() if key[1:] == (1, 1)],
                         root / "serial")
-    parallel = start_runs(2, [job for key, job in jobs.items() if key[1:] != (1, 1)],
-                          root / "parallel")
     results = {**parallel.wait(), **serial.wait()}
     return {"tokens": tokens, "long_tokens": long_tokens, "sources": sources,
             "plain": plain, "scaled": scaled, "scaled_ckpt": root / "scaled_ckpt",
@@ -185,17 +183,15 @@ def test_converted_checkpoint_reproduces_transformers_logits(converted_logits, f
 
 
 @pytest.fixture(scope="module")
-def refused_runs(tmp_path_factory, hf_llama, imported_train_data) -> dict:
-    """Finetuning runs on converted checkpoints that must be refused, in one launch."""
+def refused_runs(tmp_path_factory, hf_llama, converted_llama, imported_train_data) -> dict:
+    """Finetuning runs on converted checkpoints that must be refused, in one batch."""
     root = tmp_path_factory.mktemp("refused")
-    convert = tool_main("hf_to_megatron.py")
-    convert(["--model_path", str(hf_llama), "--out", str(root / "ckpt"),
-             "--vocab_extra_ids_list", EXTRA, "--no_progress"])
-    convert(["--model_path", str(hf_llama), "--out", str(root / "other"),
-             "--vocab_extra_ids_list", ",".join(reversed(CHATML)), "--no_progress"])
+    tool_main("hf_to_megatron.py")([
+        "--model_path", str(hf_llama), "--out", str(root / "other"),
+        "--vocab_extra_ids_list", ",".join(reversed(CHATML)), "--no_progress"])
     return run_many(1, [
         {"name": "shape", "argv": model_args(imported_train_data, 1) + [
-            "--load", str(root / "ckpt"), "--finetune", "--rope_theta", "500000"]},
+            "--load", str(converted_llama), "--finetune", "--rope_theta", "500000"]},
         {"name": "tokenizer", "argv": model_args(imported_train_data, 1) + [
             "--load", str(root / "other"), "--finetune", "--use_checkpoint_args"]},
     ], root / "launch")
@@ -251,11 +247,10 @@ def test_unsupported_architecture_is_refused(tmp_path, hf_llama):
     config = json.loads((model / "config.json").read_text())
     config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
     (model / "config.json").write_text(json.dumps(config))
-    result = run_tool("hf_to_megatron.py", "--model_path", str(model), "--out",
-                      str(tmp_path / "out"), check=False)
-    assert result.returncode == 1
-    assert "model_type 'gpt2'" in result.stderr
-    assert "llama, mistral, qwen2, qwen3" in result.stderr
+    stderr = tool_error("hf_to_megatron.py", "--model_path", str(model), "--out",
+                        str(tmp_path / "out"))
+    assert "model_type 'gpt2'" in stderr
+    assert "llama, mistral, qwen2, qwen3" in stderr
     _no_output(tmp_path)
 
 

@@ -14,7 +14,7 @@ from megatron_ext.data.records import ASSISTANT, SYSTEM, USER, Message
 from tests.conftest import CHATML
 from tests.tools.conftest import hf_logits, make_hf_model
 from tests.runs import job_logits, logits_job, model_args, run_many
-from tests.tools.test_hf_conversion import run_tool, tool_main
+from tests.tools.test_hf_conversion import run_tool
 
 CONFIG_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_parameters",
@@ -100,18 +100,15 @@ def test_hf_megatron_hf_gives_back_identical_tensors_and_config(tmp_path, family
 
 @pytest.mark.slow
 def test_finetuned_checkpoint_exports_to_a_model_transformers_reproduces(
-        tmp_path, hf_llama, imported_train_data):
+        tmp_path, hf_llama, converted_llama, imported_train_data):
     import transformers
 
-    converted, run, exported = tmp_path / "converted", tmp_path / "run", tmp_path / "hf"
-    tool_main("hf_to_megatron.py")(["--model_path", str(hf_llama), "--out", str(converted),
-                                    "--vocab_extra_ids_list", ",".join(CHATML),
-                                    "--no_progress"])
+    run, exported = tmp_path / "run", tmp_path / "hf"
     torch.manual_seed(2)
     tokens = torch.randint(0, 1502, (2, 32))
     logits = logits_job("ours", run, tokens, tmp_path / "launch")  # at TP=1, after training
     results = run_many(2, [{"name": "train", "argv": model_args(imported_train_data, 3) + [
-        "--load", str(converted), "--finetune", "--use_checkpoint_args", "--save", str(run),
+        "--load", str(converted_llama), "--finetune", "--use_checkpoint_args", "--save", str(run),
         "--tensor_model_parallel_size", "2"]}, logits], tmp_path / "launch")
     assert results["train"].returncode == 0, results["train"].log[-3000:]
     ours = job_logits(results, logits)

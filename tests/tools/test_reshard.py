@@ -22,42 +22,44 @@ def straight(reference_run):
 
 @pytest.fixture(scope="module")
 def resharded_runs(tmp_path_factory, train_data, straight):
-    """Every resharded checkpoint of this module, then every run on them in two launches
+    """Every resharded checkpoint of this module, then every run on them in two batches
     side by side: training from the merge at 3 (one process), from its TP=2 split (two)
     and from a weights-only merge; the logits of the reference run at TP=1 and of its
-    legacy TP=2 x PP=2 split at TP=2. The two dist splits are the tool's command line
-    (they need a process group), side by side; the rest runs in-process."""
+    legacy TP=2 x PP=2 split at TP=2. The two dist splits need a process group: the TP=2
+    one is the tool's command line (its smoke test), the TP=2 x PP=2 one the tool's main
+    in the one-process batch; the rest runs in-process."""
     root = tmp_path_factory.mktemp("resharded")
     merged, split, weights = root / "merged", root / "tp2", root / "weights"
     m1, dist, legacy = root / "m1", root / "dist", root / "legacy"
     merge(ReshardConfig(load=str(straight), out=str(merged), iteration=3))
+    cli = start_tool("checkpoint_util.py", "split", "--load", str(merged), "--out", str(split),
+                     "--target_tp", "2")
     merge(ReshardConfig(load=str(straight), out=str(m1)))
-    splits = [start_tool("checkpoint_util.py", "split", "--load", str(merged), "--out",
-                         str(split), "--target_tp", "2"),
-              start_tool("checkpoint_util.py", "split", "--load", str(m1), "--out", str(dist),
-                         "--target_tp", "2", "--target_pp", "2")]
     tool = tool_main("checkpoint_util.py")
     tool(["merge", "--load", str(straight), "--out", str(weights), "--no_optimizer"])
     # legacy Megatron-LLM per-rank layout at TP=2 x PP=2 (written without a process group)
     tool(["split", "--load", str(m1), "--out", str(legacy), "--format", "legacy",
           "--target_tp", "2", "--target_pp", "2"])
-    for process in splits:
-        finish_tool(process)
     torch.manual_seed(3)
     tokens = torch.randint(0, 1500, (2, 24))
     want = logits_job("straight_logits", straight, tokens, root / "logits")
     got = logits_job("legacy_logits", legacy, tokens, root / "logits", tp=2)
     serial = start_runs(1, [
+        {"name": "dist_split", "tool": "checkpoint_util.py", "argv": [  # no --no_progress
+            "split", "--load", str(m1), "--out", str(dist), "--target_tp", "2",
+            "--target_pp", "2"]},
         {"name": "from_merged", "argv": model_args(train_data, ITERS) + [
             "--load", str(merged), "--save", str(root / "from_merged")]},
         {"name": "weights", "argv": model_args(train_data, ITERS) + [
             "--load", str(weights), "--save", str(root / "run")]},
         want,
     ], root / "serial")
+    finish_tool(cli)
     parallel = start_runs(2, [{"name": "tp2run", "argv": model_args(train_data, ITERS) + [
         "--tensor_model_parallel_size", "2", "--load", str(split),
         "--save", str(root / "tp2run")]}, got], root / "parallel")
     results = {**parallel.wait(), **serial.wait()}
+    assert results["dist_split"].returncode == 0, results["dist_split"].log[-3000:]
     return {"root": root, "m1": m1, "dist": dist, "legacy": legacy,
             "logits": (job_logits(results, want), job_logits(results, got)), **results}
 

@@ -1,7 +1,9 @@
 """Run by test_loss.py in a child process: the trainer's loss against a hand computation.
 
 Usage: python check_loss.py PREFIX VOCAB_FILE SCALAR_LOSS_MASK
-Prints one JSON line: the trainer's first-iteration loss and the reference.
+Prints one JSON line: the trainer's first-iteration loss and the reference
+(test_loss.py calls ``main([PREFIX, VOCAB_FILE, SCALAR_LOSS_MASK])`` in a run_many.py
+worker).
 """
 
 import json
@@ -15,8 +17,8 @@ from megatron_ext.models.masks import attention_mask
 from megatron_ext.training.trainer import Trainer
 
 
-def main() -> None:
-    prefix, vocab, scalar = sys.argv[1], sys.argv[2], sys.argv[3]
+def main(argv=None) -> None:
+    prefix, vocab, scalar = sys.argv[1:4] if argv is None else argv
     args = build_parser().parse_args([
         "--data_path", prefix, "--split", "100,0,0", "--tokenizer_type", "SentencePieceTokenizer",
         "--vocab_file", vocab, "--vocab_extra_ids_list", "<|im_start|>,<|im_end|>",

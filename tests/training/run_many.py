@@ -1,37 +1,59 @@
-"""Test driver: several trainer runs, logits checks and tool runs, one after another, in
-one launch.
+"""Test driver: trainer runs, logits checks, tool runs and test helpers, one after
+another, in one long-lived process (or process group).
 
-  python run_many.py SPEC.json                              (world size 1)
-  torchrun --nproc_per_node N run_many.py SPEC.json          (every run at world size N)
+  python run_many.py --serve POOL WORKER PARENT_PID                      (world size 1)
+  torchrun --nproc_per_node N run_many.py --serve POOL WORKER PARENT_PID  (world size N)
 
-Why: each launch pays for starting Python, importing torch and megatron-core
-and forming the process group (most of a tiny run's time on a CPU). The
-process group is made once; between runs only megatron-core's model-parallel
-state is destroyed, so the next run may use another TP/PP/DP layout.
+Why: each launch pays for starting Python, importing torch and megatron-core,
+forming the process group and megatron-core's first checkpoint save (which
+spawns a helper process): ~10 s of CPU for one process, ~20 s for two, against
+well under a second for a tiny run itself. So a test session starts a few of
+these workers once (``tests/runs.py:Pool``) and hands them batches of jobs.
+The process group is made once; between jobs only megatron-core's
+model-parallel state is destroyed, so the next job may use another TP/PP/DP
+layout.
 
-SPEC.json is a list of jobs, each one of
+A batch is a JSON file ``{"directory": ..., "runs": [job, ...]}`` that the pool
+writes into ``POOL/pending/N/`` (N: the world size it needs; names sort by
+priority, then submission). Rank 0 of an idle worker claims the first one by
+renaming it into ``POOL/claimed/WORKER/`` (``SEQ-NAME``: the worker's own
+sequence), the other ranks follow that sequence, all run its jobs in order,
+then rank 0 writes ``SEQ-NAME.done`` beside it. A worker exits once
+``POOL/stop`` exists (rank 0 leaves ``SEQ-stop`` for the others), or when the
+pytest process (PARENT_PID) is gone.
+
+Each job is one of
 
 - ``{"name": ..., "argv": [finetune.py flags]}``: a trainer run;
 - ``{"name": ..., "logits": {"load", "tokens", "out", "tp", "pp", "vocab_file"}}``:
   load a checkpoint at that TP/PP and save its logits for the token ids in the
   ``tokens`` file (``torch.save``) to ``out`` (see ``tests/runs.py:logits_job``);
 - ``{"name": ..., "tool": "generate.py", "argv": [...]}``: a tool's ``main(argv)``,
-  its standard output in ``<name>.out``.
+  its standard output in ``<name>.out``;
+- ``{"name": ..., "call": "tests.module:function", "args": [...]}``: a test helper
+  (a check script's ``main``), its standard output in ``<name>.out``.
 
 For each job, rank 0 writes ``<name>.log`` (what finetune.py would log on stderr,
-plus ``error: <message>`` for a :class:`UserError`) and ``<name>.json``
-(``{"returncode": 0 or 1, "mtimes": {path: st_mtime_ns}}`` for the paths in the
-run's optional ``"stat"`` list, read right after it ended) beside SPEC.json. A run that fails with a
-UserError does not stop the later ones (error runs belong in a world-size-1
-launch: on more ranks the others would wait for the failed one).
+plus ``error: <message>`` for a :class:`UserError`, or the traceback of any other
+exception) and then ``<name>.json`` (``{"returncode": 0, 1 for a UserError or 2 for
+any other exception, "mtimes": {path: st_mtime_ns}, "launch": {...}}``: the paths in the
+job's optional ``"stat"`` list, read right after it ended, and torchrun's WORLD_SIZE,
+LOCAL_WORLD_SIZE and GROUP_WORLD_SIZE) in the batch's directory. A
+job that fails does not stop the later ones (error runs belong in a world-size-1
+batch: on more ranks the others would wait for the failed one).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import importlib
 import json
 import logging
 import os
 import sys
+import time
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -39,17 +61,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_ext.cli import setup_logging  # noqa: E402
 from megatron_ext.errors import UserError  # noqa: E402
+from megatron_ext.io import write_json  # noqa: E402
 from megatron_ext.parallel import shutdown  # noqa: E402
 from megatron_ext.training.arguments import parse_config  # noqa: E402
 from megatron_ext.training.trainer import Trainer  # noqa: E402
 
+RANK = int(os.environ.get("RANK", "0"))
+POLL_S = 0.05
+
 
 def run_one(body: Callable[[], None], log: Path) -> int:
-    """Run ``body`` with its log in ``log``; 0, or 1 for a UserError."""
+    """Run ``body`` with its log in ``log``; 0, 1 for a UserError, 2 for another exception.
+
+    Afterwards the process is put back as a fresh one would be where a job can tell:
+    megatron-core's model-parallel state destroyed (the next job may have another
+    layout; the process group itself stays) and the environment variables restored
+    (megatron-core sets NVTE_* ones for the attention backend of the models it builds).
+    """
     from megatron.core import parallel_state
 
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    handler = logging.FileHandler(log, mode="w", encoding="utf-8") if rank0 else None
+    environment = dict(os.environ)
+    handler = logging.FileHandler(log, mode="w", encoding="utf-8") if RANK == 0 else None
     if handler is not None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger().addHandler(handler)
@@ -60,13 +92,19 @@ def run_one(body: Callable[[], None], log: Path) -> int:
         if handler is not None:
             handler.stream.write(f"error: {err}\n")
         return 1
+    except (Exception, SystemExit) as err:  # reported to the test, the worker goes on
+        if handler is not None:
+            handler.stream.write("".join(traceback.format_exception(err)))
+        return 2
     finally:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
-        # the next run may have another layout; the process group itself stays
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
+        os.environ.clear()
+        os.environ.update(environment)
+        gc.collect()
 
 
 def save_logits(job: dict) -> None:
@@ -82,47 +120,131 @@ def save_logits(job: dict) -> None:
         torch.save(logits.cpu(), job["out"])
 
 
-def run_tool(tool: str, argv: list[str], out: Path) -> None:
-    """A tool's ``main(argv)`` (tools/ is a directory of scripts), stdout into ``out``."""
-    import contextlib
+def tool_main(tool: str) -> Callable:
+    """A tool's ``main`` (tools/ is a directory of scripts)."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[2] / "tools" / tool
     spec = importlib.util.spec_from_file_location(f"tool_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    with open(out if rank0 else os.devnull, "w", encoding="utf-8") as handle:
+    return module.main
+
+
+def helper(target: str) -> Callable:
+    """``tests.module:function`` -> that function."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def with_stdout(out: Path, body: Callable[[], None]) -> None:
+    """``body()`` with its standard output in ``out`` (rank 0; the others' is dropped)."""
+    with open(out if RANK == 0 else os.devnull, "w", encoding="utf-8") as handle:
         with contextlib.redirect_stdout(handle):
-            module.main(argv)
+            body()
 
 
 def run_job(job: dict, directory: Path) -> int:
-    """One job (see the module docstring) with its log in ``<name>.log``; 0 or 1."""
+    """One job (see the module docstring) with its log in ``<name>.log``; 0, 1 or 2."""
+    log, out = directory / f"{job['name']}.log", directory / f"{job['name']}.out"
     if "logits" in job:
-        return run_one(lambda: save_logits(job["logits"]), directory / f"{job['name']}.log")
+        return run_one(lambda: save_logits(job["logits"]), log)
     if "tool" in job:
-        return run_one(lambda: run_tool(job["tool"], job["argv"],
-                                        directory / f"{job['name']}.out"),
-                       directory / f"{job['name']}.log")
+        return run_one(lambda: with_stdout(out, lambda: tool_main(job["tool"])(job["argv"])),
+                       log)
+    if "call" in job:
+        return run_one(lambda: with_stdout(out, lambda: helper(job["call"])(*job["args"])),
+                       log)
     # as finetune.py does
-    return run_one(lambda: Trainer(parse_config(job["argv"])).train(),
-                   directory / f"{job['name']}.log")
+    return run_one(lambda: Trainer(parse_config(job["argv"])).train(), log)
+
+
+def run_batch(batch: dict) -> None:
+    directory = Path(batch["directory"])
+    for job in batch["runs"]:
+        code = run_job(job, directory)
+        if RANK == 0:
+            mtimes = {path: os.stat(path).st_mtime_ns for path in job.get("stat", ())
+                      if os.path.exists(path)}
+            launch = {key: os.environ.get(key)
+                      for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE")}
+            write_json(str(directory / f"{job['name']}.json"),
+                       {"returncode": code, "mtimes": mtimes, "launch": launch})
+
+
+def parent_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def claim(pool: Path, world: int, claimed: Path, seq: int) -> Path | None:
+    """Rank 0: move the first pending batch of this world size into ``claimed``."""
+    pending = pool / "pending" / str(world)
+    for name in sorted(os.listdir(pending)):
+        if not name.endswith(".json"):
+            continue  # a batch being written
+        target = claimed / f"{seq:05d}-{name}"
+        try:
+            os.rename(pending / name, target)
+        except FileNotFoundError:
+            continue  # another worker took it
+        return target
+    return None
+
+
+def follow(claimed: Path, seq: int) -> Path | None:
+    """The other ranks: the batch rank 0 claimed as number ``seq``, once it has."""
+    for name in os.listdir(claimed):
+        if name.startswith(f"{seq:05d}-") and not name.endswith(".done"):
+            return claimed / name
+    return None
+
+
+def serve(pool: Path, worker: str, parent: int) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    claimed = pool / "claimed" / worker
+    claimed.mkdir(parents=True, exist_ok=True)
+    (pool / f"{worker}.pid.{RANK}").write_text(str(os.getpid()))  # for Worker.kill
+    seq = 0
+    while parent_alive(parent):
+        if RANK == 0 and (pool / "stop").exists():  # batches left: nobody waits for them
+            (claimed / f"{seq:05d}-stop").touch()
+            return
+        batch = claim(pool, world, claimed, seq) if RANK == 0 else follow(claimed, seq)
+        if batch is None:
+            time.sleep(POLL_S)
+            continue
+        if batch.name.endswith("-stop"):
+            return
+        run_batch(json.loads(batch.read_text(encoding="utf-8")))
+        if RANK == 0:
+            (claimed / f"{batch.name}.done").touch()
+        seq += 1
 
 
 def main() -> None:
-    spec = Path(sys.argv[1])
     setup_logging()
-    try:
-        for run in json.loads(spec.read_text(encoding="utf-8")):
-            code = run_job(run, spec.parent)
-            if int(os.environ.get("RANK", "0")) == 0:
-                mtimes = {path: os.stat(path).st_mtime_ns for path in run.get("stat", ())
-                          if os.path.exists(path)}
-                (spec.parent / f"{run['name']}.json").write_text(
-                    json.dumps({"returncode": code, "mtimes": mtimes}))
-    finally:
-        shutdown()
+    if sys.argv[1] != "--serve":  # one batch file, as a pool worker would run it
+        try:
+            run_batch(json.loads(Path(sys.argv[1]).read_text(encoding="utf-8")))
+        finally:
+            shutdown()
+        return
+    serve(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    # Done: leave without destroying the process groups that every job made (megatron-core
+    # only forgets them), which takes seconds after a session's jobs; but stop the
+    # processes multiprocessing started (megatron-core's checkpoint helper) as Python's
+    # own exit would.
+    from multiprocessing import util
+
+    util._exit_function()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tests.runs import model_args, train_metrics
+from tests.runs import model_args, start_runs, started, starts_early, train_metrics
 
 FAMILY_ARGS = {
     "llama3": ["--recompute_granularity", "selective"],
@@ -18,17 +18,21 @@ FAMILY_ARGS = {
 }
 
 
-def family_runs_spec(root, train_data) -> list[dict]:
-    """One 4-iteration run per family, all in one launch (started in conftest.py)."""
-    return [{"name": family, "argv": model_args(train_data, 4) + [
+@starts_early("family_runs")
+def start_family_runs(request):
+    """One 4-iteration run per family, all in one batch."""
+    root = request.getfixturevalue("tmp_path_factory").mktemp("families")
+    train_data = request.getfixturevalue("train_data")
+    return root, start_runs(1, [{"name": family, "argv": model_args(train_data, 4) + [
         "--model_name", family, *FAMILY_ARGS[family], "--save", str(root / family),
-        "--tensorboard_dir", str(root / family / "tb")]} for family in sorted(FAMILY_ARGS)]
+        "--tensorboard_dir", str(root / family / "tb")]} for family in sorted(FAMILY_ARGS)],
+        root / "launch", early=True)
 
 
 @pytest.fixture(scope="module")
-def family_runs(single_process_launches):
-    launch = single_process_launches["families"]
-    return launch.directory.parent, launch.wait()
+def family_runs(request):
+    root, launch = started("family_runs", request)
+    return root, launch.wait()
 
 
 @pytest.mark.slow

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,28 +10,26 @@ import torch
 
 from megatron_ext.data.collate import collate
 from megatron_ext.models.masks import attention_mask
-from megatron_ext.parallel import free_port
 from megatron_ext.training.step import loss_func
-from tests.conftest import REPO
+from tests.runs import call_job, start_runs, started, starts_early
+
+
+@starts_early("loss_checks")
+def start_loss_checks(request):
+    train_data = request.getfixturevalue("train_data")
+    directory = request.getfixturevalue("tmp_path_factory").mktemp("loss")
+    return start_runs(1, [call_job(
+        str(scalar), "tests.training.check_loss:main",
+        [train_data["prefix"], train_data["vocab_file"], str(scalar)]) for scalar in (0.0, 0.3)],
+        directory, early=True)
 
 
 @pytest.fixture(scope="module")
-def loss_checks(train_data) -> dict:
-    """check_loss.py for both --scalar_loss_mask values, two single-process children at a
-    time (one core each)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    children = {}
-    for scalar in (0.0, 0.3):
-        children[scalar] = subprocess.Popen(
-            [sys.executable, str(REPO / "tests/training/check_loss.py"), train_data["prefix"],
-             train_data["vocab_file"], str(scalar)],
-            env=dict(env, MASTER_PORT=str(free_port())), cwd=REPO, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True)
-    outputs = {scalar: child.communicate(timeout=300) for scalar, child in children.items()}
-    for scalar, child in children.items():
-        assert child.returncode == 0, outputs[scalar][1][-4000:]
-    return {scalar: json.loads(out.strip().splitlines()[-1])
-            for scalar, (out, _) in outputs.items()}
+def loss_checks(request) -> dict:
+    """check_loss.py for both --scalar_loss_mask values, in a run_many.py worker."""
+    results = started("loss_checks", request).wait()
+    return {scalar: json.loads(results[str(scalar)].stdout.strip().splitlines()[-1])
+            for scalar in (0.0, 0.3)}
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from megatron_ext.data.collate import collate, pack_rows
-from tests.runs import model_args, start_runs, train_metrics
+from tests.runs import model_args, start_runs, started, starts_early, train_metrics
 from tests.training.test_parallel import assert_same_curve
 
 
@@ -28,20 +28,35 @@ def test_packed_rows_restart_positions_and_keep_samples_apart():
     assert batch.labels[0, :7].tolist() == [2, 3, 4, 5, 11, 12, 13]
 
 
+@starts_early("packing_runs")
+def start_packing_runs(request):
+    """Packed at PP=2 (two processes) beside one sample per row (one)."""
+    root = request.getfixturevalue("tmp_path_factory").mktemp("packing")
+    base = model_args(request.getfixturevalue("train_data"), 4) + [
+        "--seq_length", "192", "--micro_batch_size", "4"]
+    plain = start_runs(1, [{"name": "plain", "argv": base + [
+        "--save", str(root / "plain")]}], root / "serial", early=True)
+    packed = start_runs(2, [{"name": "packed", "argv": base + [
+        "--pack_sequences", "--pipeline_model_parallel_size", "2",
+        "--save", str(root / "packed")]}], root / "parallel", early=True)
+    return root, plain, packed
+
+
+@pytest.fixture(scope="module")
+def packing_runs(request):
+    root, plain, packed = started("packing_runs", request)
+    return root, {**packed.wait(), **plain.wait()}
+
+
 @pytest.mark.slow
-def test_packed_training_has_the_unpacked_loss_curve(tmp_path, train_data):
+def test_packed_training_has_the_unpacked_loss_curve(packing_runs):
     """Packed at PP=2 (shapes vary per micro-batch between stages) against one sample per
     row in one process: the same losses and grad norms."""
-    base = model_args(train_data, 4) + ["--seq_length", "192", "--micro_batch_size", "4"]
-    plain_run = start_runs(1, [{"name": "plain", "argv": base + [  # beside the packed run
-        "--save", str(tmp_path / "plain")]}], tmp_path / "serial")
-    packed_run = start_runs(2, [{"name": "packed", "argv": base + [
-        "--pack_sequences", "--pipeline_model_parallel_size", "2",
-        "--save", str(tmp_path / "packed")]}], tmp_path / "parallel")
-    assert packed_run.wait()["packed"].returncode == 0
-    assert plain_run.wait()["plain"].returncode == 0
-    plain = train_metrics(tmp_path / "plain")
-    packed = train_metrics(tmp_path / "packed")
+    root, results = packing_runs
+    assert results["packed"].returncode == 0
+    assert results["plain"].returncode == 0
+    plain = train_metrics(root / "plain")
+    packed = train_metrics(root / "packed")
     assert_same_curve(packed, plain)
     # fewer positions computed for the same samples
     assert sum(r["padding_fraction"] for r in packed) < sum(r["padding_fraction"] for r in plain)

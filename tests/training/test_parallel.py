@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,10 +18,13 @@ from megatron_ext.parallel import free_port
 from tests.conftest import REPO
 from tests.runs import (
     ITERS,
+    RunResult,
     child_env,
     model_args,
     run_many,
     start_runs,
+    started,
+    starts_early,
     train_metrics,
 )
 
@@ -33,19 +37,24 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def parallel_runs(tmp_path_factory, train_data, reference_launch) -> Path:
-    """Every 2-process run of this module in one launch (run_many.py re-initialises
-    megatron-core's groups between layouts): the four layouts, and TP=2 stopped at 3.
-    The serial reference launch runs beside it."""
-    root = tmp_path_factory.mktemp("parallel")
+@starts_early("parallel_runs")
+def start_parallel_runs(request):
+    """Every 2-process run of this module in one batch (run_many.py re-initialises
+    megatron-core's groups between layouts): the four layouts, and TP=2 stopped at 3."""
+    root = request.getfixturevalue("tmp_path_factory").mktemp("parallel")
+    train_data = request.getfixturevalue("train_data")
     runs = [{"name": name, "argv": model_args(train_data, ITERS) + layout + [
         "--save", str(root / name)]} for name, layout in LAYOUTS.items()]
     runs.append({"name": "tp2-exit3", "argv": model_args(train_data, ITERS) + [
         "--save", str(root / "tp2-exit3"), "--tensor_model_parallel_size", "2",
         "--exit_interval", "3"]})
-    results = run_many(2, runs, root / "launch")
-    assert all(r.returncode == 0 for r in results.values())
+    return root, start_runs(2, runs, root / "launch", early=True)
+
+
+@pytest.fixture(scope="module")
+def parallel_runs(request) -> Path:
+    root, launch = started("parallel_runs", request)
+    assert all(r.returncode == 0 for r in launch.wait().values())
     return root
 
 
@@ -117,40 +126,76 @@ def test_tp2_checkpoint_resumes_at_tp1_on_the_same_curve(parallel_runs, serial_r
     assert len(train_metrics(tmp_path, "valid")) == 1  # no second evaluation either
 
 
-def test_sigterm_saves_then_resume_continues_exactly(tmp_path, train_data):
-    """Train N, kill (SIGTERM, as Slurm preempts), resume to 2N == an uninterrupted 2N run."""
-    iters = 30
-    straight = tmp_path / "straight"
-    # the uninterrupted run (one process) beside the interrupted one: two cores
-    uninterrupted = start_runs(1, [{"name": "straight", "argv": model_args(train_data, iters)
-                                    + ["--save", str(straight)]}], tmp_path / "launch")
+class Preemption:
+    """finetune.py under torchrun (one process), sent SIGTERM (to its process group, as
+    Slurm preempts) by a thread once it has logged 3 iterations, so that it can start
+    early and run beside other tests."""
 
-    run = tmp_path / "run"
-    env = child_env()
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-               "--master_port", str(free_port()), str(REPO / "finetune.py"),
-               *model_args(train_data, iters), "--save", str(run)]
-    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    metrics = run / "metrics.jsonl"
-    while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        if proc.poll() is not None:
-            pytest.fail("the run ended before it could be interrupted:\n" + proc.stdout.read())
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)
-    output, _ = proc.communicate(timeout=120)
+    def __init__(self, run: Path, argv: list[str]):
+        self.run, self.failure = run, ""
+        self.output = run.parent / f"{run.name}.out"  # a file: nobody reads it meanwhile
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                   "--master_port", str(free_port()), str(REPO / "finetune.py"), *argv]
+        with open(self.output, "wb") as handle:
+            self.proc = subprocess.Popen(command, env=child_env(), cwd=REPO, stdout=handle,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.thread = threading.Thread(target=self._interrupt, daemon=True)
+        self.thread.start()
+
+    def _interrupt(self) -> None:
+        deadline = time.monotonic() + 300
+        metrics = self.run / "metrics.jsonl"
+        while time.monotonic() < deadline:
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            if self.proc.poll() is not None:
+                self.failure = "the run ended before it could be interrupted"
+                return
+            time.sleep(0.05)
+        os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def finish(self) -> str:
+        """Its output, once it has stopped."""
+        self.proc.wait(timeout=420)
+        self.thread.join()
+        output = self.output.read_text(errors="replace")
+        if self.failure:
+            pytest.fail(f"{self.failure}:\n{output}")
+        return output
+
+
+SIGTERM_ITERS = 30
+
+
+@starts_early("preempted")
+def start_preempted(request):
+    """The uninterrupted run (one process, a batch) and the interrupted one."""
+    root = request.getfixturevalue("tmp_path_factory").mktemp("sigterm")
+    args = model_args(request.getfixturevalue("train_data"), SIGTERM_ITERS)
+    uninterrupted = start_runs(1, [{"name": "straight", "argv": args + [
+        "--save", str(root / "straight")]}], root / "launch", early=True)
+    return root, uninterrupted, Preemption(root / "run", args + ["--save", str(root / "run")])
+
+
+@pytest.fixture(scope="module")
+def preempted(request):
+    return started("preempted", request)
+
+
+def test_sigterm_saves_then_resume_continues_exactly(preempted, train_data):
+    """Train N, kill (SIGTERM, as Slurm preempts), resume to 2N == an uninterrupted 2N run."""
+    root, uninterrupted, preemption = preempted
+    iters, run = SIGTERM_ITERS, root / "run"
+    output = preemption.finish()
     stopped_at = int((run / "latest_checkpointed_iteration.txt").read_text())
     assert 3 <= stopped_at < iters, output[-3000:]
     assert "saving and exiting" in output or "stopping after iteration" in output
 
     # resumed (one process) beside what is left of the uninterrupted run
     resuming = start_runs(1, [{"name": "resume", "argv": model_args(train_data, iters) + [
-        "--save", str(run), "--load", str(run)]}], tmp_path / "resume")
+        "--save", str(run), "--load", str(run)]}], root / "resume")
     assert uninterrupted.wait()["straight"].returncode == 0
-    want = train_metrics(straight)
+    want = train_metrics(root / "straight")
     resumed = resuming.wait()["resume"]
     assert resumed.returncode == 0, resumed.log[-3000:]
     assert_same_curve(train_metrics(run), want, rtol=1e-6)
@@ -176,20 +221,14 @@ def test_missing_or_corrupt_checkpoints_are_clear_errors(serial_runs):
     assert result.returncode != 0 and "cannot be loaded" in result.log
 
 
-def test_two_node_launch_matches_single_process(tmp_path, train_data, reference):
-    """torchrun's multi-node flags (--nnodes/--node_rank/--master_addr/--master_port), two
-    'nodes' of one process each on this machine: DP=2 across nodes, the same curve."""
-    port = str(free_port())
-    env = child_env()
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
-         "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port,
-         str(REPO / "finetune.py"), *model_args(train_data, ITERS), "--save", str(tmp_path)],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for rank in (0, 1)]
-    outputs = [node.communicate(timeout=300) for node in nodes]
-    assert all(node.returncode == 0 for node in nodes), outputs[0][1][-3000:]
-    assert_same_curve(train_metrics(tmp_path), reference)
+def test_two_node_launch_matches_single_process(parallel_runs, reference):
+    """torchrun's multi-node flags (--nnodes/--node_rank/--master_addr/--master_port): the
+    session's 2-process worker is launched as two 'nodes' of one process each on this
+    machine (tests/runs.py:Worker), so the DP=2 run of ``parallel_runs`` is DP=2 across
+    nodes: the same curve."""
+    launch = RunResult.read(parallel_runs / "launch", "dp2").launch
+    assert launch == {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "GROUP_WORLD_SIZE": "2"}
+    assert_same_curve(train_metrics(parallel_runs / "dp2"), reference)
 
 
 # Architectures beyond the default Llama: each trains serially once, then at TP=2 and PP=2
@@ -207,18 +246,25 @@ VARIANT_CASES = [(variant, layout) for variant in VARIANTS for layout in VARIANT
                  if (variant, layout) != ("llama-tied", "tp2")]
 
 
-@pytest.fixture(scope="module")
-def variant_runs(tmp_path_factory, train_data) -> Path:
-    """Each variant's serial reference (one launch) beside its TP=2 / PP=2 runs (one 2-process
-    launch): two launches for all eight runs."""
-    root = tmp_path_factory.mktemp("variants")
+@starts_early("variant_runs")
+def start_variant_runs(request):
+    """Each variant's serial reference (one batch) beside its TP=2 / PP=2 runs (one
+    2-process batch): two batches for all eight runs."""
+    root = request.getfixturevalue("tmp_path_factory").mktemp("variants")
+    train_data = request.getfixturevalue("train_data")
     serial = start_runs(1, [{"name": f"{variant}-ref", "argv": model_args(train_data, ITERS)
                              + VARIANTS[variant] + ["--save", str(root / f"{variant}-ref")]}
-                            for variant in VARIANTS], root / "serial")
+                            for variant in VARIANTS], root / "serial", early=True)
     parallel = start_runs(2, [{"name": f"{variant}-{layout}", "argv": model_args(train_data, ITERS)
                                + VARIANTS[variant] + VARIANT_LAYOUTS[layout]
                                + ["--save", str(root / f"{variant}-{layout}")]}
-                              for variant, layout in VARIANT_CASES], root / "parallel")
+                              for variant, layout in VARIANT_CASES], root / "parallel", early=True)
+    return root, serial, parallel
+
+
+@pytest.fixture(scope="module")
+def variant_runs(request) -> Path:
+    root, serial, parallel = started("variant_runs", request)
     results = {**parallel.wait(), **serial.wait()}
     assert all(r.returncode == 0 for r in results.values()), {
         name: r.log[-2000:] for name, r in results.items() if r.returncode}
