@@ -31,7 +31,9 @@ def converted(tmp_path_factory, sp_model):
     tool_main("hf_to_megatron.py")(["--model_path", str(hf), "--out", str(root / "ckpt"),
                                     "--vocab_extra_ids_list", ",".join(CHATML),
                                     "--no_progress"])
-    tokenizer = build_tokenizer(TokenizerConfig("SentencePieceTokenizer", sp_model, CHATML))
+    # the model's own ids plus the ChatML tokens, as imported
+    tokenizer = build_tokenizer(TokenizerConfig("SentencePieceTokenizer", sp_model, CHATML,
+                                                megatron_llm_specials=False))
     return {"hf": hf, "ckpt": root / "ckpt", "tokenizer": tokenizer, "root": root}
 
 
