@@ -9,9 +9,9 @@ forming the process group and megatron-core's first checkpoint save (which
 spawns a helper process): ~10 s of CPU for one process, ~20 s for two, against
 well under a second for a tiny run itself. So a test session starts a few of
 these workers once (``tests/runs.py:Pool``) and hands them batches of jobs.
-The process group is made once; between jobs only megatron-core's
-model-parallel state is destroyed, so the next job may use another TP/PP/DP
-layout.
+The process group is made once; before a job of another TP/PP layout than
+the last one, megatron-core's model-parallel state is destroyed, so that jobs
+of any layouts may follow each other.
 
 A batch is a JSON file ``{"directory": ..., "runs": [job, ...]}`` that the pool
 writes into ``POOL/pending/N/`` (N: the world size it needs; names sort by
@@ -67,6 +67,7 @@ from megatron_ext.training.arguments import parse_config  # noqa: E402
 from megatron_ext.training.trainer import Trainer  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))
 POLL_S = 0.05
 
 
@@ -74,12 +75,10 @@ def run_one(body: Callable[[], None], log: Path) -> int:
     """Run ``body`` with its log in ``log``; 0, 1 for a UserError, 2 for another exception.
 
     Afterwards the process is put back as a fresh one would be where a job can tell:
-    megatron-core's model-parallel state destroyed (the next job may have another
-    layout; the process group itself stays) and the environment variables restored
-    (megatron-core sets NVTE_* ones for the attention backend of the models it builds).
+    the environment variables restored (megatron-core sets NVTE_* ones for the
+    attention backend of the models it builds). megatron-core's model-parallel state
+    is left to :func:`prepare_layout`.
     """
-    from megatron.core import parallel_state
-
     environment = dict(os.environ)
     handler = logging.FileHandler(log, mode="w", encoding="utf-8") if RANK == 0 else None
     if handler is not None:
@@ -100,8 +99,6 @@ def run_one(body: Callable[[], None], log: Path) -> int:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
-        if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
         os.environ.clear()
         os.environ.update(environment)
         gc.collect()
@@ -159,9 +156,51 @@ def run_job(job: dict, directory: Path) -> int:
     return run_one(lambda: Trainer(parse_config(job["argv"])).train(), log)
 
 
+def job_layout(job: dict) -> tuple[int, int] | None:
+    """The TP and PP sizes a job makes megatron-core's groups for, where it says so
+    (a trainer run or a logits check; a tool or a helper may do anything)."""
+    if WORLD == 1:
+        return 1, 1
+    if "logits" in job:
+        return int(job["logits"]["tp"]), int(job["logits"]["pp"])
+    if "tool" in job or "call" in job:
+        return None
+    try:
+        parallel = parse_config(job["argv"]).parallel
+    except (UserError, SystemExit):  # the job itself will report it
+        return None
+    return parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+
+
+def prepare_layout(job: dict) -> None:
+    """Keep megatron-core's model-parallel state if the job has the layout it was made
+    for, else destroy it with its process groups (the default one stays; the job makes
+    what it needs).
+
+    Why: megatron-core's ``destroy_model_parallel`` only forgets its groups; each keeps
+    gloo threads that wake every few milliseconds, a few dozen per layout, which would
+    pile up over a session's jobs. torch.distributed has no public list of the groups,
+    hence its private one here."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from torch.distributed import distributed_c10d
+
+    if not parallel_state.model_parallel_is_initialized():
+        return
+    current = (parallel_state.get_tensor_model_parallel_world_size(),
+               parallel_state.get_pipeline_model_parallel_world_size())
+    if job_layout(job) == current:
+        return
+    parallel_state.destroy_model_parallel()
+    names = distributed_c10d._world.pg_names
+    for group in sorted((g for g in names if g is not dist.group.WORLD), key=names.get):
+        dist.destroy_process_group(group)  # the same order on every rank
+
+
 def run_batch(batch: dict) -> None:
     directory = Path(batch["directory"])
     for job in batch["runs"]:
+        prepare_layout(job)
         code = run_job(job, directory)
         if RANK == 0:
             mtimes = {path: os.stat(path).st_mtime_ns for path in job.get("stat", ())
@@ -170,6 +209,14 @@ def run_batch(batch: dict) -> None:
                       for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE")}
             write_json(str(directory / f"{job['name']}.json"),
                        {"returncode": code, "mtimes": mtimes, "launch": launch})
+
+
+def thread_count() -> str:
+    """This process's threads, gloo's included (Linux), for the worker's log."""
+    try:
+        return str(len(os.listdir("/proc/self/task")))
+    except OSError:
+        return "?"
 
 
 def parent_alive(pid: int) -> bool:
@@ -204,7 +251,6 @@ def follow(claimed: Path, seq: int) -> Path | None:
 
 
 def serve(pool: Path, worker: str, parent: int) -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     claimed = pool / "claimed" / worker
     claimed.mkdir(parents=True, exist_ok=True)
     (pool / f"{worker}.pid.{RANK}").write_text(str(os.getpid()))  # for Worker.kill
@@ -213,15 +259,18 @@ def serve(pool: Path, worker: str, parent: int) -> None:
         if RANK == 0 and (pool / "stop").exists():  # batches left: nobody waits for them
             (claimed / f"{seq:05d}-stop").touch()
             return
-        batch = claim(pool, world, claimed, seq) if RANK == 0 else follow(claimed, seq)
+        batch = claim(pool, WORLD, claimed, seq) if RANK == 0 else follow(claimed, seq)
         if batch is None:
             time.sleep(POLL_S)
             continue
         if batch.name.endswith("-stop"):
             return
+        start = time.perf_counter()
         run_batch(json.loads(batch.read_text(encoding="utf-8")))
         if RANK == 0:
             (claimed / f"{batch.name}.done").touch()
+            logging.info("batch %s: %.1f s, %s threads now", batch.name,
+                         time.perf_counter() - start, thread_count())
         seq += 1
 
 
