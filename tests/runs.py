@@ -160,8 +160,6 @@ class Pool:
         self.root = root
         self.workers: list[Worker] = []
         self.count = 0
-        for nproc in (1, 2):
-            (root / "pending" / str(nproc)).mkdir(parents=True, exist_ok=True)
 
     def pending(self, nproc: int) -> list[str]:
         return [n for n in os.listdir(self.root / "pending" / str(nproc)) if n.endswith(".json")]
@@ -171,6 +169,7 @@ class Pool:
         self.count += 1
         name = f"{self.count:05d}.json"
         pending = self.root / "pending" / str(nproc)
+        pending.mkdir(parents=True, exist_ok=True)
         staging = pending / f"{priority}{name}.tmp"
         staging.write_text(json.dumps({"directory": str(directory), "runs": runs}),
                            encoding="utf-8")

@@ -55,7 +55,9 @@ def finished(process: subprocess.Popen) -> str:
 def generations(tmp_path_factory, converted) -> dict:
     """Every generate.py run of this module, started together: at TP=1 the command line
     (its smoke test), beside the TP=2 one and then the other TP=1 ones in the session's
-    run_many.py workers (the tool's main). {name: output file or stdout}."""
+    run_many.py workers (the tool's main); and evaluate.py's command line (its smoke test)
+    on the model's own answers, as soon as they are there. {name: output file, stdout,
+    or the evaluation's process and files}."""
     root = tmp_path_factory.mktemp("generations")
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
@@ -67,18 +69,28 @@ def generations(tmp_path_factory, converted) -> dict:
                                   str(root / "chat2.jsonl"), "--tensor_model_parallel_size",
                                   "2")], root / "tp2")
     serial = start_runs(1, [
-        tool_job("raw", "generate.py", "--load", str(converted["ckpt"]), "--raw", "--prompt",
-                 "Once upon a time", "--greedy", "--max_new_tokens", "8"),
         tool_job("answers", "generate.py", "--load", str(converted["ckpt"]), "--input",
                  str(prompts), "--greedy", "--max_new_tokens", "12", "--output",
                  str(root / "answers.jsonl")),
+        tool_job("raw", "generate.py", "--load", str(converted["ckpt"]), "--raw", "--prompt",
+                 "Once upon a time", "--greedy", "--max_new_tokens", "8"),
     ], root / "serial")
+    assert serial.result("answers").returncode == 0
+    # references equal to the model's own greedy answers (generate.py --max_new_tokens 12)
+    answers = [json.loads(line)["generated_text"].strip()
+               for line in (root / "answers.jsonl").read_text().splitlines()]
+    test = root / "test.jsonl"
+    test.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
+                            for q, a in zip(QUESTIONS, answers)))
+    evaluation = launch("evaluate.py", "--load", str(converted["ckpt"]), "--input", str(test),
+                        "--max_new_tokens", "12", "--summary_json", str(root / "summary.json"),
+                        "--output", str(root / "rows.jsonl"))
     results = {**serial.wait(), **tp2.wait()}
     assert all(r.returncode == 0 for r in results.values()), {
         name: r.log[-2000:] for name, r in results.items()}
     finished(cli)
     return {1: root / "chat1.jsonl", 2: root / "chat2.jsonl", "raw": results["raw"].stdout,
-            "answers": root / "answers.jsonl"}
+            "answers": answers, "evaluation": (evaluation, root / "summary.json")}
 
 
 def hf_greedy(converted, prompts: list[list[int]], new_tokens: int, stop: list[int]):
@@ -128,19 +140,12 @@ def test_raw_prompt_skips_the_chat_format(converted, generations):
     assert row["generated_ids"] == want[0] and row["prompt_tokens"] == len(ids)
 
 
-def test_evaluate_scores_loss_and_answers(tmp_path, converted, generations):
+def test_evaluate_scores_loss_and_answers(converted, generations):
     """References equal to the model's own greedy answers: EM = F1 = 1, and the answer loss
     equals the one transformers computes for the same tokens."""
-    generated = generations["answers"]  # generate.py --max_new_tokens 12
-    answers = [json.loads(line)["generated_text"].strip()
-               for line in generated.read_text().splitlines()]
-    test = tmp_path / "test.jsonl"
-    test.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n"
-                            for q, a in zip(QUESTIONS, answers)))
-    summary_file = tmp_path / "summary.json"
-    stdout = finished(launch("evaluate.py", "--load", str(converted["ckpt"]), "--input",
-                             str(test), "--max_new_tokens", "12", "--summary_json",
-                             str(summary_file), "--output", str(tmp_path / "rows.jsonl")))
+    answers = generations["answers"]
+    evaluation, summary_file = generations["evaluation"]
+    stdout = finished(evaluation)
     assert "exact match" in stdout and "answer perplexity" in stdout
     summary = json.loads(summary_file.read_text())
     assert summary["exact_match"] == 1.0 and summary["f1"] == 1.0

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -126,41 +122,48 @@ def test_tp2_checkpoint_resumes_at_tp1_on_the_same_curve(parallel_runs, serial_r
     assert len(train_metrics(tmp_path, "valid")) == 1  # no second evaluation either
 
 
+# Sends SIGTERM to a process group once a metrics file has 3 lines (a process of its own:
+# a thread of pytest's might wait for the interpreter while the run finishes)
+WATCHER = r"""
+import os, signal, sys, time
+metrics, group = sys.argv[1], int(sys.argv[2])
+deadline = time.monotonic() + 300
+while time.monotonic() < deadline:
+    if os.path.exists(metrics):
+        with open(metrics) as handle:
+            if len(handle.readlines()) >= 3:
+                break
+    time.sleep(0.02)
+os.killpg(group, signal.SIGTERM)
+print("signalled", flush=True)
+"""
+
+
 class Preemption:
     """finetune.py under torchrun (one process), sent SIGTERM (to its process group, as
-    Slurm preempts) by a thread once it has logged 3 iterations, so that it can start
-    early and run beside other tests."""
+    Slurm preempts) once it has logged 3 iterations, so that it can start early and
+    run beside other tests."""
 
     def __init__(self, run: Path, argv: list[str]):
-        self.run, self.failure = run, ""
         self.output = run.parent / f"{run.name}.out"  # a file: nobody reads it meanwhile
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
                    "--master_port", str(free_port()), str(REPO / "finetune.py"), *argv]
         with open(self.output, "wb") as handle:
             self.proc = subprocess.Popen(command, env=child_env(), cwd=REPO, stdout=handle,
                                          stderr=subprocess.STDOUT, start_new_session=True)
-        self.thread = threading.Thread(target=self._interrupt, daemon=True)
-        self.thread.start()
-
-    def _interrupt(self) -> None:
-        deadline = time.monotonic() + 300
-        metrics = self.run / "metrics.jsonl"
-        while time.monotonic() < deadline:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                break
-            if self.proc.poll() is not None:
-                self.failure = "the run ended before it could be interrupted"
-                return
-            time.sleep(0.05)
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.watcher = subprocess.Popen(
+            [sys.executable, "-c", WATCHER, str(run / "metrics.jsonl"), str(self.proc.pid)],
+            stdout=subprocess.PIPE, text=True)
 
     def finish(self) -> str:
         """Its output, once it has stopped."""
         self.proc.wait(timeout=420)
-        self.thread.join()
+        if self.watcher.poll() is None:  # the run ended before it logged 3 iterations
+            self.watcher.kill()
+        signalled = "signalled" in self.watcher.communicate()[0]
         output = self.output.read_text(errors="replace")
-        if self.failure:
-            pytest.fail(f"{self.failure}:\n{output}")
+        if not signalled:
+            pytest.fail(f"the run ended before it could be interrupted:\n{output}")
         return output
 
 
