@@ -109,12 +109,7 @@ def run(name: str, nproc: int, gguf: str, cache: str, prefix: str, args, workdir
     with open(os.path.join(save, "metrics.jsonl"), encoding="utf-8") as handle:
         records = [r for r in map(json.loads, handle) if r.get("split") == "train"]
     summary = helpers.summarize(records, args.warmup)
-    other = 0.0
-    if jiffies is not None and after is not None:
-        hz = os.sysconf("SC_CLK_TCK")
-        busy, steal = (after[0] - jiffies[0]) / hz, (after[1] - jiffies[1]) / hz
-        other = max(0.0, busy - own + steal) / (seconds * helpers._cpus())
-    summary["other_cpu"] = other
+    other = summary["other_cpu"] = helpers.other_cpu_share(jiffies, after, own, seconds)
     print(f"  {name}: {seconds:.0f} s with start-up, median step {summary['iter_time']:.2f} s, "
           f"real tok/s {summary['real_tokens_per_sec']:,.0f}, other CPU load "
           f"{100 * other:.0f}%", flush=True)

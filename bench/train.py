@@ -166,6 +166,17 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def other_cpu_share(before, after, own: float, seconds: float) -> float:
+    """Share of the machine's CPUs that something else used over ``seconds`` (other
+    jobs, the hypervisor's steal): ``before``/``after`` from :func:`_cpu_jiffies`, ``own``
+    the run's CPU seconds; 0 off Linux."""
+    if before is None or after is None:
+        return 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    busy, steal = (after[0] - before[0]) / hz, (after[1] - before[1]) / hz
+    return max(0.0, busy - own + steal) / (seconds * _cpus())
+
+
 def run_training(name: str, data: dict, args, workdir: str, mode: str) -> dict:
     """One torchrun; returns its train records (metrics.jsonl) and what else used the CPUs."""
     save = os.path.join(workdir, name)
@@ -199,13 +210,8 @@ def run_training(name: str, data: dict, args, workdir: str, mode: str) -> dict:
                          f"expected {args.iters}")
     # CPU time used on this machine by anything but this run (other jobs, the
     # hypervisor's steal), as a share of the machine's capacity during the run
-    other = 0.0
-    if jiffies is not None and after is not None:
-        hz = os.sysconf("SC_CLK_TCK")
-        busy, steal = (after[0] - jiffies[0]) / hz, (after[1] - jiffies[1]) / hz
-        other = max(0.0, busy - own + steal) / (seconds * _cpus())
     summary = summarize(records, args.warmup)
-    summary["other_cpu"] = other
+    other = summary["other_cpu"] = other_cpu_share(jiffies, after, own, seconds)
     print(f"  {name}: {seconds:.1f} s with start-up, median step {summary['iter_time']:.3f} s, "
           f"real tok/s {summary['real_tokens_per_sec']:,.0f}, other CPU load "
           f"{100 * other:.0f}%", flush=True)
