@@ -8,6 +8,9 @@ checkpoint, or a legacy Megatron-LM/Megatron-LLM per-rank checkpoint
   merge   -> unsharded safetensors in megatron-core names (+ optimizer state and
              training position unless --no_optimizer), loadable by finetune.py
              at any TP/PP and by the other tools
+  merge_lora -> a LoRA/DoRA adapter checkpoint (finetune.py --peft) folded into
+             its base (any TP/PP): an unsharded plain model whose logits are the
+             adapted model's (merge does the same for any adapter checkpoint)
   split   -> --format dist: a finetune.py run directory for --target_tp/--target_pp
              (vocabulary padding for that TP; resumes with optimizer state)
              --format legacy: Megatron-LLM per-rank files at that TP/PP
@@ -21,6 +24,7 @@ examples:
   python tools/checkpoint_util.py split --load runs/sft/checkpoints --out megatron_llm_ckpt \\
       --format legacy --target_tp 2 --target_pp 2
   python tools/checkpoint_util.py merge --load megatron_llm_ckpt --out from_legacy
+  python tools/checkpoint_util.py merge_lora --load runs/lora/checkpoints --out runs/lora/merged
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def build_parser() -> ConfigParser:
     config's flags; building it imports no torch."""
     parser = ConfigParser(prog="checkpoint_util.py", description=__doc__.split("\n\n")[0],
                           epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("command", choices=["merge", "split"])
+    parser.add_argument("command", choices=["merge", "merge_lora", "split"])
     parser.add_config(ReshardConfig)
     return parser
 
@@ -51,7 +55,14 @@ def main(argv=None) -> int:
     setup_logging()
     from megatron_ext.checkpointing.reshard import merge, split
 
-    if args.command == "merge":
+    if args.command == "merge_lora":
+        from megatron_ext.checkpointing.adapters import adapter_run_config
+        from megatron_ext.errors import CheckpointError
+
+        if adapter_run_config(config.load) is None:
+            raise CheckpointError(f"merge_lora: {config.load} is not an adapter checkpoint (the "
+                                  "--save directory of a finetune.py --peft run); use merge")
+    if args.command in ("merge", "merge_lora"):
         s = merge(config)
         print(f"merged {config.load} ({s.source}, iteration {s.iteration}) -> {s.out}: "
               f"{s.tensors} tensors, {s.bytes / 2**20:.1f} MiB, optimizer state "

@@ -8,8 +8,13 @@ checkpoint is read whole: merge a large one first), and writes safetensors shard
 generation_config.json (stopping at the chat format's end-of-turn token) and
 the tokenizer with its added special tokens and a matching chat template.
 
+A LoRA/DoRA run's checkpoint (finetune.py --peft) exports its base model with
+the adapters merged in, or with --adapter_only the adapters alone in the
+Hugging Face PEFT layout.
+
 examples:
   python tools/megatron_to_hf.py --load runs/sft/checkpoints --out runs/sft/hf --dtype bf16
+  python tools/megatron_to_hf.py --load runs/lora/checkpoints --out runs/lora/adapter --adapter_only
   python -c "import transformers as t; m = t.AutoModelForCausalLM.from_pretrained('runs/sft/hf')"
 """
 
@@ -36,6 +41,17 @@ def build_parser() -> ConfigParser:
 def main(argv=None) -> int:
     config = build_config(ExportConfig, build_parser().parse_args(argv))
     setup_logging()
+    if config.adapter_only:
+        from megatron_ext.checkpointing.hf_peft import export_adapter
+
+        s = export_adapter(config.load, config.out, config.iteration, config.base,
+                           config.overwrite)
+        print(f"exported the {s.method} adapters of {config.load} (iteration {s.iteration}, "
+              f"rank {s.rank}) -> {s.out}\n  {s.tensors} tensors for "
+              f"{', '.join(s.target_modules)}; load with "
+              f"peft.PeftModel.from_pretrained(base_model, {s.out!r})\n"
+              f"  took {s.seconds:.1f} s")
+        return 0
     from megatron_ext.checkpointing.hf_export import export_hf
 
     summary = export_hf(config)

@@ -81,7 +81,7 @@ def _sharded_state(train: TrainState, include_optimizer: bool, loading: bool) ->
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     layout = train.layout
-    model_state = train.model.sharded_state_dict()
+    model_state = train.model_state()
     state = {"model": model_state}
     if include_optimizer:
         state["optimizer"] = train.optimizer.sharded_state_dict(
@@ -181,7 +181,7 @@ def load_checkpoint(root: str, train: TrainState, weights_only: bool,
             f"checkpoint {directory} cannot be loaded ({type(exc).__name__}: {detail}); it is "
             "damaged or was written for a different model shape (see its run_config.json)"
         ) from None
-    load_model_weights(train.model, loaded["model"], directory)
+    load_model_weights(train.model, loaded["model"], directory, train.parts)
     if weights_only:
         return iteration, Progress()
     progress = restore_training_state(train, loaded)

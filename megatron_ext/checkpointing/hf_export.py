@@ -84,11 +84,12 @@ def export_hf(config: ExportConfig) -> ExportSummary:
     from tqdm import tqdm
 
     start = time.perf_counter()
-    source = open_checkpoint(config.load, config.iteration)
+    source = open_checkpoint(config.load, config.iteration, config.base)
     model = source.run_config.get("model")
     if not model:
         raise CheckpointError(f"{source.path}: its run config has no model arguments")
-    tokenizer = build_tokenizer(tokenizer_config_from_run(config.load, source.run_config,
+    tokenizer_home = source.base.path if source.base is not None else config.load
+    tokenizer = build_tokenizer(tokenizer_config_from_run(tokenizer_home, source.run_config,
                                                           config.vocab_file))
     chat_format, template = _usable_chat_format(config.chat_format, config.prompt_template,
                                                 source.run_config, tokenizer)

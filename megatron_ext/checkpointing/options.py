@@ -58,8 +58,16 @@ class ExportConfig:
     """``tools/megatron_to_hf.py``: any project checkpoint -> a Hugging Face directory."""
 
     load: str = option(help="checkpoint: a run's --save directory, an unsharded checkpoint, "
-                            "or a legacy Megatron-LLM checkpoint")
+                            "or a legacy Megatron-LLM checkpoint; a LoRA/DoRA run's adapter "
+                            "checkpoint exports its base with the adapters merged in")
     out: str = option(help="Hugging Face directory to create")
+    adapter_only: bool = option(
+        False, "with an adapter checkpoint: write only the adapters, in the Hugging Face PEFT "
+               "layout (adapter_config.json + adapter_model.safetensors) that "
+               "peft.PeftModel.from_pretrained(base_model, OUT) loads")
+    base: Optional[str] = option(
+        None, "with an adapter checkpoint: its base checkpoint, when the recorded one has "
+              "moved (it must hold the same weights)")
     dtype: Optional[str] = option(
         None, "weights dtype in the export (default: the precision the model was trained in, "
               "else the dtype it was imported in, else fp32)", choices=DTYPE_CHOICES)
@@ -82,8 +90,12 @@ class ReshardConfig:
     """``tools/checkpoint_util.py``: merge a checkpoint into the unsharded form, or split one
     into a target TP/PP layout."""
 
-    load: str = option(help="checkpoint to read (format detected)")
+    load: str = option(help="checkpoint to read (format detected); a LoRA/DoRA adapter "
+                            "checkpoint is merged into its base")
     out: str = option(help="directory to create")
+    base: Optional[str] = option(
+        None, "with an adapter checkpoint: its base checkpoint, when the recorded one has "
+              "moved (it must hold the same weights)")
     iteration: Optional[int] = option(None, "read this iteration instead of the latest")
     include_optimizer: bool = option(
         True, "weights only (drop optimizer state and training position)",

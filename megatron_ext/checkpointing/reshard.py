@@ -67,6 +67,8 @@ class SplitSummary:
 
 
 def _copy_tokenizer_dir(source: CheckpointSource, destination: str) -> None:
+    if source.base is not None:  # adapters: the base model's tokenizer
+        source = source.base
     tokenizer_dir = os.path.join(source.path, "tokenizer")
     if source.kind == "unsharded" and os.path.isdir(tokenizer_dir):
         shutil.copytree(tokenizer_dir, os.path.join(destination, "tokenizer"))
@@ -75,7 +77,7 @@ def _copy_tokenizer_dir(source: CheckpointSource, destination: str) -> None:
 def merge(config: ReshardConfig) -> MergeSummary:
     """Any checkpoint -> unsharded file set (with optimizer state when it has one)."""
     start = time.perf_counter()
-    source = open_checkpoint(config.load, config.iteration)
+    source = open_checkpoint(config.load, config.iteration, config.base)
     with_optimizer = config.include_optimizer and source.has_optimizer
     if config.include_optimizer and not source.has_optimizer:
         logger.info("%s holds no optimizer state: merging weights only", config.load)
@@ -139,7 +141,7 @@ def split(config: ReshardConfig) -> SplitSummary:
     if config.format not in ("dist", "legacy"):
         raise CheckpointError(f"--format {config.format!r}: use dist or legacy")
     check_out_free(os.path.abspath(config.out), config.overwrite)
-    source = open_checkpoint(config.load, config.iteration)
+    source = open_checkpoint(config.load, config.iteration, config.base)
     model = source.run_config.get("model") or {}
     if not model:
         raise CheckpointError(f"{source.path}: its run config has no model arguments")

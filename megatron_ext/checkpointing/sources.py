@@ -31,7 +31,7 @@ _LAYER = re.compile(r"^(?:optimizer\.state\.[^.]+\.)?decoder\.layers\.(\d+)\.")
 
 @dataclass
 class CheckpointSource:
-    kind: str  # dist | unsharded | legacy
+    kind: str  # dist | unsharded | legacy | adapters (merged into their base)
     path: str  # the directory holding the tensors
     run_config: dict
     iteration: int
@@ -39,6 +39,7 @@ class CheckpointSource:
     _groups: Callable[[bool], Iterator[dict[str, torch.Tensor]]] = field(repr=False)
     common: Callable[[], dict] = field(repr=False, default=dict)
     vocab_size: Optional[int] = None  # the tokenizer's, where the format records it
+    base: Optional["CheckpointSource"] = None  # adapters: the base they are folded into
 
     def groups(self, include_optimizer: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """Non-layer tensors first, then one dict per decoder layer (unsharded names)."""
@@ -57,8 +58,13 @@ def group_by_layer(names: list[str]) -> list[list[str]]:
     return [flat] + [layers[i] for i in sorted(layers)]
 
 
-def open_checkpoint(path: str, iteration: Optional[int] = None) -> CheckpointSource:
-    """Detect the format of ``path`` and open it (``iteration``: default the latest)."""
+def open_checkpoint(path: str, iteration: Optional[int] = None,
+                    base: Optional[str] = None) -> CheckpointSource:
+    """Detect the format of ``path`` and open it (``iteration``: default the latest).
+
+    An adapter checkpoint (LoRA/DoRA) opens as its base with the adapters folded into
+    the weights (``base``: the base checkpoint, default the recorded one; either way it
+    must be the one the adapters were trained on)."""
     if not os.path.isdir(path):
         raise CheckpointError(f"--load {path} does not exist")
     if is_unsharded(path):
@@ -74,6 +80,8 @@ def open_checkpoint(path: str, iteration: Optional[int] = None) -> CheckpointSou
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory} does not exist")
     run_config = load_run_config(directory)
+    if (run_config.get("peft") or {}).get("peft"):
+        return _open_adapted(directory, run_config, iteration, base)
 
     def groups(include_optimizer: bool):
         return iter_dist_checkpoint(directory, include_optimizer)  # plain DCP reads, no group
@@ -87,6 +95,39 @@ def open_checkpoint(path: str, iteration: Optional[int] = None) -> CheckpointSou
     weights_only = bool((common().get("common") or {}).get("weights_only"))
     return CheckpointSource("dist", directory, run_config, iteration, not weights_only, groups,
                             common)
+
+
+def adapter_tensors(directory: str) -> dict[str, torch.Tensor]:
+    """Every adapter tensor of an adapter checkpoint's ``iter_*`` directory (unsharded names)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for group in iter_dist_checkpoint(directory, include_optimizer=False):
+        tensors.update(group)
+    return tensors
+
+
+def _open_adapted(directory: str, run_config: dict, iteration: int,
+                  base: Optional[str]) -> CheckpointSource:
+    from megatron_ext.checkpointing.adapters import base_of
+    from megatron_ext.peft.merge import merge_group
+
+    base_source = open_checkpoint(base_of(run_config, directory, base))
+    adapters = adapter_tensors(directory)
+    settings = run_config["peft"]
+    scaling = float(settings["alpha"]) / int(settings["dim"])
+
+    def groups(include_optimizer: bool):
+        if include_optimizer:
+            raise CheckpointError(f"{directory}: an adapter checkpoint merged into its base has "
+                                  "no optimizer state for the merged weights; merge without it")
+        for group in base_source.groups(False):
+            yield merge_group(group, adapters, scaling)
+
+    # the merged model is a plain one: it records where it came from, not adapter settings
+    merged_config = {k: v for k, v in run_config.items() if k not in ("peft", "base")}
+    merged_config["merged_adapters"] = {"adapters": os.path.abspath(directory),
+                                        "peft": settings, "base": run_config.get("base")}
+    return CheckpointSource("adapters", directory, merged_config, iteration, False, groups,
+                            dict, base_source.vocab_size, base=base_source)
 
 
 def _open_unsharded(path: str) -> CheckpointSource:

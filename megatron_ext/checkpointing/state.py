@@ -45,6 +45,26 @@ class TrainState:
     layout: object
     optimizer: Optional[object] = None
     scheduler: Optional[object] = None
+    # which of the model's tensors a checkpoint holds: all of them, the base weights of a
+    # model with adapters (its adapters start fresh), or its adapters only (adapter-only
+    # checkpoints of PEFT runs: the base weights come from the base checkpoint)
+    parts: str = "all"  # all | base | adapters
+
+    def model_state(self) -> dict:
+        """The model's sharded state dict, restricted to :attr:`parts`."""
+        return select_parts(self.model.sharded_state_dict(), self.parts)
+
+
+def _is_adapter_key(key: str) -> bool:
+    return ".adapter." in key  # megatron_ext.peft.adapters.ADAPTER, without importing torch code
+
+
+def select_parts(state: dict, parts: str) -> dict:
+    """``state`` (keys of a model's state dict) without the keys ``parts`` excludes."""
+    if parts == "all":
+        return state
+    adapters = parts == "adapters"
+    return {k: v for k, v in state.items() if _is_adapter_key(k) == adapters}
 
 
 def restore_training_state(train: TrainState, loaded: dict) -> Progress:
@@ -108,9 +128,10 @@ def without_extra_state(model_state: dict) -> dict:
     return {k: v for k, v in model_state.items() if not k.endswith("_extra_state")}
 
 
-def load_model_weights(model, weights: dict, source: str) -> None:
+def load_model_weights(model, weights: dict, source: str, parts: str = "all") -> None:
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    missing = list(select_parts({k: None for k in missing if not k.endswith("_extra_state")},
+                                parts))
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {source} does not fit the model (missing "
                               f"{missing[:3]}, unexpected {unexpected[:3]})")

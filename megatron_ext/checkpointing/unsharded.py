@@ -269,7 +269,7 @@ def load_unsharded(root: str, train, weights_only: bool, reader=None):
     if not weights_only and not reader.has_optimizer:
         raise CheckpointError(f"{root} holds weights only (no optimizer state): start from it with "
                      "--finetune, or merge a checkpoint with its optimizer state")
-    state = {"model": train.model.sharded_state_dict()}
+    state = {"model": train.model_state()}
     if not weights_only:
         state["optimizer"] = train.optimizer.sharded_state_dict(
             state["model"], is_loading=True, metadata=OPTIMIZER_METADATA)
@@ -294,7 +294,7 @@ def load_unsharded(root: str, train, weights_only: bool, reader=None):
     merge(common, nonpersistent)  # e.g. the optimizer's param ids per group
     merge(common, state)
     loaded = apply_factory_merges(common, factories)
-    load_model_weights(train.model, loaded["model"], root)
+    load_model_weights(train.model, loaded["model"], root, train.parts)
     iteration = int(reader.meta.get("iteration", 0))
     if weights_only:
         return iteration, Progress()

@@ -20,6 +20,7 @@ from megatron_ext.checkpointing import (
     load_checkpoint,
     read_run_config,
 )
+from megatron_ext.checkpointing.adapters import adapter_run_config, base_of
 from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
 from megatron_ext.checkpointing.vocab import padded_vocab_for
 from megatron_ext.errors import ConfigError
@@ -54,19 +55,40 @@ def load_for_inference(load: str, tp: int = 1, pp: int = 1, seed: int = 1234,
     if not os.path.isdir(load):
         raise ConfigError(f"--load {load} does not exist")
     layout = init_distributed(tp, pp, seed)
-    run_config = read_run_config(load)
+    run_config = adapter_run_config(load)
+    weights = load  # where the (base) weights are
+    if run_config is not None:  # LoRA/DoRA adapters: their recorded base, checked
+        weights = base_of(run_config, load)
+    else:
+        run_config = read_run_config(load)
     model_args = ModelArgs.from_dict(run_config["model"]).resolved()
-    tokenizer = build_tokenizer(tokenizer_config_from_run(load, run_config, vocab_file))
-    padded = padded_vocab_for(load, tokenizer.vocab_size, model_args.make_vocab_size_divisible_by,
-                              tp)
+    tokenizer = build_tokenizer(tokenizer_config_from_run(weights, run_config, vocab_file))
+    padded = padded_vocab_for(weights, tokenizer.vocab_size,
+                              model_args.make_vocab_size_divisible_by, tp)
     config = transformer_config(model_args, ParallelArgs(tp, pp), PrecisionArgs(bf16=bf16),
                                 init_weights=False)
     model = build_gpt_model(model_args, config, padded, pre_process=layout.first_stage,
                             post_process=layout.last_stage, init_seed=seed)
     model.to(layout.device)
-    load_checkpoint(load, TrainState(model, layout), weights_only=True)
+    if weights == load:
+        load_checkpoint(load, TrainState(model, layout), weights_only=True)
+    else:
+        _load_with_adapters(model, layout, weights, load, run_config["peft"], seed)
     model.eval()
     return LoadedModel(model, model_args, tokenizer, run_config, layout, padded)
+
+
+def _load_with_adapters(model, layout: Layout, base: str, adapters: str, settings: dict,
+                        seed: int) -> None:
+    """The base weights, the adapters, then the adapters folded into the weights: the
+    adapted function at the plain model's cost per token."""
+    from megatron_ext.peft.adapters import add_adapters, merge_into_base
+    from megatron_ext.peft.config import PeftArgs
+
+    add_adapters(model, PeftArgs.from_settings(settings), tuple(settings["targets"]), seed)
+    load_checkpoint(base, TrainState(model, layout, parts="base"), weights_only=True)
+    load_checkpoint(adapters, TrainState(model, layout, parts="adapters"), weights_only=True)
+    merge_into_base(model)
 
 
 def full_logits(loaded: LoadedModel, tokens: torch.Tensor) -> Optional[torch.Tensor]:

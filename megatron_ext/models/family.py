@@ -56,6 +56,15 @@ class HFAdapter(Protocol):
 
     model_type: str  # config.json "model_type" this adapter reads and writes
 
+    # megatron-core's linear layers (module path in a layer, e.g. "mlp.linear_fc1") -> the HF
+    # modules they hold ("mlp.gate_proj", "mlp.up_proj"): adapter targets and their export
+    linear_names: Mapping[str, tuple[str, ...]]
+
+    def linear_rows_from_megatron(self, module: str, rows: "torch.Tensor", num_heads: int,
+                                  num_kv_heads: int) -> dict[str, "torch.Tensor"]:
+        """Rows laid out like ``module``'s output (its weight, an adapter's B, DoRA's
+        magnitude), split by the HF modules of :attr:`linear_names` (same order)."""
+
     def matches(self, config: Mapping[str, Any]) -> bool:
         """True when ``config`` is this family's (exactly one family may say so)."""
 

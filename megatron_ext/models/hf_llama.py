@@ -381,6 +381,28 @@ def megatron_to_llama(state: Mapping[str, torch.Tensor], num_layers: int, num_he
 
 EMBEDDING_NAMES = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 
+# megatron-core's linear layers (module path in a layer) -> the HF modules they hold
+LINEAR_NAMES: Mapping[str, tuple[str, ...]] = {
+    "self_attention.linear_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "self_attention.linear_proj": ("self_attn.o_proj",),
+    "mlp.linear_fc1": ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.linear_fc2": ("mlp.down_proj",),
+}
+
+
+def linear_rows_from_megatron(module: str, rows: "torch.Tensor", num_heads: int,
+                              num_kv_heads: int) -> dict[str, "torch.Tensor"]:
+    """Rows of a megatron-core linear layer (its weight, or anything laid out like its
+    output: an adapter's B, DoRA's magnitude) split into its HF modules' rows."""
+    names = LINEAR_NAMES[module]
+    if module.endswith("linear_qkv"):
+        parts = qkv_from_megatron(rows, num_heads, num_kv_heads)
+    elif module.endswith("linear_fc1"):
+        parts = rows.chunk(2, dim=0)
+    else:
+        parts = (rows,)
+    return dict(zip(names, parts))
+
 
 @dataclass(frozen=True)
 class LlamaLikeHF:
@@ -401,6 +423,14 @@ class LlamaLikeHF:
     qkv_bias: bool = False
     qk_norm: bool = False
     qwen: bool = False
+
+    @property
+    def linear_names(self) -> Mapping[str, tuple[str, ...]]:
+        return LINEAR_NAMES
+
+    def linear_rows_from_megatron(self, module: str, rows: torch.Tensor, num_heads: int,
+                                  num_kv_heads: int) -> dict[str, torch.Tensor]:
+        return linear_rows_from_megatron(module, rows, num_heads, num_kv_heads)
 
     def matches(self, config: Mapping[str, Any]) -> bool:
         return config.get("model_type") == self.model_type and (

@@ -21,6 +21,7 @@ from megatron_ext.training.config import (
     ModelArgs,
     OptimArgs,
     ParallelArgs,
+    PeftArgs,
     PrecisionArgs,
     ScheduleArgs,
     TrainConfig,
@@ -59,6 +60,7 @@ SECTIONS = (
     (OptimArgs, "optimizer"),
     (ScheduleArgs, "batches, schedule, logging and evaluation"),
     (CheckpointArgs, "checkpoints"),
+    (PeftArgs, "parameter-efficient finetuning (LoRA, DoRA)"),
 )
 
 
@@ -106,5 +108,5 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """
     config = config_from_args(build_parser().parse_args(argv))
     config.validate(int(os.environ.get("WORLD_SIZE", "1")),
-                    model_shape=not config.checkpoint.shape_from_load)
+                    model_shape=not config.shape_from_load)
     return config

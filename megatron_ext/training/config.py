@@ -21,6 +21,7 @@ from megatron_ext.models.config import ModelArgs, PrecisionArgs
 from megatron_ext.models.families import family_names
 from megatron_ext.models.import_sources import import_source_kind
 from megatron_ext.parallel import ParallelArgs
+from megatron_ext.peft.config import PeftArgs
 from megatron_ext.tokenizers import TokenizerArgs
 
 
@@ -120,6 +121,13 @@ class TrainConfig:
     optim: OptimArgs = field(default_factory=OptimArgs)
     schedule: ScheduleArgs = field(default_factory=ScheduleArgs)
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    peft: PeftArgs = field(default_factory=PeftArgs)
+
+    @property
+    def shape_from_load(self) -> bool:
+        """The model's shape is read from --load (a checkpoint, a model to import, or the
+        base model of adapters), not from the model flags."""
+        return self.checkpoint.shape_from_load or self.peft.enabled
 
     def validate(self, world_size: int, cuda: Optional[bool] = None, *,
                  model_shape: bool = True) -> None:
@@ -206,6 +214,10 @@ class TrainConfig:
             problems.append("--finetune needs --load (the checkpoint to start from)")
         if s.save_interval and not self.checkpoint.save:
             problems.append("--save_interval needs --save")
+        problems += self.peft.problems(tp if tp >= 1 else 1)
+        if self.peft.enabled and not c.load:
+            problems.append(f"--peft {self.peft.peft} needs --load: the base model to adapt (a "
+                            "checkpoint, a Hugging Face model directory or a .gguf file)")
         if problems:
             raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
 

@@ -29,6 +29,7 @@ from megatron_ext.checkpointing import (
     read_run_config,
     save_checkpoint,
 )
+from megatron_ext.checkpointing.adapters import adapter_run_config, base_of, base_record, check_base
 from megatron_ext.checkpointing.import_cache import (
     ImportOptions,
     default_cache_dir,
@@ -39,7 +40,9 @@ from megatron_ext.checkpointing.vocab import checkpoint_directory, padded_vocab_
 from megatron_ext.data.indexed import chat_settings_of_meta
 from megatron_ext.models.builder import build_gpt_model, transformer_config
 from megatron_ext.models.config import ModelArgs
+from megatron_ext.models.families import get_family
 from megatron_ext.parallel import Layout, init_distributed
+from megatron_ext.peft.config import PeftArgs, resolve_targets
 from megatron_ext.tokenizers import build_tokenizer, megatron_llm_specials_hint
 from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.data import BatchBuilder, GlobalBatch, build_splits, iterations
@@ -51,7 +54,10 @@ logger = logging.getLogger(__name__)
 
 class Trainer:
     def __init__(self, config: TrainConfig):
-        if config.checkpoint.imports_model:
+        self.peft_plan: Optional[PeftPlan] = None
+        if config.peft.enabled or adapter_run_config(config.checkpoint.load or "") is not None:
+            config, self.peft_plan = _plan_peft(config)
+        elif config.checkpoint.imports_model:
             config = _with_imported_model(config)
         if config.checkpoint.use_checkpoint_args and config.checkpoint.load:
             config = _with_checkpoint_model_args(config)
@@ -126,10 +132,21 @@ class Trainer:
                     return {"format": name, "prompt_template": template}
         return {"format": None, "prompt_template": None}
 
-    def _train_state(self):
-        return TrainState(self.model.module, self.layout, self.optimizer, self.scheduler)
+    def _train_state(self, parts: Optional[str] = None):
+        if parts is None:
+            parts = "adapters" if self.peft_plan else "all"
+        return TrainState(self.model.module, self.layout, self.optimizer, self.scheduler, parts)
+
+    def _weights_loaded(self) -> None:
+        """The model's weights changed outside the optimizer: mixed-precision optimizers keep
+        fp32 copies of them, made when they were built, which must follow."""
+        reload = getattr(self.optimizer, "reload_model_params", None)
+        if reload is not None:
+            reload()
 
     def _load(self) -> None:
+        if self.peft_plan is not None:
+            return self._load_peft()
         c = self.config.checkpoint
         own_dir = os.path.abspath(c.load) == os.path.abspath(c.save or "")
         loaded = load_checkpoint(c.load, self._train_state(), weights_only=c.finetune,
@@ -137,6 +154,8 @@ class Trainer:
         if loaded is None:
             return
         iteration, progress = loaded
+        if c.finetune:
+            self._weights_loaded()
         self.iteration = progress.iteration
         self.consumed_samples = progress.consumed_samples
         self.consumed_tokens = progress.consumed_tokens
@@ -147,6 +166,31 @@ class Trainer:
             logger.info("loaded %s from %s (iteration %d)%s",
                         "weights" if c.finetune else "checkpoint", c.load, iteration,
                         "" if c.finetune else f"; resuming at iteration {self.iteration}")
+
+    def _load_peft(self) -> None:
+        """The base weights (adapters fresh: A drawn, B zero, DoRA's magnitude the base rows'
+        norms), then, when resuming, the adapter checkpoint: adapters, optimizer, schedule,
+        data position."""
+        from megatron_ext.peft.adapters import init_magnitudes
+
+        plan = self.peft_plan
+        load_checkpoint(plan.base_checkpoint, self._train_state("base"), weights_only=True)
+        init_magnitudes(self.model.module)
+        self._weights_loaded()
+        if self.layout.is_logger:
+            logger.info("loaded base weights from %s", plan.base_checkpoint)
+        if plan.resume is None:
+            return
+        iteration, progress = load_checkpoint(plan.resume, self._train_state("adapters"),
+                                              weights_only=False)
+        self.iteration = progress.iteration
+        self.consumed_samples = progress.consumed_samples
+        self.consumed_tokens = progress.consumed_tokens
+        if os.path.abspath(plan.resume) == os.path.abspath(self.config.checkpoint.save or ""):
+            self.metrics.truncate_after(self.iteration)
+            self._saved_at = self.iteration
+        if self.layout.is_logger:
+            logger.info("resumed the adapters from %s (iteration %d)", plan.resume, iteration)
 
     # ------------------------------------------------------------------ setup
     def _build_model_and_optimizer(self) -> None:
@@ -170,6 +214,12 @@ class Trainer:
                                 pre_process=layout.first_stage, post_process=layout.last_stage,
                                 init_seed=c.schedule.seed,
                                 use_flash_attn=c.precision.use_flash_attn)
+        self.peft_report = None
+        if self.peft_plan is not None:  # before DDP and the optimizer: they skip frozen weights
+            from megatron_ext.peft.adapters import add_adapters
+
+            self.peft_report = add_adapters(model, c.peft, self.peft_plan.targets,
+                                            c.schedule.seed)
         model.to(layout.device)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -337,6 +387,10 @@ class Trainer:
         progress = Progress(self.iteration, self.consumed_samples, self.consumed_tokens)
         run_config = {**self.config.to_dict(), "tokenizer_identity": self.tokenizer.identity(),
                       "chat": self._chat_settings()}
+        if self.peft_plan is not None:  # adapters only: the base they belong to
+            run_config["peft"] = self.config.peft.settings(self.peft_plan.targets)
+            run_config["base"] = self.peft_plan.record
+            run_config["checkpoint"]["load"] = self.peft_plan.record["load"]
         # whether the output layer is tied is recorded as decided, not as "the family's
         # default", so a checkpoint says which tensors it holds whatever reads it
         run_config["model"]["tie_embeddings"] = self.config.model.resolved().tie_embeddings
@@ -387,6 +441,8 @@ class Trainer:
             self.tokenizer.vocab_size, self.padded_vocab, params / 1e6)
         logger.info("parallel: world %d = TP %d x PP %d x DP %d on %s", layout.world_size,
                     layout.tp, layout.pp, layout.dp, layout.device)
+        if self.peft_report is not None:
+            logger.info("%s: %s", c.peft.peft, self.peft_report.line())
         logger.info("data: train %d / valid %d / test %d records; %d iterations of %d samples "
                     "(micro batch %d)", sizes["train"], sizes["valid"], sizes["test"],
                     self.train_iters, c.schedule.global_batch_size, c.schedule.micro_batch_size)
@@ -427,6 +483,78 @@ class Trainer:
         logger.info("%s at iter %d | loss %.5f | ppl %.3f",
                     "validation" if split == "valid" else split, self.iteration,
                     result["loss"], result["ppl"])
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftPlan:
+    """Where a LoRA/DoRA run's weights come from."""
+
+    base_checkpoint: str  # the base weights (a checkpoint; an import for a Hugging Face model)
+    resume: Optional[str]  # the adapter checkpoint to resume from, None for fresh adapters
+    targets: tuple[str, ...]  # the adapted linear layers (megatron-core short names)
+    record: dict  # the base as adapter checkpoints record it (path, identity)
+
+
+def _plan_peft(config: TrainConfig) -> tuple[TrainConfig, PeftPlan]:
+    """The base, the resume point and the adapter settings of a LoRA/DoRA run.
+
+    ``--load`` is the base model (any checkpoint form, a Hugging Face directory or a
+    GGUF file) and the run resumes from the adapter checkpoint in ``--save`` when there
+    is one (the same command restarts a stopped run); ``--load`` may also name an
+    adapter checkpoint, whose recorded base is then used. Either way the base must be
+    the one the adapters were trained on, and the adapter settings the same.
+    """
+    c = config.checkpoint
+    saved = adapter_run_config(c.load)
+    resume = c.load if saved is not None else None
+    if saved is not None:  # --load ADAPTERS: the recorded base
+        base_load = saved["base"]["load"]
+        base_checkpoint = base_of(saved, c.load)
+        config = _with_saved_peft(config, saved, c.load)
+        tokenizer = config.tokenizer
+        if not tokenizer.vocab_file:
+            own = tokenizer_config_from_run(base_checkpoint, saved)
+            config = dataclasses.replace(config, tokenizer=dataclasses.replace(
+                tokenizer, tokenizer_type=own.tokenizer_type, vocab_file=own.vocab_file,
+                megatron_llm_specials=own.megatron_llm_specials))
+        config = dataclasses.replace(config, checkpoint=dataclasses.replace(
+            c, load=base_checkpoint, finetune=True, use_checkpoint_args=True))
+    else:
+        base_load = c.load
+        if c.imports_model:
+            config = _with_imported_model(config)
+        config = dataclasses.replace(config, checkpoint=dataclasses.replace(
+            config.checkpoint, finetune=True, use_checkpoint_args=True))
+        base_checkpoint = config.checkpoint.load
+        previous = adapter_run_config(c.save) if c.save else None
+        if previous is not None:  # the same command again: resume
+            check_base(previous["base"], base_checkpoint, c.save)
+            config = _with_saved_peft(config, previous, c.save)
+            resume = c.save
+    targets = resolve_targets(config.peft.target_names(),
+                              _hf_names(read_run_config(base_checkpoint)))
+    record = base_record(base_load, base_checkpoint)
+    return config, PeftPlan(base_checkpoint, resume, targets, record)
+
+
+def _with_saved_peft(config: TrainConfig, saved: dict, where: str) -> TrainConfig:
+    """The adapter settings of the checkpoint in ``where``; the command's must agree."""
+    settings = saved["peft"]
+    mine = config.peft
+    if mine.enabled:
+        ours = mine.settings(resolve_targets(mine.target_names(), _hf_names(saved)))
+        differ = [f"{key}: checkpoint {settings.get(key)!r}, this run {value!r}"
+                  for key, value in ours.items() if settings.get(key) != value]
+        if differ:
+            raise CheckpointError(f"{where} holds adapters with other settings ("
+                                  + "; ".join(differ) + "); use the same --peft flags, or "
+                                  "another --save for new adapters")
+    return dataclasses.replace(config, peft=PeftArgs.from_settings(settings))
+
+
+def _hf_names(run_config: dict):
+    family = get_family((run_config.get("model") or {}).get("model_name") or "llama2")
+    return family.hf.linear_names if family.hf is not None else None
 
 
 def _with_imported_model(config: TrainConfig) -> TrainConfig:
