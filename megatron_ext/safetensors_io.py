@@ -32,6 +32,9 @@ _DTYPES = {
 }
 
 
+_DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in _DTYPES.items()}
+
+
 class SafetensorsError(UserError):
     """A safetensors file is missing, truncated or malformed."""
 
@@ -126,7 +129,11 @@ def read_weight_map(index_path: str, error=None) -> dict[str, str]:
 class ShardedSafetensorsWriter:
     """Tensors added one by one, written as shards of at most ``max_shard_bytes``.
 
-    Only the current shard is held in memory. ``finish`` renames the parts to
+    Each tensor's bytes go to disk as it is added (into the current shard's data
+    file), so memory holds no shard: a converter's peak stays near one layer
+    whatever the shard size. A safetensors header must precede the data and
+    lists every tensor's offsets, so closing a shard writes the header and then
+    copies the data file behind it. ``finish`` names the parts
     ``{stem}-00001-of-0000N.safetensors`` and writes the Hugging Face style
     index ``{stem}.safetensors.index.json`` (``weight_map``), all inside
     ``directory`` (the caller's staging directory).
@@ -134,11 +141,15 @@ class ShardedSafetensorsWriter:
 
     def __init__(self, directory: str, stem: str = "model", max_shard_bytes: int = 2 * 2**30):
         self.directory, self.stem, self.max_shard_bytes = directory, stem, max_shard_bytes
-        self._buffer: dict[str, torch.Tensor] = {}
+        self._entries: dict[str, dict] = {}  # the current shard's header entries
+        self._data = None  # the current shard's data file
         self._buffer_bytes = 0
         self._parts: list[list[str]] = []
         self.total_bytes = 0
         self._seen: set[str] = set()
+
+    def _part(self, suffix: str = "") -> str:
+        return os.path.join(self.directory, f".{self.stem}-part{len(self._parts):05d}{suffix}")
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._seen:
@@ -146,21 +157,34 @@ class ShardedSafetensorsWriter:
         self._seen.add(name)
         tensor = tensor.detach().contiguous()
         nbytes = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+        if self._entries and self._buffer_bytes + nbytes > self.max_shard_bytes:
             self.flush()
-        self._buffer[name] = tensor
+        if self._data is None:
+            self._data = open(self._part(".data"), "wb")
+        if nbytes:
+            self._data.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        self._entries[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                               "data_offsets": [self._buffer_bytes, self._buffer_bytes + nbytes]}
         self._buffer_bytes += nbytes
         self.total_bytes += nbytes
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
+        import shutil
 
-        if not self._buffer:
+        if self._data is None:
             return
-        part = os.path.join(self.directory, f".{self.stem}-part{len(self._parts):05d}")
-        save_file(self._buffer, part, metadata={"format": "pt"})
-        self._parts.append(list(self._buffer))
-        self._buffer, self._buffer_bytes = {}, 0
+        self._data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries},
+                            separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+        data = self._part(".data")
+        with open(self._part(), "wb") as out, open(data, "rb") as source:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(source, out, 64 * 2**20)
+        os.remove(data)
+        self._parts.append(list(self._entries))
+        self._entries, self._data, self._buffer_bytes = {}, None, 0
 
     def finish(self, metadata: dict | None = None) -> dict[str, str]:
         """Write the last shard and the index; returns the weight map."""
