@@ -146,7 +146,11 @@ def runs_for(base: list[str], root: Path) -> list[dict]:
     runs = [run("fp32"), run("bf16", "--bf16"), run("fp16", "--fp16"),
             run("fp32-distopt", "--use_distributed_optimizer"),
             run("bf16-distopt", "--bf16", "--use_distributed_optimizer"),
-            run("bf16-flash", "--bf16", "--use_flash_attn")]
+            run("bf16-flash", "--bf16", "--use_flash_attn"),
+            # LoRA on the fp32 run's final checkpoint: bf16 adapters (fp32 DoRA norms) on GPU
+            run("lora-fp32", "--load", str(root / "fp32"), "--peft", "lora"),
+            run("lora-bf16", "--load", str(root / "fp32"), "--peft", "lora", "--bf16"),
+            run("dora-bf16", "--load", str(root / "fp32"), "--peft", "dora", "--bf16")]
     flags = {"bf16-distopt-resumed": ("--bf16", "--use_distributed_optimizer"),
              "fp16-resumed": ("--fp16",)}
     for name in RESUMED:
@@ -195,6 +199,12 @@ def rows_for(root: Path, two_gpus: bool, flash_calls: int) -> list[Row]:
     rows.append(flash)
     rows.append(verdict("--use_flash_attn", "fp32", losses(root / "bf16-flash"), ref,
                         TOLERANCE["bf16"]))
+    lora = losses(root / "lora-fp32")
+    rows.append(verdict("--peft lora --bf16", "LoRA fp32", losses(root / "lora-bf16"), lora,
+                        TOLERANCE["bf16"]))
+    rows.append(verdict("--peft dora --bf16", "LoRA fp32 (DoRA starts equal)",
+                        losses(root / "dora-bf16")[:1] if losses(root / "dora-bf16") else None,
+                        lora[:1] if lora else None, TOLERANCE["bf16"]))
     if two_gpus:
         rows.append(verdict("DP=2 --use_distributed_optimizer", "fp32",
                             losses(root / "dp2-distopt"), ref, TOLERANCE["fp32"]))

@@ -51,6 +51,8 @@ def start_peft_runs(request):
     serial = [
         {"name": "lora", "argv": peft_args(data, base, "lora", root / "lora")},
         {"name": "dora", "argv": peft_args(data, base, "dora", root / "dora")},
+        {"name": "dora-recompute", "argv": peft_args(data, base, "dora", root / "dora-recompute")
+         + ["--recompute_granularity", "full"]},
         {"name": "lora-exit3", "argv": stopped + ["--exit_interval", "3"]},
         {"name": "lora-resume", "argv": stopped},
         {"name": "wrong-base", "argv": peft_args(data, other, "lora", root / "lora-resumed")},
@@ -80,7 +82,8 @@ def ok(results, name):
 
 
 @pytest.mark.parametrize("method,layout", [
-    (method, layout) for method in ("lora", "dora") for layout in PARALLEL] + [("lora", "dp2")])
+    (method, layout) for method in ("lora", "dora") for layout in PARALLEL] + [
+    ("lora", "dp2"), ("dora", "recompute")])
 def test_parallel_adapters_match_one_process(peft_runs, method, layout):
     root, results = peft_runs
     name = f"{method}-{layout}"
@@ -103,6 +106,14 @@ def test_adapter_checkpoint_holds_adapters_only(peft_runs, reference_run, method
     assert f"{method}: 8 adapted linear layers" in log and "trainable" in log
     tensors = adapter_tensors(root / method)
     assert tensors and all(".adapter." in name for name in tensors)
+    # the optimizer holds state for the adapters only (Adam's two moments each)
+    from megatron_ext.checkpointing.unsharded import iter_dist_checkpoint
+
+    saved = [name for group in iter_dist_checkpoint(str(root / method / "iter_0000006"))
+             for name in group]
+    moments = [name for name in saved if name.startswith("optimizer.")]
+    assert moments and all(".adapter." in name for name in moments)
+    assert len(moments) == 2 * len(tensors)
     suffixes = {name.rsplit(".", 1)[-1] for name in tensors}
     assert suffixes == ({"lora_A", "lora_B", "magnitude"} if method == "dora"
                         else {"lora_A", "lora_B"})

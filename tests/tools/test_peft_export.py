@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CHATML
+from tests.conftest import CHATML, SAMPLE
 from tests.runs import job_logits, logits_job, start_runs, tool_job
 
 pytestmark = pytest.mark.slow
@@ -87,6 +87,10 @@ def peft_exports(tmp_path_factory, hf_llama, hf_variants, imported_train_data) -
     runs.append(unsharded)
     runs.append(tool_job("generate", "generate.py", "--load", str(root / "lora"), "--prompt",
                          "What is the capital of France?", "--greedy", "--max_new_tokens", "6"))
+    runs.append(tool_job("evaluate", "evaluate.py", "--load", str(root / "dora"), "--input",
+                         str(SAMPLE / "test.jsonl"), "--question_key", "question",
+                         "--answer_key", "answer", "--no_generate",
+                         "--summary_json", str(root / "eval.json")))
     serial = start_runs(1, runs, root / "serial")
     results = serial.wait()
     tp2 = logits_job("dora-tp2", root / "dora", ids, root / "logits", tp=2)
@@ -169,7 +173,14 @@ def test_merge_lora_and_tp2_loading_give_the_adapted_logits(peft_exports):
     assert refused.returncode == 1 and "not an adapter checkpoint" in refused.log
 
 
-def test_generate_loads_base_plus_adapters(peft_exports):
+def test_generate_and_evaluate_load_base_plus_adapters(peft_exports):
+    import json
+    import math
+
     result = peft_exports["results"]["generate"]
     assert result.returncode == 0, result.log[-3000:]
     assert result.stdout.strip()
+    evaluated = peft_exports["results"]["evaluate"]
+    assert evaluated.returncode == 0, evaluated.log[-3000:]
+    summary = json.loads((peft_exports["root"] / "eval.json").read_text())
+    assert math.isfinite(summary["answer_loss"]) and summary["records"] > 0
