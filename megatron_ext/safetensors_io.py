@@ -129,11 +129,13 @@ def read_weight_map(index_path: str, error=None) -> dict[str, str]:
 class ShardedSafetensorsWriter:
     """Tensors added one by one, written as shards of at most ``max_shard_bytes``.
 
-    Each tensor's bytes go to disk as it is added (into the current shard's data
-    file), so memory holds no shard: a converter's peak stays near one layer
-    whatever the shard size. A safetensors header must precede the data and
-    lists every tensor's offsets, so closing a shard writes the header and then
-    copies the data file behind it. ``finish`` names the parts
+    Each tensor's bytes go to disk as it is added, so memory holds no shard: a
+    converter's peak stays near one layer whatever the shard size. A safetensors
+    header must precede the data and lists every tensor's offsets, so a shard's
+    data is written after :data:`HEADER_ROOM` reserved bytes and closing it writes
+    the header there, padded with spaces (which the format allows); a header that
+    outgrows the room (hundreds of tensors in one shard) is written before a copy
+    of the data instead. ``finish`` names the parts
     ``{stem}-00001-of-0000N.safetensors`` and writes the Hugging Face style
     index ``{stem}.safetensors.index.json`` (``weight_map``), all inside
     ``directory`` (the caller's staging directory).
@@ -151,6 +153,8 @@ class ShardedSafetensorsWriter:
     def _part(self, suffix: str = "") -> str:
         return os.path.join(self.directory, f".{self.stem}-part{len(self._parts):05d}{suffix}")
 
+    HEADER_ROOM = 64 * 1024
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self._seen:
             raise ValueError(f"tensor {name!r} written twice")
@@ -160,7 +164,8 @@ class ShardedSafetensorsWriter:
         if self._entries and self._buffer_bytes + nbytes > self.max_shard_bytes:
             self.flush()
         if self._data is None:
-            self._data = open(self._part(".data"), "wb")
+            self._data = open(self._part(), "wb")
+            self._data.seek(self.HEADER_ROOM)
         if nbytes:
             self._data.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
         self._entries[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
@@ -173,16 +178,23 @@ class ShardedSafetensorsWriter:
 
         if self._data is None:
             return
-        self._data.close()
         header = json.dumps({"__metadata__": {"format": "pt"}, **self._entries},
                             separators=(",", ":")).encode()
-        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
-        data = self._part(".data")
-        with open(self._part(), "wb") as out, open(data, "rb") as source:
-            out.write(struct.pack("<Q", len(header)))
-            out.write(header)
-            shutil.copyfileobj(source, out, 64 * 2**20)
-        os.remove(data)
+        part = self._part()
+        if len(header) + 8 <= self.HEADER_ROOM:
+            header += b" " * (self.HEADER_ROOM - 8 - len(header))
+            self._data.seek(0)
+            self._data.write(struct.pack("<Q", len(header)) + header)
+            self._data.close()
+        else:  # too many tensors for the room: the header, then the data copied behind it
+            self._data.close()
+            header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
+            with open(part + ".full", "wb") as out, open(part, "rb") as source:
+                out.write(struct.pack("<Q", len(header)))
+                out.write(header)
+                source.seek(self.HEADER_ROOM)
+                shutil.copyfileobj(source, out, 64 * 2**20)
+            os.replace(part + ".full", part)
         self._parts.append(list(self._entries))
         self._entries, self._data, self._buffer_bytes = {}, None, 0
 
