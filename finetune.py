@@ -19,9 +19,10 @@ def main(argv=None) -> int:
     config = parse_config(argv)  # flags checked before torch and megatron-core are imported
     setup_logging()
     # imported only now, for the same reason: a bad flag must not cost their import
-    from megatron_ext.parallel import shutdown
+    from megatron_ext.parallel import exit_when_orphaned, shutdown
     from megatron_ext.training.trainer import Trainer
 
+    exit_when_orphaned()
     try:
         Trainer(config).train()
     finally:

@@ -37,6 +37,7 @@ setup(
     entry_points={
         "console_scripts": [
             "preprocess-instruct-data=instruct.preprocess_instruct_data:console_main",
+            "megatron-sft=instruct.sft:console_main",
         ],
     },
 )

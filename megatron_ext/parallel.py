@@ -20,6 +20,8 @@ import datetime
 import os
 import random
 import socket
+import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -145,3 +147,40 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+_ORPHAN_WATCH = False
+
+
+def exit_when_orphaned(interval: float = 1.0) -> bool:
+    """Under torchrun: exit this worker within ``interval`` seconds of its agent's death.
+
+    Why: torchrun starts each worker in a session of its own, so killing the agent
+    (``kill -9``, the kernel's out-of-memory killer) reaches no worker; the workers
+    would sit in a collective, holding their memory, until the collective times out
+    (30 minutes and more). A daemon thread watches the parent process id: when the
+    agent dies the worker is re-parented and exits at once (``os._exit``: the other
+    ranks are gone or going, no clean shutdown is possible). Returns whether it
+    watches (only when started by torchrun).
+    """
+    import threading
+
+    global _ORPHAN_WATCH
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    if _ORPHAN_WATCH:  # one watcher per process (a test worker runs many trainings)
+        return True
+    _ORPHAN_WATCH = True
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                sys.stderr.write(f"rank {os.environ.get('RANK', '?')}: the torchrun agent "
+                                 f"(pid {parent}) is gone; exiting\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+    return True

@@ -8,7 +8,7 @@
 #   4. finetune it with torchrun (2 processes, data parallel, packed sequences),
 #   5. evaluate again and print the before/after table (the answer loss must fall),
 #   6. generate an answer, export to a Hugging Face directory and generate with transformers.
-# 17 minutes measured on 2 CPU cores that another job shared. DEMO_DIR changes where outputs go,
+# About 11 minutes from a fresh clone on 2 CPU cores, install included. DEMO_DIR changes where outputs go,
 # DEMO_ITERS the number of training iterations. scripts/demo_tiny.sh is the fast path with a
 # tiny random model.
 set -euo pipefail

@@ -1,0 +1,71 @@
+"""The experiment's base model: found (never downloaded), imported once, its tokenizer.
+
+Why here: preprocessing must use exactly the tokenizer the trainer will check
+the data against. For a Hugging Face model or GGUF file that is the tokenizer
+of its import, so the launcher imports the model into the experiment's import
+cache first (the trainer then finds it there) and tokenizes with the import's
+tokenizer; for a checkpoint of ours, the tokenizer it names.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_ext.errors import ConfigError
+from megatron_ext.models.import_sources import import_source_kind
+from megatron_ext.tokenizers import TokenizerConfig
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    source: str  # what --load of finetune.py gets: a model directory, a .gguf file, a checkpoint
+    imported: Optional[str]  # the import in the cache (Hugging Face / GGUF sources)
+    tokenizer: TokenizerConfig
+    model: dict  # the model's arguments (run config "model")
+
+
+def resolve_hf_model_id(model_id: str) -> str:
+    """A local directory or .gguf file as given; else a hub id looked up in the local
+    Hugging Face cache only."""
+    if os.path.exists(model_id):
+        if import_source_kind(model_id) is None:
+            raise ConfigError(f"--hf_model_id {model_id}: neither a Hugging Face model "
+                              "directory (config.json and weights) nor a .gguf file")
+        return model_id
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:  # pragma: no cover - transformers brings huggingface_hub
+        raise ConfigError(f"--hf_model_id {model_id} does not exist as a path") from None
+    try:
+        return snapshot_download(model_id, local_files_only=True)
+    except Exception:  # noqa: BLE001 - every failure means: not in the cache
+        raise ConfigError(
+            f"--hf_model_id {model_id}: not a local path, and not in the local Hugging Face "
+            f"cache ({HF_HUB_CACHE}); nothing is downloaded: download it first (e.g. "
+            "huggingface-cli download) or pass its directory") from None
+
+
+def prepare_base(hf_model_id: Optional[str], load: Optional[str], import_cache: str,
+                 extra_ids: Optional[str], progress: bool) -> BaseModel:
+    from megatron_ext.checkpointing.import_cache import ImportOptions, ensure_imported
+    from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
+    from megatron_ext.checkpointing.sources import read_run_config
+    from megatron_ext.errors import CheckpointError
+
+    if hf_model_id is not None:
+        source = resolve_hf_model_id(hf_model_id)
+        cached = ensure_imported(source, import_cache, ImportOptions(extra_ids), announce=True,
+                                 progress=progress)
+        return BaseModel(source, cached.path,
+                         tokenizer_config_from_run(cached.path, cached.run_config),
+                         cached.run_config["model"])
+    if not os.path.isdir(load):
+        raise ConfigError(f"--load {load} does not exist")
+    try:
+        run_config = read_run_config(load)
+    except CheckpointError as exc:
+        raise ConfigError(f"--load {load}: not a checkpoint of this project ({exc})") from None
+    return BaseModel(load, None, tokenizer_config_from_run(load, run_config), run_config["model"])

@@ -1,0 +1,115 @@
+"""The experiment folder: what the experiment is, where it stands, what it produced.
+
+Why a record of its own (``experiment.json``): rerunning the same command must
+resume, not start over, and must train the same number of steps even if a
+later tokenization would count records differently; a command that changed
+what the experiment *is* (base model, data, format, schedule, adapters) must be
+refused, naming the difference, rather than silently mixing two experiments.
+
+``EXPERIMENTS_DIR/NAME/``::
+
+    experiment.json   the identity, the tokenized data's key and prefixes, the steps,
+                      the status (training | finished) and the results
+    checkpoints/      the trainer's --save (with metrics.jsonl)
+    imported_models/  the base model's import (Hugging Face or GGUF sources)
+    tensorboard/      TensorBoard events
+    logs/             one log per launch
+    eval/             test-split evaluation (summary and per-record predictions)
+    hf/               the exported Hugging Face model (adapters merged)
+    adapter/          with --peft: the adapters in the Hugging Face PEFT layout
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from megatron_ext.errors import ConfigError
+from megatron_ext.io import write_json
+
+RECORD = "experiment.json"
+FORMAT = 1
+
+
+@dataclass
+class Experiment:
+    root: str
+    identity: dict
+    data_key: Optional[str] = None
+    prefixes: dict = field(default_factory=dict)
+    records: dict = field(default_factory=dict)
+    train_iters: Optional[int] = None
+    status: str = "new"  # new | training | finished
+    results: dict = field(default_factory=dict)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    @property
+    def checkpoints(self) -> str:
+        return self.path("checkpoints")
+
+    def save(self) -> None:
+        os.makedirs(self.root, exist_ok=True)
+        write_json(self.path(RECORD), {
+            "format": FORMAT, "identity": self.identity, "data_key": self.data_key,
+            "prefixes": self.prefixes, "records": self.records, "train_iters": self.train_iters,
+            "status": self.status, "results": self.results})
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"--{prefix}{key}: experiment {a!r}, this command {b!r}")
+    return found
+
+
+def open_experiment(root: str, identity: dict) -> Experiment:
+    """The experiment in ``root`` (a new one when absent); refused when made by a different
+    configuration."""
+    record = os.path.join(root, RECORD)
+    if not os.path.exists(record):
+        if os.path.isdir(os.path.join(root, "checkpoints")) and os.listdir(
+                os.path.join(root, "checkpoints")):
+            raise ConfigError(f"{root} holds checkpoints but no {RECORD}: not an experiment of "
+                              "this launcher; choose another --experiment or remove the folder")
+        return Experiment(root, identity)
+    try:
+        with open(record, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{record} is unreadable ({exc}); fix or remove it, or --restart")
+    differences = _differences(saved["identity"], identity)
+    if differences:
+        raise ConfigError(
+            f"experiment {os.path.basename(root)} ({root}) was made by a different "
+            "configuration:\n  - " + "\n  - ".join(differences)
+            + "\nrerun with the experiment's settings, choose another --experiment, or "
+              "--restart to start it over")
+    return Experiment(root, saved["identity"], saved.get("data_key"), saved.get("prefixes", {}),
+                      saved.get("records", {}), saved.get("train_iters"),
+                      saved.get("status", "training"), saved.get("results", {}))
+
+
+def move_aside(root: str) -> Optional[str]:
+    """``--restart``: the old folder renamed ``NAME.old-N`` (kept, never deleted)."""
+    if not os.path.exists(root):
+        return None
+    number = 1
+    while os.path.exists(f"{root}.old-{number}"):
+        number += 1
+    os.rename(root, f"{root}.old-{number}")
+    return f"{root}.old-{number}"
+
+
+def steps_for(records: int, epochs: float, global_batch_size: int) -> int:
+    """Optimizer steps for ``epochs`` passes over ``records`` (at least one)."""
+    import math
+
+    return max(1, math.ceil(records * epochs / global_batch_size))

@@ -1,0 +1,205 @@
+"""``instruct/sft.py --executor local``: one command trains, evaluates and exports; the
+same command again reports the experiment finished; a run stopped by SIGTERM resumes on
+the straight run's curve; the tokenization cache; bad input; torchrun's workers exit
+when their agent is killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CHATML, REPO, SAMPLE
+from tests.runs import child_env, train_metrics
+from tests.training.test_parallel import assert_same_curve
+
+pytestmark = pytest.mark.slow
+
+SFT = str(REPO / "instruct" / "sft.py")
+STEPS = 5  # one epoch of the 35 records (of 48) whose answers start within 96 tokens
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, sp_model) -> Path:
+    from tests.tools.conftest import make_hf_model
+
+    return make_hf_model(tmp_path_factory.mktemp("sft_base") / "model", sp_model,
+                         num_hidden_layers=2)
+
+
+def dataset(directory: Path, train: int = 48, change: bool = False) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, count in (("training", train), ("validation", 8), ("test", 6)):
+        lines = (SAMPLE / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:count]
+        if change and split == "training":
+            lines = lines[1:] + lines[:1]
+        (directory / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return directory
+
+
+def sft_args(name: str, base: Path, data: Path, root: Path, *extra: str) -> list[str]:
+    return [sys.executable, SFT, "-E", name, "--hf_model_id", str(base), "--dataset_path",
+            str(data), "--experiments_dir", str(root), "--vocab_extra_ids_list",
+            ",".join(CHATML), "--chat_format", "chatml", "--seq_length", "96", "-G", "2",
+            "-g", "8", "-m", "2", "--lr", "1e-3", "--save_interval", "2", "--no_progress",
+            *extra]
+
+
+def run(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=child_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def experiments(tmp_path_factory, base_model) -> dict:
+    """Experiment "a" straight (then again), and "b" (the same settings) stopped by SIGTERM
+    after 3 logged steps and relaunched."""
+    root = tmp_path_factory.mktemp("experiments")
+    data = dataset(root / "data")
+    first = run(sft_args("a", base_model, data, root))
+    again = run(sft_args("a", base_model, data, root))
+    b = sft_args("b", base_model, data, root)
+    proc = subprocess.Popen(b, env=child_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = root / "b" / "checkpoints" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(train_metrics(metrics.parent)) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    stopped_output = proc.communicate(timeout=300)[0]
+    stopped_code = proc.returncode
+    resumed = run(b)
+    return {"root": root, "data": data, "first": first, "again": again,
+            "stopped": (stopped_code, stopped_output), "resumed": resumed}
+
+
+def test_one_command_trains_evaluates_and_exports(experiments):
+    first = experiments["first"]
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    root = experiments["root"] / "a"
+    record = json.loads((root / "experiment.json").read_text())
+    assert record["status"] == "finished"
+    # one epoch: the records the tokenizer kept (some answers lie past 96 tokens), 8 a step
+    records = record["records"]["training"]
+    assert 24 < records <= 48 and record["train_iters"] == -(-records // 8) == STEPS
+    assert (root / "checkpoints" / f"iter_{STEPS:07d}").is_dir()
+    assert len(train_metrics(root)) == STEPS  # metrics.jsonl at the experiment's top
+    test = json.loads((root / "eval" / "test.json").read_text())
+    assert test["records"] == 6 and record["results"]["test"]["answer_loss"] == test["answer_loss"]
+    assert (root / "hf" / "config.json").exists() and (root / "tensorboard").is_dir()
+    assert list((root / "logs").glob("train-*.log"))
+    assert f"experiment a is finished: {STEPS} steps" in first.stdout
+    assert "test split: answer loss" in first.stdout
+
+
+def test_rerunning_a_finished_experiment_says_so(experiments):
+    again = experiments["again"]
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"experiment a is already finished: {STEPS} steps" in again.stdout
+    assert "torch.distributed.run" not in again.stderr  # nothing was launched
+
+
+def test_sigterm_then_the_same_command_resumes_on_the_straight_curve(experiments):
+    code, output = experiments["stopped"]
+    assert code == 0, output[-3000:]
+    assert "training stopped at iteration" in output and "rerun the same command" in output
+    resumed = experiments["resumed"]
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming experiment b" in resumed.stderr
+    assert "tokenized data found in the cache" in resumed.stderr  # the same inputs as "a"
+    root = experiments["root"]
+    assert_same_curve(train_metrics(root / "b"), train_metrics(root / "a"))
+
+
+def test_changed_configuration_and_bad_input_are_refused(experiments, base_model, tmp_path):
+    root, data = experiments["root"], experiments["data"]
+    changed = run(sft_args("a", base_model, data, root, "--lr", "2e-3"), timeout=120)
+    assert changed.returncode == 1
+    assert "was made by a different configuration" in changed.stderr
+    assert "--lr: experiment 0.001, this command 0.002" in changed.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = {
+        "no training.jsonl": (sft_args("x", base_model, empty, root), "has no training.jsonl"),
+        "no model": ([*sft_args("x", base_model, data, root)[:4], "--hf_model_id",
+                      "nobody/no-such-model", *sft_args("x", base_model, data, root)[6:]],
+                     "not in the local Hugging Face cache"),
+        "layout": (sft_args("x", base_model, data, root, "-G", "3", "-T", "2"),
+                   "3 processes are not divisible by TP 2"),
+    }
+    for name, (args, message) in cases.items():
+        result = run(args, timeout=120)
+        assert result.returncode == 1, name
+        assert message in result.stderr, (name, result.stderr[-2000:])
+    assert not (root / "x").exists()
+
+
+def test_tokenization_cache_follows_the_files_content(tmp_path, sp_model):
+    from megatron_ext.launch.dataset import find_splits, tokenize
+    from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer
+
+    tokenizer = TokenizerConfig("SentencePieceTokenizer", sp_model, CHATML)
+    identity = build_tokenizer(tokenizer).identity()
+    keys = {"question": "question", "answer": "answer", "system": "system", "messages": None}
+
+    def tokenized(data):
+        return tokenize(find_splits(str(data)), str(tmp_path / "cache"), tokenizer, identity,
+                        "chatml", None, keys, 96, workers=1, progress=False)
+
+    first = tokenized(dataset(tmp_path / "d1", train=20))
+    assert first.made_now and 0 < first.records["training"] <= 20
+    assert set(first.records) == {"training", "validation", "test"}
+    same = tokenized(dataset(tmp_path / "d2", train=20))  # other folder, same content
+    assert not same.made_now and same.key == first.key and same.prefixes == first.prefixes
+    changed = tokenized(dataset(tmp_path / "d3", train=20, change=True))
+    assert changed.made_now and changed.key != first.key
+    assert not list((tmp_path / "cache").glob("*.incomplete*"))
+
+
+def test_workers_exit_when_the_torchrun_agent_is_killed(tmp_path, train_data):
+    """kill -9 of torchrun's agent: its workers (in sessions of their own) exit within
+    seconds instead of waiting in a collective."""
+    from megatron_ext.parallel import free_port
+    from tests.runs import model_args
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(REPO / "finetune.py"),
+               *model_args(train_data, 100000), "--save", str(tmp_path / "run")]
+    agent = subprocess.Popen(command, env=child_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and agent.poll() is None
+        time.sleep(0.1)
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(agent.pid)],
+                                              capture_output=True, text=True).stdout.split()]
+    assert len(workers) == 2
+    os.kill(agent.pid, signal.SIGKILL)
+    agent.wait()
+    deadline = time.monotonic() + 15
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if _alive(pid)]
+        time.sleep(0.2)
+    for pid in alive:  # clean up before failing
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "workers still running 15 s after their agent was killed"
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
