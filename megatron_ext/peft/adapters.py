@@ -293,9 +293,31 @@ def add_adapters(model, args: PeftArgs, targets: tuple[str, ...], seed: int) -> 
             base.__class__ = _adapted_class(type(base))
             base.add_module(ADAPTER, adapter)
             count += 1
+    _inputs_require_grad(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return AdapterReport(targets, count, trainable, total)
+
+
+def _make_require_grad(module, inputs, output):
+    if isinstance(output, torch.Tensor) and not output.requires_grad:
+        output.requires_grad_(True)
+
+
+def _inputs_require_grad(model) -> None:
+    """With activation recomputation, the first layer's input must require a gradient.
+
+    megatron-core recomputes a layer inside an autograd Function that sees only its
+    tensor inputs: when none requires a gradient (the frozen embeddings' output), the
+    layer's parameters, the adapters, get none. Later pipeline stages receive inputs
+    that require gradients already.
+    """
+    inner = model
+    while not hasattr(inner, "decoder") and hasattr(inner, "module"):
+        inner = inner.module
+    if getattr(inner, "pre_process", False) and \
+            getattr(inner.config, "recompute_granularity", None) is not None:
+        inner.embedding.register_forward_hook(_make_require_grad)
 
 
 def adapters(model) -> Iterator[tuple[object, Adapter]]:
