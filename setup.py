@@ -32,7 +32,7 @@ setup(
         "gpu": ["flash-attn", "transformer-engine"],
         # transformers reads GGUF files with gguf and accelerate: the tests compare with it
         "test": ["pytest", "pytest-timeout", "transformers>=4.40", "safetensors", "gguf>=0.17",
-                 "accelerate", "peft>=0.13"],  # peft: exported adapters are checked against it
+                 "accelerate", "peft>=0.13", "wandb"],  # peft: exported adapters are checked against it
     },
     entry_points={
         "console_scripts": [

@@ -88,6 +88,8 @@ def trainer_args(config: SFTConfig, exp: Experiment, base, resume: bool) -> list
         "--use_checkpoint_args"]
     if config.bf16:
         args.append("--bf16")
+    if config.wandb_project:
+        args += ["--wandb_project", config.wandb_project, "--wandb_exp_name", config.experiment]
     if resume and not config.peft.enabled:
         return args + ["--load", exp.checkpoints] + _tokenizer_flags(base.tokenizer)
     args += ["--load", base.source] + _peft_flags(config)

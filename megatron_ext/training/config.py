@@ -78,6 +78,12 @@ class ScheduleArgs:
         None, "stop (after saving) when the iteration is a multiple of this")
     exit_duration_in_mins: Optional[float] = option(
         None, "stop (after saving) once this many minutes have passed")
+    wandb_project: Optional[str] = option(
+        None, "also log the scalars to Weights & Biases, in this project (needs `pip install "
+              "wandb`; WANDB_MODE=offline keeps the run on disk); a resumed run continues the "
+              "same W&B run")
+    wandb_exp_name: Optional[str] = option(None, "the W&B run's name (default: the --save "
+                                                 "directory's name)")
 
 
 @dataclass(frozen=True)
@@ -214,6 +220,8 @@ class TrainConfig:
             problems.append("--finetune needs --load (the checkpoint to start from)")
         if s.save_interval and not self.checkpoint.save:
             problems.append("--save_interval needs --save")
+        if s.wandb_project and not (self.checkpoint.save or self.checkpoint.tensorboard_dir):
+            problems.append("--wandb_project needs --save (the W&B run's files go there)")
         problems += self.peft.problems(tp if tp >= 1 else 1)
         if self.peft.enabled and not c.load:
             problems.append(f"--peft {self.peft.peft} needs --load: the base model to adapt (a "

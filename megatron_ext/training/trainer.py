@@ -85,8 +85,13 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.consumed_tokens = 0
-        self.metrics = MetricsWriter(config.checkpoint.save, config.checkpoint.tensorboard_dir,
-                                     enabled=self.layout.is_logger)
+        s = config.schedule
+        self.metrics = MetricsWriter(
+            config.checkpoint.save, config.checkpoint.tensorboard_dir,
+            enabled=self.layout.is_logger,
+            wandb=None if s.wandb_project is None else {
+                "project": s.wandb_project, "name": s.wandb_exp_name,
+                "config": config.to_dict()})
         self._stop_signal: Optional[int] = None
         self._saved_at: Optional[int] = None  # iteration of the newest checkpoint on disk
         if config.checkpoint.load:
