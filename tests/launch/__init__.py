@@ -1,0 +1,1 @@
+"""Tests of the launcher (megatron_ext/launch/)."""
