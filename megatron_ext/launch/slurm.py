@@ -76,15 +76,17 @@ FINISHED_STATES = frozenset({
 
 # What sbatch accepts in an #SBATCH line without quoting: we refuse the rest rather
 # than rely on how each Slurm version splits a quoted directive.
-_PLAIN = re.compile(r"^[A-Za-z0-9_.,:@%+/=-]+$")
+_PLAIN = re.compile(r"^[A-Za-z0-9_.,:@+/=-]+$")  # no %: sbatch expands %j, %x... in paths
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_SIGNAL_SECONDS = 0xFFFF  # sbatch --signal's sig_time limit
 
 
-def time_limit_seconds(value: str) -> int:
+def time_limit_seconds(value: str) -> Optional[int]:
     """Seconds in an sbatch ``--time`` value: ``M``, ``M:S``, ``H:M:S``, ``D-H``,
-    ``D-H:M`` or ``D-H:M:S``."""
+    ``D-H:M`` or ``D-H:M:S``; None for ``UNLIMITED``/``INFINITE``."""
+    if value.upper() in ("UNLIMITED", "INFINITE"):
+        return None
     match = _TIME.match(value)
     if not match:
         raise ConfigError(f"time {value!r} is not an sbatch time limit: use minutes, "
@@ -175,9 +177,9 @@ class SlurmJob:
             raise ConfigError(f"rdzv_port {self.rdzv_port} is not a TCP port")
         if self.time is not None:
             limit = time_limit_seconds(self.time)
-            if limit <= 0:
+            if limit is not None and limit <= 0:
                 raise ConfigError(f"time {self.time!r}: the time limit must be positive")
-            if self.signal_seconds >= limit:
+            if limit is not None and self.signal_seconds >= limit:
                 raise ConfigError(
                     f"signal_seconds {self.signal_seconds} is not below the time limit "
                     f"{self.time} ({limit} s): the job would be told to stop as it starts; "

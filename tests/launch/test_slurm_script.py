@@ -18,10 +18,13 @@ from megatron_ext.launch.slurm import (
     SlurmError,
     SlurmJob,
     SlurmNotFound,
+    JobInfo,
+    job_info,
     job_state,
     sbatch_script,
     submit,
     time_limit_seconds,
+    wait_for,
     write_script,
 )
 
@@ -128,6 +131,7 @@ def test_arguments_survive_the_shell(tmp_path):
     ({"time": "4 hours"}, "sbatch time limit"),
     ({"time": "00:01:00", "signal_seconds": 60}, "lower signal_seconds"),
     ({"log_dir": "/logs/my run"}, "log_dir"),
+    ({"log_dir": "/logs/100%"}, "log_dir"),
     ({"workdir": "/home/me/my repo"}, "workdir"),
     ({"container_image": None}, "container_mounts without container_image"),
     ({"env": {"BAD-NAME": "1"}}, "shell variable"),
@@ -146,6 +150,8 @@ def test_time_limits():
     assert time_limit_seconds("2-00") == 2 * 86400
     assert time_limit_seconds("1-02:03") == 86400 + 2 * 3600 + 3 * 60
     assert time_limit_seconds("1-02:03:04") == 86400 + 2 * 3600 + 3 * 60 + 4
+    assert time_limit_seconds("UNLIMITED") is None
+    assert "--time=UNLIMITED" in sbatch_script(cpu_job(time="UNLIMITED"), "finetune.py", [])
 
 
 def test_write_script_creates_the_log_directory(tmp_path):
@@ -173,3 +179,33 @@ def test_sbatch_refusal_carries_its_message(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     with pytest.raises(SlurmError, match="Invalid account"):
         submit(str(tmp_path / "job.sbatch"))
+
+
+def fake_commands(tmp_path, monkeypatch, **scripts: str) -> None:
+    """Put shell scripts named after Slurm commands first on PATH."""
+    for name, body in scripts.items():
+        (tmp_path / name).write_text("#!/bin/sh\n" + body)
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+
+def test_job_info_falls_back_to_accounting(tmp_path, monkeypatch):
+    fake_commands(tmp_path, monkeypatch,
+                  scontrol="echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1\n",
+                  sacct="echo 'CANCELLED by 0|0:15'\n")
+    assert job_info("12") == JobInfo("CANCELLED", 0)
+    fake_commands(tmp_path, monkeypatch, sacct="exit 0\n")  # purged, and no accounting
+    with pytest.raises(SlurmError, match="knows no job 12.*Invalid job id"):
+        job_state("12")
+
+
+def test_wait_for_fails_fast_on_a_job_that_ended_otherwise(tmp_path, monkeypatch):
+    fake_commands(tmp_path, monkeypatch,
+                  scontrol="echo 'JobId=5 JobName=x JobState=FAILED Reason=NonZeroExitCode "
+                           "ExitCode=1:0'\n")
+    assert job_info("5") == JobInfo("FAILED", 1)
+    with pytest.raises(SlurmError, match="ended FAILED while waiting for RUNNING"):
+        wait_for("5", {"RUNNING"}, timeout=60)
+    fake_commands(tmp_path, monkeypatch, scontrol="echo 'JobId=5 JobState=PENDING'\n")
+    with pytest.raises(SlurmError, match="still PENDING after 0 s"):
+        wait_for("5", {"RUNNING"}, timeout=0, poll=0.01)
