@@ -92,6 +92,27 @@ def _sharded_state(train: TrainState, include_optimizer: bool, loading: bool) ->
     return state
 
 
+def start_checkpoint_writer() -> None:
+    """Start megatron-core's checkpoint-writer helper process now, deaf to SIGTERM.
+
+    Why: ``dist_checkpointing`` writes through a ``multiprocessing`` Manager process,
+    started at the first save, in the worker's process group. The SIGTERM that asks the
+    trainer to save and stop (Slurm signals every process of the step; torchrun
+    forwards it to each worker's group) would kill that helper too, and the save that the
+    signal asked for would fail with a broken pipe. Started with SIGTERM ignored, the
+    helper inherits the ignore; it still ends with its parent. Call from the main thread.
+    """
+    import signal
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def save_checkpoint(root: str, train: TrainState, progress: Progress, run_config: dict) -> str:
     """Save everything needed to resume; returns the checkpoint directory.
 

@@ -27,7 +27,7 @@ RUNTIME_FIELDS = frozenset({
     "pipeline_model_parallel_size", "context_parallel_size", "micro_batch_size", "account",
     "partition", "container_image", "container_mounts", "time", "dry_run", "restart", "wait",
     "wandb_project", "node_rank", "master_addr", "master_port", "experiments_dir",
-    "save_interval", "bf16", "progress", "cpu"})
+    "save_interval", "bf16", "progress", "cpu", "cpus_per_task", "rdzv_port"})
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,10 @@ class SFTConfig:
     container_mounts: tuple[str, ...] = option((), "Slurm: container mounts SRC:DST")
     wait: bool = option(False, "Slurm: follow the job until it ends")
     cpu: bool = option(False, "Slurm: CPU nodes (request no GPUs; --num_gpus processes each)")
+    cpus_per_task: Optional[int] = option(
+        None, "Slurm: CPUs of a node's task (its torchrun and workers); clusters that pin "
+              "tasks to CPUs need it")
+    rdzv_port: int = option(29500, "Slurm: the rendezvous port on the job's first node")
     # -- the launch itself
     dry_run: bool = option(False, "print the plan (data, model, layout, steps, commands) and "
                                   "exit")

@@ -65,9 +65,11 @@ def _tokenizer_flags(tokenizer) -> list[str]:
     return flags
 
 
-def trainer_args(config: SFTConfig, exp: Experiment, base, resume: bool) -> list[str]:
-    """finetune.py's flags for this launch (``resume``: full finetuning continues from the
-    experiment's checkpoints; LoRA/DoRA runs resume from --save by themselves)."""
+def trainer_args(config: SFTConfig, exp: Experiment, base) -> list[str]:
+    """finetune.py's flags for this launch: from the base model, or from the experiment's
+    latest checkpoint when there is one (``--auto_resume``; LoRA/DoRA runs resume their
+    adapters from --save by themselves), so the same flags serve every launch, a
+    requeued Slurm job included."""
     prefixes = exp.prefixes
     args = ["--train_data_path", prefixes["training"]]
     if "validation" in prefixes:
@@ -85,13 +87,11 @@ def trainer_args(config: SFTConfig, exp: Experiment, base, resume: bool) -> list
         "--tensor_model_parallel_size", str(config.tensor_model_parallel_size),
         "--pipeline_model_parallel_size", str(config.pipeline_model_parallel_size),
         "--save", exp.checkpoints, "--tensorboard_dir", exp.path("tensorboard"),
-        "--use_checkpoint_args"]
+        "--use_checkpoint_args", "--auto_resume"]
     if config.bf16:
         args.append("--bf16")
     if config.wandb_project:
         args += ["--wandb_project", config.wandb_project, "--wandb_exp_name", config.experiment]
-    if resume and not config.peft.enabled:
-        return args + ["--load", exp.checkpoints] + _tokenizer_flags(base.tokenizer)
     args += ["--load", base.source] + _peft_flags(config)
     if base.imported is not None:  # the trainer reuses the launcher's import
         args += ["--import_cache_dir", exp.path("imported_models")]
@@ -250,7 +250,7 @@ def _dry_run(config: SFTConfig, exp: Experiment, source) -> Outcome:
         tokenizer = tokenizer_config_from_run(config.load, read_run_config(config.load))
     planned = BaseModel(config.hf_model_id or config.load,
                         "<import>" if config.hf_model_id else None, tokenizer, {})
-    args = trainer_args(config, exp, planned, _latest(exp.checkpoints) is not None)
+    args = trainer_args(config, exp, planned)
     commands = [torchrun_command(FINETUNE, args, config.num_gpus, config.num_nodes,
                                  config.node_rank, config.master_addr, config.master_port)]
     commands += _post_commands(config, exp, source)
@@ -264,7 +264,7 @@ def _train(config: SFTConfig, exp: Experiment, base) -> Optional[Outcome]:
     if resume:
         logger.info("resuming experiment %s from %s (iteration %d of %d)", config.experiment,
                     exp.checkpoints, _latest(exp.checkpoints), exp.train_iters)
-    args = trainer_args(config, exp, base, resume)
+    args = trainer_args(config, exp, base)
     if config.executor == "slurm":
         from megatron_ext.launch.experiment import open_experiment as reopen
         from megatron_ext.launch.slurm_executor import submit_experiment

@@ -25,16 +25,15 @@ SCRIPT = "job.sbatch"
 
 
 def job_for(config: "SFTConfig", exp: "Experiment", repo: str) -> SlurmJob:
-    cpus = os.cpu_count() or 1
+    threads = max(1, (config.cpus_per_task or 1) // config.num_gpus)
     return SlurmJob(
         job_name=f"sft-{config.experiment}", nodes=config.num_nodes,
         processes_per_node=config.num_gpus, gpus=not config.cpu, log_dir=exp.path("logs"),
         workdir=repo, python=sys.executable, account=config.account,
         partition=config.partition, time=config.time, container_image=config.container_image,
-        container_mounts=tuple(config.container_mounts),
-        env={"PYTHONPATH": repo, "PYTHONUNBUFFERED": "1",
-             **({"OMP_NUM_THREADS": str(max(1, cpus // config.num_gpus))} if config.cpu
-                else {})})
+        container_mounts=tuple(config.container_mounts), cpus_per_task=config.cpus_per_task,
+        rdzv_port=config.rdzv_port,
+        env={"PYTHONPATH": repo, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)})
 
 
 def script_text(config: "SFTConfig", exp: "Experiment", trainer_args: list[str], repo: str,
@@ -63,6 +62,6 @@ def submit_experiment(config: "SFTConfig", exp: "Experiment", trainer_args: list
                        f"submitted Slurm job {result.job_id} ({path}); logs in "
                        f"{exp.path('logs')}; the same command again resumes or reports the "
                        "experiment finished")
-    return Outcome(exp, "submitted" if result.state != "COMPLETED" else "ended",
+    return Outcome(exp, "ended" if result.state == "COMPLETED" else "submitted",
                    f"Slurm job {result.job_id} ended: {result.state} (logs in "
                    f"{exp.path('logs')})")

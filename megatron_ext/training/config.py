@@ -96,6 +96,10 @@ class CheckpointArgs:
               "tokenizer unless --vocab_file)")
     finetune: bool = option(False, "with --load: take the weights only (fresh optimizer, "
                                    "iteration 0)")
+    auto_resume: bool = option(
+        False, "resume from the latest checkpoint in --save when there is one, else start "
+               "from --load: the same command continues a stopped, relaunched or requeued "
+               "run (NeMo's resume_if_exists)")
     use_checkpoint_args: bool = option(False, "take the model shape from the checkpoint in "
                                               "--load")
     import_cache_dir: Optional[str] = option(
@@ -220,6 +224,8 @@ class TrainConfig:
             problems.append("--finetune needs --load (the checkpoint to start from)")
         if s.save_interval and not self.checkpoint.save:
             problems.append("--save_interval needs --save")
+        if c.auto_resume and not c.save:
+            problems.append("--auto_resume needs --save (where it looks for a checkpoint)")
         if s.wandb_project and not (self.checkpoint.save or self.checkpoint.tensorboard_dir):
             problems.append("--wandb_project needs --save (the W&B run's files go there)")
         problems += self.peft.problems(tp if tp >= 1 else 1)

@@ -59,6 +59,8 @@ class Trainer:
             config, self.peft_plan = _plan_peft(config)
         elif config.checkpoint.imports_model:
             config = _with_imported_model(config)
+        if self.peft_plan is None:
+            config = _with_auto_resume(config)
         if config.checkpoint.use_checkpoint_args and config.checkpoint.load:
             config = _with_checkpoint_model_args(config)
         self.config = config
@@ -427,6 +429,11 @@ class Trainer:
         return bool(flag.item())
 
     def _install_signal_handlers(self) -> None:
+        if self.config.checkpoint.save:
+            from megatron_ext.checkpointing.dist import start_checkpoint_writer
+
+            start_checkpoint_writer()  # before SIGTERM means "save": it must survive it
+
         def handler(signum, frame):
             self._stop_signal = signum
 
@@ -580,6 +587,22 @@ def _with_imported_model(config: TrainConfig) -> TrainConfig:
                                         megatron_llm_specials=own.megatron_llm_specials)
     return dataclasses.replace(config, tokenizer=tokenizer, checkpoint=dataclasses.replace(
         c, load=cached.path, finetune=True, use_checkpoint_args=True))
+
+
+def _with_auto_resume(config: TrainConfig) -> TrainConfig:
+    """``--auto_resume``: a checkpoint in ``--save`` replaces ``--load`` (a full resume:
+    optimizer, schedule, data position); without one, ``--load`` as given. (LoRA/DoRA
+    runs always resume their adapters from ``--save``.)"""
+    c = config.checkpoint
+    if not c.auto_resume or not c.save or latest_iteration(c.save) is None:
+        return config
+    if c.load and os.path.abspath(c.load) == os.path.abspath(c.save):
+        return config
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.info("--auto_resume: %s holds a checkpoint; resuming from it instead of --load "
+                    "%s", c.save, c.load)
+    return dataclasses.replace(config, checkpoint=dataclasses.replace(
+        c, load=c.save, finetune=False, use_checkpoint_args=True))
 
 
 def _with_checkpoint_model_args(config: TrainConfig) -> TrainConfig:

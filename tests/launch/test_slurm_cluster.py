@@ -1,10 +1,8 @@
-"""The Slurm executor on a real single-node cluster (tests/launch/slurm_cluster.py): the
-project's trainer as a 1-node, 2-process CPU job written by ``write_script``.
-
-What it proves: a job submitted with ``submit(wait=True)`` trains to the end; a job
-stopped by ``scancel``, by ``scontrol requeue``, or by its time limit approaching
-(``--signal``) saves a checkpoint on SIGTERM, and the same script run again resumes
-from it on exactly the uninterrupted loss curve."""
+"""The Slurm job script on a real single-node cluster (tests/launch/slurm_cluster.py): the
+project's trainer as a 1-node, 2-process CPU job written by ``write_script``, stopped by
+its time limit approaching (``--signal``): the trainer saves on SIGTERM after its periodic
+checkpoints. The launcher's own Slurm runs (``sft.py --executor slurm``: wait, scancel and
+resubmit, requeue) are in test_sft_slurm.py."""
 
 from __future__ import annotations
 
@@ -20,9 +18,7 @@ import pytest
 from megatron_ext.launch.slurm import (
     FINISHED_STATES,
     SlurmJob,
-    cancel,
     job_state,
-    requeue,
     submit,
     wait_for,
     write_script,
@@ -30,18 +26,10 @@ from megatron_ext.launch.slurm import (
 from megatron_ext.parallel import free_port
 from tests.conftest import REPO
 from tests.runs import model_args, train_metrics
-from tests.training.test_parallel import assert_same_curve
 
 pytestmark = pytest.mark.slow
 ITERS = 40
 JOB_TIMEOUT = 300  # seconds a job may take, queueing included
-SAVE_ON_SIGTERM_BUG = (
-    "the trainer's save on SIGTERM fails once it has saved before in the same process: "
-    "megatron-core's checkpoint writer keeps a multiprocessing Manager process "
-    "(dist_checkpointing/strategies/filesystem_async.py:_get_write_results_queue), in the "
-    "worker's process group, which the same SIGTERM kills (from Slurm, or from torchrun "
-    "forwarding it), so save_checkpoint fails with BrokenPipeError/ConnectionResetError; "
-    "remove this mark when the trainer starts that process immune to SIGTERM")
 
 
 def cpu_job(name: str, root: Path, **changes) -> SlurmJob:
@@ -108,85 +96,17 @@ def slurm_root(slurm_cluster, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def straight(slurm_cluster, slurm_root, train_data):
-    """The uninterrupted run: submitted and waited for."""
-    training = Training(slurm_root, "straight", train_data)
-    result = submit(training.script, wait=True)
-    return training, result
-
-
-def test_submit_and_wait_trains_to_the_end(straight):
-    training, result = straight
-    assert (result.state, result.exit_code) == ("COMPLETED", 0), training.log(result.job_id)
-    assert training.checkpoint() == ITERS
-    assert (training.run / f"iter_{ITERS:07d}").is_dir()
-    assert [r["iteration"] for r in train_metrics(training.run)] == list(range(1, ITERS + 1))
-    assert "parallel: world 2" in training.log(result.job_id)
-
-
-@pytest.fixture(scope="module")
-def cancelled(slurm_root, train_data):
-    """A job cancelled once it has logged 3 iterations (and saved at 2): its training,
-    job id, last checkpoint and log."""
-    training = Training(slurm_root, "cancelled", train_data)
-    job_id = submit(training.script).job_id
-    training.wait_for_iterations(job_id, 3)
-    cancel(job_id)
-    assert wait_for(job_id, {"CANCELLED"}, timeout=120) == "CANCELLED"
-    return training, job_id, training.checkpoint(), training.log(job_id)
-
-
-def test_scancel_then_resubmit_resumes_on_the_same_curve(cancelled, straight):
-    training, _, stopped_at, log = cancelled
-    assert 2 <= stopped_at < ITERS, log[-4000:]
-    again = submit(training.script, wait=True)  # the same script, a new job
-    log = training.log(again.job_id)
-    assert (again.state, again.exit_code) == ("COMPLETED", 0), log[-4000:]
-    assert f"resuming at iteration {stopped_at}" in log
-    assert_same_curve(train_metrics(training.run), train_metrics(straight[0].run))
-
-
-@pytest.mark.xfail(strict=True, reason=SAVE_ON_SIGTERM_BUG)
-def test_scancel_sigterm_saves_where_it_stopped(cancelled):
-    """scancel sends SIGTERM (SIGKILL only after KillWait): the trainer stops and saves
-    the iteration it reached, after the periodic saves it made before."""
-    training, _, stopped_at, log = cancelled
-    match = re.search(r"stopping after iteration (\d+) \(signal 15\)", log)
-    assert match, log[-4000:]
-    assert f"saved checkpoint {training.run / f'iter_{int(match.group(1)):07d}'}" in log
-    assert stopped_at == int(match.group(1))
-
-
-def test_requeue_resumes_on_the_same_curve(slurm_cluster, slurm_root, train_data, straight):
-    training = Training(slurm_root, "requeued", train_data)
-    job_id = submit(training.script).job_id
-    training.wait_for_iterations(job_id, 3)
-    requeue(job_id)
-    wait_for(job_id, {"PENDING"}, timeout=120)
-    stopped_at = training.checkpoint()
-    # Slurm holds a requeued job for about two minutes (its BeginTime): once the node is
-    # free again (or the scheduler would only retry a minute later), start it now
-    slurm_cluster.wait_idle()
-    slurm_cluster.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-    assert wait_for(job_id, {"COMPLETED"}, timeout=JOB_TIMEOUT) == "COMPLETED"
-    assert job_field(slurm_cluster, job_id, "Restarts") == "1"
-    log = training.log(job_id)  # both runs, appended (--open-mode=append)
-    assert 2 <= stopped_at < ITERS, log[-4000:]
-    assert f"resuming at iteration {stopped_at}" in log
-    assert_same_curve(train_metrics(training.run), train_metrics(straight[0].run))
-
-
-@pytest.fixture(scope="module")
 def time_limited(slurm_cluster, slurm_root, train_data):
     """A job told to stop by ``--signal=TERM@100`` as its time limit approaches: its
-    training, final state and log. No periodic checkpoints (see SAVE_ON_SIGTERM_BUG).
+    training, final state and log; periodic checkpoints before the signal (the helper
+    process of megatron-core's checkpoint writer must survive the SIGTERM).
 
     The limit is lowered once training runs (``scontrol update TimeLimit``), to the next
     whole minute at least 60 s away: Slurm checks limits every 30 s and may signal up to
     30 s early, so a short limit given at submission could signal the workers while they
     still import torch, before the trainer handles SIGTERM; and this way the test waits
     well under a minute for the signal, with 30 s or more between it and the limit."""
-    training = Training(slurm_root, "timelimit", train_data, iters=100000, save_interval=0,
+    training = Training(slurm_root, "timelimit", train_data, iters=100000, save_interval=50,
                         time="00:10:00", signal_seconds=100)
     job_id = submit(training.script).job_id
     training.wait_for_iterations(job_id, 3)

@@ -35,6 +35,7 @@ def config(*extra):
     (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are exclusive"),
     (["--finetune"], 1, "--finetune needs --load"),
     (["--save_interval", "5"], 1, "--save_interval needs --save"),
+    (["--auto_resume"], 1, "--auto_resume needs --save"),
     (["--train_data_path", "y"], 1, "either --data_path or --train_data_path"),
     (["--use_checkpoint_args"], 1, "--use_checkpoint_args needs --load"),
     (["--micro_batch_size", "0"], 1, "--micro_batch_size must be positive, got 0"),
