@@ -58,6 +58,8 @@ def cpu_job(**changes) -> SlurmJob:
 
 CASES = {
     "gpu_2node_container.sbatch": (gpu_job, "finetune.py", ARGS),
+    "gpu_2node.sbatch": (lambda: gpu_job(container_image=None, container_mounts=()),
+                         "finetune.py", ARGS),
     "cpu_1node.sbatch": (cpu_job, "finetune.py", ["--train_iters", "40", "--save", "/s/run"]),
 }
 
