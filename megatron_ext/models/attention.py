@@ -107,12 +107,12 @@ def context_parallel_allowed(sq: int, cp_size: int, cp_rank: int, window_size, d
     window band ``-right <= i - j <= left`` when ``window_size`` is given (as
     :func:`window_allowed` for ``sq == sk``)."""
     length = sq * cp_size
-    query = zigzag_indices(length, cp_size, cp_rank).to(device)
-    distance = query[:, None] - gathered_positions(length, cp_size).to(device)[None, :]
+    query = zigzag_indices(length, cp_size, cp_rank).to(device)[:, None]
+    key = gathered_positions(length, cp_size).to(device)[None, :]
     if window_size is None:
-        return distance >= 0
+        return key <= query
     left, right = window_size
-    return (distance >= -right) & (distance <= left)
+    return (key <= query + right) & (query <= key + left)
 
 
 class PortableAttention(DotProductAttention):

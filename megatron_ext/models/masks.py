@@ -43,10 +43,10 @@ def attention_mask(segment_ids: torch.Tensor, window: Optional[int] = None,
         query = zigzag_indices(s, cp_size, cp_rank).to(device)
         key = gathered_positions(s, cp_size).to(device)
         query_segments, key_segments = segment_ids[:, query], segment_ids[:, key]
-    distance = query[:, None] - key[None, :]  # [sq, sk] in global positions
-    allowed = ((query_segments[:, :, None] == key_segments[:, None, :]) & (distance >= 0)
+    query, key = query[:, None], key[None, :]  # global positions; bool [sq, sk] below
+    allowed = ((query_segments[:, :, None] == key_segments[:, None, :]) & (key <= query)
                & (query_segments[:, :, None] > 0))
     if window is not None:
-        allowed &= distance < window
-    allowed |= distance == 0
+        allowed &= query < key + window
+    allowed |= key == query
     return (~allowed)[:, None]
