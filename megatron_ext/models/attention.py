@@ -230,16 +230,18 @@ class PortableAttention(DotProductAttention):
         the global positions; without a mask, that band or the causal one."""
         assert sk == sq * self.cp_size, (
             f"context parallel attention needs CP x {sq} keys, got {sk} (no KV cache under CP)")
-        band = None
-        if self.window_size is not None or self.attn_mask_type == AttnMaskType.causal:
-            band = self._cached("cp_window" if self.window_size is not None else "cp_causal",
-                                sq, sk, device)
-        if attention_mask is None:
-            return band
-        if attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask != 0
-        allowed = ~attention_mask
-        return allowed & band if self.window_size is not None else allowed
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool:
+                attention_mask = attention_mask != 0
+            allowed = ~attention_mask
+            if self.window_size is not None:
+                allowed = allowed & self._cached("cp_window", sq, sk, device)
+            return allowed
+        if self.window_size is not None:  # upstream: the window mask alone
+            return self._cached("cp_window", sq, sk, device)
+        if self.attn_mask_type == AttnMaskType.causal:
+            return self._cached("cp_causal", sq, sk, device)
+        return None
 
     def _cached(self, kind, sq, sk, device):
         key = (kind, sq, sk, str(device))

@@ -451,6 +451,9 @@ class Trainer:
             self.tokenizer.vocab_size, self.padded_vocab, params / 1e6)
         logger.info("parallel: world %d = TP %d x PP %d x CP %d x DP %d on %s",
                     layout.world_size, layout.tp, layout.pp, layout.cp, layout.dp, layout.device)
+        if layout.cp > 1 and c.precision.use_flash_attn:
+            logger.info("--use_flash_attn: not under context parallelism; attention runs on "
+                        "PyTorch SDPA")
         if self.peft_report is not None:
             logger.info("%s: %s", c.peft.peft, self.peft_report.line())
         logger.info("data: train %d / valid %d / test %d records; %d iterations of %d samples "
