@@ -37,6 +37,20 @@ jobs, a hypervisor that steals CPU): each run also reports the share of the
 CPUs that something else used while it ran ("other %", from /proc/stat minus
 the run's own CPU time), and a note is printed when it exceeds 10%.
 
+Long sequences and context parallelism (``--long``, instead of the runs above):
+the same corpus's answers joined into records of ``--long_seq_length`` tokens
+(default 4,096; every row full), trained with micro batch 1 at CP=1 (one
+process) and CP=2 (two processes, ``--context_parallel_size 2``), same data,
+seed and schedule. Each run is measured inside its processes
+(``--probe``): one warm-up step (Adam's state, caches), then the resident
+memory of each rank before the measured steps and its peak during them
+(Linux's VmHWM, reset through /proc/self/clear_refs; a sampling thread where
+that is refused), with glibc's mmap threshold fixed so that freed tensors
+leave the resident set. Printed per run: activation memory per rank (peak -
+before, the largest rank), peak memory per rank, tokens/s; then the ratios
+CP=2/CP=1. Target: activation memory per rank at CP=2 at most 65% of CP=1's
+(it holds half the positions; the gathered keys and values are the whole row).
+
 Each training run is a fresh ``torchrun`` process group with
 OMP_NUM_THREADS = CPUs / --nproc, no validation split (evaluation off, so
 every logged iteration is a training step) and no intermediate checkpoint
@@ -47,6 +61,8 @@ after the last timed iteration).
   python bench/train.py --iters 40 --seq_length 1024
   python bench/train.py --nproc 2                 # data parallel 2 (gloo, 1 thread each)
   python bench/train.py --workdir runs/bench-train   # keep corpus, data, logs, metrics
+  python bench/train.py --long                    # 4k-token rows: CP=1 vs CP=2 memory
+  python bench/train.py --long --long_seq_length 2048 --long_iters 3   # quicker
 """
 
 from __future__ import annotations
@@ -70,6 +86,7 @@ from megatron_ext.parallel import free_port  # noqa: E402
 
 CHATML = ("<|im_start|>", "<|im_end|>")
 TARGET_DATA_WAIT = 0.02  # share of the step spent building the global batch
+TARGET_CP_SAVING = 0.35  # activation memory per rank at CP=2 below CP=1's by this share
 
 
 def _bench_preprocess():
@@ -89,8 +106,28 @@ def _cpus() -> int:
 
 
 # ---------------------------------------------------------------- data
-def prepare_data(workdir: str, records: int, seq_length: int, vocab_size: int, seed: int) -> dict:
-    """Corpus -> SentencePiece tokenizer -> ChatML .bin/.idx truncated to ``seq_length``."""
+def long_corpus(short: str, path: str, records: int, chars: int) -> None:
+    """``records`` long records: consecutive answers of the ``short`` corpus joined until
+    each has ``chars`` characters (the same words, so the tokenizer trained on it fits)."""
+    with open(short, encoding="utf-8") as handle:
+        answers = [json.loads(line)["answer"] for line in handle]
+    index = 0
+    with open(path, "w", encoding="utf-8") as out:
+        for _ in range(records):
+            parts, size = [], 0
+            while size < chars:
+                parts.append(answers[index % len(answers)])
+                size += len(parts[-1]) + 2
+                index += 1
+            record = {"question": "Summarise this document.", "answer": "\n\n".join(parts)}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def prepare_data(workdir: str, records: int, seq_length: int, vocab_size: int, seed: int,
+                 long_records: int = 0) -> dict:
+    """Corpus -> SentencePiece tokenizer -> ChatML .bin/.idx truncated to ``seq_length``;
+    ``long_records``: that many records of at least ``seq_length`` tokens instead (made
+    from the corpus, :func:`long_corpus`)."""
     from instruct.preprocess_instruct_data import build_parser, config_from_args
     from megatron_ext.data.preprocess import run_preprocess
     from megatron_ext.tokenizers.training import jsonl_texts, train_sentencepiece
@@ -106,6 +143,10 @@ def prepare_data(workdir: str, records: int, seq_length: int, vocab_size: int, s
                                      vocab_size)
     print(f"  tokenizer: {vocab_file} ({time.perf_counter() - start:.1f} s)", flush=True)
 
+    if long_records:
+        source = os.path.join(workdir, "long.jsonl")
+        long_corpus(corpus, source, long_records, chars=8 * seq_length)  # > 1 token / 8 chars
+        corpus = source
     start = time.perf_counter()
     os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
     prefix = os.path.join(workdir, "data", "train")
@@ -218,6 +259,154 @@ def run_training(name: str, data: dict, args, workdir: str, mode: str) -> dict:
     return summary
 
 
+# ---------------------------------------------------------------- long sequences, CP
+class PeakMemory:
+    """This process's peak resident memory (bytes) between ``__enter__`` and ``__exit__``:
+    Linux's VmHWM after resetting it (``/proc/self/clear_refs``), else sampled every 2 ms."""
+
+    def __enter__(self) -> "PeakMemory":
+        import threading
+
+        self.bytes, self._thread, self._done = 0, None, False
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+                handle.write("5")
+        except OSError:
+            def sample() -> None:
+                while not self._done:
+                    self.bytes = max(self.bytes, _status_bytes("VmRSS"))
+                    time.sleep(0.002)
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is None:
+            self.bytes = _status_bytes("VmHWM")
+        else:
+            self._done = True
+            self._thread.join()
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def probe(out_dir: str, argv: list[str]) -> None:
+    """Under torchrun (``bench/train.py --probe OUT finetune flags...``): build the trainer,
+    take one warm-up step, then measure the other ``--train_iters`` - 1 steps: resident
+    memory before them and its peak during them, step times, tokens, losses. Each rank
+    writes ``OUT/rank<R>.json``; no checkpoint, no evaluation."""
+    import gc
+
+    from megatron_ext.cli import setup_logging
+    from megatron_ext.training.arguments import parse_config
+
+    config = parse_config(argv)
+    setup_logging()
+    from megatron_ext.parallel import shutdown
+    from megatron_ext.training.trainer import Trainer
+
+    trainer = Trainer(config)
+    try:
+        steps = [trainer.train_step()]
+        gc.collect()
+        before = _status_bytes("VmRSS")
+        with PeakMemory() as peak:
+            for _ in range(config.schedule.train_iters - 1):
+                steps.append(trainer.train_step())
+        keys = ("loss", "grad_norm", "iter_time", "tokens", "real_tokens")
+        record = {"rank": trainer.layout.rank, "before": before, "peak": peak.bytes,
+                  "steps": [{k: step[k] for k in keys} for step in steps]}
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, f"rank{trainer.layout.rank}.json"), "w",
+                  encoding="utf-8") as handle:
+            json.dump(record, handle)
+    finally:
+        shutdown()
+
+
+def run_probe(name: str, data: dict, args, workdir: str, cp: int) -> dict:
+    """One long-sequence run at context-parallel size ``cp`` (``cp`` processes); per-rank
+    records of :func:`probe` summarised."""
+    out = os.path.join(workdir, name)
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS=str(max(1, _cpus() // cp)), PYTHONUNBUFFERED="1",
+               MALLOC_MMAP_THRESHOLD_="131072")  # freed tensors leave the resident set
+    long_args = argparse.Namespace(**{**vars(args), "seq_length": args.long_seq_length,
+                                      "micro_batch_size": 1, "iters": args.long_iters,
+                                      "global_batch_size": args.long_global_batch_size})
+    flags = train_args(data, long_args, os.path.join(out, "save"), "padded")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cp),
+               "--master_port", str(free_port()), os.path.abspath(__file__), "--probe", out,
+               *flags, "--context_parallel_size", str(cp)]
+    log = os.path.join(workdir, f"{name}.log")
+    start = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as handle:
+        handle.write(" ".join(command) + "\n\n")
+        handle.flush()
+        result = subprocess.run(command, env=env, cwd=REPO, stdout=handle,
+                                stderr=subprocess.STDOUT, timeout=args.timeout)
+    if result.returncode != 0:
+        with open(log, encoding="utf-8", errors="replace") as handle:
+            tail = handle.read()[-4000:]
+        raise SystemExit(f"long-sequence run {name} failed (exit {result.returncode}); "
+                         f"log {log}:\n{tail}")
+    ranks = []
+    for rank in range(cp):
+        with open(os.path.join(out, f"rank{rank}.json"), encoding="utf-8") as handle:
+            ranks.append(json.load(handle))
+    measured = ranks[0]["steps"][1:]
+    seconds = sum(s["iter_time"] for s in measured)
+    summary = {
+        "ranks": cp,
+        "activation": max(r["peak"] - r["before"] for r in ranks),
+        "peak": max(r["peak"] for r in ranks),
+        "before": max(r["before"] for r in ranks),
+        "tokens_per_sec": sum(s["tokens"] for s in measured) / seconds,
+        "iter_time": seconds / len(measured),
+        "loss": ranks[0]["steps"][-1]["loss"],
+    }
+    print(f"  {name}: {time.perf_counter() - start:.1f} s with start-up, step "
+          f"{summary['iter_time']:.2f} s, activation memory per rank "
+          f"{summary['activation'] / 2**20:,.0f} MB", flush=True)
+    return summary
+
+
+def report_long(args, runs: dict) -> None:
+    one, two = runs[1], runs[2]
+    mb = 2 ** 20
+    print()
+    print(f"long sequences: rows of {args.long_seq_length} tokens, micro batch 1, global "
+          f"batch {args.long_global_batch_size}, {args.num_layers} layers, hidden "
+          f"{args.hidden_size}, {args.num_attention_heads}/{args.num_attention_heads_kv} heads; "
+          f"{args.long_iters - 1} measured steps after 1 warm-up; per rank: the largest rank")
+    header = (f"{'':<8}{'ranks':>6}{'activation MB':>15}{'peak MB':>10}{'before MB':>11}"
+              f"{'tok/s':>9}{'step s':>9}{'loss':>10}")
+    print(header)
+    print("-" * len(header))
+    for cp, run in runs.items():
+        print(f"{'CP=' + str(cp):<8}{run['ranks']:>6}{run['activation'] / mb:>15,.0f}"
+              f"{run['peak'] / mb:>10,.0f}{run['before'] / mb:>11,.0f}"
+              f"{run['tokens_per_sec']:>9,.0f}{run['iter_time']:>9.2f}{run['loss']:>10.5f}")
+    ratio = two["activation"] / one["activation"]
+    print()
+    print(f"ratio CP=2/CP=1 per rank: activation memory {ratio:.2f}, peak memory "
+          f"{two['peak'] / one['peak']:.2f}; tokens/s (all ranks) "
+          f"{two['tokens_per_sec'] / one['tokens_per_sec']:.2f}")
+    print(f"final loss: CP=1 {one['loss']:.6f}  CP=2 {two['loss']:.6f}  (same batches: they "
+          "should agree to ~1e-5)")
+    verdict = "PASS" if ratio <= 1 - TARGET_CP_SAVING else "FAIL"
+    print(f"{verdict} activation memory per rank at CP=2: {100 * (1 - ratio):.0f}% less than at "
+          f"CP=1 (target: at least {100 * TARGET_CP_SAVING:.0f}%)")
+
+
 def summarize(records: list[dict], warmup: int) -> dict:
     kept = [r for r in records if r["iteration"] > warmup]
     seconds = sum(r["iter_time"] for r in kept)
@@ -243,6 +432,9 @@ def _row(name: str, s: dict) -> str:
 
 
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--probe":  # a long-sequence run's process
+        probe(sys.argv[2], sys.argv[3:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,7 +469,19 @@ def main() -> None:
                         help="corpus and training seed, the same for every run")
     parser.add_argument("--timeout", type=int, default=900,
                         help="seconds allowed per training run (default: %(default)s)")
+    parser.add_argument("--long", action="store_true",
+                        help="the long-sequence case instead: CP=1 vs CP=2 memory and tokens/s")
+    parser.add_argument("--long_seq_length", type=int, default=4096,
+                        help="--long: tokens per row, every row full (default: %(default)s)")
+    parser.add_argument("--long_iters", type=int, default=4,
+                        help="--long: steps per run, the first a warm-up (default: %(default)s)")
+    parser.add_argument("--long_global_batch_size", type=int, default=2,
+                        help="--long: rows per step, one per micro-batch (default: %(default)s)")
     args = parser.parse_args()
+    if args.long:
+        if args.long_iters < 2 or args.long_seq_length % 4:
+            parser.error("--long needs --long_iters >= 2 and --long_seq_length a multiple of 4")
+        return main_long(args)
     if args.iters <= args.warmup:
         parser.error(f"--iters {args.iters} must exceed --warmup {args.warmup}")
     if args.global_batch_size % (args.micro_batch_size * args.nproc):
@@ -339,6 +543,26 @@ def main() -> None:
         verdict = "PASS" if s["data_wait_fraction"] < TARGET_DATA_WAIT else "FAIL"
         print(f"{verdict} data wait {name}: {100 * s['data_wait_fraction']:.2f}% of step time "
               f"(max {100 * s['data_wait_max']:.2f}%)")
+    print(f"wall time: {time.perf_counter() - wall:.0f} s")
+
+
+def main_long(args) -> None:
+    wall = time.perf_counter()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench-train-long-")
+    os.makedirs(workdir, exist_ok=True)
+    records = 2 * args.long_iters * args.long_global_batch_size
+    try:
+        print(f"preparing {records} records of {args.long_seq_length} tokens in {workdir} ...",
+              flush=True)
+        data = prepare_data(workdir, args.records, args.long_seq_length, args.vocab_size,
+                            args.seed, long_records=records)
+        print(f"training at CP=1 (1 process x {_cpus()} threads) and CP=2 (2 processes x "
+              f"{max(1, _cpus() // 2)} thread(s)) ...", flush=True)
+        runs = {cp: run_probe(f"long-cp{cp}", data, args, workdir, cp) for cp in (1, 2)}
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    report_long(args, runs)
     print(f"wall time: {time.perf_counter() - wall:.0f} s")
 
 

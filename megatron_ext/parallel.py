@@ -17,6 +17,7 @@ and validated before either is imported.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import random
 import socket
@@ -36,11 +37,25 @@ if TYPE_CHECKING:
 class ParallelArgs:
     tensor_model_parallel_size: int = option(1, "tensor-parallel ranks (TP)")
     pipeline_model_parallel_size: int = option(1, "pipeline stages (PP); the data-parallel size "
-                                                  "is the world size / (TP x PP)")
+                                                  "is the world size / (TP x PP x CP)")
+    context_parallel_size: int = option(
+        1, "context-parallel ranks (CP) for long sequences: each row is split into 2 x CP "
+           "chunks, rank r keeping chunks r and 2CP-1-r; attention gathers the keys and values "
+           "of the CP ranks (PyTorch SDPA: no flash-attn under CP)")
     sequence_parallel: bool = option(False, "split layer norms and dropout along the sequence "
                                             "over the tensor-parallel ranks (needs TP > 1)")
     use_distributed_optimizer: bool = option(False, "shard the optimizer state over the "
                                                     "data-parallel ranks (CUDA only)")
+
+    @property
+    def sequence_multiple(self) -> int:
+        """What every batch row's width must be a multiple of: 2 x CP chunks (CP > 1), and
+        each CP rank's share split over the TP ranks under sequence parallelism."""
+        cp, tp = self.context_parallel_size, self.tensor_model_parallel_size
+        multiple = 2 * cp if cp > 1 else 1
+        if self.sequence_parallel:
+            multiple = math.lcm(multiple, cp * tp)
+        return multiple
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,8 @@ class Layout:
     pp_rank: int
     dp_rank: int
     device: torch.device
+    cp: int = 1  # context-parallel ranks (a data-parallel group's ranks share its batches)
+    cp_rank: int = 0
 
     @property
     def first_stage(self) -> bool:
@@ -77,8 +94,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> Layout:
-    """Initialise torch.distributed (from torchrun's env) and megatron-core's groups."""
+def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30, *,
+                     cp: int = 1) -> Layout:
+    """Initialise torch.distributed (from torchrun's env) and megatron-core's groups.
+
+    ``cp``: context-parallel size; megatron-core's groups then reduce gradients over the
+    data-parallel x context-parallel ranks (``Layout.dp`` counts data replicas only)."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
@@ -86,8 +107,9 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
+    if world_size % (tp * pp * cp):
+        raise ConfigError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}"
+                          + (f" x CP {cp}" if cp > 1 else ""))
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -112,7 +134,8 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> 
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            context_parallel_size=cp,
         )
     set_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -127,6 +150,8 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30) -> 
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         device=device,
+        cp=parallel_state.get_context_parallel_world_size(),
+        cp_rank=parallel_state.get_context_parallel_rank(),
     )
 
 

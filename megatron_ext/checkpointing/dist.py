@@ -86,9 +86,12 @@ def _sharded_state(train: TrainState, include_optimizer: bool, loading: bool) ->
     if include_optimizer:
         state["optimizer"] = train.optimizer.sharded_state_dict(
             model_state, is_loading=loading, metadata=OPTIMIZER_METADATA)
+        # context-parallel ranks hold the same RNG streams as their data-parallel peers
+        # (seeded by TP rank only): replicas, like those
+        cp, cp_rank = getattr(layout, "cp", 1), getattr(layout, "cp_rank", 0)
         state["rng_state"] = ShardedObject(
             "rng_state", _rng_state(), (layout.pp, layout.tp), (layout.pp_rank, layout.tp_rank),
-            replica_id=layout.dp_rank)
+            replica_id=layout.dp_rank * cp + cp_rank)
     return state
 
 
@@ -132,7 +135,8 @@ def save_checkpoint(root: str, train: TrainState, progress: Progress, run_config
     state["common"] = {
         **asdict(progress),
         "scheduler": train.scheduler.state_dict(),
-        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp},
+        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp,
+                   "cp": getattr(layout, "cp", 1)},
     }
     dist_checkpointing.save(state, final + STAGING_SUFFIX)  # rank 0 made it
     dist.barrier()
@@ -187,7 +191,7 @@ def load_checkpoint(root: str, train: TrainState, weights_only: bool,
         if saved.pop("weights_only"):
             raise CheckpointError(f"{directory} holds weights only (no optimizer state): start "
                                   "from it with --finetune")
-        if saved != {"tp": layout.tp, "pp": layout.pp}:
+        if saved != {"tp": layout.tp, "pp": layout.pp, "cp": getattr(layout, "cp", 1)}:
             state.pop("rng_state")  # RNG streams belong to a layout; weights and optimizer do not
             if layout.is_logger:
                 logger.info("checkpoint layout %s differs from this run's: RNG state not "
@@ -221,4 +225,6 @@ def _saved_layout(directory: str) -> dict:
     saved = common.get("common", {})
     layout = saved.get("layout", {})
     return {"tp": layout.get("tp"), "pp": layout.get("pp"),
+            # written before context parallelism: CP 1; a resharded checkpoint: None
+            "cp": layout.get("cp", 1 if layout.get("tp") is not None else None),
             "weights_only": bool(saved.get("weights_only"))}

@@ -38,7 +38,8 @@ class TrainState:
     ``model`` is the unwrapped megatron-core module (``sharded_state_dict``);
     ``optimizer`` and ``scheduler`` may be None for weights-only use (tools).
     ``layout`` needs ``rank``, ``tp``, ``pp``, ``dp``, ``tp_rank``, ``pp_rank``,
-    ``dp_rank`` and ``is_logger``.
+    ``dp_rank`` and ``is_logger`` (``cp`` and ``cp_rank`` when it has context
+    parallelism).
     """
 
     model: object

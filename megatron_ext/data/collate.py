@@ -9,6 +9,12 @@ exactly the numbers it would see alone in a row. The loss
 weight of a position is the weight of the role of the token it predicts:
 assistant 1, user and system ``scalar_loss_mask``, padding 0. The trainer
 divides the weighted token losses by the *global* batch's total weight.
+
+Context parallelism (CP ranks share one sequence): :func:`zigzag_indices` says
+which positions of a row a CP rank keeps (chunks ``r`` and ``2CP-1-r`` of
+``2CP``: under a causal mask every rank then has the same attention work), and
+:meth:`Batch.context_parallel_shard` takes them from every field, so RoPE
+(``position_ids``) and the loss weights stay those of the global positions.
 """
 
 from __future__ import annotations
@@ -40,6 +46,39 @@ class Batch:
     @property
     def total_weight(self) -> float:
         return float(self.loss_weights.sum())
+
+    def context_parallel_shard(self, cp_size: int, cp_rank: int) -> "Batch":
+        """The positions CP rank ``cp_rank`` of ``cp_size`` keeps (:func:`zigzag_indices`),
+        from every field; the row width must be a multiple of ``2 * cp_size``."""
+        if cp_size == 1:
+            return self
+        keep = zigzag_indices(self.tokens.shape[1], cp_size, cp_rank)
+        return Batch(*(field.index_select(1, keep) for field in (
+            self.tokens, self.labels, self.loss_weights, self.position_ids, self.segment_ids)))
+
+
+def zigzag_indices(length: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Positions of a row of ``length`` that CP rank ``cp_rank`` keeps, in order.
+
+    The row is cut into ``2 * cp_size`` equal chunks and rank ``r`` keeps chunks ``r``
+    and ``2 * cp_size - 1 - r``: under a causal mask an early chunk attends to few keys
+    and a late one to many, so each rank gets one of each and the same work.
+    """
+    chunks = 2 * cp_size
+    if length % chunks:
+        raise ValueError(f"a row of {length} positions does not split into {chunks} chunks "
+                         f"(context parallel size {cp_size})")
+    if not 0 <= cp_rank < cp_size:
+        raise ValueError(f"context parallel rank {cp_rank} is not in 0..{cp_size - 1}")
+    size = length // chunks
+    first, second = cp_rank * size, (chunks - 1 - cp_rank) * size
+    return torch.cat([torch.arange(first, first + size), torch.arange(second, second + size)])
+
+
+def gathered_positions(length: int, cp_size: int) -> torch.Tensor:
+    """Global positions of the keys/values after an all-gather over the CP ranks: each
+    rank's :func:`zigzag_indices` in rank order (``[length]``; a permutation)."""
+    return torch.cat([zigzag_indices(length, cp_size, rank) for rank in range(cp_size)])
 
 
 def role_weights(scalar_loss_mask: float) -> np.ndarray:

@@ -155,9 +155,11 @@ class SFTConfig:
                 problems.append(f"--global_batch_size {self.global_batch_size} is not divisible "
                                 f"by --micro_batch_size {self.micro_batch_size} x data parallel "
                                 f"size {dp}")
-        if self.context_parallel_size > 1:
-            problems.append("--context_parallel_size > 1: the trainer has no context "
-                            "parallelism yet; use 1")
+        chunks = 2 * self.context_parallel_size
+        if self.context_parallel_size > 1 and self.seq_length % chunks:
+            problems.append(f"--context_parallel_size {self.context_parallel_size} splits every "
+                            f"row into {chunks} chunks: --seq_length {self.seq_length} must be "
+                            f"a multiple of {chunks}")
         if self.executor == "local" and self.num_nodes > 1 and self.master_addr == "127.0.0.1":
             problems.append("--num_nodes > 1 with the local executor: run the command on every "
                             "node with --node_rank and --master_addr (the first node)")

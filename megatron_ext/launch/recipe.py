@@ -86,6 +86,7 @@ def trainer_args(config: SFTConfig, exp: Experiment, base) -> list[str]:
         str(config.save_interval), "--eval_iters", "4",
         "--tensor_model_parallel_size", str(config.tensor_model_parallel_size),
         "--pipeline_model_parallel_size", str(config.pipeline_model_parallel_size),
+        "--context_parallel_size", str(config.context_parallel_size),
         "--save", exp.checkpoints, "--tensorboard_dir", exp.path("tensorboard"),
         "--use_checkpoint_args", "--auto_resume"]
     if config.bf16:
@@ -125,11 +126,13 @@ def plan_text(config: SFTConfig, exp: Experiment, commands: list[list[str]], not
              f"  base model: {config.hf_model_id or config.load}",
              f"  data: {config.dataset_path}"]
     lines += [f"  {note}" for note in notes]
+    cp = config.context_parallel_size
     dp = config.world_size // (config.tensor_model_parallel_size
-                               * config.pipeline_model_parallel_size)
+                               * config.pipeline_model_parallel_size * cp)
     lines.append(f"  layout: {config.num_nodes} node(s) x {config.num_gpus} process(es) = TP "
                  f"{config.tensor_model_parallel_size} x PP "
-                 f"{config.pipeline_model_parallel_size} x DP {dp}; micro batch "
+                 f"{config.pipeline_model_parallel_size} x " + (f"CP {cp} x " if cp > 1 else "")
+                 + f"DP {dp}; micro batch "
                  f"{config.micro_batch_size}, global batch {config.global_batch_size}")
     lines.append(f"  steps: {exp.train_iters}; lr {config.learning_rate:g} "
                  f"({config.peft.peft or 'full finetuning'})")

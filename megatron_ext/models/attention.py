@@ -43,6 +43,22 @@ Not handled by SDPA, so delegated to the upstream ``forward`` unchanged:
 ``softmax_type`` other than ``"vanilla"`` (softmax offsets). Like upstream,
 ``packed_seq_params`` and ``attention_bias`` are refused.
 
+Context parallelism (``config.context_parallel_size`` CP > 1; megatron-core's
+local attention refuses it, only Transformer Engine's supports it): each CP
+rank holds the queries, keys and values of its own positions
+(``megatron_ext.data.collate.zigzag_indices``), all-gathers the keys and
+values of the CP group (one collective for both; its backward reduce-scatters
+their gradients back to the ranks that own them: megatron-core's sequence
+parallel gather on the CP group) and runs one SDPA call of its queries over
+all keys. The mask is then ``[b, 1, sq, CP * sq]`` with the keys in gathered
+order (``megatron_ext.models.masks.attention_mask`` with ``cp_size``); the
+causal default (mask ``None``) and the sliding window are built here from the
+same global positions. Per rank, attention memory holds the whole row's keys
+and values (CP times its own share) and the scores of its queries: a ring
+(pass K/V blocks round the ranks, online softmax) would bound that too.
+Attention dropout under CP draws each rank's own mask (the project trains
+with dropout 0).
+
 GPU fast path: with ``flash_attn`` importable (imported lazily, on first use),
 CUDA fp16/bf16 tensors, and a mask that is ``None`` (causal layer) or exactly
 the causal mask, :func:`_flash_attention` calls ``flash_attn_func`` (native
@@ -52,6 +68,7 @@ GQA and sliding window). Everything else, and every CPU call, takes SDPA.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import weakref
 from typing import Optional
@@ -62,6 +79,8 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.utils import is_layer_window_attention
+
+from megatron_ext.data.collate import gathered_positions, zigzag_indices
 
 
 def window_allowed(sq: int, sk: int, window_size, device) -> torch.Tensor:
@@ -81,6 +100,21 @@ def causal_allowed(sq: int, sk: int, device) -> torch.Tensor:
     return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)
 
 
+def context_parallel_allowed(sq: int, cp_size: int, cp_rank: int, window_size, device
+                             ) -> torch.Tensor:
+    """``[sq, cp_size * sq]`` bool (True = attend) of CP rank ``cp_rank``: its queries'
+    global positions against the gathered keys' (rank order), causal, or the sliding
+    window band ``-right <= i - j <= left`` when ``window_size`` is given (as
+    :func:`window_allowed` for ``sq == sk``)."""
+    length = sq * cp_size
+    query = zigzag_indices(length, cp_size, cp_rank).to(device)[:, None]
+    key = gathered_positions(length, cp_size).to(device)[None, :]
+    if window_size is None:
+        return key <= query
+    left, right = window_size
+    return (key <= query + right) & (query <= key + left)
+
+
 class PortableAttention(DotProductAttention):
     """Local core attention computed by ``torch.nn.functional.scaled_dot_product_attention``.
 
@@ -94,9 +128,23 @@ class PortableAttention(DotProductAttention):
     def __init__(self, config, layer_number, attn_mask_type, attention_type,
                  attention_dropout=None, softmax_scale=None, cp_comm_type=None,
                  pg_collection=None, use_flash_attn: bool = True):
-        super().__init__(config, layer_number, attn_mask_type, attention_type,
+        cp_size = config.context_parallel_size
+        local = config
+        if cp_size > 1:  # upstream asserts CP == 1 (only TE's attention has CP); CP is ours
+            local = copy.copy(config)
+            local.context_parallel_size = 1
+        super().__init__(local, layer_number, attn_mask_type, attention_type,
                          attention_dropout=attention_dropout, softmax_scale=softmax_scale,
                          cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        self.config = config
+        self.cp_size = cp_size
+        self.cp_group = None
+        if cp_size > 1:
+            from megatron.core import parallel_state
+
+            self.cp_group = (getattr(pg_collection, "cp", None)
+                             or parallel_state.get_context_parallel_group())
+            assert self.cp_group.size() == cp_size, (self.cp_group.size(), cp_size)
         # upstream splits the scale into softmax_scale / coeff and a coeff applied
         # inside the softmax (fp16 overflow guard); SDPA gets the product
         coeff = self.scale_mask_softmax.scale
@@ -116,15 +164,29 @@ class PortableAttention(DotProductAttention):
         assert packed_seq_params is None, "PortableAttention does not take packed_seq_params"
         assert attention_bias is None, "PortableAttention does not take attention_bias"
         sq, b, np_, hn = query.shape
+        if self.cp_size > 1:
+            key, value = self._gather_keys_values(key, value)
         sk = key.shape[0]
         dropout_p = self.attention_dropout.p if self.training else 0.0
 
         with self._dropout_rng(dropout_p):
-            if self.use_flash_attn and _flash_eligible(self, query, key, attention_mask):
+            if (self.use_flash_attn and self.cp_size == 1
+                    and _flash_eligible(self, query, key, attention_mask)):
                 context = _flash_attention(self, query, key, value, attention_mask, dropout_p)
             else:
                 context = self._sdpa(query, key, value, attention_mask, dropout_p, sq, sk)
         return context.reshape(sq, b, np_ * hn)
+
+    def _gather_keys_values(self, key, value):
+        """Every CP rank's keys and values, in rank order (``[CP * sk, b, ng, hn]`` each);
+        the backward sums each rank's gradients into the owner's share."""
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        groups = key.shape[2]
+        both = torch.cat([key, value], dim=2).contiguous()
+        both = gather_from_sequence_parallel_region(both, tensor_parallel_output_grad=True,
+                                                    group=self.cp_group)
+        return both[:, :, :groups], both[:, :, groups:]
 
     def _dropout_rng(self, dropout_p: float):
         if dropout_p > 0.0 and not self.config.sequence_parallel:
@@ -146,6 +208,8 @@ class PortableAttention(DotProductAttention):
 
     def _allowed(self, attention_mask, sq, sk, device):
         """(SDPA bool mask with True = attend, or None; is_causal)."""
+        if self.cp_size > 1:
+            return self._allowed_context_parallel(attention_mask, sq, sk, device), False
         if attention_mask is not None:
             if attention_mask.dtype != torch.bool:
                 attention_mask = attention_mask != 0
@@ -161,14 +225,37 @@ class PortableAttention(DotProductAttention):
             return self._cached("causal", sq, sk, device), False
         return None, False
 
+    def _allowed_context_parallel(self, attention_mask, sq, sk, device):
+        """Under CP: the given mask (keys in gathered order) ANDed with the window band of
+        the global positions; without a mask, that band or the causal one."""
+        assert sk == sq * self.cp_size, (
+            f"context parallel attention needs CP x {sq} keys, got {sk} (no KV cache under CP)")
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool:
+                attention_mask = attention_mask != 0
+            allowed = ~attention_mask
+            if self.window_size is not None:
+                allowed = allowed & self._cached("cp_window", sq, sk, device)
+            return allowed
+        if self.window_size is not None:  # upstream: the window mask alone
+            return self._cached("cp_window", sq, sk, device)
+        if self.attn_mask_type == AttnMaskType.causal:
+            return self._cached("cp_causal", sq, sk, device)
+        return None
+
     def _cached(self, kind, sq, sk, device):
         key = (kind, sq, sk, str(device))
         mask = self._mask_cache.get(key)
         if mask is None:
             if len(self._mask_cache) > 8:
                 self._mask_cache.clear()
-            mask = (window_allowed(sq, sk, self.window_size, device) if kind == "window"
-                    else causal_allowed(sq, sk, device))
+            if kind.startswith("cp_"):
+                window = self.window_size if kind == "cp_window" else None
+                mask = context_parallel_allowed(sq, self.cp_size, self.cp_group.rank(), window,
+                                                device)
+            else:
+                mask = (window_allowed(sq, sk, self.window_size, device) if kind == "window"
+                        else causal_allowed(sq, sk, device))
             self._mask_cache[key] = mask
         return mask
 

@@ -47,6 +47,7 @@ def transformer_config(model: ModelArgs, parallel: ParallelArgs, precision: Prec
         window_size=(window - 1, 0) if window else None,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -150,6 +151,8 @@ def _gpt_model_class():
         but with angles of larger positions that round differently in fp32/bf16;
         following ``position_ids`` gives a packed sample exactly the numbers it
         gets alone in a row (and is what learned absolute positions need anyway).
+        Under context parallelism ``position_ids`` are the global positions of this
+        rank's share of the row, so RoPE always follows them there.
         """
 
         def _preprocess(self, input_ids, position_ids, decoder_input=None,
@@ -162,7 +165,8 @@ def _gpt_model_class():
                 return out
             length = position_ids.shape[-1]
             plain = torch.arange(length, device=position_ids.device)
-            if torch.equal(position_ids, plain.expand_as(position_ids)):
+            if (self.config.context_parallel_size == 1
+                    and torch.equal(position_ids, plain.expand_as(position_ids))):
                 return out  # one sample per row: megatron-core's own angles
             rope = self.rotary_pos_emb
             inv_freq = rope.inv_freq.to(position_ids.device)

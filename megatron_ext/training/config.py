@@ -34,7 +34,8 @@ class DataArgs:
     test_data_path: tuple[str, ...] = option((), "test prefixes (with --train_data_path)")
     split: str = option("969,30,1", "train,valid,test proportions of --data_path")
     variable_seq_lengths: bool = option(False, "pad each micro-batch to its longest sample "
-                                               "(multiple of 16), not to --seq_length")
+                                               "(multiple of 16, and of 2 x CP), not to "
+                                               "--seq_length")
     scalar_loss_mask: float = option(0.0, "loss weight of user and system tokens "
                                           "(assistant tokens: 1)")
     data_type: str = option("instruction", "kind of the preprocessed data",
@@ -168,14 +169,17 @@ class TrainConfig:
         if bad:
             raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(bad))
         tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        cp = p.context_parallel_size
         if model_shape and m.model_name not in family_names():
             problems.append(f"--model_name {m.model_name!r} is not one of "
                             f"{', '.join(family_names())}")
-        if tp < 1 or pp < 1:
-            problems.append("--tensor_model_parallel_size and --pipeline_model_parallel_size must be >= 1")
-        elif world_size % (tp * pp):
-            problems.append(f"world size {world_size} is not divisible by TP {tp} x PP {pp}")
-        dp = max(1, world_size // max(1, tp * pp))
+        if tp < 1 or pp < 1 or cp < 1:
+            problems.append("--tensor_model_parallel_size, --pipeline_model_parallel_size and "
+                            "--context_parallel_size must be >= 1")
+        elif world_size % (tp * pp * cp):
+            problems.append(f"world size {world_size} is not divisible by TP {tp} x PP {pp}"
+                            + (f" x CP {cp}" if cp > 1 else ""))
+        dp = max(1, world_size // max(1, tp * pp * cp))
         if model_shape and tp >= 1 and pp >= 1:
             problems += self._shape_problems(tp, pp)
         if s.global_batch_size % (s.micro_batch_size * dp):
@@ -188,12 +192,8 @@ class TrainConfig:
         if p.sequence_parallel and tp == 1:
             problems.append("--sequence_parallel splits the sequence over tensor-parallel ranks: "
                             "it needs --tensor_model_parallel_size > 1")
-        if p.sequence_parallel and not self.data.variable_seq_lengths and m.seq_length % tp:
-            problems.append(f"--sequence_parallel: --seq_length {m.seq_length} must be divisible "
-                            f"by --tensor_model_parallel_size {tp}")
-        if p.sequence_parallel and self.data.variable_seq_lengths and 16 % tp:
-            problems.append("--sequence_parallel with --variable_seq_lengths pads widths to a "
-                            f"multiple of 16, which TP {tp} does not divide")
+        if tp >= 1 and cp >= 1:
+            problems += self._sequence_problems(tp, cp)
         if (self.precision.bf16 or self.precision.fp16) and cuda is False:
             problems.append("--bf16/--fp16 need CUDA (megatron-core's mixed-precision optimizer "
                             "wraps CUDA tensors only); on CPU train in fp32")
@@ -234,6 +234,29 @@ class TrainConfig:
                             "checkpoint, a Hugging Face model directory or a .gguf file)")
         if problems:
             raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
+
+    def _sequence_problems(self, tp: int, cp: int) -> list[str]:
+        """Whether --seq_length holds the padding that context and sequence parallelism need.
+
+        Every row (--seq_length, or with --variable_seq_lengths the longest sample rounded
+        up, at most --seq_length) must split into 2 x CP chunks, and each CP rank's share
+        over the TP ranks under --sequence_parallel (``ParallelArgs.sequence_multiple``).
+        """
+        p, m = self.parallel, self.model
+        multiple = p.sequence_multiple
+        if multiple == 1 or m.seq_length % multiple == 0:
+            return []
+        if cp == 1:  # sequence parallelism alone
+            return [f"--sequence_parallel: --seq_length {m.seq_length} must be divisible by "
+                    f"--tensor_model_parallel_size {tp}"]
+        why = f"2 x CP = {2 * cp} chunks"
+        if p.sequence_parallel:
+            why += f", each CP rank's share over TP {tp} (--sequence_parallel)"
+        lower = m.seq_length // multiple * multiple
+        hint = (f"{lower} or {lower + multiple}" if lower else str(multiple))
+        return [f"--context_parallel_size {cp} splits every row into {why}, so rows are "
+                f"padded to a multiple of {multiple}; --seq_length {m.seq_length} is not one "
+                f"(use {hint})"]
 
     def _shape_problems(self, tp: int, pp: int) -> list[str]:
         """What the model's shape and the parallel layout disagree on."""

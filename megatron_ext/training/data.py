@@ -12,6 +12,7 @@ over the global batch however it is split into micro-batches.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -158,8 +159,13 @@ class BatchBuilder:
 
     def __init__(self, seq_length: int, pad_id: int, scalar_loss_mask: float,
                  variable_seq_lengths: bool, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 pack: bool = False):
+                 pack: bool = False, multiple: int = 1):
+        """``multiple``: what every row's width must be a multiple of (context and
+        sequence parallelism: ``ParallelArgs.sequence_multiple``). ``seq_length`` is one
+        (``TrainConfig.validate``); variable widths are rounded up to a multiple of both
+        it and 16, at most ``seq_length``."""
         self.seq_length = seq_length
+        self.width_multiple = math.lcm(16, multiple)
         self.pack = pack
         self.pad_id = pad_id
         self.scalar_loss_mask = scalar_loss_mask
@@ -182,7 +188,7 @@ class BatchBuilder:
                                    self.micro_batch_size)
         micro = [collate([[samples[i] for i in row] for row in self._rows(samples, group)],
                          self.seq_length, self.pad_id, self.scalar_loss_mask,
-                         self.variable_seq_lengths) for group in mine]
+                         self.variable_seq_lengths, self.width_multiple) for group in mine]
         padded = self._padded_positions(samples)
         return GlobalBatch(micro, total_weight, real, padded)
 
@@ -205,7 +211,8 @@ class BatchBuilder:
             for group in rank_groups:
                 rows = self._rows(samples, list(group))
                 longest = max(sum(self._length(samples[i]) for i in row) for row in rows)
-                width = padded_width(longest, self.seq_length, self.variable_seq_lengths)
+                width = padded_width(longest, self.seq_length, self.variable_seq_lengths,
+                                     self.width_multiple)
                 total += width * len(rows)
         return total
 

@@ -8,6 +8,13 @@ batch's total weight ``W`` up front, each micro-batch contributes
 ``sum(w * ce) / W``, and megatron-core is asked (``calculate_per_token_loss``)
 to neither divide by the number of micro-batches nor average across data
 parallel ranks: the gradients then sum to exactly ``d/dθ sum(w * ce) / W``.
+
+Context parallelism changes nothing in that sum: each CP rank builds the whole
+micro-batch (a pure function of the data position, like every rank), keeps its
+positions (``Batch.context_parallel_shard``) and builds its rows of the mask
+from the whole row's segment ids; its ``sum(w * ce)`` covers its positions
+only, and megatron-core sums the gradients over the data- x context-parallel
+ranks, as the trainer sums the reports.
 """
 
 from __future__ import annotations
@@ -33,15 +40,19 @@ def loss_func(loss_weights: torch.Tensor, total_weight: float, output: torch.Ten
     return weighted * scale, torch.tensor(0, dtype=torch.int), {"lm loss": report}
 
 
-def make_forward_step(total_weight: float, window: Optional[int], device: torch.device):
-    """A megatron-core ``forward_step_func`` closed over the global batch weight."""
+def make_forward_step(total_weight: float, window: Optional[int], device: torch.device,
+                      cp_size: int = 1, cp_rank: int = 0):
+    """A megatron-core ``forward_step_func`` closed over the global batch weight; under
+    context parallelism (``cp_size > 1``) it runs CP rank ``cp_rank``'s share of each row."""
 
     def forward_step(data_iterator, model):
         batch: Batch = next(data_iterator)
+        mask = attention_mask(batch.segment_ids.to(device, non_blocking=True), window,
+                              cp_size, cp_rank)
+        batch = batch.context_parallel_shard(cp_size, cp_rank)
         tokens = batch.tokens.to(device, non_blocking=True)
         labels = batch.labels.to(device, non_blocking=True)
         position_ids = batch.position_ids.to(device, non_blocking=True)
-        mask = attention_mask(batch.segment_ids.to(device, non_blocking=True), window)
         weights = batch.loss_weights.to(device, non_blocking=True)
         output = model(tokens, position_ids, mask, labels=labels)
         return output, partial(loss_func, weights, total_weight)

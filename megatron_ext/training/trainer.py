@@ -68,7 +68,8 @@ class Trainer:
         config.validate(int(os.environ.get("WORLD_SIZE", "1")), cuda=torch.cuda.is_available())
         self.layout: Layout = init_distributed(config.parallel.tensor_model_parallel_size,
                                                config.parallel.pipeline_model_parallel_size,
-                                               config.schedule.seed)
+                                               config.schedule.seed,
+                                               cp=config.parallel.context_parallel_size)
         self.tokenizer = build_tokenizer(config.tokenizer.config())
         identity = self.tokenizer.identity()
         self.splits = build_splits(config.data, config.schedule.seed)
@@ -82,7 +83,8 @@ class Trainer:
         self.batches = BatchBuilder(config.model.seq_length, pad_id, config.data.scalar_loss_mask,
                                     config.data.variable_seq_lengths,
                                     config.schedule.micro_batch_size, self.layout.dp_rank,
-                                    self.layout.dp, pack=config.data.pack_sequences)
+                                    self.layout.dp, pack=config.data.pack_sequences,
+                                    multiple=config.parallel.sequence_multiple)
         self.window = config.model.attention_window
         self.iteration = 0
         self.consumed_samples = 0
@@ -277,7 +279,8 @@ class Trainer:
 
         widths = [int(mb.tokens.shape[1]) for mb in gb.micro_batches]
         return get_forward_backward_func()(
-            forward_step_func=make_forward_step(gb.total_weight, self.window, self.layout.device),
+            forward_step_func=make_forward_step(gb.total_weight, self.window, self.layout.device,
+                                                self.layout.cp, self.layout.cp_rank),
             data_iterator=iter(gb.micro_batches),
             model=[self.model],
             num_microbatches=len(gb.micro_batches),
@@ -287,7 +290,8 @@ class Trainer:
         )
 
     def _reduce(self, reports) -> tuple[float, float]:
-        """(sum of w * ce, sum of w) over the global batch, known on every rank."""
+        """(sum of w * ce, sum of w) over the global batch, known on every rank: each
+        data- and context-parallel rank holds its samples' and positions' share."""
         import torch.distributed as dist
         from megatron.core import parallel_state
 
@@ -295,7 +299,8 @@ class Trainer:
         if self.layout.last_stage:
             for report in reports:
                 total += report["lm loss"].to(torch.float64)
-            dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+            dist.all_reduce(total, group=parallel_state.get_data_parallel_group(
+                with_context_parallel=True))
         if self.layout.pp > 1:
             dist.broadcast(total, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                            group=parallel_state.get_pipeline_model_parallel_group())
@@ -451,8 +456,11 @@ class Trainer:
             c.model.hidden_size, c.model.num_attention_heads,
             c.model.resolved().num_attention_heads_kv,
             self.tokenizer.vocab_size, self.padded_vocab, params / 1e6)
-        logger.info("parallel: world %d = TP %d x PP %d x DP %d on %s", layout.world_size,
-                    layout.tp, layout.pp, layout.dp, layout.device)
+        logger.info("parallel: world %d = TP %d x PP %d x CP %d x DP %d on %s",
+                    layout.world_size, layout.tp, layout.pp, layout.cp, layout.dp, layout.device)
+        if layout.cp > 1 and c.precision.use_flash_attn:
+            logger.info("--use_flash_attn: not under context parallelism; attention runs on "
+                        "PyTorch SDPA")
         if self.peft_report is not None:
             logger.info("%s: %s", c.peft.peft, self.peft_report.line())
         logger.info("data: train %d / valid %d / test %d records; %d iterations of %d samples "

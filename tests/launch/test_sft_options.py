@@ -40,7 +40,10 @@ def test_short_flags_are_nemo_recipe_flags():
     (["--hf_model_id", "m", "--load", "c"], "--hf_model_id (a Hugging Face directory"),
     (["--hf_model_id", "m", "-G", "3", "-T", "2"], "3 processes are not divisible by TP 2"),
     (["--hf_model_id", "m", "-G", "2", "-g", "3"], "--global_batch_size 3 is not divisible"),
-    (["--hf_model_id", "m", "-C", "2", "-G", "2"], "no context parallelism yet"),
+    (["--hf_model_id", "m", "-C", "2", "-G", "2", "--seq_length", "1022"],
+     "--seq_length 1022 must be a multiple of 4"),
+    (["--hf_model_id", "m", "-C", "2", "-G", "3"], "3 processes are not divisible by TP 1 x PP 1 x "
+                                                   "CP 2"),
     (["--hf_model_id", "m", "--max_steps", "3", "--epochs", "1"], "not both"),
     (["--hf_model_id", "m", "-N", "2"], "run the command on every node"),
     (["--load", "c", "--vocab_extra_ids_list", "<a>"], "keeps the tokenizer it was trained"),
@@ -66,6 +69,18 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path):
     assert "--standalone" in text and "--peft dora" in text and "--adapter_only" in text
     assert "evaluate.py" in text and "megatron_to_hf.py" in text
     assert not (tmp_path / "exps").exists()
+
+
+def test_dry_run_passes_context_parallelism_to_the_trainer(tmp_path):
+    from megatron_ext.launch.recipe import run_sft
+
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    text = run_sft(parse("-E", "plan", "--dataset_path", str(SAMPLE), "--hf_model_id",
+                         str(tmp_path / "model.gguf"), "--experiments_dir",
+                         str(tmp_path / "exps"), "-G", "4", "-C", "2", "-g", "16", "-m", "4",
+                         "--epochs", "1", "--dry_run")).message
+    assert "TP 1 x PP 1 x CP 2 x DP 2; micro batch 4" in text
+    assert "--context_parallel_size 2" in text
 
 
 def test_hub_ids_resolve_from_the_local_cache_only(tmp_path, monkeypatch):

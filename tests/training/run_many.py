@@ -9,7 +9,7 @@ forming the process group and megatron-core's first checkpoint save (which
 spawns a helper process): ~10 s of CPU for one process, ~20 s for two, against
 well under a second for a tiny run itself. So a test session starts a few of
 these workers once (``tests/runs.py:Pool``) and hands them batches of jobs.
-The process group is made once; before a job of another TP/PP layout than
+The process group is made once; before a job of another TP/PP/CP layout than
 the last one, megatron-core's model-parallel state is destroyed, so that jobs
 of any layouts may follow each other.
 
@@ -156,20 +156,21 @@ def run_job(job: dict, directory: Path) -> int:
     return run_one(lambda: Trainer(parse_config(job["argv"])).train(), log)
 
 
-def job_layout(job: dict) -> tuple[int, int] | None:
-    """The TP and PP sizes a job makes megatron-core's groups for, where it says so
+def job_layout(job: dict) -> tuple[int, int, int] | None:
+    """The TP, PP and CP sizes a job makes megatron-core's groups for, where it says so
     (a trainer run or a logits check; a tool or a helper may do anything)."""
     if WORLD == 1:
-        return 1, 1
-    if "logits" in job:
-        return int(job["logits"]["tp"]), int(job["logits"]["pp"])
+        return 1, 1, 1
+    if "logits" in job:  # inference: CP 1
+        return int(job["logits"]["tp"]), int(job["logits"]["pp"]), 1
     if "tool" in job or "call" in job:
         return None
     try:
         parallel = parse_config(job["argv"]).parallel
     except (UserError, SystemExit):  # the job itself will report it
         return None
-    return parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    return (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+            parallel.context_parallel_size)
 
 
 def prepare_layout(job: dict) -> None:
@@ -188,7 +189,8 @@ def prepare_layout(job: dict) -> None:
     if not parallel_state.model_parallel_is_initialized():
         return
     current = (parallel_state.get_tensor_model_parallel_world_size(),
-               parallel_state.get_pipeline_model_parallel_world_size())
+               parallel_state.get_pipeline_model_parallel_world_size(),
+               parallel_state.get_context_parallel_world_size())
     if job_layout(job) == current:
         return
     parallel_state.destroy_model_parallel()

@@ -31,6 +31,22 @@ def config(*extra):
     (["--num_layers", "3", "--pipeline_model_parallel_size", "2"], 2,
      "--num_layers 3 is not divisible by --pipeline_model_parallel_size 2"),
     (["--tensor_model_parallel_size", "2"], 3, "world size 3 is not divisible by TP 2 x PP 1"),
+    (["--context_parallel_size", "2", "--tensor_model_parallel_size", "2"], 6,
+     "world size 6 is not divisible by TP 2 x PP 1 x CP 2"),
+    (["--context_parallel_size", "2", "--global_batch_size", "4"], 16,
+     "--global_batch_size 4 is not divisible by --micro_batch_size 1 x data parallel size 8"),
+    (["--context_parallel_size", "2", "--seq_length", "90"], 2,
+     "rows are padded to a multiple of 4; --seq_length 90 is not one (use 88 or 92)"),
+    (["--context_parallel_size", "2", "--seq_length", "90", "--variable_seq_lengths"], 2,
+     "--seq_length 90 is not one"),
+    (["--context_parallel_size", "4", "--seq_length", "6"], 4, "(use 8)"),
+    (["--context_parallel_size", "2", "--tensor_model_parallel_size", "4", "--sequence_parallel",
+      "--seq_length", "100"], 8, "each CP rank's share over TP 4 (--sequence_parallel), so rows "
+                                 "are padded to a multiple of 8"),
+    (["--tensor_model_parallel_size", "2", "--sequence_parallel", "--variable_seq_lengths",
+      "--seq_length", "99"], 2,
+     "--sequence_parallel: --seq_length 99 must be divisible by --tensor_model_parallel_size 2"),
+    (["--context_parallel_size", "0"], 1, "--context_parallel_size must be >= 1"),
     (["--epochs", "2"], 1, "give exactly one of --train_iters and --epochs"),
     (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are exclusive"),
     (["--finetune"], 1, "--finetune needs --load"),
@@ -70,6 +86,12 @@ def test_both_flag_spellings_and_typed_config():
                "--global_batch_size", "8", "--scalar_loss_mask", "0.5")
     assert a == b and a.parallel.tensor_model_parallel_size == 2 and a.data.scalar_loss_mask == 0.5
     a.validate(2)
+    cp = config("--context-parallel-size", "2", "--tensor_model_parallel_size", "2",
+                "--sequence_parallel", "--seq_length", "96")
+    assert cp == config("--context_parallel_size", "2", "--tensor_model_parallel_size", "2",
+                        "--sequence_parallel", "--seq_length", "96")
+    assert cp.parallel.context_parallel_size == 2 and cp.parallel.sequence_multiple == 4
+    cp.validate(4)
 
 
 def test_cli_prints_one_clear_error_without_traceback(tmp_path):
