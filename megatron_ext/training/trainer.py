@@ -358,6 +358,7 @@ class Trainer:
         self._install_signal_handlers()
         self._log_startup()
         interval_start = time.perf_counter()
+        start_iteration = self.iteration
         last: dict = {}
         started = time.monotonic()
         stopped = False
@@ -383,13 +384,16 @@ class Trainer:
             if stopped:
                 break
         final_eval = None
-        if not stopped and self._saved_at != self.iteration:  # not a finished run reloaded
+        # the final evaluation once the run trained to its end now (a finished run
+        # relaunched trains nothing and evaluates nothing), even when the loop's periodic
+        # save already wrote the last iteration
+        if not stopped and self.iteration > start_iteration:
             if evaluated_at != self.iteration:
                 final_eval = self.evaluate()
                 self._log_eval(final_eval)
             self._log_eval(self.evaluate("test"), "test")
-            if self.config.checkpoint.save:
-                self.save()
+        if not stopped and self.config.checkpoint.save and self._saved_at != self.iteration:
+            self.save()
         self.metrics.close()
         return {"iteration": self.iteration, "last": last, "valid": final_eval,
                 "stopped_early": stopped, "seconds": time.perf_counter() - interval_start}

@@ -12,7 +12,6 @@ import torch
 from tests.runs import (
     ITERS,
     model_args,
-    run_many,
     start_runs,
     started,
     starts_early,
