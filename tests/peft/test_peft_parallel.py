@@ -46,6 +46,9 @@ def start_peft_runs(request):
         for method in ("lora", "dora") for layout, flags in PARALLEL.items()]
     parallel.append({"name": "lora-dp2", "argv": peft_args(data, base, "lora",
                                                            root / "lora-dp2")})
+    parallel.append({"name": "dora-cp2", "argv": peft_args(data, base, "dora",
+                                                           root / "dora-cp2")
+                     + ["--context_parallel_size", "2"]})
     stopped = peft_args(data, base, "lora", root / "lora-resumed")
     serial = [
         {"name": "lora", "argv": peft_args(data, base, "lora", root / "lora")},
@@ -82,7 +85,7 @@ def ok(results, name):
 
 @pytest.mark.parametrize("method,layout", [
     (method, layout) for method in ("lora", "dora") for layout in PARALLEL] + [
-    ("lora", "dp2"), ("dora", "recompute")])
+    ("lora", "dp2"), ("dora", "recompute"), ("dora", "cp2")])
 def test_parallel_adapters_match_one_process(peft_runs, method, layout):
     root, results = peft_runs
     name = f"{method}-{layout}"

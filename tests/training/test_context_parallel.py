@@ -24,6 +24,8 @@ LAYOUTS = {  # name: (processes, flags); all on the reference run's curve
 FAMILIES = {  # each at CP=2 (packed) against its own serial run
     "mistral": ["--model_name", "mistral", "--sliding_window_size", "16"],  # window < rows
     "gpt": ["--model_name", "gpt"],  # learned absolute positions, LayerNorm, biases
+    "qwen2": ["--model_name", "qwen2"],  # q/k/v biases, RoPE base 1e6
+    "qwen3": ["--model_name", "qwen3", "--kv_channels", "32"],  # q/k norms, head size 32
 }
 
 
