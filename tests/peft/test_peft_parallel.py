@@ -59,6 +59,10 @@ def start_peft_runs(request):
         {"name": "lora-resume", "argv": stopped},
         {"name": "wrong-base", "argv": peft_args(data, other, "lora", root / "lora-resumed")},
         {"name": "other-settings", "argv": stopped + ["--peft_dim", "8"]},
+        # --load of the adapter checkpoint itself: its recorded base, its adapters, two
+        # more steps into another --save
+        {"name": "from-adapters", "argv": model_args(data, ITERS + 2) + [
+            "--load", str(root / "lora"), "--save", str(root / "from-adapters")]},
     ]
     return root, start_runs(1, serial, root / "serial", early=True), start_runs(
         2, parallel, root / "parallel", early=True)
@@ -146,6 +150,16 @@ def test_stopped_lora_run_resumes_on_the_same_curve(peft_runs):
     want, got = adapter_tensors(root / "lora"), adapter_tensors(root / "lora-resumed")
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_load_of_an_adapter_checkpoint_continues_it_on_its_base(peft_runs, reference_run):
+    root, results = peft_runs
+    log = ok(results, "from-adapters").log
+    assert f"loaded base weights from {reference_run}" in log
+    assert "resumed the adapters from" in log and "(iteration 6)" in log
+    assert [r["iteration"] for r in train_metrics(root / "from-adapters")] == [7, 8]
+    assert sorted(adapter_tensors(root / "from-adapters", ITERS + 2)) == sorted(
+        adapter_tensors(root / "lora"))
 
 
 def test_resume_on_another_base_or_with_other_settings_is_refused(peft_runs):
