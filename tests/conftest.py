@@ -12,6 +12,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+# a test never reaches Weights & Biases' servers: --wandb_project runs (the session's
+# workers inherit this) keep their W&B run on disk
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
 
 from instruct.preprocess_instruct_data import build_parser, config_from_args  # noqa: E402
 from megatron_ext.data.preprocess import run_preprocess  # noqa: E402
