@@ -57,15 +57,18 @@ def run(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+LORA = ("--peft", "lora", "--peft_dim", "8")  # the Slurm tests run full finetuning
+
+
 @pytest.fixture(scope="module")
 def experiments(tmp_path_factory, base_model) -> dict:
-    """Experiment "a" straight (then again), and "b" (the same settings) stopped by SIGTERM
-    after 3 logged steps and relaunched."""
+    """LoRA experiment "a" straight (then again), and "b" (the same settings) stopped by
+    SIGTERM after 3 logged steps and relaunched."""
     root = tmp_path_factory.mktemp("experiments")
     data = dataset(root / "data")
-    first = run(sft_args("a", base_model, data, root))
-    again = run(sft_args("a", base_model, data, root))
-    b = sft_args("b", base_model, data, root)
+    first = run(sft_args("a", base_model, data, root, *LORA))
+    again = run(sft_args("a", base_model, data, root, *LORA))
+    b = sft_args("b", base_model, data, root, *LORA)
     proc = subprocess.Popen(b, env=child_env(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     metrics = root / "b" / "checkpoints" / "metrics.jsonl"
@@ -96,6 +99,10 @@ def test_one_command_trains_evaluates_and_exports(experiments):
     test = json.loads((root / "eval" / "test.json").read_text())
     assert test["records"] == 6 and record["results"]["test"]["answer_loss"] == test["answer_loss"]
     assert (root / "hf" / "config.json").exists() and (root / "tensorboard").is_dir()
+    adapter = json.loads((root / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 8 and record["results"]["adapter"] == str(root / "adapter")
+    assert "lora: 8 adapted linear layers" in (next((root / "logs").glob("train-*.log"))
+                                                .read_text())
     assert list((root / "logs").glob("train-*.log"))
     assert f"experiment a is finished: {STEPS} steps" in first.stdout
     assert "test split: answer loss" in first.stdout
@@ -122,7 +129,7 @@ def test_sigterm_then_the_same_command_resumes_on_the_straight_curve(experiments
 
 def test_changed_configuration_and_bad_input_are_refused(experiments, base_model, tmp_path):
     root, data = experiments["root"], experiments["data"]
-    changed = run(sft_args("a", base_model, data, root, "--lr", "2e-3"), timeout=120)
+    changed = run(sft_args("a", base_model, data, root, *LORA, "--lr", "2e-3"), timeout=120)
     assert changed.returncode == 1
     assert "was made by a different configuration" in changed.stderr
     assert "--lr: experiment 0.001, this command 0.002" in changed.stderr
