@@ -76,7 +76,10 @@ def prepare(workdir: str, seq_length: int) -> tuple[str, str, str]:
 
 
 def run(name: str, nproc: int, gguf: str, cache: str, prefix: str, args, workdir: str,
-        helpers) -> dict:
+        helpers, extra: tuple = (), micro_batch_size: int | None = None) -> dict:
+    """One torchrun from the GGUF; its summary (``bench/train.py``'s) with ``text`` (the
+    log) and ``save`` (the run's directory) added. ``extra``: more finetune.py flags;
+    ``micro_batch_size``: default the global batch split over the processes."""
     save = os.path.join(workdir, name)
     shutil.rmtree(save, ignore_errors=True)
     threads = max(1, helpers._cpus() // nproc)
@@ -88,10 +91,11 @@ def run(name: str, nproc: int, gguf: str, cache: str, prefix: str, args, workdir
                "--load", gguf, "--import_cache_dir", cache, "--data_path", prefix,
                "--split", "100,0,0", "--seq_length", str(args.seq_length),
                "--variable_seq_lengths", "--pack_sequences", "--micro_batch_size",
-               str(args.global_batch_size // nproc), "--global_batch_size",
+               str(micro_batch_size or args.global_batch_size // nproc), "--global_batch_size",
                str(args.global_batch_size), "--train_iters", str(args.iters), "--lr", "1e-4",
                "--lr_warmup_iters", "1", "--seed", "1234", "--log_interval", "1",
-               "--eval_iters", "0", "--save", save, "--save_interval", str(10 * args.iters)]
+               "--eval_iters", "0", "--save", save, "--save_interval", str(10 * args.iters),
+               *extra]
     log = os.path.join(workdir, f"{name}.log")
     jiffies, own = helpers._cpu_jiffies(), helpers._children_cpu_seconds()
     start = time.perf_counter()
@@ -100,20 +104,22 @@ def run(name: str, nproc: int, gguf: str, cache: str, prefix: str, args, workdir
                                 stderr=subprocess.STDOUT, timeout=args.timeout)
     seconds = time.perf_counter() - start
     after, own = helpers._cpu_jiffies(), helpers._children_cpu_seconds() - own
+    with open(log, encoding="utf-8", errors="replace") as handle:
+        text = handle.read()
     if result.returncode != 0:
-        with open(log, encoding="utf-8", errors="replace") as handle:
-            raise SystemExit(f"{name} failed (exit {result.returncode}), log {log}:\n"
-                             f"{handle.read()[-4000:]}")
+        raise SystemExit(f"{name} failed (exit {result.returncode}), log {log}:\n"
+                         f"{text[-4000:]}")
     import json
 
     with open(os.path.join(save, "metrics.jsonl"), encoding="utf-8") as handle:
         records = [r for r in map(json.loads, handle) if r.get("split") == "train"]
     summary = helpers.summarize(records, args.warmup)
     other = summary["other_cpu"] = helpers.other_cpu_share(jiffies, after, own, seconds)
+    summary["peak_mb"] = max(r["memory_mb"] for r in records)
     print(f"  {name}: {seconds:.0f} s with start-up, median step {summary['iter_time']:.2f} s, "
-          f"real tok/s {summary['real_tokens_per_sec']:,.0f}, other CPU load "
-          f"{100 * other:.0f}%", flush=True)
-    return summary
+          f"real tok/s {summary['real_tokens_per_sec']:,.0f}, peak {summary['peak_mb']:,.0f} "
+          f"MB, other CPU load {100 * other:.0f}%", flush=True)
+    return {**summary, "text": text, "save": save}
 
 
 def main() -> int:

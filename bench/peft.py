@@ -28,14 +28,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -71,52 +68,21 @@ def optimizer_bytes(checkpoint: str) -> int:
 
 
 def run(name: str, mode: str, gguf: str, cache: str, prefix: str, args, workdir: str,
-        helpers) -> dict:
-    from megatron_ext.parallel import free_port
-
-    save = os.path.join(workdir, name)
-    shutil.rmtree(save, ignore_errors=True)
-    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS=str(helpers._cpus()),
-               PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
-               "--master_port", str(free_port()), os.path.join(REPO, "finetune.py"),
-               "--load", gguf, "--import_cache_dir", cache, "--data_path", prefix,
-               "--split", "100,0,0", "--seq_length", str(args.seq_length),
-               "--variable_seq_lengths", "--pack_sequences", "--micro_batch_size",
-               str(args.micro_batch_size), "--global_batch_size", str(args.global_batch_size),
-               "--train_iters", str(args.iters), "--lr", "1e-4", "--lr_warmup_iters", "1",
-               "--seed", "1234", "--log_interval", "1", "--eval_iters", "0", "--save", save,
-               *MODES[mode]]
-    log = os.path.join(workdir, f"{name}.log")
-    jiffies, own = helpers._cpu_jiffies(), helpers._children_cpu_seconds()
-    start = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as handle:
-        result = subprocess.run(command, env=env, cwd=REPO, stdout=handle,
-                                stderr=subprocess.STDOUT, timeout=args.timeout)
-    seconds = time.perf_counter() - start
-    after, own = helpers._cpu_jiffies(), helpers._children_cpu_seconds() - own
-    with open(log, encoding="utf-8", errors="replace") as handle:
-        text = handle.read()
-    if result.returncode != 0:
-        raise SystemExit(f"{name} failed (exit {result.returncode}), log {log}:\n{text[-4000:]}")
-    with open(os.path.join(save, "metrics.jsonl"), encoding="utf-8") as handle:
-        records = [r for r in map(json.loads, handle) if r.get("split") == "train"]
-    summary = helpers.summarize(records, args.warmup)
-    summary["other_cpu"] = helpers.other_cpu_share(jiffies, after, own, seconds)
-    summary["peak_mb"] = max(r["memory_mb"] for r in records)
-    trainable = TRAINABLE.search(text)
+        helpers, smollm2) -> dict:
+    """One process (all CPUs as threads) in ``mode``: ``bench/finetune_smollm2.py``'s run,
+    plus the trainable parameters and the optimizer-state bytes of its checkpoint."""
+    summary = smollm2.run(name, 1, gguf, cache, prefix, args, workdir, helpers,
+                          extra=tuple(MODES[mode]), micro_batch_size=args.micro_batch_size)
+    trainable = TRAINABLE.search(summary["text"])
     if trainable:
         summary["trainable"] = int(trainable.group(1).replace(",", ""))
         summary["total"] = int(trainable.group(2).replace(",", ""))
     else:  # full finetuning: every parameter
         summary["trainable"] = summary["total"] = round(
-            float(ALL_PARAMETERS.search(text).group(1)) * 1e6)
+            float(ALL_PARAMETERS.search(summary["text"]).group(1)) * 1e6)
     summary["optimizer_bytes"] = optimizer_bytes(
-        os.path.join(save, f"iter_{args.iters:07d}"))
-    print(f"  {name}: {seconds:.0f} s with start-up, median step {summary['iter_time']:.2f} s, "
-          f"peak {summary['peak_mb']:,.0f} MB, other CPU load "
-          f"{100 * summary['other_cpu']:.0f}%", flush=True)
-    shutil.rmtree(save, ignore_errors=True)  # a full checkpoint is 1.6 GB
+        os.path.join(summary["save"], f"iter_{args.iters:07d}"))
+    shutil.rmtree(summary["save"], ignore_errors=True)  # a full checkpoint is 1.6 GB
     return summary
 
 
@@ -140,7 +106,8 @@ def main() -> int:
     os.makedirs(workdir, exist_ok=True)
     try:
         print(f"importing SmolLM2 and preprocessing the sample in {workdir} ...", flush=True)
-        gguf, cache, prefix = _module("finetune_smollm2").prepare(workdir, args.seq_length)
+        smollm2 = _module("finetune_smollm2")
+        gguf, cache, prefix = smollm2.prepare(workdir, args.seq_length)
         print(f"training {args.iters} iterations of {args.global_batch_size} packed samples "
               f"(seq {args.seq_length}, micro batch {args.micro_batch_size}), one process, "
               f"{args.repeat} run(s) per mode ...", flush=True)
@@ -148,7 +115,7 @@ def main() -> int:
         for number in range(1, args.repeat + 1):
             for mode in MODES:
                 runs[mode].append(run(f"{mode}-{number}", mode, gguf, cache, prefix, args,
-                                      workdir, helpers))
+                                      workdir, helpers, smollm2))
         best = {mode: min(v, key=lambda s: s["iter_time"]) for mode, v in runs.items()}
         full = best["full"]
         print(f"\n{'SmolLM2-135M, one process':<24}{'step s':>8}{'x full':>8}"

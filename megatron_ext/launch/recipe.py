@@ -184,12 +184,14 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
 
     base = prepare_base(config.hf_model_id, config.load, exp.path("imported_models"),
                         config.vocab_extra_ids_list, config.progress)
-    chat_format = config.chat_format or _default_chat_format(base.tokenizer)
-    keys = {"question": config.question_key, "answer": config.answer_key,
-            "system": config.system_key, "messages": config.messages_key}
+    from megatron_ext.checkpointing.run_config import default_chat_format
     from megatron_ext.tokenizers import build_tokenizer
 
-    identity = build_tokenizer(base.tokenizer).identity()
+    tokenizer = build_tokenizer(base.tokenizer)
+    chat_format = config.chat_format or default_chat_format(tokenizer)
+    keys = {"question": config.question_key, "answer": config.answer_key,
+            "system": config.system_key, "messages": config.messages_key}
+    identity = tokenizer.identity()
     data = tokenize(source, os.path.join(os.path.abspath(config.experiments_dir), ".tokenized"),
                     base.tokenizer, identity, chat_format, config.prompt_template, keys,
                     config.seq_length, workers=min(8, os.cpu_count() or 1),
@@ -213,13 +215,6 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
         return Outcome(exp, "stopped", f"training is at iteration {_latest(exp.checkpoints) or 0} "
                                        f"of {exp.train_iters}: not evaluated or exported yet")
     return _finish(config, exp, source)
-
-
-def _default_chat_format(tokenizer_config) -> str:
-    from megatron_ext.checkpointing.run_config import default_chat_format
-    from megatron_ext.tokenizers import build_tokenizer
-
-    return default_chat_format(build_tokenizer(tokenizer_config))
 
 
 def _link_metrics(exp: Experiment) -> None:

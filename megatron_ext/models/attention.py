@@ -115,6 +115,13 @@ def context_parallel_allowed(sq: int, cp_size: int, cp_rank: int, window_size, d
     return (key <= query + right) & (query <= key + left)
 
 
+def _allowed_by(attention_mask: torch.Tensor) -> torch.Tensor:
+    """megatron-core's mask (True or non-zero = masked out) as SDPA's (True = attend)."""
+    if attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask != 0
+    return ~attention_mask
+
+
 class PortableAttention(DotProductAttention):
     """Local core attention computed by ``torch.nn.functional.scaled_dot_product_attention``.
 
@@ -211,9 +218,7 @@ class PortableAttention(DotProductAttention):
         if self.cp_size > 1:
             return self._allowed_context_parallel(attention_mask, sq, sk, device), False
         if attention_mask is not None:
-            if attention_mask.dtype != torch.bool:
-                attention_mask = attention_mask != 0
-            allowed = ~attention_mask
+            allowed = _allowed_by(attention_mask)
             if self.window_size is not None:
                 allowed = allowed & self._cached("window", sq, sk, device)
             return allowed, False
@@ -231,9 +236,7 @@ class PortableAttention(DotProductAttention):
         assert sk == sq * self.cp_size, (
             f"context parallel attention needs CP x {sq} keys, got {sk} (no KV cache under CP)")
         if attention_mask is not None:
-            if attention_mask.dtype != torch.bool:
-                attention_mask = attention_mask != 0
-            allowed = ~attention_mask
+            allowed = _allowed_by(attention_mask)
             if self.window_size is not None:
                 allowed = allowed & self._cached("cp_window", sq, sk, device)
             return allowed

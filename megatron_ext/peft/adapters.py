@@ -142,18 +142,27 @@ class Adapter(torch.nn.Module):
     @torch.no_grad()
     def _row_norm(self, base) -> torch.Tensor:
         """``|W + s B A|`` per output row of this rank, over the whole input row (fp32)."""
-        return self.row_norms(base.weight, self.lora_A, self.lora_B, _tp_group(base))
+        return self.row_norms(base.weight, _tp_group(base))
 
-    def row_norms(self, weight, lora_A, lora_B, group) -> torch.Tensor:
+    def a_for_rows(self, group) -> torch.Tensor:
+        """The A that multiplies this rank's B (fp32): for a column-parallel layer the whole
+        A (every rank's rows, in rank order), else this rank's columns of it."""
         import torch.distributed as dist
 
         s = self.shape
-        a = lora_A.float()
-        if s.column and s.tp > 1:  # the whole A: rows of every rank, in rank order
+        a = self.lora_A.float()
+        if s.column and s.tp > 1:
             parts = [torch.empty_like(a) for _ in range(s.tp)]
             dist.all_gather(parts, a.contiguous(), group=group)
             a = torch.cat(parts, dim=0)
-        merged = weight.float() + s.scaling * (lora_B.float() @ a)
+        return a
+
+    def row_norms(self, weight, group) -> torch.Tensor:
+        """``|weight + s B A|`` per row of this rank, over whole rows (fp32)."""
+        import torch.distributed as dist
+
+        s = self.shape
+        merged = weight.float() + s.scaling * (self.lora_B.float() @ self.a_for_rows(group))
         squares = merged.square().sum(dim=1)
         if not s.column and s.tp > 1:
             dist.all_reduce(squares, group=group)
@@ -342,22 +351,16 @@ def is_adapter_key(key: str) -> bool:
 def merge_into_base(model) -> None:
     """Fold every adapter into its base weight (this rank's part) and drop it: the model
     then computes the adapted function at plain-model cost (inference)."""
-    for base, adapter in list(adapters(model)):
-        s = adapter.shape
-        a = adapter.lora_A.float()
-        if s.column and s.tp > 1:
-            import torch.distributed as dist
+    from megatron_ext.peft.merge import merged_weight
 
-            parts = [torch.empty_like(a) for _ in range(s.tp)]
-            dist.all_gather(parts, a.contiguous(), group=_tp_group(base))
-            a = torch.cat(parts, dim=0)
-        weight = base.weight.float()
-        merged = weight + s.scaling * (adapter.lora_B.float() @ a)
-        if adapter.magnitude is not None:
-            norms = adapter.row_norms(base.weight, adapter.lora_A, adapter.lora_B,
-                                      _tp_group(base))
-            merged = merged * (adapter.magnitude.float() / norms)[:, None]
-        base.weight.copy_(merged.to(base.weight.dtype))
+    for base, adapter in list(adapters(model)):
+        group = _tp_group(base)
+        norms = None
+        if adapter.magnitude is not None:  # over whole rows: summed over TP when split
+            norms = adapter.row_norms(base.weight, group)
+        base.weight.copy_(merged_weight(base.weight, adapter.a_for_rows(group),
+                                        adapter.lora_B, adapter.shape.scaling,
+                                        adapter.magnitude, norms))
         del base._modules[ADAPTER]
         base.__class__ = type(base).__mro__[2]  # the class before _adapted_class
 

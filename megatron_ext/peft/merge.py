@@ -26,10 +26,14 @@ def adapted_prefixes(adapter_tensors: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                  scaling: float, magnitude: torch.Tensor | None = None) -> torch.Tensor:
+                  scaling: float, magnitude: torch.Tensor | None = None,
+                  norms: torch.Tensor | None = None) -> torch.Tensor:
+    """``W + s B A`` (DoRA: rescaled to ``magnitude`` per row); ``norms``: the rows' norms
+    when ``weight`` holds only part of each row (a row-parallel shard), else computed."""
     merged = weight.float() + scaling * (lora_B.float() @ lora_A.float())
     if magnitude is not None:
-        norms = merged.square().sum(dim=1).sqrt().clamp_min(NORM_EPS)
+        if norms is None:
+            norms = merged.square().sum(dim=1).sqrt().clamp_min(NORM_EPS)
         merged = merged * (magnitude.float() / norms)[:, None]
     return merged.to(weight.dtype)
 

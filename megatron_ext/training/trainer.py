@@ -535,12 +535,9 @@ def _plan_peft(config: TrainConfig) -> tuple[TrainConfig, PeftPlan]:
         base_load = saved["base"]["load"]
         base_checkpoint = base_of(saved, c.load)
         config = _with_saved_peft(config, saved, c.load)
-        tokenizer = config.tokenizer
-        if not tokenizer.vocab_file:
-            own = tokenizer_config_from_run(base_checkpoint, saved)
-            config = dataclasses.replace(config, tokenizer=dataclasses.replace(
-                tokenizer, tokenizer_type=own.tokenizer_type, vocab_file=own.vocab_file,
-                megatron_llm_specials=own.megatron_llm_specials))
+        if not config.tokenizer.vocab_file:
+            config = dataclasses.replace(config, tokenizer=_own_tokenizer(
+                config.tokenizer, tokenizer_config_from_run(base_checkpoint, saved)))
         config = dataclasses.replace(config, checkpoint=dataclasses.replace(
             c, load=base_checkpoint, finetune=True, use_checkpoint_args=True))
     else:
@@ -581,6 +578,14 @@ def _hf_names(run_config: dict):
     return family.hf.linear_names if family.hf is not None else None
 
 
+def _own_tokenizer(tokenizer, own):
+    """``tokenizer`` (the flags) with the file, type and id layout of a checkpoint's own
+    tokenizer ``own`` (a TokenizerConfig); the flags' extra tokens are kept."""
+    return dataclasses.replace(tokenizer, tokenizer_type=own.tokenizer_type,
+                               vocab_file=own.vocab_file,
+                               megatron_llm_specials=own.megatron_llm_specials)
+
+
 def _with_imported_model(config: TrainConfig) -> TrainConfig:
     """``--load`` of a Hugging Face model or GGUF file: its import in the cache (made now
     when missing), loaded as weights only with the model's shape; its tokenizer unless
@@ -593,10 +598,8 @@ def _with_imported_model(config: TrainConfig) -> TrainConfig:
                       tokenizer_type=tokenizer.tokenizer_type, vocab_file=tokenizer.vocab_file),
         announce=int(os.environ.get("RANK", "0")) == 0, progress=sys.stderr.isatty())
     if not tokenizer.vocab_file:
-        own = tokenizer_config_from_run(cached.path, cached.run_config)
-        tokenizer = dataclasses.replace(tokenizer, tokenizer_type=own.tokenizer_type,
-                                        vocab_file=own.vocab_file,
-                                        megatron_llm_specials=own.megatron_llm_specials)
+        tokenizer = _own_tokenizer(tokenizer,
+                                   tokenizer_config_from_run(cached.path, cached.run_config))
     return dataclasses.replace(config, tokenizer=tokenizer, checkpoint=dataclasses.replace(
         c, load=cached.path, finetune=True, use_checkpoint_args=True))
 
