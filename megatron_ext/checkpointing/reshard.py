@@ -31,7 +31,7 @@ from megatron_ext.checkpointing.unsharded import (
 )
 from megatron_ext.errors import CheckpointError
 from megatron_ext.io import check_out_free, staged_directory
-from megatron_ext.models.config import padded_vocab_size
+from megatron_ext.models.config import kv_head_problems, padded_vocab_size
 from megatron_ext.parallel import init_distributed
 
 logger = logging.getLogger(__name__)
@@ -107,9 +107,10 @@ def _validate_layout(model: dict, tp: int, pp: int) -> None:
     if tp < 1 or pp < 1:
         problems.append("--target_tp and --target_pp must be >= 1")
     else:
-        if heads % tp or kv % tp:
-            problems.append(f"{heads} heads / {kv} key-value heads are not divisible by "
-                            f"TP {tp}")
+        if heads % tp:
+            problems.append(f"{heads} heads are not divisible by TP {tp}")
+        head_dim = model.get("kv_channels") or model["hidden_size"] // heads
+        problems += kv_head_problems(heads, kv, head_dim, tp)
         if model["num_layers"] % pp:
             problems.append(f"{model['num_layers']} layers are not divisible by PP {pp}")
     if problems:

@@ -90,6 +90,8 @@ def check_model_matches(saved_model: dict, model, source: str) -> None:
     """
     if not saved_model:
         return
+    while hasattr(model, "module"):  # DDP / Float16Module wrappers
+        model = model.module
     args = ModelArgs.from_dict(saved_model).resolved()
     want = transformer_config(args, ParallelArgs(), PrecisionArgs())
     have = model.config
@@ -111,9 +113,13 @@ def check_model_matches(saved_model: dict, model, source: str) -> None:
     if getattr(model, "position_embedding_type", None) == "rope" and \
             abs(float(getattr(model, "rotary_base", theta)) - theta) > 1e-6 * theta:
         problems.append(f"--rope_theta: checkpoint {theta:g}, this run {model.rotary_base:g}")
-    if bool(args.rope_scaling_factor) != bool(getattr(model, "rotary_scaling", False)):
-        problems.append(f"--rope_scaling_factor: checkpoint {args.rope_scaling_factor}, this "
-                        "run differs")
+    built = getattr(model, "model_args", None)  # build_gpt_model's resolved ModelArgs
+    for field in ("rope_scaling_factor", "rope_scaling_type", "rope_local_theta",
+                  "sliding_window_pattern", "query_pre_attn_scalar", "add_bias_linear",
+                  "parallel_attn_norms"):
+        if built is not None and getattr(args, field) != getattr(built, field):
+            problems.append(f"--{field}: checkpoint {getattr(args, field)}, this run "
+                            f"{getattr(built, field)}")
     if problems:
         raise CheckpointError(f"{source} was made for another model shape ("
                               + "; ".join(problems) + "); pass --use_checkpoint_args to take the "

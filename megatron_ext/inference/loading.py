@@ -42,7 +42,7 @@ class LoadedModel:
 
     @property
     def window(self) -> Optional[int]:
-        return self.model_args.attention_window
+        return self.model_args.mask_window
 
 
 def load_for_inference(load: str, tp: int = 1, pp: int = 1, seed: int = 1234,

@@ -15,6 +15,14 @@ from megatron_ext.models.families import get_family
 from megatron_ext.parallel import ParallelArgs
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (Gemma's ``gelu_pytorch_tanh``)."""
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": gelu_tanh}
+
+
 def transformer_config(model: ModelArgs, parallel: ParallelArgs, precision: PrecisionArgs,
                        variable_seq_lengths: bool = False, use_cpu_initialization: bool = True,
                        init_weights: bool = True):
@@ -37,14 +45,18 @@ def transformer_config(model: ModelArgs, parallel: ParallelArgs, precision: Prec
         normalization=family.normalization,
         layernorm_epsilon=model.layernorm_epsilon,
         gated_linear_unit=family.swiglu,
-        activation_func=F.silu if family.swiglu else F.gelu,
-        add_bias_linear=family.add_bias_linear,
+        activation_func=ACTIVATIONS[family.activation_name],
+        add_bias_linear=model.add_bias_linear,
         add_qkv_bias=family.add_qkv_bias,
         qk_layernorm=family.qk_layernorm,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
         window_size=(window - 1, 0) if window else None,
+        # layers N, 2N, ... (1-based) attend globally; the window is on the others
+        window_attn_skip_freq=model.sliding_window_pattern or None,
+        softmax_scale=(model.query_pre_attn_scalar ** -0.5 if model.query_pre_attn_scalar
+                       else None),
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
@@ -72,9 +84,10 @@ def transformer_config(model: ModelArgs, parallel: ParallelArgs, precision: Prec
     )
 
 
-def layer_spec(config, init_seed: int, use_flash_attn: bool = False):
+def layer_spec(config, init_seed: int, use_flash_attn: bool = False, norm=None):
     """Block spec: megatron-core's local layer with :class:`PortableAttention` and
-    :class:`PortableNorm` (sequence-parallel capable), seeded per layer.
+    :class:`PortableNorm` (sequence-parallel capable; ``norm`` instead where given, a
+    family's own), seeded per layer.
 
     Attention runs on PyTorch SDPA (flash-attn on CUDA with ``use_flash_attn``
     when installed), honouring padding/packing masks even with a sliding window.
@@ -109,18 +122,36 @@ def layer_spec(config, init_seed: int, use_flash_attn: bool = False):
     from megatron_ext.models.attention import portable_layer_spec
     from megatron_ext.models.norm import PortableNorm
 
+    norm = norm or PortableNorm
     spec = portable_layer_spec(config.normalization, use_flash_attn=use_flash_attn)
     attention = spec.submodules.self_attention
     if config.qk_layernorm:  # per-head norms of queries and keys (Qwen3)
         attention = dataclasses.replace(attention, submodules=dataclasses.replace(
-            attention.submodules, q_layernorm=PortableNorm, k_layernorm=PortableNorm))
-    submodules = dataclasses.replace(spec.submodules, input_layernorm=PortableNorm,
-                                     pre_mlp_layernorm=PortableNorm, self_attention=attention)
+            attention.submodules, q_layernorm=norm, k_layernorm=norm))
+    submodules = dataclasses.replace(spec.submodules, input_layernorm=norm,
+                                     pre_mlp_layernorm=norm, self_attention=attention)
     spec = dataclasses.replace(spec, module=SeededTransformerLayer, submodules=submodules)
     # the block spec also names the final norm (megatron-core's default refuses sequence
     # parallelism without Transformer Engine)
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
-                                      layer_norm=PortableNorm)
+                                      layer_norm=norm)
+
+
+def inverse_frequencies(base: float, dim: int, linear_factor: float | None = None
+                        ) -> torch.Tensor:
+    """RoPE inverse frequencies (megatron-core's and transformers' formula), divided by
+    ``linear_factor`` for linear RoPE scaling as transformers divides them."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    return inv_freq / linear_factor if linear_factor else inv_freq
+
+
+def layer_rotary(rotary_pos_emb, windowed: bool):
+    """A layer's RoPE angles from what the model hands every layer: with two RoPE bases
+    (:class:`PositionedGPTModel` stacks ``[global, local]`` on dim 2) the window layers'
+    local angles or the others' global ones; otherwise the angles as given."""
+    if isinstance(rotary_pos_emb, torch.Tensor) and rotary_pos_emb.shape[2] == 2:
+        return rotary_pos_emb[:, :, 1:2] if windowed else rotary_pos_emb[:, :, 0:1]
+    return rotary_pos_emb
 
 
 def rope_for_positions(inv_freq: torch.Tensor, position_ids: torch.Tensor,
@@ -153,12 +184,28 @@ def _gpt_model_class():
         gets alone in a row (and is what learned absolute positions need anyway).
         Under context parallelism ``position_ids`` are the global positions of this
         rank's share of the row, so RoPE always follows them there.
+
+        Two model-wide settings megatron-core lacks are set by :func:`build_gpt_model`:
+        ``rope_inv_freqs`` (RoPE computed here always: linear scaling, or a second base
+        for the window layers, stacked ``[global, local]`` on dim 2 for
+        :func:`layer_rotary`) and ``embedding_scale`` (Gemma multiplies the word
+        embeddings by sqrt(hidden), in their dtype).
         """
+
+        rope_inv_freqs: tuple = ()
+        embedding_scale: float | None = None
 
         def _preprocess(self, input_ids, position_ids, decoder_input=None,
                         inference_context=None, packed_seq_params=None, padding_mask=None):
             out = super()._preprocess(input_ids, position_ids, decoder_input, inference_context,
                                       packed_seq_params, padding_mask)
+            if self.embedding_scale and decoder_input is None and self.pre_process:
+                hidden = out[0]
+                scale = torch.tensor(self.embedding_scale, dtype=torch.float32)
+                out = (hidden * scale.to(hidden.dtype).to(hidden.device), *out[1:])
+            if self.rope_inv_freqs and out[1] is not None:
+                return (out[0], self._own_rope(position_ids, inference_context, out[1]),
+                        *out[2:])
             if (self.position_embedding_type != "rope" or position_ids is None
                     or inference_context is not None or packed_seq_params is not None
                     or out[1] is None):
@@ -172,6 +219,16 @@ def _gpt_model_class():
             inv_freq = rope.inv_freq.to(position_ids.device)
             emb = rope_for_positions(inv_freq, position_ids, rope.rotary_interleaved)
             return (out[0], emb.to(out[1].dtype), *out[2:])
+
+        def _own_rope(self, position_ids, inference_context, upstream):
+            """Angles from ``rope_inv_freqs`` for ``position_ids`` (positions ``0..L-1``,
+            L = megatron-core's own length, for a KV cache or without ``position_ids``)."""
+            if inference_context is not None or position_ids is None:
+                position_ids = torch.arange(upstream.shape[0], device=upstream.device)[None]
+            parts = [rope_for_positions(inv_freq.to(position_ids.device), position_ids,
+                                        self.rotary_pos_emb.rotary_interleaved)
+                     for inv_freq in self.rope_inv_freqs]
+            return torch.cat(parts, dim=2).to(upstream.dtype)
 
     return PositionedGPTModel
 
@@ -190,7 +247,7 @@ def build_gpt_model(model: ModelArgs, config, padded_vocab: int, pre_process: bo
     model = model.resolved()
     block_spec = family.block_spec or layer_spec
     torch.manual_seed(init_seed)  # embeddings: drawn first, on the first stage only
-    return _gpt_model_class()(
+    built = _gpt_model_class()(
         config=config,
         transformer_layer_spec=block_spec(config, init_seed, use_flash_attn),
         vocab_size=padded_vocab,
@@ -201,6 +258,16 @@ def build_gpt_model(model: ModelArgs, config, padded_vocab: int, pre_process: bo
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type=family.position_embedding,
         rotary_base=int(model.rope_theta),
-        rope_scaling=bool(model.rope_scaling_factor),
+        rope_scaling=model.rope_scaling_type == "llama3",
         rope_scaling_factor=float(model.rope_scaling_factor or 8.0),
     )
+    built.model_args = model  # what it was built from (checkpoint loads compare it)
+    if family.scale_embeddings:
+        built.embedding_scale = model.hidden_size ** 0.5
+    linear = model.rope_scaling_factor if model.rope_scaling_type == "linear" else None
+    if family.position_embedding == "rope" and (linear or model.rope_local_theta):
+        dim = model.kv_channels
+        built.rope_inv_freqs = (inverse_frequencies(model.rope_theta, dim, linear),)
+        if model.rope_local_theta:  # Gemma 3: the window layers' base, unscaled
+            built.rope_inv_freqs += (inverse_frequencies(model.rope_local_theta, dim),)
+    return built

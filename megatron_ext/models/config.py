@@ -49,6 +49,27 @@ class ModelArgs:
     kv_channels: Optional[int] = option(
         None, "attention head size (Hugging Face head_dim; default: hidden size / heads)",
         aliases=("--head_dim",))
+    add_bias_linear: Optional[bool] = option(
+        None, "biases on every linear layer (Falcon's bias; default: the family's)",
+        negations=("--disable_bias_linear",))
+    parallel_attn_norms: Optional[int] = option(
+        None, "Falcon's parallel layers (attention and MLP read one input): 1 = one norm "
+              "feeds both (Falcon-7B, Falcon2-11B), 2 = a norm each (Falcon-40B/180B); "
+              "default: the family's")
+    sliding_window_pattern: Optional[int] = option(
+        None, "every N-th layer attends to the whole context, the others through "
+              "--sliding_window_size (Gemma 3: 6); 0 = the window on every layer; default: "
+              "the family's")
+    rope_local_theta: Optional[float] = option(
+        None, "RoPE base of the sliding-window layers (Gemma 3's rope_local_base_freq); "
+              "default: --rope_theta")
+    rope_scaling_type: Optional[str] = option(
+        None, "what --rope_scaling_factor does: llama3 (Llama 3.1's frequency-dependent "
+              "scaling) or linear (positions divided by the factor; on Gemma 3's global "
+              "layers only); default: llama3", choices=("llama3", "linear"))
+    query_pre_attn_scalar: Optional[float] = option(
+        None, "attention scores are scaled by 1/sqrt(this) (Gemma's query_pre_attn_scalar); "
+              "default: the head size")
     init_method_std: float = option(0.02, "standard deviation of the random initialisation")
     make_vocab_size_divisible_by: int = option(
         128, "pad the vocabulary to a multiple of this times --tensor_model_parallel_size")
@@ -87,12 +108,89 @@ class ModelArgs:
             tie_embeddings=(family.tie_embeddings if self.tie_embeddings is None
                             else bool(self.tie_embeddings)),
             kv_channels=self.kv_channels or self.hidden_size // self.num_attention_heads,
+            add_bias_linear=(family.add_bias_linear if self.add_bias_linear is None
+                             else bool(self.add_bias_linear)),
+            parallel_attn_norms=(family.parallel_attn_norms if self.parallel_attn_norms is None
+                                 else self.parallel_attn_norms),
+            sliding_window_pattern=(family.sliding_window_pattern
+                                    if self.sliding_window_pattern is None
+                                    else self.sliding_window_pattern),
+            rope_scaling_type=(self.rope_scaling_type or "llama3"
+                               if self.rope_scaling_factor else None),
         )
 
     @property
     def attention_window(self) -> Optional[int]:
         """Attention window in tokens: the flag, else the family's; None = no window."""
         return self.resolved().sliding_window_size or None
+
+    @property
+    def mask_window(self) -> Optional[int]:
+        """The window every layer applies, which the shared attention mask may carry; None
+        when there is none or it spares some layers (``sliding_window_pattern``): those
+        attend globally, and the windowed layers apply the window themselves."""
+        resolved = self.resolved()
+        return None if resolved.sliding_window_pattern else resolved.sliding_window_size or None
+
+    def window_layers(self) -> list[bool]:
+        """Per layer, whether the sliding window applies."""
+        resolved = self.resolved()
+        pattern = resolved.sliding_window_pattern
+        return [bool(resolved.sliding_window_size) and not (pattern and (i + 1) % pattern == 0)
+                for i in range(resolved.num_layers)]
+
+
+# the ModelArgs fields a family must list in Family.configurable before a run may set them
+FAMILY_SETTINGS = {"add_bias_linear": "--add_bias_linear", "parallel_attn_norms":
+                   "--parallel_attn_norms", "sliding_window_pattern": "--sliding_window_pattern",
+                   "rope_local_theta": "--rope_local_theta",
+                   "query_pre_attn_scalar": "--query_pre_attn_scalar",
+                   "rope_scaling_type": "--rope_scaling_type"}
+
+
+def family_setting_problems(model: ModelArgs) -> list[str]:
+    """Settings ``model`` gives that its family's layers (or Hugging Face layout) have no
+    place for: refused by name rather than silently built as something else."""
+    family = get_family(model.model_name)
+    resolved = model.resolved()
+    problems = []
+    for field, flag in FAMILY_SETTINGS.items():
+        value = getattr(model, field)
+        default = getattr(family, field, None)
+        if field == "rope_scaling_type":
+            value, default = resolved.rope_scaling_type, "llama3"
+            if value is None:
+                continue
+        if value is not None and value != default and field not in family.configurable:
+            problems.append(f"{flag} {value}: the {family.name} family has no such setting")
+    if resolved.parallel_attn_norms not in (0, 1, 2):
+        problems.append(f"--parallel_attn_norms {resolved.parallel_attn_norms}: use 1 or 2")
+    if resolved.sliding_window_pattern and not resolved.sliding_window_size:
+        problems.append(f"--sliding_window_pattern {resolved.sliding_window_pattern} needs "
+                        "--sliding_window_size")
+    return problems
+
+
+def kv_head_problems(heads: int, kv: int, head_dim: int, tp: int) -> list[str]:
+    """What keeps ``kv`` key/value heads (of ``heads`` query heads) from splitting over TP
+    ``tp``. Fewer key/value heads than TP ranks is fine when TP is a multiple of them:
+    megatron-core then gives each TP rank its group's one key/value head (the weights stay
+    one copy, split like any other; the query/key/value projection's output is gathered
+    over TP and each rank takes its group's heads, so the gradients of the shared heads
+    sum over the ranks that use them)."""
+    if kv and heads % kv:
+        return [f"--num_attention_heads {heads} is not divisible by --num_attention_heads_kv "
+                f"{kv}"]
+    if kv % tp == 0:
+        return []
+    if tp % kv:
+        return [f"--num_attention_heads_kv {kv} and --tensor_model_parallel_size {tp}: one "
+                "must divide the other (TP ranks beyond the key/value heads share them)"]
+    rows = (heads + 2 * kv) * head_dim
+    if rows % tp:
+        return [f"the query/key/value projection's {rows} rows ({heads} + 2 x {kv} heads of "
+                f"{head_dim}) do not split over --tensor_model_parallel_size {tp}"]
+    return []
 
 
 @dataclass(frozen=True)

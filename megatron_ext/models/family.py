@@ -115,7 +115,25 @@ class Family:
     sliding_window: Optional[int] = None
     add_qkv_bias: bool = False  # biases on the query/key/value projection only (Qwen2)
     qk_layernorm: bool = False  # per-head norm of queries and keys (Qwen3)
+    # the MLP's activation: silu | gelu | gelu_tanh; None: silu when gated (swiglu), else gelu
+    activation: Optional[str] = None
+    scale_embeddings: bool = False  # word embeddings times sqrt(hidden size) (Gemma)
+    # the window on all but every N-th layer (those attend globally; Gemma 3: 6); 0: all
+    sliding_window_pattern: int = 0
+    # Falcon's parallel layers (attention and MLP read one input, their outputs add up):
+    # 1 = one norm feeds both, 2 = a norm each; 0 = sequential layers (norm, attention,
+    # residual, norm, MLP, residual)
+    parallel_attn_norms: int = 0
+    # what --add_bias_linear, --parallel_attn_norms, --rope_local_theta,
+    # --sliding_window_pattern, --query_pre_attn_scalar and --rope_scaling_type linear may
+    # set for this family (others keep the family's values: their layers or their Hugging
+    # Face layout have no place for them)
+    configurable: frozenset = frozenset()
     hf: Optional[HFAdapter] = None  # None: no Hugging Face equivalent
     # (megatron-core TransformerConfig, init seed, use_flash_attn) -> block spec;
     # None: the shared seeded block of models/builder.py
     block_spec: Optional[Callable[..., Any]] = None
+
+    @property
+    def activation_name(self) -> str:
+        return self.activation or ("silu" if self.swiglu else "gelu")

@@ -17,7 +17,12 @@ from typing import Optional
 
 from megatron_ext.cli import option
 from megatron_ext.errors import ConfigError
-from megatron_ext.models.config import ModelArgs, PrecisionArgs
+from megatron_ext.models.config import (
+    ModelArgs,
+    PrecisionArgs,
+    family_setting_problems,
+    kv_head_problems,
+)
 from megatron_ext.models.families import family_names
 from megatron_ext.models.import_sources import import_source_kind
 from megatron_ext.parallel import ParallelArgs
@@ -265,12 +270,9 @@ class TrainConfig:
             problems.append(f"--num_attention_heads {m.num_attention_heads} is not divisible by "
                             f"--tensor_model_parallel_size {tp}")
         kv = m.num_attention_heads_kv or m.num_attention_heads
-        if m.num_attention_heads % kv:
-            problems.append(f"--num_attention_heads {m.num_attention_heads} is not divisible by "
-                            f"--num_attention_heads_kv {kv}")
-        if kv % tp:
-            problems.append(f"--num_attention_heads_kv {kv} is not divisible by "
-                            f"--tensor_model_parallel_size {tp}")
+        head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
+        problems += kv_head_problems(m.num_attention_heads, kv, head_dim, tp)
+        problems += family_setting_problems(m)
         if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
             problems.append(f"--hidden_size {m.hidden_size} is not divisible by "
                             f"--num_attention_heads {m.num_attention_heads}")

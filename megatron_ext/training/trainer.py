@@ -85,7 +85,7 @@ class Trainer:
                                     config.schedule.micro_batch_size, self.layout.dp_rank,
                                     self.layout.dp, pack=config.data.pack_sequences,
                                     multiple=config.parallel.sequence_multiple)
-        self.window = config.model.attention_window
+        self.window = config.model.mask_window
         self.iteration = 0
         self.consumed_samples = 0
         self.consumed_tokens = 0
