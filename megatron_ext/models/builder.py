@@ -7,6 +7,8 @@ megatron-core's ``TransformerConfig`` and layer spec.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -185,24 +187,18 @@ def _gpt_model_class():
         Under context parallelism ``position_ids`` are the global positions of this
         rank's share of the row, so RoPE always follows them there.
 
-        Two model-wide settings megatron-core lacks are set by :func:`build_gpt_model`:
-        ``rope_inv_freqs`` (RoPE computed here always: linear scaling, or a second base
-        for the window layers, stacked ``[global, local]`` on dim 2 for
-        :func:`layer_rotary`) and ``embedding_scale`` (Gemma multiplies the word
-        embeddings by sqrt(hidden), in their dtype).
+        :func:`build_gpt_model` sets ``rope_inv_freqs`` where megatron-core's RoPE does
+        not fit (linear scaling, or a second base for the window layers): RoPE is then
+        computed here always, stacked ``[global, local]`` on dim 2 for
+        :func:`layer_rotary`.
         """
 
         rope_inv_freqs: tuple = ()
-        embedding_scale: float | None = None
 
         def _preprocess(self, input_ids, position_ids, decoder_input=None,
                         inference_context=None, packed_seq_params=None, padding_mask=None):
             out = super()._preprocess(input_ids, position_ids, decoder_input, inference_context,
                                       packed_seq_params, padding_mask)
-            if self.embedding_scale and decoder_input is None and self.pre_process:
-                hidden = out[0]
-                scale = torch.tensor(self.embedding_scale, dtype=torch.float32)
-                out = (hidden * scale.to(hidden.dtype).to(hidden.device), *out[1:])
             if self.rope_inv_freqs and out[1] is not None:
                 return (out[0], self._own_rope(position_ids, inference_context, out[1]),
                         *out[2:])
@@ -231,6 +227,12 @@ def _gpt_model_class():
             return torch.cat(parts, dim=2).to(upstream.dtype)
 
     return PositionedGPTModel
+
+
+def _scaled_output(scale: float, module, inputs, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the embeddings times ``scale`` cast to their dtype (Gemma multiplies its
+    word embeddings by sqrt(hidden) so, in their dtype, before the first layer)."""
+    return output * torch.tensor(scale, dtype=torch.float32).to(output.dtype).to(output.device)
 
 
 def build_gpt_model(model: ModelArgs, config, padded_vocab: int, pre_process: bool,
@@ -262,8 +264,9 @@ def build_gpt_model(model: ModelArgs, config, padded_vocab: int, pre_process: bo
         rope_scaling_factor=float(model.rope_scaling_factor or 8.0),
     )
     built.model_args = model  # what it was built from (checkpoint loads compare it)
-    if family.scale_embeddings:
-        built.embedding_scale = model.hidden_size ** 0.5
+    if family.scale_embeddings and pre_process:
+        built.embedding.register_forward_hook(functools.partial(
+            _scaled_output, model.hidden_size ** 0.5))
     linear = model.rope_scaling_factor if model.rope_scaling_type == "linear" else None
     if family.position_embedding == "rope" and (linear or model.rope_local_theta):
         dim = model.kv_channels

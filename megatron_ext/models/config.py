@@ -117,6 +117,8 @@ class ModelArgs:
                                     else self.sliding_window_pattern),
             rope_scaling_type=(self.rope_scaling_type or "llama3"
                                if self.rope_scaling_factor else None),
+            rope_local_theta=self.rope_local_theta or family.rope_local_theta,
+            query_pre_attn_scalar=self.query_pre_attn_scalar or family.query_pre_attn_scalar,
         )
 
     @property

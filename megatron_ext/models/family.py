@@ -124,6 +124,8 @@ class Family:
     # 1 = one norm feeds both, 2 = a norm each; 0 = sequential layers (norm, attention,
     # residual, norm, MLP, residual)
     parallel_attn_norms: int = 0
+    rope_local_theta: Optional[float] = None  # the window layers' RoPE base (Gemma 3)
+    query_pre_attn_scalar: Optional[float] = None  # attention scale 1/sqrt(this); None: head size
     # what --add_bias_linear, --parallel_attn_norms, --rope_local_theta,
     # --sliding_window_pattern, --query_pre_attn_scalar and --rope_scaling_type linear may
     # set for this family (others keep the family's values: their layers or their Hugging

@@ -26,6 +26,9 @@ FAMILIES = {  # each at CP=2 (packed) against its own serial run
     "gpt": ["--model_name", "gpt"],  # learned absolute positions, LayerNorm, biases
     "qwen2": ["--model_name", "qwen2"],  # q/k/v biases, RoPE base 1e6
     "qwen3": ["--model_name", "qwen3", "--kv_channels", "32"],  # q/k norms, head size 32
+    # windowed and global layers, two RoPE bases, one key/value head
+    "gemma3": ["--model_name", "gemma3", "--num_attention_heads_kv", "1", "--kv_channels",
+               "32", "--sliding_window_size", "16", "--sliding_window_pattern", "2"],
 }
 
 

@@ -15,6 +15,8 @@ FAMILY_ARGS = {
     "gpt": [],  # LayerNorm, GeLU, learned positions, biases, tied embeddings
     "qwen2": ["--tie_embed_logits"],  # QKV biases, RMSNorm eps 1e-6, RoPE base 1e6
     "qwen3": ["--kv_channels", "24"],  # per-head q/k RMSNorm, head size != hidden / heads
+    "gemma3": ["--sliding_window_size", "16", "--sliding_window_pattern", "2",
+               "--num_attention_heads_kv", "1"],  # its defaults: 1 + w norms, GeGLU, ...
 }
 
 

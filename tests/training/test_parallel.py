@@ -241,6 +241,12 @@ VARIANTS = {
     "llama-tied": ["--tie_embed_logits"],
     "qwen2": ["--model_name", "qwen2", "--tie_embed_logits"],  # QKV biases, tied
     "qwen3": ["--model_name", "qwen3", "--kv_channels", "32"],  # q/k norms, head size 32
+    # four 1 + w norms, scaled tied embeddings, one key/value head (shared by both TP
+    # ranks), windowed and global layers with their own RoPE bases, GeGLU
+    "gemma3": ["--model_name", "gemma3", "--num_attention_heads_kv", "1", "--kv_channels",
+               "32", "--sliding_window_size", "16", "--sliding_window_pattern", "2",
+               "--query_pre_attn_scalar", "24", "--rope_scaling_factor", "2",
+               "--rope_scaling_type", "linear"],
 }
 # tied embeddings at TP=2 are covered by Qwen2; Llama's tied run is the PP=2 one
 VARIANT_LAYOUTS = {"tp2": ["--tensor_model_parallel_size", "2"],
@@ -280,7 +286,8 @@ def test_architecture_variants_match_single_process(variant_runs, variant, layou
     run = variant_runs / f"{variant}-{layout}"
     assert_same_curve(train_metrics(run), train_metrics(variant_runs / f"{variant}-ref"))
     run_config = json.loads((run / "iter_0000006" / "run_config.json").read_text())
-    assert run_config["model"]["tie_embeddings"] == ("--tie_embed_logits" in VARIANTS[variant])
+    assert run_config["model"]["tie_embeddings"] == ("--tie_embed_logits" in VARIANTS[variant]
+                                                     or variant == "gemma3")
     if (variant, layout) == ("llama-tied", "pp2"):
         check_tied_checkpoint_stores_one_tensor(run)
 

@@ -1,0 +1,204 @@
+"""Gemma 3 (text): imported logits equal transformers at TP=1/2/4 and PP=2 (one key/value
+head, so TP>1 shares it), greedy generation at TP=1 and TP=2, HF -> ours -> HF bit-exact,
+and configs that cannot be built exactly refused by name.
+
+The tiny model has what sets Gemma 3 apart in a form that a wrong mapping cannot hide:
+four layers alternating sliding-window (8 tokens) and global attention, each kind with
+its own RoPE base, linear RoPE scaling on the global layers, a head size (32) and an
+attention scalar (24) that are not hidden / heads, perturbed ``1 + w`` norms, tied and
+sqrt(hidden)-scaled embeddings, and a single key/value head. Training at TP=2 / PP=2
+against the serial run is tests/training/test_parallel.py's ``gemma3`` variant.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_ext.checkpointing.hf_export import ExportConfig, export_hf
+from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
+from megatron_ext.errors import UserError
+from tests.models.check_hf_logits import perturb_biases_and_norms
+from tests.runs import call_job, job_logits, logits_job, start_runs
+from tests.tools.conftest import hf_logits
+
+LAYOUTS = ((1, 1), (2, 1), (4, 1), (1, 2))
+PROMPT_LENGTHS = (5, 11)
+NEW_TOKENS = 20  # prompt + generation > 3 windows of 8
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=32, sliding_window=8, sliding_window_pattern=2,
+            query_pre_attn_scalar=24, max_position_embeddings=256, initializer_range=0.05,
+            rope_scaling={"rope_type": "linear", "factor": 2.0})
+
+
+def make_gemma3(directory: Path, sp_model: str, **overrides) -> Path:
+    """A random ``Gemma3ForCausalLM`` (norms perturbed off 0) with tokenizer.model."""
+    import sentencepiece
+    import transformers
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=sp_model)
+    settings = dict(TINY, vocab_size=sp.get_piece_size(), bos_token_id=sp.bos_id(),
+                    eos_token_id=sp.eos_id(), pad_token_id=0)
+    settings.update(overrides)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**settings))
+    perturb_biases_and_norms(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    shutil.copy(sp_model, directory / "tokenizer.model")
+    return directory
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+def generation_check(load: str, out: str, tp: str) -> None:
+    """run_many.py job: greedy continuations of :func:`prompts` by the checkpoint ``load`` at
+    TP ``tp`` (rank 0 writes ``{"ours": ..., "margin": ...}`` to ``out``)."""
+    from megatron_ext.inference.generation import SamplingParams, generate
+    from megatron_ext.inference.loading import load_for_inference
+
+    loaded = load_for_inference(load, tp=int(tp))
+    vocab = loaded.tokenizer.vocab_size
+    results = generate(loaded.model, prompts(vocab), SamplingParams(max_new_tokens=NEW_TOKENS),
+                       (), vocab, loaded.window, return_logits=True)
+    margin = min((r.logits.topk(2, dim=-1).values.diff(dim=-1).abs()).min().item()
+                 for r in results)
+    if loaded.layout.rank == 0:
+        Path(out).write_text(json.dumps({"ours": [r.token_ids for r in results],
+                                         "margin": margin}))
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory, sp_model) -> dict:
+    """The tiny model imported once; its logits at every layout of :data:`LAYOUTS` and its
+    greedy generations at TP=1 and TP=2, in one launch per world size."""
+    root = tmp_path_factory.mktemp("gemma3")
+    source = make_gemma3(root / "hf", sp_model)
+    import_hf(ImportConfig(str(source), str(root / "ckpt"), progress=False))
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 1500, (2, 40))  # 40 > 4 windows
+    jobs = {(tp, pp): logits_job(f"gemma3_{tp}_{pp}", root / "ckpt", tokens, root / "logits",
+                                 tp, pp) for tp, pp in LAYOUTS}
+    generation = {tp: call_job(f"generate_{tp}", "tests.tools.test_gemma3:generation_check",
+                               str(root / "ckpt"), str(root / f"generated_{tp}.json"), str(tp))
+                  for tp in (1, 2)}
+    launches = [start_runs(4, [jobs[(4, 1)]], root / "tp4"),
+                start_runs(2, [jobs[(2, 1)], jobs[(1, 2)], generation[2]], root / "two"),
+                start_runs(1, [jobs[(1, 1)], generation[1]], root / "one")]
+    results = {}
+    for launch in launches:
+        results.update(launch.wait())
+    return {"root": root, "source": source, "tokens": tokens,
+            **{layout: job_logits(results, job) for layout, job in jobs.items()},
+            "generated": {tp: json.loads((root / f"generated_{tp}.json").read_text())
+                          for tp in generation if results[f"generate_{tp}"].returncode == 0},
+            "results": results}
+
+
+@pytest.mark.slow
+def test_imported_logits_equal_transformers_at_tp1_tp2_tp4_pp2(gemma):
+    want = hf_logits(gemma["source"], gemma["tokens"])
+    for layout in LAYOUTS:
+        got = gemma[layout][..., :want.shape[-1]]
+        assert (got - want).abs().max() < 1e-5 * max(1.0, want.abs().max().item()), layout
+
+
+def test_what_makes_gemma_gemma_changes_the_logits(gemma, tmp_path, sp_model):
+    """Each feature checked above matters for this input: without the window, with one RoPE
+    base, without the embedding scale... transformers computes other logits."""
+    import transformers
+
+    tokens = gemma["tokens"]
+    want = hf_logits(gemma["source"], tokens)
+    config = json.loads((gemma["source"] / "config.json").read_text())
+    variants = {"no window": dict(sliding_window=64),
+                "one rope base": dict(rope_parameters={
+                    "full_attention": config["rope_parameters"]["full_attention"],
+                    "sliding_attention": dict(config["rope_parameters"]["full_attention"])}),
+                "other scalar": dict(query_pre_attn_scalar=32)}
+    model = transformers.Gemma3ForCausalLM.from_pretrained(gemma["source"],
+                                                           dtype=torch.float32).eval()
+    model.config._attn_implementation = "eager"
+    for name, change in variants.items():
+        other = transformers.Gemma3TextConfig(**{**config, **change})
+        other._attn_implementation = "eager"
+        changed = transformers.Gemma3ForCausalLM(other).eval()
+        changed.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert (changed(tokens).logits - want).abs().max() > 1e-2, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [1, 2])
+def test_greedy_generation_equals_transformers(gemma, tp):
+    import transformers
+
+    assert f"generate_{tp}" in gemma["results"]
+    result = gemma["results"][f"generate_{tp}"]
+    assert result.returncode == 0, result.log[-3000:]
+    ours = gemma["generated"][tp]
+    model = transformers.AutoModelForCausalLM.from_pretrained(gemma["source"],
+                                                              dtype=torch.float32).eval()
+    theirs = []
+    for prompt in prompts(model.config.vocab_size):
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                             eos_token_id=None, pad_token_id=0)
+        theirs.append(out[0, len(prompt):].tolist())
+    assert ours["ours"] == theirs
+    assert ours["margin"] > 1e-4  # no near-tie decided by rounding
+    assert all(len(set(tokens)) >= 10 for tokens in theirs)  # non-trivial continuations
+
+
+def test_hf_megatron_hf_gives_back_identical_tensors_and_config(tmp_path, sp_model):
+    from safetensors.torch import load_file
+
+    source = make_gemma3(tmp_path / "hf", sp_model)
+    import_hf(ImportConfig(str(source), str(tmp_path / "ckpt"), progress=False))
+    export_hf(ExportConfig(str(tmp_path / "ckpt"), str(tmp_path / "back"), progress=False))
+    before = load_file(str(source / "model.safetensors"))
+    after = {}
+    for shard in (tmp_path / "back").glob("model*.safetensors"):
+        after.update(load_file(str(shard)))
+    assert before.keys() == after.keys() and "lm_head.weight" not in after  # tied
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    want = json.loads((source / "config.json").read_text())
+    got = json.loads((tmp_path / "back" / "config.json").read_text())
+    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+                "rope_parameters", "layer_types", "sliding_window", "query_pre_attn_scalar",
+                "hidden_activation", "vocab_size", "tie_word_embeddings",
+                "max_position_embeddings"):
+        assert got.get(key) == want.get(key), key
+    tokens = torch.randint(0, want["vocab_size"], (1, 30))
+    assert torch.equal(hf_logits(source, tokens), hf_logits(tmp_path / "back", tokens))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0"),
+    ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0"),
+    ({"layer_types": ["sliding_attention", "full_attention", "full_attention",
+                      "sliding_attention"]}, "only every N-th layer attending globally"),
+    ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 4.0,
+                                             "rope_theta": 1e6},
+                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+     "only linear is built"),
+    ({"hidden_activation": "silu"}, "hidden_activation 'silu'"),
+])
+def test_configs_that_cannot_be_built_exactly_are_refused(tmp_path, sp_model, change, message):
+    source = make_gemma3(tmp_path / "hf", sp_model)
+    config = json.loads((source / "config.json").read_text())
+    config.update(change)
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as raised:
+        import_hf(ImportConfig(str(source), str(tmp_path / "ckpt"), progress=False))
+    assert message in str(raised.value)
+    assert not (tmp_path / "ckpt").exists()
