@@ -25,6 +25,12 @@ What a GGUF stores differently from ``transformers``, each undone here:
   so its GGUF loader builds Llama 3.1/3.2 files without the scaling; here the model
   computes what llama.cpp computes.
 
+Gemma 3 (architecture ``gemma3``): llama.cpp stores its ``1 + w`` norm weights as
+``1 + w`` (subtracted here: exact for float files up to the rounding of that addition),
+and fixes in its loader, not in the file, the global layer of every 6, the window layers'
+RoPE base (10000) and the attention scalar (the head size; hidden / heads for the 62
+layers of 27B): the config states the same.
+
 A Mistral GGUF is stored as architecture ``llama`` with no sliding window, and llama.cpp
 runs it without one: it is read as the Llama layout (the family then follows from its
 RoPE base and norm epsilon, as for a ``config.json``).
@@ -45,13 +51,7 @@ from megatron_ext.errors import TokenizerError
 from megatron_ext.models.family import UnsupportedModelError
 from megatron_ext.models.hf_checkpoint import HFCheckpointError
 from megatron_ext.tokenizers import TOKENIZER_JSON
-from megatron_ext.models.hf_llama import (
-    EMBEDDING_NAMES,
-    LLAMA3_SCALING_FIXED,
-    QK_NORM_SUFFIXES,
-    QKV_BIAS_SUFFIXES,
-    hf_layer_names,
-)
+from megatron_ext.models.hf_llama import LLAMA3_SCALING_FIXED, QK_NORM_SUFFIXES, QKV_BIAS_SUFFIXES
 
 if TYPE_CHECKING:
     import torch
@@ -67,6 +67,7 @@ class Layout(NamedTuple):
     permuted_qk: bool  # query/key rows in llama.cpp's interleaved-RoPE order
     qkv_bias: bool  # query/key/value biases (Qwen2)
     qk_norm: bool  # per-head query/key norms (Qwen3)
+    norm_offset: float = 0.0  # llama.cpp stores Gemma's 1 + w norms as 1 + w: subtracted
 
 
 ARCHITECTURES = {
@@ -76,7 +77,13 @@ ARCHITECTURES = {
                     qk_norm=False),
     "qwen3": Layout("qwen3", "Qwen3ForCausalLM", permuted_qk=False, qkv_bias=False,
                     qk_norm=True),
+    "gemma3": Layout("gemma3_text", "Gemma3ForCausalLM", permuted_qk=False, qkv_bias=False,
+                     qk_norm=True, norm_offset=1.0),
 }
+# what llama.cpp's Gemma 3 loader fixes instead of reading it from the file: every 6th
+# layer global, the others' RoPE base, the attention scalar (hidden / heads for the 62
+# layers of 27B, else the head size)
+GEMMA3_PATTERN, GEMMA3_LOCAL_THETA, GEMMA3_27B_LAYERS = 6, 10000.0, 62
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1 RoPE scaling, folded into the config
 FLOAT_TYPES = ("F32", "F16", "BF16")
 DEQUANT_CHUNK_ELEMENTS = 1 << 24  # elements dequantized at once (64 MiB of float32)
@@ -303,7 +310,24 @@ class GGUFModel:
         scaling = self._rope_scaling(theta, head_dim)
         if scaling:
             config["rope_scaling"] = scaling
+        if self.architecture == "gemma3":
+            self._gemma3_config(config)
         return config
+
+    def _gemma3_config(self, config: dict) -> None:
+        """Gemma 3's fields, as llama.cpp's loader reads the file (see the constants)."""
+        del config["hidden_act"]
+        window = self._arch_value("attention.sliding_window")
+        hidden, heads = config["hidden_size"], config["num_attention_heads"]
+        config.update(
+            hidden_activation="gelu_pytorch_tanh",
+            sliding_window=int(window) if window else None,
+            layer_types=[("sliding_attention" if window and (i + 1) % GEMMA3_PATTERN
+                          else "full_attention") for i in range(config["num_hidden_layers"])],
+            rope_local_base_freq=GEMMA3_LOCAL_THETA,
+            query_pre_attn_scalar=(hidden // heads if config["num_hidden_layers"]
+                                   == GEMMA3_27B_LAYERS else config["head_dim"]),
+            final_logit_softcapping=self._arch_value("final_logit_softcapping"))
 
     def _rope_scaling(self, theta: float, head_dim: int) -> Optional[dict]:
         """The HF ``rope_scaling`` the file states, if any (the importer refuses what it
@@ -405,14 +429,18 @@ class GGUFWeights:
     def __init__(self, model: GGUFModel):
         self.model = model
         self.model_dir = model.path  # named in messages, like HFWeights'
+        from megatron_ext.models.hf_config import hf_adapter
+
         layout = ARCHITECTURES[model.architecture]
         self._permuted = layout.permuted_qk
+        self._norm_offset = layout.norm_offset
         layers = int(model.config["num_hidden_layers"])
         self._heads = {"q_proj": int(model.config["num_attention_heads"]),
                        "k_proj": int(model.config["num_key_value_heads"])}
-        names = list(EMBEDDING_NAMES)
+        adapter = hf_adapter(model.config, model.path)  # the family's own tensor names
+        names = list(adapter.embedding_names())
         for layer in range(layers):
-            names += hf_layer_names(layer, layout.qkv_bias, layout.qk_norm)
+            names += adapter.layer_names(layer)
         self._to_gguf = {}
         table = _gguf_name_table(model.architecture, layers)
         for name in names:
@@ -442,6 +470,8 @@ class GGUFWeights:
         projection = name.rsplit(".", 2)[-2]
         if self._permuted and projection in self._heads and name.endswith(".weight"):
             tensor = unpermute_heads(tensor, self._heads[projection])
+        if self._norm_offset and name.endswith("norm.weight"):
+            tensor = tensor - self._norm_offset
         return tensor
 
     def require(self, names: list[str]) -> None:

@@ -182,6 +182,77 @@ def test_hf_megatron_hf_gives_back_identical_tensors_and_config(tmp_path, sp_mod
     assert torch.equal(hf_logits(source, tokens), hf_logits(tmp_path / "back", tokens))
 
 
+def write_gemma3_gguf(path: Path, source: Path, tokenizer_file: str) -> Path:
+    """``source`` (an HF Gemma 3 directory) as llama.cpp's converter writes it: float32
+    tensors under GGUF names, norm weights stored as ``1 + w``, no output layer (tied), the
+    window, RoPE base and linear scaling in the metadata (the pattern, local base and
+    attention scalar are llama.cpp's fixed ones, so ``source`` must use those)."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from tests.checkpointing.gguf_files import tokenizer_metadata
+
+    config = json.loads((source / "config.json").read_text())
+    full = config["rope_parameters"]["full_attention"]
+    vocab = tokenizer_metadata(Path(tokenizer_file))
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_name("Tiny Gemma 3")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(full["rope_theta"])
+    if full.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(full["factor"])
+    writer.add_sliding_window(config["sliding_window"])
+    writer.add_tokenizer_model(vocab["model"])
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_scores(vocab["scores"])
+    writer.add_token_types(vocab["types"])
+    writer.add_bos_token_id(vocab["bos"])
+    writer.add_eos_token_id(vocab["eos"])
+    writer.add_unk_token_id(vocab["unk"])
+    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config["num_hidden_layers"])
+    for name, tensor in load_file(str(source / "model.safetensors")).items():
+        if name == "lm_head.weight":
+            continue
+        stem, suffix = name.rsplit(".", 1)
+        values = tensor.float().numpy()
+        if name.endswith("norm.weight"):
+            values = values + 1.0
+        writer.add_tensor(f"{table.get_name(stem)}.{suffix}", values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_import_reproduces_the_model(tmp_path, sp_model):
+    """A Gemma 3 GGUF (six layers: five windowed, one global, as llama.cpp fixes it) imports
+    to the model transformers computes from the original directory."""
+    from megatron_ext.checkpointing.unsharded import UnshardedReader
+
+    source = make_gemma3(tmp_path / "hf", sp_model, num_hidden_layers=6,
+                         sliding_window_pattern=6, query_pre_attn_scalar=32)
+    gguf_file = write_gemma3_gguf(tmp_path / "tiny.gguf", source, sp_model)
+    import_hf(ImportConfig(str(gguf_file), str(tmp_path / "ckpt"), progress=False))
+    model = UnshardedReader(str(tmp_path / "ckpt")).run_config()["model"]
+    assert (model["sliding_window_pattern"], model["sliding_window_size"],
+            model["rope_local_theta"], model["rope_scaling_type"]) == (6, 8, 10000.0, "linear")
+    tokens = torch.randint(0, 1500, (1, 30))
+    job = logits_job("gguf", tmp_path / "ckpt", tokens, tmp_path / "logits")
+    got = job_logits(start_runs(1, [job], tmp_path / "launch").wait(), job)
+    want = hf_logits(source, tokens)
+    assert (got[..., :want.shape[-1]] - want).abs().max() < 1e-5 * max(1.0, want.abs().max())
+
+
 @pytest.mark.parametrize("change, message", [
     ({"final_logit_softcapping": 30.0}, "final_logit_softcapping=30.0"),
     ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0"),
