@@ -83,6 +83,34 @@ LLAMA31_TEMPLATE = """{{- bos_token }}
 {%- endif %}
 """
 
+# Gemma 3's template (text content only): the system prompt opens the first user turn,
+# the assistant is "model", every turn ends with <end_of_turn> and a newline
+GEMMA3_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {{- message['content'] | trim }}
+    {{- '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
 CONVERSATIONS = [
     (Message(USER, "What is the capital of France?"), Message(ASSISTANT, "Paris.")),
     (Message(SYSTEM, "You answer in one word."), Message(USER, "Color of the sky?"),
@@ -103,10 +131,11 @@ def _asset(name: str) -> str:
     return str(path)
 
 
-def _trained(tmp_path_factory, name: str, config: dict, jinja: str | None = None) -> str:
+def _trained(tmp_path_factory, name: str, config: dict, jinja: str | None = None,
+             special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>")) -> str:
     directory = tmp_path_factory.mktemp(name)
     train_byte_level_bpe(_corpus(), str(directory / "tokenizer.json"), vocab_size=1200,
-                         special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+                         special_tokens=special_tokens)
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     if jinja is not None:
         (directory / "chat_template.jinja").write_text(jinja)
@@ -118,6 +147,14 @@ def smollm2_dir(tmp_path_factory) -> str:
     return _trained(tmp_path_factory, "smollm2", {
         "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
         "chat_template": SMOLLM2_TEMPLATE})
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(tmp_path_factory) -> str:
+    return _trained(tmp_path_factory, "gemma3", {
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+        "chat_template": GEMMA3_TEMPLATE},
+        special_tokens=("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"))
 
 
 @pytest.fixture(scope="session")
@@ -150,10 +187,12 @@ def tokenizer_dir(request, smollm2_dir, qwen25_dir):
         return qwen25_dir
     if name == "llama3.1":
         return request.getfixturevalue("llama31_dir")
+    if name == "gemma3":
+        return request.getfixturevalue("gemma3_dir")
     return _asset({"qwen3": "qwen3", "llama3 (npm)": "llama3_1"}[name])
 
 
-TEMPLATES = ["smollm2", "qwen2.5", "qwen3", "llama3.1", "llama3 (npm)"]
+TEMPLATES = ["smollm2", "qwen2.5", "qwen3", "llama3.1", "llama3 (npm)", "gemma3"]
 
 
 def _hf(directory: str):
@@ -192,7 +231,9 @@ def test_ids_equal_apply_chat_template_and_the_mask_covers_the_answers(tokenizer
     fmt.check()
     hf = _hf(tokenizer_dir)
     llama = "<|eot_id|>" in tokenizer.special_tokens
-    assert fmt.stop_token == ("<|eot_id|>" if llama else "<|im_end|>")
+    gemma = "<end_of_turn>" in tokenizer.special_tokens
+    assert fmt.stop_token == ("<|eot_id|>" if llama else "<end_of_turn>" if gemma
+                              else "<|im_end|>")
     for conversation in CONVERSATIONS:
         ids, roles = conversation_ids(fmt, tokenizer, conversation)
         assert ids == _ids(hf, _messages(conversation)), conversation
@@ -201,6 +242,8 @@ def test_ids_equal_apply_chat_template_and_the_mask_covers_the_answers(tokenizer
         answers = [m.content for m in conversation if m.role == ASSISTANT]
         if llama:
             expected = [a.strip() + "<|eot_id|>" for a in answers]
+        elif gemma:  # trimmed, the end-of-turn token and its newline
+            expected = [a.strip() + "<end_of_turn>\n" for a in answers]
         else:
             expected = [a + "<|im_end|>\n" for a in answers]
         assert _assistant_runs(tokenizer, ids, roles) == expected
