@@ -23,7 +23,8 @@ from megatron_ext.checkpointing.hf_export import ExportConfig, export_hf
 from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
 from megatron_ext.errors import UserError
 from tests.models.check_hf_logits import perturb_biases_and_norms
-from tests.runs import call_job, job_logits, logits_job, start_runs
+from tests.conftest import CHATML
+from tests.runs import call_job, job_logits, logits_job, start_runs, tool_job
 from tests.tools.conftest import hf_logits
 
 LAYOUTS = ((1, 1), (2, 1), (4, 1), (1, 2))
@@ -156,6 +157,47 @@ def test_greedy_generation_equals_transformers(gemma, tp):
     assert ours["ours"] == theirs
     assert ours["margin"] > 1e-4  # no near-tie decided by rounding
     assert all(len(set(tokens)) >= 10 for tokens in theirs)  # non-trivial continuations
+
+
+@pytest.fixture(scope="module")
+def gemma_lora(gemma, imported_train_data) -> dict:
+    """LoRA on every linear layer of the tiny model, trained at TP=2 (both ranks share the
+    one key/value head, and its adapter), exported --adapter_only; our logits at TP=1."""
+    root = gemma["root"] / "lora"
+    train = {"name": "train", "argv": [
+        "--data_path", imported_train_data["prefix"], "--split", "90,10,0",
+        "--vocab_extra_ids_list", ",".join(CHATML), "--seq_length", "96",
+        "--variable_seq_lengths", "--micro_batch_size", "2", "--global_batch_size", "8",
+        "--train_iters", "3", "--lr", "1e-2", "--eval_iters", "1", "--seed", "1234",
+        "--load", str(gemma["source"]), "--save", str(root / "run"), "--peft", "lora",
+        "--tensor_model_parallel_size", "2"]}
+    results = start_runs(2, [train], root / "two").wait()
+    assert results["train"].returncode == 0, results["train"].log[-3000:]
+    tokens = torch.randint(3, 1500, (2, 24), generator=torch.Generator().manual_seed(7))
+    logits = logits_job("lora", root / "run", tokens, root / "logits")
+    results.update(start_runs(1, [tool_job("export", "megatron_to_hf.py", "--load",
+                                           str(root / "run"), "--out", str(root / "adapter"),
+                                           "--adapter_only"), logits], root / "one").wait())
+    assert results["export"].returncode == 0, results["export"].log[-3000:]
+    return {"adapter": root / "adapter", "tokens": tokens, "ours": job_logits(results, logits)}
+
+
+@pytest.mark.slow
+def test_lora_trained_at_tp2_exports_to_peft_with_our_logits(gemma, gemma_lora):
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(gemma["source"],
+                                                             dtype=torch.float32)
+    base.config._attn_implementation = "eager"
+    with torch.no_grad():
+        plain = base.eval()(gemma_lora["tokens"]).logits
+    model = peft.PeftModel.from_pretrained(base, gemma_lora["adapter"]).eval()
+    with torch.no_grad():
+        theirs = model(gemma_lora["tokens"]).logits
+    ours = gemma_lora["ours"][..., :theirs.shape[-1]]
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) <= 1e-4
+    assert float((plain - theirs).abs().max() / theirs.abs().max()) > 1e-3  # it trained
 
 
 def test_hf_megatron_hf_gives_back_identical_tensors_and_config(tmp_path, sp_model):
