@@ -249,10 +249,14 @@ VARIANTS = {
                "--rope_scaling_type", "linear"],
 }
 # tied embeddings at TP=2 are covered by Qwen2; Llama's tied run is the PP=2 one
+# sequence parallelism for Gemma 3: its norms of the attention's and MLP's outputs see a
+# slice of the sequence each
 VARIANT_LAYOUTS = {"tp2": ["--tensor_model_parallel_size", "2"],
-                   "pp2": ["--pipeline_model_parallel_size", "2"]}
+                   "pp2": ["--pipeline_model_parallel_size", "2"],
+                   "tp2-sp": ["--tensor_model_parallel_size", "2", "--sequence_parallel"]}
 VARIANT_CASES = [(variant, layout) for variant in VARIANTS for layout in VARIANT_LAYOUTS
-                 if (variant, layout) != ("llama-tied", "tp2")]
+                 if (variant, layout) != ("llama-tied", "tp2")
+                 and (layout != "tp2-sp" or variant == "gemma3")]
 
 
 @starts_early("variant_runs")
