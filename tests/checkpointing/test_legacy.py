@@ -99,7 +99,7 @@ def test_write_read_round_trip_is_bit_exact(tmp_path, family, tp, pp):
     assert not [p for p in os.listdir(tmp_path) if p.endswith((".incomplete", ".previous"))]
     got = read_legacy_checkpoint(str(tmp_path))
     assert_same_state(got.state, state)
-    assert got.model_args == model_args
+    assert got.model_args == resolve_model_args(model_args)  # with the fields it leaves out
     assert (got.iteration, got.tp, got.pp, got.padded_vocab_size) == (100, tp, pp, PADDED)
 
 
@@ -492,11 +492,16 @@ def test_architectures_we_cannot_represent_are_refused(tmp_path):
     write_legacy_checkpoint(str(tmp_path), llama_state(), LLAMA_ARGS, 1, 1, 1, PADDED)
     path = rank_file(tmp_path, 1, 0)
     saved = load(path)
-    saved["args"].parallel_attn = True  # Falcon
+    saved["args"].parallel_attn = True  # Falcon's layers, in a file that says llama2
     torch.save(saved, path)
-    with pytest.raises(CheckpointError, match="parallel_attn=True"):
+    with pytest.raises(CheckpointError, match="parallel_attn: checkpoint True, llama2 False"):
         read_legacy_checkpoint(str(tmp_path))
     saved["args"].parallel_attn = False
+    saved["args"].parallel_layernorm = True
+    torch.save(saved, path)
+    with pytest.raises(CheckpointError, match="parallel_layernorm=True without parallel_attn"):
+        read_legacy_checkpoint(str(tmp_path))
+    saved["args"].parallel_layernorm = False
     torch.save(saved, path)
     with pytest.raises(CheckpointError, match="does not have the gpt architecture"):
         read_legacy_checkpoint(str(tmp_path), model_name="gpt")

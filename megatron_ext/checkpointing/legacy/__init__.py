@@ -52,6 +52,16 @@ Encoder keys [megatron/model/transformer.py: ParallelTransformer(Layer), Paralle
     ``[p*L/PP, (p+1)*L/PP)`` (``_get_num_layers`` requires ``L % PP == 0``);
     the embedding lives on stage 0, final norm and ``lm_head`` on the last.
 
+Falcon [megatron/model/falcon_model.py; transformer.py ParallelTransformerLayer with
+``parallel_attn``]
+    ``x + attention(input_layernorm(x)) + mlp(...)``: the MLP reads
+    ``input_layernorm``'s output (Falcon-7B), or with ``parallel_layernorm``
+    (Falcon-40B) its own ``layers.{i}.mlp_layernorm.weight``/``.bias`` (our
+    ``pre_mlp_layernorm``); no ``post_attention_layernorm``; LayerNorm, exact GeLU,
+    rotary (rows permuted as below), tied embeddings, no linear biases (its model
+    asserts ``use_bias`` off). Multi-query is just ``num_attention_heads_kv`` 1. Our
+    ``falcon`` family with ``parallel_attn_norms`` 1 or 2.
+
 Tensor parallelism [tools/checkpoint_loader_megatron.py, checkpoint_saver_megatron.py]
     Column-parallel (rows split, dim 0): word embeddings and ``lm_head``
     (vocabulary rows), ``query_key_value`` weight and bias, ``dense_h_to_4h``
@@ -105,8 +115,8 @@ which can run code embedded in the file: load only checkpoints you trust.
 Classes of modules this environment lacks (``megatron.model.enums``...) are
 replaced by inert stand-ins (:class:`LegacyObject`) instead of failing.
 
-Not represented (refused, never silently changed): Falcon's parallel
-attention/layernorm, post-LN, residual-after-norm, rotary scaling, GLUs other
+Not represented (refused, never silently changed): a ``parallel_layernorm``
+without ``parallel_attn``, post-LN, residual-after-norm, rotary scaling, GLUs other
 than SwiGLU, ``kv_channels != hidden/heads``, virtual pipelines, a standalone
 embedding stage, upstream Megatron-LM's rotary/SwiGLU conventions.
 """

@@ -53,6 +53,9 @@ def resolve_model_args(model_args: Mapping[str, Any]) -> dict[str, Any]:
         problems.append(f"the {family.name} family's "
                         + ("query/key/value biases" if family.add_qkv_bias
                            else "query/key norms"))
+    if family.parallel_attn_norms and resolved["add_bias_linear"]:
+        problems.append(f"linear biases in the {family.name} family (Megatron-LLM's Falcon "
+                        "asserts use_bias=False)")
     if resolved["kv_channels"] * resolved["num_attention_heads"] != resolved["hidden_size"]:
         problems.append(f"a head size (kv_channels {resolved['kv_channels']}) other than "
                         "hidden size / heads")
@@ -100,8 +103,10 @@ def _architecture(args: Mapping[str, Any]) -> dict[str, Any]:
             "its rotary and SwiGLU conventions differ from Megatron-LLM's and are not supported "
             "here: convert it to Hugging Face format with Megatron-LM's tools first")
     refused = [f"{name}={get(name)!r}" for name in (
-        "parallel_attn", "parallel_layernorm", "use_post_ln",
-        "apply_residual_connection_post_layernorm", "standalone_embedding_stage") if get(name)]
+        "use_post_ln", "apply_residual_connection_post_layernorm",
+        "standalone_embedding_stage") if get(name)]
+    if get("parallel_layernorm") and not get("parallel_attn"):
+        refused.append("parallel_layernorm=True without parallel_attn")
     if get("rope_scaling_factor", 1.0) not in (None, 1.0):
         refused.append(f"rope_scaling_factor={get('rope_scaling_factor')!r}")
     if get("num_layers_per_virtual_pipeline_stage") is not None:
@@ -147,6 +152,9 @@ def _architecture(args: Mapping[str, Any]) -> dict[str, Any]:
         "position_embedding": "rope" if position == "rotary" else "learned_absolute",
         "tie_embeddings": bool(get("tie_embed_logits", True)),
         "use_bias": bool(get("use_bias", False)),
+        # Falcon's parallel layers: 2 norms with parallel_layernorm (40B), else 1 (7B)
+        "parallel_attn_norms": (2 if get("parallel_layernorm") else 1) if get("parallel_attn")
+        else 0,
     }
 
 
@@ -155,7 +163,8 @@ def _guess_family(arch: Mapping[str, Any]) -> str | None:
     structure = {key: arch[key] for key in ("normalization", "swiglu", "position_embedding",
                                             "tie_embeddings")}
     family = closest_family(structure, arch["rope_theta"], arch["layernorm_epsilon"],
-                            bool(arch["sliding_window_size"]), prefer=ModelArgs.model_name)
+                            bool(arch["sliding_window_size"]), prefer=ModelArgs.model_name,
+                            parallel=bool(arch["parallel_attn_norms"]))
     return family.name if family else None
 
 
@@ -184,6 +193,9 @@ def legacy_args_to_model_args(args: Mapping[str, Any],
               "tie_embeddings": family.tie_embeddings}
     clash = [f"{key}: checkpoint {arch[key]!r}, {name} {value!r}"
              for key, value in wanted.items() if arch[key] != value]
+    if bool(arch["parallel_attn_norms"]) != bool(family.parallel_attn_norms):
+        clash.append(f"parallel_attn: checkpoint {bool(arch['parallel_attn_norms'])}, {name} "
+                     f"{bool(family.parallel_attn_norms)}")
     if clash:
         raise CheckpointError(f"the checkpoint does not have the {name} architecture "
                               f"({'; '.join(clash)})")
@@ -240,13 +252,14 @@ def model_args_to_legacy_args(model_args: Mapping[str, Any], tp: int, pp: int,
         "position_embedding_type": "rotary" if family.position_embedding == "rope"
         else "absolute",
         "use_rms_norm": family.normalization == "RMSNorm",
-        "use_bias": family.add_bias_linear,
+        "use_bias": resolved["add_bias_linear"],
         "glu_activation": "swiglu" if family.swiglu else None,
         "tie_embed_logits": resolved["tie_embeddings"],
         "rope_theta": float(resolved["rope_theta"]), "rope_scaling_factor": 1.0,
         "layernorm_epsilon": float(resolved["layernorm_epsilon"]),
         "sliding_window_size": resolved["sliding_window_size"] or None,
-        "parallel_attn": False, "parallel_layernorm": False, "use_post_ln": False,
+        "parallel_attn": bool(resolved["parallel_attn_norms"]),
+        "parallel_layernorm": resolved["parallel_attn_norms"] == 2, "use_post_ln": False,
         "apply_residual_connection_post_layernorm": False,
         "standalone_embedding_stage": False,
         # exact GeLU, as megatron-core's F.gelu (the fused kernel is the tanh approximation)

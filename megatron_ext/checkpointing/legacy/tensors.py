@@ -27,7 +27,18 @@ LAYER_NAMES = (
     ("mlp.linear_fc1", "mlp.dense_h_to_4h"),
     ("mlp.linear_fc2", "mlp.dense_4h_to_h"),
 )
-NORMS = ("input_layernorm", "post_attention_layernorm")
+# the MLP's norm of Falcon's parallel layers with two norms (Falcon-40B: parallel_layernorm)
+MLP_NORM = ("pre_mlp_layernorm", "mlp_layernorm")
+NORMS = ("input_layernorm", "post_attention_layernorm", "mlp_layernorm")
+
+
+def layer_names(parallel_norms: int) -> tuple[tuple[str, str], ...]:
+    """:data:`LAYER_NAMES` of a layer: sequential (0), or Falcon's parallel layer whose one
+    norm feeds attention and MLP (1, no MLP norm) or which has an MLP norm of its own (2)."""
+    if not parallel_norms:
+        return LAYER_NAMES
+    names = tuple(pair for pair in LAYER_NAMES if pair[0] != "pre_mlp_layernorm")
+    return names + ((MLP_NORM,) if parallel_norms == 2 else ())
 
 
 def permute_rotary_rows(qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
@@ -70,10 +81,15 @@ class RankLayout:
     tied: bool
     tp: int
     pp: int
+    parallel_norms: int = 0  # Falcon's parallel layers: their norms (1 or 2); 0 sequential
 
     @property
     def layers_per_stage(self) -> int:
         return self.num_layers // self.pp
+
+    @property
+    def layer_names(self) -> tuple[tuple[str, str], ...]:
+        return layer_names(self.parallel_norms)
 
     def stage_keys(self, stage: int) -> list[str]:
         """Canonical (flattened) Megatron-LLM keys one rank file of ``stage`` holds."""
@@ -84,7 +100,7 @@ class RankLayout:
                 keys.append("embedding.position_embeddings.weight")
         for local in range(self.layers_per_stage):
             prefix = f"encoder.layers.{local}."
-            for _, legacy in LAYER_NAMES:
+            for _, legacy in self.layer_names:
                 keys.append(prefix + legacy + ".weight")
                 if (self.layernorm_bias if legacy in NORMS else self.linear_bias):
                     keys.append(prefix + legacy + ".bias")
@@ -107,7 +123,8 @@ def rank_layout(model_args: Mapping[str, Any], tp: int, pp: int, linear_bias: bo
         rotary=family.position_embedding == "rope", swiglu=family.swiglu,
         layernorm_bias=family.normalization == "LayerNorm", linear_bias=linear_bias,
         position_embeddings=family.position_embedding == "learned_absolute",
-        tied=bool(model_args.get("tie_embeddings", family.tie_embeddings)), tp=tp, pp=pp)
+        tied=bool(model_args.get("tie_embeddings", family.tie_embeddings)), tp=tp, pp=pp,
+        parallel_norms=int(model_args.get("parallel_attn_norms") or 0))
     problems = []
     if tp < 1 or pp < 1:
         problems.append(f"TP={tp} and PP={pp} must be at least 1")
@@ -151,7 +168,7 @@ def our_key(key: str, offset: int) -> str:
     match = LAYER_KEY.match(key)
     assert match, key
     local, rest = int(match.group(1)), match.group(2)
-    for ours, legacy in LAYER_NAMES:
+    for ours, legacy in LAYER_NAMES + (MLP_NORM,):
         if rest.startswith(legacy + "."):
             return f"decoder.layers.{local + offset}.{ours}{rest[len(legacy):]}"
     raise AssertionError(key)

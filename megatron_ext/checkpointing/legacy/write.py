@@ -15,7 +15,6 @@ from megatron_ext.checkpointing.legacy.args import (
 )
 from megatron_ext.checkpointing.legacy.files import CHECKPOINT_VERSION, MODEL_FILE, rank_dir
 from megatron_ext.checkpointing.legacy.tensors import (
-    LAYER_NAMES,
     NORMS,
     RankLayout,
     check_shapes,
@@ -34,7 +33,7 @@ def _expected_state_keys(layout: RankLayout) -> list[str]:
     if layout.position_embeddings:
         keys.append("embedding.position_embeddings.weight")
     for i in range(layout.num_layers):
-        for ours, legacy in LAYER_NAMES:
+        for ours, legacy in layout.layer_names:
             keys.append(f"decoder.layers.{i}.{ours}.weight")
             if layout.layernorm_bias if legacy in NORMS else layout.linear_bias:
                 keys.append(f"decoder.layers.{i}.{ours}.bias")

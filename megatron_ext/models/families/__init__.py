@@ -79,12 +79,12 @@ def family_for_legacy_name(legacy_name: Any) -> Optional[Family]:
 
 
 def closest_family(structure: Mapping[str, Any], rope_theta: float, layernorm_epsilon: float,
-                   has_window: bool, prefer: str) -> Optional[Family]:
+                   has_window: bool, prefer: str, parallel: bool = False) -> Optional[Family]:
     """The family whose defaults best describe an architecture that names no family.
 
     Candidates have ``structure`` (normalization, swiglu, position_embedding,
-    tie_embeddings), and a default window exactly when ``has_window`` if any
-    such family exists. Among them, a matching RoPE base counts more than a
+    tie_embeddings), parallel attention and MLP exactly when ``parallel`` (Falcon), and
+    a default window exactly when ``has_window`` if any such family exists. Among them, a matching RoPE base counts more than a
     matching norm epsilon (the base tells generations apart); ties go to
     ``prefer``, then by name.
     """
@@ -95,7 +95,8 @@ def closest_family(structure: Mapping[str, Any], rope_theta: float, layernorm_ep
     # families with query/key/value biases or query/key norms only when the structure says so
     features = {"add_qkv_bias": False, "qk_layernorm": False, **structure}
     candidates = [family for family in _discovered().values()
-                  if all(getattr(family, key) == value for key, value in features.items())]
+                  if all(getattr(family, key) == value for key, value in features.items())
+                  and bool(family.parallel_attn_norms) == parallel]
     candidates = ([family for family in candidates if bool(family.sliding_window) == has_window]
                   or candidates)
     if not candidates:
