@@ -203,7 +203,8 @@ def _convert(config: ImportConfig, source: ModelSource) -> ImportSummary:
                           **({"megatron_llm_specials": False} if kind == SENTENCEPIECE else {})},
             "source": dict(source.record),
         }
-        stored_dtype = str(cast(weights.get("model.norm.weight")).dtype).replace("torch.", "")
+        # the final norm's dtype (adapters list it right after the word embeddings)
+        stored_dtype = str(cast(weights.get(needed[1])).dtype).replace("torch.", "")
         run_config["source"]["stored_dtype"] = stored_dtype  # the export's default dtype
         writer.finish({"vocab_size": tokenizer.vocab_size, "iteration": 0, "source": "hf",
                        "dtype": stored_dtype}, run_config)

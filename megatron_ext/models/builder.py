@@ -239,7 +239,9 @@ def build_gpt_model(model: ModelArgs, config, padded_vocab: int, pre_process: bo
                     post_process: bool, init_seed: int = 1234, use_flash_attn: bool = False):
     """A ``GPTModel`` (this pipeline stage's layers) for ``ModelArgs`` ``model``.
 
-    The block spec is the family's own when its file names one, else :func:`layer_spec`.
+    The block spec is the family's own when its file names one (called with the resolved
+    ``model`` too: a family's layers may depend on its settings, e.g. Falcon's norms), else
+    :func:`layer_spec`.
     Tied embeddings (``model.tie_embeddings``) are megatron-core's own: with PP > 1 the
     last stage holds a copy of the word embeddings as its output layer, made equal to the
     first stage's at build time and kept equal by ``finalize_model_grads`` summing their
@@ -247,11 +249,14 @@ def build_gpt_model(model: ModelArgs, config, padded_vocab: int, pre_process: bo
     """
     family = get_family(model.model_name)
     model = model.resolved()
-    block_spec = family.block_spec or layer_spec
+    if family.block_spec is not None:
+        block = family.block_spec(config, init_seed, use_flash_attn, model=model)
+    else:
+        block = layer_spec(config, init_seed, use_flash_attn)
     torch.manual_seed(init_seed)  # embeddings: drawn first, on the first stage only
     built = _gpt_model_class()(
         config=config,
-        transformer_layer_spec=block_spec(config, init_seed, use_flash_attn),
+        transformer_layer_spec=block,
         vocab_size=padded_vocab,
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,

@@ -132,8 +132,8 @@ class Family:
     # Face layout have no place for them)
     configurable: frozenset = frozenset()
     hf: Optional[HFAdapter] = None  # None: no Hugging Face equivalent
-    # (megatron-core TransformerConfig, init seed, use_flash_attn) -> block spec;
-    # None: the shared seeded block of models/builder.py
+    # (megatron-core TransformerConfig, init seed, use_flash_attn, model=resolved ModelArgs)
+    # -> block spec; None: the shared seeded block of models/builder.py
     block_spec: Optional[Callable[..., Any]] = None
 
     @property

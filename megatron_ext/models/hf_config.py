@@ -33,8 +33,12 @@ def _claiming_family(config: Mapping[str, Any], source: str) -> Family:
 
 
 def hf_adapter(config: Mapping[str, Any], source: str = "config.json") -> HFAdapter:
-    """The adapter that reads ``config`` and its weights."""
-    return _claiming_family(config, source).hf
+    """The adapter that reads ``config`` and its weights: the family's own, bound to the
+    model's layout where its tensor names depend on it (the adapter's ``for_config``:
+    Falcon's norms and biases)."""
+    adapter = _claiming_family(config, source).hf
+    bind = getattr(adapter, "for_config", None)
+    return bind(config) if bind is not None else adapter
 
 
 def family_from_hf_config(config: Mapping[str, Any]) -> str:

@@ -167,6 +167,13 @@ def llama_config_from_model_args(args: "ModelArgs", model_type: str, architectur
                                  max_position_embeddings: Optional[int] = None,
                                  qwen: bool = False) -> dict:
     """``config.json`` for ``transformers`` from resolved model arguments."""
+    if args.add_bias_linear or args.parallel_attn_norms:
+        # the layout has no place for them: written anyway, they would be dropped silently
+        raise UnsupportedModelError(
+            f"the {args.model_name} model has "
+            + ("biases on its linear layers (add_bias_linear)" if args.add_bias_linear
+               else f"parallel attention and MLP ({args.parallel_attn_norms} norms)")
+            + f": the Hugging Face {model_type} layout has no place for them")
     config = {
         "architectures": [architecture],
         "model_type": model_type,

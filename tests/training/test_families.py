@@ -12,6 +12,7 @@ from tests.runs import model_args, start_runs, started, starts_early, train_metr
 FAMILY_ARGS = {
     "llama3": ["--recompute_granularity", "selective"],
     "mistral": ["--sliding_window_size", "16", "--recompute_granularity", "full"],
+    "falcon": ["--parallel_attn_norms", "2", "--add_bias_linear"],  # parallel layers
     "gpt": [],  # LayerNorm, GeLU, learned positions, biases, tied embeddings
     "qwen2": ["--tie_embed_logits"],  # QKV biases, RMSNorm eps 1e-6, RoPE base 1e6
     "qwen3": ["--kv_channels", "24"],  # per-head q/k RMSNorm, head size != hidden / heads

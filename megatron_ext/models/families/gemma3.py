@@ -121,9 +121,11 @@ def _modules():
     return GemmaNorm, GemmaSelfAttention, gemma_layer
 
 
-def block_spec(config, init_seed: int, use_flash_attn: bool = False):
+def block_spec(config, init_seed: int, use_flash_attn: bool = False,
+               model: Optional["ModelArgs"] = None):
     """The shared seeded block (:func:`~megatron_ext.models.builder.layer_spec`) with Gemma's
-    norms everywhere and its attention and MLP modules."""
+    norms everywhere, its attention and its layer (``model``: unused, all is in
+    ``config``)."""
     import dataclasses
 
     from megatron_ext.models.builder import layer_spec
@@ -131,9 +133,11 @@ def block_spec(config, init_seed: int, use_flash_attn: bool = False):
     norm, attention, gemma_layer = _modules()
     block = layer_spec(config, init_seed, use_flash_attn, norm=norm)
 
+    layer = gemma_layer(block.layer_specs[0].module)  # every layer spec is the same one
+
     def gemma(spec):
         sub = spec.submodules
-        return dataclasses.replace(spec, module=gemma_layer(spec.module),
+        return dataclasses.replace(spec, module=layer,
                                    submodules=dataclasses.replace(sub, self_attention=(
                                        dataclasses.replace(sub.self_attention,
                                                            module=attention))))
