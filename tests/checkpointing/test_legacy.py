@@ -525,3 +525,133 @@ def test_what_megatron_llm_cannot_build_is_not_written(tmp_path, changes, words)
         write_legacy_checkpoint(str(tmp_path), llama_state(), dict(LLAMA_ARGS, **changes), 1, 1,
                                 1, PADDED)
     assert not os.listdir(tmp_path)
+
+
+# --- Falcon: Megatron-LLM's parallel layers -------------------------------------------------
+FALCON = {  # HF config of Falcon-7B's layout (one norm, one key/value head) and Falcon-40B's
+    "7b": dict(new_decoder_architecture=False, multi_query=True),
+    "40b": dict(new_decoder_architecture=True, num_kv_heads=2, num_ln_in_parallel_attn=2),
+}
+
+
+def hf_falcon(layout: str):
+    """A random ``FalconForCausalLM`` of ``layout`` (norms perturbed), no linear biases and
+    tied embeddings, as Megatron-LLM's Falcon has them."""
+    import transformers
+
+    from tests.models.check_hf_logits import perturb_biases_and_norms
+
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                                       num_attention_heads=HEADS, vocab_size=PADDED, bias=False,
+                                       parallel_attn=True, alibi=False, **FALCON[layout])
+    model = transformers.FalconForCausalLM(config)
+    perturb_biases_and_norms(model)
+    return model
+
+
+def megatron_llm_falcon_file(root, model, layout: str) -> None:
+    """What Megatron-LLM's weights_conversion/hf_to_megatron.py writes for Falcon: one
+    release file, 'transformer' / '.attention.' names, a flat embedding, q/k rows in
+    interleaved rotary order (its permute_qkv), ``mlp_layernorm`` with parallel_layernorm,
+    no lm_head (tied), and args without model_name."""
+    hf, config = model.state_dict(), model.config
+    kv = model.transformer.h[0].self_attention.num_kv_heads
+    per_group, half = HEADS // kv, HEAD_DIM // 2
+
+    def interleaved(qkv):  # per group: q heads and the k head reordered, v untouched
+        groups = qkv.reshape(kv, per_group + 2, HEAD_DIM, -1).clone()
+        for g in range(kv):
+            for h in range(per_group + 1):
+                head = groups[g, h].clone()
+                for j in range(half):
+                    groups[g, h, 2 * j], groups[g, h, 2 * j + 1] = head[j], head[half + j]
+        return groups.reshape(qkv.shape)
+
+    transformer = {"final_layernorm.weight": hf["transformer.ln_f.weight"],
+                   "final_layernorm.bias": hf["transformer.ln_f.bias"]}
+    two = layout == "40b"
+    for i in range(LAYERS):
+        src, dst = f"transformer.h.{i}.", f"layers.{i}."
+        norms = ({"input_layernorm": "ln_attn", "mlp_layernorm": "ln_mlp"} if two
+                 else {"input_layernorm": "input_layernorm"})
+        for ours, theirs in norms.items():
+            for suffix in ("weight", "bias"):
+                transformer[f"{dst}{ours}.{suffix}"] = hf[f"{src}{theirs}.{suffix}"]
+        transformer.update({
+            dst + "attention.query_key_value.weight":
+                interleaved(hf[src + "self_attention.query_key_value.weight"]),
+            dst + "attention.dense.weight": hf[src + "self_attention.dense.weight"],
+            dst + "mlp.dense_h_to_4h.weight": hf[src + "mlp.dense_h_to_4h.weight"],
+            dst + "mlp.dense_4h_to_h.weight": hf[src + "mlp.dense_4h_to_h.weight"]})
+    args = argparse.Namespace(
+        num_layers=LAYERS, hidden_size=HIDDEN, num_attention_heads=HEADS,
+        num_attention_heads_kv=kv, tokenizer_type="FalconTokenizer", use_flash_attn=True,
+        hidden_dropout=0.0, parallel_attn=True, max_position_embeddings=2048,
+        seq_length=2048, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        iteration="release", bias_gelu_fusion=False, bias_droput_fusion=False,
+        position_embedding_type="rotary", **({"parallel_layernorm": True} if two else {}))
+    (root / "release" / "mp_rank_00").mkdir(parents=True)
+    (root / "latest_checkpointed_iteration.txt").write_text("release")
+    torch.save({"iteration": "release", "checkpoint_version": 3.0, "args": args,
+                "model": {"language_model": {
+                    "embedding": {"word_embeddings.weight":
+                                  hf["transformer.word_embeddings.weight"]},
+                    "transformer": transformer}}},
+               root / "release" / "mp_rank_00" / "model_optim_rng.pt")
+
+
+def falcon_from_hf(model) -> dict[str, torch.Tensor]:
+    """``model``'s weights in our names, converted by the falcon family's own HF adapter."""
+    from megatron_ext.models.families import get_family
+
+    config = model.config.to_dict()
+    adapter = get_family("falcon").hf.for_config(config)
+    hf = model.state_dict()
+    kv = model.transformer.h[0].self_attention.num_kv_heads
+    state = adapter.embeddings_to_megatron(
+        {n: hf[n] for n in adapter.embedding_names(True)}, PADDED, PADDED, True)
+    for i in range(LAYERS):
+        state.update(adapter.layer_to_megatron({n: hf[n] for n in adapter.layer_names(i)}, i,
+                                               HEADS, kv))
+    return state
+
+
+@pytest.mark.parametrize("layout", sorted(FALCON))
+def test_reads_megatron_llm_falcon_files(tmp_path, layout):
+    """Megatron-LLM's converter output is recognised as Falcon (its args name no model) and
+    reads as the Hugging Face model our importer converts, rotary rows put back."""
+    model = hf_falcon(layout)
+    megatron_llm_falcon_file(tmp_path, model, layout)
+    got = read_legacy_checkpoint(str(tmp_path))
+    assert got.model_args["model_name"] == "falcon"
+    assert got.model_args["parallel_attn_norms"] == (2 if layout == "40b" else 1)
+    assert got.model_args["num_attention_heads_kv"] == (2 if layout == "40b" else 1)
+    assert got.model_args["tie_embeddings"] and not got.model_args["add_bias_linear"]
+    assert_same_state(got.state, falcon_from_hf(model))
+
+
+@pytest.mark.parametrize("layout,tp,pp", [("7b", 1, 2), ("40b", 2, 2)])
+def test_falcon_write_read_round_trip_is_bit_exact(tmp_path, layout, tp, pp):
+    model = hf_falcon(layout)
+    state = falcon_from_hf(model)
+    kv = model.transformer.h[0].self_attention.num_kv_heads
+    args = dict(LLAMA_ARGS, model_name="falcon", num_attention_heads_kv=kv,
+                ffn_hidden_size=4 * HIDDEN, tie_embeddings=True,
+                parallel_attn_norms=2 if layout == "40b" else 1)
+    write_legacy_checkpoint(str(tmp_path), state, args, tp, pp, 10, PADDED)
+    saved = load(rank_file(tmp_path, 10, 0, 0))
+    assert saved["args"].parallel_attn and saved["args"].parallel_layernorm == (layout == "40b")
+    assert saved["args"].model_name == "falcon" and not saved["args"].use_bias
+    layer = saved["model"]["language_model"]["encoder"]
+    assert ("layers.0.mlp_layernorm.bias" in layer) == (layout == "40b")
+    assert "layers.0.post_attention_layernorm.weight" not in layer
+    got = read_legacy_checkpoint(str(tmp_path))
+    assert_same_state(got.state, state)
+    assert got.model_args == resolve_model_args(args)
+
+
+def test_falcon_with_linear_biases_is_not_written(tmp_path):
+    args = dict(LLAMA_ARGS, model_name="falcon", add_bias_linear=True, tie_embeddings=True)
+    with pytest.raises(CheckpointError, match="Megatron-LLM's Falcon asserts use_bias=False"):
+        write_legacy_checkpoint(str(tmp_path), {}, args, 1, 1, 1, PADDED)
