@@ -31,6 +31,13 @@ and fixes in its loader, not in the file, the global layer of every 6, the windo
 RoPE base (10000) and the attention scalar (the head size; hidden / heads for the 62
 layers of 27B): the config states the same.
 
+Falcon (architecture ``falcon``): llama.cpp stores the fused query/key/value matrix as all
+query heads, then all key heads, then all value heads (put back into Falcon's per-group
+order by :func:`grouped_qkv`), Falcon-40B's ``ln_attn`` as ``attn_norm_2`` and its
+``ln_mlp`` as ``attn_norm``, and no RoPE base. llama.cpp computes Falcon's MLP with the
+tanh-approximated GELU; the import follows the original model (and transformers): exact
+GELU.
+
 A Mistral GGUF is stored as architecture ``llama`` with no sliding window, and llama.cpp
 runs it without one: it is read as the Llama layout (the family then follows from its
 RoPE base and norm epsilon, as for a ``config.json``).
@@ -68,6 +75,7 @@ class Layout(NamedTuple):
     qkv_bias: bool  # query/key/value biases (Qwen2)
     qk_norm: bool  # per-head query/key norms (Qwen3)
     norm_offset: float = 0.0  # llama.cpp stores Gemma's 1 + w norms as 1 + w: subtracted
+    split_qkv: bool = False  # one attn_qkv as [all q; all k; all v] (Falcon): regrouped
 
 
 ARCHITECTURES = {
@@ -79,6 +87,8 @@ ARCHITECTURES = {
                     qk_norm=True),
     "gemma3": Layout("gemma3_text", "Gemma3ForCausalLM", permuted_qk=False, qkv_bias=False,
                      qk_norm=True, norm_offset=1.0),
+    "falcon": Layout("falcon", "FalconForCausalLM", permuted_qk=False, qkv_bias=False,
+                     qk_norm=False, split_qkv=True),
 }
 # what llama.cpp's Gemma 3 loader fixes instead of reading it from the file: every 6th
 # layer global, the others' RoPE base, the attention scalar (hidden / heads for the 62
@@ -117,6 +127,22 @@ def unpermute_heads(weight: "torch.Tensor", num_heads: int) -> "torch.Tensor":
     half = rows // num_heads // 2
     return (weight.reshape(num_heads, half, 2, *rest).transpose(1, 2)
             .reshape(rows, *rest).contiguous())
+
+
+def grouped_qkv(qkv: "torch.Tensor", num_heads: int, num_kv_heads: int) -> "torch.Tensor":
+    """llama.cpp's Falcon ``attn_qkv`` (all query heads, all key heads, all value heads) in
+    Falcon's own order: per key/value group, its query heads, its key head, its value
+    head (the same for one group, Falcon-7B)."""
+    import torch
+
+    head_dim = qkv.shape[0] // (num_heads + 2 * num_kv_heads)
+    rest = tuple(qkv.shape[1:])
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim,
+                         num_kv_heads * head_dim])
+    q = q.reshape(num_kv_heads, num_heads // num_kv_heads, head_dim, *rest)
+    k = k.reshape(num_kv_heads, 1, head_dim, *rest)
+    v = v.reshape(num_kv_heads, 1, head_dim, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(qkv.shape).contiguous()
 
 
 def llama3_rope_factors(factor: float, theta: float, head_dim: int) -> list[float]:
@@ -267,6 +293,8 @@ class GGUFModel:
         The head size comes from the query matrix (key_length and rope.dimension_count,
         when stated, must agree with it); the vocabulary size from the embedding rows.
         """
+        if self.architecture == "falcon":
+            return self._falcon_config()
         layout = ARCHITECTURES[self.architecture]
         experts = self._arch_value("expert_count", 0)
         if experts:
@@ -312,6 +340,56 @@ class GGUFModel:
             config["rope_scaling"] = scaling
         if self.architecture == "gemma3":
             self._gemma3_config(config)
+        return config
+
+    def _falcon_config(self) -> dict:
+        """Falcon's ``config.json``. The file says how many norms a layer has (an
+        ``attn_norm_2`` is Falcon-40B's ``ln_attn``) and how many key/value heads; one norm
+        with one key/value head is Falcon-7B's layout, one norm with more is the new
+        architecture's single-norm variant (Falcon2-11B). llama.cpp states no RoPE base
+        (its default, 10000, is the family's)."""
+        for name in ("token_embd.weight", "blk.0.attn_qkv.weight"):
+            if name not in self._tensors:
+                raise HFCheckpointError(f"{self.path} has no {name} tensor; it is incomplete "
+                                        "or not a falcon model")
+        hidden = int(self._arch_value("embedding_length", required=True))
+        heads = int(self._arch_value("attention.head_count", required=True))
+        kv = int(self._arch_value("attention.head_count_kv", 1))
+        head_dim = hidden // heads
+        rows = self.tensor_shape("blk.0.attn_qkv.weight")[0]
+        if rows != (heads + 2 * kv) * head_dim:
+            raise UnsupportedModelError(
+                f"{self.path}: attn_qkv has {rows} rows, not ({heads} + 2 x {kv}) heads of "
+                f"{head_dim}: the stated key/value heads are wrong (a converter reading "
+                "Falcon-7B's num_kv_heads instead of multi_query?)")
+        two_norms = "blk.0.attn_norm_2.weight" in self._tensors
+        new_architecture = two_norms or kv > 1
+        config = {
+            "architectures": ["FalconForCausalLM"],
+            "model_type": "falcon",
+            "hidden_size": hidden,
+            "ffn_hidden_size": int(self._arch_value("feed_forward_length", 4 * hidden)),
+            "num_hidden_layers": int(self._arch_value("block_count", required=True)),
+            "num_attention_heads": heads,
+            "num_kv_heads": kv,
+            "new_decoder_architecture": new_architecture,
+            "multi_query": kv == 1,
+            "parallel_attn": True,
+            "alibi": False,
+            "bias": False,
+            "activation": "gelu",
+            "layer_norm_epsilon": float(self._arch_value("attention.layer_norm_epsilon",
+                                                         required=True)),
+            "max_position_embeddings": int(self._arch_value("context_length", 2048)),
+            "rope_theta": float(self._arch_value("rope.freq_base", DEFAULT_ROPE_THETA)),
+            "vocab_size": self.tensor_shape("token_embd.weight")[0],
+            "tie_word_embeddings": "output.weight" not in self._tensors,
+            "bos_token_id": self._value("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self._value("tokenizer.ggml.eos_token_id"),
+            "pad_token_id": self._value("tokenizer.ggml.padding_token_id"),
+        }
+        if new_architecture:
+            config["num_ln_in_parallel_attn"] = 2 if two_norms else 1
         return config
 
     def _gemma3_config(self, config: dict) -> None:
@@ -434,9 +512,12 @@ class GGUFWeights:
         layout = ARCHITECTURES[model.architecture]
         self._permuted = layout.permuted_qk
         self._norm_offset = layout.norm_offset
+        self._split_qkv = layout.split_qkv
+        self._kv_heads = int(model.config.get("num_key_value_heads")
+                             or model.config.get("num_kv_heads") or 1)
         layers = int(model.config["num_hidden_layers"])
         self._heads = {"q_proj": int(model.config["num_attention_heads"]),
-                       "k_proj": int(model.config["num_key_value_heads"])}
+                       "k_proj": self._kv_heads}
         adapter = hf_adapter(model.config, model.path)  # the family's own tensor names
         names = list(adapter.embedding_names())
         for layer in range(layers):
@@ -472,6 +553,8 @@ class GGUFWeights:
             tensor = unpermute_heads(tensor, self._heads[projection])
         if self._norm_offset and name.endswith("norm.weight"):
             tensor = tensor - self._norm_offset
+        if self._split_qkv and projection == "query_key_value":
+            tensor = grouped_qkv(tensor, self._heads["q_proj"], self._kv_heads)
         return tensor
 
     def require(self, names: list[str]) -> None:

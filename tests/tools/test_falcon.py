@@ -63,9 +63,9 @@ def make_hf_falcon(directory: Path, architecture: str, vocab_size: int, bos: int
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.FalconConfig(**SHAPE, **ARCHITECTURES[architecture],
-                                       vocab_size=vocab_size, bos_token_id=bos,
-                                       eos_token_id=eos, **overrides)
+    config = transformers.FalconConfig(**{**SHAPE, **ARCHITECTURES[architecture],
+                                          **overrides}, vocab_size=vocab_size,
+                                       bos_token_id=bos, eos_token_id=eos)
     model = transformers.FalconForCausalLM(config)
     perturb_biases_and_norms(model)
     directory.mkdir(parents=True, exist_ok=True)
@@ -323,3 +323,94 @@ def test_falcon_adapters_export_under_falcons_module_names():
     prefix = "base_model.model.transformer.h.1."
     assert out[prefix + "self_attention.query_key_value.lora_B.weight"].shape == (96, 4)
     assert out[prefix + "mlp.dense_h_to_4h.lora_B.weight"].shape == (256, 4)
+
+
+def write_falcon_gguf(path: Path, source: Path, tokenizer_file: Path,
+                      stated_kv: int | None = None) -> Path:
+    """``source`` (an HF Falcon directory without biases, 4h MLP) as llama.cpp's converter
+    writes it: float32 tensors under GGUF names (``ln_attn`` -> ``attn_norm_2``, ``ln_mlp``
+    -> ``attn_norm``), the fused query/key/value as all q, all k, all v heads, no output
+    layer when tied, the key/value head count of the architecture, no RoPE base."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from tests.checkpointing.gguf_files import tokenizer_metadata
+
+    config = json.loads((source / "config.json").read_text())
+    heads, hidden = config["num_attention_heads"], config["hidden_size"]
+    kv = config["num_kv_heads"] if config["new_decoder_architecture"] else 1
+    head_dim = hidden // heads
+    vocab = tokenizer_metadata(tokenizer_file)
+    writer = gguf.GGUFWriter(str(path), "falcon")
+    writer.add_name("Tiny Falcon")
+    writer.add_context_length(2048)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(4 * hidden)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(stated_kv or kv)
+    writer.add_layer_norm_eps(config["layer_norm_epsilon"])
+    writer.add_tokenizer_model(vocab["model"])
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_merges(vocab["merges"])
+    writer.add_token_types(vocab["types"])
+    writer.add_bos_token_id(vocab["bos"])
+    writer.add_eos_token_id(vocab["eos"])
+    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.FALCON, config["num_hidden_layers"])
+    for name, tensor in load_file(str(source / "model.safetensors")).items():
+        if name == "lm_head.weight" and config["tie_word_embeddings"]:
+            continue
+        values = tensor.float()
+        if name.endswith("query_key_value.weight"):
+            grouped = values.reshape(kv, heads // kv + 2, head_dim, hidden)
+            values = torch.cat([grouped[:, :-2].reshape(-1, hidden),
+                                grouped[:, -2].reshape(-1, hidden),
+                                grouped[:, -1].reshape(-1, hidden)])
+        stem, suffix = name.rsplit(".", 1)
+        writer.add_tensor(f"{table.get_name(stem)}.{suffix}", values.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("architecture", list(ARCHITECTURES))
+def test_gguf_import_reproduces_the_model(tmp_path, architecture, hf_tokenizer_dir):
+    """A Falcon GGUF of each layout (40B's: two norms, two key/value heads regrouped from
+    llama.cpp's q/k/v order) imports to the model transformers computes from the original
+    directory (exact GELU, as the original)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(f"{hf_tokenizer_dir}/tokenizer.json")
+    ids = tokenizer.get_vocab(with_added_tokens=True)
+    source = make_hf_falcon(tmp_path / "hf", architecture,
+                            tokenizer.get_vocab_size(with_added_tokens=True),
+                            ids["<|begin_of_text|>"], ids["<|end_of_text|>"], bias=False)
+    gguf_file = write_falcon_gguf(tmp_path / "tiny.gguf", source,
+                                  Path(hf_tokenizer_dir) / "tokenizer.json")
+    import_hf(ImportConfig(str(gguf_file), str(tmp_path / "ckpt"), progress=False))
+    model = UnshardedReader(str(tmp_path / "ckpt")).run_config()["model"]
+    assert (model["num_attention_heads_kv"], model["parallel_attn_norms"]) == (
+        (2, 2) if architecture == "40b" else (1, 1))
+    tokens = torch.randint(0, len(ids), (1, 30))
+    job = logits_job("gguf", tmp_path / "ckpt", tokens, tmp_path / "logits")
+    got = job_logits(start_runs(1, [job], tmp_path / "launch").wait(), job)
+    assert close(got[..., :len(ids)], hf_logits(source, tokens))
+
+
+def test_gguf_with_the_wrong_key_value_head_count_is_refused(tmp_path, hf_tokenizer_dir):
+    """A 7B-layout file stating all heads as key/value heads (a converter that read
+    num_kv_heads, which transformers saves equal to the heads, instead of multi_query)."""
+    from megatron_ext.errors import UserError
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(f"{hf_tokenizer_dir}/tokenizer.json")
+    ids = tokenizer.get_vocab(with_added_tokens=True)
+    source = make_hf_falcon(tmp_path / "hf", "7b", len(ids), ids["<|begin_of_text|>"],
+                            ids["<|end_of_text|>"])
+    gguf_file = write_falcon_gguf(tmp_path / "tiny.gguf", source,
+                                  Path(hf_tokenizer_dir) / "tokenizer.json", stated_kv=4)
+    with pytest.raises(UserError, match=r"attn_qkv has 96 rows, not \(4 \+ 2 x 4\) heads"):
+        import_hf(ImportConfig(str(gguf_file), str(tmp_path / "ckpt"), progress=False))
+    assert not (tmp_path / "ckpt").exists()
