@@ -61,6 +61,14 @@ SEQ = 64
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 1e-2, "resume": 1e-4, "flash": 2e-2}
 # the runs that stop at iteration 3 and are resumed, and the run each must reproduce
 RESUMED = {"bf16-distopt-resumed": "bf16-distopt", "fp16-resumed": "fp16"}
+# families with layers of their own, each in bf16 with flash-attn against its fp32 run:
+# Gemma 3 (window and global layers, one key/value head, 1 + w norms), Falcon (parallel
+# layers with two norms and biases)
+FAMILIES = {"gemma3": ("--model_name", "gemma3", "--num_attention_heads_kv", "1",
+                       "--kv_channels", "32", "--sliding_window_size", "16",
+                       "--sliding_window_pattern", "2"),
+            "falcon": ("--model_name", "falcon", "--parallel_attn_norms", "2",
+                       "--add_bias_linear")}
 
 
 # ------------------------------------------------------------------ verdicts (CPU-tested)
@@ -151,6 +159,9 @@ def runs_for(base: list[str], root: Path) -> list[dict]:
             run("lora-fp32", "--load", str(root / "fp32"), "--peft", "lora"),
             run("lora-bf16", "--load", str(root / "fp32"), "--peft", "lora", "--bf16"),
             run("dora-bf16", "--load", str(root / "fp32"), "--peft", "dora", "--bf16")]
+    for family, flags in FAMILIES.items():
+        runs += [run(f"{family}-fp32", *flags),
+                 run(f"{family}-bf16-flash", *flags, "--bf16", "--use_flash_attn")]
     flags = {"bf16-distopt-resumed": ("--bf16", "--use_distributed_optimizer"),
              "fp16-resumed": ("--fp16",)}
     for name in RESUMED:
@@ -205,6 +216,10 @@ def rows_for(root: Path, two_gpus: bool, flash_calls: int) -> list[Row]:
     rows.append(verdict("--peft dora --bf16", "LoRA fp32 (DoRA starts equal)",
                         losses(root / "dora-bf16")[:1] if losses(root / "dora-bf16") else None,
                         lora[:1] if lora else None, TOLERANCE["bf16"]))
+    for family in FAMILIES:
+        rows.append(verdict(f"{family} --bf16 --use_flash_attn", f"{family} fp32",
+                            losses(root / f"{family}-bf16-flash"),
+                            losses(root / f"{family}-fp32"), TOLERANCE["bf16"]))
     if two_gpus:
         rows.append(verdict("DP=2 --use_distributed_optimizer", "fp32",
                             losses(root / "dp2-distopt"), ref, TOLERANCE["fp32"]))

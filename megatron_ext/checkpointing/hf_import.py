@@ -203,7 +203,7 @@ def _convert(config: ImportConfig, source: ModelSource) -> ImportSummary:
                           **({"megatron_llm_specials": False} if kind == SENTENCEPIECE else {})},
             "source": dict(source.record),
         }
-        # the final norm's dtype (adapters list it right after the word embeddings)
+        # the final norm's dtype (HFAdapter.embedding_names lists it second)
         stored_dtype = str(cast(weights.get(needed[1])).dtype).replace("torch.", "")
         run_config["source"]["stored_dtype"] = stored_dtype  # the export's default dtype
         writer.finish({"vocab_size": tokenizer.vocab_size, "iteration": 0, "source": "hf",

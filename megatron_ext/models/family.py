@@ -77,8 +77,10 @@ class HFAdapter(Protocol):
         """``config.json`` for resolved ``args`` (see :meth:`ModelArgs.resolved`)."""
 
     def embedding_names(self, tied: bool = False) -> list[str]:
-        """The HF tensors outside the decoder layers (what the first conversion step reads);
-        ``tied``: the model's output layer is its word embeddings (no ``lm_head``)."""
+        """The HF tensors outside the decoder layers (what the first conversion step reads):
+        the word embeddings first, then the final norm's weight (the importer records the
+        model's stored dtype from it), then the rest; ``tied``: the model's output layer is
+        its word embeddings (no ``lm_head``)."""
 
     def layer_names(self, layer: int) -> list[str]:
         """The HF tensors of decoder layer ``layer``."""
