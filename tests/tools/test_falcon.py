@@ -8,7 +8,7 @@ The models: the 7B layout (one LayerNorm, one key/value head: at TP=2 each rank 
 it, no biases, tied embeddings) and the new decoder architecture (``ln_attn``/``ln_mlp``,
 two key/value heads, biases on every linear layer, untied), biases and norms perturbed so
 that a wrong mapping shows. Every job of this module goes to the session's workers in one
-launch per world size, side by side (TP=4 in one of its own, see ``falcon_tp4_logits``).
+launch per world size, side by side, started at the session's first test.
 """
 
 from __future__ import annotations
@@ -28,7 +28,16 @@ from megatron_ext.models.family import UnsupportedModelError
 from megatron_ext.models.hf_config import model_args_from_hf_config
 from tests.conftest import CHATML
 from tests.models.check_hf_logits import perturb_biases_and_norms
-from tests.runs import call_job, job_logits, logits_job, model_args, start_runs, train_metrics
+from tests.runs import (
+    call_job,
+    job_logits,
+    logits_job,
+    model_args,
+    start_runs,
+    started,
+    starts_early,
+    train_metrics,
+)
 from tests.tools.conftest import hf_logits
 from tests.training.test_parallel import assert_same_curve
 
@@ -81,12 +90,15 @@ def falcon_with_sentencepiece(directory: Path, architecture: str, sp_model: str)
     return directory
 
 
-@pytest.fixture(scope="module")
-def falcon_runs(tmp_path_factory, sp_model, imported_train_data) -> dict:
-    """Both models imported (ChatML tokens added), then one launch per world size: logits
-    at every layout, the generation checks (``tests/models/check_falcon.py``) and the
-    finetuning runs."""
-    root = tmp_path_factory.mktemp("falcon")
+@starts_early("falcon_runs")
+def start_falcon_runs(request) -> dict:
+    """Both models imported (ChatML tokens added), then one launch per world size, started
+    at the session's first test: logits at every layout, the generation checks
+    (``tests/models/check_falcon.py``), the finetuning runs and, after them, the trained
+    checkpoints' logits at another layout."""
+    root = request.getfixturevalue("tmp_path_factory").mktemp("falcon")
+    sp_model = request.getfixturevalue("sp_model")
+    imported_train_data = request.getfixturevalue("imported_train_data")
     sources = {name: falcon_with_sentencepiece(root / "hf" / name, name, sp_model)
                for name in ARCHITECTURES}
     for name, source in sources.items():
@@ -115,17 +127,35 @@ def falcon_runs(tmp_path_factory, sp_model, imported_train_data) -> dict:
                 + [run for name, run in train.items() if TRAIN_LAYOUTS[name][2] == size]
                 + (list(trained.values()) if size == 2 else []))
 
-    launches = [start_runs(size, world(size), root / f"world{size}") for size in (2, 1)]
-    results = {name: result for launch in launches for name, result in launch.wait().items()}
-    for name in train:
+    # at TP=4: the 7B model's one key/value head serves four ranks
+    tp4 = {name: logits_job(f"{name}_tp4", root / "ckpt" / name, tokens, root / "logits", 4, 1)
+           for name in ARCHITECTURES}
+    launches = [start_runs(size, world(size), root / f"world{size}", early=True)
+                for size in (2, 1)]
+    launches.append(start_runs(4, list(tp4.values()), root / "world4", early=True))
+    return {"root": root, "sources": sources, "tokens": tokens, "jobs": jobs,
+            "checks": checks, "train": train, "trained": trained, "tp4": tp4,
+            "launches": launches}
+
+
+@pytest.fixture(scope="module")
+def falcon_runs(request) -> dict:
+    begun = started("falcon_runs", request)
+    root = begun["root"]
+    results = {name: result for launch in begun["launches"]
+               for name, result in launch.wait().items()}
+    for name in begun["train"]:
         assert results[name].returncode == 0, results[name].log[-3000:]
     checked = {}
-    for tp, job in checks.items():
+    for tp, job in begun["checks"].items():
         assert results[job["name"]].returncode == 0, results[job["name"]].log[-3000:]
         checked[tp] = json.loads((root / f"check_tp{tp}.json").read_text())
-    return {"sources": sources, "tokens": tokens, "root": root, "checks": checked,
-            "logits": {key: job_logits(results, job) for key, job in jobs.items()},
-            "trained": {name: job_logits(results, job) for name, job in trained.items()}}
+    return {"sources": begun["sources"], "tokens": begun["tokens"], "root": root,
+            "checks": checked,
+            "logits": {key: job_logits(results, job) for key, job in begun["jobs"].items()},
+            "trained": {name: job_logits(results, job)
+                        for name, job in begun["trained"].items()},
+            "tp4": {name: job_logits(results, job) for name, job in begun["tp4"].items()}}
 
 
 def close(got: torch.Tensor, want: torch.Tensor) -> bool:
@@ -142,26 +172,13 @@ def test_imported_falcon_reproduces_transformers_logits_at_tp1_tp2_pp2(falcon_ru
         assert close(got, want), (layout, (got - want).abs().max().item())
 
 
-@pytest.fixture(scope="module")
-def falcon_tp4_logits(falcon_runs) -> dict:
-    """Both imported models' logits at TP=4, in a launch of their own (the session's
-    4-process worker, which test_context_parallel.py starts too; alone, it costs about 25 s
-    on two cores: ``-k "not tp4"`` saves them)."""
-    root = falcon_runs["root"]
-    jobs = {name: logits_job(f"{name}_tp4", root / "ckpt" / name, falcon_runs["tokens"],
-                             root / "logits", 4, 1) for name in ARCHITECTURES}
-    results = start_runs(4, list(jobs.values()), root / "world4").wait()
-    return {name: job_logits(results, job) for name, job in jobs.items()}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
-def test_imported_falcon_reproduces_transformers_logits_at_tp4(falcon_runs, falcon_tp4_logits,
-                                                              architecture):
+def test_imported_falcon_reproduces_transformers_logits_at_tp4(falcon_runs, architecture):
     """The 7B model's one key/value head serves all four ranks, the 40B model's two serve
     two ranks each."""
     want = hf_logits(falcon_runs["sources"][architecture], falcon_runs["tokens"])
-    got = falcon_tp4_logits[architecture][..., :want.shape[-1]]
+    got = falcon_runs["tp4"][architecture][..., :want.shape[-1]]
     assert close(got, want), (got - want).abs().max().item()
 
 

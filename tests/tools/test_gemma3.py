@@ -24,7 +24,15 @@ from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
 from megatron_ext.errors import UserError
 from tests.models.check_hf_logits import perturb_biases_and_norms
 from tests.conftest import CHATML
-from tests.runs import call_job, job_logits, logits_job, start_runs, tool_job
+from tests.runs import (
+    call_job,
+    job_logits,
+    logits_job,
+    start_runs,
+    started,
+    starts_early,
+    tool_job,
+)
 from tests.tools.conftest import hf_logits
 
 LAYOUTS = ((1, 1), (2, 1), (4, 1), (1, 2))
@@ -76,12 +84,15 @@ def generation_check(load: str, out: str, tp: str) -> None:
                                          "margin": margin}))
 
 
-@pytest.fixture(scope="module")
-def gemma(tmp_path_factory, sp_model) -> dict:
-    """The tiny model imported once; its logits at every layout of :data:`LAYOUTS` and its
-    greedy generations at TP=1 and TP=2, in one launch per world size."""
-    root = tmp_path_factory.mktemp("gemma3")
-    source = make_gemma3(root / "hf", sp_model)
+@starts_early("gemma")
+def start_gemma(request) -> dict:
+    """The tiny model imported, then one launch per world size, started at the session's
+    first test: its logits at every layout of :data:`LAYOUTS`, its greedy generations at
+    TP=1 and TP=2, and a LoRA on every linear layer trained at TP=2 (both ranks share the
+    one key/value head, and its adapter)."""
+    root = request.getfixturevalue("tmp_path_factory").mktemp("gemma3")
+    data = request.getfixturevalue("imported_train_data")
+    source = make_gemma3(root / "hf", request.getfixturevalue("sp_model"))
     import_hf(ImportConfig(str(source), str(root / "ckpt"), progress=False))
     torch.manual_seed(1)
     tokens = torch.randint(0, 1500, (2, 40))  # 40 > 4 windows
@@ -90,16 +101,32 @@ def gemma(tmp_path_factory, sp_model) -> dict:
     generation = {tp: call_job(f"generate_{tp}", "tests.tools.test_gemma3:generation_check",
                                str(root / "ckpt"), str(root / f"generated_{tp}.json"), str(tp))
                   for tp in (1, 2)}
-    launches = [start_runs(4, [jobs[(4, 1)]], root / "tp4"),
-                start_runs(2, [jobs[(2, 1)], jobs[(1, 2)], generation[2]], root / "two"),
-                start_runs(1, [jobs[(1, 1)], generation[1]], root / "one")]
+    lora = {"name": "lora", "argv": [
+        "--data_path", data["prefix"], "--split", "90,10,0",
+        "--vocab_extra_ids_list", ",".join(CHATML), "--seq_length", "96",
+        "--variable_seq_lengths", "--micro_batch_size", "2", "--global_batch_size", "8",
+        "--train_iters", "3", "--lr", "1e-2", "--eval_iters", "1", "--seed", "1234",
+        "--load", str(source), "--save", str(root / "lora" / "run"), "--peft", "lora",
+        "--tensor_model_parallel_size", "2"]}
+    launches = [start_runs(4, [jobs[(4, 1)]], root / "tp4", early=True),
+                start_runs(2, [jobs[(2, 1)], jobs[(1, 2)], generation[2], lora], root / "two",
+                           early=True),
+                start_runs(1, [jobs[(1, 1)], generation[1]], root / "one", early=True)]
+    return {"root": root, "source": source, "tokens": tokens, "jobs": jobs,
+            "launches": launches}
+
+
+@pytest.fixture(scope="module")
+def gemma(request) -> dict:
+    begun = started("gemma", request)
     results = {}
-    for launch in launches:
+    for launch in begun["launches"]:
         results.update(launch.wait())
-    return {"root": root, "source": source, "tokens": tokens,
-            **{layout: job_logits(results, job) for layout, job in jobs.items()},
+    root = begun["root"]
+    return {"root": root, "source": begun["source"], "tokens": begun["tokens"],
+            **{layout: job_logits(results, job) for layout, job in begun["jobs"].items()},
             "generated": {tp: json.loads((root / f"generated_{tp}.json").read_text())
-                          for tp in generation if results[f"generate_{tp}"].returncode == 0},
+                          for tp in (1, 2) if results[f"generate_{tp}"].returncode == 0},
             "results": results}
 
 
@@ -160,24 +187,17 @@ def test_greedy_generation_equals_transformers(gemma, tp):
 
 
 @pytest.fixture(scope="module")
-def gemma_lora(gemma, imported_train_data) -> dict:
-    """LoRA on every linear layer of the tiny model, trained at TP=2 (both ranks share the
-    one key/value head, and its adapter), exported --adapter_only; our logits at TP=1."""
+def gemma_lora(gemma) -> dict:
+    """The LoRA trained at TP=2 (:func:`start_gemma`) exported --adapter_only, and our
+    logits at TP=1."""
     root = gemma["root"] / "lora"
-    train = {"name": "train", "argv": [
-        "--data_path", imported_train_data["prefix"], "--split", "90,10,0",
-        "--vocab_extra_ids_list", ",".join(CHATML), "--seq_length", "96",
-        "--variable_seq_lengths", "--micro_batch_size", "2", "--global_batch_size", "8",
-        "--train_iters", "3", "--lr", "1e-2", "--eval_iters", "1", "--seed", "1234",
-        "--load", str(gemma["source"]), "--save", str(root / "run"), "--peft", "lora",
-        "--tensor_model_parallel_size", "2"]}
-    results = start_runs(2, [train], root / "two").wait()
-    assert results["train"].returncode == 0, results["train"].log[-3000:]
+    trained = gemma["results"]["lora"]
+    assert trained.returncode == 0, trained.log[-3000:]
     tokens = torch.randint(3, 1500, (2, 24), generator=torch.Generator().manual_seed(7))
     logits = logits_job("lora", root / "run", tokens, root / "logits")
-    results.update(start_runs(1, [tool_job("export", "megatron_to_hf.py", "--load",
-                                           str(root / "run"), "--out", str(root / "adapter"),
-                                           "--adapter_only"), logits], root / "one").wait())
+    results = start_runs(1, [tool_job("export", "megatron_to_hf.py", "--load",
+                                      str(root / "run"), "--out", str(root / "adapter"),
+                                      "--adapter_only"), logits], root / "one").wait()
     assert results["export"].returncode == 0, results["export"].log[-3000:]
     return {"adapter": root / "adapter", "tokens": tokens, "ours": job_logits(results, logits)}
 
