@@ -1,8 +1,8 @@
 """``instruct/sft.py --executor slurm`` on a real single-node cluster: one command submits
 the experiment as a 2-process CPU job that trains, checkpoints, evaluates and exports
-(``--wait`` follows it); a job cancelled mid-run (scancel: SIGTERM, the trainer saves where
-it stopped) resumes when the same command is run again; a requeued job resumes by itself;
-each on the uninterrupted run's loss curve."""
+(``--wait`` follows it); a requeued job resumes by itself, and the same job cancelled
+mid-run (scancel: SIGTERM, the trainer saves where it stopped) resumes when the same
+command is run again, on the uninterrupted run's loss curve."""
 
 from __future__ import annotations
 
@@ -89,43 +89,39 @@ def test_wait_runs_training_evaluation_and_export_as_one_job(straight):
     assert "parallel: world 2" in job_log(experiment)
 
 
-def test_scancel_then_the_same_command_resumes(slurm_experiments, straight):
+def test_requeued_then_cancelled_job_resumes_each_time_on_the_straight_curve(
+        slurm_cluster, slurm_experiments, straight):
+    """One experiment interrupted twice: a requeued job (SIGTERM, saved, pending again)
+    resumes by itself; the same job cancelled (scancel: SIGTERM, saved) resumes when the
+    same command is run again; it finishes on the uninterrupted run's loss curve, and a
+    further run of the command finds it finished."""
     root, base, data = slurm_experiments
-    args = command(root, base, data, "cancelled")
+    args = command(root, base, data, "interrupted")
     submitted = launch(args)
     job_id = re.search(r"submitted Slurm job (\d+)", submitted.stdout).group(1)
-    experiment = root / "experiments" / "cancelled"
-    wait_for_steps(experiment, job_id, 3)
-    cancel(job_id)
-    assert wait_for(job_id, {"CANCELLED"}, timeout=120) == "CANCELLED"
-    log = job_log(experiment)
-    stopped = re.search(r"stopping after iteration (\d+) \(signal 15\)", log)
-    assert stopped, log[-4000:]  # SIGTERM: the trainer saved where it stopped
-    at = int(stopped.group(1))
-    assert int((experiment / "checkpoints" / "latest_checkpointed_iteration.txt")
-               .read_text()) == at < STEPS
-    again = launch(args + ["--wait"])  # the same command: a new job that resumes
-    assert "is finished: 12 steps" in again.stdout, again.stdout[-3000:]
-    assert f"resuming at iteration {at}" in job_log(experiment)
-    assert_same_curve(train_metrics(experiment), train_metrics(straight[1] / "straight"))
-
-
-def test_requeued_job_resumes_and_finishes_the_experiment(slurm_cluster, slurm_experiments,
-                                                          straight):
-    root, base, data = slurm_experiments
-    submitted = launch(command(root, base, data, "requeued"))
-    job_id = re.search(r"submitted Slurm job (\d+)", submitted.stdout).group(1)
-    experiment = root / "experiments" / "requeued"
+    experiment = root / "experiments" / "interrupted"
     wait_for_steps(experiment, job_id, 3)
     requeue(job_id)
     wait_for(job_id, {"PENDING"}, timeout=120)
     # Slurm holds a requeued job for about two minutes (its BeginTime): start it now
     slurm_cluster.wait_idle()
     slurm_cluster.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-    assert wait_for(job_id, {"COMPLETED"}, timeout=JOB_TIMEOUT) == "COMPLETED"
+    resumed = int((experiment / "checkpoints" / "latest_checkpointed_iteration.txt")
+                  .read_text())
+    wait_for_steps(experiment, job_id, resumed + 2)  # the requeued job trains on by itself
+    assert f"resuming at iteration {resumed}" in job_log(experiment), job_log(experiment)[-4000:]
+    cancel(job_id)
+    assert wait_for(job_id, {"CANCELLED"}, timeout=120) == "CANCELLED"
+    stopped = re.findall(r"stopping after iteration (\d+) \(signal 15\)", job_log(experiment))
+    assert stopped, job_log(experiment)[-4000:]  # SIGTERM: the trainer saved where it stopped
+    at = int(stopped[-1])
+    assert int((experiment / "checkpoints" / "latest_checkpointed_iteration.txt")
+               .read_text()) == at < STEPS and at > resumed
+    again = launch(args + ["--wait"])  # the same command: a new job that resumes
+    assert "is finished: 12 steps" in again.stdout, again.stdout[-3000:]
+    assert f"resuming at iteration {at}" in job_log(experiment)
     record = json.loads((experiment / "experiment.json").read_text())
-    assert record["status"] == "finished", job_log(experiment)[-4000:]
-    assert "resuming at iteration" in job_log(experiment)
+    assert record["status"] == "finished"
     assert_same_curve(train_metrics(experiment), train_metrics(straight[1] / "straight"))
-    rerun = launch(command(root, base, data, "requeued"))
+    rerun = launch(args)
     assert "is already finished" in rerun.stdout
