@@ -140,22 +140,31 @@ def model_args_from_llama_config(config: Mapping[str, Any], model_name: str, sou
             window = None
     if problems:
         raise UnsupportedModelError(f"{source}: cannot convert exactly: " + "; ".join(problems))
-    positions = int(config.get("max_position_embeddings", 4096))
     return {
-        "model_name": model_name,
-        "num_layers": int(config["num_hidden_layers"]),
-        "hidden_size": hidden,
-        "num_attention_heads": heads,
-        "num_attention_heads_kv": int(config.get("num_key_value_heads") or heads),
-        "ffn_hidden_size": int(config["intermediate_size"]),
-        "seq_length": positions,
-        "max_position_embeddings": positions,
+        **shape_args(config, model_name, 4096),
         "rope_theta": theta,
         "rope_scaling_factor": scaling_factor,
         "layernorm_epsilon": rms_norm_eps(config),
         "sliding_window_size": int(window) if window else 0,
         "tie_embeddings": bool(config.get("tie_word_embeddings", False)),
         "kv_channels": head_dim,
+    }
+
+
+def shape_args(config: Mapping[str, Any], model_name: str, default_positions: int) -> dict:
+    """The ``ModelArgs`` fields a Llama-style config (Llama, Mistral, Qwen, Gemma) states
+    alike: layers, widths, heads, positions (training length = the model's), init std."""
+    heads = int(config["num_attention_heads"])
+    positions = int(config.get("max_position_embeddings", default_positions))
+    return {
+        "model_name": model_name,
+        "num_layers": int(config["num_hidden_layers"]),
+        "hidden_size": int(config["hidden_size"]),
+        "num_attention_heads": heads,
+        "num_attention_heads_kv": int(config.get("num_key_value_heads") or heads),
+        "ffn_hidden_size": int(config["intermediate_size"]),
+        "seq_length": positions,
+        "max_position_embeddings": positions,
         "init_method_std": float(config.get("initializer_range", 0.02)),
     }
 

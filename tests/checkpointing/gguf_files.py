@@ -124,6 +124,39 @@ def tokenizer_metadata(tokenizer_file: Path) -> dict:
             "bos": specials["<|begin_of_text|>"], "eos": specials["<|end_of_text|>"]}
 
 
+def add_tokenizer(writer, vocab: dict) -> None:
+    """``vocab`` (:func:`tokenizer_metadata`) into a ``gguf.GGUFWriter``'s metadata."""
+    writer.add_tokenizer_model(vocab["model"])
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(vocab["tokens"])
+    writer.add_token_types(vocab["types"])
+    if "merges" in vocab:
+        writer.add_token_merges(vocab["merges"])
+    if "scores" in vocab:
+        writer.add_token_scores(vocab["scores"])
+        writer.add_unk_token_id(vocab["unk"])
+    writer.add_bos_token_id(vocab["bos"])
+    writer.add_eos_token_id(vocab["eos"])
+
+
+def write_tensors(writer, tensors, architecture, layers: int, convert=None) -> None:
+    """HF-named float ``tensors`` (name -> tensor) under their GGUF names (``convert(name,
+    tensor)`` -> values first, where given), then the whole file written and closed."""
+    import gguf
+
+    table = gguf.get_tensor_name_map(architecture, layers)
+    for name, tensor in tensors.items():
+        values = tensor.float()
+        if convert is not None:
+            values = convert(name, values)
+        stem, suffix = name.rsplit(".", 1)
+        writer.add_tensor(f"{table.get_name(stem)}.{suffix}", values.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def write_gguf(path: Path, variant: str, tokenizer_file: Path, types=None,
                extra_tensors=None, **extra) -> tuple[Path, object]:
     """Write ``variant`` (random weights, ``extra`` config settings) as a GGUF, each kind
@@ -154,17 +187,7 @@ def write_gguf(path: Path, variant: str, tokenizer_file: Path, types=None,
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_tokenizer_model(vocab["model"])
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(vocab["tokens"])
-    writer.add_token_types(vocab["types"])
-    if "merges" in vocab:
-        writer.add_token_merges(vocab["merges"])
-    if "scores" in vocab:
-        writer.add_token_scores(vocab["scores"])
-        writer.add_unk_token_id(vocab["unk"])
-    writer.add_bos_token_id(vocab["bos"])
-    writer.add_eos_token_id(vocab["eos"])
+    add_tokenizer(writer, vocab)
     writer.add_chat_template(CHAT_TEMPLATE)
     table = gguf.get_tensor_name_map(
         next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), config.num_hidden_layers)

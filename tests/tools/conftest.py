@@ -82,6 +82,25 @@ def hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
         return model.eval()(tokens).logits
 
 
+def assert_exported_as_source(source: Path, back: Path, config_keys) -> None:
+    """HF -> ours -> HF: ``back`` (an export) holds exactly ``source``'s tensors, the same
+    ``config_keys`` values, and transformers computes the same logits from it."""
+    from safetensors.torch import load_file
+
+    before = load_file(str(source / "model.safetensors"))
+    after = {}
+    for shard in back.glob("model*.safetensors"):
+        after.update(load_file(str(shard)))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    want = json.loads((source / "config.json").read_text())
+    got = json.loads((back / "config.json").read_text())
+    for key in config_keys:
+        assert got.get(key) == want.get(key), key
+    tokens = torch.randint(0, want["vocab_size"], (1, 30))
+    assert torch.equal(hf_logits(source, tokens), hf_logits(back, tokens))
+
+
 @pytest.fixture(scope="session")
 def hf_llama(tmp_path_factory, sp_model) -> Path:
     return make_hf_model(tmp_path_factory.mktemp("hf_llama") / "model", sp_model)

@@ -38,7 +38,7 @@ from tests.runs import (
     starts_early,
     train_metrics,
 )
-from tests.tools.conftest import hf_logits
+from tests.tools.conftest import assert_exported_as_source, hf_logits
 from tests.training.test_parallel import assert_same_curve
 
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -251,7 +251,6 @@ CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_
 @pytest.mark.parametrize("architecture", list(ARCHITECTURES))
 def test_hf_megatron_hf_gives_back_identical_tensors_and_config(tmp_path, architecture,
                                                                  hf_tokenizer_dir):
-    from safetensors.torch import load_file
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(f"{hf_tokenizer_dir}/tokenizer.json")
@@ -263,20 +262,9 @@ def test_hf_megatron_hf_gives_back_identical_tensors_and_config(tmp_path, archit
         shutil.copy(f"{hf_tokenizer_dir}/{name}", source / name)
     import_hf(ImportConfig(str(source), str(tmp_path / "ckpt"), progress=False))
     export_hf(ExportConfig(str(tmp_path / "ckpt"), str(tmp_path / "back"), progress=False))
-    before = load_file(str(source / "model.safetensors"))
-    after = {}
-    for shard in (tmp_path / "back").glob("model*.safetensors"):
-        after.update(load_file(str(shard)))
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)
     want = json.loads((source / "config.json").read_text())
-    got = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert {key: got.get(key) for key in CONFIG_KEYS} == {key: want.get(key)
-                                                          for key in CONFIG_KEYS}
-    if want["new_decoder_architecture"]:
-        assert got["num_ln_in_parallel_attn"] == want["num_ln_in_parallel_attn"]
-    tokens = torch.randint(0, len(ids), (1, 30))
-    assert torch.equal(hf_logits(source, tokens), hf_logits(tmp_path / "back", tokens))
+    assert_exported_as_source(source, tmp_path / "back", CONFIG_KEYS + (
+        ("num_ln_in_parallel_attn",) if want["new_decoder_architecture"] else ()))
 
 
 BASE = {"model_type": "falcon", "hidden_size": 64, "num_hidden_layers": 2,
@@ -352,7 +340,7 @@ def write_falcon_gguf(path: Path, source: Path, tokenizer_file: Path,
     import gguf
     from safetensors.torch import load_file
 
-    from tests.checkpointing.gguf_files import tokenizer_metadata
+    from tests.checkpointing.gguf_files import add_tokenizer, tokenizer_metadata, write_tensors
 
     config = json.loads((source / "config.json").read_text())
     heads, hidden = config["num_attention_heads"], config["hidden_size"]
@@ -368,28 +356,20 @@ def write_falcon_gguf(path: Path, source: Path, tokenizer_file: Path,
     writer.add_head_count(heads)
     writer.add_head_count_kv(stated_kv or kv)
     writer.add_layer_norm_eps(config["layer_norm_epsilon"])
-    writer.add_tokenizer_model(vocab["model"])
-    writer.add_token_list(vocab["tokens"])
-    writer.add_token_merges(vocab["merges"])
-    writer.add_token_types(vocab["types"])
-    writer.add_bos_token_id(vocab["bos"])
-    writer.add_eos_token_id(vocab["eos"])
-    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.FALCON, config["num_hidden_layers"])
-    for name, tensor in load_file(str(source / "model.safetensors")).items():
-        if name == "lm_head.weight" and config["tie_word_embeddings"]:
-            continue
-        values = tensor.float()
-        if name.endswith("query_key_value.weight"):
-            grouped = values.reshape(kv, heads // kv + 2, head_dim, hidden)
-            values = torch.cat([grouped[:, :-2].reshape(-1, hidden),
-                                grouped[:, -2].reshape(-1, hidden),
-                                grouped[:, -1].reshape(-1, hidden)])
-        stem, suffix = name.rsplit(".", 1)
-        writer.add_tensor(f"{table.get_name(stem)}.{suffix}", values.numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    add_tokenizer(writer, vocab)
+
+    def llama_cpp_order(name: str, values: torch.Tensor) -> torch.Tensor:
+        if not name.endswith("query_key_value.weight"):
+            return values
+        grouped = values.reshape(kv, heads // kv + 2, head_dim, hidden)
+        return torch.cat([grouped[:, :-2].reshape(-1, hidden), grouped[:, -2].reshape(-1, hidden),
+                          grouped[:, -1].reshape(-1, hidden)])
+
+    tensors = {name: tensor for name, tensor in
+               load_file(str(source / "model.safetensors")).items()
+               if not (name == "lm_head.weight" and config["tie_word_embeddings"])}
+    write_tensors(writer, tensors, gguf.MODEL_ARCH.FALCON, config["num_hidden_layers"],
+                  llama_cpp_order)
     return path
 
 

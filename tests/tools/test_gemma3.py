@@ -33,7 +33,7 @@ from tests.runs import (
     starts_early,
     tool_job,
 )
-from tests.tools.conftest import hf_logits
+from tests.tools.conftest import assert_exported_as_source, hf_logits
 
 LAYOUTS = ((1, 1), (2, 1), (4, 1), (1, 2))
 PROMPT_LENGTHS = (5, 11)
@@ -221,27 +221,14 @@ def test_lora_trained_at_tp2_exports_to_peft_with_our_logits(gemma, gemma_lora):
 
 
 def test_hf_megatron_hf_gives_back_identical_tensors_and_config(tmp_path, sp_model):
-    from safetensors.torch import load_file
-
     source = make_gemma3(tmp_path / "hf", sp_model)
     import_hf(ImportConfig(str(source), str(tmp_path / "ckpt"), progress=False))
     export_hf(ExportConfig(str(tmp_path / "ckpt"), str(tmp_path / "back"), progress=False))
-    before = load_file(str(source / "model.safetensors"))
-    after = {}
-    for shard in (tmp_path / "back").glob("model*.safetensors"):
-        after.update(load_file(str(shard)))
-    assert before.keys() == after.keys() and "lm_head.weight" not in after  # tied
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    want = json.loads((source / "config.json").read_text())
-    got = json.loads((tmp_path / "back" / "config.json").read_text())
-    for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
-                "rope_parameters", "layer_types", "sliding_window", "query_pre_attn_scalar",
-                "hidden_activation", "vocab_size", "tie_word_embeddings",
-                "max_position_embeddings"):
-        assert got.get(key) == want.get(key), key
-    tokens = torch.randint(0, want["vocab_size"], (1, 30))
-    assert torch.equal(hf_logits(source, tokens), hf_logits(tmp_path / "back", tokens))
+    assert_exported_as_source(source, tmp_path / "back", (
+        "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+        "rope_parameters", "layer_types", "sliding_window", "query_pre_attn_scalar",
+        "hidden_activation", "vocab_size", "tie_word_embeddings", "max_position_embeddings"))
 
 
 def write_gemma3_gguf(path: Path, source: Path, tokenizer_file: str) -> Path:
@@ -252,7 +239,7 @@ def write_gemma3_gguf(path: Path, source: Path, tokenizer_file: str) -> Path:
     import gguf
     from safetensors.torch import load_file
 
-    from tests.checkpointing.gguf_files import tokenizer_metadata
+    from tests.checkpointing.gguf_files import add_tokenizer, tokenizer_metadata, write_tensors
 
     config = json.loads((source / "config.json").read_text())
     full = config["rope_parameters"]["full_attention"]
@@ -273,26 +260,11 @@ def write_gemma3_gguf(path: Path, source: Path, tokenizer_file: str) -> Path:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(full["factor"])
     writer.add_sliding_window(config["sliding_window"])
-    writer.add_tokenizer_model(vocab["model"])
-    writer.add_token_list(vocab["tokens"])
-    writer.add_token_scores(vocab["scores"])
-    writer.add_token_types(vocab["types"])
-    writer.add_bos_token_id(vocab["bos"])
-    writer.add_eos_token_id(vocab["eos"])
-    writer.add_unk_token_id(vocab["unk"])
-    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3, config["num_hidden_layers"])
-    for name, tensor in load_file(str(source / "model.safetensors")).items():
-        if name == "lm_head.weight":
-            continue
-        stem, suffix = name.rsplit(".", 1)
-        values = tensor.float().numpy()
-        if name.endswith("norm.weight"):
-            values = values + 1.0
-        writer.add_tensor(f"{table.get_name(stem)}.{suffix}", values)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    add_tokenizer(writer, vocab)
+    tensors = {name: tensor for name, tensor in
+               load_file(str(source / "model.safetensors")).items() if name != "lm_head.weight"}
+    write_tensors(writer, tensors, gguf.MODEL_ARCH.GEMMA3, config["num_hidden_layers"],
+                  lambda name, values: values + 1.0 if name.endswith("norm.weight") else values)
     return path
 
 

@@ -12,7 +12,7 @@ from megatron_ext.checkpointing.hf_export import ExportConfig, export_dtype, exp
 from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
 from megatron_ext.data.records import ASSISTANT, SYSTEM, USER, Message
 from tests.conftest import CHATML
-from tests.tools.conftest import hf_logits, make_hf_model
+from tests.tools.conftest import assert_exported_as_source, hf_logits, make_hf_model
 from tests.runs import job_logits, logits_job, model_args, run_many
 from tests.tools.test_hf_conversion import run_tool
 
@@ -71,8 +71,6 @@ def hf_model_with_hf_tokenizer(directory, hf_tokenizer_dir, sp_model, family,
 def test_hf_megatron_hf_gives_back_identical_tensors_and_config(tmp_path, family,
                                                                  hf_tokenizer_dir, sp_model,
                                                                  qwen_tokenizer_dir):
-    from safetensors.torch import load_file
-
     overrides = {"tie_word_embeddings": True} if family == "llama-tied" else {}
     if family == "qwen2":
         overrides.update(hf_tokenizer_dir=qwen_tokenizer_dir, bos=None, eos="<|endoftext|>")
@@ -84,18 +82,7 @@ def test_hf_megatron_hf_gives_back_identical_tensors_and_config(tmp_path, family
     summary = export_hf(ExportConfig(str(tmp_path / "ckpt"), str(tmp_path / "back"),
                                      progress=False))
     assert summary.vocab_size == json.loads((source / "config.json").read_text())["vocab_size"]
-    before = load_file(str(source / "model.safetensors"))
-    after = {}
-    for shard in (tmp_path / "back").glob("model*.safetensors"):
-        after.update(load_file(str(shard)))
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    want = json.loads((source / "config.json").read_text())
-    got = json.loads((tmp_path / "back" / "config.json").read_text())
-    for key in CONFIG_KEYS:
-        assert got.get(key) == want.get(key), key
-    tokens = torch.randint(0, summary.vocab_size, (1, 30))
-    assert torch.equal(hf_logits(source, tokens), hf_logits(tmp_path / "back", tokens))
+    assert_exported_as_source(source, tmp_path / "back", CONFIG_KEYS)
 
 
 @pytest.mark.slow

@@ -222,19 +222,10 @@ def model_args(config: Mapping[str, Any], model_name: str, source: str) -> dict:
     elif pattern is None:
         problems.append(f"layer_types {config.get('layer_types')}: only every N-th layer "
                         "attending globally is built")
-    hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     if problems:
         raise UnsupportedModelError(f"{source}: cannot convert exactly: " + "; ".join(problems))
-    positions = int(config.get("max_position_embeddings", 32768))
     return {
-        "model_name": model_name,
-        "num_layers": int(config["num_hidden_layers"]),
-        "hidden_size": hidden,
-        "num_attention_heads": heads,
-        "num_attention_heads_kv": int(config.get("num_key_value_heads") or heads),
-        "ffn_hidden_size": int(config["intermediate_size"]),
-        "seq_length": positions,
-        "max_position_embeddings": positions,
+        **hf_llama.shape_args(config, model_name, 32768),
         "rope_theta": float(full["rope_theta"]),
         "rope_local_theta": float(local["rope_theta"]),
         "rope_scaling_factor": factor,
@@ -245,7 +236,6 @@ def model_args(config: Mapping[str, Any], model_name: str, source: str) -> dict:
         "tie_embeddings": bool(config.get("tie_word_embeddings", True)),
         "kv_channels": int(config.get("head_dim") or 256),
         "query_pre_attn_scalar": float(config.get("query_pre_attn_scalar") or 256),
-        "init_method_std": float(config.get("initializer_range", 0.02)),
     }
 
 
