@@ -169,6 +169,16 @@ def shape_args(config: Mapping[str, Any], model_name: str, default_positions: in
     }
 
 
+def config_tail(bos_token_id: Optional[int], eos_token_id: Any, pad_token_id: Optional[int],
+                torch_dtype: str) -> dict:
+    """What every exported ``config.json`` states besides the architecture: special token
+    ids, the weights' dtype (``torch_dtype`` for older readers, ``dtype`` for
+    transformers >= 5) and ``use_cache``."""
+    return {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
+            "pad_token_id": pad_token_id, "torch_dtype": torch_dtype, "dtype": torch_dtype,
+            "use_cache": True}
+
+
 def llama_config_from_model_args(args: "ModelArgs", model_type: str, architecture: str,
                                  windowed: bool, vocab_size: int, bos_token_id: Optional[int],
                                  eos_token_id: Any, pad_token_id: Optional[int],
@@ -201,11 +211,7 @@ def llama_config_from_model_args(args: "ModelArgs", model_type: str, architectur
         "tie_word_embeddings": bool(args.tie_embeddings),
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": pad_token_id,
-        "torch_dtype": torch_dtype,
-        "use_cache": True,
+        **config_tail(bos_token_id, eos_token_id, pad_token_id, torch_dtype),
     }
     if qwen:  # Qwen's window fields: on every layer (max_window_layers 0) or on none
         window = args.attention_window
@@ -227,7 +233,6 @@ def llama_config_from_model_args(args: "ModelArgs", model_type: str, architectur
                       for k, v in LLAMA3_SCALING_FIXED.items()}}
         config["rope_scaling"] = scaling
         config["rope_parameters"].update(scaling)
-    config["dtype"] = torch_dtype
     return config
 
 

@@ -46,7 +46,7 @@ import functools
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from megatron_ext.models.family import Family, UnsupportedModelError, four_times_ffn_hidden_size
-from megatron_ext.models.hf_llama import pad_vocab_rows, rope_settings
+from megatron_ext.models.hf_llama import config_tail, pad_vocab_rows, rope_settings
 
 if TYPE_CHECKING:
     import torch
@@ -297,12 +297,7 @@ def falcon_config_from_model_args(args: "ModelArgs", vocab_size: int,
         "tie_word_embeddings": bool(args.tie_embeddings),
         "hidden_dropout": 0.0,
         "attention_dropout": 0.0,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": pad_token_id,
-        "torch_dtype": torch_dtype,
-        "dtype": torch_dtype,
-        "use_cache": True,
+        **config_tail(bos_token_id, eos_token_id, pad_token_id, torch_dtype),
     }
     if new_architecture:
         config["num_ln_in_parallel_attn"] = norms

@@ -289,12 +289,7 @@ def hf_config(args: "ModelArgs", vocab_size: int, bos_token_id: Optional[int],
                                                   "rope_theta": local_theta}},
         "rope_theta": float(args.rope_theta),
         "rope_local_base_freq": local_theta,
-        "bos_token_id": bos_token_id,
-        "eos_token_id": eos_token_id,
-        "pad_token_id": pad_token_id,
-        "torch_dtype": torch_dtype,
-        "dtype": torch_dtype,
-        "use_cache": True,
+        **hf_llama.config_tail(bos_token_id, eos_token_id, pad_token_id, torch_dtype),
     }
     if args.rope_scaling_factor:
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(args.rope_scaling_factor)}
