@@ -52,6 +52,10 @@ class HFAdapter(Protocol):
     Weight maps work on *unsharded* state dicts (TP=PP=1 megatron-core names),
     one group at a time (embeddings, then each layer), so a 70B model converts
     in about one layer of memory.
+
+    An adapter whose tensor names depend on the model, not only on the family (Falcon's
+    norms and biases), may also define ``for_config(config) -> adapter``: the importer
+    then reads through the adapter it returns (``hf_config.hf_adapter``).
     """
 
     model_type: str  # config.json "model_type" this adapter reads and writes
