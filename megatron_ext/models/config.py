@@ -62,7 +62,7 @@ class ModelArgs:
               "the family's")
     rope_local_theta: Optional[float] = option(
         None, "RoPE base of the sliding-window layers (Gemma 3's rope_local_base_freq); "
-              "default: --rope_theta")
+              "default: the family's (Gemma 3: 10000), else --rope_theta")
     rope_scaling_type: Optional[str] = option(
         None, "what --rope_scaling_factor does: llama3 (Llama 3.1's frequency-dependent "
               "scaling) or linear (positions divided by the factor; on Gemma 3's global "
@@ -164,7 +164,7 @@ def family_setting_problems(model: ModelArgs) -> list[str]:
             if value is None:
                 continue
         if value is not None and value != default and field not in family.configurable:
-            problems.append(f"{flag} {value}: the {family.name} family has no such setting")
+            problems.append(f"{flag}={value}: the {family.name} family has no such setting")
     if resolved.parallel_attn_norms not in (0, 1, 2):
         problems.append(f"--parallel_attn_norms {resolved.parallel_attn_norms}: use 1 or 2")
     if resolved.sliding_window_pattern and not resolved.sliding_window_size:

@@ -32,10 +32,10 @@ def config(*extra):
       "--tensor_model_parallel_size", "4"], 4,
      "projection's 18 rows (4 + 2 x 1 heads of 3) do not split over "
      "--tensor_model_parallel_size 4"),
-    (["--parallel_attn_norms", "2"], 1, "--parallel_attn_norms 2: the llama2 family has no such "
+    (["--parallel_attn_norms", "2"], 1, "--parallel_attn_norms=2: the llama2 family has no such "
                                         "setting"),
     (["--rope_scaling_factor", "8", "--rope_scaling_type", "linear"], 1,
-     "--rope_scaling_type linear: the llama2 family has no such setting"),
+     "--rope_scaling_type=linear: the llama2 family has no such setting"),
     (["--model_name", "mistral", "--sliding_window_pattern", "2", "--sliding_window_size", "0"],
      1, "--sliding_window_pattern 2 needs --sliding_window_size"),
     (["--num_layers", "3", "--pipeline_model_parallel_size", "2"], 2,
