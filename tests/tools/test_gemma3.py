@@ -1,6 +1,8 @@
 """Gemma 3 (text): imported logits equal transformers at TP=1/2/4 and PP=2 (one key/value
 head, so TP>1 shares it), greedy generation at TP=1 and TP=2, HF -> ours -> HF bit-exact,
-and configs that cannot be built exactly refused by name.
+finetuned at TP=2 (LoRA; all weights with sequence parallelism) and exported to what
+transformers and peft compute as we do, GGUF files, and configs that cannot be built
+exactly refused by name.
 
 The tiny model has what sets Gemma 3 apart in a form that a wrong mapping cannot hide:
 four layers alternating sliding-window (8 tokens) and global attention, each kind with
@@ -38,6 +40,9 @@ from tests.tools.conftest import assert_exported_as_source, hf_logits
 LAYOUTS = ((1, 1), (2, 1), (4, 1), (1, 2))
 PROMPT_LENGTHS = (5, 11)
 NEW_TOKENS = 20  # prompt + generation > 3 windows of 8
+# finetuned at TP=2 from the HF directory, then exported: a LoRA on every linear layer (the
+# shared key/value head's adapter too), and all weights with sequence parallelism
+TRAINED = {"lora": ("--peft", "lora"), "full": ("--sequence_parallel",)}
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=1, head_dim=32, sliding_window=8, sliding_window_pattern=2,
             query_pre_attn_scalar=24, max_position_embeddings=256, initializer_range=0.05,
@@ -88,8 +93,8 @@ def generation_check(load: str, out: str, tp: str) -> None:
 def start_gemma(request) -> dict:
     """The tiny model imported, then one launch per world size, started at the session's
     first test: its logits at every layout of :data:`LAYOUTS`, its greedy generations at
-    TP=1 and TP=2, and a LoRA on every linear layer trained at TP=2 (both ranks share the
-    one key/value head, and its adapter)."""
+    TP=1 and TP=2, and the :data:`TRAINED` finetunings at TP=2 (both ranks share the one
+    key/value head)."""
     root = request.getfixturevalue("tmp_path_factory").mktemp("gemma3")
     data = request.getfixturevalue("imported_train_data")
     source = make_gemma3(root / "hf", request.getfixturevalue("sp_model"))
@@ -101,16 +106,16 @@ def start_gemma(request) -> dict:
     generation = {tp: call_job(f"generate_{tp}", "tests.tools.test_gemma3:generation_check",
                                str(root / "ckpt"), str(root / f"generated_{tp}.json"), str(tp))
                   for tp in (1, 2)}
-    lora = {"name": "lora", "argv": [
+    train = {name: {"name": name, "argv": [
         "--data_path", data["prefix"], "--split", "90,10,0",
         "--vocab_extra_ids_list", ",".join(CHATML), "--seq_length", "96",
         "--variable_seq_lengths", "--micro_batch_size", "2", "--global_batch_size", "8",
         "--train_iters", "3", "--lr", "1e-2", "--eval_iters", "1", "--seed", "1234",
-        "--load", str(source), "--save", str(root / "lora" / "run"), "--peft", "lora",
-        "--tensor_model_parallel_size", "2"]}
+        "--load", str(source), "--save", str(root / name / "run"),
+        "--tensor_model_parallel_size", "2", *flags]} for name, flags in TRAINED.items()}
     launches = [start_runs(4, [jobs[(4, 1)]], root / "tp4", early=True),
-                start_runs(2, [jobs[(2, 1)], jobs[(1, 2)], generation[2], lora], root / "two",
-                           early=True),
+                start_runs(2, [jobs[(2, 1)], jobs[(1, 2)], generation[2], *train.values()],
+                           root / "two", early=True),
                 start_runs(1, [jobs[(1, 1)], generation[1]], root / "one", early=True)]
     return {"root": root, "source": source, "tokens": tokens, "jobs": jobs,
             "launches": launches}
@@ -187,23 +192,27 @@ def test_greedy_generation_equals_transformers(gemma, tp):
 
 
 @pytest.fixture(scope="module")
-def gemma_lora(gemma) -> dict:
-    """The LoRA trained at TP=2 (:func:`start_gemma`) exported --adapter_only, and our
-    logits at TP=1."""
-    root = gemma["root"] / "lora"
-    trained = gemma["results"]["lora"]
-    assert trained.returncode == 0, trained.log[-3000:]
+def gemma_trained(gemma) -> dict:
+    """The :data:`TRAINED` runs exported (the LoRA --adapter_only) and our logits at TP=1."""
+    root = gemma["root"]
+    for name in TRAINED:
+        assert gemma["results"][name].returncode == 0, gemma["results"][name].log[-3000:]
     tokens = torch.randint(3, 1500, (2, 24), generator=torch.Generator().manual_seed(7))
-    logits = logits_job("lora", root / "run", tokens, root / "logits")
-    results = start_runs(1, [tool_job("export", "megatron_to_hf.py", "--load",
-                                      str(root / "run"), "--out", str(root / "adapter"),
-                                      "--adapter_only"), logits], root / "one").wait()
-    assert results["export"].returncode == 0, results["export"].log[-3000:]
-    return {"adapter": root / "adapter", "tokens": tokens, "ours": job_logits(results, logits)}
+    logits = {name: logits_job(name, root / name / "run", tokens, root / "logits")
+              for name in TRAINED}
+    exports = [tool_job("export-lora", "megatron_to_hf.py", "--load", str(root / "lora" / "run"),
+                        "--out", str(root / "lora" / "adapter"), "--adapter_only"),
+               tool_job("export-full", "megatron_to_hf.py", "--load", str(root / "full" / "run"),
+                        "--out", str(root / "full" / "hf"), "--dtype", "fp32")]
+    results = start_runs(1, exports + list(logits.values()), root / "exports").wait()
+    for job in exports:
+        assert results[job["name"]].returncode == 0, results[job["name"]].log[-3000:]
+    return {"adapter": root / "lora" / "adapter", "hf": root / "full" / "hf", "tokens": tokens,
+            **{name: job_logits(results, job) for name, job in logits.items()}}
 
 
 @pytest.mark.slow
-def test_lora_trained_at_tp2_exports_to_peft_with_our_logits(gemma, gemma_lora):
+def test_lora_trained_at_tp2_exports_to_peft_with_our_logits(gemma, gemma_trained):
     import peft
     import transformers
 
@@ -211,13 +220,25 @@ def test_lora_trained_at_tp2_exports_to_peft_with_our_logits(gemma, gemma_lora):
                                                              dtype=torch.float32)
     base.config._attn_implementation = "eager"
     with torch.no_grad():
-        plain = base.eval()(gemma_lora["tokens"]).logits
-    model = peft.PeftModel.from_pretrained(base, gemma_lora["adapter"]).eval()
+        plain = base.eval()(gemma_trained["tokens"]).logits
+    model = peft.PeftModel.from_pretrained(base, gemma_trained["adapter"]).eval()
     with torch.no_grad():
-        theirs = model(gemma_lora["tokens"]).logits
-    ours = gemma_lora["ours"][..., :theirs.shape[-1]]
+        theirs = model(gemma_trained["tokens"]).logits
+    ours = gemma_trained["lora"][..., :theirs.shape[-1]]
     assert float((ours - theirs).abs().max() / theirs.abs().max()) <= 1e-4
     assert float((plain - theirs).abs().max() / theirs.abs().max()) > 1e-3  # it trained
+
+
+@pytest.mark.slow
+def test_finetuned_at_tp2_with_sp_exports_to_a_model_transformers_reproduces(gemma,
+                                                                            gemma_trained):
+    tokens = gemma_trained["tokens"]
+    theirs = hf_logits(gemma_trained["hf"], tokens)
+    assert theirs.shape[-1] == 1502  # the two chat tokens kept, the padding dropped
+    ours = gemma_trained["full"][..., :theirs.shape[-1]]
+    assert (ours - theirs).abs().max() < 1e-5 * max(1.0, theirs.abs().max().item())
+    before = hf_logits(gemma["source"], tokens)
+    assert (before - theirs[..., :before.shape[-1]]).abs().max() > 1e-3  # it trained
 
 
 def test_hf_megatron_hf_gives_back_identical_tensors_and_config(tmp_path, sp_model):
