@@ -104,6 +104,28 @@ class HFAdapter(Protocol):
                             num_heads: int, num_kv_heads: int) -> dict[str, "torch.Tensor"]: ...
 
 
+@dataclass(frozen=True)
+class GGUFLayout:
+    """How llama.cpp stores a family's models: GGUF ``general.architecture``
+    ``architecture``, read as Hugging Face ``model_type`` / ``hf_class``
+    (``models/gguf_checkpoint.py`` reads any file through its family's layout).
+
+    An architecture is not always one family (llama.cpp's ``llama`` holds Llama 1-3.2,
+    CodeLlama and Mistral): the family that declares it is the one whose HF config the
+    file becomes; the config then names the family, as for a ``config.json``.
+    """
+
+    architecture: str
+    model_type: str
+    hf_class: str
+    permuted_qk: bool = False  # query/key rows in llama.cpp's interleaved-RoPE order
+    norm_offset: float = 0.0  # norm weights stored plus this (Gemma's 1 + w): subtracted
+    split_qkv: bool = False  # one attn_qkv as [all q; all k; all v] (Falcon): regrouped
+    # (the GGUFModel) -> config.json; None: the Llama-style config the reader builds from
+    # the common keys
+    config: Optional[Callable[[Any], dict]] = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Family:
     """One family's defaults and adapters (``models/families/<name>.py`` defines ``FAMILY``)."""
@@ -138,6 +160,7 @@ class Family:
     # Face layout have no place for them)
     configurable: frozenset = frozenset()
     hf: Optional[HFAdapter] = None  # None: no Hugging Face equivalent
+    gguf: Optional[GGUFLayout] = None  # the llama.cpp architecture this family imports as
     # (megatron-core TransformerConfig, init seed, use_flash_attn, model=resolved ModelArgs)
     # -> block spec; None: the shared seeded block of models/builder.py
     block_spec: Optional[Callable[..., Any]] = None

@@ -25,18 +25,12 @@ What a GGUF stores differently from ``transformers``, each undone here:
   so its GGUF loader builds Llama 3.1/3.2 files without the scaling; here the model
   computes what llama.cpp computes.
 
-Gemma 3 (architecture ``gemma3``): llama.cpp stores its ``1 + w`` norm weights as
-``1 + w`` (subtracted here: exact for float files up to the rounding of that addition),
-and fixes in its loader, not in the file, the global layer of every 6, the window layers'
-RoPE base (10000) and the attention scalar (the head size; hidden / heads for the 62
-layers of 27B): the config states the same.
-
-Falcon (architecture ``falcon``): llama.cpp stores the fused query/key/value matrix as all
-query heads, then all key heads, then all value heads (put back into Falcon's per-group
-order by :func:`grouped_qkv`), Falcon-40B's ``ln_attn`` as ``attn_norm_2`` and its
-``ln_mlp`` as ``attn_norm``, and no RoPE base. llama.cpp computes Falcon's MLP with the
-tanh-approximated GELU; the import follows the original model (and transformers): exact
-GELU.
+Which architectures are read, and how, each family declares (``Family.gguf``, a
+:class:`~megatron_ext.models.family.GGUFLayout`): the Llama-style ones (llama, qwen2,
+qwen3) through :meth:`GGUFModel.llama_style_config`, the others with a config reading of
+their own in their family file (Gemma 3's ``1 + w`` norms stored as ``1 + w`` and
+llama.cpp's fixed window pattern; Falcon's all-q/all-k/all-v matrix, regrouped here by
+:func:`grouped_qkv`).
 
 A Mistral GGUF is stored as architecture ``llama`` with no sliding window, and llama.cpp
 runs it without one: it is read as the Llama layout (the family then follows from its
@@ -50,11 +44,12 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from megatron_ext.errors import TokenizerError
+from megatron_ext.models.families import gguf_layouts
 from megatron_ext.models.family import UnsupportedModelError
 from megatron_ext.models.hf_checkpoint import HFCheckpointError
 from megatron_ext.tokenizers import TOKENIZER_JSON
@@ -66,34 +61,6 @@ if TYPE_CHECKING:
 GGUF_MAGIC = b"GGUF"
 
 
-class Layout(NamedTuple):
-    """How a GGUF architecture maps onto a ``transformers`` model."""
-
-    model_type: str
-    hf_class: str
-    permuted_qk: bool  # query/key rows in llama.cpp's interleaved-RoPE order
-    qkv_bias: bool  # query/key/value biases (Qwen2)
-    qk_norm: bool  # per-head query/key norms (Qwen3)
-    norm_offset: float = 0.0  # llama.cpp stores Gemma's 1 + w norms as 1 + w: subtracted
-    split_qkv: bool = False  # one attn_qkv as [all q; all k; all v] (Falcon): regrouped
-
-
-ARCHITECTURES = {
-    "llama": Layout("llama", "LlamaForCausalLM", permuted_qk=True, qkv_bias=False,
-                    qk_norm=False),
-    "qwen2": Layout("qwen2", "Qwen2ForCausalLM", permuted_qk=False, qkv_bias=True,
-                    qk_norm=False),
-    "qwen3": Layout("qwen3", "Qwen3ForCausalLM", permuted_qk=False, qkv_bias=False,
-                    qk_norm=True),
-    "gemma3": Layout("gemma3_text", "Gemma3ForCausalLM", permuted_qk=False, qkv_bias=False,
-                     qk_norm=True, norm_offset=1.0),
-    "falcon": Layout("falcon", "FalconForCausalLM", permuted_qk=False, qkv_bias=False,
-                     qk_norm=False, split_qkv=True),
-}
-# what llama.cpp's Gemma 3 loader fixes instead of reading it from the file: every 6th
-# layer global, the others' RoPE base, the attention scalar (hidden / heads for the 62
-# layers of 27B, else the head size)
-GEMMA3_PATTERN, GEMMA3_LOCAL_THETA, GEMMA3_27B_LAYERS = 6, 10000.0, 62
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1 RoPE scaling, folded into the config
 FLOAT_TYPES = ("F32", "F16", "BF16")
 DEQUANT_CHUNK_ELEMENTS = 1 << 24  # elements dequantized at once (64 MiB of float32)
@@ -207,18 +174,20 @@ class GGUFModel:
             raise HFCheckpointError(
                 f"{path} is truncated or damaged ({type(exc).__name__}: {str(exc)[:160]}); "
                 "re-download or re-convert it") from None
-        self.architecture = str(self._value("general.architecture", required=True))
-        if self.architecture not in ARCHITECTURES:
+        self.architecture = str(self.value("general.architecture", required=True))
+        layouts = gguf_layouts()
+        if self.architecture not in layouts:
             raise UnsupportedModelError(
                 f"{path}: GGUF architecture {self.architecture!r} is not supported; this tool "
-                f"imports {', '.join(ARCHITECTURES)}")
+                f"imports {', '.join(layouts)}")
+        self.layout = layouts[self.architecture]
         self._tensors = {tensor.name: tensor for tensor in self.reader.tensors}
         self._check_types()
         self.config = self._hf_config()
         self.weights = GGUFWeights(self)
 
     # ------------------------------------------------------------------ metadata
-    def _value(self, key: str, default: Any = None, required: bool = False) -> Any:
+    def value(self, key: str, default: Any = None, required: bool = False) -> Any:
         field = self.reader.get_field(key)
         if field is None:
             if required:
@@ -231,10 +200,10 @@ class GGUFModel:
             value = float(str(np.float32(value)))
         return value
 
-    def _arch_value(self, name: str, default: Any = None, required: bool = False) -> Any:
+    def arch_value(self, name: str, default: Any = None, required: bool = False) -> Any:
         """``<architecture>.<name>``; one value for a per-layer list whose layers agree
         (a model whose layers differ in shape is refused)."""
-        value = self._value(f"{self.architecture}.{name}", default, required)
+        value = self.value(f"{self.architecture}.{name}", default, required)
         if isinstance(value, list):
             if len(set(value)) != 1:
                 raise UnsupportedModelError(
@@ -271,7 +240,7 @@ class GGUFModel:
         """What a converted checkpoint's ``run_config["source"]`` says about this file."""
         record = {"gguf_path": os.path.abspath(self.path),
                   "model_type": self.config["model_type"], "quantization": self.quantization()}
-        name = self._value("general.name")
+        name = self.value("general.name")
         if name:
             record["name"] = str(name)
         return record
@@ -293,10 +262,15 @@ class GGUFModel:
         The head size comes from the query matrix (key_length and rope.dimension_count,
         when stated, must agree with it); the vocabulary size from the embedding rows.
         """
-        if self.architecture == "falcon":
-            return self._falcon_config()
-        layout = ARCHITECTURES[self.architecture]
-        experts = self._arch_value("expert_count", 0)
+        if self.layout.config is not None:  # the family's own reading
+            return self.layout.config(self)
+        return self.llama_style_config()
+
+    def llama_style_config(self) -> dict:
+        """The config of a Llama-style file (``attn_q``/``attn_k``/``attn_v``, RMSNorm,
+        SwiGLU), which a family's own reading may start from."""
+        layout = self.layout
+        experts = self.arch_value("expert_count", 0)
         if experts:
             raise UnsupportedModelError(
                 f"{self.path}: a mixture of experts ({self.architecture}.expert_count "
@@ -305,107 +279,40 @@ class GGUFModel:
             if name not in self._tensors:
                 raise HFCheckpointError(f"{self.path} has no {name} tensor; it is incomplete "
                                         f"or not a {self.architecture} model")
-        heads = int(self._arch_value("attention.head_count", required=True))
+        heads = int(self.arch_value("attention.head_count", required=True))
         head_dim = self.tensor_shape("blk.0.attn_q.weight")[0] // heads
         for key in ("attention.key_length", "attention.value_length", "rope.dimension_count"):
-            stated = self._arch_value(key)
+            stated = self.arch_value(key)
             if stated is not None and int(stated) != head_dim:
                 raise UnsupportedModelError(
                     f"{self.path}: {self.architecture}.{key} is {stated} but the heads are "
                     f"{head_dim} wide; partial RoPE or unequal key/value sizes are not built")
-        theta = float(self._arch_value("rope.freq_base", DEFAULT_ROPE_THETA))
+        theta = float(self.arch_value("rope.freq_base", DEFAULT_ROPE_THETA))
         config = {
             "architectures": [layout.hf_class],
             "model_type": layout.model_type,
-            "hidden_size": int(self._arch_value("embedding_length", required=True)),
-            "intermediate_size": int(self._arch_value("feed_forward_length", required=True)),
-            "num_hidden_layers": int(self._arch_value("block_count", required=True)),
+            "hidden_size": int(self.arch_value("embedding_length", required=True)),
+            "intermediate_size": int(self.arch_value("feed_forward_length", required=True)),
+            "num_hidden_layers": int(self.arch_value("block_count", required=True)),
             "num_attention_heads": heads,
-            "num_key_value_heads": int(self._arch_value("attention.head_count_kv", heads)),
+            "num_key_value_heads": int(self.arch_value("attention.head_count_kv", heads)),
             "head_dim": head_dim,
             "hidden_act": "silu",
-            "max_position_embeddings": int(self._arch_value("context_length", required=True)),
-            "rms_norm_eps": float(self._arch_value("attention.layer_norm_rms_epsilon",
+            "max_position_embeddings": int(self.arch_value("context_length", required=True)),
+            "rms_norm_eps": float(self.arch_value("attention.layer_norm_rms_epsilon",
                                                    required=True)),
             "rope_theta": theta,
             "vocab_size": self.tensor_shape("token_embd.weight")[0],
             # llama.cpp writes the output layer only when it is not the embedding matrix
             "tie_word_embeddings": "output.weight" not in self._tensors,
-            "bos_token_id": self._value("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": self._value("tokenizer.ggml.eos_token_id"),
-            "pad_token_id": self._value("tokenizer.ggml.padding_token_id"),
+            "bos_token_id": self.value("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self.value("tokenizer.ggml.eos_token_id"),
+            "pad_token_id": self.value("tokenizer.ggml.padding_token_id"),
         }
         scaling = self._rope_scaling(theta, head_dim)
         if scaling:
             config["rope_scaling"] = scaling
-        if self.architecture == "gemma3":
-            self._gemma3_config(config)
         return config
-
-    def _falcon_config(self) -> dict:
-        """Falcon's ``config.json``. The file says how many norms a layer has (an
-        ``attn_norm_2`` is Falcon-40B's ``ln_attn``) and how many key/value heads; one norm
-        with one key/value head is Falcon-7B's layout, one norm with more is the new
-        architecture's single-norm variant (Falcon2-11B). llama.cpp states no RoPE base
-        (its default, 10000, is the family's)."""
-        for name in ("token_embd.weight", "blk.0.attn_qkv.weight"):
-            if name not in self._tensors:
-                raise HFCheckpointError(f"{self.path} has no {name} tensor; it is incomplete "
-                                        "or not a falcon model")
-        hidden = int(self._arch_value("embedding_length", required=True))
-        heads = int(self._arch_value("attention.head_count", required=True))
-        kv = int(self._arch_value("attention.head_count_kv", 1))
-        head_dim = hidden // heads
-        rows = self.tensor_shape("blk.0.attn_qkv.weight")[0]
-        if rows != (heads + 2 * kv) * head_dim:
-            raise UnsupportedModelError(
-                f"{self.path}: attn_qkv has {rows} rows, not ({heads} + 2 x {kv}) heads of "
-                f"{head_dim}: the stated key/value heads are wrong (a converter reading "
-                "Falcon-7B's num_kv_heads instead of multi_query?)")
-        two_norms = "blk.0.attn_norm_2.weight" in self._tensors
-        new_architecture = two_norms or kv > 1
-        config = {
-            "architectures": ["FalconForCausalLM"],
-            "model_type": "falcon",
-            "hidden_size": hidden,
-            "ffn_hidden_size": int(self._arch_value("feed_forward_length", 4 * hidden)),
-            "num_hidden_layers": int(self._arch_value("block_count", required=True)),
-            "num_attention_heads": heads,
-            "num_kv_heads": kv,
-            "new_decoder_architecture": new_architecture,
-            "multi_query": kv == 1,
-            "parallel_attn": True,
-            "alibi": False,
-            "bias": False,
-            "activation": "gelu",
-            "layer_norm_epsilon": float(self._arch_value("attention.layer_norm_epsilon",
-                                                         required=True)),
-            "max_position_embeddings": int(self._arch_value("context_length", 2048)),
-            "rope_theta": float(self._arch_value("rope.freq_base", DEFAULT_ROPE_THETA)),
-            "vocab_size": self.tensor_shape("token_embd.weight")[0],
-            "tie_word_embeddings": "output.weight" not in self._tensors,
-            "bos_token_id": self._value("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": self._value("tokenizer.ggml.eos_token_id"),
-            "pad_token_id": self._value("tokenizer.ggml.padding_token_id"),
-        }
-        if new_architecture:
-            config["num_ln_in_parallel_attn"] = 2 if two_norms else 1
-        return config
-
-    def _gemma3_config(self, config: dict) -> None:
-        """Gemma 3's fields, as llama.cpp's loader reads the file (see the constants)."""
-        del config["hidden_act"]
-        window = self._arch_value("attention.sliding_window")
-        hidden, heads = config["hidden_size"], config["num_attention_heads"]
-        config.update(
-            hidden_activation="gelu_pytorch_tanh",
-            sliding_window=int(window) if window else None,
-            layer_types=[("sliding_attention" if window and (i + 1) % GEMMA3_PATTERN
-                          else "full_attention") for i in range(config["num_hidden_layers"])],
-            rope_local_base_freq=GEMMA3_LOCAL_THETA,
-            query_pre_attn_scalar=(hidden // heads if config["num_hidden_layers"]
-                                   == GEMMA3_27B_LAYERS else config["head_dim"]),
-            final_logit_softcapping=self._arch_value("final_logit_softcapping"))
 
     def _rope_scaling(self, theta: float, head_dim: int) -> Optional[dict]:
         """The HF ``rope_scaling`` the file states, if any (the importer refuses what it
@@ -413,11 +320,11 @@ class GGUFModel:
         if ROPE_FREQS in self._tensors:
             return llama3_rope_scaling(self.read(ROPE_FREQS).flatten().tolist(), theta,
                                        head_dim, self.path)
-        kind = self._arch_value("rope.scaling.type")
+        kind = self.arch_value("rope.scaling.type")
         if kind in (None, "none"):
             return None
-        scaling = {"rope_type": str(kind), "factor": self._arch_value("rope.scaling.factor")}
-        original = self._arch_value("rope.scaling.original_context_length")
+        scaling = {"rope_type": str(kind), "factor": self.arch_value("rope.scaling.factor")}
+        original = self.arch_value("rope.scaling.original_context_length")
         if original:
             scaling["original_max_position_embeddings"] = int(original)
         return scaling
@@ -450,7 +357,7 @@ class GGUFModel:
         """
         import tempfile
 
-        if self._value("tokenizer.ggml.model") is None:
+        if self.value("tokenizer.ggml.model") is None:
             raise TokenizerError(f"{self.path} holds no tokenizer (no tokenizer.ggml.model); "
                                  "pass the model's tokenizer with --vocab_file")
         try:
@@ -509,7 +416,7 @@ class GGUFWeights:
         self.model_dir = model.path  # named in messages, like HFWeights'
         from megatron_ext.models.hf_config import hf_adapter
 
-        layout = ARCHITECTURES[model.architecture]
+        layout = model.layout
         self._permuted = layout.permuted_qk
         self._norm_offset = layout.norm_offset
         self._split_qkv = layout.split_qkv

@@ -120,3 +120,16 @@ def test_resolved_fills_family_defaults_once():
     assert ModelArgs(model_name="mistral", sliding_window_size=0).resolved().sliding_window_size == 0
     assert ModelArgs(model_name="mistral", sliding_window_size=0).attention_window is None
     assert ModelArgs.from_dict({"model_name": "gpt", "unknown": 1}).model_name == "gpt"
+
+
+def test_gguf_architectures_come_from_the_family_files():
+    """Each llama.cpp architecture the importer reads is declared by one family, as the
+    Hugging Face model_type its file becomes (llama.cpp's llama covers five families)."""
+    layouts = registry.gguf_layouts()
+    assert sorted(layouts) == ["falcon", "gemma3", "llama", "qwen2", "qwen3"]
+    assert {arch: layout.model_type for arch, layout in layouts.items()} == {
+        "falcon": "falcon", "gemma3": "gemma3_text", "llama": "llama", "qwen2": "qwen2",
+        "qwen3": "qwen3"}
+    for layout in layouts.values():  # the family claiming that model_type reads the file
+        assert registry.family_for_hf_config(
+            {"model_type": layout.model_type, "rope_theta": 10000.0}) is not None

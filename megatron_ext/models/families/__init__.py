@@ -18,7 +18,7 @@ import pkgutil
 from typing import Any, Mapping, Optional
 
 from megatron_ext.errors import ConfigError
-from megatron_ext.models.family import Family
+from megatron_ext.models.family import Family, GGUFLayout
 
 
 @functools.cache
@@ -56,6 +56,18 @@ def get_family(name: str) -> Family:
     if name not in found:
         raise ConfigError(f"unknown --model_name {name!r}: choose one of {', '.join(found)}")
     return found[name]
+
+
+def gguf_layouts() -> dict[str, GGUFLayout]:
+    """The GGUF architectures the families import, by llama.cpp's name."""
+    found: dict[str, GGUFLayout] = {}
+    for family in _discovered().values():
+        if family.gguf is not None:
+            if family.gguf.architecture in found:  # a bug in the family files
+                raise RuntimeError(f"two families declare GGUF architecture "
+                                   f"{family.gguf.architecture!r}")
+            found[family.gguf.architecture] = family.gguf
+    return dict(sorted(found.items()))
 
 
 def family_for_hf_config(config: Mapping[str, Any]) -> Optional[Family]:

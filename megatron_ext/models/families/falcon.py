@@ -45,7 +45,12 @@ import dataclasses
 import functools
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from megatron_ext.models.family import Family, UnsupportedModelError, four_times_ffn_hidden_size
+from megatron_ext.models.family import (
+    Family,
+    GGUFLayout,
+    UnsupportedModelError,
+    four_times_ffn_hidden_size,
+)
 from megatron_ext.models.hf_llama import config_tail, pad_vocab_rows, rope_settings
 
 if TYPE_CHECKING:
@@ -422,6 +427,64 @@ def layer_name_pairs(tensors: Mapping[str, Any], prefix: str,
     return pairs
 
 
+
+# ---------------------------------------------------------------- GGUF (llama.cpp)
+def gguf_config(model) -> dict:
+    """Falcon's ``config.json`` from a GGUF file (``model``: the reader's
+    ``GGUFModel``). llama.cpp stores the fused query/key/value matrix as all query heads,
+    then all key heads, then all value heads (the reader regroups it), Falcon-40B's
+    ``ln_attn`` as ``attn_norm_2`` and its ``ln_mlp`` as ``attn_norm``, and no RoPE base
+    (its default, 10000, is the family's). The file says how many norms a layer has and
+    how many key/value heads: one norm with one key/value head is Falcon-7B's layout, one
+    norm with more the new architecture's single-norm variant (Falcon2-11B). llama.cpp
+    computes the MLP with tanh-approximated GeLU; the import follows the original model
+    (and transformers): exact GeLU."""
+    from megatron_ext.models.hf_checkpoint import HFCheckpointError
+
+    for name in ("token_embd.weight", "blk.0.attn_qkv.weight"):
+        if not model.has_tensor(name):
+            raise HFCheckpointError(f"{model.path} has no {name} tensor; it is incomplete "
+                                    "or not a falcon model")
+    hidden = int(model.arch_value("embedding_length", required=True))
+    heads = int(model.arch_value("attention.head_count", required=True))
+    kv = int(model.arch_value("attention.head_count_kv", 1))
+    head_dim = hidden // heads
+    rows = model.tensor_shape("blk.0.attn_qkv.weight")[0]
+    if rows != (heads + 2 * kv) * head_dim:
+        raise UnsupportedModelError(
+            f"{model.path}: attn_qkv has {rows} rows, not ({heads} + 2 x {kv}) heads of "
+            f"{head_dim}: the stated key/value heads are wrong (a converter reading "
+            "Falcon-7B's num_kv_heads instead of multi_query?)")
+    two_norms = model.has_tensor("blk.0.attn_norm_2.weight")
+    new_architecture = two_norms or kv > 1
+    config = {
+        "architectures": ["FalconForCausalLM"],
+        "model_type": "falcon",
+        "hidden_size": hidden,
+        "ffn_hidden_size": int(model.arch_value("feed_forward_length", 4 * hidden)),
+        "num_hidden_layers": int(model.arch_value("block_count", required=True)),
+        "num_attention_heads": heads,
+        "num_kv_heads": kv,
+        "new_decoder_architecture": new_architecture,
+        "multi_query": kv == 1,
+        "parallel_attn": True,
+        "alibi": False,
+        "bias": False,
+        "activation": ACTIVATION,
+        "layer_norm_epsilon": float(model.arch_value("attention.layer_norm_epsilon",
+                                                     required=True)),
+        "max_position_embeddings": int(model.arch_value("context_length", 2048)),
+        "rope_theta": float(model.arch_value("rope.freq_base", FAMILY.rope_theta)),
+        "vocab_size": model.tensor_shape("token_embd.weight")[0],
+        "tie_word_embeddings": not model.has_tensor("output.weight"),
+        "bos_token_id": model.value("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": model.value("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": model.value("tokenizer.ggml.padding_token_id"),
+    }
+    if new_architecture:
+        config["num_ln_in_parallel_attn"] = 2 if two_norms else 1
+    return config
+
 FAMILY = Family(
     name="falcon",
     legacy_name="falcon",  # Megatron-LLM's name; its reader refuses parallel_attn checkpoints
@@ -438,4 +501,6 @@ FAMILY = Family(
     configurable=frozenset({"add_bias_linear", "parallel_attn_norms"}),
     block_spec=block_spec,
     hf=FalconHF(),
+    gguf=GGUFLayout("falcon", "falcon", "FalconForCausalLM", split_qkv=True,
+                    config=gguf_config),
 )

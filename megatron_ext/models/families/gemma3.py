@@ -31,7 +31,12 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from megatron_ext.models.family import Family, UnsupportedModelError, four_times_ffn_hidden_size
+from megatron_ext.models.family import (
+    Family,
+    GGUFLayout,
+    UnsupportedModelError,
+    four_times_ffn_hidden_size,
+)
 from megatron_ext.models import hf_llama
 
 if TYPE_CHECKING:
@@ -362,6 +367,33 @@ class Gemma3HF:
         return out
 
 
+
+# ---------------------------------------------------------------- GGUF (llama.cpp)
+# what llama.cpp's Gemma 3 loader fixes instead of reading it from the file: every 6th
+# layer global, the others' RoPE base, the attention scalar (hidden / heads for the 62
+# layers of 27B, else the head size)
+GGUF_PATTERN, GGUF_LOCAL_THETA, GGUF_27B_LAYERS = 6, LOCAL_THETA, 62
+
+
+def gguf_config(model) -> dict:
+    """Gemma 3's ``config.json`` from a GGUF file (``model``: the reader's ``GGUFModel``):
+    the Llama-style fields, then what llama.cpp's loader fixes (see the constants). Its
+    ``1 + w`` norm weights are stored as ``1 + w`` (the layout's ``norm_offset``)."""
+    config = model.llama_style_config()
+    del config["hidden_act"]
+    window = model.arch_value("attention.sliding_window")
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    config.update(
+        hidden_activation=ACTIVATION,
+        sliding_window=int(window) if window else None,
+        layer_types=[("sliding_attention" if window and (i + 1) % GGUF_PATTERN
+                      else "full_attention") for i in range(config["num_hidden_layers"])],
+        rope_local_base_freq=GGUF_LOCAL_THETA,
+        query_pre_attn_scalar=(hidden // heads if config["num_hidden_layers"]
+                               == GGUF_27B_LAYERS else config["head_dim"]),
+        final_logit_softcapping=model.arch_value("final_logit_softcapping"))
+    return config
+
 FAMILY = Family(
     name="gemma3",
     legacy_name="gemma3",  # Megatron-LLM has no Gemma: the legacy writer refuses it
@@ -383,4 +415,5 @@ FAMILY = Family(
                             "query_pre_attn_scalar", "rope_scaling_type"}),
     hf=Gemma3HF(),
     block_spec=block_spec,
+    gguf=GGUFLayout("gemma3", MODEL_TYPE, ARCHITECTURE, norm_offset=1.0, config=gguf_config),
 )

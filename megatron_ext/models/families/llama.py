@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from megatron_ext.models.families import codellama, llama3
-from megatron_ext.models.family import LLAMA_LAYOUT, Family
+from megatron_ext.models.family import LLAMA_LAYOUT, Family, GGUFLayout
 from megatron_ext.models.hf_llama import LlamaLikeHF, rms_norm_eps
 
 
@@ -26,4 +26,5 @@ FAMILY = Family(
     rope_theta=10000.0,
     layernorm_epsilon=1e-6,
     hf=LlamaLikeHF("llama", "LlamaForCausalLM", matches),
+    gguf=GGUFLayout("llama", "llama", "LlamaForCausalLM", permuted_qk=True),
 )

@@ -10,7 +10,7 @@ only is refused by name.
 
 from __future__ import annotations
 
-from megatron_ext.models.family import LLAMA_LAYOUT, Family
+from megatron_ext.models.family import LLAMA_LAYOUT, Family, GGUFLayout
 from megatron_ext.models.hf_llama import LlamaLikeHF
 
 
@@ -23,4 +23,5 @@ FAMILY = Family(
     add_qkv_bias=True,
     hf=LlamaLikeHF("qwen2", "Qwen2ForCausalLM", windowed=True, qkv_bias=True,
                    qwen=True),
+    gguf=GGUFLayout("qwen2", "qwen2", "Qwen2ForCausalLM"),
 )

@@ -8,7 +8,7 @@ Sliding-window fields are read as for Qwen2 (every layer or none).
 
 from __future__ import annotations
 
-from megatron_ext.models.family import LLAMA_LAYOUT, Family
+from megatron_ext.models.family import LLAMA_LAYOUT, Family, GGUFLayout
 from megatron_ext.models.hf_llama import LlamaLikeHF
 
 
@@ -21,4 +21,5 @@ FAMILY = Family(
     qk_layernorm=True,
     hf=LlamaLikeHF("qwen3", "Qwen3ForCausalLM", windowed=True, qk_norm=True,
                    qwen=True),
+    gguf=GGUFLayout("qwen3", "qwen3", "Qwen3ForCausalLM"),
 )
