@@ -257,18 +257,19 @@ class GGUFModel:
         return list(self._tensors)
 
     def _hf_config(self) -> dict:
-        """``config.json`` for transformers, from the metadata and the tensor shapes.
-
-        The head size comes from the query matrix (key_length and rope.dimension_count,
-        when stated, must agree with it); the vocabulary size from the embedding rows.
-        """
-        if self.layout.config is not None:  # the family's own reading
+        """``config.json`` for transformers, from the metadata and the tensor shapes: the
+        family's own reading (``GGUFLayout.config``), else the Llama-style one."""
+        if self.layout.config is not None:
             return self.layout.config(self)
         return self.llama_style_config()
 
     def llama_style_config(self) -> dict:
         """The config of a Llama-style file (``attn_q``/``attn_k``/``attn_v``, RMSNorm,
-        SwiGLU), which a family's own reading may start from."""
+        SwiGLU), which a family's own reading may start from.
+
+        The head size comes from the query matrix (key_length and rope.dimension_count,
+        when stated, must agree with it); the vocabulary size from the embedding rows.
+        """
         layout = self.layout
         experts = self.arch_value("expert_count", 0)
         if experts:
