@@ -218,6 +218,20 @@ def other_cpu_share(before, after, own: float, seconds: float) -> float:
     return max(0.0, busy - own + steal) / (seconds * _cpus())
 
 
+def logged_run(what: str, command: list[str], env: dict, log: str, timeout: int) -> None:
+    """Run ``command`` with its output (after the command line) in ``log``; a failure
+    ends the benchmark with the log's tail."""
+    with open(log, "w", encoding="utf-8") as handle:
+        handle.write(" ".join(command) + "\n\n")
+        handle.flush()
+        result = subprocess.run(command, env=env, cwd=REPO, stdout=handle,
+                                stderr=subprocess.STDOUT, timeout=timeout)
+    if result.returncode != 0:
+        with open(log, encoding="utf-8", errors="replace") as handle:
+            tail = handle.read()[-4000:]
+        raise SystemExit(f"{what} failed (exit {result.returncode}); log {log}:\n{tail}")
+
+
 def run_training(name: str, data: dict, args, workdir: str, mode: str) -> dict:
     """One torchrun; returns its train records (metrics.jsonl) and what else used the CPUs."""
     save = os.path.join(workdir, name)
@@ -229,21 +243,12 @@ def run_training(name: str, data: dict, args, workdir: str, mode: str) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
                "--master_port", str(free_port()), os.path.join(REPO, "finetune.py"),
                *train_args(data, args, save, mode)]
-    log = os.path.join(workdir, f"{name}.log")
     jiffies, own = _cpu_jiffies(), _children_cpu_seconds()
     start = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as handle:
-        handle.write(" ".join(command) + "\n\n")
-        handle.flush()
-        result = subprocess.run(command, env=env, cwd=REPO, stdout=handle,
-                                stderr=subprocess.STDOUT, timeout=args.timeout)
+    logged_run(f"training run {name}", command, env, os.path.join(workdir, f"{name}.log"),
+               args.timeout)
     seconds = time.perf_counter() - start
     after, own = _cpu_jiffies(), _children_cpu_seconds() - own
-    if result.returncode != 0:
-        with open(log, encoding="utf-8", errors="replace") as handle:
-            tail = handle.read()[-4000:]
-        raise SystemExit(f"training run {name} failed (exit {result.returncode}); "
-                         f"log {log}:\n{tail}")
     with open(os.path.join(save, "metrics.jsonl"), encoding="utf-8") as handle:
         records = [r for r in map(json.loads, handle) if r.get("split") == "train"]
     if len(records) != args.iters:
@@ -346,18 +351,9 @@ def run_probe(name: str, data: dict, args, workdir: str, cp: int) -> dict:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cp),
                "--master_port", str(free_port()), os.path.abspath(__file__), "--probe", out,
                *flags, "--context_parallel_size", str(cp)]
-    log = os.path.join(workdir, f"{name}.log")
     start = time.perf_counter()
-    with open(log, "w", encoding="utf-8") as handle:
-        handle.write(" ".join(command) + "\n\n")
-        handle.flush()
-        result = subprocess.run(command, env=env, cwd=REPO, stdout=handle,
-                                stderr=subprocess.STDOUT, timeout=args.timeout)
-    if result.returncode != 0:
-        with open(log, encoding="utf-8", errors="replace") as handle:
-            tail = handle.read()[-4000:]
-        raise SystemExit(f"long-sequence run {name} failed (exit {result.returncode}); "
-                         f"log {log}:\n{tail}")
+    logged_run(f"long-sequence run {name}", command, env, os.path.join(workdir, f"{name}.log"),
+               args.timeout)
     ranks = []
     for rank in range(cp):
         with open(os.path.join(out, f"rank{rank}.json"), encoding="utf-8") as handle:

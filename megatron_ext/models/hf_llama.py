@@ -169,6 +169,28 @@ def shape_args(config: Mapping[str, Any], model_name: str, default_positions: in
     }
 
 
+def shape_config(args: "ModelArgs", vocab_size: int,
+                 max_position_embeddings: Optional[int] = None) -> dict:
+    """The ``config.json`` fields a Llama-style model (Llama, Mistral, Qwen, Gemma) states
+    alike: the inverse of :func:`shape_args`, plus the vocabulary, norm epsilon, tied
+    embeddings and no attention bias or dropout."""
+    return {
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.ffn_hidden_size,
+        "num_hidden_layers": args.num_layers,
+        "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": args.num_attention_heads_kv,
+        "head_dim": args.kv_channels,
+        "max_position_embeddings": max_position_embeddings or args.max_position_embeddings,
+        "rms_norm_eps": args.layernorm_epsilon,
+        "initializer_range": args.init_method_std,
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": bool(args.tie_embeddings),
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+    }
+
+
 def config_tail(bos_token_id: Optional[int], eos_token_id: Any, pad_token_id: Optional[int],
                 torch_dtype: str) -> dict:
     """What every exported ``config.json`` states besides the architecture: special token
@@ -196,21 +218,9 @@ def llama_config_from_model_args(args: "ModelArgs", model_type: str, architectur
     config = {
         "architectures": [architecture],
         "model_type": model_type,
-        "hidden_size": args.hidden_size,
-        "intermediate_size": args.ffn_hidden_size,
-        "num_hidden_layers": args.num_layers,
-        "num_attention_heads": args.num_attention_heads,
-        "num_key_value_heads": args.num_attention_heads_kv,
-        "head_dim": args.kv_channels,
+        **shape_config(args, vocab_size, max_position_embeddings),
         "hidden_act": "silu",
-        "max_position_embeddings": max_position_embeddings or args.max_position_embeddings,
-        "rms_norm_eps": args.layernorm_epsilon,
         "rope_theta": float(args.rope_theta),
-        "initializer_range": args.init_method_std,
-        "vocab_size": vocab_size,
-        "tie_word_embeddings": bool(args.tie_embeddings),
-        "attention_bias": False,
-        "attention_dropout": 0.0,
         **config_tail(bos_token_id, eos_token_id, pad_token_id, torch_dtype),
     }
     if qwen:  # Qwen's window fields: on every layer (max_window_layers 0) or on none
