@@ -210,6 +210,72 @@ class ConfigParser(FlagParser):
         """Parse ``argv`` and build ``cls`` (nested configs too) by keyword."""
         return build_config(cls, self.parse_args(argv))
 
+    def to_argv(self, config: Any) -> list[str]:
+        """The flags that this parser reads back as ``config``: :meth:`parse_config`'s inverse.
+
+        Only the values that differ from this parser's defaults (overrides included) are
+        written, field by field in field order, nested configs in place; each in its first
+        long spelling (a switch as the flag whose action sets that value: ``--name``,
+        ``--no_name`` or a negation). Internal fields are not flags: a caller passes them
+        to :func:`build_config` as before. A value that no flag of this parser can give
+        back (None where the default is not, a value outside the choices, an empty
+        list) is a ``ValueError`` rather than a command that means something else.
+        """
+        actions: dict[str, list[argparse.Action]] = {}
+        for action in self._actions:  # a field's own flag first, then its negations
+            if action.option_strings:
+                actions.setdefault(action.dest, []).append(action)
+        argv: list[str] = []
+        hints = typing.get_type_hints(type(config))
+        for f in dataclasses.fields(config):
+            hint = _unwrap_optional(hints[f.name])
+            if FLAG in f.metadata and f.metadata[FLAG] is None:
+                continue
+            value = getattr(config, f.name)
+            if _is_config(hint):
+                argv += self.to_argv(value)
+            elif _dest(f) not in actions:
+                raise TypeError(f"{type(config).__name__}.{f.name} has no flag in this parser")
+            else:
+                argv += _flag_words(f"{type(config).__name__}.{f.name}", value,
+                                    actions[_dest(f)])
+        return argv
+
+
+def _long(action: argparse.Action) -> str:
+    return next((s for s in action.option_strings if s.startswith("--")),
+                action.option_strings[0])
+
+
+def _flag_words(where: str, value: Any, actions: list[argparse.Action]) -> list[str]:
+    """The words that give ``value`` to the field whose flags are ``actions``."""
+    main = actions[0]
+    many = main.nargs is not None and main.nargs not in ("?", 0)
+    if many and value is not None:
+        value = tuple(value)
+        default = None if main.default is None else tuple(main.default)
+    else:
+        default = main.default
+    if value == default and not main.required:
+        return []
+    if isinstance(main, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        for action in actions:
+            if action.const == value:
+                return [_long(action)]
+        raise ValueError(f"{where} = {value!r}: no flag of {_long(main)} sets it")
+    if value is None:
+        raise ValueError(f"{where} = None: {_long(main)} has no spelling for 'not given' "
+                         f"(its default is {default!r})")
+    items = value if many else (value,)
+    if main.choices is not None and any(item not in main.choices for item in items):
+        raise ValueError(f"{where} = {value!r}: not one of {_long(main)}'s choices")
+    words = [str(item) for item in items]
+    if not words:
+        raise ValueError(f"{where}: {_long(main)} takes at least one value")
+    if not many and words[0].startswith("-"):  # would read as a flag: --name=-1
+        return [f"{_long(main)}={words[0]}"]
+    return [_long(main), *words]
+
 
 def _help_text(flag: Flag, default: Any) -> str:
     """The field's help, with its default when that says something and the help does not."""

@@ -188,6 +188,56 @@ def test_every_preprocessor_flag_sets_its_field():
         "template", "U: {input}\nA: {output}")
 
 
+# -- the inverse: a config written back as the flags that parse to it -------------------------
+
+@pytest.mark.parametrize("argv", [
+    ["--input_path", "x"],
+    ["--input_path=-dash", "--count", "-3", "--ratio=-0.25", "--name_list", "p", "q",
+     "--kind", "b", "--switch", "--no-keep"],
+    ["--input_path", "x y", "--ratio", "1e-07", "--names", "a b"],
+])
+def test_to_argv_parses_back_to_the_same_config(argv):
+    p = parser()
+    built = p.parse_config(Outer, argv)
+    written = p.to_argv(built)
+    assert p.parse_config(Outer, written) == built
+    assert p.to_argv(p.parse_config(Outer, written)) == written  # one spelling per config
+
+
+def test_to_argv_writes_only_what_differs_from_the_parsers_defaults():
+    p = parser()
+    assert p.to_argv(Outer("x")) == ["--input_path", "x"]  # required: always written
+    assert p.to_argv(Outer("x", Inner(ratio=0.5, keep=False, names=("n",)))) == [
+        "--input_path", "x", "--names", "n", "--no_keep"]
+    overridden = ConfigParser()
+    overridden.add_config(Inner, overrides={"kind": {"default": "b"}})
+    assert overridden.to_argv(Inner()) == ["--kind", "a"]  # the parser's default, not the field's
+
+
+@pytest.mark.parametrize("inner, message", [
+    (Inner(ratio=None), "Inner.ratio = None"),
+    (Inner(kind="c"), "not one of --kind's choices"),
+])
+def test_to_argv_refuses_what_no_flag_gives_back(inner, message):
+    with pytest.raises(ValueError, match=message):
+        parser().to_argv(Outer("x", inner))
+
+
+def test_every_finetune_flag_written_back_parses_to_the_same_config():
+    """finetune.py's parser and its inverse agree on every field (switches, negations such
+    as --untie_embeddings_and_output_weights, tuples, choices, Optional)."""
+    from megatron_ext.training.arguments import SECTIONS, build_parser, config_from_args
+
+    p = build_parser()
+    argv, _ = non_default_argv(p, [cls for cls, _ in SECTIONS])
+    for config in (config_from_args(p.parse_args(argv)), config_from_args(p.parse_args(
+            argv + ["--untie_embeddings_and_output_weights", "--disable_bias_linear"]))):
+        written = p.to_argv(config)
+        assert config_from_args(p.parse_args(written)) == config
+    assert "--untie_embeddings_and_output_weights" in written
+    assert "--disable_bias_linear" in written
+
+
 # -- no torch before the flags pass ------------------------------------------------------------
 
 GUARD = """
