@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_ext.errors import ConfigError
+from megatron_ext.errors import ConfigError, UserError
 from megatron_ext.io import write_json
 
 RECORD = "experiment.json"
@@ -50,6 +50,21 @@ class Experiment:
     @property
     def checkpoints(self) -> str:
         return self.path("checkpoints")
+
+    def latest_iteration(self) -> Optional[int]:
+        """The iteration of the latest checkpoint (None: none yet); checkpoints without a
+        readable tracker are refused rather than silently trained over."""
+        from megatron_ext.checkpointing.tracker import TRACKER, latest_iteration
+
+        if not os.path.isdir(self.checkpoints):
+            return None
+        iteration = latest_iteration(self.checkpoints)
+        if iteration is None and any(name.startswith("iter_")
+                                     for name in os.listdir(self.checkpoints)):
+            raise UserError(f"{self.checkpoints} holds checkpoints but no readable {TRACKER}: "
+                            "the experiment will not silently start over; repair the tracker "
+                            "or --restart")
+        return iteration
 
     def save(self) -> None:
         os.makedirs(self.root, exist_ok=True)

@@ -78,3 +78,10 @@ def run_logged(command: Sequence[str], log_path: str, env: dict, cwd: str) -> Fi
                 signal.signal(number, handler)
             if proc.poll() is None:
                 proc.kill()
+
+
+def stamp() -> str:
+    """The time in a log file's name (``train-20250101-120000.log``)."""
+    import time
+
+    return time.strftime("%Y%m%d-%H%M%S")

@@ -3,11 +3,11 @@
 Why one dataclass with the recipes' names: users come from NeMo's
 ``finetune_llm.py --executor local|slurm --experiment NAME ...`` and Meditron's
 ``sft.py``; the launcher takes their flags (and short forms) and derives the
-thirty flags of ``finetune.py``. Settings are split into what *defines* an
-experiment (:meth:`SFTConfig.identity`: base model, data, format, schedule,
-adapters; a rerun must not change them) and how it runs this time (executor,
-nodes, parallel layout, cluster account): a rerun may change those, since
-checkpoints load at any layout.
+trainer's configuration from them (``recipe.trainer_config``). Settings are split
+into what *defines* an experiment (:meth:`SFTConfig.identity`: base model, data,
+format, schedule, adapters; a rerun must not change them) and how it runs this
+time (executor, nodes, parallel layout, cluster account): a rerun may change
+those, since checkpoints load at any layout.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import Optional
 
 from megatron_ext.cli import option
 from megatron_ext.errors import ConfigError
+from megatron_ext.launch.executors import executor_names
 from megatron_ext.peft.config import PeftArgs
 
-EXECUTORS = ("local", "slurm")
+EXECUTORS = executor_names()  # the files of launch/executors/
 # fields that say how this launch runs, not what the experiment is
 RUNTIME_FIELDS = frozenset({
     "executor", "num_nodes", "num_gpus", "tensor_model_parallel_size",

@@ -4,14 +4,17 @@ The steps, each skipped when its result is already there (so the same command
 resumes): open the experiment (refused if made by another configuration;
 finished: say so), import the base model, tokenize the splits into the
 content-keyed cache, fix the number of steps (from ``--epochs`` once, stored),
-train (``torchrun`` here, or an sbatch job that runs the same steps), then
-evaluate on the test split and export the Hugging Face model (and the PEFT
-adapter). Nothing here imports torch: the trainer and the tools run as
-subprocesses.
+train (an executor of ``launch/executors/``: ``torchrun`` here, or an sbatch job
+that runs the same steps), then evaluate on the test split and export the Hugging
+Face model (and the PEFT adapter). The trainer's flags are not typed here: they are
+the trainer's own :class:`TrainConfig` written back as the flags its parser reads
+(:meth:`ConfigParser.to_argv`). Nothing here imports torch: the trainer and the
+tools run as subprocesses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,9 +25,23 @@ from typing import Optional
 
 from megatron_ext.errors import UserError
 from megatron_ext.launch.dataset import count_lines, find_splits
+from megatron_ext.launch.executors.base import ENDED, TRAINED, Launch, get_executor
 from megatron_ext.launch.experiment import Experiment, move_aside, open_experiment, steps_for
-from megatron_ext.launch.local import child_env, run_logged, torchrun_command
+from megatron_ext.launch.local import child_env, run_logged, stamp
 from megatron_ext.launch.options import SFTConfig
+from megatron_ext.peft.config import PeftArgs
+from megatron_ext.tokenizers import TokenizerArgs
+from megatron_ext.training.arguments import build_parser as build_trainer_parser
+from megatron_ext.training.config import (
+    CheckpointArgs,
+    DataArgs,
+    ModelArgs,
+    OptimArgs,
+    ParallelArgs,
+    PrecisionArgs,
+    ScheduleArgs,
+    TrainConfig,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,10 +51,6 @@ SFT = os.path.join(REPO, "instruct", "sft.py")
 TOOLS = os.path.join(REPO, "tools")
 
 
-class TrainingFailed(UserError):
-    """The trainer exited with an error (its log says why)."""
-
-
 @dataclass
 class Outcome:
     experiment: Experiment
@@ -45,75 +58,59 @@ class Outcome:
     message: str
 
 
-def _peft_flags(config: SFTConfig) -> list[str]:
-    p = config.peft
-    if not p.enabled:
-        return []
-    return ["--peft", p.peft, "--peft_target_modules", *p.target_names(), "--peft_dim",
-            str(p.peft_dim), "--peft_alpha", str(p.peft_alpha), "--peft_dropout",
-            str(p.peft_dropout), "--lora_A_init", p.lora_A_init]
+def _tokenizer_args(config: SFTConfig, base) -> TokenizerArgs:
+    """The trainer's tokenizer: the import's own (the trainer finds it in the import cache;
+    only the added tokens are said), or the one a checkpoint of ours names."""
+    if base.imported is not None:
+        return TokenizerArgs(tokenizer_type=None,
+                             vocab_extra_ids_list=config.vocab_extra_ids_list)
+    t = base.tokenizer
+    return TokenizerArgs(tokenizer_type=t.tokenizer_type, vocab_file=t.vocab_file,
+                         vocab_extra_ids_list=",".join(t.extra_ids) or None,
+                         megatron_llm_specials=t.megatron_llm_specials)
 
 
-def _tokenizer_flags(tokenizer) -> list[str]:
-    if tokenizer is None:  # a dry run: known once the base model is imported
-        return ["--tokenizer_type", "<the import's>", "--vocab_file", "<the import's>"]
-    flags = ["--tokenizer_type", tokenizer.tokenizer_type, "--vocab_file", tokenizer.vocab_file]
-    if tokenizer.extra_ids:
-        flags += ["--vocab_extra_ids_list", ",".join(tokenizer.extra_ids)]
-    if not tokenizer.megatron_llm_specials:
-        flags.append("--no_megatron_llm_specials")
-    return flags
+def trainer_config(config: SFTConfig, exp: Experiment, base) -> TrainConfig:
+    """finetune.py's configuration for this launch: from the base model, or from the
+    experiment's latest checkpoint when there is one (``--auto_resume``; LoRA/DoRA runs
+    resume their adapters from --save by themselves), so the same flags serve every
+    launch, a requeued Slurm job included."""
+    prefixes = exp.prefixes
+    imported = base.imported is not None
+    return TrainConfig(
+        model=ModelArgs(seq_length=config.seq_length),
+        parallel=ParallelArgs(tensor_model_parallel_size=config.tensor_model_parallel_size,
+                              pipeline_model_parallel_size=config.pipeline_model_parallel_size,
+                              context_parallel_size=config.context_parallel_size),
+        precision=PrecisionArgs(bf16=config.bf16),
+        data=DataArgs(train_data_path=(prefixes["training"],),
+                      valid_data_path=((prefixes["validation"],) if "validation" in prefixes
+                                       else ()),
+                      variable_seq_lengths=True, pack_sequences=True),
+        tokenizer=_tokenizer_args(config, base),
+        optim=OptimArgs(lr=config.learning_rate, min_lr=config.min_lr,
+                        lr_decay_style="cosine", lr_warmup_iters=config.warmup_steps,
+                        weight_decay=config.weight_decay),
+        schedule=ScheduleArgs(
+            micro_batch_size=config.micro_batch_size,
+            global_batch_size=config.global_batch_size, train_iters=exp.train_iters,
+            seed=config.seed, log_interval=1, save_interval=config.save_interval,
+            eval_interval=config.save_interval, eval_iters=4,
+            wandb_project=config.wandb_project,
+            wandb_exp_name=config.experiment if config.wandb_project else None),
+        checkpoint=CheckpointArgs(
+            save=exp.checkpoints, load=base.source, finetune=not imported, auto_resume=True,
+            use_checkpoint_args=True, tensorboard_dir=exp.path("tensorboard"),
+            # an imported base model: the trainer reuses the launcher's import
+            import_cache_dir=exp.path("imported_models") if imported else None),
+        peft=(dataclasses.replace(config.peft, peft_target_modules=config.peft.target_names())
+              if config.peft.enabled else PeftArgs()))
 
 
 def trainer_args(config: SFTConfig, exp: Experiment, base) -> list[str]:
-    """finetune.py's flags for this launch: from the base model, or from the experiment's
-    latest checkpoint when there is one (``--auto_resume``; LoRA/DoRA runs resume their
-    adapters from --save by themselves), so the same flags serve every launch, a
-    requeued Slurm job included."""
-    prefixes = exp.prefixes
-    args = ["--train_data_path", prefixes["training"]]
-    if "validation" in prefixes:
-        args += ["--valid_data_path", prefixes["validation"]]
-    args += [
-        "--seq_length", str(config.seq_length), "--variable_seq_lengths", "--pack_sequences",
-        "--micro_batch_size", str(config.micro_batch_size),
-        "--global_batch_size", str(config.global_batch_size),
-        "--train_iters", str(exp.train_iters), "--lr", repr(config.learning_rate),
-        "--min_lr", repr(config.min_lr), "--lr_warmup_iters", str(config.warmup_steps),
-        "--lr_decay_style", "cosine", "--weight_decay", repr(config.weight_decay),
-        "--seed", str(config.seed), "--log_interval", "1",
-        "--save_interval", str(config.save_interval), "--eval_interval",
-        str(config.save_interval), "--eval_iters", "4",
-        "--tensor_model_parallel_size", str(config.tensor_model_parallel_size),
-        "--pipeline_model_parallel_size", str(config.pipeline_model_parallel_size),
-        "--context_parallel_size", str(config.context_parallel_size),
-        "--save", exp.checkpoints, "--tensorboard_dir", exp.path("tensorboard"),
-        "--use_checkpoint_args", "--auto_resume"]
-    if config.bf16:
-        args.append("--bf16")
-    if config.wandb_project:
-        args += ["--wandb_project", config.wandb_project, "--wandb_exp_name", config.experiment]
-    args += ["--load", base.source] + _peft_flags(config)
-    if base.imported is not None:  # the trainer reuses the launcher's import
-        args += ["--import_cache_dir", exp.path("imported_models")]
-        if config.vocab_extra_ids_list:
-            args += ["--vocab_extra_ids_list", config.vocab_extra_ids_list]
-    else:
-        args += ["--finetune"] + _tokenizer_flags(base.tokenizer)
-    return args
-
-
-def _latest(checkpoints: str) -> Optional[int]:
-    from megatron_ext.checkpointing.tracker import TRACKER, latest_iteration
-
-    if not os.path.isdir(checkpoints):
-        return None
-    iteration = latest_iteration(checkpoints)
-    if iteration is None and any(name.startswith("iter_") for name in os.listdir(checkpoints)):
-        raise UserError(f"{checkpoints} holds checkpoints but no readable {TRACKER}: the "
-                        "experiment will not silently start over; repair the tracker or "
-                        "--restart")
-    return iteration
+    """finetune.py's flags for this launch: :func:`trainer_config` written as the flags
+    that finetune.py's own parser reads back (those that differ from its defaults)."""
+    return build_trainer_parser().to_argv(trainer_config(config, exp, base))
 
 
 def _tools_command(tool: str, *args: str) -> list[str]:
@@ -144,10 +141,7 @@ def plan_text(config: SFTConfig, exp: Experiment, commands: list[list[str]], not
 def config_of_experiment(experiments_dir: str, name: str) -> SFTConfig:
     """The configuration an experiment was made with (for ``sft.py --post_only``, which
     a Slurm job runs with the experiment's name only)."""
-    import dataclasses
-
     from megatron_ext.launch.experiment import RECORD
-    from megatron_ext.peft.config import PeftArgs
 
     path = os.path.join(experiments_dir, name, RECORD)
     try:
@@ -211,8 +205,8 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
         stopped = _train(config, exp, base)
         if stopped is not None:
             return stopped
-    elif (_latest(exp.checkpoints) or 0) < exp.train_iters:
-        return Outcome(exp, "stopped", f"training is at iteration {_latest(exp.checkpoints) or 0} "
+    elif (exp.latest_iteration() or 0) < exp.train_iters:
+        return Outcome(exp, "stopped", f"training is at iteration {exp.latest_iteration() or 0} "
                                        f"of {exp.train_iters}: not evaluated or exported yet")
     return _finish(config, exp, source)
 
@@ -248,53 +242,36 @@ def _dry_run(config: SFTConfig, exp: Experiment, source) -> Outcome:
         tokenizer = tokenizer_config_from_run(config.load, read_run_config(config.load))
     planned = BaseModel(config.hf_model_id or config.load,
                         "<import>" if config.hf_model_id else None, tokenizer, {})
-    args = trainer_args(config, exp, planned)
-    commands = [torchrun_command(FINETUNE, args, config.num_gpus, config.num_nodes,
-                                 config.node_rank, config.master_addr, config.master_port)]
+    commands = get_executor(config.executor).commands(_launch(config, exp, planned))
     commands += _post_commands(config, exp, source)
     text = plan_text(config, exp, commands, notes)
     return Outcome(exp, "planned", text)
 
 
-def _train(config: SFTConfig, exp: Experiment, base) -> Optional[Outcome]:
-    """Train to the last step; an Outcome when the run stopped early (a signal)."""
-    resume = _latest(exp.checkpoints) is not None
-    if resume:
-        logger.info("resuming experiment %s from %s (iteration %d of %d)", config.experiment,
-                    exp.checkpoints, _latest(exp.checkpoints), exp.train_iters)
-    args = trainer_args(config, exp, base)
-    if config.executor == "slurm":
-        from megatron_ext.launch.experiment import open_experiment as reopen
-        from megatron_ext.launch.slurm_executor import submit_experiment
+def _launch(config: SFTConfig, exp: Experiment, base) -> Launch:
+    """This launch of the training, as the executor gets it."""
+    post = (sys.executable, SFT, "--post_only", "--experiment", config.experiment,
+            "--experiments_dir", os.path.abspath(config.experiments_dir))
+    return Launch(config, exp, FINETUNE, tuple(trainer_args(config, exp, base)), REPO, post)
 
-        outcome = submit_experiment(config, exp, args, REPO, FINETUNE, SFT)
-        if outcome.state == "ended":  # --wait: the job ran training, evaluation and export
-            done = reopen(exp.root, exp.identity)
-            if done.status == "finished":
-                return Outcome(done, "finished", outcome.message + "\n"
-                               + _finished_text(done, already=False))
-            outcome.state = "stopped"
-        return outcome
-    command = torchrun_command(FINETUNE, args, config.num_gpus, config.num_nodes,
-                               config.node_rank, config.master_addr, config.master_port)
-    log = exp.path("logs", f"train-{_stamp()}.log")
-    finished = run_logged(command, log, child_env(config.num_gpus, REPO), REPO)
-    latest = _latest(exp.checkpoints)
-    if finished.signalled:  # the trainer saved and stopped (torchrun exits non-zero then)
-        return Outcome(exp, "stopped",
-                       f"training stopped at iteration {latest or 0} of {exp.train_iters} by a "
-                       "signal; rerun the same command to resume")
-    if finished.code != 0:
-        raise TrainingFailed(f"training failed (exit {finished.code}); the log is {log}. Fix "
-                             "the cause and rerun the same command: it resumes from the latest "
-                             "checkpoint")
-    if config.node_rank != 0:  # evaluation and export are the first node's
-        return Outcome(exp, "stopped", f"node {config.node_rank}: training done")
-    if latest is None or latest < exp.train_iters:
-        return Outcome(exp, "stopped",
-                       f"training stopped at iteration {latest or 0} of {exp.train_iters} "
-                       f"(a signal or --exit conditions); rerun the same command to resume")
-    return None
+
+def _train(config: SFTConfig, exp: Experiment, base) -> Optional[Outcome]:
+    """Train to the last step (None), or the Outcome of a launch that did not (stopped,
+    submitted) or that also evaluated and exported (a Slurm job followed to its end)."""
+    latest = exp.latest_iteration()
+    if latest is not None:
+        logger.info("resuming experiment %s from %s (iteration %d of %d)", config.experiment,
+                    exp.checkpoints, latest, exp.train_iters)
+    ran = get_executor(config.executor).run(_launch(config, exp, base))
+    if ran.state == TRAINED:
+        return None
+    if ran.state == ENDED:  # the launch ran training, evaluation and export as far as it got
+        done = open_experiment(exp.root, exp.identity)
+        if done.status == "finished":
+            return Outcome(done, "finished", ran.message + "\n"
+                           + _finished_text(done, already=False))
+        return Outcome(exp, "stopped", ran.message)
+    return Outcome(exp, ran.state, ran.message)
 
 
 def _post_commands(config: SFTConfig, exp: Experiment, source) -> list[list[str]]:
@@ -322,12 +299,12 @@ def _finish(config: SFTConfig, exp: Experiment, source) -> Outcome:
     env = child_env(1, REPO)
     for command in _post_commands(config, exp, source):
         name = os.path.basename(command[1]).removesuffix(".py")
-        log = exp.path("logs", f"{name}-{_stamp()}.log")
+        log = exp.path("logs", f"{name}-{stamp()}.log")
         code = run_logged(command, log, env, REPO).code
         if code != 0:
             raise UserError(f"{name} failed (exit {code}); the log is {log}. Rerun the same "
                             "command to try again (training is not repeated)")
-    results = {"iteration": _latest(exp.checkpoints), "hf": exp.path("hf")}
+    results = {"iteration": exp.latest_iteration(), "hf": exp.path("hf")}
     if config.peft.enabled:
         results["adapter"] = exp.path("adapter")
     summary = exp.path("eval", "test.json")
@@ -355,8 +332,3 @@ def _finished_text(exp: Experiment, already: bool) -> str:
         lines.append("  (--restart trains it again from the start)")
     return "\n".join(lines)
 
-
-def _stamp() -> str:
-    import time
-
-    return time.strftime("%Y%m%d-%H%M%S")

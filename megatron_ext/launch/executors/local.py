@@ -1,0 +1,56 @@
+"""The local executor: ``torchrun`` on this node (every node, with ``--node_rank``), its
+output shown and kept in ``logs/train-TIME.log``; the launcher waits for it.
+
+A SIGTERM or Ctrl-C to the launcher reaches the trainer, which saves and stops;
+rerunning the same command resumes from that checkpoint.
+"""
+
+from __future__ import annotations
+
+from megatron_ext.launch.executors.base import (
+    STOPPED,
+    TRAINED,
+    Executor,
+    Launch,
+    Ran,
+    TrainingFailed,
+)
+from megatron_ext.launch.local import child_env, run_logged, stamp, torchrun_command
+
+
+class LocalExecutor(Executor):
+    name = "local"
+    resume = "rerun the same command to resume"
+
+    def commands(self, launch: Launch) -> list[list[str]]:
+        c = launch.config
+        return [torchrun_command(launch.script, launch.args, c.num_gpus, c.num_nodes,
+                                 c.node_rank, c.master_addr, c.master_port)]
+
+    def run(self, launch: Launch) -> Ran:
+        config, exp = launch.config, launch.experiment
+        log = exp.path("logs", f"train-{stamp()}.log")
+        [command] = self.commands(launch)
+        finished = run_logged(command, log, child_env(config.num_gpus, launch.repo),
+                              launch.repo)
+        latest = exp.latest_iteration()
+        if finished.signalled:  # the trainer saved and stopped (torchrun exits non-zero then)
+            return Ran(STOPPED, f"training stopped at iteration {latest or 0} of "
+                                f"{exp.train_iters} by a signal; {self.resume}")
+        if finished.code != 0:
+            raise TrainingFailed(f"training failed (exit {finished.code}); "
+                                 f"{self.follow(launch, log)}. Fix the cause and rerun the "
+                                 "same command: it resumes from the latest checkpoint")
+        if config.node_rank != 0:  # evaluation and export are the first node's
+            return Ran(STOPPED, f"node {config.node_rank}: training done")
+        if latest is None or latest < exp.train_iters:
+            return Ran(STOPPED, f"training stopped at iteration {latest or 0} of "
+                                f"{exp.train_iters} (a signal or --exit conditions); "
+                                f"{self.resume}")
+        return Ran(TRAINED)
+
+    def follow(self, launch: Launch, handle: str) -> str:
+        return f"the log is {handle}"
+
+
+EXECUTOR = LocalExecutor

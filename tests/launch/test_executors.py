@@ -1,0 +1,162 @@
+"""Executors behind one interface (launch/executors/: the registry is the files), and the
+trainer's command generated from its own config: finetune.py's parser reads the launcher's
+flags back as the very TrainConfig the launcher meant. In-process, nothing trained."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import pytest
+
+from megatron_ext.errors import ConfigError
+from megatron_ext.launch import executors
+from megatron_ext.launch.base_model import BaseModel
+from megatron_ext.launch.executors.base import get_executor
+from megatron_ext.launch.experiment import Experiment
+from megatron_ext.launch.options import EXECUTORS, SFTConfig
+from megatron_ext.launch.recipe import _launch, run_sft, trainer_args, trainer_config
+from megatron_ext.peft.config import PeftArgs
+from megatron_ext.tokenizers import TokenizerConfig
+from tests.conftest import REPO, SAMPLE
+from tests.launch.test_sft_options import parse
+
+
+def test_the_registry_is_the_files():
+    files = sorted(p.stem for p in (REPO / "megatron_ext" / "launch" / "executors").glob("*.py")
+                   if p.stem not in ("__init__", "base"))
+    assert EXECUTORS == executors.executor_names() == tuple(files) == ("local", "slurm")
+    assert [get_executor(name).name for name in files] == files
+    with pytest.raises(ConfigError, match="use one of local, slurm"):
+        get_executor("nowhere")
+    with pytest.raises(SystemExit):  # --executor's choices are the registry's
+        parse("-E", "x", "--dataset_path", "d", "--executor", "nowhere")
+
+
+FAKE = '''
+from megatron_ext.launch.executors.base import STOPPED, Executor, Ran
+
+
+class Elsewhere(Executor):
+    name = "elsewhere"
+    resume = "ask elsewhere again"
+
+    def commands(self, launch):
+        return [["elsewhere-submit", launch.script, *launch.args]]
+
+    def run(self, launch):
+        return Ran(STOPPED, "queued elsewhere; " + self.follow(launch, "7") + "; " + self.resume)
+
+    def follow(self, launch, handle):
+        return f"elsewhere status {handle}"
+
+
+EXECUTOR = Elsewhere
+'''
+
+
+def test_a_third_executor_is_one_file(tmp_path, monkeypatch):
+    (tmp_path / "elsewhere.py").write_text(FAKE, encoding="utf-8")
+    monkeypatch.setattr(executors, "__path__", [*executors.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "megatron_ext.launch.executors.elsewhere", raising=False)
+    try:
+        assert executors.executor_names() == ("elsewhere", "local", "slurm")
+        (tmp_path / "model.gguf").write_bytes(b"GGUF")
+        config = dataclasses.replace(parse(
+            "-E", "plan", "--dataset_path", str(SAMPLE), "--hf_model_id",
+            str(tmp_path / "model.gguf"), "--experiments_dir", str(tmp_path / "exps"),
+            "--max_steps", "3", "--dry_run"), executor="elsewhere")
+        text = run_sft(config).message
+        assert "elsewhere-submit" in text and "--train_iters 3" in text
+    finally:
+        sys.modules.pop("megatron_ext.launch.executors.elsewhere", None)
+
+
+def test_slurm_dry_run_shows_the_job(tmp_path):
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    text = run_sft(parse("-E", "plan", "--dataset_path", str(SAMPLE), "--hf_model_id",
+                         str(tmp_path / "model.gguf"), "--experiments_dir",
+                         str(tmp_path / "exps"), "--executor", "slurm", "-N", "2", "-G", "4",
+                         "-g", "16", "--max_steps", "5", "--dry_run")).message
+    assert f"sbatch {tmp_path / 'exps' / 'plan' / 'job.sbatch'}" in text
+    assert "--nnodes=2 --nproc_per_node=4" in text and "--standalone" not in text
+    assert not (tmp_path / "exps").exists()
+
+
+# -- the trainer's flags, generated --------------------------------------------------------------
+
+def hf_model(tmp_path):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    return BaseModel(str(tmp_path / "hf"), str(tmp_path / "imports" / "k"),
+                     TokenizerConfig("HFTokenizer", str(tmp_path / "hf")), {})
+
+
+def checkpoint(tmp_path):
+    return BaseModel(str(tmp_path / "ckpt"), None, TokenizerConfig(
+        "SentencePieceTokenizer", "tok.model", ("<a>", "<b>"), megatron_llm_specials=False), {})
+
+
+def gguf(tmp_path):
+    return BaseModel(str(tmp_path / "m.gguf"), str(tmp_path / "imports" / "g"),
+                     TokenizerConfig("HFTokenizer", "tok.json"), {})
+
+
+CASES = {
+    "lora, an HF model, validation, local": (hf_model, dict(
+        peft=PeftArgs(peft="lora", peft_dim=8, peft_target_modules=("q_proj,v_proj",)),
+        vocab_extra_ids_list="<|im_start|>,<|im_end|>", num_gpus=2, global_batch_size=8,
+        micro_batch_size=2, seq_length=96), ("training", "validation")),
+    "full, a checkpoint, no validation, slurm": (checkpoint, dict(
+        executor="slurm", num_nodes=2, num_gpus=4, tensor_model_parallel_size=2, bf16=True,
+        wandb_project="proj", lr=3e-5, min_lr=1e-7, warmup_steps=10, weight_decay=0.1,
+        save_interval=7, seed=5), ("training",)),
+    "dora, GGUF, context parallel, slurm": (gguf, dict(
+        executor="slurm", peft=PeftArgs(peft="dora"), num_gpus=4, context_parallel_size=2,
+        pipeline_model_parallel_size=2, global_batch_size=4, micro_batch_size=4,
+        seq_length=512), ("training", "validation", "test")),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_parsing_the_generated_flags_gives_back_the_trainer_config(case, tmp_path, monkeypatch):
+    make_base, settings, splits = CASES[case]
+    base = make_base(tmp_path)
+    if base.imported is None:
+        settings = dict(settings, load=base.source)
+    else:
+        settings = dict(settings, hf_model_id=base.source)
+    config = SFTConfig(experiment="exp", dataset_path="d",
+                       experiments_dir=str(tmp_path / "exps"), **settings)
+    config.validate()
+    exp = Experiment(str(tmp_path / "exps" / "exp"), config.identity(),
+                     prefixes={s: str(tmp_path / "tok" / s) for s in splits}, train_iters=40)
+    from megatron_ext.training.arguments import parse_config
+
+    monkeypatch.setenv("WORLD_SIZE", str(config.world_size))
+    argv = trainer_args(config, exp, base)
+    assert parse_config(argv) == trainer_config(config, exp, base)  # validated on the way
+    assert {"--auto_resume", "--use_checkpoint_args", "--pack_sequences",
+            "--variable_seq_lengths"} <= set(argv)
+    assert ("--valid_data_path" in argv) == ("validation" in splits)
+    assert ("--finetune" in argv) == ("--tokenizer_type" in argv) == (base.imported is None)
+    assert ("--import_cache_dir" in argv) == (base.imported is not None)
+    launch = _launch(config, exp, base)
+    assert launch.args == tuple(argv) and launch.post_command[2:] == (
+        "--post_only", "--experiment", "exp", "--experiments_dir", str(tmp_path / "exps"))
+
+
+def test_the_slurm_job_runs_the_generated_flags_then_the_post_step(tmp_path):
+    from megatron_ext.launch.executors.slurm import script_text
+
+    config = SFTConfig(experiment="exp", dataset_path="d", hf_model_id="m", executor="slurm",
+                       experiments_dir=str(tmp_path / "exps"), cpu=True, num_gpus=2,
+                       global_batch_size=2)
+    exp = Experiment(str(tmp_path / "exps" / "exp"), config.identity(),
+                     prefixes={"training": "t"}, train_iters=4)
+    launch = _launch(config, exp, hf_model(tmp_path))
+    text = script_text(launch)
+    assert "--train_data_path t" in text and "--train_iters 4" in text
+    assert text.rstrip().endswith(f"--post_only --experiment exp --experiments_dir "
+                                  f"{tmp_path / 'exps'}")
+    assert "--gpus-per-node" not in text
