@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -59,27 +60,39 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def project_imports(path: Path, module: str) -> list[tuple[int, str]]:
-    """(line, imported module) for every import of the project's own code."""
+def _type_only(tree: ast.AST) -> set[int]:
+    """The ids of the import statements under ``if TYPE_CHECKING:`` (never executed)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            found |= {id(inner) for statement in node.body for inner in ast.walk(statement)}
+    return found
+
+
+def _imports(path: Path, module: str) -> Iterator[tuple[int, str, list[str], bool]]:
+    """(line, module, names, type_only) of every import statement: ``import a.b`` gives
+    ("a.b", []), ``from a import b, c`` gives ("a", ["b", "c"]) with relative imports
+    resolved; type_only: under ``if TYPE_CHECKING:``."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found = []
+    type_only = _type_only(tree)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
+            for alias in node.names:
+                yield node.lineno, alias.name, [], id(node) in type_only
         elif isinstance(node, ast.ImportFrom):
             if node.level:  # relative import: resolve against this module's package
                 base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            names = [target]
-        else:
-            continue
-        for name in names:
-            if name.split(".")[0] in {"megatron_ext", "tools", "instruct", "finetune"}:
-                found.append((node.lineno, name))
-    return found
+            yield node.lineno, target, [alias.name for alias in node.names], id(node) in type_only
+
+
+def project_imports(path: Path, module: str) -> list[tuple[int, str]]:
+    """(line, imported module) for every import of the project's own code."""
+    return [(line, target) for line, target, _, _ in _imports(path, module)
+            if target.split(".")[0] in {"megatron_ext", "tools", "instruct", "finetune"}]
 
 
 def shown(path: Path) -> str:
@@ -160,3 +173,98 @@ def test_the_checker_accepts_allowed_imports(tmp_path):
                      "from megatron_ext.data import records\nfrom . import sibling\n",
                      encoding="utf-8")
     assert violations([(probe, "megatron_ext.checkpointing.probe")]) == []
+
+
+# -- no import cycles ---------------------------------------------------------------------------
+#
+# Why: DESIGN.md's convention "no import cycles between modules, function-level imports
+# included". A cycle inside one room passes the floor order above, and an import moved into
+# a function only hides it; here every import that runs counts (top level or in a function),
+# between the modules themselves: ``from pkg import mod`` is an import of ``pkg.mod``, and
+# importing ``pkg.mod`` is not counted as importing ``pkg``'s face. An import under ``if
+# TYPE_CHECKING:`` never runs: it names types for the checker (two classes of a room that
+# mention each other), which is what it is for; the floor order above still checks it.
+
+
+def import_graph(files: list[tuple[Path, str]] | None = None) -> dict[str, set[str]]:
+    """Each module -> the modules of ``files`` it imports (default: the library and CLIs)."""
+    files = files if files is not None else [(p, module_name(p)) for p in sources()]
+    known = {module for _, module in files}
+    graph: dict[str, set[str]] = {module: set() for module in known}
+    for path, module in files:
+        for _, target, names, type_only in _imports(path, module):
+            for name in [] if type_only else names or [""]:
+                imported = f"{target}.{name}" if f"{target}.{name}" in known else target
+                if imported in known and imported != module:
+                    graph[module].add(imported)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle (a list of modules, each importing the next, the last the first) for
+    each group of modules that import each other, found by Tarjan's algorithm."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    groups: list[set[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            group = set()
+            while not group or member != module:
+                member = stack.pop()
+                group.add(member)
+            if len(group) > 1:
+                groups.append(group)
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return [_shortest_cycle(graph, group) for group in groups]
+
+
+def _shortest_cycle(graph: dict[str, set[str]], group: set[str]) -> list[str]:
+    start = min(group)
+    paths = {start: [start]}
+    queue = [start]
+    while queue:
+        module = queue.pop(0)
+        for target in sorted(graph[module] & group):
+            if target == start:
+                return paths[module]
+            if target not in paths:
+                paths[target] = paths[module] + [target]
+                queue.append(target)
+    raise AssertionError(f"no cycle through {start}")  # a strongly connected group has one
+
+
+def test_no_module_imports_itself_through_others():
+    cycles = import_cycles(import_graph())
+    assert not cycles, "import cycles (function-level imports count too):\n" + "\n".join(
+        " -> ".join(c + [c[0]]) for c in cycles)
+
+
+def test_the_cycle_checker_names_each_cycle(tmp_path):
+    """A cycle through a function-level import is found and named; a chain is not one, nor
+    a type hint's import."""
+    sources = {"megatron_ext.launch.a": "from megatron_ext.launch import b\n",
+               "megatron_ext.launch.b": "def f():\n    from megatron_ext.launch.c import x\n",
+               "megatron_ext.launch.c": "from . import a\nimport megatron_ext.launch.d\n",
+               "megatron_ext.launch.d": "from typing import TYPE_CHECKING\n"
+                                        "if TYPE_CHECKING:\n    from . import a\n"}
+    files = []
+    for module, source in sources.items():
+        path = tmp_path / f"{module.rpartition('.')[2]}.py"
+        path.write_text(source, encoding="utf-8")
+        files.append((path, module))
+    assert import_cycles(import_graph(files)) == [
+        ["megatron_ext.launch.a", "megatron_ext.launch.b", "megatron_ext.launch.c"]]
+    assert import_cycles(import_graph(files[1:])) == []

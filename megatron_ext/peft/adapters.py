@@ -46,12 +46,9 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.peft.config import COLUMN_PARALLEL, LINEARS, PeftArgs
+from megatron_ext.peft.config import ADAPTER, COLUMN_PARALLEL, LINEARS, NORM_EPS, PeftArgs
 
 logger = logging.getLogger(__name__)
-
-ADAPTER = "adapter"  # the child module's name: keys ``....linear_qkv.adapter.lora_A``
-NORM_EPS = 1e-12  # DoRA: floor of a row norm (fp32)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ COLUMN_PARALLEL = ("linear_qkv", "linear_fc1")
 DEFAULT_TARGETS = tuple(LINEARS)
 METHODS = ("lora", "dora")
 A_INITS = ("kaiming", "xavier")
+ADAPTER = "adapter"  # the child module's name: keys ``....linear_qkv.adapter.lora_A``
+NORM_EPS = 1e-12  # DoRA: floor of a row norm (fp32)
 
 
 def _targets(value: str) -> tuple[str, ...]:

@@ -13,7 +13,7 @@ from typing import Mapping
 
 import torch
 
-from megatron_ext.peft.adapters import ADAPTER, NORM_EPS
+from megatron_ext.peft.config import ADAPTER, NORM_EPS
 
 SUFFIXES = ("lora_A", "lora_B", "magnitude")
 
