@@ -19,12 +19,16 @@ def main(argv=None) -> int:
     config = parse_config(argv)  # flags checked before torch and megatron-core are imported
     setup_logging()
     # imported only now, for the same reason: a bad flag must not cost their import
+    import torch
+
     from megatron_ext.parallel import exit_when_orphaned, shutdown
+    from megatron_ext.training.plan import resolve
     from megatron_ext.training.trainer import Trainer
 
     exit_when_orphaned()
     try:
-        Trainer(config).train()
+        # what to load, from where, with which model and adapters: settled once, then trained
+        Trainer(resolve(config, cuda=torch.cuda.is_available())).train()
     finally:
         shutdown()
     return 0

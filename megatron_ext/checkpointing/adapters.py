@@ -20,10 +20,9 @@ import hashlib
 import os
 from typing import Optional
 
-from megatron_ext.checkpointing.legacy import is_legacy
+from megatron_ext.checkpointing.forms import is_legacy, is_unsharded
 from megatron_ext.checkpointing.run_config import load_run_config
 from megatron_ext.checkpointing.tracker import iteration_dir, latest_iteration
-from megatron_ext.checkpointing.unsharded import is_unsharded
 from megatron_ext.errors import CheckpointError
 
 SAMPLES = 16

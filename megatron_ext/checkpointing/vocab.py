@@ -8,25 +8,12 @@ checkpoint's rows are adapted to any padding by its loader.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
-from megatron_ext.checkpointing.legacy import is_legacy
-from megatron_ext.checkpointing.tracker import iteration_dir, latest_iteration
-from megatron_ext.checkpointing.unsharded import checkpoint_vocab_rows, is_unsharded
+from megatron_ext.checkpointing.forms import checkpoint_directory, is_legacy, is_unsharded
+from megatron_ext.checkpointing.unsharded import checkpoint_vocab_rows
 from megatron_ext.errors import CheckpointError
 from megatron_ext.models.config import padded_vocab_size
-
-
-def checkpoint_directory(load: str) -> Optional[str]:
-    """The directory holding the weights: ``load`` itself, its latest ``iter_*``, or None
-    when ``load`` holds no checkpoint (yet)."""
-    if not load or not os.path.isdir(load):
-        return None
-    if is_unsharded(load) or is_legacy(load):
-        return load
-    iteration = latest_iteration(load)
-    return iteration_dir(load, iteration) if iteration is not None else None
 
 
 def padded_vocab_for(load: Optional[str], vocab_size: int, divisible_by: int, tp: int) -> int:

@@ -2,18 +2,17 @@
 
 Why a class: the loop's state (model, optimizer, scheduler, data position,
 iteration) is what a checkpoint saves and a resume restores; keeping it in
-one object makes that explicit. Everything is built from a
-:class:`~megatron_ext.training.config.TrainConfig`; nothing reads globals.
+one object makes that explicit. Everything is built from a resolved
+:class:`~megatron_ext.training.plan.RunPlan` (the configuration with every decision
+that depends on the checkpoints on disk already made); nothing reads globals.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import signal
-import sys
 import time
 from typing import Optional
 
@@ -23,61 +22,53 @@ from megatron_ext.checkpointing import (
     CheckpointError,
     Progress,
     TrainState,
-    latest_iteration,
     load_checkpoint,
-    load_run_config,
-    read_run_config,
     save_checkpoint,
 )
-from megatron_ext.checkpointing.adapters import adapter_run_config, base_of, base_record, check_base
-from megatron_ext.checkpointing.import_cache import (
-    ImportOptions,
-    default_cache_dir,
-    ensure_imported,
-)
-from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
 from megatron_ext.checkpointing.vocab import checkpoint_directory, padded_vocab_for
 from megatron_ext.data.indexed import chat_settings_of_meta
 from megatron_ext.models.builder import build_gpt_model, transformer_config
-from megatron_ext.models.config import ModelArgs
-from megatron_ext.models.families import get_family
 from megatron_ext.parallel import Layout, init_distributed
-from megatron_ext.peft.config import PeftArgs, resolve_targets
 from megatron_ext.tokenizers import build_tokenizer, megatron_llm_specials_hint
 from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.data import BatchBuilder, GlobalBatch, build_splits, iterations
 from megatron_ext.training.metrics import MetricsWriter
+from megatron_ext.training.plan import PeftPlan, RunPlan, resolve
 from megatron_ext.training.step import make_forward_step
 
 logger = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig):
-        self.peft_plan: Optional[PeftPlan] = None
-        if config.peft.enabled or adapter_run_config(config.checkpoint.load or "") is not None:
-            config, self.peft_plan = _plan_peft(config)
-        elif config.checkpoint.imports_model:
-            config = _with_imported_model(config)
-        if self.peft_plan is None:
-            config = _with_auto_resume(config)
-        if config.checkpoint.use_checkpoint_args and config.checkpoint.load:
-            config = _with_checkpoint_model_args(config)
-        self.config = config
-        # before any process group; with the device checks finetune.py could not run
-        config.validate(int(os.environ.get("WORLD_SIZE", "1")), cuda=torch.cuda.is_available())
+    """Trains the run a :class:`~megatron_ext.training.plan.RunPlan` describes.
+
+    Given a plain :class:`TrainConfig` it resolves the plan first (``plan.resolve``); the
+    plan is taken as it is: the trainer builds, loads and saves exactly what it says.
+    """
+
+    def __init__(self, plan: "RunPlan | TrainConfig"):
+        if isinstance(plan, TrainConfig):
+            plan = resolve(plan, cuda=torch.cuda.is_available())
+        self.plan = plan
+        self.peft_plan: Optional[PeftPlan] = plan.peft
+        self.config = config = plan.config
         self.layout: Layout = init_distributed(config.parallel.tensor_model_parallel_size,
                                                config.parallel.pipeline_model_parallel_size,
                                                config.schedule.seed,
                                                cp=config.parallel.context_parallel_size)
+        if self.layout.is_logger:
+            logger.info("%s", plan.summary())
         self.tokenizer = build_tokenizer(config.tokenizer.config())
         identity = self.tokenizer.identity()
+        self._check_checkpoint_tokenizer()
         self.splits = build_splits(config.data, config.schedule.seed)
         for split in self.splits.values():
             for part in split.parts if split else ():
                 part.dataset.check_tokenizer(identity)
         self.train_iters = iterations(config.schedule, self.splits["train"])
-        self.padded_vocab = self._padded_vocab()
+        self.padded_vocab = padded_vocab_for(plan.load, self.tokenizer.vocab_size,
+                                             config.model.make_vocab_size_divisible_by,
+                                             self.layout.tp)
         self._build_model_and_optimizer()
         pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
         self.batches = BatchBuilder(config.model.seq_length, pad_id, config.data.scalar_loss_mask,
@@ -98,26 +89,13 @@ class Trainer:
                 "config": config.to_dict()})
         self._stop_signal: Optional[int] = None
         self._saved_at: Optional[int] = None  # iteration of the newest checkpoint on disk
-        if config.checkpoint.load:
+        if plan.load:
             self._load()
 
-    def _padded_vocab(self) -> int:
-        """Embedding rows: the checkpoint's when it has a usable count, else padded for TP
-        (``checkpointing.vocab``); a checkpoint made with another tokenizer is refused."""
-        c = self.config
-        directory = checkpoint_directory(c.checkpoint.load)
-        if directory is not None:
-            self._check_checkpoint_tokenizer(directory)
-        return padded_vocab_for(c.checkpoint.load, self.tokenizer.vocab_size,
-                                c.model.make_vocab_size_divisible_by, self.layout.tp)
-
-    def _check_checkpoint_tokenizer(self, directory: str) -> None:
+    def _check_checkpoint_tokenizer(self) -> None:
         """Refuse a checkpoint made with another tokenizer: its embedding rows would mean
         other tokens (same vocabulary size or not)."""
-        try:
-            saved = (load_run_config(directory, missing_ok=True) or {}).get("tokenizer_identity")
-        except CheckpointError:
-            return  # checked later with a full message if the checkpoint is unreadable
+        saved = self.plan.saved_tokenizer
         if not saved:
             return
         ours = self.tokenizer.identity()
@@ -127,8 +105,9 @@ class Trainer:
         if differences:
             shown = "; ".join(d if len(d) < 160 else d[:160] + "..." for d in differences)
             raise CheckpointError(
-                f"{directory} was made with another tokenizer ({shown}); pass the checkpoint's "
-                "tokenizer (--vocab_file, --vocab_extra_ids_list in the same order)"
+                f"{checkpoint_directory(self.plan.load)} was made with another tokenizer "
+                f"({shown}); pass the checkpoint's tokenizer (--vocab_file, "
+                "--vocab_extra_ids_list in the same order)"
                 + megatron_llm_specials_hint(saved, ours))
 
     def _chat_settings(self) -> dict:
@@ -153,53 +132,50 @@ class Trainer:
         if reload is not None:
             reload()
 
+    def _restore_progress(self, progress: Progress) -> None:
+        self.iteration = progress.iteration
+        self.consumed_samples = progress.consumed_samples
+        self.consumed_tokens = progress.consumed_tokens
+        if self.plan.continues_logs:
+            self.metrics.truncate_after(self.iteration)
+            self._saved_at = self.iteration
+
     def _load(self) -> None:
-        if self.peft_plan is not None:
-            return self._load_peft()
-        c = self.config.checkpoint
-        own_dir = os.path.abspath(c.load) == os.path.abspath(c.save or "")
-        loaded = load_checkpoint(c.load, self._train_state(), weights_only=c.finetune,
-                                 allow_missing=own_dir and not c.finetune)
+        """What the plan loads: a full checkpoint (resume), or weights only (finetune, the
+        base of adapters, then the adapter checkpoint being resumed)."""
+        from megatron_ext.peft.adapters import init_magnitudes
+
+        plan = self.plan
+        parts = "base" if plan.peft is not None else "all"
+        loaded = load_checkpoint(plan.load, self._train_state(parts),
+                                 weights_only=plan.weights_only,
+                                 allow_missing=plan.allow_missing)
         if loaded is None:
             return
         iteration, progress = loaded
-        if c.finetune:
+        if plan.peft is not None:
+            # adapters fresh: A drawn, B zero, DoRA's magnitude the base rows' norms
+            init_magnitudes(self.model.module)
+        if plan.weights_only:
             self._weights_loaded()
-        self.iteration = progress.iteration
-        self.consumed_samples = progress.consumed_samples
-        self.consumed_tokens = progress.consumed_tokens
-        if not c.finetune:
-            self.metrics.truncate_after(self.iteration)
-            self._saved_at = self.iteration
+        else:
+            self._restore_progress(progress)
         if self.layout.is_logger:
-            logger.info("loaded %s from %s (iteration %d)%s",
-                        "weights" if c.finetune else "checkpoint", c.load, iteration,
-                        "" if c.finetune else f"; resuming at iteration {self.iteration}")
-
-    def _load_peft(self) -> None:
-        """The base weights (adapters fresh: A drawn, B zero, DoRA's magnitude the base rows'
-        norms), then, when resuming, the adapter checkpoint: adapters, optimizer, schedule,
-        data position."""
-        from megatron_ext.peft.adapters import init_magnitudes
-
-        plan = self.peft_plan
-        load_checkpoint(plan.base_checkpoint, self._train_state("base"), weights_only=True)
-        init_magnitudes(self.model.module)
-        self._weights_loaded()
-        if self.layout.is_logger:
-            logger.info("loaded base weights from %s", plan.base_checkpoint)
-        if plan.resume is None:
+            if plan.peft is not None:
+                logger.info("loaded base weights from %s", plan.load)
+            else:
+                logger.info("loaded %s from %s (iteration %d)%s",
+                            "weights" if plan.weights_only else "checkpoint", plan.load,
+                            iteration, "" if plan.weights_only
+                            else f"; resuming at iteration {self.iteration}")
+        if plan.peft is None or plan.peft.resume is None:
             return
-        iteration, progress = load_checkpoint(plan.resume, self._train_state("adapters"),
+        iteration, progress = load_checkpoint(plan.peft.resume, self._train_state("adapters"),
                                               weights_only=False)
-        self.iteration = progress.iteration
-        self.consumed_samples = progress.consumed_samples
-        self.consumed_tokens = progress.consumed_tokens
-        if os.path.abspath(plan.resume) == os.path.abspath(self.config.checkpoint.save or ""):
-            self.metrics.truncate_after(self.iteration)
-            self._saved_at = self.iteration
+        self._restore_progress(progress)
         if self.layout.is_logger:
-            logger.info("resumed the adapters from %s (iteration %d)", plan.resume, iteration)
+            logger.info("resumed the adapters from %s (iteration %d)", plan.peft.resume,
+                        iteration)
 
     # ------------------------------------------------------------------ setup
     def _build_model_and_optimizer(self) -> None:
@@ -507,129 +483,6 @@ class Trainer:
         logger.info("%s at iter %d | loss %.5f | ppl %.3f",
                     "validation" if split == "valid" else split, self.iteration,
                     result["loss"], result["ppl"])
-
-
-@dataclasses.dataclass(frozen=True)
-class PeftPlan:
-    """Where a LoRA/DoRA run's weights come from."""
-
-    base_checkpoint: str  # the base weights (a checkpoint; an import for a Hugging Face model)
-    resume: Optional[str]  # the adapter checkpoint to resume from, None for fresh adapters
-    targets: tuple[str, ...]  # the adapted linear layers (megatron-core short names)
-    record: dict  # the base as adapter checkpoints record it (path, identity)
-
-
-def _plan_peft(config: TrainConfig) -> tuple[TrainConfig, PeftPlan]:
-    """The base, the resume point and the adapter settings of a LoRA/DoRA run.
-
-    ``--load`` is the base model (any checkpoint form, a Hugging Face directory or a
-    GGUF file) and the run resumes from the adapter checkpoint in ``--save`` when there
-    is one (the same command restarts a stopped run); ``--load`` may also name an
-    adapter checkpoint, whose recorded base is then used. Either way the base must be
-    the one the adapters were trained on, and the adapter settings the same.
-    """
-    c = config.checkpoint
-    saved = adapter_run_config(c.load)
-    resume = c.load if saved is not None else None
-    if saved is not None:  # --load ADAPTERS: the recorded base
-        base_load = saved["base"]["load"]
-        base_checkpoint = base_of(saved, c.load)
-        config = _with_saved_peft(config, saved, c.load)
-        if not config.tokenizer.vocab_file:
-            config = dataclasses.replace(config, tokenizer=_own_tokenizer(
-                config.tokenizer, tokenizer_config_from_run(base_checkpoint, saved)))
-        config = dataclasses.replace(config, checkpoint=dataclasses.replace(
-            c, load=base_checkpoint, finetune=True, use_checkpoint_args=True))
-    else:
-        base_load = c.load
-        if c.imports_model:
-            config = _with_imported_model(config)
-        config = dataclasses.replace(config, checkpoint=dataclasses.replace(
-            config.checkpoint, finetune=True, use_checkpoint_args=True))
-        base_checkpoint = config.checkpoint.load
-        previous = adapter_run_config(c.save) if c.save else None
-        if previous is not None:  # the same command again: resume
-            check_base(previous["base"], base_checkpoint, c.save)
-            config = _with_saved_peft(config, previous, c.save)
-            resume = c.save
-    targets = resolve_targets(config.peft.target_names(),
-                              _hf_names(read_run_config(base_checkpoint)))
-    record = base_record(base_load, base_checkpoint)
-    return config, PeftPlan(base_checkpoint, resume, targets, record)
-
-
-def _with_saved_peft(config: TrainConfig, saved: dict, where: str) -> TrainConfig:
-    """The adapter settings of the checkpoint in ``where``; the command's must agree."""
-    settings = saved["peft"]
-    mine = config.peft
-    if mine.enabled:
-        ours = mine.settings(resolve_targets(mine.target_names(), _hf_names(saved)))
-        differ = [f"{key}: checkpoint {settings.get(key)!r}, this run {value!r}"
-                  for key, value in ours.items() if settings.get(key) != value]
-        if differ:
-            raise CheckpointError(f"{where} holds adapters with other settings ("
-                                  + "; ".join(differ) + "); use the same --peft flags, or "
-                                  "another --save for new adapters")
-    return dataclasses.replace(config, peft=PeftArgs.from_settings(settings))
-
-
-def _hf_names(run_config: dict):
-    family = get_family((run_config.get("model") or {}).get("model_name") or "llama2")
-    return family.hf.linear_names if family.hf is not None else None
-
-
-def _own_tokenizer(tokenizer, own):
-    """``tokenizer`` (the flags) with the file, type and id layout of a checkpoint's own
-    tokenizer ``own`` (a TokenizerConfig); the flags' extra tokens are kept."""
-    return dataclasses.replace(tokenizer, tokenizer_type=own.tokenizer_type,
-                               vocab_file=own.vocab_file,
-                               megatron_llm_specials=own.megatron_llm_specials)
-
-
-def _with_imported_model(config: TrainConfig) -> TrainConfig:
-    """``--load`` of a Hugging Face model or GGUF file: its import in the cache (made now
-    when missing), loaded as weights only with the model's shape; its tokenizer unless
-    ``--vocab_file`` names one. Runs before any process group: the ranks wait for the
-    import through the file system (``checkpointing/import_cache.py``)."""
-    c, tokenizer = config.checkpoint, config.tokenizer
-    cached = ensure_imported(
-        c.load, c.import_cache_dir or default_cache_dir(c.save),
-        ImportOptions(vocab_extra_ids_list=tokenizer.vocab_extra_ids_list,
-                      tokenizer_type=tokenizer.tokenizer_type, vocab_file=tokenizer.vocab_file),
-        announce=int(os.environ.get("RANK", "0")) == 0, progress=sys.stderr.isatty())
-    if not tokenizer.vocab_file:
-        tokenizer = _own_tokenizer(tokenizer,
-                                   tokenizer_config_from_run(cached.path, cached.run_config))
-    return dataclasses.replace(config, tokenizer=tokenizer, checkpoint=dataclasses.replace(
-        c, load=cached.path, finetune=True, use_checkpoint_args=True))
-
-
-def _with_auto_resume(config: TrainConfig) -> TrainConfig:
-    """``--auto_resume``: a checkpoint in ``--save`` replaces ``--load`` (a full resume:
-    optimizer, schedule, data position); without one, ``--load`` as given. (LoRA/DoRA
-    runs always resume their adapters from ``--save``.)"""
-    c = config.checkpoint
-    if not c.auto_resume or not c.save or latest_iteration(c.save) is None:
-        return config
-    if c.load and os.path.abspath(c.load) == os.path.abspath(c.save):
-        return config
-    if int(os.environ.get("RANK", "0")) == 0:
-        logger.info("--auto_resume: %s holds a checkpoint; resuming from it instead of --load "
-                    "%s", c.save, c.load)
-    return dataclasses.replace(config, checkpoint=dataclasses.replace(
-        c, load=c.save, finetune=False, use_checkpoint_args=True))
-
-
-def _with_checkpoint_model_args(config: TrainConfig) -> TrainConfig:
-    """``--use_checkpoint_args``: the model shape saved with the checkpoint in ``--load``."""
-    load, save = config.checkpoint.load, config.checkpoint.save
-    if (os.path.abspath(load) == os.path.abspath(save or "")
-            and (not os.path.isdir(load) or latest_iteration(load) is None)):
-        return config  # auto-resume idiom, first launch: the command line has the shape
-    saved = read_run_config(load)["model"]
-    # the sample length stays this run's: it is a data setting, not the model's
-    return config.with_model(ModelArgs.from_dict(
-        {k: v for k, v in saved.items() if k != "seq_length"}, base=config.model))
 
 
 def _memory_mb(device: torch.device) -> float:

@@ -1,7 +1,8 @@
 """Where a legacy per-rank checkpoint keeps its files, and whether a directory is one.
 
-Why apart: every loader asks :func:`is_legacy` before choosing a reader, and
-the reader and the writer name rank files the same way.
+Why apart: the reader and the writer name rank files the same way. Whether a
+directory is one (``is_legacy``) is decided in ``checkpointing/forms.py`` with the
+other forms, without torch.
 """
 
 from __future__ import annotations
@@ -9,34 +10,15 @@ from __future__ import annotations
 import os
 import re
 
-from megatron_ext.checkpointing.tracker import (
-    TRACKER,
-    Iteration,
-    iteration_dirname,
-    read_tracker,
-    tracker_text,
-)
+# is_legacy lives with the other forms' detection, which needs no torch (re-exported here)
+from megatron_ext.checkpointing.forms import is_legacy  # noqa: F401
+from megatron_ext.checkpointing.tracker import TRACKER, Iteration, read_tracker
 from megatron_ext.errors import CheckpointError
 
 CHECKPOINT_VERSION = 3.0
 MODEL_FILE = "model_optim_rng.pt"
 DISTRIBUTED_OPTIMIZER_MODEL_FILE = "model_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
-
-
-def is_legacy(path: str) -> bool:
-    """A tracker naming ``iter_XXXXXXX``/``release`` that holds ``mp_rank_*`` directories.
-
-    Never raises: a corrupt tracker just means "not legacy" here.
-    """
-    text = tracker_text(path)
-    if text is None:
-        return False
-    name = "release" if text == "release" else \
-        iteration_dirname(int(text)) if text.isdigit() else ""
-    directory = os.path.join(path, name)
-    return bool(name) and os.path.isdir(directory) and any(
-        entry.startswith("mp_rank_") for entry in os.listdir(directory))
 
 
 def read_legacy_tracker(root: str) -> Iteration:

@@ -1,0 +1,319 @@
+"""The run plan: what a training run loads, from where, which parts, with which model and
+adapter settings, and whether it resumes, settled once before the trainer exists.
+
+Why one step: the command line says what the user asked for; the checkpoint on disk
+decides much of what that means (``--load`` of a Hugging Face directory is imported and
+brings its shape and tokenizer; ``--auto_resume`` swaps ``--load`` for ``--save``'s own
+checkpoint; an adapter checkpoint names its base; ``--use_checkpoint_args`` reads the
+model's shape). :func:`resolve` makes each of those decisions in order, reading the
+checkpoints' metadata here and nowhere else, and returns a frozen :class:`RunPlan` that
+the trainer takes as it is. Its :meth:`RunPlan.summary` is logged at start, so a run
+says what it loads and why.
+
+Importing this module costs no torch, and neither does :func:`resolve` unless a model
+must be imported (``importer``) or a Megatron-LLM legacy checkpoint read: the plan of a
+run can be tested on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from megatron_ext.checkpointing.adapters import adapter_run_config, base_of, base_record, check_base
+from megatron_ext.checkpointing.forms import checkpoint_directory, run_config_of
+from megatron_ext.checkpointing.run_config import load_run_config, tokenizer_config_from_run
+from megatron_ext.checkpointing.tracker import latest_iteration
+from megatron_ext.errors import CheckpointError
+from megatron_ext.models.config import ModelArgs
+from megatron_ext.models.families import get_family
+from megatron_ext.peft.config import PeftArgs, resolve_targets
+from megatron_ext.tokenizers import TokenizerArgs
+from megatron_ext.training.config import CheckpointArgs, TrainConfig
+
+# (--load and the import cache flags, the tokenizer flags) -> (the import's directory, its
+# run config)
+Importer = Callable[[CheckpointArgs, TokenizerArgs], "tuple[str, dict]"]
+
+
+@dataclass(frozen=True)
+class PeftPlan:
+    """Where a LoRA/DoRA run's weights come from."""
+
+    base_checkpoint: str  # the base weights (a checkpoint; an import for a Hugging Face model)
+    resume: Optional[str]  # the adapter checkpoint to resume from, None for fresh adapters
+    targets: tuple[str, ...]  # the adapted linear layers (megatron-core short names)
+    record: dict  # the base as adapter checkpoints record it (path, identity)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A training run, resolved: the trainer builds, loads and trains exactly this.
+
+    ``config`` is the final configuration (the model's shape, the tokenizer and the
+    adapter settings as the checkpoints decided them; ``config.checkpoint.load`` the
+    checkpoint actually loaded). ``load`` is None for a run from scratch.
+    """
+
+    config: TrainConfig
+    load: Optional[str] = None  # the checkpoint to load (full or the base's weights)
+    weights_only: bool = False  # fresh optimizer and iteration 0 (finetune, base of adapters)
+    allow_missing: bool = False  # --load is --save's own folder, still empty on a first launch
+    resumed_from: Optional[str] = None  # the full or adapter checkpoint whose progress goes on
+    peft: Optional[PeftPlan] = None
+    saved_tokenizer: Optional[dict] = None  # the tokenizer identity saved with ``load``
+    steps: tuple[str, ...] = field(default=())  # what was decided and why, in order
+
+    @property
+    def parts(self) -> str:
+        """What the run's checkpoints hold: everything, or the adapters only."""
+        return "adapters" if self.peft is not None else "all"
+
+    @property
+    def continues_logs(self) -> bool:
+        """A resume whose metrics and checkpoints go on where it stopped: a full resume, or
+        adapters resumed from this run's own ``--save``."""
+        if self.peft is None:
+            return self.resumed_from is not None
+        save = self.config.checkpoint.save or ""
+        return bool(self.peft.resume) and os.path.abspath(self.peft.resume) == os.path.abspath(
+            save)
+
+    def summary(self) -> str:
+        """The plan in a few lines, for the log at start."""
+        c = self.config
+        if self.load is None:
+            start = "from scratch (random init)"
+        elif self.peft is not None:
+            start = f"base weights from {self.load}"
+        else:
+            start = (f"weights only from {self.load}" if self.weights_only
+                     else f"checkpoint {self.load} (full resume)")
+        lines = [f"run plan: {start}"]
+        if self.peft is not None:
+            adapters = (f"resumed from {self.peft.resume}" if self.peft.resume
+                        else "fresh")
+            lines.append(f"  {c.peft.peft} adapters ({adapters}) on "
+                         f"{', '.join(self.peft.targets)}; checkpoints hold the adapters only")
+        m = c.model
+        lines.append(f"  model {m.model_name}: {m.num_layers} layers, hidden {m.hidden_size}, "
+                     f"{m.num_attention_heads} heads"
+                     + (" (shape from the checkpoint)" if c.checkpoint.use_checkpoint_args
+                        else ""))
+        lines.append(f"  tokenizer {c.tokenizer.tokenizer_type}: {c.tokenizer.vocab_file}")
+        lines.append(f"  saves to {c.checkpoint.save}" if c.checkpoint.save
+                     else "  saves nothing (no --save)")
+        lines += [f"  - {step}" for step in self.steps]
+        return "\n".join(lines)
+
+
+def resolve(config: TrainConfig, *, world_size: Optional[int] = None,
+            cuda: Optional[bool] = None, importer: Optional[Importer] = None,
+            announce: Optional[bool] = None) -> RunPlan:
+    """The run plan of ``config``: every decision that depends on the checkpoints on disk.
+
+    In order: an adapter run (``--peft``, or ``--load`` of an adapter checkpoint) finds
+    its base and resume point; ``--load`` of a Hugging Face model or GGUF file is
+    imported (``importer``, by default the shared import cache; the ranks wait for one
+    another through the file system); ``--auto_resume`` takes ``--save``'s checkpoint
+    when there is one; ``--use_checkpoint_args`` reads the model's shape. Then the whole
+    configuration is validated for ``world_size`` (default: torchrun's ``WORLD_SIZE``)
+    and, when ``cuda`` is known, the device.
+    """
+    if announce is None:
+        announce = int(os.environ.get("RANK", "0")) == 0
+    steps: list[str] = []
+    importer = importer or _import_cached(announce)
+    peft: Optional[PeftPlan] = None
+    c = config.checkpoint
+    if config.peft.enabled or adapter_run_config(c.load or "") is not None:
+        config, peft = _plan_peft(config, importer, steps)
+    elif c.imports_model:
+        config = _with_imported_model(config, importer, steps)
+    if peft is None:
+        config = _with_auto_resume(config, steps)
+    if config.checkpoint.use_checkpoint_args and config.checkpoint.load:
+        config = _with_checkpoint_model_args(config, steps)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    config.validate(world_size, cuda=cuda)
+    return _plan(config, peft, steps)
+
+
+def _plan(config: TrainConfig, peft: Optional[PeftPlan], steps: list[str]) -> RunPlan:
+    """The loads of a resolved configuration."""
+    c = config.checkpoint
+    if peft is not None:
+        return RunPlan(config, load=peft.base_checkpoint, weights_only=True,
+                       resumed_from=peft.resume, peft=peft,
+                       saved_tokenizer=_saved_tokenizer(peft.base_checkpoint),
+                       steps=tuple(steps))
+    if not c.load:
+        return RunPlan(config, steps=tuple(steps))
+    own = os.path.abspath(c.load) == os.path.abspath(c.save or "")
+    return RunPlan(config, load=c.load, weights_only=c.finetune,
+                   allow_missing=own and not c.finetune,
+                   resumed_from=None if c.finetune else c.load,
+                   saved_tokenizer=_saved_tokenizer(c.load), steps=tuple(steps))
+
+
+def _saved_tokenizer(load: str) -> Optional[dict]:
+    """The tokenizer identity saved with the checkpoint in ``load`` (None: not recorded,
+    or nothing readable there yet; an unreadable checkpoint is reported by its loader)."""
+    directory = checkpoint_directory(load)
+    if directory is None:
+        return None
+    try:
+        return (load_run_config(directory, missing_ok=True) or {}).get("tokenizer_identity")
+    except CheckpointError:
+        return None
+
+
+def _import_cached(announce: bool) -> Importer:
+    """The default importer: ``checkpointing/import_cache.py`` (torch, imported on use)."""
+
+    def run(c: CheckpointArgs, tokenizer: TokenizerArgs) -> tuple[str, dict]:
+        from megatron_ext.checkpointing.import_cache import (
+            ImportOptions,
+            default_cache_dir,
+            ensure_imported,
+        )
+
+        cached = ensure_imported(
+            c.load, c.import_cache_dir or default_cache_dir(c.save),
+            ImportOptions(vocab_extra_ids_list=tokenizer.vocab_extra_ids_list,
+                          tokenizer_type=tokenizer.tokenizer_type,
+                          vocab_file=tokenizer.vocab_file),
+            announce=announce, progress=sys.stderr.isatty())
+        return cached.path, cached.run_config
+
+    return run
+
+
+def _plan_peft(config: TrainConfig, importer: Importer,
+               steps: list[str]) -> tuple[TrainConfig, PeftPlan]:
+    """The base, the resume point and the adapter settings of a LoRA/DoRA run.
+
+    ``--load`` is the base model (any checkpoint form, a Hugging Face directory or a
+    GGUF file) and the run resumes from the adapter checkpoint in ``--save`` when there
+    is one (the same command restarts a stopped run); ``--load`` may also name an
+    adapter checkpoint, whose recorded base is then used. Either way the base must be
+    the one the adapters were trained on, and the adapter settings the same.
+    """
+    c = config.checkpoint
+    saved = adapter_run_config(c.load)
+    resume = c.load if saved is not None else None
+    if saved is not None:  # --load ADAPTERS: the recorded base
+        base_load = saved["base"]["load"]
+        base_checkpoint = base_of(saved, c.load)
+        config = _with_saved_peft(config, saved, c.load)
+        if not config.tokenizer.vocab_file:
+            config = dataclasses.replace(config, tokenizer=_own_tokenizer(
+                config.tokenizer, tokenizer_config_from_run(base_checkpoint, saved)))
+        config = dataclasses.replace(config, checkpoint=dataclasses.replace(
+            c, load=base_checkpoint, finetune=True, use_checkpoint_args=True))
+        steps.append(f"--load {c.load} holds adapters: their recorded base {base_checkpoint}, "
+                     "their settings, and their progress")
+    else:
+        base_load = c.load
+        if c.imports_model:
+            config = _with_imported_model(config, importer, steps)
+        config = dataclasses.replace(config, checkpoint=dataclasses.replace(
+            config.checkpoint, finetune=True, use_checkpoint_args=True))
+        base_checkpoint = config.checkpoint.load
+        previous = adapter_run_config(c.save) if c.save else None
+        if previous is not None:  # the same command again: resume
+            check_base(previous["base"], base_checkpoint, c.save)
+            config = _with_saved_peft(config, previous, c.save)
+            resume = c.save
+            steps.append(f"--save {c.save} holds adapters of this base: resuming them")
+    targets = resolve_targets(config.peft.target_names(),
+                              _hf_names(read_run_config(base_checkpoint)))
+    record = base_record(base_load, base_checkpoint)
+    return config, PeftPlan(base_checkpoint, resume, targets, record)
+
+
+def read_run_config(root: str) -> dict:
+    """The run config of the checkpoint in ``root``: its JSON, or for a Megatron-LLM legacy
+    checkpoint its pickled arguments (read with torch)."""
+    run_config = run_config_of(root)
+    if run_config is None:
+        from megatron_ext.checkpointing.sources import read_run_config as read_any
+
+        return read_any(root)
+    return run_config
+
+
+def _with_saved_peft(config: TrainConfig, saved: dict, where: str) -> TrainConfig:
+    """The adapter settings of the checkpoint in ``where``; the command's must agree."""
+    settings = saved["peft"]
+    mine = config.peft
+    if mine.enabled:
+        ours = mine.settings(resolve_targets(mine.target_names(), _hf_names(saved)))
+        differ = [f"{key}: checkpoint {settings.get(key)!r}, this run {value!r}"
+                  for key, value in ours.items() if settings.get(key) != value]
+        if differ:
+            raise CheckpointError(f"{where} holds adapters with other settings ("
+                                  + "; ".join(differ) + "); use the same --peft flags, or "
+                                  "another --save for new adapters")
+    return dataclasses.replace(config, peft=PeftArgs.from_settings(settings))
+
+
+def _hf_names(run_config: dict):
+    family = get_family((run_config.get("model") or {}).get("model_name") or "llama2")
+    return family.hf.linear_names if family.hf is not None else None
+
+
+def _own_tokenizer(tokenizer, own):
+    """``tokenizer`` (the flags) with the file, type and id layout of a checkpoint's own
+    tokenizer ``own`` (a TokenizerConfig); the flags' extra tokens are kept."""
+    return dataclasses.replace(tokenizer, tokenizer_type=own.tokenizer_type,
+                               vocab_file=own.vocab_file,
+                               megatron_llm_specials=own.megatron_llm_specials)
+
+
+def _with_imported_model(config: TrainConfig, importer: Importer,
+                         steps: list[str]) -> TrainConfig:
+    """``--load`` of a Hugging Face model or GGUF file: its import in the cache (made now
+    when missing), loaded as weights only with the model's shape; its tokenizer unless
+    ``--vocab_file`` names one."""
+    c, tokenizer = config.checkpoint, config.tokenizer
+    path, run_config = importer(c, tokenizer)
+    if not tokenizer.vocab_file:
+        tokenizer = _own_tokenizer(tokenizer, tokenizer_config_from_run(path, run_config))
+    steps.append(f"--load {c.load} is a model to import: its import {path} (weights only, "
+                 "its shape" + ("" if config.tokenizer.vocab_file else ", its tokenizer") + ")")
+    return dataclasses.replace(config, tokenizer=tokenizer, checkpoint=dataclasses.replace(
+        c, load=path, finetune=True, use_checkpoint_args=True))
+
+
+def _with_auto_resume(config: TrainConfig, steps: list[str]) -> TrainConfig:
+    """``--auto_resume``: a checkpoint in ``--save`` replaces ``--load`` (a full resume:
+    optimizer, schedule, data position); without one, ``--load`` as given. (LoRA/DoRA
+    runs always resume their adapters from ``--save``.)"""
+    c = config.checkpoint
+    if not c.auto_resume or not c.save or latest_iteration(c.save) is None:
+        return config
+    if c.load and os.path.abspath(c.load) == os.path.abspath(c.save):
+        return config
+    steps.append(f"--auto_resume: {c.save} holds a checkpoint; resuming from it instead of "
+                 f"--load {c.load}")
+    return dataclasses.replace(config, checkpoint=dataclasses.replace(
+        c, load=c.save, finetune=False, use_checkpoint_args=True))
+
+
+def _with_checkpoint_model_args(config: TrainConfig, steps: list[str]) -> TrainConfig:
+    """``--use_checkpoint_args``: the model shape saved with the checkpoint in ``--load``."""
+    load, save = config.checkpoint.load, config.checkpoint.save
+    if (os.path.abspath(load) == os.path.abspath(save or "")
+            and (not os.path.isdir(load) or latest_iteration(load) is None)):
+        steps.append("--use_checkpoint_args: --save has no checkpoint yet (first launch); the "
+                     "command line gives the model's shape")
+        return config
+    saved = read_run_config(load)["model"]
+    # the sample length stays this run's: it is a data setting, not the model's
+    return config.with_model(ModelArgs.from_dict(
+        {k: v for k, v in saved.items() if k != "seq_length"}, base=config.model))
