@@ -13,7 +13,7 @@ from typing import Optional
 
 from megatron_ext.errors import CheckpointError
 from megatron_ext.models.builder import transformer_config
-from megatron_ext.models.config import ModelArgs, PrecisionArgs
+from megatron_ext.models.config import ModelArgs, PrecisionArgs, setting_differences
 from megatron_ext.parallel import ParallelArgs
 
 # The distributed optimizer's layout-independent format: one state tensor per parameter,
@@ -114,12 +114,8 @@ def check_model_matches(saved_model: dict, model, source: str) -> None:
             abs(float(getattr(model, "rotary_base", theta)) - theta) > 1e-6 * theta:
         problems.append(f"--rope_theta: checkpoint {theta:g}, this run {model.rotary_base:g}")
     built = getattr(model, "model_args", None)  # build_gpt_model's resolved ModelArgs
-    for field in ("rope_scaling_factor", "rope_scaling_type", "rope_local_theta",
-                  "sliding_window_pattern", "query_pre_attn_scalar", "add_bias_linear",
-                  "parallel_attn_norms"):
-        if built is not None and getattr(args, field) != getattr(built, field):
-            problems.append(f"--{field}: checkpoint {getattr(args, field)}, this run "
-                            f"{getattr(built, field)}")
+    if built is not None:  # RoPE scaling and every family setting
+        problems += setting_differences(args, built)
     if problems:
         raise CheckpointError(f"{source} was made for another model shape ("
                               + "; ".join(problems) + "); pass --use_checkpoint_args to take the "

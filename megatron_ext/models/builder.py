@@ -55,10 +55,6 @@ def transformer_config(model: ModelArgs, parallel: ParallelArgs, precision: Prec
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
         window_size=(window - 1, 0) if window else None,
-        # layers N, 2N, ... (1-based) attend globally; the window is on the others
-        window_attn_skip_freq=model.sliding_window_pattern or None,
-        softmax_scale=(model.query_pre_attn_scalar ** -0.5 if model.query_pre_attn_scalar
-                       else None),
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         context_parallel_size=parallel.context_parallel_size,
@@ -83,6 +79,7 @@ def transformer_config(model: ModelArgs, parallel: ParallelArgs, precision: Prec
         recompute_granularity=recompute,
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
+        **model.settings.transformer_config(model),  # the family's own settings
     )
 
 
@@ -273,9 +270,10 @@ def build_gpt_model(model: ModelArgs, config, padded_vocab: int, pre_process: bo
         built.embedding.register_forward_hook(functools.partial(
             _scaled_output, model.hidden_size ** 0.5))
     linear = model.rope_scaling_factor if model.rope_scaling_type == "linear" else None
-    if family.position_embedding == "rope" and (linear or model.rope_local_theta):
+    local_theta = model.settings.window_rope_theta(model)
+    if family.position_embedding == "rope" and (linear or local_theta):
         dim = model.kv_channels
         built.rope_inv_freqs = (inverse_frequencies(model.rope_theta, dim, linear),)
-        if model.rope_local_theta:  # Gemma 3: the window layers' base, unscaled
-            built.rope_inv_freqs += (inverse_frequencies(model.rope_local_theta, dim),)
+        if local_theta:  # the window layers' own base (Gemma 3), unscaled
+            built.rope_inv_freqs += (inverse_frequencies(local_theta, dim),)
     return built

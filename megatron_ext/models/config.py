@@ -14,13 +14,34 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from megatron_ext.cli import option
-from megatron_ext.models.families import family_names, get_family
+from megatron_ext.cli import FLAG, option
+from megatron_ext.models.families import family_names, get_family, setting_fields
+from megatron_ext.models.family import FamilySettings
+
+
+def _with_family_settings(cls: type) -> type:
+    """``cls`` plus one field per family setting (``models/families/*.py``' ``Settings``):
+    ``None`` (the family's value), typed and with the flag the family file declares.
+
+    Why fields of ``ModelArgs`` rather than a nested object: the flags, ``run_config.json``'s
+    ``model`` section (checkpoints already written keep these keys at its top level), the
+    Megatron-LLM reader and every ``ModelArgs`` consumer see them as they see the others,
+    and a family that brings a new setting edits only its own file."""
+    for name, declared in setting_fields().items():
+        if name in cls.__annotations__:
+            raise TypeError(f"family setting {name!r} ({', '.join(declared.families)}) is "
+                            "already a ModelArgs field")
+        cls.__annotations__[name] = Optional[declared.type]
+        setattr(cls, name, dataclasses.field(
+            default=None, metadata={FLAG: declared.field.metadata[FLAG]}))
+    return cls
 
 
 @dataclass(frozen=True)
+@_with_family_settings
 class ModelArgs:
-    """Architecture. ``None`` means: the family's default (see models/)."""
+    """Architecture. ``None`` means: the family's default (see models/). Besides the fields
+    below, one per family setting (:func:`_with_family_settings`)."""
 
     model_name: str = option("llama2", "model family: sets norm, activation, RoPE base, biases",
                              choices=family_names())
@@ -49,27 +70,10 @@ class ModelArgs:
     kv_channels: Optional[int] = option(
         None, "attention head size (Hugging Face head_dim; default: hidden size / heads)",
         aliases=("--head_dim",))
-    add_bias_linear: Optional[bool] = option(
-        None, "biases on every linear layer (Falcon's bias; default: the family's)",
-        negations=("--disable_bias_linear",))
-    parallel_attn_norms: Optional[int] = option(
-        None, "Falcon's parallel layers (attention and MLP read one input): 1 = one norm "
-              "feeds both (Falcon-7B, Falcon2-11B), 2 = a norm each (Falcon-40B/180B); "
-              "default: the family's")
-    sliding_window_pattern: Optional[int] = option(
-        None, "every N-th layer attends to the whole context, the others through "
-              "--sliding_window_size (Gemma 3: 6); 0 = the window on every layer; default: "
-              "the family's")
-    rope_local_theta: Optional[float] = option(
-        None, "RoPE base of the sliding-window layers (Gemma 3's rope_local_base_freq); "
-              "default: the family's (Gemma 3: 10000), else --rope_theta")
     rope_scaling_type: Optional[str] = option(
         None, "what --rope_scaling_factor does: llama3 (Llama 3.1's frequency-dependent "
               "scaling) or linear (positions divided by the factor; on Gemma 3's global "
               "layers only); default: llama3", choices=("llama3", "linear"))
-    query_pre_attn_scalar: Optional[float] = option(
-        None, "attention scores are scaled by 1/sqrt(this) (Gemma's query_pre_attn_scalar); "
-              "default: the head size")
     init_method_std: float = option(0.02, "standard deviation of the random initialisation")
     make_vocab_size_divisible_by: int = option(
         128, "pad the vocabulary to a multiple of this times --tensor_model_parallel_size")
@@ -108,18 +112,42 @@ class ModelArgs:
             tie_embeddings=(family.tie_embeddings if self.tie_embeddings is None
                             else bool(self.tie_embeddings)),
             kv_channels=self.kv_channels or self.hidden_size // self.num_attention_heads,
-            add_bias_linear=(family.add_bias_linear if self.add_bias_linear is None
-                             else bool(self.add_bias_linear)),
-            parallel_attn_norms=(family.parallel_attn_norms if self.parallel_attn_norms is None
-                                 else self.parallel_attn_norms),
-            sliding_window_pattern=(family.sliding_window_pattern
-                                    if self.sliding_window_pattern is None
-                                    else self.sliding_window_pattern),
             rope_scaling_type=(self.rope_scaling_type or "llama3"
                                if self.rope_scaling_factor else None),
-            rope_local_theta=self.rope_local_theta or family.rope_local_theta,
-            query_pre_attn_scalar=self.query_pre_attn_scalar or family.query_pre_attn_scalar,
+            **self._resolved_settings(),
         )
+
+    def _resolved_settings(self) -> dict[str, Any]:
+        """Each family setting: as given, else the family's (its ``Settings``' default, for
+        a family without it the ``Family`` attribute of that name or the setting's
+        ``off``). A value given to a family without the setting stays, for
+        :func:`family_setting_problems` to refuse."""
+        family = get_family(self.model_name)
+        defaults = family.settings()
+        values = {}
+        for name, declared in setting_fields().items():
+            value = getattr(self, name)
+            if value is None:
+                value = (getattr(defaults, name) if family.name in declared.families
+                         else getattr(family, name, declared.off))
+            values[name] = value
+        return values
+
+    def special_settings(self) -> dict[str, Any]:
+        """The family settings whose (resolved) values a family without them could not have
+        (not ``off``, nor the ``Family`` attribute of that name): what a layout that knows
+        none of them has no place for."""
+        family = get_family(self.model_name)
+        resolved = self.resolved()
+        return {name: getattr(resolved, name) for name, declared in setting_fields().items()
+                if getattr(resolved, name) != getattr(family, name, declared.off)}
+
+    @property
+    def settings(self) -> FamilySettings:
+        """The family's settings of this model (resolved), as its ``Settings`` object."""
+        resolved = self.resolved()
+        cls = get_family(self.model_name).settings
+        return cls(**{f.name: getattr(resolved, f.name) for f in dataclasses.fields(cls)})
 
     @property
     def attention_window(self) -> Optional[int]:
@@ -129,48 +157,59 @@ class ModelArgs:
     @property
     def mask_window(self) -> Optional[int]:
         """The window every layer applies, which the shared attention mask may carry; None
-        when there is none or it spares some layers (``sliding_window_pattern``): those
-        attend globally, and the windowed layers apply the window themselves."""
+        when there is none or it spares some layers (a family's ``window_layers``, Gemma 3's
+        pattern): those attend globally, and the windowed layers apply the window
+        themselves."""
         resolved = self.resolved()
-        return None if resolved.sliding_window_pattern else resolved.sliding_window_size or None
+        if resolved.settings.window_layers(resolved) is not None:
+            return None
+        return resolved.sliding_window_size or None
 
     def window_layers(self) -> list[bool]:
         """Per layer, whether the sliding window applies."""
         resolved = self.resolved()
-        pattern = resolved.sliding_window_pattern
-        return [bool(resolved.sliding_window_size) and not (pattern and (i + 1) % pattern == 0)
-                for i in range(resolved.num_layers)]
+        window = bool(resolved.sliding_window_size)
+        layers = resolved.settings.window_layers(resolved)
+        return [window and (layers is None or layers[i]) for i in range(resolved.num_layers)]
 
 
-# the ModelArgs fields a family must list in Family.configurable before a run may set them
-FAMILY_SETTINGS = {"add_bias_linear": "--add_bias_linear", "parallel_attn_norms":
-                   "--parallel_attn_norms", "sliding_window_pattern": "--sliding_window_pattern",
-                   "rope_local_theta": "--rope_local_theta",
-                   "query_pre_attn_scalar": "--query_pre_attn_scalar",
-                   "rope_scaling_type": "--rope_scaling_type"}
+def _settings_as(cls: type, resolved: ModelArgs) -> FamilySettings:
+    """``resolved``'s values of the settings of ``cls`` (another family's ``Settings``)."""
+    return cls(**{f.name: getattr(resolved, f.name) for f in dataclasses.fields(cls)})
 
 
 def family_setting_problems(model: ModelArgs) -> list[str]:
     """Settings ``model`` gives that its family's layers (or Hugging Face layout) have no
-    place for: refused by name rather than silently built as something else."""
+    place for, refused by name rather than silently built as something else; then what its
+    family's settings say of their values (and, for a setting given to a family without
+    it, what the families that have it say)."""
     family = get_family(model.model_name)
     resolved = model.resolved()
     problems = []
-    for field, flag in FAMILY_SETTINGS.items():
-        value = getattr(model, field)
-        default = getattr(family, field, None)
-        if field == "rope_scaling_type":
-            value, default = resolved.rope_scaling_type, "llama3"
-            if value is None:
-                continue
-        if value is not None and value != default and field not in family.configurable:
-            problems.append(f"{flag}={value}: the {family.name} family has no such setting")
-    if resolved.parallel_attn_norms not in (0, 1, 2):
-        problems.append(f"--parallel_attn_norms {resolved.parallel_attn_norms}: use 1 or 2")
-    if resolved.sliding_window_pattern and not resolved.sliding_window_size:
-        problems.append(f"--sliding_window_pattern {resolved.sliding_window_pattern} needs "
-                        "--sliding_window_size")
+    scaling = resolved.rope_scaling_type
+    if scaling is not None and scaling not in family.rope_scaling_types:
+        problems.append(f"--rope_scaling_type={scaling}: the {family.name} family has no such "
+                        "setting")
+    checks = [family.settings]
+    for name, declared in setting_fields().items():
+        value = getattr(model, name)
+        if value is None or family.name in declared.families:
+            continue
+        if value != getattr(family, name, declared.off):
+            problems.append(f"--{name}={value}: the {family.name} family has no such setting")
+            checks += [get_family(owner).settings for owner in declared.families]
+    for cls in dict.fromkeys(checks):
+        problems += _settings_as(cls, resolved).problems(resolved)
     return problems
+
+
+# what the checkpoint shape check compares beyond megatron-core's TransformerConfig
+def setting_differences(saved: ModelArgs, built: ModelArgs) -> list[str]:
+    """The RoPE scaling and family settings that differ between two resolved ``ModelArgs``
+    (a checkpoint's and this run's), as ``--flag: checkpoint X, this run Y``."""
+    names = ("rope_scaling_factor", "rope_scaling_type", *setting_fields())
+    return [f"--{name}: checkpoint {getattr(saved, name)}, this run {getattr(built, name)}"
+            for name in names if getattr(saved, name) != getattr(built, name)]
 
 
 def kv_head_problems(heads: int, kv: int, head_dim: int, tp: int) -> list[str]:

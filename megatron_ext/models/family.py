@@ -12,9 +12,11 @@ so flag parsing and validation can list the families cheaply.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Protocol
 
+from megatron_ext.cli import option
 from megatron_ext.errors import ConfigError
 
 if TYPE_CHECKING:  # type hints only: importing a family must not import torch
@@ -126,6 +128,76 @@ class GGUFLayout:
     config: Optional[Callable[[Any], dict]] = None
 
 
+OFF = "family_setting_off"  # a setting field's metadata: the value of families without it
+EXAMPLE = "family_setting_example"  # ... and a value worth training with in the tests
+
+
+def setting(default: Any, help: str, off: Any = None, example: Any = None, **flag: Any) -> Any:
+    """A field of a family's :class:`FamilySettings`: ``default`` is the family's value,
+    ``off`` the value of a model whose family has no such setting (what "absent" means:
+    0 parallel norms, no second RoPE base), ``example`` a value other than the default
+    that the generic tests train every family with; ``flag`` as for
+    :func:`megatron_ext.cli.option` (the flag is ``--<field name>`` on ``ModelArgs``)."""
+    declared = option(default, help, **flag)
+    return dataclasses.field(default=default,
+                             metadata={**declared.metadata, OFF: off, EXAMPLE: example})
+
+
+@dataclass(frozen=True)
+class FamilySettings:
+    """What a family lets a model choose that other families do not have (Falcon's norms per
+    layer, Gemma 3's global-layer pattern): a frozen dataclass of :func:`setting` fields in
+    the family's file, named by ``Family.settings``.
+
+    Each field becomes a ``ModelArgs`` field and flag (``None``: the family's default), is
+    stored in ``run_config.json``'s ``model`` beside the others, compared by the checkpoint
+    shape check and refused by name for a family that does not declare it
+    (``models/config.py``); a name may be declared by several families (same type and
+    ``off``). A field named like a :class:`Family` attribute (``add_bias_linear``) is that
+    attribute's value, fixed, in families that do not declare it.
+
+    The methods are how the shared code asks the settings what they change; the defaults
+    change nothing. ``model`` is the resolved ``ModelArgs``.
+    """
+
+    def problems(self, model: "ModelArgs") -> list[str]:
+        """What is wrong with these values for ``model`` (flag validation, no torch)."""
+        return []
+
+    def transformer_config(self, model: "ModelArgs") -> dict:
+        """megatron-core ``TransformerConfig`` arguments these settings set."""
+        return {}
+
+    def window_layers(self, model: "ModelArgs") -> Optional[list[bool]]:
+        """Per layer, whether the sliding window applies; None: on every layer."""
+        return None
+
+    def window_rope_theta(self, model: "ModelArgs") -> Optional[float]:
+        """The sliding-window layers' own RoPE base; None: they rotate as the others."""
+        return None
+
+    def legacy_args(self, model: "ModelArgs") -> dict:
+        """Megatron-LLM ``args`` that state these settings (its names)."""
+        return {}
+
+    @classmethod
+    def from_legacy_args(cls, args: Mapping[str, Any]) -> dict:
+        """These settings from a Megatron-LLM ``args`` (the inverse of :meth:`legacy_args`)."""
+        return {}
+
+    def legacy_problems(self, model: "ModelArgs") -> list[str]:
+        """What of these settings Megatron-LLM cannot build (refused by the legacy writer);
+        by default every setting that is not ``off`` (Megatron-LLM knows none of them)."""
+        return [f"the {f.name} setting ({getattr(self, f.name)})"
+                for f in dataclasses.fields(self)
+                if getattr(self, f.name) != f.metadata.get(OFF)]
+
+
+@dataclass(frozen=True)
+class NoSettings(FamilySettings):
+    """A family without settings of its own."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Family:
     """One family's defaults and adapters (``models/families/<name>.py`` defines ``FAMILY``)."""
@@ -146,19 +218,13 @@ class Family:
     # the MLP's activation: silu | gelu | gelu_tanh; None: silu when gated (swiglu), else gelu
     activation: Optional[str] = None
     scale_embeddings: bool = False  # word embeddings times sqrt(hidden size) (Gemma)
-    # the window on all but every N-th layer (those attend globally; Gemma 3: 6); 0: all
-    sliding_window_pattern: int = 0
-    # Falcon's parallel layers (attention and MLP read one input, their outputs add up):
-    # 1 = one norm feeds both, 2 = a norm each; 0 = sequential layers (norm, attention,
-    # residual, norm, MLP, residual)
-    parallel_attn_norms: int = 0
-    rope_local_theta: Optional[float] = None  # the window layers' RoPE base (Gemma 3)
-    query_pre_attn_scalar: Optional[float] = None  # attention scale 1/sqrt(this); None: head size
-    # what --add_bias_linear, --parallel_attn_norms, --rope_local_theta,
-    # --sliding_window_pattern, --query_pre_attn_scalar and --rope_scaling_type linear may
-    # set for this family (others keep the family's values: their layers or their Hugging
-    # Face layout have no place for them)
-    configurable: frozenset = frozenset()
+    # the kinds of RoPE scaling (--rope_scaling_type) its layers and HF layout have
+    rope_scaling_types: tuple[str, ...] = ("llama3",)
+    # attention and MLP read one input and their outputs add up (Falcon): Megatron-LLM's
+    # parallel_attn
+    parallel_layers: bool = False
+    # the settings only this family's models choose (a FamilySettings dataclass, in its file)
+    settings: type = NoSettings
     hf: Optional[HFAdapter] = None  # None: no Hugging Face equivalent
     gguf: Optional[GGUFLayout] = None  # the llama.cpp architecture this family imports as
     # (megatron-core TransformerConfig, init seed, use_flash_attn, model=resolved ModelArgs)

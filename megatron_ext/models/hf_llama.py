@@ -206,15 +206,13 @@ def llama_config_from_model_args(args: "ModelArgs", model_type: str, architectur
                                  eos_token_id: Any, pad_token_id: Optional[int],
                                  torch_dtype: str,
                                  max_position_embeddings: Optional[int] = None,
-                                 qwen: bool = False) -> dict:
+                                 layer_window_fields: bool = False) -> dict:
     """``config.json`` for ``transformers`` from resolved model arguments."""
-    if args.add_bias_linear or args.parallel_attn_norms:
-        # the layout has no place for them: written anyway, they would be dropped silently
+    given = [f"{name}={value}" for name, value in args.special_settings().items()]
+    if given:  # the layout has no place for them: written anyway, they would be dropped
         raise UnsupportedModelError(
-            f"the {args.model_name} model has "
-            + ("biases on its linear layers (add_bias_linear)" if args.add_bias_linear
-               else f"parallel attention and MLP ({args.parallel_attn_norms} norms)")
-            + f": the Hugging Face {model_type} layout has no place for them")
+            f"the {args.model_name} model has family settings {', '.join(given)}: the Hugging "
+            f"Face {model_type} layout has no place for them")
     config = {
         "architectures": [architecture],
         "model_type": model_type,
@@ -223,7 +221,7 @@ def llama_config_from_model_args(args: "ModelArgs", model_type: str, architectur
         "rope_theta": float(args.rope_theta),
         **config_tail(bos_token_id, eos_token_id, pad_token_id, torch_dtype),
     }
-    if qwen:  # Qwen's window fields: on every layer (max_window_layers 0) or on none
+    if layer_window_fields:  # the window on every layer (max_window_layers 0) or on none
         window = args.attention_window
         config.update(use_sliding_window=bool(window), sliding_window=window,
                       max_window_layers=0 if window else args.num_layers,
@@ -442,7 +440,9 @@ class LlamaLikeHF:
     ``predicate`` is the family's own test of ``config.json`` (written in its file),
     None when every config of ``model_type`` is the family's; ``windowed`` says whether the config carries ``sliding_window``;
     ``qkv_bias`` and ``qk_norm`` add Qwen2's query/key/value biases and Qwen3's
-    per-head query/key norms; ``qwen`` writes Qwen's window fields on export.
+    per-head query/key norms; ``layer_window_fields`` writes the window per layer on export
+    (``use_sliding_window``, ``max_window_layers``, ``layer_types``: Qwen's fields) beside
+    ``sliding_window``.
     Tied embeddings are the model's own choice (``tie_word_embeddings``): a tied
     model has no ``lm_head`` on either side.
     """
@@ -453,7 +453,7 @@ class LlamaLikeHF:
     windowed: bool = False
     qkv_bias: bool = False
     qk_norm: bool = False
-    qwen: bool = False
+    layer_window_fields: bool = False
 
     @property
     def linear_names(self) -> Mapping[str, tuple[str, ...]]:
@@ -477,7 +477,8 @@ class LlamaLikeHF:
         config = llama_config_from_model_args(args, self.model_type, self.architecture,
                                               self.windowed, vocab_size, bos_token_id,
                                               eos_token_id, pad_token_id, torch_dtype,
-                                              max_position_embeddings, qwen=self.qwen)
+                                              max_position_embeddings,
+                                              layer_window_fields=self.layer_window_fields)
         if self.qkv_bias:  # Qwen2: no such fields, its q/k/v always have biases and its
             config.pop("attention_bias")  # head size is hidden/heads unless stated
             if args.kv_channels * args.num_attention_heads == args.hidden_size:

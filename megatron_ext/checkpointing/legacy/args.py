@@ -44,7 +44,8 @@ def resolve_model_args(model_args: Mapping[str, Any]) -> dict[str, Any]:
         raise CheckpointError(f"unknown model argument(s) {', '.join(unknown)}; expected "
                               f"ModelArgs fields ({', '.join(_model_args_fields())})")
     family = family_named(model_args.get("model_name", ModelArgs.model_name))
-    resolved = asdict(ModelArgs(**model_args).resolved())
+    model = ModelArgs(**model_args).resolved()
+    resolved = asdict(model)
     problems = []
     if resolved.get("rope_scaling_factor"):
         problems.append("Llama 3.1-style RoPE scaling (rope_scaling_factor "
@@ -53,9 +54,7 @@ def resolve_model_args(model_args: Mapping[str, Any]) -> dict[str, Any]:
         problems.append(f"the {family.name} family's "
                         + ("query/key/value biases" if family.add_qkv_bias
                            else "query/key norms"))
-    if family.parallel_attn_norms and resolved["add_bias_linear"]:
-        problems.append(f"linear biases in the {family.name} family (Megatron-LLM's Falcon "
-                        "asserts use_bias=False)")
+    problems += model.settings.legacy_problems(model)  # the family's own settings
     if resolved["kv_channels"] * resolved["num_attention_heads"] != resolved["hidden_size"]:
         problems.append(f"a head size (kv_channels {resolved['kv_channels']}) other than "
                         "hidden size / heads")
@@ -152,9 +151,8 @@ def _architecture(args: Mapping[str, Any]) -> dict[str, Any]:
         "position_embedding": "rope" if position == "rotary" else "learned_absolute",
         "tie_embeddings": bool(get("tie_embed_logits", True)),
         "use_bias": bool(get("use_bias", False)),
-        # Falcon's parallel layers: 2 norms with parallel_layernorm (40B), else 1 (7B)
-        "parallel_attn_norms": (2 if get("parallel_layernorm") else 1) if get("parallel_attn")
-        else 0,
+        # parallel attention and MLP (Falcon); the family's settings read the rest
+        "parallel_attn": bool(get("parallel_attn")),
     }
 
 
@@ -164,7 +162,7 @@ def _guess_family(arch: Mapping[str, Any]) -> str | None:
                                             "tie_embeddings")}
     family = closest_family(structure, arch["rope_theta"], arch["layernorm_epsilon"],
                             bool(arch["sliding_window_size"]), prefer=ModelArgs.model_name,
-                            parallel=bool(arch["parallel_attn_norms"]))
+                            parallel=arch["parallel_attn"])
     return family.name if family else None
 
 
@@ -193,9 +191,9 @@ def legacy_args_to_model_args(args: Mapping[str, Any],
               "tie_embeddings": family.tie_embeddings}
     clash = [f"{key}: checkpoint {arch[key]!r}, {name} {value!r}"
              for key, value in wanted.items() if arch[key] != value]
-    if bool(arch["parallel_attn_norms"]) != bool(family.parallel_attn_norms):
-        clash.append(f"parallel_attn: checkpoint {bool(arch['parallel_attn_norms'])}, {name} "
-                     f"{bool(family.parallel_attn_norms)}")
+    if arch["parallel_attn"] != family.parallel_layers:
+        clash.append(f"parallel_attn: checkpoint {arch['parallel_attn']}, {name} "
+                     f"{family.parallel_layers}")
     if clash:
         raise CheckpointError(f"the checkpoint does not have the {name} architecture "
                               f"({'; '.join(clash)})")
@@ -203,7 +201,8 @@ def legacy_args_to_model_args(args: Mapping[str, Any],
     out = {key: arch[key] for key in _model_args_fields() if key in arch}
     out.update(model_name=name,
                sliding_window_size=int(window) if window else (0 if family.sliding_window
-                                                               else None))
+                                                               else None),
+               **family.settings.from_legacy_args(args))
     return resolve_model_args(out)
 
 
@@ -234,6 +233,8 @@ def model_args_to_legacy_args(model_args: Mapping[str, Any], tp: int, pp: int,
     """
     resolved = resolve_model_args(model_args)
     family = family_named(resolved["model_name"])
+    model = ModelArgs(**resolved)
+    settings_args = model.settings.legacy_args(model)  # the family's own settings
     hidden, heads = resolved["hidden_size"], resolved["num_attention_heads"]
     values: dict[str, Any] = {
         "num_layers": resolved["num_layers"], "encoder_num_layers": resolved["num_layers"],
@@ -258,8 +259,8 @@ def model_args_to_legacy_args(model_args: Mapping[str, Any], tp: int, pp: int,
         "rope_theta": float(resolved["rope_theta"]), "rope_scaling_factor": 1.0,
         "layernorm_epsilon": float(resolved["layernorm_epsilon"]),
         "sliding_window_size": resolved["sliding_window_size"] or None,
-        "parallel_attn": bool(resolved["parallel_attn_norms"]),
-        "parallel_layernorm": resolved["parallel_attn_norms"] == 2, "use_post_ln": False,
+        "parallel_attn": family.parallel_layers, "parallel_layernorm": False,
+        "use_post_ln": False,
         "apply_residual_connection_post_layernorm": False,
         "standalone_embedding_stage": False,
         # exact GeLU, as megatron-core's F.gelu (the fused kernel is the tanh approximation)
@@ -271,9 +272,10 @@ def model_args_to_legacy_args(model_args: Mapping[str, Any], tp: int, pp: int,
         "tokenizer_type": "SentencePieceTokenizer",
         "iteration": iteration, "consumed_train_samples": 0, "consumed_valid_samples": 0,
         "data_parallel_random_init": False,
+        **settings_args,
     }
     for key, value in (extra_args or {}).items():
-        if key in _STRUCTURAL_ARGS and values.get(key) != value:
+        if (key in _STRUCTURAL_ARGS or key in settings_args) and values.get(key) != value:
             raise CheckpointError(f"extra_args cannot change {key} ({values.get(key)!r} -> "
                                   f"{value!r}): it follows from the model and layout")
         values[key] = value

@@ -12,13 +12,15 @@ nor megatron-core: ``finetune.py --help`` and flag validation stay cheap.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import pkgutil
-from typing import Any, Mapping, Optional
+import typing
+from typing import Any, Mapping, NamedTuple, Optional
 
 from megatron_ext.errors import ConfigError
-from megatron_ext.models.family import Family, GGUFLayout
+from megatron_ext.models.family import OFF, Family, GGUFLayout
 
 
 @functools.cache
@@ -56,6 +58,47 @@ def get_family(name: str) -> Family:
     if name not in found:
         raise ConfigError(f"unknown --model_name {name!r}: choose one of {', '.join(found)}")
     return found[name]
+
+
+class SettingField(NamedTuple):
+    """One family setting (:class:`~megatron_ext.models.family.FamilySettings` field) as the
+    shared code sees it: its field (type, help, flag) and who declares it."""
+
+    field: dataclasses.Field
+    type: Any  # the field's type, resolved
+    off: Any  # the value of families without it
+    families: tuple[str, ...]  # the families that declare it
+
+
+_SETTINGS: list = [None, {}]  # the _discovered() dict the settings were collected from, them
+
+
+def _setting_fields() -> dict[str, SettingField]:
+    discovered = _discovered()
+    if _SETTINGS[0] is not discovered:  # first call, or the registry was rediscovered
+        _SETTINGS[:] = [discovered, _collect_settings(discovered)]
+    return _SETTINGS[1]
+
+
+def _collect_settings(discovered: Mapping[str, Family]) -> dict[str, SettingField]:
+    found: dict[str, SettingField] = {}
+    for family in discovered.values():
+        hints = typing.get_type_hints(family.settings)
+        for field in dataclasses.fields(family.settings):
+            seen = found.get(field.name)
+            off = field.metadata.get(OFF)
+            if seen is not None and (seen.type, seen.off) != (hints[field.name], off):
+                raise RuntimeError(f"families {', '.join(seen.families)} and {family.name} "
+                                   f"declare setting {field.name!r} differently (type, off)")
+            found[field.name] = SettingField(
+                seen.field if seen else field, hints[field.name], off,
+                (*(seen.families if seen else ()), family.name))
+    return found
+
+
+def setting_fields() -> dict[str, SettingField]:
+    """Every family setting, by name (each ``ModelArgs`` field and flag of its own)."""
+    return dict(_setting_fields())
 
 
 def gguf_layouts() -> dict[str, GGUFLayout]:
@@ -108,7 +151,7 @@ def closest_family(structure: Mapping[str, Any], rope_theta: float, layernorm_ep
     features = {"add_qkv_bias": False, "qk_layernorm": False, **structure}
     candidates = [family for family in _discovered().values()
                   if all(getattr(family, key) == value for key, value in features.items())
-                  and bool(family.parallel_attn_norms) == parallel]
+                  and family.parallel_layers == parallel]
     candidates = ([family for family in candidates if bool(family.sliding_window) == has_window]
                   or candidates)
     if not candidates:

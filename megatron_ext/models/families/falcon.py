@@ -47,9 +47,11 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 from megatron_ext.models.family import (
     Family,
+    FamilySettings,
     GGUFLayout,
     UnsupportedModelError,
     four_times_ffn_hidden_size,
+    setting,
 )
 from megatron_ext.models.hf_llama import config_tail, pad_vocab_rows, rope_settings
 
@@ -57,6 +59,42 @@ if TYPE_CHECKING:
     import torch
 
     from megatron_ext.models.config import ModelArgs
+
+
+# ---------------------------------------------------------------- settings
+@dataclasses.dataclass(frozen=True)
+class Settings(FamilySettings):
+    """What a Falcon model chooses: its norms per layer and whether its linear layers have
+    biases (Hugging Face ``bias``; other families keep their ``Family.add_bias_linear``)."""
+
+    add_bias_linear: bool = setting(
+        False, "biases on every linear layer (Falcon's bias; default: the family's)",
+        off=False, example=True, negations=("--disable_bias_linear",))
+    # 1 = one norm feeds attention and MLP, 2 = a norm each; 0 (other families) = sequential
+    # layers (norm, attention, residual, norm, MLP, residual)
+    parallel_attn_norms: int = setting(
+        1, "Falcon's parallel layers (attention and MLP read one input): 1 = one norm "
+           "feeds both (Falcon-7B, Falcon2-11B), 2 = a norm each (Falcon-40B/180B); "
+           "default: the family's", off=0, example=2)
+
+    def problems(self, model: "ModelArgs") -> list[str]:
+        if self.parallel_attn_norms not in (0, 1, 2):
+            return [f"--parallel_attn_norms {self.parallel_attn_norms}: use 1 or 2"]
+        return []
+
+    def legacy_args(self, model: "ModelArgs") -> dict:
+        # Megatron-LLM's parallel_layernorm: the MLP's own norm (mlp_layernorm)
+        return {"parallel_layernorm": self.parallel_attn_norms == 2}
+
+    @classmethod
+    def from_legacy_args(cls, args: Mapping[str, Any]) -> dict:
+        return {"parallel_attn_norms": 2 if args.get("parallel_layernorm") else 1}
+
+    def legacy_problems(self, model: "ModelArgs") -> list[str]:
+        if self.add_bias_linear:
+            return ["linear biases in the falcon family (Megatron-LLM's Falcon asserts "
+                    "use_bias=False)"]
+        return []
 
 
 # ---------------------------------------------------------------- the layer
@@ -137,7 +175,7 @@ def block_spec(config, init_seed: int, use_flash_attn: bool = False,
     from megatron_ext.errors import ConfigError
     from megatron_ext.models.builder import layer_spec
 
-    norms = model.parallel_attn_norms if model is not None else FAMILY.parallel_attn_norms
+    norms = (model or Settings()).parallel_attn_norms
     if norms not in (1, 2):
         raise ConfigError(f"--parallel_attn_norms {norms}: the falcon family's parallel "
                           "layers have 1 or 2 norms")
@@ -497,8 +535,8 @@ FAMILY = Family(
     default_ffn_hidden_size=four_times_ffn_hidden_size,
     rope_theta=10000.0,
     layernorm_epsilon=1e-5,
-    parallel_attn_norms=1,
-    configurable=frozenset({"add_bias_linear", "parallel_attn_norms"}),
+    parallel_layers=True,
+    settings=Settings,
     block_spec=block_spec,
     hf=FalconHF(),
     gguf=GGUFLayout("falcon", "falcon", "FalconForCausalLM", split_qkv=True,

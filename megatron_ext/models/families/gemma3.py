@@ -31,11 +31,15 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
+from dataclasses import dataclass
+
 from megatron_ext.models.family import (
     Family,
+    FamilySettings,
     GGUFLayout,
     UnsupportedModelError,
     four_times_ffn_hidden_size,
+    setting,
 )
 from megatron_ext.models import hf_llama
 
@@ -48,6 +52,46 @@ MODEL_TYPE = "gemma3_text"
 ARCHITECTURE = "Gemma3ForCausalLM"
 ACTIVATION = "gelu_pytorch_tanh"
 GLOBAL_THETA, LOCAL_THETA = 1_000_000.0, 10_000.0
+
+
+# ------------------------------------------------------------------ settings
+@dataclass(frozen=True)
+class Settings(FamilySettings):
+    """What a Gemma 3 model chooses beyond the shared ``ModelArgs``: which layers attend
+    globally, the window layers' RoPE base, the attention scale."""
+
+    sliding_window_pattern: int = setting(
+        6, "every N-th layer attends to the whole context, the others through "
+           "--sliding_window_size (Gemma 3: 6); 0 = the window on every layer; default: "
+           "the family's", off=0, example=2)
+    rope_local_theta: Optional[float] = setting(
+        LOCAL_THETA, "RoPE base of the sliding-window layers (Gemma 3's "
+                     "rope_local_base_freq); default: the family's (Gemma 3: 10000), else "
+                     "--rope_theta")
+    query_pre_attn_scalar: Optional[float] = setting(
+        None, "attention scores are scaled by 1/sqrt(this) (Gemma's "
+              "query_pre_attn_scalar); default: the head size")
+
+    def problems(self, model: "ModelArgs") -> list[str]:
+        if self.sliding_window_pattern and not model.sliding_window_size:
+            return [f"--sliding_window_pattern {self.sliding_window_pattern} needs "
+                    "--sliding_window_size"]
+        return []
+
+    def transformer_config(self, model: "ModelArgs") -> dict:
+        scalar = self.query_pre_attn_scalar
+        # layers N, 2N, ... (1-based) attend globally; the window is on the others
+        return {"window_attn_skip_freq": self.sliding_window_pattern or None,
+                "softmax_scale": scalar ** -0.5 if scalar else None}
+
+    def window_layers(self, model: "ModelArgs") -> Optional[list[bool]]:
+        pattern = self.sliding_window_pattern
+        if not pattern:
+            return None
+        return [bool((i + 1) % pattern) for i in range(model.num_layers)]
+
+    def window_rope_theta(self, model: "ModelArgs") -> Optional[float]:
+        return self.rope_local_theta
 
 
 # ------------------------------------------------------------------ layers
@@ -395,12 +439,10 @@ FAMILY = Family(
     rope_theta=GLOBAL_THETA,
     layernorm_epsilon=1e-6,
     sliding_window=512,
-    sliding_window_pattern=6,
-    rope_local_theta=LOCAL_THETA,
     qk_layernorm=True,
     scale_embeddings=True,
-    configurable=frozenset({"sliding_window_pattern", "rope_local_theta",
-                            "query_pre_attn_scalar", "rope_scaling_type"}),
+    rope_scaling_types=("llama3", "linear"),
+    settings=Settings,
     hf=Gemma3HF(),
     block_spec=block_spec,
     gguf=GGUFLayout("gemma3", MODEL_TYPE, ARCHITECTURE, norm_offset=1.0, config=gguf_config),

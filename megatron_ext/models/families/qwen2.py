@@ -22,6 +22,6 @@ FAMILY = Family(
     layernorm_epsilon=1e-6,
     add_qkv_bias=True,
     hf=LlamaLikeHF("qwen2", "Qwen2ForCausalLM", windowed=True, qkv_bias=True,
-                   qwen=True),
+                   layer_window_fields=True),
     gguf=GGUFLayout("qwen2", "qwen2", "Qwen2ForCausalLM"),
 )

@@ -20,6 +20,6 @@ FAMILY = Family(
     layernorm_epsilon=1e-6,
     qk_layernorm=True,
     hf=LlamaLikeHF("qwen3", "Qwen3ForCausalLM", windowed=True, qk_norm=True,
-                   qwen=True),
+                   layer_window_fields=True),
     gguf=GGUFLayout("qwen3", "qwen3", "Qwen3ForCausalLM"),
 )
