@@ -103,7 +103,7 @@ def start_gemma(request) -> dict:
     tokens = torch.randint(0, 1500, (2, 40))  # 40 > 4 windows
     jobs = {(tp, pp): logits_job(f"gemma3_{tp}_{pp}", root / "ckpt", tokens, root / "logits",
                                  tp, pp) for tp, pp in LAYOUTS}
-    generation = {tp: call_job(f"generate_{tp}", "tests.tools.test_gemma3:generation_check",
+    generation = {tp: call_job(f"generate_{tp}", "tests.models.families.test_gemma3:generation_check",
                                str(root / "ckpt"), str(root / f"generated_{tp}.json"), str(tp))
                   for tp in (1, 2)}
     train = {name: {"name": name, "argv": [

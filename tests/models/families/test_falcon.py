@@ -94,7 +94,7 @@ def falcon_with_sentencepiece(directory: Path, architecture: str, sp_model: str)
 def start_falcon_runs(request) -> dict:
     """Both models imported (ChatML tokens added), then one launch per world size, started
     at the session's first test: logits at every layout, the generation checks
-    (``tests/models/check_falcon.py``), the finetuning runs and, after them, the trained
+    (``tests/models/families/check_falcon.py``), the finetuning runs and, after them, the trained
     checkpoints' logits at another layout."""
     root = request.getfixturevalue("tmp_path_factory").mktemp("falcon")
     sp_model = request.getfixturevalue("sp_model")
@@ -109,7 +109,7 @@ def start_falcon_runs(request) -> dict:
     jobs = {(name, layout): logits_job(f"{name}_{layout}", root / "ckpt" / name, tokens,
                                        root / "logits", tp, pp)
             for name in ARCHITECTURES for layout, (tp, pp) in LAYOUTS.items()}
-    checks = {tp: call_job(f"check_tp{tp}", "tests.models.check_falcon:main",
+    checks = {tp: call_job(f"check_tp{tp}", "tests.models.families.check_falcon:main",
                            [str(root / f"check_tp{tp}.json")]) for tp in (1, 2)}
     train = {name: {"name": name, "argv": model_args(imported_train_data, TRAIN_ITERS) + [
         "--load", str(root / "ckpt" / architecture), "--finetune", "--use_checkpoint_args",

@@ -1,5 +1,5 @@
-"""Child process for tests/tools/test_falcon.py: our Falcon model against ``transformers``'
-``FalconForCausalLM`` in one process group (TP = world size), without a checkpoint.
+"""Child process for tests/models/families/test_falcon.py: our Falcon model against
+``transformers``' ``FalconForCausalLM`` in one process group (TP = world size), without a checkpoint.
 
   python check_falcon.py OUT.json                          (TP=1)
   torchrun --nproc_per_node 2 check_falcon.py OUT.json     (TP=2)
