@@ -2,33 +2,53 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 
+from megatron_ext.models.families import family_names, get_family
+from megatron_ext.models.family import EXAMPLE
 from tests.runs import model_args, start_runs, started, starts_early, train_metrics
 
-FAMILY_ARGS = {
+# options that are no family's own, spread over the families to be trained too (a family
+# not named here is trained all the same: every family of the registry is)
+SHARED_OPTIONS = {
     "llama3": ["--recompute_granularity", "selective"],
-    "mistral": ["--sliding_window_size", "16", "--recompute_granularity", "full"],
-    "falcon": ["--parallel_attn_norms", "2", "--add_bias_linear"],  # parallel layers
-    "gpt": [],  # LayerNorm, GeLU, learned positions, biases, tied embeddings
+    "mistral": ["--recompute_granularity", "full"],
     "qwen2": ["--tie_embed_logits"],  # QKV biases, RMSNorm eps 1e-6, RoPE base 1e6
     "qwen3": ["--kv_channels", "24"],  # per-head q/k RMSNorm, head size != hidden / heads
-    "gemma3": ["--sliding_window_size", "16", "--sliding_window_pattern", "2",
-               "--num_attention_heads_kv", "1"],  # its defaults: 1 + w norms, GeGLU, ...
+    "gemma3": ["--num_attention_heads_kv", "1"],  # its defaults: 1 + w norms, GeGLU, ...
 }
+
+
+def family_args(name: str) -> list[str]:
+    """The flags a family's tiny run trains with, from its record: its window (shorter than
+    the rows) and each of its settings at the value its file offers as an example (Falcon's
+    two norms and biases, Gemma 3's global layer every second one), then the shared
+    options above."""
+    family = get_family(name)
+    args = ["--model_name", name]
+    if family.sliding_window:
+        args += ["--sliding_window_size", "16"]
+    for field in dataclasses.fields(family.settings):
+        example = field.metadata.get(EXAMPLE)
+        if example is True:
+            args.append(f"--{field.name}")
+        elif example is not None and example is not False:
+            args += [f"--{field.name}", str(example)]
+    return args + SHARED_OPTIONS.get(name, [])
 
 
 @starts_early("family_runs")
 def start_family_runs(request):
-    """One 4-iteration run per family, all in one batch."""
+    """One 4-iteration run per family of the registry, all in one batch."""
     root = request.getfixturevalue("tmp_path_factory").mktemp("families")
     train_data = request.getfixturevalue("train_data")
     return root, start_runs(1, [{"name": family, "argv": model_args(train_data, 4) + [
-        "--model_name", family, *FAMILY_ARGS[family], "--save", str(root / family),
-        "--tensorboard_dir", str(root / family / "tb")]} for family in sorted(FAMILY_ARGS)],
+        *family_args(family), "--save", str(root / family),
+        "--tensorboard_dir", str(root / family / "tb")]} for family in family_names()],
         root / "launch", early=True)
 
 
@@ -39,7 +59,7 @@ def family_runs(request):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", sorted(FAMILY_ARGS))
+@pytest.mark.parametrize("family", family_names())
 def test_family_trains(family_runs, family):
     root, results = family_runs
     tmp_path, result = root / family, results[family]
