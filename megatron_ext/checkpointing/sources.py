@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from megatron_ext.checkpointing.legacy import is_legacy, read_legacy_checkpoint
+from megatron_ext.checkpointing.pickles import read_dist_common
 from megatron_ext.checkpointing.run_config import load_run_config
 from megatron_ext.checkpointing.tracker import TRACKER, iteration_dir, latest_iteration
 from megatron_ext.checkpointing.unsharded import (
@@ -88,9 +89,7 @@ def open_checkpoint(path: str, iteration: Optional[int] = None,
 
     @functools.lru_cache(maxsize=1)
     def common() -> dict:
-        from megatron.core import dist_checkpointing
-
-        return dist_checkpointing.load_common_state_dict(directory)
+        return read_dist_common(directory)  # restricted: what load_common_state_dict reads
 
     weights_only = bool((common().get("common") or {}).get("weights_only"))
     return CheckpointSource("dist", directory, run_config, iteration, not weights_only, groups,

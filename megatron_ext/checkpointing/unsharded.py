@@ -33,6 +33,12 @@ from typing import Iterator, Optional
 
 import torch
 
+from megatron_ext.checkpointing.pickles import (
+    RefusedFileError,
+    load_pickled,
+    read_dist_metadata,
+    safe_filesystem_reader,
+)
 from megatron_ext.checkpointing.run_config import load_run_config, write_run_config
 from megatron_ext.checkpointing.state import (
     OPTIMIZER_METADATA,
@@ -193,9 +199,10 @@ class UnshardedReader:
     def common(self) -> dict:
         if not self.has_optimizer:
             return {}
-        try:
-            return torch.load(os.path.join(self.root, COMMON), map_location="cpu",
-                              weights_only=False)
+        try:  # restricted: a name outside the allow-list is refused, never imported
+            return load_pickled(os.path.join(self.root, COMMON))
+        except RefusedFileError:
+            raise
         except Exception as exc:
             raise CheckpointError(f"{self.root}/{COMMON} is unreadable ({exc})") from None
 
@@ -344,13 +351,12 @@ def iter_dist_checkpoint(directory: str, include_optimizer: bool = True
     Yields the non-layer tensors first, then one dict per layer, so memory
     stays near one layer whatever layout saved the checkpoint.
     """
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     try:
-        metadata = FileSystemReader(directory).read_metadata().state_dict_metadata
-    except (KeyboardInterrupt, SystemExit):
+        metadata = read_dist_metadata(directory).state_dict_metadata
+    except (KeyboardInterrupt, SystemExit, CheckpointError):
         raise
     except BaseException as exc:
         raise CheckpointError(f"checkpoint {directory} is unreadable ({type(exc).__name__}: "
@@ -365,7 +371,7 @@ def iter_dist_checkpoint(directory: str, include_optimizer: bool = True
 
     def load(request: dict, offsets: dict) -> dict:
         try:
-            dcp_load(request, storage_reader=FileSystemReader(directory),
+            dcp_load(request, storage_reader=safe_filesystem_reader(directory),
                      planner=_slice_planner(offsets), no_dist=True)
         except (KeyboardInterrupt, SystemExit):
             raise
@@ -419,11 +425,11 @@ def checkpoint_vocab_rows(path: str) -> Optional[int]:
     """Rows of the word embedding in a checkpoint directory (dist or unsharded)."""
     if is_unsharded(path):
         return UnshardedReader(path).shape("embedding.word_embeddings.weight")[0]
-    from megatron.core import dist_checkpointing
-
     try:
-        metadata = dist_checkpointing.load_tensors_metadata(path)
+        metadata = read_dist_metadata(path).state_dict_metadata
+    except RefusedFileError:
+        raise
     except BaseException:  # noqa: BLE001 - reported by the loader with context
         return None
     entry = metadata.get("embedding.word_embeddings.weight")
-    return int(entry.global_shape[0]) if entry is not None else None
+    return int(entry.size[0]) if entry is not None else None

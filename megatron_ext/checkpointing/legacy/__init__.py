@@ -110,10 +110,11 @@ tools/checkpoint_loader_megatron.py; megatron/arguments.py]
     ``rope_theta`` 1e4, ``layernorm_epsilon`` 1e-5).
 
 Safety: legacy files are pickles (``args`` is a Namespace, possibly holding
-Megatron-LLM enum objects), so they are loaded with ``weights_only=False``,
-which can run code embedded in the file: load only checkpoints you trust.
-Classes of modules this environment lacks (``megatron.model.enums``...) are
-replaced by inert stand-ins (:class:`LegacyObject`) instead of failing.
+Megatron-LLM enum objects), read by a restricted unpickler that runs nothing
+from the file: tensors, containers and ``Namespace`` load as themselves, every
+other class or function a file names (``megatron.model.enums``..., or
+``os.system`` in a hostile file) is replaced by an inert stand-in
+(:class:`LegacyObject`) instead of being imported or called.
 
 Not represented (refused, never silently changed): a ``parallel_layernorm``
 without ``parallel_attn``, post-LN, residual-after-norm, rotary scaling, GLUs other

@@ -1,19 +1,18 @@
 """Unpickling files written by a code base we do not have (Megatron-LLM's ``args``).
 
-Safety: legacy files are pickles, loaded with ``weights_only=False``, which can
-run code embedded in the file: load only checkpoints you trust.
+Safety: legacy files are pickles, read by a restricted unpickler
+(``checkpointing/pickles.py``) that never imports or calls a name outside its
+allow-list: such names (e.g. ``megatron.model.enums.PositionEmbeddingType``, or
+``os.system`` in a hostile file) become inert :class:`LegacyObject` stand-ins.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
-import types
 from typing import Any, Self
 
-import torch
-
+from megatron_ext.checkpointing.pickles import load_pickled
 from megatron_ext.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -51,46 +50,30 @@ class LegacyObject:
 _STAND_INS: dict[tuple[str, str], type] = {}
 
 
-class _LenientUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            key = (module, name)
-            if key not in _STAND_INS:
-                logger.debug("legacy checkpoint names %s.%s, which is not importable here: "
-                             "using an inert stand-in", module, name)
-                _STAND_INS[key] = type(name, (LegacyObject,),
-                                       {"legacy_module": module, "legacy_name": name})
-            return _STAND_INS[key]
-
-
-def _pickle_module() -> types.ModuleType:
-    module = types.ModuleType("megatron_ext_legacy_pickle")
-    module.__dict__.update({name: getattr(pickle, name) for name in dir(pickle)
-                            if not name.startswith("__")})
-    module.Unpickler = _LenientUnpickler
-    module.load = lambda file, **kw: _LenientUnpickler(file, **kw).load()
-    return module
+def stand_in(module: str, name: str) -> type:
+    """The inert class that replaces ``module.name`` (one per name, kept for the process)."""
+    key = (module, name)
+    if key not in _STAND_INS:
+        logger.debug("legacy checkpoint names %s.%s, which is not loaded from checkpoint "
+                     "files: using an inert stand-in", module, name)
+        _STAND_INS[key] = type(name, (LegacyObject,),
+                               {"legacy_module": module, "legacy_name": name})
+    return _STAND_INS[key]
 
 
 def load_legacy_file(path: str) -> dict:
-    """``torch.load`` one rank file on CPU; a missing or damaged file is a CheckpointError.
+    """``torch.load`` one rank file on CPU, restricted; a missing or damaged file is a
+    CheckpointError.
 
-    Trusted files only: this is a full (``weights_only=False``) unpickle.
+    Nothing in the file runs: tensors, containers and ``argparse.Namespace`` load as
+    themselves, every other name a pickle gives (Megatron-LLM's enums, or ``os.system``
+    in a malicious file) becomes an inert :class:`LegacyObject` (``pickles.load_pickled``).
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"legacy checkpoint file {path} is missing (every tensor- and "
                               "pipeline-parallel rank needs its file)")
-    try:
-        try:  # memory-mapped: tensors are read when used, not all at once
-            loaded = torch.load(path, map_location="cpu", weights_only=False,
-                                pickle_module=_pickle_module(), mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            loaded = torch.load(path, map_location="cpu", weights_only=False,  # pre-zip format
-                                pickle_module=_pickle_module())
+    try:  # memory-mapped where the format allows: tensors are read when used
+        loaded = load_pickled(path, stand_in=stand_in, mmap=True)
     except Exception as exc:  # noqa: BLE001 -- zip errors, EOFError, UnpicklingError...
         detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise CheckpointError(f"legacy checkpoint file {path} cannot be loaded "
@@ -100,4 +83,3 @@ def load_legacy_file(path: str) -> dict:
         raise CheckpointError(f"{path} holds a {type(loaded).__name__}, not a Megatron "
                               "checkpoint dict")
     return loaded
-
