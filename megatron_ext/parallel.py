@@ -20,6 +20,7 @@ import datetime
 import math
 import os
 import random
+import signal
 import socket
 import sys
 import time
@@ -175,18 +176,55 @@ def shutdown() -> None:
 
 
 _ORPHAN_WATCH = False
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Ask Linux to send ``sig`` (default SIGKILL) to this process when its parent ends.
+
+    The kernel's parent-death signal (``prctl(PR_SET_PDEATHSIG)``) reaches a process
+    whatever it is doing (importing, waiting in a futex, holding the GIL). It is not
+    inherited by children. Returns whether it is set (False off Linux).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _exit_orphaned(parent: int) -> None:
+    agent = "" if parent == 1 else f" (pid {parent})"
+    sys.stderr.write(f"rank {os.environ.get('RANK', '?')}: the torchrun agent{agent} "
+                     "is gone; exiting\n")
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def exit_when_orphaned(interval: float = 1.0) -> bool:
-    """Under torchrun: exit this worker within ``interval`` seconds of its agent's death.
+    """Under torchrun: exit this worker as soon as its agent dies. Call it first thing.
 
     Why: torchrun starts each worker in a session of its own, so killing the agent
     (``kill -9``, the kernel's out-of-memory killer) reaches no worker; the workers
     would sit in a collective, holding their memory, until the collective times out
-    (30 minutes and more). A daemon thread watches the parent process id: when the
-    agent dies the worker is re-parented and exits at once (``os._exit``: the other
-    ranks are gone or going, no clean shutdown is possible). Returns whether it
-    watches (only when started by torchrun).
+    (30 minutes and more). Three guards:
+
+    * the kernel's parent-death signal (:func:`die_with_parent`, SIGKILL) from this call
+      on, whatever the worker is doing then;
+    * a worker whose parent is already init (pid 1) was orphaned before it got here
+      (its agent was killed while it imported): it exits now;
+    * a daemon thread watches the parent process id and exits within ``interval``
+      seconds of a change (the guard where ``prctl`` is missing; ``os._exit``: the other
+      ranks are gone or going, no clean shutdown is possible).
+
+    Whatever the worker started itself must end with it too: megatron-core's
+    checkpoint-writer process does (``checkpointing.dist.start_checkpoint_writer``).
+
+    Returns whether it watches (only when started by torchrun).
     """
     import threading
 
@@ -197,15 +235,15 @@ def exit_when_orphaned(interval: float = 1.0) -> bool:
         return True
     _ORPHAN_WATCH = True
     parent = os.getppid()
+    die_with_parent()
+    if parent == 1 or os.getppid() != parent:  # re-parented already: the agent is gone
+        _exit_orphaned(parent)
 
     def watch() -> None:
         while True:
             time.sleep(interval)
             if os.getppid() != parent:
-                sys.stderr.write(f"rank {os.environ.get('RANK', '?')}: the torchrun agent "
-                                 f"(pid {parent}) is gone; exiting\n")
-                sys.stderr.flush()
-                os._exit(1)
+                _exit_orphaned(parent)
 
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
     return True

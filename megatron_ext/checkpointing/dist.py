@@ -24,6 +24,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
+import warnings
 from dataclasses import asdict
 from typing import Optional
 
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 
 from megatron_ext.checkpointing.legacy import is_legacy, read_legacy_checkpoint
+from megatron_ext.checkpointing.pickles import check_dist_checkpoint
 from megatron_ext.checkpointing.run_config import load_run_config, write_run_config
 from megatron_ext.checkpointing.state import (
     OPTIMIZER_METADATA,
@@ -50,8 +53,32 @@ from megatron_ext.checkpointing.tracker import (
 from megatron_ext.checkpointing.unsharded import TensorDictReader, is_unsharded, load_unsharded
 from megatron_ext.errors import CheckpointError
 from megatron_ext.io import STAGING_SUFFIX, StagedDirectory
+from megatron_ext.parallel import die_with_parent
 
 logger = logging.getLogger(__name__)
+
+SHARDED_TENSOR_DEPRECATION = "Please use DTensor instead and we are deprecating ShardedTensor"
+# where torch reports it from: its DCP code that megatron-core's torch_dist format drives,
+# megatron-core itself, and (on CPU) the compat layer's torch-function mode
+_SHARDED_TENSOR_CALLERS = (r"(torch\.distributed\.checkpoint|megatron\.core\.dist_checkpointing"
+                           r"|megatron_ext\.compat)(\.|$)")
+
+
+def quiet_sharded_tensor_deprecation() -> None:
+    """Hide torch's ``FutureWarning`` about ShardedTensor where megatron-core's checkpoints
+    cause it, and nothing else.
+
+    Why: megatron-core's ``torch_dist`` checkpoints are torch ShardedTensors underneath,
+    and torch warns on every load that it deprecates them: a message about megatron-core's
+    internals that no user of ours can act on. Installed when this module is imported (the
+    one place that drives megatron-core's checkpoint code); other warnings, and this one
+    from anywhere else, still show.
+    """
+    warnings.filterwarnings("ignore", message=re.escape(SHARDED_TENSOR_DEPRECATION),
+                            category=FutureWarning, module=_SHARDED_TENSOR_CALLERS)
+
+
+quiet_sharded_tensor_deprecation()
 
 
 def _rng_state() -> dict:
@@ -103,14 +130,27 @@ def start_checkpoint_writer() -> None:
     trainer to save and stop (Slurm signals every process of the step; torchrun
     forwards it to each worker's group) would kill that helper too, and the save that the
     signal asked for would fail with a broken pipe. Started with SIGTERM ignored, the
-    helper inherits the ignore; it still ends with its parent. Call from the main thread.
+    helper inherits the ignore. It ends with its parent however the parent ends: a
+    normal exit shuts it down (multiprocessing's exit hook), and it asks the kernel for
+    SIGKILL when the parent dies (``os._exit`` of an orphaned worker, ``kill -9``),
+    which would otherwise leave it and multiprocessing's resource tracker running for
+    good. Call from the main thread (the parent-death signal follows the thread that
+    started the helper).
     """
+    import multiprocessing
     import signal
+    from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
+        if getattr(filesystem_async, "_results_queue", False) is None:
+            # megatron-core's own helper (_get_write_results_queue), started with our
+            # initializer: the queue is what it caches, and it holds the manager alive
+            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+            manager.start(initializer=die_with_parent)
+            filesystem_async._results_queue = manager.Queue()
         filesystem_async._get_write_results_queue()
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -186,8 +226,10 @@ def load_checkpoint(root: str, train: TrainState, weights_only: bool,
         check_model_matches(saved_model, train.model, directory)
     state = _sharded_state(train, include_optimizer=not weights_only, loading=True)
     state["model"] = without_extra_state(state["model"])
+    # megatron-core unpickles .metadata, common.pt and these objects unrestricted: read first
+    common = check_dist_checkpoint(directory, _object_keys(state))
     if not weights_only:
-        saved = _saved_layout(directory)
+        saved = _saved_layout(common)
         if saved.pop("weights_only"):
             raise CheckpointError(f"{directory} holds weights only (no optimizer state): start "
                                   "from it with --finetune")
@@ -215,13 +257,15 @@ def load_checkpoint(root: str, train: TrainState, weights_only: bool,
     return iteration, progress
 
 
-def _saved_layout(directory: str) -> dict:
-    from megatron.core import dist_checkpointing
+def _object_keys(state: dict) -> set[str]:
+    """Keys of the ``ShardedObject`` entries (pickled objects) that loading ``state`` reads."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    try:
-        common = dist_checkpointing.load_common_state_dict(directory)
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {directory} is unreadable ({exc})") from None
+    return {v.key for v in nested_values(state) if isinstance(v, ShardedObject)}
+
+
+def _saved_layout(common: dict) -> dict:
     saved = common.get("common", {})
     layout = saved.get("layout", {})
     return {"tp": layout.get("tp"), "pp": layout.get("pp"),

@@ -210,3 +210,89 @@ def _alive(pid: int) -> bool:
             return handle.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def _wait_gone(pids, seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if _alive(pid)]
+        time.sleep(0.1)
+    return alive
+
+
+# a torchrun agent: starts its worker in a session of its own, then waits
+FAKE_AGENT = """
+import os, subprocess, sys, time
+env = dict(os.environ, TORCHELASTIC_RUN_ID="orphan-test", RANK="0")
+worker = subprocess.Popen([sys.executable, *sys.argv[1:]], env=env, start_new_session=True)
+print(worker.pid, flush=True)
+time.sleep(600)
+"""
+# a worker that imports what finetune.py imports before it watches its agent, then waits
+# as a rank does in a collective whose peers are gone
+IMPORTING_WORKER = """
+import pathlib, sys, time
+pathlib.Path(sys.argv[1]).touch()
+import torch, megatron.core  # noqa: E401
+pathlib.Path(sys.argv[2]).touch()
+from megatron_ext.parallel import exit_when_orphaned
+exit_when_orphaned()
+time.sleep(600)
+"""
+
+
+def test_a_worker_whose_agent_is_killed_while_it_imports_exits(tmp_path):
+    """kill -9 of the agent while its worker still imports: the worker finds itself
+    re-parented when it starts watching and exits (it used to watch init, pid 1, and
+    wait for the collective's timeout)."""
+    (tmp_path / "worker.py").write_text(IMPORTING_WORKER, encoding="utf-8")
+    started, imported = tmp_path / "started", tmp_path / "imported"
+    agent = subprocess.Popen([sys.executable, "-c", FAKE_AGENT, str(tmp_path / "worker.py"),
+                              str(started), str(imported)], env=child_env(), cwd=REPO,
+                             stdout=subprocess.PIPE, text=True)
+    worker = int(agent.stdout.readline())
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert time.monotonic() < deadline and _alive(worker)
+            time.sleep(0.02)
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait()
+        assert not imported.exists(), "the worker finished importing before the kill"
+        deadline = time.monotonic() + 240
+        while not imported.exists() and _alive(worker):
+            assert time.monotonic() < deadline, "the worker never finished importing"
+            time.sleep(0.1)
+        assert not _wait_gone([worker], 5), "worker still running 5 s after its imports"
+    finally:
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+CHECKPOINT_WRITER = """
+import time
+from multiprocessing import active_children, resource_tracker
+from megatron_ext.checkpointing.dist import start_checkpoint_writer
+start_checkpoint_writer()
+print(*[p.pid for p in active_children()], resource_tracker._resource_tracker._pid,
+      flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_checkpoint_writer_helper_ends_with_a_killed_worker(tmp_path):
+    """megatron-core's checkpoint-writer process (and multiprocessing's resource tracker)
+    end when the worker that started them is killed, instead of living on."""
+    worker = subprocess.Popen([sys.executable, "-c", CHECKPOINT_WRITER], env=child_env(),
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    helpers = [int(p) for p in worker.stdout.readline().split()]
+    try:
+        assert len(helpers) == 2 and all(_alive(pid) for pid in helpers)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+        assert not _wait_gone(helpers, 10), "helpers still running 10 s after their worker"
+    finally:
+        for pid in helpers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
