@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from megatron_ext.cli import ConfigParser, build_config, run_cli, setup_logging  # noqa: E402
 from megatron_ext.launch.options import SFTConfig  # noqa: E402
+from megatron_ext.parallel import ParallelArgs  # noqa: E402
 from megatron_ext.peft.config import PeftArgs  # noqa: E402
 
 
@@ -40,6 +41,7 @@ def build_parser() -> ConfigParser:
                           epilog=__doc__.split("\n\n", 1)[1]
                           + "\nEvery flag may also be spelled with - for _.")
     parser.add_config(SFTConfig, "experiment")
+    parser.add_config(ParallelArgs, "parallel layout")
     parser.add_config(PeftArgs, "parameter-efficient finetuning (LoRA, DoRA)")
     parser.add_argument("--post_only", action="store_true",
                         help="with -E NAME only: evaluate and export the trained experiment "

@@ -25,7 +25,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from megatron_ext.cli import option
 from megatron_ext.errors import ConfigError
@@ -35,18 +35,51 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class ModelShape:
+    """What of a model's shape a parallel layout splits: attention heads over the TP ranks,
+    layers over the PP stages."""
+
+    num_layers: int
+    num_attention_heads: int
+    num_attention_heads_kv: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, num_layers: int, num_attention_heads: int, hidden_size: int,
+           num_attention_heads_kv: Optional[int] = None,
+           kv_channels: Optional[int] = None, **_other) -> "ModelShape":
+        """From a model's settings (``ModelArgs`` fields, or a run config's ``model``
+        dict as ``**model``); the others are ignored."""
+        return cls(num_layers, num_attention_heads,
+                   num_attention_heads_kv or num_attention_heads,
+                   kv_channels or hidden_size // max(1, num_attention_heads))
+
+
+@dataclass(frozen=True)
 class ParallelArgs:
-    tensor_model_parallel_size: int = option(1, "tensor-parallel ranks (TP)")
-    pipeline_model_parallel_size: int = option(1, "pipeline stages (PP); the data-parallel size "
-                                                  "is the world size / (TP x PP x CP)")
+    """The parallel layout of a run: the one type the trainer, the launcher, inference and
+    the reshard tool take, and the one place its rules live (:meth:`problems`)."""
+
+    tensor_model_parallel_size: int = option(1, "tensor-parallel ranks (TP)",
+                                             names=("--tensor_model_parallel_size", "-T"))
+    pipeline_model_parallel_size: int = option(
+        1, "pipeline stages (PP); the data-parallel size is the world size / (TP x PP x CP)",
+        names=("--pipeline_model_parallel_size", "-P"))
     context_parallel_size: int = option(
         1, "context-parallel ranks (CP) for long sequences: each row is split into 2 x CP "
            "chunks, rank r keeping chunks r and 2CP-1-r; attention gathers the keys and values "
-           "of the CP ranks (PyTorch SDPA: no flash-attn under CP)")
+           "of the CP ranks (PyTorch SDPA: no flash-attn under CP)",
+        names=("--context_parallel_size", "-C"))
     sequence_parallel: bool = option(False, "split layer norms and dropout along the sequence "
                                             "over the tensor-parallel ranks (needs TP > 1)")
     use_distributed_optimizer: bool = option(False, "shard the optimizer state over the "
                                                     "data-parallel ranks (CUDA only)")
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks that hold one copy of the model: TP x PP x CP."""
+        return (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+                * self.context_parallel_size)
 
     @property
     def sequence_multiple(self) -> int:
@@ -57,6 +90,104 @@ class ParallelArgs:
         if self.sequence_parallel:
             multiple = math.lcm(multiple, cp * tp)
         return multiple
+
+    def problems(self, world_size: Optional[int] = None, *, world: Optional[str] = None,
+                 micro_batch_size: Optional[int] = None,
+                 global_batch_size: Optional[int] = None, seq_length: Optional[int] = None,
+                 model: Optional[ModelShape] = None) -> list[str]:
+        """Everything this layout and the run disagree on, one sentence each (empty: fine).
+
+        Each rule is checked when its inputs are given: ``world_size`` (the processes;
+        ``world`` says where the number comes from, e.g. the launcher's nodes x GPUs),
+        the batch sizes (the global batch splits into micro-batches on every
+        data-parallel rank), ``seq_length`` (rows split into CP chunks and over TP under
+        sequence parallelism) and the ``model`` shape (heads over TP, layers over PP).
+        Pure: no torch, so every command checks its flags before importing it.
+        """
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        cp = self.context_parallel_size
+        if tp < 1 or pp < 1 or cp < 1:
+            return ["--tensor_model_parallel_size, --pipeline_model_parallel_size and "
+                    "--context_parallel_size must be >= 1"]
+        problems = []
+        dp = None
+        if world_size is not None:
+            if world_size % self.model_parallel_size:
+                problems.append(f"{world or f'world size {world_size} is'} not divisible by "
+                                f"TP {tp} x PP {pp}" + (f" x CP {cp}" if cp > 1 or world
+                                                        else ""))
+            else:
+                dp = world_size // self.model_parallel_size
+        if model is not None:
+            problems += self._model_problems(model)
+        if (dp is not None and micro_batch_size and global_batch_size
+                and global_batch_size % (micro_batch_size * dp)):
+            problems.append(f"--global_batch_size {global_batch_size} is not divisible by "
+                            f"--micro_batch_size {micro_batch_size} x data parallel size {dp}")
+        if self.sequence_parallel and tp == 1:
+            problems.append("--sequence_parallel splits the sequence over tensor-parallel ranks: "
+                            "it needs --tensor_model_parallel_size > 1")
+        if seq_length is not None:
+            problems += self._sequence_problems(seq_length)
+        return problems
+
+    def _model_problems(self, model: ModelShape) -> list[str]:
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        problems = []
+        if model.num_attention_heads % tp:
+            problems.append(f"--num_attention_heads {model.num_attention_heads} is not divisible "
+                            f"by --tensor_model_parallel_size {tp}")
+        problems += kv_head_problems(model.num_attention_heads, model.num_attention_heads_kv,
+                                     model.head_dim, tp)
+        if model.num_layers % pp:
+            problems.append(f"--num_layers {model.num_layers} is not divisible by "
+                            f"--pipeline_model_parallel_size {pp}")
+        return problems
+
+    def _sequence_problems(self, seq_length: int) -> list[str]:
+        """Whether ``seq_length`` holds the padding that context and sequence parallelism need.
+
+        Every row (--seq_length, or with --variable_seq_lengths the longest sample rounded
+        up, at most --seq_length) must split into 2 x CP chunks, and each CP rank's share
+        over the TP ranks under --sequence_parallel (:attr:`sequence_multiple`).
+        """
+        tp, cp = self.tensor_model_parallel_size, self.context_parallel_size
+        multiple = self.sequence_multiple
+        if multiple == 1 or seq_length % multiple == 0:
+            return []
+        if cp == 1:  # sequence parallelism alone
+            return [f"--sequence_parallel: --seq_length {seq_length} must be divisible by "
+                    f"--tensor_model_parallel_size {tp}"]
+        why = f"2 x CP = {2 * cp} chunks"
+        if self.sequence_parallel:
+            why += f", each CP rank's share over TP {tp} (--sequence_parallel)"
+        lower = seq_length // multiple * multiple
+        hint = (f"{lower} or {lower + multiple}" if lower else str(multiple))
+        return [f"--context_parallel_size {cp} splits every row into {why}, so rows are "
+                f"padded to a multiple of {multiple}; --seq_length {seq_length} is not one "
+                f"(use {hint})"]
+
+
+def kv_head_problems(heads: int, kv: int, head_dim: int, tp: int) -> list[str]:
+    """What keeps ``kv`` key/value heads (of ``heads`` query heads) from splitting over TP
+    ``tp``. Fewer key/value heads than TP ranks is fine when TP is a multiple of them:
+    megatron-core then gives each TP rank its group's one key/value head (the weights stay
+    one copy, split like any other; the query/key/value projection's output is gathered
+    over TP and each rank takes its group's heads, so the gradients of the shared heads
+    sum over the ranks that use them)."""
+    if kv and heads % kv:
+        return [f"--num_attention_heads {heads} is not divisible by --num_attention_heads_kv "
+                f"{kv}"]
+    if kv % tp == 0:
+        return []
+    if tp % kv:
+        return [f"--num_attention_heads_kv {kv} and --tensor_model_parallel_size {tp}: one "
+                "must divide the other (TP ranks beyond the key/value heads share them)"]
+    rows = (heads + 2 * kv) * head_dim
+    if rows % tp:
+        return [f"the query/key/value projection's {rows} rows ({heads} + 2 x {kv} heads of "
+                f"{head_dim}) do not split over --tensor_model_parallel_size {tp}"]
+    return []
 
 
 @dataclass(frozen=True)
@@ -108,9 +239,9 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30, *,
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world_size % (tp * pp * cp):
-        raise ConfigError(f"world size {world_size} is not divisible by TP {tp} x PP {pp}"
-                          + (f" x CP {cp}" if cp > 1 else ""))
+    problems = ParallelArgs(tp, pp, cp).problems(world_size)
+    if problems:
+        raise ConfigError("; ".join(problems))
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)

@@ -31,8 +31,8 @@ from megatron_ext.checkpointing.unsharded import (
 )
 from megatron_ext.errors import CheckpointError
 from megatron_ext.io import check_out_free, staged_directory
-from megatron_ext.models.config import kv_head_problems, padded_vocab_size
-from megatron_ext.parallel import init_distributed
+from megatron_ext.models.config import padded_vocab_size
+from megatron_ext.parallel import ModelShape, ParallelArgs, init_distributed
 
 logger = logging.getLogger(__name__)
 
@@ -101,18 +101,12 @@ def merge(config: ReshardConfig) -> MergeSummary:
 
 
 def _validate_layout(model: dict, tp: int, pp: int) -> None:
-    heads = model["num_attention_heads"]
-    kv = model.get("num_attention_heads_kv") or heads
-    problems = []
+    """The split's layout against the checkpoint's shape: the trainer's own rules
+    (``ParallelArgs.problems``), so a split checkpoint is one the trainer can load."""
     if tp < 1 or pp < 1:
-        problems.append("--target_tp and --target_pp must be >= 1")
-    else:
-        if heads % tp:
-            problems.append(f"{heads} heads are not divisible by TP {tp}")
-        head_dim = model.get("kv_channels") or model["hidden_size"] // heads
-        problems += kv_head_problems(heads, kv, head_dim, tp)
-        if model["num_layers"] % pp:
-            problems.append(f"{model['num_layers']} layers are not divisible by PP {pp}")
+        raise CheckpointError("cannot split to this layout: --target_tp and --target_pp must "
+                              "be >= 1")
+    problems = ParallelArgs(tp, pp).problems(model=ModelShape.of(**model))
     if problems:
         raise CheckpointError("cannot split to this layout: " + "; ".join(problems))
 

@@ -28,7 +28,7 @@ from megatron_ext.models.builder import build_gpt_model, transformer_config
 from megatron_ext.models.config import ModelArgs, PrecisionArgs
 from megatron_ext.tokenizers import InstructTokenizer, build_tokenizer
 from megatron_ext.models.masks import attention_mask
-from megatron_ext.parallel import Layout, ParallelArgs, init_distributed
+from megatron_ext.parallel import Layout, ModelShape, ParallelArgs, init_distributed
 
 
 @dataclass
@@ -54,7 +54,6 @@ def load_for_inference(load: str, tp: int = 1, pp: int = 1, seed: int = 1234,
     """
     if not os.path.isdir(load):
         raise ConfigError(f"--load {load} does not exist")
-    layout = init_distributed(tp, pp, seed)
     run_config = adapter_run_config(load)
     weights = load  # where the (base) weights are
     if run_config is not None:  # LoRA/DoRA adapters: their recorded base, checked
@@ -62,6 +61,11 @@ def load_for_inference(load: str, tp: int = 1, pp: int = 1, seed: int = 1234,
     else:
         run_config = read_run_config(load)
     model_args = ModelArgs.from_dict(run_config["model"]).resolved()
+    problems = ParallelArgs(tp, pp).problems(int(os.environ.get("WORLD_SIZE", "1")),
+                                             model=ModelShape.of(**run_config["model"]))
+    if problems:
+        raise ConfigError(f"{load} cannot run at TP {tp} x PP {pp}: " + "; ".join(problems))
+    layout = init_distributed(tp, pp, seed)
     tokenizer = build_tokenizer(tokenizer_config_from_run(weights, run_config, vocab_file))
     padded = padded_vocab_for(weights, tokenizer.vocab_size,
                               model_args.make_vocab_size_divisible_by, tp)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 from megatron_ext.cli import ConfigParser, option
 from megatron_ext.data.chat_formats import CHAT_FORMAT_NAMES, ChatFormat, build_chat_format
 from megatron_ext.errors import ConfigError
 from megatron_ext.inference.prompts import PromptRecord, read_records
+from megatron_ext.parallel import ParallelArgs
 
 if TYPE_CHECKING:  # torch-importing modules, for the type hints only
     from megatron_ext.inference.generation import SamplingParams
@@ -30,8 +31,6 @@ logger = logging.getLogger(__name__)
 class InferenceOptions:
     load: str = option(help="checkpoint (a run's --save directory, an unsharded or a legacy "
                             "checkpoint)")
-    tensor_model_parallel_size: int = option(1, "TP size (default: all processes torchrun "
-                                                "started)")
     chat_format: Optional[str] = option(
         None, "hf is the tokenizer's own chat template, template the --prompt_template "
               "(default: the training data's, from its -meta.json)", choices=CHAT_FORMAT_NAMES)
@@ -58,6 +57,8 @@ class InferenceOptions:
                                "probability (nucleus sampling; 1: all)")
     seed: int = option(1234, "sampling seed (the same seed gives the same output)")
     bf16: bool = option(False, "run the model in bfloat16 (half the memory; default fp32)")
+    # generation runs one model copy over the TP ranks: PP and CP stay 1
+    parallel: ParallelArgs = field(default_factory=ParallelArgs)
     progress: bool = option(True, "no progress bar")
 
     def read_records(self, path: str) -> list[PromptRecord]:
@@ -89,8 +90,11 @@ class InferenceOptions:
 def add_inference_options(parser: ConfigParser, max_new_tokens: int = 256) -> None:
     """The shared flags; TP defaults to every process torchrun started."""
     parser.add_config(InferenceOptions, overrides={
-        "tensor_model_parallel_size": {"default": int(os.environ.get("WORLD_SIZE", "1"))},
         "max_new_tokens": {"default": max_new_tokens}})
+    parser.add_config(ParallelArgs, "parallel layout (one model copy: TP ranks only)", overrides={
+        "tensor_model_parallel_size": {
+            "default": int(os.environ.get("WORLD_SIZE", "1")),
+            "help": "TP size (default: all processes torchrun started)"}})
 
 
 def load_model_and_format(options: InferenceOptions, raw: bool = False
@@ -104,11 +108,14 @@ def load_model_and_format(options: InferenceOptions, raw: bool = False
     from megatron_ext.inference.loading import load_for_inference
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != options.tensor_model_parallel_size:
+    p = options.parallel
+    if world != p.model_parallel_size or p.model_parallel_size != p.tensor_model_parallel_size:
         raise ConfigError(f"{world} processes but --tensor_model_parallel_size "
-                          f"{options.tensor_model_parallel_size}: generation runs one model copy "
-                          "(PP=1, no data parallelism); start as many processes as TP ranks")
-    loaded = load_for_inference(options.load, options.tensor_model_parallel_size, 1,
+                          f"{p.tensor_model_parallel_size} x --pipeline_model_parallel_size "
+                          f"{p.pipeline_model_parallel_size} x --context_parallel_size "
+                          f"{p.context_parallel_size}: generation runs one model copy (PP=1, "
+                          "CP=1, no data parallelism); start as many processes as TP ranks")
+    loaded = load_for_inference(options.load, p.tensor_model_parallel_size, 1,
                                 vocab_file=options.vocab_file, bf16=options.bf16)
     if raw:
         return loaded, None

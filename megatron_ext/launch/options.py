@@ -19,13 +19,13 @@ from typing import Optional
 from megatron_ext.cli import option
 from megatron_ext.errors import ConfigError
 from megatron_ext.launch.executors import executor_names
+from megatron_ext.parallel import ParallelArgs
 from megatron_ext.peft.config import PeftArgs
 
 EXECUTORS = executor_names()  # the files of launch/executors/
 # fields that say how this launch runs, not what the experiment is
 RUNTIME_FIELDS = frozenset({
-    "executor", "num_nodes", "num_gpus", "tensor_model_parallel_size",
-    "pipeline_model_parallel_size", "context_parallel_size", "micro_batch_size", "account",
+    "executor", "num_nodes", "num_gpus", "parallel", "micro_batch_size", "account",
     "partition", "container_image", "container_mounts", "time", "dry_run", "restart", "wait",
     "wandb_project", "node_rank", "master_addr", "master_port", "experiments_dir",
     "save_interval", "bf16", "progress", "cpu", "cpus_per_task", "rdzv_port"})
@@ -84,12 +84,6 @@ class SFTConfig:
     num_nodes: int = option(1, "nodes", names=("--num_nodes", "-N"))
     num_gpus: int = option(1, "processes per node (GPUs per node; CPU processes without a GPU)",
                            names=("--num_gpus", "-G"), aliases=("--devices",))
-    tensor_model_parallel_size: int = option(1, "tensor parallel size",
-                                             names=("--tensor_model_parallel_size", "-T"))
-    pipeline_model_parallel_size: int = option(1, "pipeline parallel size",
-                                               names=("--pipeline_model_parallel_size", "-P"))
-    context_parallel_size: int = option(1, "context parallel size",
-                                        names=("--context_parallel_size", "-C"))
     bf16: bool = option(False, "train in bfloat16 (CUDA)")
     node_rank: int = option(0, "local executor on several nodes: this node's rank")
     master_addr: str = option("127.0.0.1", "local executor on several nodes: the first node")
@@ -114,6 +108,7 @@ class SFTConfig:
     restart: bool = option(False, "start the experiment over: its folder is moved aside")
     wandb_project: Optional[str] = option(None, "also log to Weights & Biases (if installed)")
     progress: bool = option(True, "no progress bars")
+    parallel: ParallelArgs = field(default_factory=ParallelArgs)  # TP/PP/CP (-T -P -C)
     peft: PeftArgs = field(default_factory=PeftArgs)
 
     @property
@@ -138,33 +133,20 @@ class SFTConfig:
             problems.append(f"--experiment {self.experiment!r}: a plain folder name")
         if self.max_steps is not None and self.epochs is not None:
             problems.append("give --max_steps or --epochs, not both")
-        for name in ("num_nodes", "num_gpus", "tensor_model_parallel_size",
-                     "pipeline_model_parallel_size", "context_parallel_size",
-                     "global_batch_size", "micro_batch_size", "seq_length"):
+        for name in ("num_nodes", "num_gpus", "global_batch_size", "micro_batch_size",
+                     "seq_length"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name} must be positive")
-        model_parallel = (self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-                          * self.context_parallel_size)
-        if not problems and self.world_size % model_parallel:
-            problems.append(
-                f"{self.num_nodes} node(s) x --num_gpus {self.num_gpus} = {self.world_size} "
-                f"processes are not divisible by TP {self.tensor_model_parallel_size} x PP "
-                f"{self.pipeline_model_parallel_size} x CP {self.context_parallel_size}")
-        elif not problems:
-            dp = self.world_size // model_parallel
-            if self.global_batch_size % (self.micro_batch_size * dp):
-                problems.append(f"--global_batch_size {self.global_batch_size} is not divisible "
-                                f"by --micro_batch_size {self.micro_batch_size} x data parallel "
-                                f"size {dp}")
-        chunks = 2 * self.context_parallel_size
-        if self.context_parallel_size > 1 and self.seq_length % chunks:
-            problems.append(f"--context_parallel_size {self.context_parallel_size} splits every "
-                            f"row into {chunks} chunks: --seq_length {self.seq_length} must be "
-                            f"a multiple of {chunks}")
+        if not problems:
+            problems += self.parallel.problems(
+                self.world_size, world=f"{self.num_nodes} node(s) x --num_gpus {self.num_gpus} "
+                                      f"= {self.world_size} processes are",
+                micro_batch_size=self.micro_batch_size,
+                global_batch_size=self.global_batch_size, seq_length=self.seq_length)
         if self.executor == "local" and self.num_nodes > 1 and self.master_addr == "127.0.0.1":
             problems.append("--num_nodes > 1 with the local executor: run the command on every "
                             "node with --node_rank and --master_addr (the first node)")
-        problems += self.peft.problems(self.tensor_model_parallel_size)
+        problems += self.peft.problems(max(1, self.parallel.tensor_model_parallel_size))
         if problems:
             raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
 

@@ -37,7 +37,6 @@ from megatron_ext.training.config import (
     DataArgs,
     ModelArgs,
     OptimArgs,
-    ParallelArgs,
     PrecisionArgs,
     ScheduleArgs,
     TrainConfig,
@@ -79,9 +78,7 @@ def trainer_config(config: SFTConfig, exp: Experiment, base) -> TrainConfig:
     imported = base.imported is not None
     return TrainConfig(
         model=ModelArgs(seq_length=config.seq_length),
-        parallel=ParallelArgs(tensor_model_parallel_size=config.tensor_model_parallel_size,
-                              pipeline_model_parallel_size=config.pipeline_model_parallel_size,
-                              context_parallel_size=config.context_parallel_size),
+        parallel=config.parallel,
         precision=PrecisionArgs(bf16=config.bf16),
         data=DataArgs(train_data_path=(prefixes["training"],),
                       valid_data_path=((prefixes["validation"],) if "validation" in prefixes
@@ -123,12 +120,12 @@ def plan_text(config: SFTConfig, exp: Experiment, commands: list[list[str]], not
              f"  base model: {config.hf_model_id or config.load}",
              f"  data: {config.dataset_path}"]
     lines += [f"  {note}" for note in notes]
-    cp = config.context_parallel_size
-    dp = config.world_size // (config.tensor_model_parallel_size
-                               * config.pipeline_model_parallel_size * cp)
+    p = config.parallel
+    cp = p.context_parallel_size
+    dp = config.world_size // p.model_parallel_size
     lines.append(f"  layout: {config.num_nodes} node(s) x {config.num_gpus} process(es) = TP "
-                 f"{config.tensor_model_parallel_size} x PP "
-                 f"{config.pipeline_model_parallel_size} x " + (f"CP {cp} x " if cp > 1 else "")
+                 f"{p.tensor_model_parallel_size} x PP "
+                 f"{p.pipeline_model_parallel_size} x " + (f"CP {cp} x " if cp > 1 else "")
                  + f"DP {dp}; micro batch "
                  f"{config.micro_batch_size}, global batch {config.global_batch_size}")
     lines.append(f"  steps: {exp.train_iters}; lr {config.learning_rate:g} "

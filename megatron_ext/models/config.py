@@ -212,28 +212,6 @@ def setting_differences(saved: ModelArgs, built: ModelArgs) -> list[str]:
             for name in names if getattr(saved, name) != getattr(built, name)]
 
 
-def kv_head_problems(heads: int, kv: int, head_dim: int, tp: int) -> list[str]:
-    """What keeps ``kv`` key/value heads (of ``heads`` query heads) from splitting over TP
-    ``tp``. Fewer key/value heads than TP ranks is fine when TP is a multiple of them:
-    megatron-core then gives each TP rank its group's one key/value head (the weights stay
-    one copy, split like any other; the query/key/value projection's output is gathered
-    over TP and each rank takes its group's heads, so the gradients of the shared heads
-    sum over the ranks that use them)."""
-    if kv and heads % kv:
-        return [f"--num_attention_heads {heads} is not divisible by --num_attention_heads_kv "
-                f"{kv}"]
-    if kv % tp == 0:
-        return []
-    if tp % kv:
-        return [f"--num_attention_heads_kv {kv} and --tensor_model_parallel_size {tp}: one "
-                "must divide the other (TP ranks beyond the key/value heads share them)"]
-    rows = (heads + 2 * kv) * head_dim
-    if rows % tp:
-        return [f"the query/key/value projection's {rows} rows ({heads} + 2 x {kv} heads of "
-                f"{head_dim}) do not split over --tensor_model_parallel_size {tp}"]
-    return []
-
-
 @dataclass(frozen=True)
 class PrecisionArgs:
     bf16: bool = option(False, "bfloat16 mixed precision (CUDA only)")

@@ -17,15 +17,10 @@ from typing import Optional
 
 from megatron_ext.cli import option
 from megatron_ext.errors import ConfigError
-from megatron_ext.models.config import (
-    ModelArgs,
-    PrecisionArgs,
-    family_setting_problems,
-    kv_head_problems,
-)
+from megatron_ext.models.config import ModelArgs, PrecisionArgs, family_setting_problems
 from megatron_ext.models.families import family_names
 from megatron_ext.models.import_sources import import_source_kind
-from megatron_ext.parallel import ParallelArgs
+from megatron_ext.parallel import ModelShape, ParallelArgs
 from megatron_ext.peft.config import PeftArgs
 from megatron_ext.tokenizers import TokenizerArgs
 
@@ -173,32 +168,19 @@ class TrainConfig:
                if value <= 0]
         if bad:
             raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(bad))
-        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-        cp = p.context_parallel_size
+        tp = p.tensor_model_parallel_size
         if model_shape and m.model_name not in family_names():
             problems.append(f"--model_name {m.model_name!r} is not one of "
                             f"{', '.join(family_names())}")
-        if tp < 1 or pp < 1 or cp < 1:
-            problems.append("--tensor_model_parallel_size, --pipeline_model_parallel_size and "
-                            "--context_parallel_size must be >= 1")
-        elif world_size % (tp * pp * cp):
-            problems.append(f"world size {world_size} is not divisible by TP {tp} x PP {pp}"
-                            + (f" x CP {cp}" if cp > 1 else ""))
-        dp = max(1, world_size // max(1, tp * pp * cp))
-        if model_shape and tp >= 1 and pp >= 1:
-            problems += self._shape_problems(tp, pp)
-        if s.global_batch_size % (s.micro_batch_size * dp):
-            problems.append(f"--global_batch_size {s.global_batch_size} is not divisible by "
-                            f"--micro_batch_size {s.micro_batch_size} x data parallel size {dp}")
+        problems += p.problems(world_size, micro_batch_size=s.micro_batch_size,
+                               global_batch_size=s.global_batch_size, seq_length=m.seq_length,
+                               model=self._model_shape() if model_shape else None)
+        if model_shape:
+            problems += self._shape_problems()
         if (s.train_iters is None) == (s.epochs is None):
             problems.append("give exactly one of --train_iters and --epochs")
         if self.precision.bf16 and self.precision.fp16:
             problems.append("--bf16 and --fp16 are exclusive")
-        if p.sequence_parallel and tp == 1:
-            problems.append("--sequence_parallel splits the sequence over tensor-parallel ranks: "
-                            "it needs --tensor_model_parallel_size > 1")
-        if tp >= 1 and cp >= 1:
-            problems += self._sequence_problems(tp, cp)
         if (self.precision.bf16 or self.precision.fp16) and cuda is False:
             problems.append("--bf16/--fp16 need CUDA (megatron-core's mixed-precision optimizer "
                             "wraps CUDA tensors only); on CPU train in fp32")
@@ -233,52 +215,26 @@ class TrainConfig:
             problems.append("--auto_resume needs --save (where it looks for a checkpoint)")
         if s.wandb_project and not (self.checkpoint.save or self.checkpoint.tensorboard_dir):
             problems.append("--wandb_project needs --save (the W&B run's files go there)")
-        problems += self.peft.problems(tp if tp >= 1 else 1)
+        problems += self.peft.problems(max(tp, 1))
         if self.peft.enabled and not c.load:
             problems.append(f"--peft {self.peft.peft} needs --load: the base model to adapt (a "
                             "checkpoint, a Hugging Face model directory or a .gguf file)")
         if problems:
             raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
 
-    def _sequence_problems(self, tp: int, cp: int) -> list[str]:
-        """Whether --seq_length holds the padding that context and sequence parallelism need.
+    def _model_shape(self) -> ModelShape:
+        """What the parallel layout splits of the model (``ParallelArgs.problems``)."""
+        m = self.model
+        return ModelShape.of(m.num_layers, m.num_attention_heads, m.hidden_size,
+                             m.num_attention_heads_kv, m.kv_channels)
 
-        Every row (--seq_length, or with --variable_seq_lengths the longest sample rounded
-        up, at most --seq_length) must split into 2 x CP chunks, and each CP rank's share
-        over the TP ranks under --sequence_parallel (``ParallelArgs.sequence_multiple``).
-        """
-        p, m = self.parallel, self.model
-        multiple = p.sequence_multiple
-        if multiple == 1 or m.seq_length % multiple == 0:
-            return []
-        if cp == 1:  # sequence parallelism alone
-            return [f"--sequence_parallel: --seq_length {m.seq_length} must be divisible by "
-                    f"--tensor_model_parallel_size {tp}"]
-        why = f"2 x CP = {2 * cp} chunks"
-        if p.sequence_parallel:
-            why += f", each CP rank's share over TP {tp} (--sequence_parallel)"
-        lower = m.seq_length // multiple * multiple
-        hint = (f"{lower} or {lower + multiple}" if lower else str(multiple))
-        return [f"--context_parallel_size {cp} splits every row into {why}, so rows are "
-                f"padded to a multiple of {multiple}; --seq_length {m.seq_length} is not one "
-                f"(use {hint})"]
-
-    def _shape_problems(self, tp: int, pp: int) -> list[str]:
-        """What the model's shape and the parallel layout disagree on."""
-        m, problems = self.model, []
-        if m.num_attention_heads % tp:
-            problems.append(f"--num_attention_heads {m.num_attention_heads} is not divisible by "
-                            f"--tensor_model_parallel_size {tp}")
-        kv = m.num_attention_heads_kv or m.num_attention_heads
-        head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
-        problems += kv_head_problems(m.num_attention_heads, kv, head_dim, tp)
-        problems += family_setting_problems(m)
+    def _shape_problems(self) -> list[str]:
+        """What of the model's shape is wrong whatever the layout."""
+        m = self.model
+        problems = family_setting_problems(m)
         if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
             problems.append(f"--hidden_size {m.hidden_size} is not divisible by "
                             f"--num_attention_heads {m.num_attention_heads}")
-        if m.num_layers % pp:
-            problems.append(f"--num_layers {m.num_layers} is not divisible by "
-                            f"--pipeline_model_parallel_size {pp}")
         return problems
 
     def to_dict(self) -> dict:

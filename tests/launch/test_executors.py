@@ -16,6 +16,7 @@ from megatron_ext.launch.executors.base import get_executor
 from megatron_ext.launch.experiment import Experiment
 from megatron_ext.launch.options import EXECUTORS, SFTConfig
 from megatron_ext.launch.recipe import _launch, run_sft, trainer_args, trainer_config
+from megatron_ext.parallel import ParallelArgs
 from megatron_ext.peft.config import PeftArgs
 from megatron_ext.tokenizers import TokenizerConfig
 from tests.conftest import REPO, SAMPLE
@@ -108,12 +109,13 @@ CASES = {
         vocab_extra_ids_list="<|im_start|>,<|im_end|>", num_gpus=2, global_batch_size=8,
         micro_batch_size=2, seq_length=96), ("training", "validation")),
     "full, a checkpoint, no validation, slurm": (checkpoint, dict(
-        executor="slurm", num_nodes=2, num_gpus=4, tensor_model_parallel_size=2, bf16=True,
+        executor="slurm", num_nodes=2, num_gpus=4, parallel=ParallelArgs(2), bf16=True,
         wandb_project="proj", lr=3e-5, min_lr=1e-7, warmup_steps=10, weight_decay=0.1,
         save_interval=7, seed=5), ("training",)),
     "dora, GGUF, context parallel, slurm": (gguf, dict(
-        executor="slurm", peft=PeftArgs(peft="dora"), num_gpus=4, context_parallel_size=2,
-        pipeline_model_parallel_size=2, global_batch_size=4, micro_batch_size=4,
+        executor="slurm", peft=PeftArgs(peft="dora"), num_gpus=4,
+        parallel=ParallelArgs(pipeline_model_parallel_size=2, context_parallel_size=2),
+        global_batch_size=4, micro_batch_size=4,
         seq_length=512), ("training", "validation", "test")),
 }
 

@@ -27,7 +27,8 @@ def test_short_flags_are_nemo_recipe_flags():
                    "-i", "image.sqsh", "--time", "04:00:00", "--executor", "slurm", "--peft",
                    "lora", "--peft-dim", "8")
     assert (config.experiment, config.num_nodes, config.num_gpus,
-            config.tensor_model_parallel_size, config.pipeline_model_parallel_size,
+            config.parallel.tensor_model_parallel_size,
+            config.parallel.pipeline_model_parallel_size,
             config.global_batch_size, config.micro_batch_size, config.account,
             config.partition, config.container_image) == (
         "exp", 2, 8, 4, 2, 128, 2, "acct", "gpu", "image.sqsh")
@@ -41,7 +42,7 @@ def test_short_flags_are_nemo_recipe_flags():
     (["--hf_model_id", "m", "-G", "3", "-T", "2"], "3 processes are not divisible by TP 2"),
     (["--hf_model_id", "m", "-G", "2", "-g", "3"], "--global_batch_size 3 is not divisible"),
     (["--hf_model_id", "m", "-C", "2", "-G", "2", "--seq_length", "1022"],
-     "--seq_length 1022 must be a multiple of 4"),
+     "--seq_length 1022 is not one"),
     (["--hf_model_id", "m", "-C", "2", "-G", "3"], "3 processes are not divisible by TP 1 x PP 1 x "
                                                    "CP 2"),
     (["--hf_model_id", "m", "--max_steps", "3", "--epochs", "1"], "not both"),
