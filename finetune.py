@@ -12,20 +12,22 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from megatron_ext.cli import run_cli, setup_logging  # noqa: E402
+from megatron_ext.parallel import exit_when_orphaned  # noqa: E402 - light: no torch
 from megatron_ext.training.arguments import parse_config  # noqa: E402
 
 
 def main(argv=None) -> int:
+    # first: a worker whose torchrun agent dies while it still imports must exit too
+    exit_when_orphaned()
     config = parse_config(argv)  # flags checked before torch and megatron-core are imported
     setup_logging()
     # imported only now, for the same reason: a bad flag must not cost their import
     import torch
 
-    from megatron_ext.parallel import exit_when_orphaned, shutdown
+    from megatron_ext.parallel import shutdown
     from megatron_ext.training.plan import resolve
     from megatron_ext.training.trainer import Trainer
 
-    exit_when_orphaned()
     try:
         # what to load, from where, with which model and adapters: settled once, then trained
         Trainer(resolve(config, cuda=torch.cuda.is_available())).train()

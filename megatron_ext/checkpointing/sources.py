@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from megatron_ext.checkpointing.forms import run_config_of
 from megatron_ext.checkpointing.legacy import is_legacy, read_legacy_checkpoint
 from megatron_ext.checkpointing.pickles import read_dist_common
 from megatron_ext.checkpointing.run_config import load_run_config
@@ -164,12 +165,7 @@ def _open_legacy(path: str, iteration: Optional[int]) -> CheckpointSource:
 
 
 def read_run_config(root: str) -> dict:
-    """The run config saved with the latest checkpoint in ``root`` (any of the three forms)."""
-    if is_unsharded(root):
-        return UnshardedReader(root).run_config()
-    if is_legacy(root):
-        return open_checkpoint(root).run_config
-    iteration = latest_iteration(root)
-    if iteration is None:
-        raise CheckpointError(f"no checkpoint in {root} (no {TRACKER})")
-    return load_run_config(iteration_dir(root, iteration))
+    """The run config saved with the latest checkpoint in ``root`` (any of the three forms:
+    JSON beside the weights, or a legacy checkpoint's pickled arguments)."""
+    run_config = run_config_of(root)
+    return open_checkpoint(root).run_config if run_config is None else run_config

@@ -33,6 +33,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from megatron_ext.checkpointing.forms import UNSHARDED_MARKER as MARKER
+from megatron_ext.checkpointing.forms import is_unsharded  # noqa: F401 - re-exported
 from megatron_ext.checkpointing.pickles import (
     RefusedFileError,
     load_pickled,
@@ -58,7 +60,6 @@ from megatron_ext.safetensors_io import (
 logger = logging.getLogger(__name__)
 
 FORMAT = "megatron_ext.unsharded"
-MARKER = "unsharded.json"
 COMMON = "common.pt"
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _OPTIMIZER = re.compile(r"^(optimizer\.state\.[^.]+\.)(.+)$")
@@ -159,10 +160,6 @@ class UnshardedWriter:
 
 
 # ---------------------------------------------------------------- reading
-def is_unsharded(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MARKER))
-
-
 class UnshardedReader:
     """An unsharded checkpoint directory; tensors come as zero-copy file views."""
 
