@@ -28,10 +28,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from megatron_ext.cli import option
+from megatron_ext.compat import skip_jit_fuser_on_cpu
 from megatron_ext.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
+
+# Every process that runs megatron-core reaches it through this module (the layout, the
+# process groups), and imports it later: on CPU, its torch.compile decorators are skipped
+# before they cost their import (compat's doc).
+skip_jit_fuser_on_cpu()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,153 @@
+"""The training patches of the CPU compatibility layer (see the package doc).
+
+Why: megatron-core assumes CUDA in a few dozen places (``device="cuda"``,
+``torch.cuda.current_device()``, the CUDA RNG tracker, a CUDA type assert in
+grad clipping). On a machine without a GPU we still want real TP/PP/DP
+training, for tests and demos. :func:`enable_cpu_compat` applies five
+patches, and only when ``torch.cuda.is_available()`` is false, so nothing
+changes on GPUs. See ``docs/notes/megatron-core-cpu.md`` for how each was
+found and shown necessary.
+
+1. ``torch.cuda.current_device()`` returns ``torch.device("cpu")`` (it is
+   used as ``device=`` for buffers; on a CPU build it can only raise).
+2. ``torch.cuda.synchronize`` and friends become no-ops.
+3. The tensor-parallel RNG tracker tracks the CPU generator.
+4. ``clip_grad_by_total_norm_fp32`` loses its CUDA-only type assert.
+5. A thread-local ``TorchFunctionMode`` redirects literal ``device="cuda"``
+   tensor creation, ``Tensor.cuda()`` and ``pin_memory=True`` to the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+logger = logging.getLogger(__name__)
+
+CPU = torch.device("cpu")
+_ENABLED = False
+_MODE = None
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, bool) or device is None:
+        return False
+    if isinstance(device, int):  # a bare index means "accelerator <index>"
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class CudaToCpu(TorchFunctionMode):
+    """Redirects CUDA placement of new tensors to the CPU (patch 5)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs = {**kwargs, "device": CPU}
+        if kwargs.get("pin_memory"):
+            kwargs = {**kwargs, "pin_memory": False}
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+def _patch_torch_cuda() -> None:
+    torch.cuda.current_device = lambda: CPU
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.empty_cache = lambda: None
+    torch.cuda.nvtx.range_push = lambda *args, **kwargs: None
+    torch.cuda.nvtx.range_pop = lambda *args, **kwargs: None
+
+
+def _patch_rng_tracker() -> None:
+    """Make megatron-core's CUDA RNG tracker keep CPU generator states."""
+    from megatron.core.tensor_parallel import random as tp_random
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        saved = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(saved)
+
+    @contextlib.contextmanager
+    def fork(self, name=tp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        # upstream's logic; its "CPU state changed inside a GPU fork" warning is
+        # meaningless here, where the forked state *is* the CPU generator
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        outer_name = self._current_state_name
+        outer_state = torch.get_rng_state()
+        if outer_name != "default-rng":
+            self.states_[outer_name] = outer_state
+        torch.set_rng_state(self.states_[name])
+        self._current_state_name = name
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            if outer_name != "default-rng":
+                outer_state = self.states_[outer_name]
+            torch.set_rng_state(outer_state)
+            self._current_state_name = outer_name
+
+    tp_random._get_cuda_rng_state = get_state
+    tp_random._set_cuda_rng_state = set_state
+    tp_random.CudaRNGStatesTracker.add = add
+    tp_random.CudaRNGStatesTracker.fork = fork
+
+
+def _patch_grad_clipping() -> None:
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as optimizer_module
+    from megatron.core.utils import to_local_if_dtensor
+
+    @torch.no_grad()
+    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+        if isinstance(parameters, torch.Tensor):
+            parameters = [parameters]
+        attribute = "decoupled_grad" if use_decoupled_grad else "grad"
+        grads = [to_local_if_dtensor(getattr(p, attribute)).detach()
+                 for p in parameters if getattr(p, attribute, None) is not None]
+        coefficient = max_norm / (total_norm + 1.0e-6)
+        if coefficient < 1.0 and grads:
+            torch._foreach_mul_(grads, coefficient)
+
+    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    optimizer_module.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+
+
+def enable_cpu_compat() -> bool:
+    """Apply the patches once if there is no CUDA device; returns whether they are active."""
+    global _ENABLED, _MODE
+    if torch.cuda.is_available():
+        return False
+    if _ENABLED:
+        return True
+    _patch_torch_cuda()
+    _patch_rng_tracker()
+    _patch_grad_clipping()
+    _MODE = CudaToCpu()
+    _MODE.__enter__()
+    _ENABLED = True
+    logger.debug("megatron-core CPU compatibility layer enabled")
+    return True
+
