@@ -359,7 +359,7 @@ def exit_when_orphaned(interval: float = 1.0) -> bool:
       ranks are gone or going, no clean shutdown is possible).
 
     Whatever the worker started itself must end with it too: megatron-core's
-    checkpoint-writer process does (``checkpointing.dist.start_checkpoint_writer``).
+    checkpoint-writer process does (``checkpointing.writer.start_checkpoint_writer``).
 
     Returns whether it watches (only when started by torchrun).
     """

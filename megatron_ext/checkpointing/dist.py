@@ -51,9 +51,9 @@ from megatron_ext.checkpointing.tracker import (
     write_tracker,
 )
 from megatron_ext.checkpointing.unsharded import TensorDictReader, is_unsharded, load_unsharded
+from megatron_ext.checkpointing.writer import start_checkpoint_writer
 from megatron_ext.errors import CheckpointError
 from megatron_ext.io import STAGING_SUFFIX, StagedDirectory
-from megatron_ext.parallel import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -122,40 +122,6 @@ def _sharded_state(train: TrainState, include_optimizer: bool, loading: bool) ->
     return state
 
 
-def start_checkpoint_writer() -> None:
-    """Start megatron-core's checkpoint-writer helper process now, deaf to SIGTERM.
-
-    Why: ``dist_checkpointing`` writes through a ``multiprocessing`` Manager process,
-    started at the first save, in the worker's process group. The SIGTERM that asks the
-    trainer to save and stop (Slurm signals every process of the step; torchrun
-    forwards it to each worker's group) would kill that helper too, and the save that the
-    signal asked for would fail with a broken pipe. Started with SIGTERM ignored, the
-    helper inherits the ignore. It ends with its parent however the parent ends: a
-    normal exit shuts it down (multiprocessing's exit hook), and it asks the kernel for
-    SIGKILL when the parent dies (``os._exit`` of an orphaned worker, ``kill -9``),
-    which would otherwise leave it and multiprocessing's resource tracker running for
-    good. Call from the main thread (the parent-death signal follows the thread that
-    started the helper).
-    """
-    import multiprocessing
-    import signal
-    from multiprocessing.managers import SyncManager
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        if getattr(filesystem_async, "_results_queue", False) is None:
-            # megatron-core's own helper (_get_write_results_queue), started with our
-            # initializer: the queue is what it caches, and it holds the manager alive
-            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-            manager.start(initializer=die_with_parent)
-            filesystem_async._results_queue = manager.Queue()
-        filesystem_async._get_write_results_queue()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def save_checkpoint(root: str, train: TrainState, progress: Progress, run_config: dict) -> str:
     """Save everything needed to resume; returns the checkpoint directory.
 
@@ -178,6 +144,7 @@ def save_checkpoint(root: str, train: TrainState, progress: Progress, run_config
         "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp,
                    "cp": getattr(layout, "cp", 1)},
     }
+    start_checkpoint_writer()  # ours, not megatron-core's own: it ends with this process
     dist_checkpointing.save(state, final + STAGING_SUFFIX)  # rank 0 made it
     dist.barrier()
     if staged is not None:

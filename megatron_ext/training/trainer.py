@@ -415,7 +415,7 @@ class Trainer:
 
     def _install_signal_handlers(self) -> None:
         if self.config.checkpoint.save:
-            from megatron_ext.checkpointing.dist import start_checkpoint_writer
+            from megatron_ext.checkpointing.writer import start_checkpoint_writer
 
             start_checkpoint_writer()  # before SIGTERM means "save": it must survive it
 

@@ -271,24 +271,35 @@ def test_a_worker_whose_agent_is_killed_while_it_imports_exits(tmp_path):
 
 
 CHECKPOINT_WRITER = """
-import time
+import sys, time
 from multiprocessing import active_children, resource_tracker
-from megatron_ext.checkpointing.dist import start_checkpoint_writer
-start_checkpoint_writer()
+if sys.argv[1] == "trainer":  # what the trainer calls before its first save
+    from megatron_ext.checkpointing.writer import start_checkpoint_writer
+    start_checkpoint_writer()
+else:  # a converter's save (checkpoint_util.py split), which starts it by itself
+    import torch
+    from megatron_ext.checkpointing.unsharded import save_dist_from_tensors
+    from megatron_ext.parallel import init_distributed
+    init_distributed(1, 1, 1234)  # as the converters do: one process, the CPU layer
+    import os; os.makedirs(sys.argv[2])
+    save_dist_from_tensors({"embedding.word_embeddings.weight": torch.ones(4, 2)}, sys.argv[2])
 print(*[p.pid for p in active_children()], resource_tracker._resource_tracker._pid,
       flush=True)
 time.sleep(600)
 """
 
 
-def test_the_checkpoint_writer_helper_ends_with_a_killed_worker(tmp_path):
+@pytest.mark.parametrize("started_by", ["trainer", "converter"])
+def test_the_checkpoint_writer_helper_ends_with_a_killed_worker(tmp_path, started_by):
     """megatron-core's checkpoint-writer process (and multiprocessing's resource tracker)
-    end when the worker that started them is killed, instead of living on."""
-    worker = subprocess.Popen([sys.executable, "-c", CHECKPOINT_WRITER], env=child_env(),
-                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    end when the process that started them is killed, instead of living on; whichever
+    save started them."""
+    worker = subprocess.Popen([sys.executable, "-c", CHECKPOINT_WRITER, started_by,
+                               str(tmp_path / "saved")], env=child_env(), cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
     helpers = [int(p) for p in worker.stdout.readline().split()]
     try:
-        assert len(helpers) == 2 and all(_alive(pid) for pid in helpers)
+        assert len(helpers) == 2 and all(_alive(pid) for pid in helpers), helpers
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait()
         assert not _wait_gone(helpers, 10), "helpers still running 10 s after their worker"
