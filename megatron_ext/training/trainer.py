@@ -33,7 +33,7 @@ from megatron_ext.tokenizers import build_tokenizer, megatron_llm_specials_hint
 from megatron_ext.training.config import TrainConfig
 from megatron_ext.training.data import BatchBuilder, GlobalBatch, build_splits, iterations
 from megatron_ext.training.metrics import MetricsWriter
-from megatron_ext.training.plan import PeftPlan, RunPlan, resolve
+from megatron_ext.training.plan import RunPlan, resolve
 from megatron_ext.training.step import make_forward_step
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ class Trainer:
         if isinstance(plan, TrainConfig):
             plan = resolve(plan, cuda=torch.cuda.is_available())
         self.plan = plan
-        self.peft_plan: Optional[PeftPlan] = plan.peft
         self.config = config = plan.config
         self.layout: Layout = init_distributed(config.parallel.tensor_model_parallel_size,
                                                config.parallel.pipeline_model_parallel_size,
@@ -122,7 +121,7 @@ class Trainer:
 
     def _train_state(self, parts: Optional[str] = None):
         if parts is None:
-            parts = "adapters" if self.peft_plan else "all"
+            parts = self.plan.parts
         return TrainState(self.model.module, self.layout, self.optimizer, self.scheduler, parts)
 
     def _weights_loaded(self) -> None:
@@ -200,10 +199,10 @@ class Trainer:
                                 init_seed=c.schedule.seed,
                                 use_flash_attn=c.precision.use_flash_attn)
         self.peft_report = None
-        if self.peft_plan is not None:  # before DDP and the optimizer: they skip frozen weights
+        if self.plan.peft is not None:  # before DDP and the optimizer: they skip frozen weights
             from megatron_ext.peft.adapters import add_adapters
 
-            self.peft_report = add_adapters(model, c.peft, self.peft_plan.targets,
+            self.peft_report = add_adapters(model, c.peft, self.plan.peft.targets,
                                             c.schedule.seed)
         model.to(layout.device)
         ddp_config = DistributedDataParallelConfig(
@@ -379,10 +378,10 @@ class Trainer:
         progress = Progress(self.iteration, self.consumed_samples, self.consumed_tokens)
         run_config = {**self.config.to_dict(), "tokenizer_identity": self.tokenizer.identity(),
                       "chat": self._chat_settings()}
-        if self.peft_plan is not None:  # adapters only: the base they belong to
-            run_config["peft"] = self.config.peft.settings(self.peft_plan.targets)
-            run_config["base"] = self.peft_plan.record
-            run_config["checkpoint"]["load"] = self.peft_plan.record["load"]
+        if self.plan.peft is not None:  # adapters only: the base they belong to
+            run_config["peft"] = self.config.peft.settings(self.plan.peft.targets)
+            run_config["base"] = self.plan.peft.record
+            run_config["checkpoint"]["load"] = self.plan.peft.record["load"]
         # whether the output layer is tied is recorded as decided, not as "the family's
         # default", so a checkpoint says which tensors it holds whatever reads it
         run_config["model"]["tie_embeddings"] = self.config.model.resolved().tie_embeddings

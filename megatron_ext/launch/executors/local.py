@@ -34,9 +34,13 @@ class LocalExecutor(Executor):
         finished = run_logged(command, log, child_env(config.num_gpus, launch.repo),
                               launch.repo)
         latest = exp.latest_iteration()
-        if finished.signalled:  # the trainer saved and stopped (torchrun exits non-zero then)
+
+        def stopped(why: str) -> Ran:
             return Ran(STOPPED, f"training stopped at iteration {latest or 0} of "
-                                f"{exp.train_iters} by a signal; {self.resume}")
+                                f"{exp.train_iters} {why}; {self.resume}")
+
+        if finished.signalled:  # the trainer saved and stopped (torchrun exits non-zero then)
+            return stopped("by a signal")
         if finished.code != 0:
             raise TrainingFailed(f"training failed (exit {finished.code}); "
                                  f"{self.follow(launch, log)}. Fix the cause and rerun the "
@@ -44,9 +48,7 @@ class LocalExecutor(Executor):
         if config.node_rank != 0:  # evaluation and export are the first node's
             return Ran(STOPPED, f"node {config.node_rank}: training done")
         if latest is None or latest < exp.train_iters:
-            return Ran(STOPPED, f"training stopped at iteration {latest or 0} of "
-                                f"{exp.train_iters} (a signal or --exit conditions); "
-                                f"{self.resume}")
+            return stopped("(a signal or --exit conditions)")
         return Ran(TRAINED)
 
     def follow(self, launch: Launch, handle: str) -> str:
