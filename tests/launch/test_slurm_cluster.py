@@ -1,5 +1,5 @@
 """The Slurm job script on a real single-node cluster (tests/launch/slurm_cluster.py): the
-project's trainer as a 1-node, 2-process CPU job written by ``write_script``, stopped by
+project's trainer as a 1-node CPU job written by ``write_script``, stopped by
 its time limit approaching (``--signal``): the trainer saves on SIGTERM after its periodic
 checkpoints. The launcher's own Slurm runs (``sft.py --executor slurm``: wait, scancel and
 resubmit, requeue) are in test_sft_slurm.py."""
@@ -106,8 +106,12 @@ def time_limited(slurm_cluster, slurm_root, train_data):
     30 s early, so a short limit given at submission could signal the workers while they
     still import torch, before the trainer handles SIGTERM; and this way the test waits
     well under a minute for the signal, with 30 s or more between it and the limit."""
+    # one process: it trains flat out until the signal (about half a minute of a core);
+    # a second would only double that cost (Slurm's launcher runs in test_sft_slurm.py
+    # signal 2-process steps)
     training = Training(slurm_root, "timelimit", train_data, iters=100000, save_interval=50,
-                        time="00:10:00", signal_seconds=100)
+                        time="00:10:00", signal_seconds=100, processes_per_node=1,
+                        cpus_per_task=1)
     job_id = submit(training.script).job_id
     training.wait_for_iterations(job_id, 3)
     elapsed = _seconds(job_field(slurm_cluster, job_id, "RunTime"))
