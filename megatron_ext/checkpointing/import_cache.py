@@ -350,5 +350,5 @@ def ensure_imported(source: str, cache_dir: str, options: ImportOptions = Import
                 _import(source, entry, options, description, progress)
                 return CachedImport(entry, key, True, load_run_config(entry))
     if announce:
-        logger.info("--load %s: using its import cached in %s (key %s)", source, entry, key)
+        logger.info("%s: reusing its import cached in %s (key %s)", source, entry, key)
     return CachedImport(entry, key, False, load_run_config(entry))
