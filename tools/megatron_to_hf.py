@@ -48,9 +48,9 @@ def main(argv=None) -> int:
                            config.overwrite)
         print(f"exported the {s.method} adapters of {config.load} (iteration {s.iteration}, "
               f"rank {s.rank}) -> {s.out}\n  {s.tensors} tensors for "
-              f"{', '.join(s.target_modules)}; load with "
-              f"peft.PeftModel.from_pretrained(base_model, {s.out!r})\n"
-              f"  took {s.seconds:.1f} s")
+              f"{', '.join(s.target_modules)}\n  base model: {s.base_model} ({s.base_origin})"
+              f"\n  load with:\n" + "".join(f"    {line}\n" for line in s.load_lines())
+              + f"  took {s.seconds:.1f} s")
         return 0
     from megatron_ext.checkpointing.hf_export import export_hf
 

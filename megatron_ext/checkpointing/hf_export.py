@@ -79,8 +79,11 @@ class ExportSummary:
     seconds: float
 
 
-def export_hf(config: ExportConfig) -> ExportSummary:
-    """Write the HF directory; returns a summary. Nothing is left at ``out`` on failure."""
+def export_hf(config: ExportConfig, tokenizer_files: bool = True) -> ExportSummary:
+    """Write the HF directory; returns a summary. Nothing is left at ``out`` on failure.
+
+    ``tokenizer_files=False``: the model only (config, generation config, weights), for a
+    PEFT adapter's base whose tokenizer travels with the adapter."""
     from tqdm import tqdm
 
     start = time.perf_counter()
@@ -91,8 +94,9 @@ def export_hf(config: ExportConfig) -> ExportSummary:
     tokenizer_home = source.base.path if source.base is not None else config.load
     tokenizer = build_tokenizer(tokenizer_config_from_run(tokenizer_home, source.run_config,
                                                           config.vocab_file))
-    chat_format, template = _usable_chat_format(config.chat_format, config.prompt_template,
-                                                source.run_config, tokenizer)
+    chat_format, template = (usable_chat_format(config.chat_format, config.prompt_template,
+                                                 source.run_config, tokenizer)
+                             if tokenizer_files else (None, None))
     dtype = DTYPES[export_dtype(config.dtype, source.run_config)]
     heads = model["num_attention_heads"]
     kv = model.get("num_attention_heads_kv") or heads
@@ -110,7 +114,8 @@ def export_hf(config: ExportConfig) -> ExportSummary:
         generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos_ids,
                       "pad_token_id": tokenizer.pad_id, "do_sample": False}
         write_json(os.path.join(staging, GENERATION_CONFIG), generation)
-        tokenizer_info = export_hf_tokenizer(tokenizer, chat_format, staging, template)
+        tokenizer_info = (export_hf_tokenizer(tokenizer, chat_format, staging, template)
+                          if tokenizer_files else {})
         writer = ShardedSafetensorsWriter(staging, "model", config.max_shard_bytes)
         groups = source.groups(include_optimizer=False)
         first = next(groups)
@@ -144,7 +149,7 @@ def export_hf(config: ExportConfig) -> ExportSummary:
                          seconds=time.perf_counter() - start)
 
 
-def _usable_chat_format(requested: Optional[str], template: Optional[str], run_config: dict,
+def usable_chat_format(requested: Optional[str], template: Optional[str], run_config: dict,
                         tokenizer) -> tuple[Optional[str], Optional[str]]:
     """(chat format, prompt template) to export: as asked; else the data's (or chatml)
     when an exact chat template exists for it; else none (no chat template written)."""

@@ -21,12 +21,14 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from megatron_ext.checkpointing.options import ImportConfig  # (lives there: no torch)
+from megatron_ext.checkpointing.run_config import default_chat_format
 from megatron_ext.checkpointing.unsharded import UnshardedWriter
+from megatron_ext.data.chat_formats import FORMATS
 from megatron_ext.errors import TokenizerError
 from megatron_ext.models.gguf_checkpoint import GGUFModel, is_gguf_path
 from megatron_ext.models.hf_checkpoint import HFWeights, WeightSource, read_hf_config
@@ -141,6 +143,20 @@ def _check_tokenizer(tokenizer, hf_config: dict, rows: int, source: str,
     if problems:
         raise TokenizerError(f"the tokenizer {source} does not match the model "
                              f"({'; '.join(problems)}); pass the model's own tokenizer")
+
+
+def missing_chat_tokens(config: ImportConfig, chat_format: Optional[str]) -> tuple[str, ...]:
+    """The special tokens that ``chat_format`` needs (None: the format a model without one
+    gets, :func:`default_chat_format`) and that the tokenizer :func:`import_hf` would give
+    the model of ``config`` (its extra tokens included) lacks; nothing is converted."""
+    with open_model_source(config.model_path) as source:
+        kind, vocab_file = _tokenizer_source(config, source)
+        tokenizer = build_tokenizer(TokenizerConfig(
+            kind, vocab_file, parse_extra_ids(config.vocab_extra_ids_list),
+            megatron_llm_specials=False))
+        name = chat_format or default_chat_format(tokenizer)
+    wanted = FORMATS[name].required_tokens if name in FORMATS else ()
+    return tuple(token for token in wanted if token not in tokenizer.special_tokens)
 
 
 def import_hf(config: ImportConfig) -> ImportSummary:

@@ -8,10 +8,21 @@ laid out like the fused weight's, so each Hugging Face projection gets the same
 A and its own rows of B (and of DoRA's magnitude): exactly the update of the
 fused layer, split by the family's own row layout (grouped-query heads
 included).
+
+Why the base is a Hugging Face model of its own: ``adapter_config.json``'s
+``base_model_name_or_path`` is what ``peft.AutoPeftModelForCausalLM`` opens under
+the adapters, so it must be a model ``transformers`` loads, with exactly the
+weights the adapters were trained on. A Hugging Face directory imported as it is
+is recorded as it is; anything else (a GGUF file, a model that gained tokens at
+import, a checkpoint of ours) is exported once (:func:`hf_base`): beside its entry
+in the import cache, shared by every adapter of that base, else inside the
+adapter's directory. The tokenizer the adapters were trained with (added tokens,
+the data's chat template) is written with the adapters.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -21,14 +32,19 @@ from typing import Optional
 import torch
 
 from megatron_ext.checkpointing.adapters import adapter_run_config, base_of
-from megatron_ext.checkpointing.sources import adapter_tensors
+from megatron_ext.checkpointing.hf_tokenizer import export_hf_tokenizer
+from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
+from megatron_ext.checkpointing.sources import adapter_tensors, read_run_config
 from megatron_ext.checkpointing.tracker import iteration_dir, latest_iteration
-from megatron_ext.errors import CheckpointError
+from megatron_ext.errors import CheckpointError, TokenizerError
 from megatron_ext.io import staged_directory, write_json
 from megatron_ext.models.config import ModelArgs
 from megatron_ext.models.families import get_family
 from megatron_ext.peft.adapters import ADAPTER
 from megatron_ext.peft.merge import adapted_prefixes
+from megatron_ext.tokenizers import build_tokenizer, parse_extra_ids
+
+logger = logging.getLogger(__name__)
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -44,6 +60,17 @@ class AdapterExportSummary:
     target_modules: list[str]
     tensors: int
     seconds: float
+    base_model: str  # adapter_config.json's base_model_name_or_path
+    base_origin: str  # how that base came to be, in words
+    tokenizer: bool  # whether the tokenizer was written with the adapters
+
+    def load_lines(self) -> list[str]:
+        """The Python lines that load the export with ``peft`` and ``transformers``."""
+        tokenizer = self.out if self.tokenizer else self.base_model
+        return ["from peft import AutoPeftModelForCausalLM",
+                "from transformers import AutoTokenizer",
+                f"model = AutoPeftModelForCausalLM.from_pretrained({self.out!r})",
+                f"tokenizer = AutoTokenizer.from_pretrained({tokenizer!r})"]
 
 
 def _adapter_directory(load: str, iteration: Optional[int]) -> tuple[str, int]:
@@ -93,6 +120,51 @@ def hf_adapter_tensors(tensors: dict[str, torch.Tensor], model: ModelArgs
     return out, targets
 
 
+def hf_base(base_checkpoint: str, out: str, staging: str) -> tuple[str, str]:
+    """(the Hugging Face model to record as the adapters' base, how it came to be): see
+    the module docstring. ``out``/``staging``: the adapter export's final and staging
+    directories (a base exported inside it is written to ``staging``)."""
+    from megatron_ext.checkpointing.hf_export import export_hf
+    from megatron_ext.checkpointing.import_cache import ensure_hf_form, is_cache_entry
+    from megatron_ext.checkpointing.options import ExportConfig
+
+    run_config = read_run_config(base_checkpoint)
+    source = run_config.get("source") or {}
+    hf_dir = source.get("hf_model_path")
+    added = parse_extra_ids((run_config.get("tokenizer") or {}).get("vocab_extra_ids_list"))
+    if hf_dir and os.path.isfile(os.path.join(hf_dir, "config.json")) and not added:
+        return hf_dir, "the Hugging Face model it was imported from"
+
+    def export(where: str) -> None:
+        export_hf(ExportConfig(load=base_checkpoint, out=where, progress=False),
+                  tokenizer_files=False)
+
+    what = (f"the GGUF file {source['gguf_path']}" if source.get("gguf_path") else
+            f"{hf_dir} with the tokens {', '.join(added)} added" if hf_dir else base_checkpoint)
+    if is_cache_entry(base_checkpoint):
+        path, made = ensure_hf_form(base_checkpoint, export)
+        return path, f"{what}, {'exported' if made else 'exported before'} as a Hugging " \
+                     "Face model beside its import"
+    export(os.path.join(staging, "base"))
+    return os.path.join(os.path.abspath(out), "base"), \
+        f"{what}, exported as a Hugging Face model with the adapters"
+
+
+def _write_tokenizer(run_config: dict, base_checkpoint: str, staging: str) -> bool:
+    """The adapters' tokenizer (and their data's chat template) into ``staging``; False,
+    with a warning, when it cannot be exported exactly."""
+    from megatron_ext.checkpointing.hf_export import usable_chat_format
+
+    tokenizer = build_tokenizer(tokenizer_config_from_run(base_checkpoint, run_config))
+    chat_format, template = usable_chat_format(None, None, run_config, tokenizer)
+    try:
+        export_hf_tokenizer(tokenizer, chat_format, staging, template)
+    except TokenizerError as exc:
+        logger.warning("the adapters are exported without their tokenizer: %s", exc)
+        return False
+    return True
+
+
 def export_adapter(load: str, out: str, iteration: Optional[int] = None,
                    base: Optional[str] = None, overwrite: bool = False
                    ) -> AdapterExportSummary:
@@ -106,15 +178,14 @@ def export_adapter(load: str, out: str, iteration: Optional[int] = None,
         raise CheckpointError(f"--adapter_only: {load} is not an adapter checkpoint (the --save "
                               "directory of a finetune.py --peft run)")
     directory, number = _adapter_directory(load, iteration)
-    base_record = run_config.get("base") or {}
-    base_of(run_config, load, base)  # the base must still be the adapters' own
+    base_checkpoint = base_of(run_config, load, base)  # still the adapters' own
     settings = run_config["peft"]
     model = ModelArgs.from_dict(run_config["model"]).resolved()
     tensors, targets = hf_adapter_tensors(adapter_tensors(directory), model)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_record.get("load"),
+        "base_model_name_or_path": None,  # below: a model transformers opens
         "r": int(settings["dim"]),
         "lora_alpha": float(settings["alpha"]),
         "lora_dropout": float(settings["dropout"]),
@@ -129,7 +200,12 @@ def export_adapter(load: str, out: str, iteration: Optional[int] = None,
     }
     with staged_directory(out, overwrite) as staging:
         save_file(tensors, os.path.join(staging, WEIGHTS), metadata={"format": "pt"})
+        config["base_model_name_or_path"], origin = hf_base(base_checkpoint, out, staging)
+        tokenizer = _write_tokenizer(run_config, base_checkpoint, staging)
         write_json(os.path.join(staging, CONFIG), config)
-    return AdapterExportSummary(out=out, iteration=number, method=settings["peft"],
-                                rank=int(settings["dim"]), target_modules=targets,
-                                tensors=len(tensors), seconds=time.perf_counter() - start)
+    return AdapterExportSummary(out=os.path.abspath(out), iteration=number,
+                                method=settings["peft"], rank=int(settings["dim"]),
+                                target_modules=targets, tensors=len(tensors),
+                                seconds=time.perf_counter() - start,
+                                base_model=config["base_model_name_or_path"],
+                                base_origin=origin, tokenizer=tokenizer)

@@ -54,7 +54,7 @@ import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Iterator, Optional
+from typing import IO, Callable, Iterator, Optional
 
 from megatron_ext.checkpointing.hf_import import TOKENIZER_FILES, ImportConfig, import_hf
 from megatron_ext.checkpointing.run_config import load_run_config
@@ -75,6 +75,7 @@ IMPORT_FORMAT = 1
 """Part of every key: raise it when ``import_hf`` writes something else for the same input."""
 SOURCE_MANIFEST = "import_source.json"
 LOCK_SUFFIX = ".lock"
+HF_SUFFIX = ".hf"  # <entry>.hf: the entry as a Hugging Face model (a PEFT adapter's base)
 _IMPORTING = ".importing."
 # read whole for the key; weights only by size and mtime
 _CONTENT_FILES = frozenset(("config.json", "model.safetensors.index.json",
@@ -243,9 +244,10 @@ def _complete(entry: str) -> bool:
 
 
 @contextmanager
-def _entry_lock(entry: str, announce: bool) -> Iterator[Optional[IO]]:
+def _entry_lock(entry: str, announce: bool,
+                complete: Callable[[str], bool] = _complete) -> Iterator[Optional[IO]]:
     """Hold ``<entry>.lock``; yields None instead when the entry was published meanwhile
-    (by the holder, or by a process the lock does not reach)."""
+    (by the holder, or by a process the lock does not reach; ``complete`` says)."""
     path = entry + LOCK_SUFFIX
     try:
         handle = open(path, "a")
@@ -265,7 +267,7 @@ def _entry_lock(entry: str, announce: bool) -> Iterator[Optional[IO]]:
                                "concurrent import of the same model only repeats the work)",
                                path, exc)
                 break
-            if _complete(entry):
+            if complete(entry):
                 yield None
                 return
             now = time.monotonic()
@@ -350,5 +352,32 @@ def ensure_imported(source: str, cache_dir: str, options: ImportOptions = Import
                 _import(source, entry, options, description, progress)
                 return CachedImport(entry, key, True, load_run_config(entry))
     if announce:
-        logger.info("--load %s: using its import cached in %s (key %s)", source, entry, key)
+        logger.info("%s: reusing its import cached in %s (key %s)", source, entry, key)
     return CachedImport(entry, key, False, load_run_config(entry))
+
+
+# ---------------------------------------------------------------- the Hugging Face form
+def is_cache_entry(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, SOURCE_MANIFEST))
+
+
+def _hf_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))  # published by a rename only
+
+
+def ensure_hf_form(entry: str, export: Callable[[str], object]) -> tuple[str, bool]:
+    """``<entry>.hf``, the entry as a Hugging Face model, written once by ``export(out)``
+    (under its own lock, like the entry) and shared as the entry is: (path, made now).
+
+    Why beside the entry: a PEFT adapter records its base as a model ``transformers``
+    opens; for an import that is not its source as it is (a GGUF file, tokens added) that
+    is this export, as large as the model, so experiments on one base share it."""
+    out = entry + HF_SUFFIX
+    if not _hf_complete(out):
+        with _entry_lock(out, True, _hf_complete) as lock:
+            if lock is not None and not _hf_complete(out):
+                logger.info("writing the Hugging Face form of %s into %s", entry, out)
+                export(out)
+                return out, True
+    logger.info("%s: reusing its Hugging Face form %s", entry, out)
+    return out, False

@@ -63,8 +63,9 @@ class ExportConfig:
     out: str = option(help="Hugging Face directory to create")
     adapter_only: bool = option(
         False, "with an adapter checkpoint: write only the adapters, in the Hugging Face PEFT "
-               "layout (adapter_config.json + adapter_model.safetensors) that "
-               "peft.PeftModel.from_pretrained(base_model, OUT) loads")
+               "layout (adapter_config.json + adapter_model.safetensors, the tokenizer) that "
+               "peft.AutoPeftModelForCausalLM.from_pretrained(OUT) loads with its base (a "
+               "GGUF base, or one that gained tokens, exported as a Hugging Face model)")
     base: Optional[str] = option(
         None, "with an adapter checkpoint: its base checkpoint, when the recorded one has "
               "moved (it must hold the same weights)")

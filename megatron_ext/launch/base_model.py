@@ -2,20 +2,40 @@
 
 Why here: preprocessing must use exactly the tokenizer the trainer will check
 the data against. For a Hugging Face model or GGUF file that is the tokenizer
-of its import, so the launcher imports the model into the experiment's import
-cache first (the trainer then finds it there) and tokenizes with the import's
-tokenizer; for a checkpoint of ours, the tokenizer it names.
+of its import, so the launcher imports the model into the import cache first
+(the trainer then finds it there) and tokenizes with the import's tokenizer;
+for a checkpoint of ours, the tokenizer it names.
+
+Why one cache for every experiment (``EXPERIMENTS_DIR/.imported``, beside the
+tokenization cache): an import is as large as the model, and it depends only on
+the source's content and the import options (the entry's key, see
+``checkpointing/import_cache.py``), not on the experiment; experiments on one base
+share it, and ``--restart`` (which moves the experiment's folder aside) reuses it.
+
+Why tokens are added without being asked: a base model without a chat template
+is trained in ChatML (the default format), whose ``<|im_start|>``/``<|im_end|>`` a
+plain Llama/Mistral base lacks. The import adds the tokens the data's format
+needs and the tokenizer lacks (new embedding and output rows start at the mean
+of the existing rows); the trainer's tokenizer, the data and the export follow.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from megatron_ext.errors import ConfigError
 from megatron_ext.models.import_sources import import_source_kind
-from megatron_ext.tokenizers import TokenizerConfig
+from megatron_ext.tokenizers import TokenizerConfig, parse_extra_ids
+
+if TYPE_CHECKING:
+    from megatron_ext.launch.options import SFTConfig
+
+logger = logging.getLogger(__name__)
+
+IMPORT_CACHE = ".imported"  # in the experiments folder, beside the tokenized data's ".tokenized"
 
 
 @dataclass(frozen=True)
@@ -24,6 +44,12 @@ class BaseModel:
     imported: Optional[str]  # the import in the cache (Hugging Face / GGUF sources)
     tokenizer: TokenizerConfig
     model: dict  # the model's arguments (run config "model")
+    extra_ids: Optional[str] = None  # the tokens the import added (its --vocab_extra_ids_list)
+
+
+def import_cache_dir(experiments_dir: str) -> str:
+    """The import cache every experiment of ``experiments_dir`` shares."""
+    return os.path.join(os.path.abspath(experiments_dir), IMPORT_CACHE)
 
 
 def resolve_hf_model_id(model_id: str) -> str:
@@ -48,20 +74,42 @@ def resolve_hf_model_id(model_id: str) -> str:
             "huggingface-cli download) or pass its directory") from None
 
 
-def prepare_base(hf_model_id: Optional[str], load: Optional[str], import_cache: str,
-                 extra_ids: Optional[str], progress: bool) -> BaseModel:
+def tokens_to_add(source: str, extra_ids: Optional[str], chat_format: Optional[str]
+                  ) -> Optional[str]:
+    """The import's ``--vocab_extra_ids_list``: ``extra_ids`` and the special tokens that
+    the chat format (None: the default for the model's tokenizer) needs and the model's
+    tokenizer lacks (logged)."""
+    from megatron_ext.checkpointing.hf_import import ImportConfig, missing_chat_tokens
+
+    missing = missing_chat_tokens(ImportConfig(source, "", vocab_extra_ids_list=extra_ids),
+                                  chat_format)
+    if not missing:
+        return extra_ids
+    logger.info("%s lacks the special tokens %s of the %s chat format: adding them to the "
+                "vocabulary (new embedding and output rows start at the mean of the "
+                "existing rows; the exported tokenizer and its chat template carry them)",
+                source, ", ".join(missing), chat_format or "default (chatml)")
+    return ",".join((*parse_extra_ids(extra_ids), *missing))
+
+
+def prepare_base(config: "SFTConfig") -> BaseModel:
+    """The base model of ``config``: a Hugging Face or GGUF source imported into the
+    shared import cache (or found there), or a checkpoint of ours as it is."""
     from megatron_ext.checkpointing.import_cache import ImportOptions, ensure_imported
     from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
     from megatron_ext.checkpointing.sources import read_run_config
     from megatron_ext.errors import CheckpointError
 
-    if hf_model_id is not None:
-        source = resolve_hf_model_id(hf_model_id)
-        cached = ensure_imported(source, import_cache, ImportOptions(extra_ids), announce=True,
-                                 progress=progress)
+    load = config.load
+    if config.hf_model_id is not None:
+        source = resolve_hf_model_id(config.hf_model_id)
+        extra_ids = tokens_to_add(source, config.vocab_extra_ids_list, config.chat_format)
+        cached = ensure_imported(source, import_cache_dir(config.experiments_dir),
+                                 ImportOptions(extra_ids), announce=True,
+                                 progress=config.progress)
         return BaseModel(source, cached.path,
                          tokenizer_config_from_run(cached.path, cached.run_config),
-                         cached.run_config["model"])
+                         cached.run_config["model"], extra_ids)
     if not os.path.isdir(load):
         raise ConfigError(f"--load {load} does not exist")
     try:

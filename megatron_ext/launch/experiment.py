@@ -11,12 +11,15 @@ refused, naming the difference, rather than silently mixing two experiments.
     experiment.json   the identity, the tokenized data's key and prefixes, the steps,
                       the status (training | finished) and the results
     checkpoints/      the trainer's --save (with metrics.jsonl)
-    imported_models/  the base model's import (Hugging Face or GGUF sources)
     tensorboard/      TensorBoard events
     logs/             one log per launch
     eval/             test-split evaluation (summary and per-record predictions)
     hf/               the exported Hugging Face model (adapters merged)
     adapter/          with --peft: the adapters in the Hugging Face PEFT layout
+
+Shared by the experiments of EXPERIMENTS_DIR (content-keyed caches, kept by
+``--restart``): ``.tokenized/`` (the tokenized data) and ``.imported/`` (the imports
+of Hugging Face and GGUF base models).
 """
 
 from __future__ import annotations

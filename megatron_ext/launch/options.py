@@ -61,7 +61,8 @@ class SFTConfig:
         None, "key of multi-turn messages (replaces question/answer keys)")
     vocab_extra_ids_list: Optional[str] = option(
         None, "special tokens to add to the model's tokenizer, e.g. '<|im_start|>,<|im_end|>' "
-              "(tokens it already has keep their ids)")
+              "(tokens it already has keep their ids); those the chat format needs are added "
+              "without it")
     seq_length: int = option(2048, "longest sample in tokens: longer records are truncated, "
                                    "samples are packed into rows of this length")
     # -- schedule

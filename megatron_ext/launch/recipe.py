@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_ext.errors import UserError
+from megatron_ext.launch.base_model import import_cache_dir
 from megatron_ext.launch.dataset import count_lines, find_splits
 from megatron_ext.launch.executors.base import ENDED, TRAINED, Launch, get_executor
 from megatron_ext.launch.experiment import Experiment, move_aside, open_experiment, steps_for
@@ -61,8 +62,7 @@ def _tokenizer_args(config: SFTConfig, base) -> TokenizerArgs:
     """The trainer's tokenizer: the import's own (the trainer finds it in the import cache;
     only the added tokens are said), or the one a checkpoint of ours names."""
     if base.imported is not None:
-        return TokenizerArgs(tokenizer_type=None,
-                             vocab_extra_ids_list=config.vocab_extra_ids_list)
+        return TokenizerArgs(tokenizer_type=None, vocab_extra_ids_list=base.extra_ids)
     t = base.tokenizer
     return TokenizerArgs(tokenizer_type=t.tokenizer_type, vocab_file=t.vocab_file,
                          vocab_extra_ids_list=",".join(t.extra_ids) or None,
@@ -99,7 +99,7 @@ def trainer_config(config: SFTConfig, exp: Experiment, base) -> TrainConfig:
             save=exp.checkpoints, load=base.source, finetune=not imported, auto_resume=True,
             use_checkpoint_args=True, tensorboard_dir=exp.path("tensorboard"),
             # an imported base model: the trainer reuses the launcher's import
-            import_cache_dir=exp.path("imported_models") if imported else None),
+            import_cache_dir=import_cache_dir(config.experiments_dir) if imported else None),
         peft=(dataclasses.replace(config.peft, peft_target_modules=config.peft.target_names())
               if config.peft.enabled else PeftArgs()))
 
@@ -173,8 +173,7 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
     from megatron_ext.launch.base_model import prepare_base
     from megatron_ext.launch.dataset import tokenize
 
-    base = prepare_base(config.hf_model_id, config.load, exp.path("imported_models"),
-                        config.vocab_extra_ids_list, config.progress)
+    base = prepare_base(config)
     from megatron_ext.checkpointing.run_config import default_chat_format
     from megatron_ext.tokenizers import build_tokenizer
 
@@ -238,7 +237,8 @@ def _dry_run(config: SFTConfig, exp: Experiment, source) -> Outcome:
 
         tokenizer = tokenizer_config_from_run(config.load, read_run_config(config.load))
     planned = BaseModel(config.hf_model_id or config.load,
-                        "<import>" if config.hf_model_id else None, tokenizer, {})
+                        "<import>" if config.hf_model_id else None, tokenizer, {},
+                        config.vocab_extra_ids_list)
     commands = get_executor(config.executor).commands(_launch(config, exp, planned))
     commands += _post_commands(config, exp, source)
     text = plan_text(config, exp, commands, notes)

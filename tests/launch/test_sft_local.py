@@ -45,9 +45,10 @@ def dataset(directory: Path, train: int = 48, change: bool = False) -> Path:
 
 
 def sft_args(name: str, base: Path, data: Path, root: Path, *extra: str) -> list[str]:
+    # a plain base (tokenizer.model, no chat template, no ChatML tokens) and no chat flags:
+    # the launcher adds ChatML's tokens itself
     return [sys.executable, SFT, "-E", name, "--hf_model_id", str(base), "--dataset_path",
-            str(data), "--experiments_dir", str(root), "--vocab_extra_ids_list",
-            ",".join(CHATML), "--chat_format", "chatml", "--seq_length", "96", "-G", "2",
+            str(data), "--experiments_dir", str(root), "--seq_length", "96", "-G", "2",
             "-g", "8", "-m", "2", "--lr", "1e-3", "--save_interval", "2", "--no_progress",
             *extra]
 
@@ -106,6 +107,15 @@ def test_one_command_trains_evaluates_and_exports(experiments):
     assert list((root / "logs").glob("train-*.log"))
     assert f"experiment a is finished: {STEPS} steps" in first.stdout
     assert "test split: answer loss" in first.stdout
+    # ChatML's tokens were added at import, and the export carries them and the template
+    assert f"lacks the special tokens {', '.join(CHATML)} of the default (chatml)" in first.stderr
+    exported = json.loads((root / "hf" / "tokenizer.json").read_text())
+    assert set(CHATML) <= {token["content"] for token in exported["added_tokens"]}
+    assert "<|im_start|>" in (root / "hf" / "chat_template.jinja").read_text()
+    # the adapters' base is the import (tokens added) as a Hugging Face model, in the
+    # experiments' shared import cache
+    cached = experiments["root"] / ".imported"
+    assert adapter["base_model_name_or_path"] == str(next(cached.glob("*.hf")))
 
 
 def test_rerunning_a_finished_experiment_says_so(experiments):
@@ -122,6 +132,7 @@ def test_sigterm_then_the_same_command_resumes_on_the_straight_curve(experiments
     resumed = experiments["resumed"]
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming experiment b" in resumed.stderr
+    assert "reusing its import cached in" in output  # "a"'s import: one for both
     assert "tokenized data found in the cache" in resumed.stderr  # the same inputs as "a"
     root = experiments["root"]
     assert_same_curve(train_metrics(root / "b"), train_metrics(root / "a"))
