@@ -21,6 +21,20 @@ def parse(*argv: str):
     return build_config(SFTConfig, module.build_parser().parse_args(list(argv)))
 
 
+def model_config(directory, **settings):
+    """A Hugging Face model directory with its config.json only (no weights, no tokenizer):
+    all that the launcher reads of a base model before it imports it."""
+    import json
+
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+              "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4,
+              "num_hidden_layers": 2, "vocab_size": 100, "max_position_embeddings": 128,
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, **settings}
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
 def test_short_flags_are_nemo_recipe_flags():
     config = parse("-E", "exp", "--dataset_path", "d", "--hf_model_id", "m", "-N", "2", "-G",
                    "8", "-T", "4", "-P", "2", "-g", "128", "-m", "2", "-a", "acct", "-p", "gpu",
@@ -58,10 +72,9 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path):
     from megatron_ext.launch.recipe import run_sft
 
     config = parse("-E", "plan", "--dataset_path", str(SAMPLE), "--hf_model_id",
-                   str(tmp_path / "model.gguf"), "--experiments_dir", str(tmp_path / "exps"),
-                   "-G", "2", "-g", "16", "-m", "4", "--epochs", "2", "--peft", "dora",
-                   "--dry_run")
-    (tmp_path / "model.gguf").write_bytes(b"GGUF")  # never opened by a dry run
+                   str(model_config(tmp_path / "model")), "--experiments_dir",
+                   str(tmp_path / "exps"), "-G", "2", "-g", "16", "-m", "4", "--epochs", "2",
+                   "--peft", "dora", "--dry_run")  # a dry run reads the config, no weights
     outcome = run_sft(config)
     text = outcome.message
     assert outcome.state == "planned"
@@ -75,9 +88,8 @@ def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path):
 def test_dry_run_passes_context_parallelism_to_the_trainer(tmp_path):
     from megatron_ext.launch.recipe import run_sft
 
-    (tmp_path / "model.gguf").write_bytes(b"GGUF")
     text = run_sft(parse("-E", "plan", "--dataset_path", str(SAMPLE), "--hf_model_id",
-                         str(tmp_path / "model.gguf"), "--experiments_dir",
+                         str(model_config(tmp_path / "model")), "--experiments_dir",
                          str(tmp_path / "exps"), "-G", "4", "-C", "2", "-g", "16", "-m", "4",
                          "--epochs", "1", "--dry_run")).message
     assert "TP 1 x PP 1 x CP 2 x DP 2; micro batch 4" in text
