@@ -329,3 +329,24 @@ def test_trl_flag_names_are_aliases(spelling):
                 "-m", "2", flag("gradient_accumulation_steps"), "3")
     assert tp2.global_batch_size == 2 * 3 * 2
     assert parse("-E", "exp", "--dataset_path", "d", "--hf_model_id", "m").global_batch_size == 32
+
+
+def test_the_command_says_a_layout_error_once(tmp_path):
+    """The command itself: one message on stderr, no traceback, no torchrun, no folder."""
+    import subprocess
+    import sys
+
+    from tests.runs import child_env
+
+    model = model_config(tmp_path / "nine", num_attention_heads=9, num_key_value_heads=3,
+                         hidden_size=72)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "instruct" / "sft.py"), "-E", "x", "--dataset_path",
+         str(SAMPLE), "--hf_model_id", str(model), "--experiments_dir", str(tmp_path / "exps"),
+         "-G", "2", "-T", "2"], env=child_env(), cwd=REPO, capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.count("error: ") == 1 and result.stderr.startswith("error: the base")
+    assert result.stderr.count("--num_attention_heads 9 is not divisible") == 1
+    assert "Traceback" not in result.stderr and "torch.distributed.run" not in result.stderr
+    assert not (tmp_path / "exps").exists()
