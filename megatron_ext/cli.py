@@ -21,7 +21,6 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from megatron_ext.errors import ConfigError, UserError
-from megatron_ext.io import write_text
 
 
 class FlagParser(argparse.ArgumentParser):
@@ -368,7 +367,11 @@ def run_cli(main: Callable[[], int]) -> None:
     except UserError as err:
         report = os.environ.get(ERROR_FILE)
         if report:
-            write_text(report, f"{err}\n")
+            try:  # the first process to fail says it (the reader waits for them all to end)
+                with open(report, "x", encoding="utf-8") as handle:
+                    handle.write(f"{err}\n")
+            except FileExistsError:
+                pass
         else:
             print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
