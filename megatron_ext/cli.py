@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import types
 import typing
@@ -71,6 +72,9 @@ class Flag:
     # spellings that set a bool field to the opposite value (Megatron-LM's --untie_... for a
     # --tie_... field): one setting, the spellings of both projects
     negations: tuple[str, ...] = ()
+    # spellings that each set the field to one value (TRL's ``--use_peft`` for ``--peft lora``):
+    # (spelling, value) pairs
+    presets: tuple[tuple[str, Any], ...] = ()
     choices: Optional[tuple] = None
     action: Optional[str] = None  # store_true | store_false; default from a bool's default
     nargs: Optional[str] = None  # default "+" for a tuple field
@@ -203,6 +207,9 @@ class ConfigParser(FlagParser):
                 section.add_argument(*flag.negations, dest=dest, default=default,
                                      action="store_true" if kwargs["action"] == "store_false"
                                      else "store_false", help=f"the opposite of {names[0]}")
+            for spelling, value in flag.presets:
+                section.add_argument(spelling, dest=dest, default=default, action="store_const",
+                                     const=value, help=f"the same as {names[0]} {value}")
         if overrides:
             raise TypeError(f"{cls.__name__} has no flag field {', '.join(overrides)}")
 
@@ -240,6 +247,19 @@ class ConfigParser(FlagParser):
                 argv += _flag_words(f"{type(config).__name__}.{f.name}", value,
                                     actions[_dest(f)])
         return argv
+
+
+def flag_name(cls: type, name: str) -> str:
+    """How field ``name`` of config ``cls`` is spelled on the command line (its first long
+    spelling), for messages about a value: ``--peft_dim``, ``--global_batch_size``."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    flag = f.metadata.get(FLAG)
+    spellings = [n for n in (flag.names if flag is not None else ()) if n.startswith("--")]
+    if spellings:
+        return spellings[0]
+    if f.default is True:
+        return f"--no_{name}"
+    return f"--{name}"
 
 
 def _long(action: argparse.Action) -> str:
@@ -333,12 +353,27 @@ def setup_logging(verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+# where the process that started this one wants a UserError's message, instead of this
+# process's stderr: the launcher sets it for the trainer's ranks, so that a configuration
+# error is said once (by the launcher), not by every rank and then torchrun's traceback
+ERROR_FILE = "MEGATRON_EXT_ERROR_FILE"
+
+
 def run_cli(main: Callable[[], int]) -> None:
-    """Run ``main`` and exit: 0 ok, 1 user error, 130 interrupted."""
+    """Run ``main`` and exit: 0 ok, 1 user error, 130 interrupted. A user error is printed
+    without a traceback, or written to the file named by ``$MEGATRON_EXT_ERROR_FILE``."""
     try:
         code = main()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        report = os.environ.get(ERROR_FILE)
+        if report:
+            try:  # the first process to fail says it (the reader waits for them all to end)
+                with open(report, "x", encoding="utf-8") as handle:
+                    handle.write(f"{err}\n")
+            except FileExistsError:
+                pass
+        else:
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted: unfinished outputs were removed", file=sys.stderr)

@@ -393,3 +393,51 @@ def test_checkpoint_tools_answer_help_and_flag_errors_without_torch():
         assert got == code and message in " ".join(output.split()), (script, argv, got,
                                                                     output[-2000:])
         assert "Traceback" not in output
+
+
+@dataclass(frozen=True)
+class Method:
+    method: Optional[str] = option(None, "which method", choices=("lora", "dora"),
+                                   presets=(("--use_method", "lora"),))
+    rank: int = option(16, "its rank", aliases=("--r",))
+    verbose: bool = option(True, "talk")
+
+
+def test_a_preset_spelling_sets_its_field_and_writes_back_as_the_field():
+    p = ConfigParser(prog="demo")
+    p.add_config(Method)
+    assert p.parse_config(Method, ["--use-method"]) == Method(method="lora")
+    assert p.parse_config(Method, ["--use_method", "--method", "dora"]).method == "dora"
+    assert p.parse_config(Method, []) == Method()
+    assert p.to_argv(Method(method="lora")) == ["--method", "lora"]
+    assert "the same as --method lora" in p.format_help()
+
+
+def test_flag_name_is_the_fields_first_long_spelling():
+    from megatron_ext.cli import flag_name
+
+    assert [flag_name(Method, n) for n in ("method", "rank", "verbose")] == [
+        "--method", "--rank", "--no_verbose"]
+    assert flag_name(Outer, "path") == "--input_path"
+
+
+def test_a_user_error_goes_to_the_error_file_a_parent_asked_for(tmp_path, monkeypatch, capsys):
+    """Under the launcher every rank fails alike: the first writes the message where the
+    launcher reads it, and none prints it (the launcher says it once)."""
+    from megatron_ext.cli import ERROR_FILE, run_cli
+    from megatron_ext.errors import ConfigError
+
+    report = tmp_path / "train.error"
+    monkeypatch.setenv(ERROR_FILE, str(report))
+    for rank in (0, 1):
+        def main(rank=rank):
+            raise ConfigError(f"bad layout (rank {rank})")
+        with pytest.raises(SystemExit) as stop:
+            run_cli(main)
+        assert stop.value.code == 1
+    assert report.read_text() == "bad layout (rank 0)\n"
+    assert "bad layout" not in capsys.readouterr().err
+    monkeypatch.delenv(ERROR_FILE)
+    with pytest.raises(SystemExit):
+        run_cli(main)
+    assert capsys.readouterr().err == "error: bad layout (rank 1)\n"

@@ -31,8 +31,9 @@ from megatron_ext.checkpointing.unsharded import UnshardedWriter
 from megatron_ext.data.chat_formats import FORMATS
 from megatron_ext.errors import TokenizerError
 from megatron_ext.models.gguf_checkpoint import GGUFModel, is_gguf_path
-from megatron_ext.models.hf_checkpoint import HFWeights, WeightSource, read_hf_config
+from megatron_ext.models.hf_checkpoint import HFWeights, WeightSource
 from megatron_ext.models.hf_config import hf_adapter, model_args_from_hf_config
+from megatron_ext.models.import_sources import read_hf_config
 from megatron_ext.tokenizers import (
     CHAT_TEMPLATE_FILE,
     GENERATION_CONFIG,

@@ -38,11 +38,14 @@ logger = logging.getLogger(__name__)
 IMPORT_CACHE = ".imported"  # in the experiments folder, beside the tokenized data's ".tokenized"
 
 
+PLANNED_IMPORT = "<import>"  # a planned base model's import, not made yet
+
+
 @dataclass(frozen=True)
 class BaseModel:
     source: str  # what --load of finetune.py gets: a model directory, a .gguf file, a checkpoint
     imported: Optional[str]  # the import in the cache (Hugging Face / GGUF sources)
-    tokenizer: TokenizerConfig
+    tokenizer: Optional[TokenizerConfig]  # None: the import's own, planned
     model: dict  # the model's arguments (run config "model")
     extra_ids: Optional[str] = None  # the tokens the import added (its --vocab_extra_ids_list)
 
@@ -71,7 +74,40 @@ def resolve_hf_model_id(model_id: str) -> str:
         raise ConfigError(
             f"--hf_model_id {model_id}: not a local path, and not in the local Hugging Face "
             f"cache ({HF_HUB_CACHE}); nothing is downloaded: download it first (e.g. "
-            "huggingface-cli download) or pass its directory") from None
+            f"hf download {model_id}) or pass its directory") from None
+
+
+def planned_base(hf_model_id: Optional[str], load: Optional[str]) -> BaseModel:
+    """The base model as the training will see it, from its config alone: a Hugging Face
+    ``config.json``, a GGUF file's metadata, or the run config of a checkpoint of ours (no
+    torch, no weights read, nothing imported; a Megatron-LLM legacy checkpoint's pickled
+    settings are read with torch). Its ``imported`` is a placeholder: the import is not
+    made. So the trainer's checks of the model's shape run before anything is imported."""
+    from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
+    from megatron_ext.errors import CheckpointError
+    from megatron_ext.training.plan import read_run_config
+
+    if hf_model_id is not None:
+        from megatron_ext.models.hf_config import model_args_from_hf_config
+        from megatron_ext.models.import_sources import GGUF_FILE, read_hf_config
+
+        source = resolve_hf_model_id(hf_model_id)
+        if import_source_kind(source) == GGUF_FILE:
+            from megatron_ext.models.gguf_checkpoint import GGUFModel
+
+            model = model_args_from_hf_config(GGUFModel(source).config, source=source)
+        else:
+            model = model_args_from_hf_config(read_hf_config(source),
+                                              source=os.path.join(source, "config.json"))
+        return BaseModel(source, PLANNED_IMPORT, None, model)
+    if not os.path.isdir(load):
+        raise ConfigError(f"--load {load} does not exist")
+    try:
+        run_config = read_run_config(load)
+    except CheckpointError as exc:
+        raise ConfigError(f"--load {load}: not a checkpoint of this project ({exc})") from None
+    return BaseModel(load, None, tokenizer_config_from_run(load, run_config),
+                     run_config["model"])
 
 
 def tokens_to_add(source: str, extra_ids: Optional[str], chat_format: Optional[str]
@@ -97,8 +133,6 @@ def prepare_base(config: "SFTConfig") -> BaseModel:
     shared import cache (or found there), or a checkpoint of ours as it is."""
     from megatron_ext.checkpointing.import_cache import ImportOptions, ensure_imported
     from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
-    from megatron_ext.checkpointing.sources import read_run_config
-    from megatron_ext.errors import CheckpointError
 
     load = config.load
     if config.hf_model_id is not None:
@@ -110,10 +144,4 @@ def prepare_base(config: "SFTConfig") -> BaseModel:
         return BaseModel(source, cached.path,
                          tokenizer_config_from_run(cached.path, cached.run_config),
                          cached.run_config["model"], extra_ids)
-    if not os.path.isdir(load):
-        raise ConfigError(f"--load {load} does not exist")
-    try:
-        run_config = read_run_config(load)
-    except CheckpointError as exc:
-        raise ConfigError(f"--load {load}: not a checkpoint of this project ({exc})") from None
-    return BaseModel(load, None, tokenizer_config_from_run(load, run_config), run_config["model"])
+    return planned_base(None, load)  # a checkpoint of ours: nothing to import

@@ -77,15 +77,57 @@ class Experiment:
             "status": self.status, "results": self.results})
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+def _differences(old: dict, new: dict, keys: tuple[str, ...] = ()) -> list[str]:
+    """Each setting that differs, by its flag and its effective values. Within a section
+    (the adapters), a setting on one side only follows from a difference reported beside
+    it (--peft given or not)."""
     found = []
     for key in sorted(set(old) | set(new)):
+        if keys and (key not in old or key not in new):
+            continue
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            found += _differences(a, b, f"{prefix}{key}.")
+            found += _differences(a, b, (*keys, key))
         elif a != b:
-            found.append(f"--{prefix}{key}: experiment {a!r}, this command {b!r}")
+            found.append(f"{_flag((*keys, key))}: experiment {_shown(a)}, this command "
+                         f"{_shown(b)}")
     return found
+
+
+def _flag(keys: tuple[str, ...]) -> str:
+    """The launcher's flag of the identity's setting at ``keys`` (``("peft", "peft_dim")``:
+    ``--peft_dim``)."""
+    import typing
+
+    from megatron_ext.cli import flag_name
+    from megatron_ext.launch.options import SFTConfig
+
+    cls = SFTConfig
+    try:
+        for key in keys[:-1]:
+            cls = typing.get_type_hints(cls)[key]
+        return flag_name(cls, keys[-1])
+    except (KeyError, StopIteration, TypeError):  # a setting of another version
+        return "--" + keys[-1]
+
+
+def _shown(value) -> str:
+    if value is None:
+        return "not given"
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return repr(value)
+
+
+def _resolved(identity: dict) -> dict:
+    """A saved identity resolved as this version resolves a command's (a record written
+    before kept ``lr: None`` for the default, relative paths, ...)."""
+    from megatron_ext.launch.options import SFTConfig
+
+    try:
+        return SFTConfig.from_identity(identity, "saved").identity()
+    except (TypeError, ValueError):  # settings of another version: compared as they are
+        return identity
 
 
 def open_experiment(root: str, identity: dict) -> Experiment:
@@ -103,7 +145,7 @@ def open_experiment(root: str, identity: dict) -> Experiment:
             saved = json.load(handle)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{record} is unreadable ({exc}); fix or remove it, or --restart")
-    differences = _differences(saved["identity"], identity)
+    differences = _differences(_resolved(saved["identity"]), identity)
     if differences:
         raise ConfigError(
             f"experiment {os.path.basename(root)} ({root}) was made by a different "

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 
 def _cpus() -> int:
@@ -50,9 +50,13 @@ class Finished:
     signalled: bool  # the launcher received (and passed on) SIGTERM or SIGINT
 
 
-def run_logged(command: Sequence[str], log_path: str, env: dict, cwd: str) -> Finished:
+def run_logged(command: Sequence[str], log_path: str, env: dict, cwd: str,
+               quiet_after: Optional[str] = None) -> Finished:
     """Run ``command``, its output streamed to this terminal and appended to ``log_path``;
-    a SIGTERM or Ctrl-C to the launcher is passed on (the trainer then saves and stops)."""
+    a SIGTERM or Ctrl-C to the launcher is passed on (the trainer then saves and stops).
+    Once the file ``quiet_after`` exists (a rank's error report, see ``cli.ERROR_FILE``)
+    the output goes to the log only: what follows is torchrun's account of the failed
+    ranks, and the caller says the error once."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(command) + "\n").encode())
@@ -68,9 +72,12 @@ def run_logged(command: Sequence[str], log_path: str, env: dict, cwd: str) -> Fi
 
         previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
+            quiet = False
             for line in iter(proc.stdout.readline, b""):
-                sys.stdout.buffer.write(line)
-                sys.stdout.flush()
+                quiet = quiet or bool(quiet_after and os.path.exists(quiet_after))
+                if not quiet:
+                    sys.stdout.buffer.write(line)
+                    sys.stdout.flush()
                 log.write(line)
             return Finished(proc.wait(), bool(signalled))
         finally:

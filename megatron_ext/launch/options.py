@@ -13,22 +13,26 @@ those, since checkpoints load at any layout.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_ext.cli import option
+from megatron_ext.cli import flag_name, option
 from megatron_ext.errors import ConfigError
 from megatron_ext.launch.executors import executor_names
 from megatron_ext.parallel import ParallelArgs
 from megatron_ext.peft.config import PeftArgs
 
 EXECUTORS = executor_names()  # the files of launch/executors/
+GLOBAL_BATCH = 32  # the global batch when neither it nor the accumulation steps are given
 # fields that say how this launch runs, not what the experiment is
 RUNTIME_FIELDS = frozenset({
     "executor", "num_nodes", "num_gpus", "parallel", "micro_batch_size", "account",
     "partition", "container_image", "container_mounts", "time", "dry_run", "restart", "wait",
     "wandb_project", "node_rank", "master_addr", "master_port", "experiments_dir",
-    "save_interval", "bf16", "progress", "cpu", "cpus_per_task", "rdzv_port"})
+    "save_interval", "bf16", "progress", "cpu", "cpus_per_task", "rdzv_port",
+    "gradient_accumulation_steps"})  # layout-dependent: the global batch it gives is kept
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,8 @@ class SFTConfig:
                                     "training/validation/test .bin/.idx splits")
     hf_model_id: Optional[str] = option(
         None, "base model: a Hugging Face model directory, a .gguf file, or a hub id found in "
-              "the local Hugging Face cache (never downloaded)", aliases=("--model",))
+              "the local Hugging Face cache (never downloaded)",
+        aliases=("--model", "--model_name_or_path"))
     load: Optional[str] = option(None, "base model: a checkpoint of this project (any form) "
                                        "instead of --hf_model_id")
     experiments_dir: str = option("experiments", "where experiment folders live")
@@ -69,13 +74,21 @@ class SFTConfig:
     max_steps: Optional[int] = option(None, "optimizer steps (default: --epochs passes)")
     epochs: Optional[float] = option(
         None, "passes over the training split (default 1 without --max_steps): the steps "
-              "are computed from the tokenized record count and the global batch, once")
-    global_batch_size: int = option(32, "samples per optimizer step",
-                                    names=("--global_batch_size", "-g"))
+              "are computed from the tokenized record count and the global batch, once",
+        aliases=("--num_train_epochs",))
+    global_batch_size: Optional[int] = option(
+        None, f"samples per optimizer step (default {GLOBAL_BATCH}, or with "
+              "--gradient_accumulation_steps: --micro_batch_size x those steps x the "
+              "data-parallel size)", names=("--global_batch_size", "-g"))
     micro_batch_size: int = option(1, "samples per forward pass on each data-parallel rank",
-                                   names=("--micro_batch_size", "-m"))
+                                   names=("--micro_batch_size", "-m"),
+                                   aliases=("--per_device_train_batch_size",))
+    gradient_accumulation_steps: Optional[int] = option(
+        None, "TRL's way to give the global batch: micro-batches per optimizer step on each "
+              "data-parallel rank, so --global_batch_size = --micro_batch_size x this x the "
+              "data-parallel size (--num_nodes x --num_gpus / (TP x PP x CP))")
     lr: Optional[float] = option(None, "peak learning rate (default 1e-4 with --peft, else "
-                                       "1e-5)")
+                                       "1e-5)", aliases=("--learning_rate",))
     min_lr: float = option(0.0, "learning rate at the end of the cosine decay")
     warmup_steps: int = option(0, "steps of linear warmup", aliases=("--lr_warmup_iters",))
     weight_decay: float = option(0.0, "decoupled weight decay")
@@ -112,9 +125,25 @@ class SFTConfig:
     parallel: ParallelArgs = field(default_factory=ParallelArgs)  # TP/PP/CP (-T -P -C)
     peft: PeftArgs = field(default_factory=PeftArgs)
 
+    def __post_init__(self) -> None:
+        if self.global_batch_size is None:  # the default, or TRL's accumulation steps
+            object.__setattr__(self, "global_batch_size", self.accumulated_batch_size
+                               or GLOBAL_BATCH)
+
     @property
     def world_size(self) -> int:
         return self.num_nodes * self.num_gpus
+
+    @property
+    def data_parallel_size(self) -> int:
+        return max(1, self.world_size // max(1, self.parallel.model_parallel_size))
+
+    @property
+    def accumulated_batch_size(self) -> Optional[int]:
+        """The global batch that --gradient_accumulation_steps gives (None: not given)."""
+        if self.gradient_accumulation_steps is None:
+            return None
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.data_parallel_size
 
     @property
     def learning_rate(self) -> float:
@@ -135,9 +164,17 @@ class SFTConfig:
         if self.max_steps is not None and self.epochs is not None:
             problems.append("give --max_steps or --epochs, not both")
         for name in ("num_nodes", "num_gpus", "global_batch_size", "micro_batch_size",
-                     "seq_length"):
-            if getattr(self, name) < 1:
+                     "seq_length", "gradient_accumulation_steps"):
+            if (getattr(self, name) or 1) < 1:
                 problems.append(f"--{name} must be positive")
+        accumulated = self.accumulated_batch_size
+        if not problems and accumulated not in (None, self.global_batch_size):
+            problems.append(
+                f"--global_batch_size {self.global_batch_size} and "
+                f"--gradient_accumulation_steps {self.gradient_accumulation_steps} disagree: "
+                f"the steps give --micro_batch_size {self.micro_batch_size} x "
+                f"{self.gradient_accumulation_steps} x data-parallel size "
+                f"{self.data_parallel_size} = {accumulated}; give one of them")
         if not problems:
             problems += self.parallel.problems(
                 self.world_size, world=f"{self.num_nodes} node(s) x --num_gpus {self.num_gpus} "
@@ -148,13 +185,67 @@ class SFTConfig:
             problems.append("--num_nodes > 1 with the local executor: run the command on every "
                             "node with --node_rank and --master_addr (the first node)")
         problems += self.peft.problems(max(1, self.parallel.tensor_model_parallel_size))
+        problems += self._unused_problems()
         if problems:
             raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
 
+    def _unused_problems(self) -> list[str]:
+        """Settings that this launch would not read (another executor's): refused, not
+        silently ignored."""
+        from megatron_ext.launch.executors.base import get_executor
+
+        unused: dict[str, list[str]] = {}  # what would read them -> the flags given
+        for name, reader in get_executor(self.executor).unused_settings(self).items():
+            if getattr(self, name) != _DEFAULTS[name]:
+                value = getattr(self, name)
+                unused.setdefault(reader, []).append(flag_name(SFTConfig, name) + (
+                    "" if isinstance(value, bool) else f" {shlex.join(map(str, value))}"
+                    if isinstance(value, tuple) else f" {shlex.quote(str(value))}"))
+        return [f"{', '.join(flags)}: only read with {reader}, which this command does not "
+                f"have; remove them, or launch with {reader}"
+                for reader, flags in unused.items()]
+
     def identity(self) -> dict:
-        """What defines the experiment (a rerun must keep it)."""
+        """What defines the experiment (a rerun must keep it), resolved: the effective
+        learning rate and epochs (a default given explicitly is no difference), and
+        local paths absolute and normalised (``./data/`` and ``/abs/data`` are one)."""
         import json
 
         values = json.loads(json.dumps(dataclasses.asdict(self)))  # as experiment.json holds it
+        values["lr"] = self.learning_rate
+        if self.max_steps is None and self.epochs is None:
+            values["epochs"] = 1.0
+        elif values["epochs"] is not None:
+            values["epochs"] = float(values["epochs"])
+        for name in ("dataset_path", "hf_model_id", "load"):
+            values[name] = _resolved_path(values[name])
+        if not self.peft.enabled:  # their values do nothing (and are refused when given)
+            values["peft"] = {"peft": None}
         return {k: v for k, v in values.items() if k not in RUNTIME_FIELDS
                 and k not in ("experiment",)}
+
+    @classmethod
+    def from_identity(cls, identity: dict, experiment: str, **runtime) -> "SFTConfig":
+        """The configuration an experiment's :meth:`identity` was made with (``runtime``:
+        how this launch runs); keys of another version are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in identity.items() if k in known and k != "peft"}
+        peft = dict(identity.get("peft") or {})
+        if "peft_target_modules" in peft:
+            peft["peft_target_modules"] = tuple(peft["peft_target_modules"])
+        fields = {f.name for f in dataclasses.fields(PeftArgs)}
+        return cls(experiment=experiment, **values, **runtime,
+                   peft=(PeftArgs(**{k: v for k, v in peft.items() if k in fields})
+                         if peft.get("peft") else PeftArgs()))
+
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SFTConfig)
+             if f.default is not dataclasses.MISSING}
+
+
+def _resolved_path(path: Optional[str]) -> Optional[str]:
+    """A local path absolute, normalised and with links resolved; anything else (a hub
+    id) as given."""
+    if path is None or not os.path.exists(path):
+        return path
+    return os.path.realpath(path)

@@ -23,8 +23,8 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_ext.errors import UserError
-from megatron_ext.launch.base_model import import_cache_dir
+from megatron_ext.errors import ConfigError, UserError
+from megatron_ext.launch.base_model import BaseModel, import_cache_dir, planned_base
 from megatron_ext.launch.dataset import count_lines, find_splits
 from megatron_ext.launch.executors.base import ENDED, TRAINED, Launch, get_executor
 from megatron_ext.launch.experiment import Experiment, move_aside, open_experiment, steps_for
@@ -146,12 +146,7 @@ def config_of_experiment(experiments_dir: str, name: str) -> SFTConfig:
             identity = json.load(handle)["identity"]
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"{path}: no experiment to finish ({exc})") from None
-    known = {f.name for f in dataclasses.fields(SFTConfig)}
-    values = {k: v for k, v in identity.items() if k in known and k != "peft"}
-    peft = identity.get("peft") or {}
-    peft["peft_target_modules"] = tuple(peft.get("peft_target_modules") or ())
-    return SFTConfig(experiment=name, experiments_dir=experiments_dir,
-                     peft=PeftArgs(**peft) if peft.get("peft") else PeftArgs(), **values)
+    return SFTConfig.from_identity(identity, name, experiments_dir=experiments_dir)
 
 
 def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
@@ -159,16 +154,22 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
     experiment (the tail of a Slurm job)."""
     config.validate()
     root = os.path.abspath(os.path.join(config.experiments_dir, config.experiment))
-    if config.restart and not config.dry_run and not post_only:
-        moved = move_aside(root)
-        if moved:
-            logger.info("--restart: the previous experiment is kept in %s", moved)
-    exp = open_experiment(root, config.identity())
+    restart = config.restart and not config.dry_run and not post_only
+    # --restart: the folder is moved aside once this command is known to be launchable
+    exp = Experiment(root, config.identity()) if restart else open_experiment(
+        root, config.identity())
     if exp.status == "finished":
         return Outcome(exp, "finished", _finished_text(exp, already=True))
     source = find_splits(config.dataset_path)
+    if not post_only:
+        planned = planned_base(config.hf_model_id, config.load)
+        check_model_fits(config, exp, planned)
+    if restart:
+        moved = move_aside(root)
+        if moved:
+            logger.info("--restart: the previous experiment is kept in %s", moved)
     if config.dry_run:
-        return _dry_run(config, exp, source)
+        return _dry_run(config, exp, source, planned)
 
     from megatron_ext.launch.base_model import prepare_base
     from megatron_ext.launch.dataset import tokenize
@@ -215,7 +216,45 @@ def _link_metrics(exp: Experiment) -> None:
         os.symlink(os.path.join("checkpoints", "metrics.jsonl"), link)
 
 
-def _dry_run(config: SFTConfig, exp: Experiment, source) -> Outcome:
+def check_model_fits(config: SFTConfig, exp: Experiment, base: BaseModel) -> None:
+    """Refuse, before anything is imported, tokenized or launched, a launch whose base
+    model the trainer would refuse: the trainer's own check (``TrainConfig.validate``, which
+    its run plan ends with) of the configuration this launch gives it, with the model's
+    shape as ``--use_checkpoint_args`` reads it from the base (heads and key/value heads
+    over TP, layers over PP, hidden size over the heads, ...)."""
+    from megatron_ext.training.plan import with_saved_model
+
+    planned = dataclasses.replace(  # the data and the steps are settled later
+        exp, prefixes=exp.prefixes or {"training": "<tokenized>/training"},
+        train_iters=exp.train_iters or 1)
+    trainer = with_saved_model(trainer_config(config, planned, base), base.model)
+    try:
+        trainer.validate(config.world_size)
+    except ConfigError as exc:
+        m = trainer.model
+        problems = str(exc).split("\n", 1)[-1]
+        raise ConfigError(
+            f"the base model {base.source} ({m.num_layers} layers, {m.num_attention_heads} "
+            f"attention heads, {m.num_attention_heads_kv or m.num_attention_heads} key/value "
+            f"heads, hidden size {m.hidden_size}) does not fit this launch "
+            f"({config.num_nodes} node(s) x {config.num_gpus} process(es)):\n{problems}\n"
+            "change the layout (-T, -P, -C, -G) or the batch sizes; rerunning the same command "
+            "fails the same way") from None
+
+
+def resolve_trainer_plan(config: SFTConfig, exp: Experiment, base: BaseModel):
+    """The run plan every rank of the trainer will resolve (``training/plan.py``), resolved
+    here with the base model's import, so a configuration it refuses is said once, before
+    torchrun starts."""
+    from megatron_ext.checkpointing.run_config import load_run_config
+    from megatron_ext.training.plan import resolve
+
+    imported = (base.imported, load_run_config(base.imported)) if base.imported else None
+    return resolve(trainer_config(config, exp, base), world_size=config.world_size,
+                   importer=lambda *_: imported, announce=False)
+
+
+def _dry_run(config: SFTConfig, exp: Experiment, source, planned: BaseModel) -> Outcome:
     notes = [f"splits: {', '.join(f'{k} {v}' for k, v in source.paths.items())}"]
     if exp.train_iters is None:
         if config.max_steps:
@@ -227,18 +266,6 @@ def _dry_run(config: SFTConfig, exp: Experiment, source) -> Outcome:
                          "the records the tokenizer accepts)")
     prefixes = exp.prefixes or {split: f"<tokenized>/{split}" for split in source.paths}
     exp.prefixes = prefixes
-
-    from megatron_ext.launch.base_model import BaseModel
-
-    tokenizer = None
-    if config.load is not None:
-        from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
-        from megatron_ext.checkpointing.sources import read_run_config
-
-        tokenizer = tokenizer_config_from_run(config.load, read_run_config(config.load))
-    planned = BaseModel(config.hf_model_id or config.load,
-                        "<import>" if config.hf_model_id else None, tokenizer, {},
-                        config.vocab_extra_ids_list)
     commands = get_executor(config.executor).commands(_launch(config, exp, planned))
     commands += _post_commands(config, exp, source)
     text = plan_text(config, exp, commands, notes)
@@ -259,6 +286,7 @@ def _train(config: SFTConfig, exp: Experiment, base) -> Optional[Outcome]:
     if latest is not None:
         logger.info("resuming experiment %s from %s (iteration %d of %d)", config.experiment,
                     exp.checkpoints, latest, exp.train_iters)
+    resolve_trainer_plan(config, exp, base)
     ran = get_executor(config.executor).run(_launch(config, exp, base))
     if ran.state == TRAINED:
         return None

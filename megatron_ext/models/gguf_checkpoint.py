@@ -51,7 +51,7 @@ import numpy as np
 from megatron_ext.errors import TokenizerError
 from megatron_ext.models.families import gguf_layouts
 from megatron_ext.models.family import UnsupportedModelError
-from megatron_ext.models.hf_checkpoint import HFCheckpointError
+from megatron_ext.models.import_sources import HFCheckpointError
 from megatron_ext.tokenizers import TOKENIZER_JSON
 from megatron_ext.models.hf_llama import LLAMA3_SCALING_FIXED, QK_NORM_SUFFIXES, QKV_BIAS_SUFFIXES
 

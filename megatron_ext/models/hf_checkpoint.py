@@ -9,18 +9,14 @@ the index names, intact headers) is checked before any output is written.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional, Protocol
 
 import torch
 
 from megatron_ext.safetensors_io import SafetensorsError, SafetensorsIndex, read_weight_map
-from megatron_ext.errors import UserError
-
-
-class HFCheckpointError(UserError):
-    """A Hugging Face model directory (or GGUF file) that cannot be read."""
+# the readers' error lives with config.json's reader, which needs no torch
+from megatron_ext.models.import_sources import HFCheckpointError
 
 
 class WeightSource(Protocol):
@@ -37,20 +33,6 @@ class WeightSource(Protocol):
 
     def require(self, names: list[str]) -> None:
         """Raise :class:`HFCheckpointError` naming what is missing."""
-
-
-def read_hf_config(model_dir: str) -> dict:
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isdir(model_dir):
-        raise HFCheckpointError(f"--model_path {model_dir} is not a directory")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        raise HFCheckpointError(f"{path} is missing: --model_path must be a Hugging Face model "
-                                "directory (config.json, weights, tokenizer files)") from None
-    except (OSError, ValueError) as exc:
-        raise HFCheckpointError(f"{path} is unreadable ({exc})") from None
 
 
 class HFWeights:

@@ -10,8 +10,17 @@ look at file names on a floor that imports no torch; the import cache
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional
+
+from megatron_ext.errors import UserError
+
+
+class HFCheckpointError(UserError):
+    """A Hugging Face model directory (or GGUF file) that cannot be read (here, with no
+    torch, so that a model's config can be read before torch is imported)."""
+
 
 HF_DIRECTORY = "hf"
 GGUF_FILE = "gguf"
@@ -28,3 +37,17 @@ def import_source_kind(path: Optional[str]) -> Optional[str]:
     if os.path.isfile(os.path.join(path, "config.json")):
         return HF_DIRECTORY
     return None
+
+
+def read_hf_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isdir(model_dir):
+        raise HFCheckpointError(f"--model_path {model_dir} is not a directory")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise HFCheckpointError(f"{path} is missing: --model_path must be a Hugging Face model "
+                                "directory (config.json, weights, tokenizer files)") from None
+    except (OSError, ValueError) as exc:
+        raise HFCheckpointError(f"{path} is unreadable ({exc})") from None

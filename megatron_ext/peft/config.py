@@ -15,11 +15,12 @@ projection with the same effect.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-from megatron_ext.cli import option
+from megatron_ext.cli import flag_name, option
 from megatron_ext.errors import ConfigError
 
 # megatron-core's four linear layers of a transformer layer: short name -> module path in the layer
@@ -48,7 +49,7 @@ class PeftArgs:
         None, "train low-rank adapters instead of all weights: lora, or dora (LoRA with a "
               "learned magnitude per output row); the base weights stay frozen and "
               "checkpoints hold the adapters only", choices=METHODS,
-        aliases=("--peft_scheme",))
+        aliases=("--peft_scheme",), presets=(("--use_peft", "lora"),))
     peft_target_modules: tuple[str, ...] = option(
         DEFAULT_TARGETS, "layers to adapt: megatron-core names (linear_qkv linear_proj "
                          "linear_fc1 linear_fc2) or Hugging Face names and patterns (q_proj, "
@@ -81,9 +82,14 @@ class PeftArgs:
         return tuple(name for value in self.peft_target_modules for name in _targets(value))
 
     def problems(self, tp: int) -> list[str]:
-        """What is wrong with these settings (empty when fine); pure."""
+        """What is wrong with these settings (empty when fine); pure. Adapter settings
+        without ``--peft`` would do nothing: they are refused."""
         if not self.enabled:
-            return []
+            unused = [f"{flag_name(PeftArgs, f.name)} {_shown(getattr(self, f.name))}"
+                      for f in dataclasses.fields(self)
+                      if f.name != "peft" and getattr(self, f.name) != f.default]
+            return [f"{', '.join(unused)}: adapter settings, which do nothing without --peft; "
+                    "add --peft lora (or --peft dora), or remove them"] if unused else []
         problems = []
         if self.peft_dim < 1:
             problems.append(f"--peft_dim must be positive, got {self.peft_dim}")
@@ -110,6 +116,10 @@ class PeftArgs:
         return {"peft": self.peft, "targets": list(targets), "dim": self.peft_dim,
                 "alpha": self.peft_alpha, "dropout": self.peft_dropout,
                 "lora_A_init": self.lora_A_init}
+
+
+def _shown(value) -> str:
+    return " ".join(value) if isinstance(value, tuple) else str(value)
 
 
 def resolve_targets(patterns: tuple[str, ...], hf_linear_names: Optional[Mapping[str, tuple]]

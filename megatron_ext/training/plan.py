@@ -313,7 +313,12 @@ def _with_checkpoint_model_args(config: TrainConfig, steps: list[str]) -> TrainC
         steps.append("--use_checkpoint_args: --save has no checkpoint yet (first launch); the "
                      "command line gives the model's shape")
         return config
-    saved = read_run_config(load)["model"]
+    return with_saved_model(config, read_run_config(load)["model"])
+
+
+def with_saved_model(config: TrainConfig, saved: dict) -> TrainConfig:
+    """``config`` with the model settings ``saved`` with a checkpoint (a run config's
+    ``model``), as ``--use_checkpoint_args`` reads them."""
     # the sample length stays this run's: it is a data setting, not the model's
     return config.with_model(ModelArgs.from_dict(
         {k: v for k, v in saved.items() if k != "seq_length"}, base=config.model))

@@ -20,7 +20,7 @@ from megatron_ext.parallel import ParallelArgs
 from megatron_ext.peft.config import PeftArgs
 from megatron_ext.tokenizers import TokenizerConfig
 from tests.conftest import REPO, SAMPLE
-from tests.launch.test_sft_options import parse
+from tests.launch.test_sft_options import model_config, parse
 
 
 def test_the_registry_is_the_files():
@@ -62,10 +62,9 @@ def test_a_third_executor_is_one_file(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "megatron_ext.launch.executors.elsewhere", raising=False)
     try:
         assert executors.executor_names() == ("elsewhere", "local", "slurm")
-        (tmp_path / "model.gguf").write_bytes(b"GGUF")
         config = dataclasses.replace(parse(
             "-E", "plan", "--dataset_path", str(SAMPLE), "--hf_model_id",
-            str(tmp_path / "model.gguf"), "--experiments_dir", str(tmp_path / "exps"),
+            str(model_config(tmp_path / "model")), "--experiments_dir", str(tmp_path / "exps"),
             "--max_steps", "3", "--dry_run"), executor="elsewhere")
         text = run_sft(config).message
         assert "elsewhere-submit" in text and "--train_iters 3" in text
@@ -74,9 +73,8 @@ def test_a_third_executor_is_one_file(tmp_path, monkeypatch):
 
 
 def test_slurm_dry_run_shows_the_job(tmp_path):
-    (tmp_path / "model.gguf").write_bytes(b"GGUF")
     text = run_sft(parse("-E", "plan", "--dataset_path", str(SAMPLE), "--hf_model_id",
-                         str(tmp_path / "model.gguf"), "--experiments_dir",
+                         str(model_config(tmp_path / "model")), "--experiments_dir",
                          str(tmp_path / "exps"), "--executor", "slurm", "-N", "2", "-G", "4",
                          "-g", "16", "--max_steps", "5", "--dry_run")).message
     assert f"sbatch {tmp_path / 'exps' / 'plan' / 'job.sbatch'}" in text

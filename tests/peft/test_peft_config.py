@@ -44,12 +44,21 @@ def test_nemo_and_trl_spellings_set_the_same_fields():
     (["--load", "b", "--peft", "dora", "--peft_dropout", "1.5"], 1,
      "--peft_dropout must be in [0, 1)"),
     (["--load", "b", "--peft", "lora", "--peft_dim", "0"], 1, "--peft_dim must be positive"),
+    # adapter settings without an adapter method did nothing (issue 20)
+    (["--load", "b", "--lora_r", "8", "--lora_dropout", "0.1"], 1,
+     "--peft_dim 8, --peft_dropout 0.1: adapter settings, which do nothing without --peft; "
+     "add --peft lora (or --peft dora), or remove them"),
 ])
 def test_bad_peft_flags_are_refused_before_any_work(extra, world, message):
     import re
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         config(*extra, world=world)
+
+
+def test_use_peft_is_trls_spelling_of_peft_lora():
+    assert config("--load", "b", "--use_peft").peft.peft == "lora"
+    assert config("--load", "b", "--use-peft", "--lora_r", "8").peft.peft_dim == 8
 
 
 def test_unknown_method_is_an_argument_error(capsys):

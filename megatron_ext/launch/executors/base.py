@@ -16,6 +16,7 @@ An executor is one file of this package defining ``EXECUTOR``, its class, whose
 from __future__ import annotations
 
 import importlib
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -37,6 +38,18 @@ SUBMITTED = "submitted"  # detached (or ended without completing): followed else
 
 class TrainingFailed(UserError):
     """The trainer exited with an error (its log says why)."""
+
+
+def refused(report: str, log: str) -> str:
+    """What to tell the user when the trainer's ranks stopped on a user error whose message
+    they wrote to ``report`` (``cli.ERROR_FILE``): that message, once; it is added to the
+    launch's ``log`` too, and ``report`` removed."""
+    with open(report, encoding="utf-8") as handle:
+        message = handle.read().strip()
+    os.remove(report)
+    with open(log, "a", encoding="utf-8") as handle:
+        handle.write(f"error: {message}\n")
+    return f"the trainer stopped: {message}\n(its log: {log})"
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,15 @@ class Executor(ABC):
 
     name: ClassVar[str]  # the --executor value: this executor's file name
     resume: ClassVar[str]  # how a stopped or preempted training resumes, said to the user
+    # the launcher's settings (SFTConfig fields) that this executor alone reads: given to
+    # another executor they would do nothing, and are refused (:meth:`unused_settings`)
+    settings: ClassVar[tuple[str, ...]] = ()
+
+    def unused_settings(self, config: "SFTConfig") -> dict[str, str]:
+        """The settings of ``config`` that this launch does not read (the other executors'
+        own), each with what would read it."""
+        return {name: f"--executor {other}" for other in executor_names() if other != self.name
+                for name in get_executor(other).settings if name not in self.settings}
 
     @abstractmethod
     def commands(self, launch: Launch) -> list[list[str]]:

@@ -7,6 +7,9 @@ rerunning the same command resumes from that checkpoint.
 
 from __future__ import annotations
 
+import os
+
+from megatron_ext.cli import ERROR_FILE
 from megatron_ext.launch.executors.base import (
     STOPPED,
     TRAINED,
@@ -14,6 +17,7 @@ from megatron_ext.launch.executors.base import (
     Launch,
     Ran,
     TrainingFailed,
+    refused,
 )
 from megatron_ext.launch.local import child_env, run_logged, stamp, torchrun_command
 
@@ -21,6 +25,13 @@ from megatron_ext.launch.local import child_env, run_logged, stamp, torchrun_com
 class LocalExecutor(Executor):
     name = "local"
     resume = "rerun the same command to resume"
+    settings = ("node_rank", "master_addr", "master_port")
+
+    def unused_settings(self, config) -> dict[str, str]:
+        unused = super().unused_settings(config)
+        if config.num_nodes == 1:  # torchrun --standalone picks its own address and port
+            unused.update(dict.fromkeys(self.settings, "--num_nodes > 1"))
+        return unused
 
     def commands(self, launch: Launch) -> list[list[str]]:
         c = launch.config
@@ -31,8 +42,13 @@ class LocalExecutor(Executor):
         config, exp = launch.config, launch.experiment
         log = exp.path("logs", f"train-{stamp()}.log")
         [command] = self.commands(launch)
-        finished = run_logged(command, log, child_env(config.num_gpus, launch.repo),
-                              launch.repo)
+        # a rank's UserError comes back in this file: said once, here, without torchrun's
+        # traceback (cli.run_cli)
+        report = log.removesuffix(".log") + ".error"
+        env = dict(child_env(config.num_gpus, launch.repo), **{ERROR_FILE: report})
+        finished = run_logged(command, log, env, launch.repo, quiet_after=report)
+        if finished.code != 0 and os.path.exists(report):
+            raise TrainingFailed(refused(report, log))
         latest = exp.latest_iteration()
 
         def stopped(why: str) -> Ran:

@@ -47,6 +47,8 @@ def script_text(launch: Launch) -> str:
 class SlurmExecutor(Executor):
     name = "slurm"
     resume = "the same command again resumes or reports the experiment finished"
+    settings = ("account", "partition", "time", "container_image", "container_mounts", "wait",
+                "cpu", "cpus_per_task", "rdzv_port")
 
     def commands(self, launch: Launch) -> list[list[str]]:
         c = launch.config
