@@ -81,7 +81,7 @@ class ExportSummary:
 
 def export_hf(config: ExportConfig) -> ExportSummary:
     """Write the HF directory; returns a summary. Nothing is left at ``out`` on failure."""
-    from tqdm import tqdm
+    from megatron_ext.cli import ProgressBar
 
     start = time.perf_counter()
     source = open_checkpoint(config.load, config.iteration, config.base)
@@ -123,8 +123,9 @@ def export_hf(config: ExportConfig) -> ExportSummary:
             writer.add(name, tensor.to(dtype))
         del first
         layers = 0
-        for group in tqdm(groups, total=model["num_layers"], desc="exporting layers",
-                          unit="layer", disable=not config.progress):
+        bar = ProgressBar(total=model["num_layers"], desc="exporting layers", unit="layer",
+                       enabled=config.progress)
+        for group in bar.wrap(groups):
             try:
                 converted = adapter.layer_from_megatron(group, layers, heads, kv)
             except KeyError as exc:
