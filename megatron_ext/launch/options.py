@@ -28,7 +28,9 @@ RUNTIME_FIELDS = frozenset({
     "executor", "num_nodes", "num_gpus", "parallel", "micro_batch_size", "account",
     "partition", "container_image", "container_mounts", "time", "dry_run", "restart", "wait",
     "wandb_project", "node_rank", "master_addr", "master_port", "experiments_dir",
-    "save_interval", "bf16", "progress", "cpu", "cpus_per_task", "rdzv_port"})
+    "save_interval", "bf16", "progress", "cpu", "cpus_per_task", "rdzv_port", "baseline",
+    "export"})
+EXPORTS = ("merged", "adapter", "both")
 
 
 @dataclass(frozen=True)
@@ -108,12 +110,27 @@ class SFTConfig:
     restart: bool = option(False, "start the experiment over: its folder is moved aside")
     wandb_project: Optional[str] = option(None, "also log to Weights & Biases (if installed)")
     progress: bool = option(True, "no progress bars")
+    # -- after training
+    baseline: bool = option(True, "do not evaluate the pretrained base model on the test split "
+                                  "(the summary's baseline column; evaluated once per "
+                                  "experiment)")
+    export: str = option("both", "what to export with --peft: the Hugging Face model with the "
+                                 "adapters merged, the PEFT adapter, or both (full finetuning: "
+                                 "merged)", choices=EXPORTS)
     parallel: ParallelArgs = field(default_factory=ParallelArgs)  # TP/PP/CP (-T -P -C)
     peft: PeftArgs = field(default_factory=PeftArgs)
 
     @property
     def world_size(self) -> int:
         return self.num_nodes * self.num_gpus
+
+    @property
+    def exports(self) -> tuple[str, ...]:
+        """What the export step writes: ``merged`` (the Hugging Face model) and/or
+        ``adapter`` (the PEFT adapter, PEFT runs only)."""
+        if not self.peft.enabled:
+            return ("merged",)
+        return ("merged", "adapter") if self.export == "both" else (self.export,)
 
     @property
     def learning_rate(self) -> float:
@@ -146,6 +163,9 @@ class SFTConfig:
         if self.executor == "local" and self.num_nodes > 1 and self.master_addr == "127.0.0.1":
             problems.append("--num_nodes > 1 with the local executor: run the command on every "
                             "node with --node_rank and --master_addr (the first node)")
+        if self.export == "adapter" and not self.peft.enabled:
+            problems.append("--export adapter needs --peft (full finetuning trains no adapter): "
+                            "--export merged")
         problems += self.peft.problems(max(1, self.parallel.tensor_model_parallel_size))
         if problems:
             raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
