@@ -66,7 +66,7 @@ def test_the_summary_puts_baseline_and_finetuned_side_by_side(tmp_path):
     assert lines[4].split() == ["exact", "match", "0.0%", "50.0%"]
     assert lines[5].split() == ["token", "F1", "12.5%", "60.0%"]
     assert "  final loss: train 1.7500, validation 2.2000" in lines
-    assert "  time: 1:02:05 from the first launch to the end (training 0:00:09)" in lines
+    assert "  time: 1:02:05 from the first launch to the end (training 9.0 s)" in lines
     assert f"  Hugging Face model: {root / 'hf'}" in lines
     assert f"  PEFT adapter: {root / 'adapter'}" in lines
     assert f"  loss curve: {root / 'loss.png'}" in lines
