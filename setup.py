@@ -26,6 +26,7 @@ setup(
         "tokenizers>=0.19",
         "tqdm",
         "tensorboard",  # training scalars (metrics.jsonl has the same figures)
+        "matplotlib",  # the launcher's loss.png
     ],
     extras_require={
         "hf": ["transformers>=4.40", "safetensors", "gguf>=0.17"],  # gguf: GGUF imports

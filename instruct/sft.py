@@ -50,20 +50,27 @@ def build_parser() -> ConfigParser:
 
 
 def _post_only(argv) -> int:
-    """``--post_only -E NAME [--experiments_dir DIR]``: evaluate and export the experiment
-    with the settings it was made with (the last step of a Slurm job)."""
+    """``--post_only -E NAME [--experiments_dir DIR] [--no_baseline] [--export WHAT]``:
+    evaluate and export the experiment with the settings it was made with (the last step of
+    a Slurm job)."""
     import argparse
+    import dataclasses
+
+    from megatron_ext.launch.options import EXPORTS
 
     parser = argparse.ArgumentParser(prog="sft.py --post_only")
     parser.add_argument("--post_only", action="store_true")
     parser.add_argument("--experiment", "-E", required=True)
     parser.add_argument("--experiments_dir", default="experiments")
+    parser.add_argument("--no_baseline", action="store_true")
+    parser.add_argument("--export", choices=EXPORTS, default="both")
     args, _ = parser.parse_known_args(argv)
     setup_logging()
     from megatron_ext.launch.recipe import config_of_experiment, run_sft
 
-    outcome = run_sft(config_of_experiment(args.experiments_dir, args.experiment),
-                      post_only=True)
+    config = dataclasses.replace(config_of_experiment(args.experiments_dir, args.experiment),
+                                 baseline=not args.no_baseline, export=args.export)
+    outcome = run_sft(config, post_only=True)
     print(outcome.message, flush=True)
     return 0
 

@@ -4,7 +4,8 @@ Why: every CLI must accept Megatron-LLM's ``--snake_case`` flags and the
 ``--kebab-case`` spelling alike, derive its flags from the config dataclasses
 it builds (one default, one help text, objects built by keyword), and turn a
 :class:`UserError` into a one-line message and a non-zero exit instead of a
-traceback. Floor 0: knows nothing of the project's configs, imports no torch.
+traceback; and show progress as a bar on a terminal but as plain log lines in a log file
+(:class:`ProgressBar`). Floor 0: knows nothing of the project's configs, imports no torch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 import types
 import typing
 import warnings
@@ -396,3 +398,110 @@ def parse_size(text: str) -> int:
     if text.isdigit():
         return int(text)
     raise ConfigError(f"--max_shard_size {text!r}: use a size like 2GB or 500MB")
+
+
+def on_terminal(stream=None) -> bool:
+    """Whether ``stream`` (default: stderr, where logs and bars go) is a terminal."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
+def elapsed_eta(elapsed: float, done: float, total: Optional[float]) -> str:
+    """``elapsed 01:05 | ETA 02:10``: the ETA at the rate so far (``?`` before any progress
+    or without a total)."""
+    from tqdm import tqdm
+
+    text = f"elapsed {tqdm.format_interval(elapsed)}"
+    if total is not None:
+        left = max(0.0, total - done)
+        eta = tqdm.format_interval(elapsed / done * left) if done > 0 else "?"
+        text += f" | ETA {eta}"
+    return text
+
+
+class ProgressBar:
+    """A tqdm bar on a terminal; elsewhere (a log file, a pipe, a Slurm job's output) a plain
+    log line every ``every`` seconds and one at the end, never a ``\\r``.
+
+    Why: tqdm redraws its bar with carriage returns, which in a log file make one endless
+    line of copies. ``enabled=False`` (``--no_progress``, or a rank that does not log) shows
+    nothing; ``every=None`` shows the bar on a terminal and nothing elsewhere (for a loop
+    that logs lines of its own). Use as an iterator wrapper (:meth:`wrap`) or with
+    :meth:`update`; :meth:`close` (or the ``with`` block) ends it.
+    """
+
+    def __init__(self, total: Optional[float] = None, desc: str = "", unit: str = "it",
+                 enabled: bool = True, every: Optional[float] = 30.0, unit_scale: bool = False,
+                 initial: int = 0, stream=None, log: Optional[logging.Logger] = None):
+        from tqdm import tqdm
+
+        self.terminal = enabled and on_terminal(stream)
+        self.plain = enabled and not self.terminal and every is not None
+        self.total, self.desc, self.unit, self.unit_scale = total, desc, unit, unit_scale
+        self.every = every
+        self.n = self.initial = initial
+        self.postfix: dict = {}
+        self.log = log or logging.getLogger(__name__)
+        self.start = self.last_line = time.monotonic()
+        self.logged_n = initial
+        self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale,
+                        initial=initial, dynamic_ncols=True, disable=not self.terminal,
+                        file=stream)
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wrap(self, iterable):
+        """``iterable``'s items, counted one unit each; closes the bar at the end."""
+        try:
+            for item in iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = values
+        self.bar.set_postfix(refresh=False, **values)
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        self.bar.update(n)
+        if self.plain and time.monotonic() - self.last_line >= self.every:
+            self.log_line()
+
+    def _amount(self, value: float) -> str:
+        from tqdm import tqdm
+
+        return tqdm.format_sizeof(value) if self.unit_scale else f"{value:,}"
+
+    def text(self) -> str:
+        """The plain line: ``desc: 5/10 prompt (50%) | elapsed 00:12 | ETA 00:12 | k=v``."""
+        elapsed = time.monotonic() - self.start
+        done = self._amount(self.n)
+        if self.total:
+            done += f"/{self._amount(self.total)} {self.unit} ({100 * self.n / self.total:.0f}%)"
+        else:
+            done += f" {self.unit}"
+        total = None if not self.total else self.total - self.initial
+        parts = [f"{self.desc}: {done}" if self.desc else done,
+                 elapsed_eta(elapsed, self.n - self.initial, total)]
+        parts += [f"{key} {value}" for key, value in self.postfix.items()]
+        return " | ".join(parts)
+
+    def log_line(self) -> None:
+        """A plain line now (when not on a terminal and enabled)."""
+        if self.plain:
+            self.log.info("%s", self.text())
+            self.last_line, self.logged_n = time.monotonic(), self.n
+
+    def close(self) -> None:
+        if self.plain and self.n != self.logged_n:
+            self.log_line()
+        self.bar.close()

@@ -43,7 +43,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   pip install -q --upgrade pip
   pip install -q torch==2.13.0
   pip install -q megatron-core==0.16.1 -e ".[test]"
-  "$VENV/bin/python" -c "import torch, megatron.core, sentencepiece, tokenizers, transformers, gguf, accelerate, peft; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+  "$VENV/bin/python" -c "import torch, megatron.core, sentencepiece, tokenizers, transformers, gguf, accelerate, peft, matplotlib; assert torch.__version__.startswith('2.13.0'), torch.__version__"
   echo "$want" > "$STAMP"
 fi
 

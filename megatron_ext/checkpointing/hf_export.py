@@ -84,7 +84,7 @@ def export_hf(config: ExportConfig, tokenizer_files: bool = True) -> ExportSumma
 
     ``tokenizer_files=False``: the model only (config, generation config, weights), for a
     PEFT adapter's base whose tokenizer travels with the adapter."""
-    from tqdm import tqdm
+    from megatron_ext.cli import ProgressBar
 
     start = time.perf_counter()
     source = open_checkpoint(config.load, config.iteration, config.base)
@@ -128,8 +128,9 @@ def export_hf(config: ExportConfig, tokenizer_files: bool = True) -> ExportSumma
             writer.add(name, tensor.to(dtype))
         del first
         layers = 0
-        for group in tqdm(groups, total=model["num_layers"], desc="exporting layers",
-                          unit="layer", disable=not config.progress):
+        bar = ProgressBar(total=model["num_layers"], desc="exporting layers", unit="layer",
+                       enabled=config.progress)
+        for group in bar.wrap(groups):
             try:
                 converted = adapter.layer_from_megatron(group, layers, heads, kv)
             except KeyError as exc:

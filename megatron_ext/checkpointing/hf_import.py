@@ -193,7 +193,7 @@ def _convert(config: ImportConfig, source: ModelSource) -> ImportSummary:
     def cast(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(dtype) if dtype is not None and tensor.dtype != dtype else tensor
 
-    from tqdm import tqdm
+    from megatron_ext.cli import ProgressBar
 
     with UnshardedWriter(config.out, config.max_shard_bytes, config.overwrite) as writer:
         first = adapter.embeddings_to_megatron(
@@ -202,8 +202,9 @@ def _convert(config: ImportConfig, source: ModelSource) -> ImportSummary:
         for name, tensor in first.items():
             writer.add(name, cast(tensor))
         del first
-        for layer in tqdm(range(layers), desc="converting layers", unit="layer",
-                          disable=not config.progress):
+        bar = ProgressBar(total=layers, desc="converting layers", unit="layer",
+                       enabled=config.progress)
+        for layer in bar.wrap(range(layers)):
             group = {n: weights.get(n) for n in adapter.layer_names(layer)}
             for name, tensor in adapter.layer_to_megatron(group, layer, heads, kv).items():
                 writer.add(name, cast(tensor))

@@ -18,7 +18,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
@@ -26,7 +25,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from megatron_ext import __version__
-from megatron_ext.cli import option
+from megatron_ext.cli import ProgressBar, option
 from megatron_ext.data.chat_formats import build_chat_format
 from megatron_ext.data.encode import (
     ChunkResult,
@@ -268,25 +267,21 @@ def _ordered_results(pool, encoder: Encoder, chunks: Iterable[LineChunk],
 
 
 class _Progress:
-    """tqdm on a terminal; a log line every ``--log_interval`` records elsewhere."""
+    """tqdm on a terminal; elsewhere a line every ``--log_interval`` records, and (unless
+    --no_progress) the shared plain lines: bytes done, elapsed, ETA, every 30 s and at the
+    end."""
 
     def __init__(self, config: PreprocessConfig, total_bytes: Optional[int]):
         self.interval = max(1, config.log_interval)
         self.next_log = self.interval
         self.start = time.monotonic()
-        self.bar = None
-        if config.progress and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess",
-                            dynamic_ncols=True)
+        self.bar = ProgressBar(total=total_bytes, unit="B", unit_scale=True, desc="preprocess",
+                            enabled=config.progress, log=logger)
 
     def update(self, stats: PreprocessStats, result: ChunkResult) -> None:
-        if self.bar is not None:
-            self.bar.update(result.nbytes)
-            self.bar.set_postfix(records=f"{stats.records_in:,}", rejected=stats.rejected,
-                                 refresh=False)
-        elif stats.records_in >= self.next_log:
+        self.bar.set_postfix(records=f"{stats.records_in:,}", rejected=stats.rejected)
+        self.bar.update(result.nbytes)
+        if not self.bar.terminal and stats.records_in >= self.next_log:
             elapsed = max(time.monotonic() - self.start, 1e-9)
             logger.info("processed %d records (%.0f records/s, %.1f MB/s), %d rejected",
                         stats.records_in, stats.records_in / elapsed,
@@ -294,8 +289,7 @@ class _Progress:
             self.next_log += self.interval
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
 def _raise_on_sigterm(signum, frame):  # pragma: no cover - exercised by a subprocess test

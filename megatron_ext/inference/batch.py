@@ -102,7 +102,7 @@ def generate_records(loaded: LoadedModel, fmt: Optional[ChatFormat],
                      records: list[PromptRecord], params: SamplingParams, batch_size: int = 8,
                      progress: bool = False) -> list[Generation]:
     """One generation per record: prompt, generated text and ids, stop reason."""
-    from tqdm import tqdm
+    from megatron_ext.cli import ProgressBar
 
     tokenizer = loaded.tokenizer
     stops = stop_ids(loaded, fmt)
@@ -113,8 +113,8 @@ def generate_records(loaded: LoadedModel, fmt: Optional[ChatFormat],
     if too_long:  # found before any work, not hours in
         raise DataError(f"{len(too_long)} prompt(s) + --max_new_tokens {params.max_new_tokens} "
                         f"exceed the model's {limit} positions: {', '.join(too_long[:5])}")
-    bar = tqdm(total=len(records), desc="generating", unit="prompt",
-               disable=not (progress and loaded.layout.is_logger))
+    bar = ProgressBar(total=len(records), desc="generating", unit="prompt",
+                   enabled=progress and loaded.layout.is_logger)
     # Batches of similar prompt lengths: a batch is prefilled up to its shortest prompt and
     # then advances one position at a time, so one long prompt among short ones would cost
     # a decoding step per token of its length. The order is deterministic (stable sort).

@@ -13,9 +13,14 @@ refused, naming the difference, rather than silently mixing two experiments.
     checkpoints/      the trainer's --save (with metrics.jsonl)
     tensorboard/      TensorBoard events
     logs/             one log per launch
-    eval/             test-split evaluation (summary and per-record predictions)
-    hf/               the exported Hugging Face model (adapters merged)
-    adapter/          with --peft: the adapters in the Hugging Face PEFT layout
+    metrics.jsonl     the trainer's metrics (a link into checkpoints/)
+    loss.png          train and validation loss per step, drawn at the end
+    eval/             test-split evaluation (summary and per-record predictions) of the
+                      finetuned model (test.json) and of the pretrained base (baseline.json,
+                      once per experiment, unless --no_baseline)
+    hf/               the exported Hugging Face model (adapters merged; --export merged|both)
+    adapter/          with --peft: the adapters in the Hugging Face PEFT layout (--export
+                      adapter|both)
 
 Shared by the experiments of EXPERIMENTS_DIR (content-keyed caches, kept by
 ``--restart``): ``.tokenized/`` (the tokenized data) and ``.imported/`` (the imports

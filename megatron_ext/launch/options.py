@@ -31,8 +31,9 @@ RUNTIME_FIELDS = frozenset({
     "executor", "num_nodes", "num_gpus", "parallel", "micro_batch_size", "account",
     "partition", "container_image", "container_mounts", "time", "dry_run", "restart", "wait",
     "wandb_project", "node_rank", "master_addr", "master_port", "experiments_dir",
-    "save_interval", "bf16", "progress", "cpu", "cpus_per_task", "rdzv_port",
-    "gradient_accumulation_steps"})  # layout-dependent: the global batch it gives is kept
+    "save_interval", "bf16", "progress", "cpu", "cpus_per_task", "rdzv_port", "baseline",
+    "export", "gradient_accumulation_steps"})  # layout-dependent: the global batch it gives is kept
+EXPORTS = ("merged", "adapter", "both")
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,13 @@ class SFTConfig:
     restart: bool = option(False, "start the experiment over: its folder is moved aside")
     wandb_project: Optional[str] = option(None, "also log to Weights & Biases (if installed)")
     progress: bool = option(True, "no progress bars")
+    # -- after training
+    baseline: bool = option(True, "do not evaluate the pretrained base model on the test split "
+                                  "(the summary's baseline column; evaluated once per "
+                                  "experiment)")
+    export: str = option("both", "what to export with --peft: the Hugging Face model with the "
+                                 "adapters merged, the PEFT adapter, or both (full finetuning: "
+                                 "merged)", choices=EXPORTS)
     parallel: ParallelArgs = field(default_factory=ParallelArgs)  # TP/PP/CP (-T -P -C)
     peft: PeftArgs = field(default_factory=PeftArgs)
 
@@ -144,6 +152,14 @@ class SFTConfig:
         if self.gradient_accumulation_steps is None:
             return None
         return self.micro_batch_size * self.gradient_accumulation_steps * self.data_parallel_size
+
+    @property
+    def exports(self) -> tuple[str, ...]:
+        """What the export step writes: ``merged`` (the Hugging Face model) and/or
+        ``adapter`` (the PEFT adapter, PEFT runs only)."""
+        if not self.peft.enabled:
+            return ("merged",)
+        return ("merged", "adapter") if self.export == "both" else (self.export,)
 
     @property
     def learning_rate(self) -> float:
@@ -184,6 +200,9 @@ class SFTConfig:
         if self.executor == "local" and self.num_nodes > 1 and self.master_addr == "127.0.0.1":
             problems.append("--num_nodes > 1 with the local executor: run the command on every "
                             "node with --node_rank and --master_addr (the first node)")
+        if self.export == "adapter" and not self.peft.enabled:
+            problems.append("--export adapter needs --peft (full finetuning trains no adapter): "
+                            "--export merged")
         problems += self.peft.problems(max(1, self.parallel.tensor_model_parallel_size))
         problems += self._unused_problems()
         if problems:

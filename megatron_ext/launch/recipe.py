@@ -20,6 +20,7 @@ import logging
 import os
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -160,6 +161,7 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
         root, config.identity())
     if exp.status == "finished":
         return Outcome(exp, "finished", _finished_text(exp, already=True))
+    exp.results.setdefault("started", time.time())  # the summary's total time
     source = find_splits(config.dataset_path)
     if not post_only:
         planned = planned_base(config.hf_model_id, config.load)
@@ -205,7 +207,20 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
     elif (exp.latest_iteration() or 0) < exp.train_iters:
         return Outcome(exp, "stopped", f"training is at iteration {exp.latest_iteration() or 0} "
                                        f"of {exp.train_iters}: not evaluated or exported yet")
-    return _finish(config, exp, source)
+    return _finish(config, exp, source, _evaluation(config, base, chat_format))
+
+
+def _evaluation(config: SFTConfig, base, chat_format: Optional[str]) -> tuple[str, ...]:
+    """The pretrained base model and chat format for the baseline evaluation (evaluate.py's
+    flags; the finetuned checkpoint records its chat format itself)."""
+    if not config.baseline:
+        return ()
+    flags = ("--load", base.imported or base.source)
+    if chat_format:
+        flags += ("--chat_format", chat_format)
+        if config.prompt_template:
+            flags += ("--prompt_template", config.prompt_template)
+    return flags
 
 
 def _link_metrics(exp: Experiment) -> None:
@@ -267,7 +282,8 @@ def _dry_run(config: SFTConfig, exp: Experiment, source, planned: BaseModel) -> 
     prefixes = exp.prefixes or {split: f"<tokenized>/{split}" for split in source.paths}
     exp.prefixes = prefixes
     commands = get_executor(config.executor).commands(_launch(config, exp, planned))
-    commands += _post_commands(config, exp, source)
+    commands += _post_commands(config, exp, source, _evaluation(config, planned,
+                                                                config.chat_format))
     text = plan_text(config, exp, commands, notes)
     return Outcome(exp, "planned", text)
 
@@ -275,7 +291,9 @@ def _dry_run(config: SFTConfig, exp: Experiment, source, planned: BaseModel) -> 
 def _launch(config: SFTConfig, exp: Experiment, base) -> Launch:
     """This launch of the training, as the executor gets it."""
     post = (sys.executable, SFT, "--post_only", "--experiment", config.experiment,
-            "--experiments_dir", os.path.abspath(config.experiments_dir))
+            "--experiments_dir", os.path.abspath(config.experiments_dir),
+            *(() if config.baseline else ("--no_baseline",)),
+            *(() if config.export == "both" else ("--export", config.export)))
     return Launch(config, exp, FINETUNE, tuple(trainer_args(config, exp, base)), REPO, post)
 
 
@@ -299,61 +317,75 @@ def _train(config: SFTConfig, exp: Experiment, base) -> Optional[Outcome]:
     return Outcome(exp, ran.state, ran.message)
 
 
-def _post_commands(config: SFTConfig, exp: Experiment, source) -> list[list[str]]:
+def _post_commands(config: SFTConfig, exp: Experiment, source, baseline: tuple[str, ...] = ()
+                   ) -> list[list[str]]:
+    """After training: the baseline evaluation (``baseline``: its flags; once per experiment),
+    the finetuned model's evaluation on the test split, the exports of ``--export``."""
     commands = []
     if source.kind == "jsonl" and "test" in source.paths:
-        commands.append(_tools_command(
-            "evaluate.py", "--load", exp.checkpoints, "--input", source.paths["test"],
-            "--question_key", config.question_key, "--answer_key", config.answer_key,
-            *(["--system_key", config.system_key] if config.system_key else []),
-            *(["--messages_key", config.messages_key] if config.messages_key else []),
-            "--max_new_tokens", "64", "--batch_size", "8",
-            "--summary_json", exp.path("eval", "test.json"),
-            "--output", exp.path("eval", "test_predictions.jsonl"),
-            *([] if config.progress else ["--no_progress"])))
-    commands.append(_tools_command("megatron_to_hf.py", "--load", exp.checkpoints, "--out",
-                                   exp.path("hf"), "--overwrite",
-                                   *([] if config.progress else ["--no_progress"])))
-    if config.peft.enabled:
+        def evaluate(load: tuple[str, ...], name: str) -> list[str]:
+            return _tools_command(
+                "evaluate.py", *load, "--input", source.paths["test"],
+                "--question_key", config.question_key, "--answer_key", config.answer_key,
+                *(["--system_key", config.system_key] if config.system_key else []),
+                *(["--messages_key", config.messages_key] if config.messages_key else []),
+                "--max_new_tokens", "64", "--batch_size", "8",
+                "--summary_json", exp.path("eval", f"{name}.json"),
+                "--output", exp.path("eval", f"{name}_predictions.jsonl"),
+                *([] if config.progress else ["--no_progress"]))
+
+        if baseline and not os.path.exists(exp.path("eval", "baseline.json")):
+            commands.append(evaluate(baseline, "baseline"))
+        commands.append(evaluate(("--load", exp.checkpoints), "test"))
+    if "merged" in config.exports:
+        commands.append(_tools_command("megatron_to_hf.py", "--load", exp.checkpoints, "--out",
+                                       exp.path("hf"), "--overwrite",
+                                       *([] if config.progress else ["--no_progress"])))
+    if "adapter" in config.exports:
         commands.append(_tools_command("megatron_to_hf.py", "--load", exp.checkpoints, "--out",
                                        exp.path("adapter"), "--adapter_only", "--overwrite"))
     return commands
 
 
-def _finish(config: SFTConfig, exp: Experiment, source) -> Outcome:
+def _finish(config: SFTConfig, exp: Experiment, source, baseline: tuple[str, ...] = ()
+            ) -> Outcome:
     env = child_env(1, REPO)
-    for command in _post_commands(config, exp, source):
+    for command in _post_commands(config, exp, source, baseline):
         name = os.path.basename(command[1]).removesuffix(".py")
+        if exp.path("eval", "baseline.json") in command:
+            name = "baseline"  # evaluate.py on the pretrained base
         log = exp.path("logs", f"{name}-{stamp()}.log")
         code = run_logged(command, log, env, REPO).code
         if code != 0:
             raise UserError(f"{name} failed (exit {code}); the log is {log}. Rerun the same "
                             "command to try again (training is not repeated)")
-    results = {"iteration": exp.latest_iteration(), "hf": exp.path("hf")}
-    if config.peft.enabled:
+    from megatron_ext.launch import report
+
+    metrics = exp.path("metrics.jsonl")
+    losses = report.read_losses(metrics)
+    started = exp.results.get("started")
+    results = {"iteration": exp.latest_iteration(), "started": started,
+               "seconds": time.time() - started if started else None,
+               "train_seconds": report.train_seconds(metrics),
+               "train_loss": losses["train"][-1][1] if losses["train"] else None,
+               "valid_loss": losses["valid"][-1][1] if losses["valid"] else None,
+               "loss_png": report.plot_losses(metrics, exp.path("loss.png")),
+               "tensorboard": exp.path("tensorboard")}
+    if "merged" in config.exports:
+        results["hf"] = exp.path("hf")
+    if "adapter" in config.exports:
         results["adapter"] = exp.path("adapter")
-    summary = exp.path("eval", "test.json")
-    if os.path.exists(summary):
-        with open(summary, encoding="utf-8") as handle:
-            results["test"] = json.load(handle)
+    for key, name in (("test", "test"), ("baseline", "baseline")):
+        summary = exp.path("eval", f"{name}.json")
+        if os.path.exists(summary):
+            with open(summary, encoding="utf-8") as handle:
+                results[key] = json.load(handle)
     exp.results, exp.status = results, "finished"
     exp.save()
     return Outcome(exp, "finished", _finished_text(exp, already=False))
 
 
 def _finished_text(exp: Experiment, already: bool) -> str:
-    r = exp.results
-    lines = [f"experiment {os.path.basename(exp.root)} is {'already ' if already else ''}"
-             f"finished: {r.get('iteration')} steps ({exp.root})"]
-    test = r.get("test")
-    if test:
-        lines.append(f"  test split: answer loss {test.get('answer_loss', float('nan')):.4f}, "
-                     f"exact match {100 * test.get('exact_match', 0):.1f}%, token F1 "
-                     f"{100 * test.get('f1', 0):.1f}%")
-    lines.append(f"  Hugging Face model: {r.get('hf')}")
-    if r.get("adapter"):
-        lines.append(f"  PEFT adapter: {r['adapter']}")
-    if already:
-        lines.append("  (--restart trains it again from the start)")
-    return "\n".join(lines)
+    from megatron_ext.launch.report import finished_text
 
+    return finished_text(exp.root, exp.results, already)

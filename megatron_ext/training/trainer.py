@@ -26,6 +26,7 @@ from megatron_ext.checkpointing import (
     save_checkpoint,
 )
 from megatron_ext.checkpointing.vocab import checkpoint_directory, padded_vocab_for
+from megatron_ext.cli import ProgressBar, elapsed_eta
 from megatron_ext.data.indexed import chat_settings_of_meta
 from megatron_ext.models.builder import build_gpt_model, transformer_config
 from megatron_ext.parallel import Layout, init_distributed
@@ -336,28 +337,35 @@ class Trainer:
         start_iteration = self.iteration
         last: dict = {}
         started = time.monotonic()
+        self._clock = (started, start_iteration)  # this launch's: the log lines' ETA
         stopped = False
         evaluated_at = None
         window: list[float] = []
         if self.iteration >= self.train_iters and self.layout.is_logger:
             logger.info("the checkpoint is already at iteration %d of %d: nothing to train",
                         self.iteration, self.train_iters)
-        while self.iteration < self.train_iters:
-            last = self.train_step()
-            window.append(last["loss"])
-            if self.iteration % max(1, s.log_interval) == 0 or self.iteration == self.train_iters:
-                last["loss_avg"] = sum(window) / len(window)
-                window.clear()
-                self._log(last)
-            if s.eval_interval and self.iteration % s.eval_interval == 0:
-                self._log_eval(self.evaluate())
-                evaluated_at = self.iteration
-            stopped = self._should_stop(started)
-            if self.config.checkpoint.save and (
-                    stopped or (s.save_interval and self.iteration % s.save_interval == 0)):
-                self.save()
-            if stopped:
-                break
+        # a bar on a terminal (the log lines print above it); in a log file the lines only
+        bar = ProgressBar(total=self.train_iters, initial=self.iteration, desc="training",
+                          unit="step", enabled=self.layout.is_logger, every=None, log=logger)
+        with bar, _lines_above(bar):
+            while self.iteration < self.train_iters:
+                last = self.train_step()
+                bar.update(1)
+                window.append(last["loss"])
+                if (self.iteration % max(1, s.log_interval) == 0
+                        or self.iteration == self.train_iters):
+                    last["loss_avg"] = sum(window) / len(window)
+                    window.clear()
+                    self._log(last)
+                if s.eval_interval and self.iteration % s.eval_interval == 0:
+                    self._log_eval(self.evaluate())
+                    evaluated_at = self.iteration
+                stopped = self._should_stop(started)
+                if self.config.checkpoint.save and (
+                        stopped or (s.save_interval and self.iteration % s.save_interval == 0)):
+                    self.save()
+                if stopped:
+                    break
         final_eval = None
         # the final evaluation once the run trained to its end now (a finished run
         # relaunched trains nothing and evaluates nothing), even when the loop's periodic
@@ -465,14 +473,9 @@ class Trainer:
             "memory_mb": _memory_mb(self.layout.device),
         }
         self.metrics.write(self.iteration, values)
-        logger.info(
-            "iter %d/%d | samples %d | tokens %d | lr %.3g | loss %.5f (avg of interval) | "
-            "grad norm %.3f | "
-            "%.2f s/iter | %.0f tok/s (%.0f real) | pad %.1f%% | mem %.0f MB",
-            self.iteration, self.train_iters, self.consumed_samples, self.consumed_tokens,
-            values["lr"], values["loss_avg"], values["grad_norm"], values["iter_time"],
-            values["tokens_per_sec"], values["real_tokens_per_sec"],
-            100 * values["padding_fraction"], values["memory_mb"])
+        started, first = self._clock
+        logger.info("%s", train_log_line(self.iteration, self.train_iters, values,
+                                         time.monotonic() - started, first))
 
     def _log_eval(self, result: Optional[dict], split: str = "valid") -> None:
         if result is None or not self.layout.is_logger:
@@ -482,6 +485,32 @@ class Trainer:
         logger.info("%s at iter %d | loss %.5f | ppl %.3f",
                     "validation" if split == "valid" else split, self.iteration,
                     result["loss"], result["ppl"])
+
+
+def _lines_above(bar: ProgressBar):
+    """Log lines printed above ``bar`` on a terminal (tqdm's redirection of the logging
+    handlers); nothing changes elsewhere."""
+    import contextlib
+
+    if not bar.terminal:
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
+
+
+def train_log_line(iteration: int, train_iters: int, values: dict, elapsed: float,
+                   first_iteration: int) -> str:
+    """A training log line; its elapsed time and ETA are those of this launch (which started
+    at ``first_iteration``: a resumed run's ETA is not skewed by the steps it did not do)."""
+    return (
+        "iter %d/%d | samples %d | tokens %d | lr %.3g | loss %.5f (avg of interval) | "
+        "grad norm %.3f | %.2f s/iter | %.0f tok/s (%.0f real) | pad %.1f%% | mem %.0f MB | %s"
+        % (iteration, train_iters, values["consumed_samples"], values["consumed_tokens"],
+           values["lr"], values["loss_avg"], values["grad_norm"], values["iter_time"],
+           values["tokens_per_sec"], values["real_tokens_per_sec"],
+           100 * values["padding_fraction"], values["memory_mb"],
+           elapsed_eta(elapsed, iteration - first_iteration, train_iters - first_iteration)))
 
 
 def _memory_mb(device: torch.device) -> float:

@@ -67,9 +67,11 @@ def experiments(tmp_path_factory, base_model) -> dict:
     SIGTERM after 3 logged steps and relaunched."""
     root = tmp_path_factory.mktemp("experiments")
     data = dataset(root / "data")
-    first = run(sft_args("a", base_model, data, root, *LORA))
+    # with its progress shown (stdout and stderr are pipes, not a terminal: plain lines)
+    first = run([arg for arg in sft_args("a", base_model, data, root, *LORA)
+                 if arg != "--no_progress"])
     again = run(sft_args("a", base_model, data, root, *LORA))
-    b = sft_args("b", base_model, data, root, *LORA)
+    b = sft_args("b", base_model, data, root, *LORA, "--no_baseline")  # "a" shows it
     proc = subprocess.Popen(b, env=child_env(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     metrics = root / "b" / "checkpoints" / "metrics.jsonl"
@@ -106,7 +108,6 @@ def test_one_command_trains_evaluates_and_exports(experiments):
                                                 .read_text())
     assert list((root / "logs").glob("train-*.log"))
     assert f"experiment a is finished: {STEPS} steps" in first.stdout
-    assert "test split: answer loss" in first.stdout
     # ChatML's tokens were added at import, and the export carries them and the template
     assert f"lacks the special tokens {', '.join(CHATML)} of the default (chatml)" in first.stderr
     exported = json.loads((root / "hf" / "tokenizer.json").read_text())
@@ -116,6 +117,28 @@ def test_one_command_trains_evaluates_and_exports(experiments):
     # experiments' shared import cache
     cached = experiments["root"] / ".imported"
     assert adapter["base_model_name_or_path"] == str(next(cached.glob("*.hf")))
+    # the summary: the pretrained base (evaluated once, kept) beside the finetuned model
+    baseline = json.loads((root / "eval" / "baseline.json").read_text())
+    assert baseline["records"] == 6 and record["results"]["baseline"] == baseline
+    assert len(list((root / "logs").glob("baseline-*.log"))) == 1
+    summary = first.stdout[first.stdout.index("experiment a is finished"):]
+    assert "test split (6 records)" in summary and "pretrained" in summary
+    assert "finetuned" in summary and f"{baseline['answer_loss']:.4f}" in summary
+    assert f"{test['answer_loss']:.4f}" in summary and "final loss: train " in summary
+    assert ", validation " in summary and "from the first launch to the end" in summary
+    assert f"tensorboard --logdir {root / 'tensorboard'}" in summary
+    assert f"loss curve: {root / 'loss.png'}" in summary and f"folder: {root} (" in summary
+    assert (root / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert record["results"]["train_loss"] == train_metrics(root)[-1]["loss"]
+    # progress in logs: plain lines, elapsed and ETA on every training line, no '\r'
+    logs = {path.name: path.read_text() for path in (root / "logs").glob("*.log")}
+    assert not [name for name, text in logs.items() if "\r" in text]
+    assert "\r" not in first.stdout + first.stderr
+    train_lines = [line for line in first.stdout.splitlines() if " INFO iter " in line]
+    assert len(train_lines) == STEPS, first.stdout[-3000:]
+    assert all(" | elapsed " in line and " | ETA " in line for line in train_lines)
+    assert "preprocess: " in first.stderr and "(100%) | elapsed" in first.stderr
+    assert "generating: 6/6 prompt (100%)" in first.stdout
 
 
 def test_rerunning_a_finished_experiment_says_so(experiments):

@@ -85,6 +85,9 @@ def test_wait_runs_training_evaluation_and_export_as_one_job(straight):
     assert "--gpus-per-node" not in script  # --cpu
     assert (experiment / "hf" / "config.json").exists()
     assert json.loads((experiment / "eval" / "test.json").read_text())["records"] == 6
+    # the job's post step evaluated the pretrained base too: the summary compares them
+    assert json.loads((experiment / "eval" / "baseline.json").read_text())["records"] == 6
+    assert "pretrained" in result.stdout and "finetuned" in result.stdout
     assert [r["iteration"] for r in train_metrics(experiment)] == list(range(1, STEPS + 1))
     assert "parallel: world 2" in job_log(experiment)
 
@@ -96,7 +99,7 @@ def test_requeued_then_cancelled_job_resumes_each_time_on_the_straight_curve(
     same command is run again; it finishes on the uninterrupted run's loss curve, and a
     further run of the command finds it finished."""
     root, base, data = slurm_experiments
-    args = command(root, base, data, "interrupted")
+    args = command(root, base, data, "interrupted", "--no_baseline")
     submitted = launch(args)
     job_id = re.search(r"submitted Slurm job (\d+)", submitted.stdout).group(1)
     experiment = root / "experiments" / "interrupted"
@@ -122,6 +125,8 @@ def test_requeued_then_cancelled_job_resumes_each_time_on_the_straight_curve(
     assert f"resuming at iteration {at}" in job_log(experiment)
     record = json.loads((experiment / "experiment.json").read_text())
     assert record["status"] == "finished"
+    assert "--no_baseline" in (experiment / "job.sbatch").read_text()  # kept by the job
+    assert not (experiment / "eval" / "baseline.json").exists()
     assert_same_curve(train_metrics(experiment), train_metrics(straight[1] / "straight"))
     rerun = launch(args)
     assert "is already finished" in rerun.stdout
