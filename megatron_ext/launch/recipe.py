@@ -23,8 +23,9 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_ext.data.records import RecordKeys
 from megatron_ext.errors import UserError
-from megatron_ext.launch.dataset import count_lines, find_splits
+from megatron_ext.launch.dataset import count_lines, find_splits, record_keys
 from megatron_ext.launch.executors.base import ENDED, TRAINED, Launch, get_executor
 from megatron_ext.launch.experiment import Experiment, move_aside, open_experiment, steps_for
 from megatron_ext.launch.local import child_env, run_logged, stamp
@@ -167,11 +168,17 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
     if exp.status == "finished":
         return Outcome(exp, "finished", _finished_text(exp, already=True))
     source = find_splits(config.dataset_path)
+    # the records' format, before the model's import: a mistake in the data shows at once
+    keys, _ = record_keys(source, RecordKeys(config.question_key, config.answer_key,
+                                             config.system_key, config.messages_key))
     if config.dry_run:
-        return _dry_run(config, exp, source)
+        return _dry_run(config, exp, source, keys)
+    if not post_only:
+        for note in source.notes:
+            logger.warning("%s: %s", config.dataset_path, note)
 
     from megatron_ext.launch.base_model import prepare_base
-    from megatron_ext.launch.dataset import tokenize
+    from megatron_ext.launch.dataset import report_rejects, tokenize
 
     base = prepare_base(config.hf_model_id, config.load, exp.path("imported_models"),
                         config.vocab_extra_ids_list, config.progress)
@@ -180,13 +187,13 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
 
     tokenizer = build_tokenizer(base.tokenizer)
     chat_format = config.chat_format or default_chat_format(tokenizer)
-    keys = {"question": config.question_key, "answer": config.answer_key,
-            "system": config.system_key, "messages": config.messages_key}
     identity = tokenizer.identity()
     data = tokenize(source, os.path.join(os.path.abspath(config.experiments_dir), ".tokenized"),
-                    base.tokenizer, identity, chat_format, config.prompt_template, keys,
-                    config.seq_length, workers=min(8, os.cpu_count() or 1),
-                    progress=config.progress)
+                    base.tokenizer, identity, chat_format, config.prompt_template,
+                    dataclasses.asdict(keys), config.seq_length,
+                    workers=min(8, os.cpu_count() or 1), progress=config.progress)
+    if not post_only:  # (a Slurm job's evaluation: the launch that trained checked them)
+        report_rejects(data, source, exp.path("rejected"), config.max_rejected_fraction)
     if exp.data_key is not None and exp.data_key != data.key:
         raise UserError(f"the data of experiment {config.experiment} changed since it started "
                         f"(tokenized key {exp.data_key} -> {data.key}): {config.dataset_path}'s "
@@ -205,7 +212,7 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
     elif (exp.latest_iteration() or 0) < exp.train_iters:
         return Outcome(exp, "stopped", f"training is at iteration {exp.latest_iteration() or 0} "
                                        f"of {exp.train_iters}: not evaluated or exported yet")
-    return _finish(config, exp, source)
+    return _finish(config, exp, source, keys)
 
 
 def _link_metrics(exp: Experiment) -> None:
@@ -216,8 +223,9 @@ def _link_metrics(exp: Experiment) -> None:
         os.symlink(os.path.join("checkpoints", "metrics.jsonl"), link)
 
 
-def _dry_run(config: SFTConfig, exp: Experiment, source) -> Outcome:
-    notes = [f"splits: {', '.join(f'{k} {v}' for k, v in source.paths.items())}"]
+def _dry_run(config: SFTConfig, exp: Experiment, source, keys: RecordKeys) -> Outcome:
+    notes = [f"splits: {', '.join(f'{k} {v}' for k, v in source.paths.items())}",
+             *source.notes]
     if exp.train_iters is None:
         if config.max_steps:
             exp.train_iters = config.max_steps
@@ -240,7 +248,7 @@ def _dry_run(config: SFTConfig, exp: Experiment, source) -> Outcome:
     planned = BaseModel(config.hf_model_id or config.load,
                         "<import>" if config.hf_model_id else None, tokenizer, {})
     commands = get_executor(config.executor).commands(_launch(config, exp, planned))
-    commands += _post_commands(config, exp, source)
+    commands += _post_commands(config, exp, source, keys)
     text = plan_text(config, exp, commands, notes)
     return Outcome(exp, "planned", text)
 
@@ -271,14 +279,16 @@ def _train(config: SFTConfig, exp: Experiment, base) -> Optional[Outcome]:
     return Outcome(exp, ran.state, ran.message)
 
 
-def _post_commands(config: SFTConfig, exp: Experiment, source) -> list[list[str]]:
+def _post_commands(config: SFTConfig, exp: Experiment, source,
+                   keys: RecordKeys) -> list[list[str]]:
     commands = []
     if source.kind == "jsonl" and "test" in source.paths:
+        flags = {"--question_key": keys.question, "--answer_key": keys.answer,
+                 "--system_key": keys.system, "--messages_key": keys.messages,
+                 "--context_key": keys.context}
         commands.append(_tools_command(
             "evaluate.py", "--load", exp.checkpoints, "--input", source.paths["test"],
-            "--question_key", config.question_key, "--answer_key", config.answer_key,
-            *(["--system_key", config.system_key] if config.system_key else []),
-            *(["--messages_key", config.messages_key] if config.messages_key else []),
+            *[part for flag, key in flags.items() if key for part in (flag, key)],
             "--max_new_tokens", "64", "--batch_size", "8",
             "--summary_json", exp.path("eval", "test.json"),
             "--output", exp.path("eval", "test_predictions.jsonl"),
@@ -292,9 +302,9 @@ def _post_commands(config: SFTConfig, exp: Experiment, source) -> list[list[str]
     return commands
 
 
-def _finish(config: SFTConfig, exp: Experiment, source) -> Outcome:
+def _finish(config: SFTConfig, exp: Experiment, source, keys: RecordKeys) -> Outcome:
     env = child_env(1, REPO)
-    for command in _post_commands(config, exp, source):
+    for command in _post_commands(config, exp, source, keys):
         name = os.path.basename(command[1]).removesuffix(".py")
         log = exp.path("logs", f"{name}-{stamp()}.log")
         code = run_logged(command, log, env, REPO).code

@@ -139,3 +139,17 @@ def test_max_rejected_fraction_stops_with_the_reasons_and_writes_nothing(tmp_pat
     assert '"line": 5' in rejects.read_text()  # kept: the lines to fix
     preprocess(tmp_path, records, "bad", sp_model, "--max_rejected_fraction", "0.2")
     assert (tmp_path / "bad-text.bin").exists()
+
+
+def test_evaluation_reads_alpaca_records_as_training_does(tmp_path):
+    """tools/evaluate.py --context_key (what the launcher passes for Alpaca test splits)."""
+    from megatron_ext.inference.prompts import read_records
+
+    path = write_jsonl(tmp_path / "test.jsonl", [
+        {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+        {"instruction": "Say hi.", "input": "", "output": "Hi!"}])
+    records = read_records(str(path), "instruction", "output", context_key="input")
+    keys, _ = resolve_record_keys(RecordKeys(), [str(path)])
+    trained = [parse_line(line.encode(), keys, False) for line in path.read_text().splitlines()]
+    assert [r.conversation for r in records] == [c[:-1] for c in trained]
+    assert [r.answers for r in records] == [("Bonjour",), ("Hi!",)]
