@@ -319,7 +319,7 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
     """Run the whole preprocessing; raises :class:`UserError` subclasses on bad input."""
     config.validate()
     files = expand_inputs(config.inputs)
-    keys, _ = resolve_record_keys(config.encode.keys, files)
+    keys = resolve_record_keys(config.encode.keys, files)
     config = dataclasses.replace(config, encode=dataclasses.replace(config.encode, keys=keys))
     tokenizer = build_tokenizer(config.encode.tokenizer)
     chat_format = build_chat_format(config.encode.chat_format, tokenizer,

@@ -90,27 +90,25 @@ class RecordKeys:
 class RecordFormat:
     """A record layout recognised by its keys (:data:`RECORD_FORMATS`)."""
 
-    name: str
     description: str
     signature: tuple[str, ...]  # keys every record of the format has
     keys: RecordKeys
 
 
 RECORD_FORMATS = (  # the first whose signature a record has is its format
-    RecordFormat("openai", "OpenAI messages ({role, content} list under 'messages')",
+    RecordFormat("OpenAI messages ({role, content} list under 'messages')",
                  ("messages",), RecordKeys(messages="messages")),
-    RecordFormat("sharegpt", "ShareGPT conversations ({from, value} list under "
-                             "'conversations')",
+    RecordFormat("ShareGPT conversations ({from, value} list under 'conversations')",
                  ("conversations",), RecordKeys(messages="conversations", system="system")),
-    RecordFormat("alpaca", "Alpaca instruction/input/output",
+    RecordFormat("Alpaca instruction/input/output",
                  ("instruction", "output"),
                  RecordKeys("instruction", "output", "system", context="input")),
-    RecordFormat("input_output", "input/output (NeMo)", ("input", "output"),
+    RecordFormat("input/output (NeMo)", ("input", "output"),
                  RecordKeys("input", "output", "system")),
-    RecordFormat("question_answer", "question/answer(/system)", ("question", "answer"),
+    RecordFormat("question/answer(/system)", ("question", "answer"),
                  RecordKeys("question", "answer", "system")),
 )
-FORMATS_HELP = "; ".join(f"{f.description}" for f in RECORD_FORMATS)
+FORMATS_HELP = "; ".join(f.description for f in RECORD_FORMATS)
 DETECT_RECORDS = 50  # records read to detect (or check) the format of a file
 _QUESTION_NAMES = ("question", "input", "instruction", "prompt")
 _ANSWER_NAMES = ("answer", "output", "response", "completion")
@@ -219,8 +217,8 @@ def _complete(keys: RecordKeys, path: str) -> RecordKeys:
         answer=keys.answer or pick(_ANSWER_NAMES, "--answer_key"))
 
 
-def resolve_record_keys(keys: RecordKeys, files: Sequence[str]) -> tuple[RecordKeys, str]:
-    """The keys to read ``files`` with, and a description of them for the log.
+def resolve_record_keys(keys: RecordKeys, files: Sequence[str]) -> RecordKeys:
+    """The keys to read ``files`` with (the detected format is logged).
 
     No conversation keys given: the format is detected from each file's first records
     (:data:`RECORD_FORMATS`), the same for every file; a given system or context key
@@ -231,7 +229,7 @@ def resolve_record_keys(keys: RecordKeys, files: Sequence[str]) -> tuple[RecordK
         keys = _complete(keys, files[0]) if files else keys
         for path in files:
             _check_keys(path, keys)
-        return keys, "given keys"
+        return keys
     detected: Optional[tuple[str, RecordFormat]] = None
     for path in files:
         fmt, count = detect_format(path)
@@ -241,12 +239,11 @@ def resolve_record_keys(keys: RecordKeys, files: Sequence[str]) -> tuple[RecordK
         detected = (path, fmt)
         logger.info("%s: %s records (detected from its first %d)", path, fmt.description, count)
     if detected is None:
-        return keys, "no input"
+        return keys
     fmt = detected[1]
-    resolved = dataclasses.replace(
+    return dataclasses.replace(
         fmt.keys, system=keys.system if keys.system is not None else fmt.keys.system,
         context=keys.context if keys.context is not None else fmt.keys.context)
-    return resolved, fmt.description
 
 
 def expand_inputs(patterns: Sequence[str]) -> list[str]:

@@ -61,6 +61,7 @@ class TokenizedData:
 def find_splits(dataset_path: str) -> DataSource:
     if not os.path.isdir(dataset_path):
         raise ConfigError(f"--dataset_path {dataset_path} is not a folder")
+
     def jsonl_file(stem: str) -> Optional[str]:
         for name in (f"{stem}.jsonl", f"{stem}.jsonl.gz"):
             if os.path.isfile(os.path.join(dataset_path, name)):
@@ -95,11 +96,11 @@ def _missing_splits(found: dict, suffix: str) -> tuple[str, ...]:
                  if split not in found)
 
 
-def record_keys(source: DataSource, given: RecordKeys) -> tuple[RecordKeys, str]:
+def record_keys(source: DataSource, given: RecordKeys) -> RecordKeys:
     """The record keys of the JSONL splits: detected from their first records unless given
     (checked against them then), so a format error comes before any model is imported."""
     if source.kind != "jsonl":
-        return given, "preprocessed"
+        return given
     return resolve_record_keys(given, list(source.paths.values()))
 
 
@@ -181,7 +182,6 @@ def _tokenize_into(final: str, source: DataSource, tokenizer: TokenizerConfig, e
                    workers: int, progress: bool) -> None:
     from megatron_ext.data.encode import EncodeConfig
     from megatron_ext.data.preprocess import PreprocessConfig, run_preprocess
-    from megatron_ext.data.records import RecordKeys
     from megatron_ext.io import write_json
 
     staging = f"{final}.incomplete-{os.getpid()}"

@@ -169,8 +169,8 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
         return Outcome(exp, "finished", _finished_text(exp, already=True))
     source = find_splits(config.dataset_path)
     # the records' format, before the model's import: a mistake in the data shows at once
-    keys, _ = record_keys(source, RecordKeys(config.question_key, config.answer_key,
-                                             config.system_key, config.messages_key))
+    keys = record_keys(source, RecordKeys(config.question_key, config.answer_key,
+                                          config.system_key, config.messages_key))
     if config.dry_run:
         return _dry_run(config, exp, source, keys)
     if not post_only:

@@ -82,7 +82,7 @@ def test_mixed_formats_in_the_first_records_name_the_file_and_line(tmp_path):
 
 
 def test_a_later_record_of_another_format_is_rejected_naming_it():
-    keys, _ = resolve_record_keys(RecordKeys("question", "answer"), [])
+    keys = resolve_record_keys(RecordKeys("question", "answer"), [])
     with pytest.raises(RecordError, match="missing key 'question' \\(the record is in the "
                                           "Alpaca instruction/input/output format"):
         parse_line(b'{"instruction": "i", "input": "", "output": "o"}', keys, False)
@@ -110,7 +110,7 @@ def test_given_keys_that_match_nothing_name_the_keys_the_file_has(tmp_path):
 
 def test_one_given_key_takes_the_other_from_the_record(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "response": "r"}])
-    keys, _ = resolve_record_keys(RecordKeys(question="prompt"), [str(path)])
+    keys = resolve_record_keys(RecordKeys(question="prompt"), [str(path)])
     assert (keys.question, keys.answer) == ("prompt", "response")
 
 
@@ -149,7 +149,7 @@ def test_evaluation_reads_alpaca_records_as_training_does(tmp_path):
         {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
         {"instruction": "Say hi.", "input": "", "output": "Hi!"}])
     records = read_records(str(path), "instruction", "output", context_key="input")
-    keys, _ = resolve_record_keys(RecordKeys(), [str(path)])
+    keys = resolve_record_keys(RecordKeys(), [str(path)])
     trained = [parse_line(line.encode(), keys, False) for line in path.read_text().splitlines()]
     assert [r.conversation for r in records] == [c[:-1] for c in trained]
     assert [r.answers for r in records] == [("Bonjour",), ("Hi!",)]
