@@ -126,6 +126,14 @@ def _tokenizer_source(config: ImportConfig, source: ModelSource) -> tuple[str, s
                          "the tokenizer with --vocab_file")
 
 
+def model_tokenizer_config(config: ImportConfig, source: ModelSource) -> TokenizerConfig:
+    """The tokenizer an import of ``source`` carries: the model's own ids (none of
+    Megatron-LLM's SentencePiece additions, <CLS> <SEP> ...) and the extra ids."""
+    kind, vocab_file = _tokenizer_source(config, source)
+    return TokenizerConfig(kind, vocab_file, parse_extra_ids(config.vocab_extra_ids_list),
+                           megatron_llm_specials=False)
+
+
 def _check_tokenizer(tokenizer, hf_config: dict, rows: int, source: str,
                      config_file: str = "config.json") -> None:
     """Refuse a tokenizer that does not belong to the model."""
@@ -181,11 +189,9 @@ def _convert(config: ImportConfig, source: ModelSource) -> ImportSummary:
     word_embeddings = needed[0]  # the adapter lists them first
     rows = weights.shape(word_embeddings)[0]
 
-    kind, vocab_file = _tokenizer_source(config, source)
-    extra = parse_extra_ids(config.vocab_extra_ids_list)
-    # the model's own ids: none of Megatron-LLM's SentencePiece additions (<CLS> <SEP> ...)
-    tokenizer = build_tokenizer(TokenizerConfig(kind, vocab_file, extra,
-                                                megatron_llm_specials=False))
+    tokenizer_config = model_tokenizer_config(config, source)
+    kind, vocab_file = tokenizer_config.tokenizer_type, tokenizer_config.vocab_file
+    tokenizer = build_tokenizer(tokenizer_config)
     _check_tokenizer(tokenizer, hf_config, rows, vocab_file, source.config_file)
     vocab_rows = max(rows, tokenizer.vocab_size)
     dtype = DTYPES[config.dtype] if config.dtype else None

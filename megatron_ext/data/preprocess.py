@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -36,7 +37,13 @@ from megatron_ext.data.encode import (
     init_worker,
 )
 from megatron_ext.data.indexed import AtomicDatasetOutputs, text_dtype_for
-from megatron_ext.data.records import ROLE_IDS, LineChunk, expand_inputs, iter_chunks
+from megatron_ext.data.records import (
+    ROLE_IDS,
+    LineChunk,
+    expand_inputs,
+    iter_chunks,
+    resolve_record_keys,
+)
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.io import AtomicFile
 from megatron_ext.tokenizers import build_tokenizer
@@ -63,6 +70,9 @@ class PreprocessConfig:
         None, "write every rejected line as JSONL {file, line, code, reason, text}")
     strict: bool = option(False, "stop with an error at the first bad record instead of "
                                  "skipping it")
+    max_rejected_fraction: Optional[float] = option(
+        None, "stop with an error (nothing written) when more than this fraction of the "
+              "records is rejected, e.g. 0.01 (default: no limit; the rejects are reported)")
     progress: bool = option(True, "no progress bar")
 
     def validate(self) -> None:
@@ -73,6 +83,9 @@ class PreprocessConfig:
         limit = self.encode.max_seq_length
         if limit is not None and limit < 2:
             raise ConfigError(f"--max_seq_length must be at least 2, got {limit}")
+        fraction = self.max_rejected_fraction
+        if fraction is not None and not 0 <= fraction <= 1:
+            raise ConfigError(f"--max_rejected_fraction must be between 0 and 1, got {fraction}")
         if self.encode.overlong not in ("drop", "truncate"):
             raise ConfigError(f"--overlong must be drop or truncate, got {self.encode.overlong!r}")
         out_dir = os.path.dirname(os.path.abspath(self.output_prefix))
@@ -300,6 +313,8 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
     """Run the whole preprocessing; raises :class:`UserError` subclasses on bad input."""
     config.validate()
     files = expand_inputs(config.inputs)
+    keys = resolve_record_keys(config.encode.keys, files)
+    config = dataclasses.replace(config, encode=dataclasses.replace(config.encode, keys=keys))
     tokenizer = build_tokenizer(config.encode.tokenizer)
     chat_format = build_chat_format(config.encode.chat_format, tokenizer,
                                     config.encode.prompt_template)
@@ -333,17 +348,38 @@ def run_preprocess(config: PreprocessConfig) -> PreprocessSummary:
                         f"no record was accepted out of {stats.records_in} ({detail}); check "
                         "--question_key/--answer_key/--messages_key against your JSONL keys"
                     )
+                if config.max_rejected_fraction is not None:
+                    keep_rejects = True  # the rejects file lists what to fix
+                    check_rejected_fraction(", ".join(files), stats.records_in, stats.rejected,
+                                            stats.examples, config.max_rejected_fraction,
+                                            config.rejects_file)
                 meta = build_meta(config, files, tokenizer, chat_format, stats, text_dtype)
                 outputs.commit(meta)
                 keep_rejects = True
     except DataError:
-        keep_rejects = config.strict  # the rejects file shows the line that stopped the run
+        # the rejects file shows the line that stopped the run, or the lines to fix
+        keep_rejects = config.strict or keep_rejects
         raise
     finally:
         progress.close()
         rejects.close(keep_rejects)
         signal.signal(signal.SIGTERM, previous_sigterm)
     return PreprocessSummary(config, stats, meta, time.monotonic() - start, outputs.paths)
+
+
+def check_rejected_fraction(what: str, records_in: int, rejected: int, examples: list[str],
+                            limit: float, rejects_file: Optional[str]) -> None:
+    """A :class:`DataError` when more than ``limit`` of ``records_in`` were rejected: the
+    file(s), the count, the fraction, the first reasons and the two ways out."""
+    if records_in == 0 or rejected / records_in <= limit:
+        return
+    where = (f"every rejected line with its reason is in {rejects_file}" if rejects_file
+             else "--rejects_file FILE lists every rejected line with its reason")
+    raise DataError(
+        f"{what}: {rejected} of {records_in} records rejected ({rejected / records_in:.1%}), "
+        f"more than --max_rejected_fraction {limit:g}; the first: {'; '.join(examples)}. "
+        f"Fix those records ({where}; a record too long for the length limit needs a larger "
+        "one), or raise --max_rejected_fraction to train without them")
 
 
 def _record_rejects(config: PreprocessConfig, files: list[str], result: ChunkResult,
@@ -378,7 +414,7 @@ def build_meta(config, files, tokenizer, chat_format, stats: PreprocessStats, te
             **chat_format.meta(),
         },
         "keys": {"question": keys.question, "answer": keys.answer, "system": keys.system,
-                 "messages": keys.messages},
+                 "messages": keys.messages, "context": keys.context},
         "max_seq_length": config.encode.max_seq_length,
         "overlong": config.encode.overlong,
         "inputs": [{"path": path, "bytes": os.path.getsize(path)} for path in files],

@@ -46,6 +46,8 @@ class InferenceOptions:
     messages_key: str = option("messages", "JSONL key of an OpenAI/ShareGPT message list "
                                            "(instead of a question); a final assistant turn "
                                            "is the reference")
+    context_key: Optional[str] = option(None, "JSONL key of a text joined to the question "
+                                              "after a blank line (Alpaca's \"input\")")
     batch_size: int = option(8, "prompts decoded together")
     max_new_tokens: int = option(256, "most tokens generated per prompt (the end-of-turn "
                                       "token ends earlier)")
@@ -64,7 +66,7 @@ class InferenceOptions:
     def read_records(self, path: str) -> list[PromptRecord]:
         """The records of a JSONL file, read with these keys."""
         return read_records(path, self.question_key, self.answer_key, self.system_key,
-                            self.messages_key)
+                            self.messages_key, self.context_key)
 
     def sampling_params(self) -> "SamplingParams":
         """Greedy unless a sampling flag is given; ``--temperature 0`` means greedy, as in

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_ext.data.chat_formats import ChatFormat
-from megatron_ext.data.records import ASSISTANT, ROLE_IDS, SYSTEM, USER, Message
+from megatron_ext.data.records import ASSISTANT, ROLE_IDS, SYSTEM, USER, Message, join_context
 from megatron_ext.errors import DataError
 from megatron_ext.tokenizers import InstructTokenizer
 
@@ -67,6 +67,9 @@ def record_from_json(obj: dict, where: str, keys: dict) -> PromptRecord:
     if not isinstance(question, str):
         raise DataError(f"{where}: missing key '{keys['question']}' (or 'prompt', or "
                         f"'{keys['messages']}'); found {', '.join(obj) or 'no keys'}")
+    context = obj.get(keys["context"]) if keys.get("context") else None
+    if isinstance(context, str):  # Alpaca's input, joined as preprocessing joins it
+        question = join_context(question, context)
     conversation = [Message(USER, question)]
     system = obj.get(keys["system"])
     if isinstance(system, str) and system:
@@ -75,10 +78,10 @@ def record_from_json(obj: dict, where: str, keys: dict) -> PromptRecord:
 
 
 def read_records(path: str, question_key: str = "question", answer_key: str = "answer",
-                 system_key: str = "system", messages_key: str = "messages"
-                 ) -> list[PromptRecord]:
+                 system_key: str = "system", messages_key: str = "messages",
+                 context_key: Optional[str] = None) -> list[PromptRecord]:
     keys = {"question": question_key, "answer": answer_key, "system": system_key,
-            "messages": messages_key}
+            "messages": messages_key, "context": context_key}
     records = []
     try:
         with open(path, encoding="utf-8") as handle:

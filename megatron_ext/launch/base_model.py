@@ -21,10 +21,11 @@ of the existing rows); the trainer's tokenizer, the data and the export follow.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from megatron_ext.errors import ConfigError
 from megatron_ext.models.import_sources import import_source_kind
@@ -84,8 +85,6 @@ def planned_base(hf_model_id: Optional[str], load: Optional[str]) -> BaseModel:
     settings are read with torch). Its ``imported`` is a placeholder: the import is not
     made. So the trainer's checks of the model's shape run before anything is imported."""
     from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
-    from megatron_ext.errors import CheckpointError
-    from megatron_ext.training.plan import read_run_config
 
     if hf_model_id is not None:
         from megatron_ext.models.hf_config import model_args_from_hf_config
@@ -100,12 +99,7 @@ def planned_base(hf_model_id: Optional[str], load: Optional[str]) -> BaseModel:
             model = model_args_from_hf_config(read_hf_config(source),
                                               source=os.path.join(source, "config.json"))
         return BaseModel(source, PLANNED_IMPORT, None, model)
-    if not os.path.isdir(load):
-        raise ConfigError(f"--load {load} does not exist")
-    try:
-        run_config = read_run_config(load)
-    except CheckpointError as exc:
-        raise ConfigError(f"--load {load}: not a checkpoint of this project ({exc})") from None
+    run_config = _checkpoint_run_config(load, "--load")
     return BaseModel(load, None, tokenizer_config_from_run(load, run_config),
                      run_config["model"])
 
@@ -145,3 +139,45 @@ def prepare_base(config: "SFTConfig") -> BaseModel:
                          tokenizer_config_from_run(cached.path, cached.run_config),
                          cached.run_config["model"], extra_ids)
     return planned_base(None, load)  # a checkpoint of ours: nothing to import
+
+
+@contextlib.contextmanager
+def tokenizer_of_model(path: str, extra_ids: Optional[str] = None) -> Iterator[TokenizerConfig]:
+    """The tokenizer the trainer uses with the model ``path`` (``--tokenizer_from``): for a
+    Hugging Face directory or a GGUF file, the one its import carries (the importer's own
+    choice, :func:`~megatron_ext.checkpointing.hf_import.model_tokenizer_config`, without
+    importing the weights; a GGUF file's tokenizer lives in a temporary folder while the
+    context lasts); for a checkpoint of ours, the one it names. ``extra_ids``: the
+    ``--vocab_extra_ids_list`` of the import (a checkpoint keeps its own)."""
+    if import_source_kind(path) is not None:
+        from megatron_ext.checkpointing.hf_import import model_tokenizer_config, open_model_source
+        from megatron_ext.checkpointing.options import ImportConfig
+
+        if not os.path.exists(path):
+            raise ConfigError(f"--tokenizer_from {path} does not exist")
+        with open_model_source(path) as source:
+            yield model_tokenizer_config(
+                ImportConfig(model_path=path, out="", vocab_extra_ids_list=extra_ids), source)
+        return
+    from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
+
+    run_config = _checkpoint_run_config(path, "--tokenizer_from")
+    if extra_ids:
+        raise ConfigError("--vocab_extra_ids_list with --tokenizer_from a checkpoint: the "
+                          "checkpoint keeps the tokenizer it was trained with")
+    yield tokenizer_config_from_run(path, run_config)
+
+
+def _checkpoint_run_config(path: str, flag: str) -> dict:
+    """The run config of the checkpoint of ours in ``path`` (given with ``flag``)."""
+    from megatron_ext.errors import CheckpointError
+    from megatron_ext.training.plan import read_run_config  # no torch
+
+    if not os.path.isdir(path):
+        raise ConfigError(f"{flag} {path} does not exist" if not os.path.exists(path) else
+                          f"{flag} {path}: neither a Hugging Face model directory, a .gguf "
+                          "file, nor a checkpoint of this project")
+    try:
+        return read_run_config(path)
+    except CheckpointError as exc:
+        raise ConfigError(f"{flag} {path}: not a checkpoint of this project ({exc})") from None

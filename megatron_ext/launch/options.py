@@ -32,7 +32,8 @@ RUNTIME_FIELDS = frozenset({
     "partition", "container_image", "container_mounts", "time", "dry_run", "restart", "wait",
     "wandb_project", "node_rank", "master_addr", "master_port", "experiments_dir",
     "save_interval", "bf16", "progress", "cpu", "cpus_per_task", "rdzv_port", "baseline",
-    "export", "gradient_accumulation_steps"})  # layout-dependent: the global batch it gives is kept
+    "export", "max_rejected_fraction",
+    "gradient_accumulation_steps"})  # layout-dependent: the global batch it gives is kept
 EXPORTS = ("merged", "adapter", "both")
 
 
@@ -60,11 +61,20 @@ class SFTConfig:
               "template); default: the model's own template when its tokenizer has one, "
               "else chatml")
     prompt_template: Optional[str] = option(None, "with --chat_format template: the template")
-    question_key: str = option("question", "key of the user question")
-    answer_key: str = option("answer", "key of the answer (the training target)")
-    system_key: Optional[str] = option("system", "key of an optional system prompt")
+    question_key: Optional[str] = option(
+        None, "key of the user question (default: the record format is detected from the "
+              "first records: question/answer, NeMo's input/output, Alpaca's "
+              "instruction/input/output, OpenAI messages or ShareGPT conversations)")
+    answer_key: Optional[str] = option(None, "key of the answer, the training target "
+                                             "(default: detected)")
+    system_key: Optional[str] = option(None, "key of an optional system prompt (default: "
+                                             "detected; 'system')")
     messages_key: Optional[str] = option(
         None, "key of multi-turn messages (replaces question/answer keys)")
+    max_rejected_fraction: float = option(
+        0.01, "stop before training when more than this fraction of a split's records is "
+              "rejected (the first ones are printed, all of them written to "
+              "EXPERIMENTS_DIR/NAME/rejected/)")
     vocab_extra_ids_list: Optional[str] = option(
         None, "special tokens to add to the model's tokenizer, e.g. '<|im_start|>,<|im_end|>' "
               "(tokens it already has keep their ids); those the chat format needs are added "
@@ -177,6 +187,9 @@ class SFTConfig:
                             "checkpoint in --load keeps the tokenizer it was trained with")
         if not self.experiment or "/" in self.experiment or self.experiment.startswith("."):
             problems.append(f"--experiment {self.experiment!r}: a plain folder name")
+        if not 0 <= self.max_rejected_fraction <= 1:
+            problems.append(f"--max_rejected_fraction {self.max_rejected_fraction:g}: a "
+                            "fraction between 0 and 1")
         if self.max_steps is not None and self.epochs is not None:
             problems.append("give --max_steps or --epochs, not both")
         for name in ("num_nodes", "num_gpus", "global_batch_size", "micro_batch_size",

@@ -24,9 +24,10 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron_ext.data.records import RecordKeys
 from megatron_ext.errors import ConfigError, UserError
 from megatron_ext.launch.base_model import BaseModel, import_cache_dir, planned_base
-from megatron_ext.launch.dataset import count_lines, find_splits
+from megatron_ext.launch.dataset import count_lines, find_splits, record_keys
 from megatron_ext.launch.executors.base import ENDED, TRAINED, Launch, get_executor
 from megatron_ext.launch.experiment import Experiment, move_aside, open_experiment, steps_for
 from megatron_ext.launch.local import child_env, run_logged, stamp
@@ -163,6 +164,9 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
         return Outcome(exp, "finished", _finished_text(exp, already=True))
     exp.results.setdefault("started", time.time())  # the summary's total time
     source = find_splits(config.dataset_path)
+    # the records' format, before the model's import: a mistake in the data shows at once
+    keys = record_keys(source, RecordKeys(config.question_key, config.answer_key,
+                                          config.system_key, config.messages_key))
     if not post_only:
         planned = planned_base(config.hf_model_id, config.load)
         check_model_fits(config, exp, planned)
@@ -171,10 +175,13 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
         if moved:
             logger.info("--restart: the previous experiment is kept in %s", moved)
     if config.dry_run:
-        return _dry_run(config, exp, source, planned)
+        return _dry_run(config, exp, source, planned, keys)
+    if not post_only:
+        for note in source.notes:
+            logger.warning("%s: %s", config.dataset_path, note)
 
     from megatron_ext.launch.base_model import prepare_base
-    from megatron_ext.launch.dataset import tokenize
+    from megatron_ext.launch.dataset import report_rejects, tokenize
 
     base = prepare_base(config)
     from megatron_ext.checkpointing.run_config import default_chat_format
@@ -182,13 +189,13 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
 
     tokenizer = build_tokenizer(base.tokenizer)
     chat_format = config.chat_format or default_chat_format(tokenizer)
-    keys = {"question": config.question_key, "answer": config.answer_key,
-            "system": config.system_key, "messages": config.messages_key}
     identity = tokenizer.identity()
     data = tokenize(source, os.path.join(os.path.abspath(config.experiments_dir), ".tokenized"),
-                    base.tokenizer, identity, chat_format, config.prompt_template, keys,
-                    config.seq_length, workers=min(8, os.cpu_count() or 1),
-                    progress=config.progress)
+                    base.tokenizer, identity, chat_format, config.prompt_template,
+                    dataclasses.asdict(keys), config.seq_length,
+                    workers=min(8, os.cpu_count() or 1), progress=config.progress)
+    if not post_only:  # (a Slurm job's evaluation: the launch that trained checked them)
+        report_rejects(data, source, exp.path("rejected"), config.max_rejected_fraction)
     if exp.data_key is not None and exp.data_key != data.key:
         raise UserError(f"the data of experiment {config.experiment} changed since it started "
                         f"(tokenized key {exp.data_key} -> {data.key}): {config.dataset_path}'s "
@@ -207,7 +214,7 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
     elif (exp.latest_iteration() or 0) < exp.train_iters:
         return Outcome(exp, "stopped", f"training is at iteration {exp.latest_iteration() or 0} "
                                        f"of {exp.train_iters}: not evaluated or exported yet")
-    return _finish(config, exp, source, _evaluation(config, base, chat_format))
+    return _finish(config, exp, source, keys, _evaluation(config, base, chat_format))
 
 
 def _evaluation(config: SFTConfig, base, chat_format: Optional[str]) -> tuple[str, ...]:
@@ -269,8 +276,10 @@ def resolve_trainer_plan(config: SFTConfig, exp: Experiment, base: BaseModel):
                    importer=lambda *_: imported, announce=False)
 
 
-def _dry_run(config: SFTConfig, exp: Experiment, source, planned: BaseModel) -> Outcome:
-    notes = [f"splits: {', '.join(f'{k} {v}' for k, v in source.paths.items())}"]
+def _dry_run(config: SFTConfig, exp: Experiment, source, planned: BaseModel,
+             keys: RecordKeys) -> Outcome:
+    notes = [f"splits: {', '.join(f'{k} {v}' for k, v in source.paths.items())}",
+             *source.notes]
     if exp.train_iters is None:
         if config.max_steps:
             exp.train_iters = config.max_steps
@@ -282,8 +291,8 @@ def _dry_run(config: SFTConfig, exp: Experiment, source, planned: BaseModel) -> 
     prefixes = exp.prefixes or {split: f"<tokenized>/{split}" for split in source.paths}
     exp.prefixes = prefixes
     commands = get_executor(config.executor).commands(_launch(config, exp, planned))
-    commands += _post_commands(config, exp, source, _evaluation(config, planned,
-                                                                config.chat_format))
+    commands += _post_commands(config, exp, source, keys,
+                               _evaluation(config, planned, config.chat_format))
     text = plan_text(config, exp, commands, notes)
     return Outcome(exp, "planned", text)
 
@@ -317,18 +326,20 @@ def _train(config: SFTConfig, exp: Experiment, base) -> Optional[Outcome]:
     return Outcome(exp, ran.state, ran.message)
 
 
-def _post_commands(config: SFTConfig, exp: Experiment, source, baseline: tuple[str, ...] = ()
-                   ) -> list[list[str]]:
+def _post_commands(config: SFTConfig, exp: Experiment, source, keys: RecordKeys,
+                   baseline: tuple[str, ...] = ()) -> list[list[str]]:
     """After training: the baseline evaluation (``baseline``: its flags; once per experiment),
     the finetuned model's evaluation on the test split, the exports of ``--export``."""
     commands = []
     if source.kind == "jsonl" and "test" in source.paths:
+        flags = {"--question_key": keys.question, "--answer_key": keys.answer,
+                 "--system_key": keys.system, "--messages_key": keys.messages,
+                 "--context_key": keys.context}
+
         def evaluate(load: tuple[str, ...], name: str) -> list[str]:
             return _tools_command(
                 "evaluate.py", *load, "--input", source.paths["test"],
-                "--question_key", config.question_key, "--answer_key", config.answer_key,
-                *(["--system_key", config.system_key] if config.system_key else []),
-                *(["--messages_key", config.messages_key] if config.messages_key else []),
+                *[part for flag, key in flags.items() if key for part in (flag, key)],
                 "--max_new_tokens", "64", "--batch_size", "8",
                 "--summary_json", exp.path("eval", f"{name}.json"),
                 "--output", exp.path("eval", f"{name}_predictions.jsonl"),
@@ -347,10 +358,10 @@ def _post_commands(config: SFTConfig, exp: Experiment, source, baseline: tuple[s
     return commands
 
 
-def _finish(config: SFTConfig, exp: Experiment, source, baseline: tuple[str, ...] = ()
-            ) -> Outcome:
+def _finish(config: SFTConfig, exp: Experiment, source, keys: RecordKeys,
+            baseline: tuple[str, ...] = ()) -> Outcome:
     env = child_env(1, REPO)
-    for command in _post_commands(config, exp, source, baseline):
+    for command in _post_commands(config, exp, source, keys, baseline):
         name = os.path.basename(command[1]).removesuffix(".py")
         if exp.path("eval", "baseline.json") in command:
             name = "baseline"  # evaluate.py on the pretrained base

@@ -445,13 +445,14 @@ def test_strict_stops_at_first_bad_record_and_writes_nothing(tmp_path, sp_model)
 
 def test_all_records_rejected_is_an_error_and_writes_nothing(tmp_path, sp_model):
     source = write_jsonl(tmp_path / "in.jsonl",
-                         [{"input": "q", "output": "a"}, {"input": "q2", "output": "a2"}, ""])
+                         [{"question": "q", "answer": " "}, {"question": "q2"}, ""])
     out = tmp_path / "out"
     out.mkdir()
     message = run_error(["--input", str(source), "--output_prefix", str(out / "ds"),
                          *sp_flags(sp_model), *QA_KEYS], DataError)
     assert "no record was accepted out of 3" in message
-    assert f"{source}:1: missing key 'question'" in message
+    assert f"{source}:1: key 'answer' is empty" in message
+    assert f"{source}:2: missing key 'answer'" in message
     assert "--question_key" in message
     assert output_leftovers(out) == []
 
@@ -583,7 +584,8 @@ def subprocess_errors(tmp_path_factory, sp_model):
                                [good(i) for i in range(40)] + ["[1, 2]"]
                                + [good(i) for i in range(40, 60)] + ["{bad"])
     strict_error = f"error: {strict_input}:41: JSON list, expected an object"
-    rejected_input = write_jsonl(root / "rejected.jsonl", [{"input": "q", "output": "a"}] * 3)
+    rejected_input = write_jsonl(root / "rejected.jsonl", [{"question": "q", "answer": ""}] * 3)
+    nemo_input = write_jsonl(root / "nemo.jsonl", [{"input": "q", "output": "a"}] * 3)
     garbage_model = root / "x.model"
     garbage_model.write_bytes(random.Random(0).randbytes(4096))
     missing_dir = root / "no_such_dir"
@@ -599,6 +601,11 @@ def subprocess_errors(tmp_path_factory, sp_model):
                             "--chunk_size", "1", *sp_flags(sp_model)], strict_error),
         "all_rejected": (["--input", str(rejected_input), *sp_flags(sp_model)],
                          "error: no record was accepted out of 3"),
+        # keys that match nothing: the keys the records have, before any tokenizer is read
+        "other_keys": (["--input", str(nemo_input), *sp_flags(str(garbage_model))],
+                       f"error: {nemo_input}: none of the first 3 records has the key(s) "
+                       "'question', 'answer' (--question_key/--answer_key); their keys are "
+                       "'input', 'output'; they look like input/output (NeMo) records"),
         "garbage_tokenizer": (["--input", str(good_input), *sp_flags(str(garbage_model))],
                               f"error: cannot read {garbage_model} as a SentencePiece model"),
         "no_chatml_tokens": (["--input", str(good_input), *sp_flags(sp_model, None)],
@@ -637,6 +644,7 @@ def subprocess_errors(tmp_path_factory, sp_model):
 
 
 SUBPROCESS_CASES = ["missing_input", "glob_no_match", "strict", "strict_workers", "all_rejected",
+                    "other_keys",
                     "garbage_tokenizer", "no_chatml_tokens", "missing_output_dir"]
 
 

@@ -306,7 +306,7 @@ def test_meta_json_content(tmp_path, sp_model):
     assert identity["special_tokens"]["<|im_end|>"] == 1506 and len(identity["sha256"]) == 64
     assert meta["chat_format"]["name"] == "chatml" and meta["chat_format"]["stop_token"] == "<|im_end|>"
     assert meta["keys"] == {"question": "question", "answer": "answer", "system": "system",
-                            "messages": None}
+                            "messages": None, "context": None}
     assert meta["inputs"] == [{"path": str(tmp_path / "out.jsonl"),
                                "bytes": (tmp_path / "out.jsonl").stat().st_size}]
     counts = meta["counts"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from megatron_ext.data.records import RecordKeys
 from megatron_ext.errors import ConfigError
 from tests.conftest import SAMPLE
 from tests.launch.test_sft_options import parse
@@ -100,12 +101,15 @@ def finish(tmp_path, monkeypatch):
         config.validate()
         exp = open_experiment(str(tmp_path / "exp"), config.identity())
         ran.clear()
-        outcome = recipe._finish(config, exp, find_splits(str(SAMPLE)),
+        outcome = recipe._finish(config, exp, find_splits(str(SAMPLE)), SAMPLE_KEYS,
                                  recipe._evaluation(config, _Base(), "chatml")
                                  if baseline else ())
         return outcome, [" ".join(c[1:]) for c in ran]
 
     return go
+
+
+SAMPLE_KEYS = RecordKeys("question", "answer", "system")  # the bundled sample's
 
 
 class _Base:

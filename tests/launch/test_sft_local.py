@@ -50,7 +50,8 @@ def sft_args(name: str, base: Path, data: Path, root: Path, *extra: str) -> list
     return [sys.executable, SFT, "-E", name, "--hf_model_id", str(base), "--dataset_path",
             str(data), "--experiments_dir", str(root), "--seq_length", "96", "-G", "2",
             "-g", "8", "-m", "2", "--lr", "1e-3", "--save_interval", "2", "--no_progress",
-            *extra]
+            # 13 of the 48 training records have no answer within 96 tokens
+            "--max_rejected_fraction", "0.3", *extra]
 
 
 def run(args: list[str], timeout: int = 400) -> subprocess.CompletedProcess:
@@ -97,6 +98,11 @@ def test_one_command_trains_evaluates_and_exports(experiments):
     # one epoch: the records the tokenizer kept (some answers lie past 96 tokens), 8 a step
     records = record["records"]["training"]
     assert 24 < records <= 48 and record["train_iters"] == -(-records // 8) == STEPS
+    # the records left out: counted and shown with their reason, all kept in the experiment
+    rejected = (root / "rejected" / "training.jsonl").read_text().splitlines()
+    assert len(rejected) == 48 - records and json.loads(rejected[0])["code"] == "too_long"
+    assert f"training: {48 - records} of 48 records rejected" in first.stderr
+    assert "would remove the whole answer" in first.stderr
     assert (root / "checkpoints" / f"iter_{STEPS:07d}").is_dir()
     assert len(train_metrics(root)) == STEPS  # metrics.jsonl at the experiment's top
     test = json.loads((root / "eval" / "test.json").read_text())

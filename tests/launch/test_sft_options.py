@@ -346,7 +346,144 @@ def test_the_command_says_a_layout_error_once(tmp_path):
          "-G", "2", "-T", "2"], env=child_env(), cwd=REPO, capture_output=True, text=True,
         timeout=120)
     assert result.returncode == 1
-    assert result.stderr.count("error: ") == 1 and result.stderr.startswith("error: the base")
+    assert result.stderr.count("error: ") == 1 and "\nerror: the base" in "\n" + result.stderr
     assert result.stderr.count("--num_attention_heads 9 is not divisible") == 1
     assert "Traceback" not in result.stderr and "torch.distributed.run" not in result.stderr
     assert not (tmp_path / "exps").exists()
+
+
+# -- the dataset folder: record formats, rejected records, splits (nothing trained) -----------
+class Trained(Exception):
+    """Raised where the launcher would start training."""
+
+
+@pytest.fixture
+def launcher(monkeypatch, sp_model):
+    """``run_sft`` with the base model's import replaced by a SentencePiece tokenizer (the
+    calls recorded) and training replaced by :class:`Trained`."""
+    from megatron_ext.launch import base_model, recipe
+    from megatron_ext.tokenizers import SENTENCEPIECE, TokenizerConfig
+    from tests.conftest import CHATML
+
+    imports = []
+
+    def prepare_base(*args, **kwargs):
+        imports.append(args)
+        return base_model.BaseModel("model", None, TokenizerConfig(
+            SENTENCEPIECE, sp_model, CHATML, megatron_llm_specials=False), {})
+
+    def train(*args):
+        raise Trained
+
+    monkeypatch.setattr(base_model, "prepare_base", prepare_base)
+    monkeypatch.setattr(recipe, "_train", train)
+    return imports
+
+
+def folder(path, **splits):
+    from tests.conftest import write_jsonl
+
+    path.mkdir()
+    for name, records in splits.items():
+        write_jsonl(path / f"{name}.jsonl", records)
+    return path
+
+
+def sft(tmp_path, data, *argv):
+    from megatron_ext.launch.recipe import run_sft
+
+    model = tmp_path / "model"
+    if not model.exists():
+        model_config(model)  # its config is read before the (replaced) import
+    return run_sft(parse("-E", "exp", "--dataset_path", str(data), "--hf_model_id",
+                         str(model), "--experiments_dir",
+                         str(tmp_path / "exps"), "--chat_format", "chatml", "--max_steps", "1",
+                         "--no_progress", *argv))
+
+
+NEMO = [{"input": f"What is {i} plus {i}?", "output": f"It is {2 * i}."} for i in range(40)]
+
+
+def test_nemo_records_are_detected_and_all_accepted(tmp_path, launcher, caplog):
+    data = folder(tmp_path / "data", training=NEMO, validation=NEMO[:4])
+    with caplog.at_level("INFO"), pytest.raises(Trained):
+        sft(tmp_path, data)
+    record = json.loads((tmp_path / "exps" / "exp" / "experiment.json").read_text())
+    assert record["records"] == {"training": 40, "validation": 4}
+    assert f"{data / 'training.jsonl'}: input/output (NeMo) records (detected" in caplog.text
+
+
+def test_a_format_mistake_is_reported_before_the_model_is_imported(tmp_path, launcher):
+    from megatron_ext.errors import DataError
+
+    data = folder(tmp_path / "data", training=NEMO)
+    with pytest.raises(DataError, match="none of the first 40 records has the key\\(s\\) "
+                                        "'question', 'answer' .* their keys are 'input', "
+                                        "'output'"):
+        sft(tmp_path, data, "--question_key", "question", "--answer_key", "answer")
+    mixed = folder(tmp_path / "mixed", training=[*NEMO[:3], {"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=f"{mixed / 'training.jsonl'}:4: a record in the "
+                                        "question/answer"):
+        sft(tmp_path, mixed)
+    assert launcher == []  # nothing imported
+
+
+def test_rejected_records_are_shown_kept_and_stop_the_launch(tmp_path, launcher, caplog):
+    from megatron_ext.errors import DataError
+
+    records = list(NEMO)
+    records[2] = {"input": "no answer"}
+    records[6] = "{not json"
+    data = folder(tmp_path / "data", training=records)
+    path = data / "training.jsonl"
+    with pytest.raises(DataError) as info:  # 2 of 40 = 5%, over the default 1%
+        sft(tmp_path, data)
+    message = str(info.value)
+    kept = tmp_path / "exps" / "exp" / "rejected" / "training.jsonl"
+    assert message.startswith(f"{path}: 2 of 40 records rejected (5.0%), more than "
+                              f"--max_rejected_fraction 0.01; the first: {path}:3: missing "
+                              f"key 'output'; {path}:7: malformed JSON")
+    assert f"in {kept}" in message and "raise --max_rejected_fraction" in message
+    assert [json.loads(line)["line"] for line in kept.read_text().splitlines()] == [3, 7]
+    caplog.clear()
+    with caplog.at_level("INFO"), pytest.raises(Trained):  # allowed: trains on the 38
+        sft(tmp_path, data, "--max_rejected_fraction", "0.05")
+    assert "training: 2 of 40 records rejected (5.0%)" in caplog.text
+    assert f"{path}:3: missing key 'output'" in caplog.text
+    assert "tokenized data found in the cache" in caplog.text  # the limit is no cache key
+
+
+def test_splits_under_other_names_are_named(tmp_path):
+    from megatron_ext.launch.dataset import find_splits
+
+    data = folder(tmp_path / "data", train=NEMO, val=NEMO, test=NEMO)
+    with pytest.raises(ConfigError, match=r"holds train.jsonl \(rename it training.jsonl\), "
+                                          r"val.jsonl \(rename it validation.jsonl\): the "
+                                          "splits are read from training.jsonl"):
+        find_splits(str(data))
+
+
+def test_a_missing_validation_split_is_said_once(tmp_path, launcher, caplog):
+    data = folder(tmp_path / "data", training=NEMO, test=NEMO[:3])
+    with caplog.at_level("INFO"), pytest.raises(Trained):
+        sft(tmp_path, data)
+    said = [r.getMessage() for r in caplog.records if "no validation split" in r.getMessage()]
+    assert said == [f"{data}: no validation split (validation.jsonl): no validation loss "
+                    "during training, only the training loss"]
+    alpaca = [{"instruction": "i", "input": "x", "output": "o"}]
+    plan = sft(tmp_path, folder(tmp_path / "alpaca", training=alpaca, test=alpaca),
+               "--dry_run", "-E", "plan").message
+    assert "no validation split (validation.jsonl)" in plan and "no test split" not in plan
+    # the test split is evaluated with the detected keys, Alpaca's input joined as in training
+    assert ("evaluate.py --load {} --input {} --question_key instruction --answer_key output "
+            "--system_key system --context_key input").format(
+        tmp_path / "exps" / "plan" / "checkpoints", tmp_path / "alpaca" / "test.jsonl") in plan
+    from megatron_ext.launch.dataset import find_splits
+
+    assert find_splits(str(tmp_path / "data")).notes == (
+        "no validation split (validation.jsonl): no validation loss during training, only the "
+        "training loss",)
+    only_training = folder(tmp_path / "only", training=alpaca)
+    assert find_splits(str(only_training)).notes[1] == (
+        "no test split (test.jsonl): the model is not evaluated after training (it is still "
+        "exported)")
