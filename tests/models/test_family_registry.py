@@ -33,16 +33,16 @@ def test_every_family_file_defines_its_family():
         assert family.hf is None or family.hf.model_type
 
 
-def readme_family_example() -> str:
-    """The example family file of the README's "Adding a model family"."""
-    text = (REPO / "README.md").read_text(encoding="utf-8")
+def documented_family_example() -> str:
+    """The example family file of docs/architecture.md's "Adding a model family"."""
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
     start = text.index("# megatron_ext/models/families/longllama.py")
     return text[start:text.index("```", start)]
 
 
 def test_a_new_file_is_a_new_family(tmp_path, monkeypatch):
-    """The README's example, dropped in as one file, is a family everywhere."""
-    (tmp_path / "longllama.py").write_text(readme_family_example())
+    """docs/architecture.md's example, dropped in as one file, is a family everywhere."""
+    (tmp_path / "longllama.py").write_text(documented_family_example())
     monkeypatch.setattr(registry, "__path__", [*registry.__path__, str(tmp_path)])
     registry._discovered.cache_clear()
     try:
