@@ -146,7 +146,10 @@ class Preemption:
 
     def __init__(self, run: Path, argv: list[str]):
         self.output = run.parent / f"{run.name}.out"  # a file: nobody reads it meanwhile
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+        # niced: on a loaded machine the watcher (not niced) still sees the 3rd iteration
+        # before the run, a second of training, is over ("nice" execs: the pid is the run's)
+        command = ["nice", "-n", "10", sys.executable, "-m", "torch.distributed.run",
+                   "--nproc_per_node", "1",
                    "--master_port", str(free_port()), str(REPO / "finetune.py"), *argv]
         with open(self.output, "wb") as handle:
             self.proc = subprocess.Popen(command, env=child_env(), cwd=REPO, stdout=handle,
