@@ -137,6 +137,9 @@ class SFTConfig:
     baseline: bool = option(True, "do not evaluate the pretrained base model on the test split "
                                   "(the summary's baseline column; evaluated once per "
                                   "experiment)")
+    eval_max_new_tokens: int = option(
+        64, "longest answer generated for each test record when evaluating the pretrained "
+            "and the finetuned model (exact match and token F1 compare it with the reference)")
     export: str = option("both", "what to export with --peft: the Hugging Face model with the "
                                  "adapters merged, the PEFT adapter, or both (full finetuning: "
                                  "merged)", choices=EXPORTS)
@@ -193,8 +196,8 @@ class SFTConfig:
         if self.max_steps is not None and self.epochs is not None:
             problems.append("give --max_steps or --epochs, not both")
         for name in ("num_nodes", "num_gpus", "global_batch_size", "micro_batch_size",
-                     "seq_length", "gradient_accumulation_steps"):
-            if (getattr(self, name) or 1) < 1:
+                     "seq_length", "gradient_accumulation_steps", "eval_max_new_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:  # None: not given
                 problems.append(f"--{name} must be positive")
         accumulated = self.accumulated_batch_size
         if not problems and accumulated not in (None, self.global_batch_size):

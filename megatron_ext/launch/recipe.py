@@ -340,7 +340,7 @@ def _post_commands(config: SFTConfig, exp: Experiment, source, keys: RecordKeys,
             return _tools_command(
                 "evaluate.py", *load, "--input", source.paths["test"],
                 *[part for flag, key in flags.items() if key for part in (flag, key)],
-                "--max_new_tokens", "64", "--batch_size", "8",
+                "--max_new_tokens", str(config.eval_max_new_tokens), "--batch_size", "8",
                 "--summary_json", exp.path("eval", f"{name}.json"),
                 "--output", exp.path("eval", f"{name}_predictions.jsonl"),
                 *([] if config.progress else ["--no_progress"]))

@@ -133,6 +133,20 @@ def comparison(baseline: Optional[dict], finetuned: dict) -> list[str]:
     return lines
 
 
+def adapter_loading(adapter: str) -> list[str]:
+    """How to open the exported adapter with ``peft`` (its base is what its
+    ``adapter_config.json`` records: a Hugging Face directory transformers opens)."""
+    try:
+        with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as handle:
+            base = json.load(handle).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return []
+    return [f"base: {base}",
+            f"load: peft.AutoPeftModelForCausalLM.from_pretrained({adapter!r}) (the base "
+            "comes with it; the tokenizer: transformers.AutoTokenizer.from_pretrained of the "
+            "same folder)"]
+
+
 def finished_text(root: str, results: dict, already: bool) -> str:
     """The end summary of the experiment in ``root`` from its recorded ``results``."""
     r = results
@@ -155,6 +169,7 @@ def finished_text(root: str, results: dict, already: bool) -> str:
         lines.append(f"  Hugging Face model: {r['hf']}")
     if r.get("adapter"):
         lines.append(f"  PEFT adapter: {r['adapter']}")
+        lines += ["    " + line for line in adapter_loading(r["adapter"])]
     if r.get("loss_png"):
         lines.append(f"  loss curve: {r['loss_png']}")
     if r.get("tensorboard"):

@@ -4,6 +4,7 @@ plot and the summary; in-process, the tools mocked, nothing trained."""
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -50,6 +51,9 @@ def test_the_summary_puts_baseline_and_finetuned_side_by_side(tmp_path):
     root = tmp_path / "exp"
     (root / "hf").mkdir(parents=True)
     (root / "hf" / "model.safetensors").write_bytes(b"\0" * 3 * 2**20)
+    (root / "adapter").mkdir()
+    (root / "adapter" / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "/cache/.imported/m-1.hf"}))
     results = {
         "iteration": 6, "seconds": 3725.0, "train_seconds": 9.0, "train_loss": 1.75,
         "valid_loss": 2.2, "hf": str(root / "hf"), "adapter": str(root / "adapter"),
@@ -70,12 +74,15 @@ def test_the_summary_puts_baseline_and_finetuned_side_by_side(tmp_path):
     assert "  time: 1:02:05 from the first launch to the end (training 9.0 s)" in lines
     assert f"  Hugging Face model: {root / 'hf'}" in lines
     assert f"  PEFT adapter: {root / 'adapter'}" in lines
+    assert "    base: /cache/.imported/m-1.hf" in lines  # how to load it, said where it is
+    assert (f"    load: peft.AutoPeftModelForCausalLM.from_pretrained('{root / 'adapter'}') "
+            "(the base") in text
     assert f"  loss curve: {root / 'loss.png'}" in lines
     assert f"  TensorBoard: tensorboard --logdir {root / 'tensorboard'}" in lines
     assert f"  folder: {root} (3.0 MB)" in lines
     # no baseline (--no_baseline): the finetuned column alone
     alone = finished_text(str(root), {**results, "baseline": None}, already=True)
-    assert "pretrained" not in alone and alone.splitlines()[1].split()[-1] == "finetuned"
+    assert " pretrained " not in alone and alone.splitlines()[1].split()[-1] == "finetuned"
     assert alone.splitlines()[-1] == "  (--restart trains it again from the start)"
 
 
@@ -155,6 +162,10 @@ def test_the_baseline_is_evaluated_once_per_experiment_and_skippable(finish, tmp
     assert outcome.experiment.results["baseline"] == {"answer_loss": 4.0}
     _, commands = finish("--peft", "lora", "--no_baseline", baseline=False)
     assert len([c for c in commands if "evaluate.py" in c]) == 1
+    assert "--max_new_tokens 64 " in evaluations[0] and "--max_new_tokens 64 " in evaluations[1]
+    shutil.rmtree(tmp_path / "exp")  # another length is another experiment
+    _, commands = finish("--peft", "lora", "--eval_max_new_tokens", "24")
+    assert [c.count("--max_new_tokens 24 ") for c in commands if "evaluate.py" in c] == [1, 1]
 
 
 def test_the_slurm_jobs_post_step_keeps_the_choices(tmp_path):

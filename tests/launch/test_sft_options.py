@@ -73,6 +73,8 @@ def test_short_flags_are_nemo_recipe_flags():
     (["--hf_model_id", "m", "--max_steps", "3", "--epochs", "1"], "not both"),
     (["--hf_model_id", "m", "-N", "2"], "run the command on every node"),
     (["--load", "c", "--vocab_extra_ids_list", "<a>"], "keeps the tokenizer it was trained"),
+    (["--hf_model_id", "m", "-G", "0"], "--num_gpus must be positive"),
+    (["--hf_model_id", "m", "--eval_max_new_tokens", "0"], "--eval_max_new_tokens must be"),
 ])
 def test_bad_settings_are_refused_together(argv, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
