@@ -9,11 +9,14 @@ their ranks, single node or several (``--nnodes``/``--node_rank``/
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
+
+from megatron_ext.cli import on_terminal
 
 
 def _cpus() -> int:
@@ -51,12 +54,15 @@ class Finished:
 
 
 def run_logged(command: Sequence[str], log_path: str, env: dict, cwd: str,
-               quiet_after: Optional[str] = None) -> Finished:
+               quiet_after: Optional[str] = None, steps_bar: bool = False) -> Finished:
     """Run ``command``, its output streamed to this terminal and appended to ``log_path``;
     a SIGTERM or Ctrl-C to the launcher is passed on (the trainer then saves and stops).
     Once the file ``quiet_after`` exists (a rank's error report, see ``cli.ERROR_FILE``)
     the output goes to the log only: what follows is torchrun's account of the failed
-    ranks, and the caller says the error once."""
+    ranks, and the caller says the error once. ``steps_bar``: when this process's output
+    is a terminal, the trainer's ``iter N/M`` lines also drive a progress bar below the
+    output (the trainer's own bar needs a terminal, and its output here is a pipe); the
+    log gets the lines only."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "ab") as log:
         log.write(("$ " + " ".join(command) + "\n").encode())
@@ -71,20 +77,57 @@ def run_logged(command: Sequence[str], log_path: str, env: dict, cwd: str,
             proc.send_signal(signum)
 
         previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        bar = _StepsBar() if steps_bar and on_terminal(sys.stdout) else None
         try:
             quiet = False
             for line in iter(proc.stdout.readline, b""):
                 quiet = quiet or bool(quiet_after and os.path.exists(quiet_after))
                 if not quiet:
-                    sys.stdout.buffer.write(line)
-                    sys.stdout.flush()
+                    if bar is not None:
+                        bar.show(line)
+                    else:
+                        sys.stdout.buffer.write(line)
+                        sys.stdout.flush()
                 log.write(line)
             return Finished(proc.wait(), bool(signalled))
         finally:
+            if bar is not None:
+                bar.close()
             for number, handler in previous.items():
                 signal.signal(number, handler)
             if proc.poll() is None:
                 proc.kill()
+
+
+class _StepsBar:
+    """A tqdm bar of the trainer's steps, read from its ``iter N/M`` log lines; the lines
+    are printed above it."""
+
+    STEP = re.compile(rb"\biter (\d+)/(\d+) \|")
+
+    def __init__(self):
+        self.bar = None
+
+    def show(self, line: bytes) -> None:
+        match = self.STEP.search(line)
+        if match and self.bar is None:
+            from tqdm import tqdm
+
+            done = int(match.group(1))
+            self.bar = tqdm(total=int(match.group(2)), initial=done - 1, desc="training",
+                            unit="step", dynamic_ncols=True, file=sys.stdout)
+        if self.bar is not None:
+            self.bar.clear()
+        sys.stdout.buffer.write(line)
+        sys.stdout.flush()
+        if self.bar is not None:
+            if match:
+                self.bar.update(int(match.group(1)) - self.bar.n)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def stamp() -> str:

@@ -5,6 +5,7 @@ flags back as the very TrainConfig the launcher meant. In-process, nothing train
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 
 import pytest
@@ -160,3 +161,31 @@ def test_the_slurm_job_runs_the_generated_flags_then_the_post_step(tmp_path):
     assert text.rstrip().endswith(f"--post_only --experiment exp --experiments_dir "
                                   f"{tmp_path / 'exps'}")
     assert "--gpus-per-node" not in text
+
+
+TRAINER_LINES = r"""
+import time
+for step in (1, 2, 3):
+    print(f"12:00:0{step} INFO iter {step}/3 | samples {8 * step} | loss 1.5 | elapsed 00:0{step} | ETA 00:00", flush=True)
+print("12:00:04 INFO saved checkpoint", flush=True)
+"""
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_terminal_gets_a_bar_of_the_trainers_steps_and_the_log_plain_lines(
+        tmp_path, monkeypatch, capsys, terminal):
+    """Under the launcher the trainer writes to a pipe (no bar of its own): on a terminal
+    the launcher draws one from the trainer's ``iter N/M`` lines; the log keeps the lines."""
+    from megatron_ext.launch import local
+
+    monkeypatch.setattr(local, "on_terminal", lambda stream=None: terminal)
+    log = tmp_path / "train.log"
+    finished = local.run_logged([sys.executable, "-c", TRAINER_LINES], str(log), dict(os.environ),
+                                str(tmp_path), steps_bar=True)
+    assert finished.code == 0
+    shown = capsys.readouterr().out
+    logged = log.read_text().splitlines()[-4:]  # after the command line
+    assert len(logged) == 4 and "\r" not in log.read_text()
+    assert all(line in shown for line in logged)
+    assert ("training: 100%" in shown and "3/3" in shown) == terminal
+    assert ("\r" in shown) == terminal

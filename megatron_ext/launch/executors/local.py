@@ -46,7 +46,8 @@ class LocalExecutor(Executor):
         # traceback (cli.run_cli)
         report = log.removesuffix(".log") + ".error"
         env = dict(child_env(config.num_gpus, launch.repo), **{ERROR_FILE: report})
-        finished = run_logged(command, log, env, launch.repo, quiet_after=report)
+        finished = run_logged(command, log, env, launch.repo, quiet_after=report,
+                              steps_bar=config.progress)
         if finished.code != 0 and os.path.exists(report):
             raise TrainingFailed(refused(report, log))
         latest = exp.latest_iteration()
