@@ -80,6 +80,9 @@ def plot_losses(metrics_path: str, out: str) -> Optional[str]:
         if losses[split]:
             steps, values = zip(*losses[split])
             axes.plot(steps, values, style, label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, not 2.5
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title(os.path.basename(os.path.dirname(os.path.abspath(out))) or "loss")
