@@ -65,18 +65,26 @@ LORA = ("--peft", "lora", "--peft_dim", "8")  # the Slurm tests run full finetun
 @pytest.fixture(scope="module")
 def experiments(tmp_path_factory, base_model) -> dict:
     """LoRA experiment "a" straight (then again), and "b" (the same settings) stopped by
-    SIGTERM after 3 logged steps and relaunched."""
+    SIGTERM after 3 logged steps and relaunched. "b" starts once "a" has imported the base
+    and tokenized the data (so "b" reuses both), and then trains beside "a": each launch
+    keeps one core busy, and the machine has two."""
     root = tmp_path_factory.mktemp("experiments")
     data = dataset(root / "data")
-    # with its progress shown (stdout and stderr are pipes, not a terminal: plain lines)
-    first = run([arg for arg in sft_args("a", base_model, data, root, *LORA)
-                 if arg != "--no_progress"])
-    again = run(sft_args("a", base_model, data, root, *LORA))
+    # with its progress shown (stdout and stderr are files, not a terminal: plain lines)
+    first_args = [arg for arg in sft_args("a", base_model, data, root, *LORA)
+                  if arg != "--no_progress"]
+    outputs = {name: open(root / f"a.{name}", "w+", encoding="utf-8")
+               for name in ("stdout", "stderr")}
+    first_proc = subprocess.Popen(first_args, env=child_env(), cwd=REPO, text=True,
+                                  **outputs)
+    deadline = time.monotonic() + 300
+    while (time.monotonic() < deadline and first_proc.poll() is None
+           and not list(root.glob(".tokenized/*/done.json"))):
+        time.sleep(0.05)
     b = sft_args("b", base_model, data, root, *LORA, "--no_baseline")  # "a" shows it
     proc = subprocess.Popen(b, env=child_env(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     metrics = root / "b" / "checkpoints" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.exists() and len(train_metrics(metrics.parent)) >= 3:
             proc.send_signal(signal.SIGTERM)
@@ -85,6 +93,14 @@ def experiments(tmp_path_factory, base_model) -> dict:
     stopped_output = proc.communicate(timeout=300)[0]
     stopped_code = proc.returncode
     resumed = run(b)
+    first_proc.wait(timeout=400)
+    for handle in outputs.values():
+        handle.seek(0)
+    first = subprocess.CompletedProcess(first_args, first_proc.returncode,
+                                        outputs["stdout"].read(), outputs["stderr"].read())
+    for handle in outputs.values():
+        handle.close()
+    again = run(sft_args("a", base_model, data, root, *LORA))
     return {"root": root, "data": data, "first": first, "again": again,
             "stopped": (stopped_code, stopped_output), "resumed": resumed}
 
