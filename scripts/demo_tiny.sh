@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The fast path: the whole pipeline on the bundled sample (data/sample) with a tiny random
-# model and a tokenizer trained on the spot, on CPU, in about two minutes (scripts/demo.sh
+# model and a tokenizer trained on the spot, on CPU, in about two and a half minutes (scripts/demo.sh
 # finetunes a real pretrained model instead):
 #   1. train a small Llama-style SentencePiece tokenizer on the sample,
 #   2. preprocess train/validation/test into megatron .bin/.idx token + role streams,
