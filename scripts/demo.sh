@@ -43,6 +43,8 @@ PY
 echo "== 3/3 transformers loads the export ($EXPERIMENT/hf) and answers"
 $PY - "$EXPERIMENT/hf" "When was the University of Louvain founded?" <<'PY'
 import sys, transformers as t
+if not sys.stderr.isatty():  # a log file: no carriage-return bars
+    t.utils.logging.disable_progress_bar()
 model = t.AutoModelForCausalLM.from_pretrained(sys.argv[1])
 tok = t.AutoTokenizer.from_pretrained(sys.argv[1])
 ids = tok.apply_chat_template([{"role": "user", "content": sys.argv[2]}],
