@@ -68,8 +68,8 @@ def find_splits(dataset_path: str) -> DataSource:
                 return name
         return None
 
-    jsonl = {split: os.path.join(dataset_path, jsonl_file(split)) for split in SPLITS
-             if jsonl_file(split)}
+    jsonl = {split: os.path.join(dataset_path, name) for split in SPLITS
+             if (name := jsonl_file(split))}
     misnamed = [(split, found) for split in SPLITS if split not in jsonl
                 for found in map(jsonl_file, SPLIT_ALIASES[split]) if found]
     if misnamed:

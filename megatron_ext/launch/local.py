@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from megatron_ext.cli import on_terminal
+from megatron_ext.cli import ProgressBar, on_terminal
 
 
 def _cpus() -> int:
@@ -100,30 +100,27 @@ def run_logged(command: Sequence[str], log_path: str, env: dict, cwd: str,
 
 
 class _StepsBar:
-    """A tqdm bar of the trainer's steps, read from its ``iter N/M`` log lines; the lines
-    are printed above it."""
+    """A bar of the trainer's steps (``cli.ProgressBar``, shown on this terminal), read from
+    its ``iter N/M`` log lines; the lines are printed above it."""
 
     STEP = re.compile(rb"\biter (\d+)/(\d+) \|")
 
     def __init__(self):
-        self.bar = None
+        self.bar: Optional[ProgressBar] = None
 
     def show(self, line: bytes) -> None:
         match = self.STEP.search(line)
         if match and self.bar is None:
-            from tqdm import tqdm
-
-            done = int(match.group(1))
-            self.bar = tqdm(total=int(match.group(2)), initial=done - 1, desc="training",
-                            unit="step", dynamic_ncols=True, file=sys.stdout)
+            self.bar = ProgressBar(total=int(match.group(2)), initial=int(match.group(1)) - 1,
+                                   desc="training", unit="step", every=None, stream=sys.stdout)
         if self.bar is not None:
-            self.bar.clear()
+            self.bar.bar.clear()
         sys.stdout.buffer.write(line)
         sys.stdout.flush()
         if self.bar is not None:
             if match:
                 self.bar.update(int(match.group(1)) - self.bar.n)
-            self.bar.refresh()
+            self.bar.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:

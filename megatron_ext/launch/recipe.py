@@ -167,8 +167,9 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
     # the records' format, before the model's import: a mistake in the data shows at once
     keys = record_keys(source, RecordKeys(config.question_key, config.answer_key,
                                           config.system_key, config.messages_key))
-    if not post_only:
-        planned = planned_base(config.hf_model_id, config.load)
+    # (a Slurm job's evaluation step: the launch that trained checked the model)
+    planned = None if post_only else planned_base(config.hf_model_id, config.load)
+    if planned is not None:
         check_model_fits(config, exp, planned)
     if restart:
         moved = move_aside(root)

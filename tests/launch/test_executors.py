@@ -176,9 +176,11 @@ def test_a_terminal_gets_a_bar_of_the_trainers_steps_and_the_log_plain_lines(
         tmp_path, monkeypatch, capsys, terminal):
     """Under the launcher the trainer writes to a pipe (no bar of its own): on a terminal
     the launcher draws one from the trainer's ``iter N/M`` lines; the log keeps the lines."""
+    from megatron_ext import cli
     from megatron_ext.launch import local
 
-    monkeypatch.setattr(local, "on_terminal", lambda stream=None: terminal)
+    for module in (cli, local):  # the launcher's check, and the bar's own
+        monkeypatch.setattr(module, "on_terminal", lambda stream=None: terminal)
     log = tmp_path / "train.log"
     finished = local.run_logged([sys.executable, "-c", TRAINER_LINES], str(log), dict(os.environ),
                                 str(tmp_path), steps_bar=True)
