@@ -8,11 +8,15 @@ their ranks, single node or several (``--nnodes``/``--node_rank``/
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import runpy
 import signal
 import subprocess
 import sys
+import threading
+import traceback
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -97,6 +101,74 @@ def run_logged(command: Sequence[str], log_path: str, env: dict, cwd: str,
                 signal.signal(number, handler)
             if proc.poll() is None:
                 proc.kill()
+
+
+def run_in_process(command: Sequence[str], log_path: str) -> int:
+    """Run a Python script's command line (``[python, script.py, *args]``) in this process,
+    as ``python script.py args`` would, its output shown here and appended to ``log_path``
+    as :func:`run_logged` does; its exit status (an exception: 2, its traceback logged).
+
+    Why: the launcher's evaluations and exports each paid for a new Python process that
+    imports torch and megatron-core (~2.5 s of CPU, most of such a step on a small model);
+    run one after another in one process, the imports are paid once. What a step prints,
+    C libraries included, goes through file descriptors 1 and 2 (:func:`_teed_output`)."""
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    argv = sys.argv
+    with open(log_path, "ab") as log:
+        log.write(("$ " + " ".join(command) + "\n").encode())
+        log.flush()
+        with _teed_output(log):
+            sys.argv = list(command[1:])
+            try:
+                runpy.run_path(command[1], run_name="__main__")
+                return 0
+            except SystemExit as exit_:
+                code = exit_.code
+                return code if isinstance(code, int) else (0 if code is None else 1)
+            except BaseException:  # noqa: BLE001 - a crash is the step's failure, logged
+                traceback.print_exc()
+                return 2
+            finally:
+                sys.argv = argv
+
+
+@contextlib.contextmanager
+def _teed_output(log):
+    """File descriptors 1 and 2 into a pipe whose data a thread writes to the former
+    standard output and to ``log`` (a binary file)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    read_end, write_end = os.pipe()
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as pipe:
+            for chunk in iter(lambda: pipe.read(65536), b""):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(saved[0], view):]
+                log.write(chunk)
+
+    thread = threading.Thread(target=pump, name="teed-output", daemon=True)
+    thread.start()
+    os.dup2(write_end, 1)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    streams = sys.stdout, sys.stderr  # (they may not write to 1 and 2: pytest's do not)
+    sys.stdout, sys.stderr = (open(fd, "w", buffering=1, encoding="utf-8", errors="replace",
+                                   closefd=False) for fd in (1, 2))
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.close()  # flushes (the descriptors stay open)
+        sys.stdout, sys.stderr = streams
+        os.dup2(saved[0], 1)  # the pipe's last write ends close: the pump reads its end
+        os.dup2(saved[1], 2)
+        thread.join(timeout=10)  # (a helper process the step left running may hold one)
+        for fd in saved:
+            os.close(fd)
+        log.flush()
 
 
 class _StepsBar:

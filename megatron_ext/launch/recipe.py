@@ -30,7 +30,7 @@ from megatron_ext.launch.base_model import BaseModel, import_cache_dir, planned_
 from megatron_ext.launch.dataset import count_lines, find_splits, record_keys
 from megatron_ext.launch.executors.base import ENDED, TRAINED, Launch, get_executor
 from megatron_ext.launch.experiment import Experiment, move_aside, open_experiment, steps_for
-from megatron_ext.launch.local import child_env, run_logged, stamp
+from megatron_ext.launch.local import run_in_process, stamp
 from megatron_ext.launch.options import SFTConfig
 from megatron_ext.peft.config import PeftArgs
 from megatron_ext.tokenizers import TokenizerArgs
@@ -361,13 +361,12 @@ def _post_commands(config: SFTConfig, exp: Experiment, source, keys: RecordKeys,
 
 def _finish(config: SFTConfig, exp: Experiment, source, keys: RecordKeys,
             baseline: tuple[str, ...] = ()) -> Outcome:
-    env = child_env(1, REPO)
     for command in _post_commands(config, exp, source, keys, baseline):
         name = os.path.basename(command[1]).removesuffix(".py")
         if exp.path("eval", "baseline.json") in command:
             name = "baseline"  # evaluate.py on the pretrained base
         log = exp.path("logs", f"{name}-{stamp()}.log")
-        code = run_logged(command, log, env, REPO).code
+        code = run_in_process(command, log)  # one process: torch is imported once
         if code != 0:
             raise UserError(f"{name} failed (exit {code}); the log is {log}. Rerun the same "
                             "command to try again (training is not repeated)")

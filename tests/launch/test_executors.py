@@ -191,3 +191,38 @@ def test_a_terminal_gets_a_bar_of_the_trainers_steps_and_the_log_plain_lines(
     assert all(line in shown for line in logged)
     assert ("training: 100%" in shown and "3/3" in shown) == terminal
     assert ("\r" in shown) == terminal
+
+
+STEP_SCRIPT = """
+import os, sys
+print("argv", sys.argv[1:])
+sys.stderr.write("to stderr\\n")
+os.write(2, b"from a C library\\n")
+if sys.argv[1] == "crash":
+    raise RuntimeError("boom")
+sys.exit(int(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("how, code", [("0", 0), ("3", 3), ("crash", 2)])
+def test_an_in_process_step_is_shown_and_logged_with_its_exit_status(tmp_path, capfd, how,
+                                                                       code):
+    """The launcher's evaluations and exports run in its own process (one import of torch
+    for all of them): each step's output, written by Python or straight to the file
+    descriptors, reaches both the terminal and the step's log; its exit status or crash
+    comes back as a code, and the launcher's own argv and output are restored."""
+    from megatron_ext.launch import local
+
+    script = tmp_path / "step.py"
+    script.write_text(STEP_SCRIPT)
+    log = tmp_path / "logs" / "step.log"
+    argv = list(sys.argv)
+    assert local.run_in_process([sys.executable, str(script), how], str(log)) == code
+    assert sys.argv == argv
+    print("after the step")
+    captured = capfd.readouterr()
+    logged = log.read_text()
+    expected = [f"argv ['{how}']", "to stderr", "from a C library"]
+    assert all(line in logged and line in captured.out for line in expected), (logged, captured)
+    assert ("RuntimeError: boom" in logged) == (how == "crash")
+    assert "after the step" in captured.out and "after the step" not in logged

@@ -92,15 +92,13 @@ def finish(tmp_path, monkeypatch):
     import megatron_ext.launch.recipe as recipe
     from megatron_ext.launch.dataset import find_splits
     from megatron_ext.launch.experiment import open_experiment
-    from megatron_ext.launch.local import Finished
-
     ran: list[list[str]] = []
 
-    def run_logged(command, log, env, cwd):
+    def run_in_process(command, log):
         ran.append(list(command))
-        return Finished(0, False)
+        return 0
 
-    monkeypatch.setattr(recipe, "run_logged", run_logged)
+    monkeypatch.setattr(recipe, "run_in_process", run_in_process)
 
     def go(*argv: str, baseline=("--load", "BASE", "--chat_format", "chatml")):
         config = parse("-E", "exp", "--dataset_path", str(SAMPLE), "--hf_model_id", "m",

@@ -9,9 +9,10 @@ forming the process group and megatron-core's first checkpoint save (which
 spawns a helper process): ~10 s of CPU for one process, ~20 s for two, against
 well under a second for a tiny run itself. So a test session starts a few of
 these workers once (``tests/runs.py:Pool``) and hands them batches of jobs.
-The process group is made once; before a job of another TP/PP/CP layout than
-the last one, megatron-core's model-parallel state is destroyed, so that jobs
-of any layouts may follow each other.
+The default process group is made once; before a job of another TP/PP/CP
+layout than the last one, and after each batch, megatron-core's model-parallel
+state and groups are destroyed, so that jobs of any layouts may follow each
+other and an idle worker costs (almost) nothing.
 
 A batch is a JSON file ``{"directory": ..., "runs": [job, ...]}`` that the pool
 writes into ``POOL/pending/N/`` (N: the world size it needs; names sort by
@@ -175,25 +176,35 @@ def job_layout(job: dict) -> tuple[int, int, int] | None:
 
 def prepare_layout(job: dict) -> None:
     """Keep megatron-core's model-parallel state if the job has the layout it was made
-    for, else destroy it with its process groups (the default one stays; the job makes
-    what it needs).
-
-    Why: megatron-core's ``destroy_model_parallel`` only forgets its groups; each keeps
-    gloo threads that wake every few milliseconds, a few dozen per layout, which would
-    pile up over a session's jobs. torch.distributed has no public list of the groups,
-    hence its private one here."""
-    import torch.distributed as dist
+    for, else destroy it with its process groups (:func:`release_groups`)."""
     from megatron.core import parallel_state
-    from torch.distributed import distributed_c10d
 
     if not parallel_state.model_parallel_is_initialized():
         return
     current = (parallel_state.get_tensor_model_parallel_world_size(),
                parallel_state.get_pipeline_model_parallel_world_size(),
                parallel_state.get_context_parallel_world_size())
-    if job_layout(job) == current:
+    if job_layout(job) != current:
+        release_groups()
+
+
+def release_groups() -> None:
+    """Destroy megatron-core's model-parallel state and every process group but the
+    default one (the next job makes what it needs: ~20 ms).
+
+    Why: megatron-core's ``destroy_model_parallel`` only forgets its groups, and each
+    gloo group keeps a thread that wakes every few milliseconds: megatron-core's ~20
+    groups cost a process ~2% of a core, busy or idle, so a session's idle workers
+    would burn a core-minute between their batches. torch.distributed has no public
+    list of the groups, hence its private one here."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from torch.distributed import distributed_c10d
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if not dist.is_initialized():
         return
-    parallel_state.destroy_model_parallel()
     names = distributed_c10d._world.pg_names
     for group in sorted((g for g in names if g is not dist.group.WORLD), key=names.get):
         dist.destroy_process_group(group)  # the same order on every rank
@@ -269,6 +280,7 @@ def serve(pool: Path, worker: str, parent: int) -> None:
             return
         start = time.perf_counter()
         run_batch(json.loads(batch.read_text(encoding="utf-8")))
+        release_groups()  # idle until the next batch: no gloo threads left to wake
         if RANK == 0:
             (claimed / f"{batch.name}.done").touch()
             logging.info("batch %s: %.1f s, %s threads now", batch.name,
@@ -285,10 +297,9 @@ def main() -> None:
             shutdown()
         return
     serve(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
-    # Done: leave without destroying the process groups that every job made (megatron-core
-    # only forgets them), which takes seconds after a session's jobs; but stop the
-    # processes multiprocessing started (megatron-core's checkpoint helper) as Python's
-    # own exit would.
+    # Done: leave without destroying the default process group (the others went after
+    # each batch); but stop the processes multiprocessing started (megatron-core's
+    # checkpoint helper) as Python's own exit would.
     from multiprocessing import util
 
     util._exit_function()
