@@ -70,6 +70,10 @@ from megatron_ext.training.trainer import Trainer  # noqa: E402
 RANK = int(os.environ.get("RANK", "0"))
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
 POLL_S = 0.05
+IDLE_POLL_S = 0.25
+"""Waiting for a batch, a worker looks every POLL_S at first, then less and less often, up
+to every IDLE_POLL_S: a session's idle workers, polling 20 times a second, cost as much
+CPU as a test of their own."""
 
 
 def run_one(body: Callable[[], None], log: Path) -> int:
@@ -267,15 +271,17 @@ def serve(pool: Path, worker: str, parent: int) -> None:
     claimed = pool / "claimed" / worker
     claimed.mkdir(parents=True, exist_ok=True)
     (pool / f"{worker}.pid.{RANK}").write_text(str(os.getpid()))  # for Worker.kill
-    seq = 0
+    seq, wait = 0, POLL_S
     while parent_alive(parent):
         if RANK == 0 and (pool / "stop").exists():  # batches left: nobody waits for them
             (claimed / f"{seq:05d}-stop").touch()
             return
         batch = claim(pool, WORLD, claimed, seq) if RANK == 0 else follow(claimed, seq)
         if batch is None:
-            time.sleep(POLL_S)
+            time.sleep(wait)
+            wait = min(IDLE_POLL_S, wait * 1.25)
             continue
+        wait = POLL_S
         if batch.name.endswith("-stop"):
             return
         start = time.perf_counter()
