@@ -207,11 +207,14 @@ def test_bf16_tracks_fp32(precision_runs, reference, run):
 
 
 def test_bf16_with_the_distributed_optimizer_equals_bf16_without(precision_runs):
-    """The same bf16 model and fp32 main weights: losses to 1e-6; the grad norms (fp32
-    sums over bf16-computed gradients, in another order) to 1e-4 (measured: 1.1e-5)."""
+    """The same bf16 model and fp32 main weights, losses to 1e-4 relative (40x tighter than
+    bf16 against fp32), grad norms to 1e-3: the gradients are reduce-scattered instead of all-reduced (another fp32
+    summation order), so an fp32 main weight may differ in its last bit and round to the
+    neighbouring bf16 value, and Adam grows such flips over the steps (measured over 6
+    steps: losses up to 1.5e-5, grad norms up to 1.2e-4 apart; bf16 vs fp32: 1e-4, 3e-3)."""
     root, _ = precision_runs
     assert_curves(train_metrics(root / "bf16-dist-dp2"), train_metrics(root / "bf16-dp2"),
-                  EXACT, 1e-4)
+                  1e-4, 1e-3)
 
 
 def test_bf16_keeps_fp32_main_weights_and_an_fp32_loss(precision_runs):
