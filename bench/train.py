@@ -63,6 +63,7 @@ after the last timed iteration).
   python bench/train.py --workdir runs/bench-train   # keep corpus, data, logs, metrics
   python bench/train.py --long                    # 4k-token rows: CP=1 vs CP=2 memory
   python bench/train.py --long --long_seq_length 2048 --long_iters 3   # quicker
+  python bench/train.py --optimizer --seq_length 256   # distributed optimizer, bf16
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -327,6 +329,7 @@ def probe(out_dir: str, argv: list[str]) -> None:
                 steps.append(trainer.train_step())
         keys = ("loss", "grad_norm", "iter_time", "tokens", "real_tokens")
         record = {"rank": trainer.layout.rank, "before": before, "peak": peak.bytes,
+                  "optimizer_bytes": optimizer_state_bytes(trainer.optimizer),
                   "steps": [{k: step[k] for k in keys} for step in steps]}
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, f"rank{trainer.layout.rank}.json"), "w",
@@ -336,26 +339,44 @@ def probe(out_dir: str, argv: list[str]) -> None:
         shutdown()
 
 
-def run_probe(name: str, data: dict, args, workdir: str, cp: int) -> dict:
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state on this rank: Adam's moments and, beside a bf16/fp16 model,
+    the fp32 main weights (megatron-core's plain or distributed optimizer; the latter
+    holds this rank's shard of each)."""
+    total = 0
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in inner.optimizer.param_groups:
+            for param in group["params"]:
+                total += sum(v.numel() * v.element_size()
+                             for k, v in inner.optimizer.state.get(param, {}).items()
+                             if k != "step")
+                if getattr(inner.config, "bf16", False) or getattr(inner.config, "fp16", False):
+                    total += param.numel() * param.element_size()  # an fp32 main copy
+    return total
+
+
+def run_probe(name: str, data: dict, args, workdir: str, cp: int,
+              nproc: Optional[int] = None, extra: Sequence[str] = ()) -> dict:
     """One long-sequence run at context-parallel size ``cp`` (``cp`` processes); per-rank
     records of :func:`probe` summarised."""
     out = os.path.join(workdir, name)
     shutil.rmtree(out, ignore_errors=True)
+    nproc = nproc or cp
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS=str(max(1, _cpus() // cp)), PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS=str(max(1, _cpus() // nproc)), PYTHONUNBUFFERED="1",
                MALLOC_MMAP_THRESHOLD_="131072")  # freed tensors leave the resident set
     long_args = argparse.Namespace(**{**vars(args), "seq_length": args.long_seq_length,
                                       "micro_batch_size": 1, "iters": args.long_iters,
                                       "global_batch_size": args.long_global_batch_size})
     flags = train_args(data, long_args, os.path.join(out, "save"), "padded")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cp),
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), os.path.abspath(__file__), "--probe", out,
-               *flags, "--context_parallel_size", str(cp)]
+               *flags, "--context_parallel_size", str(cp), *extra]
     start = time.perf_counter()
     logged_run(f"long-sequence run {name}", command, env, os.path.join(workdir, f"{name}.log"),
                args.timeout)
     ranks = []
-    for rank in range(cp):
+    for rank in range(nproc):
         with open(os.path.join(out, f"rank{rank}.json"), encoding="utf-8") as handle:
             ranks.append(json.load(handle))
     measured = ranks[0]["steps"][1:]
@@ -368,6 +389,7 @@ def run_probe(name: str, data: dict, args, workdir: str, cp: int) -> dict:
         "tokens_per_sec": sum(s["tokens"] for s in measured) / seconds,
         "iter_time": seconds / len(measured),
         "loss": ranks[0]["steps"][-1]["loss"],
+        "optimizer_bytes": max(r["optimizer_bytes"] for r in ranks),
     }
     print(f"  {name}: {time.perf_counter() - start:.1f} s with start-up, step "
           f"{summary['iter_time']:.2f} s, activation memory per rank "
@@ -473,7 +495,13 @@ def main() -> None:
                         help="--long: steps per run, the first a warm-up (default: %(default)s)")
     parser.add_argument("--long_global_batch_size", type=int, default=2,
                         help="--long: rows per step, one per micro-batch (default: %(default)s)")
+    parser.add_argument("--optimizer", action="store_true",
+                        help="the optimizer case instead: optimizer-state bytes per rank at "
+                             "DP=1 and with --use_distributed_optimizer at DP=2, and bf16 vs "
+                             "fp32 step time")
     args = parser.parse_args()
+    if args.optimizer:
+        return main_optimizer(args)
     if args.long:
         if args.long_iters < 2 or args.long_seq_length % 4:
             parser.error("--long needs --long_iters >= 2 and --long_seq_length a multiple of 4")
@@ -559,6 +587,51 @@ def main_long(args) -> None:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     report_long(args, runs)
+    print(f"wall time: {time.perf_counter() - wall:.0f} s")
+
+
+TARGET_DISTOPT_SHARE = 0.55  # optimizer state per rank at DP=2 (distributed) over DP=1's
+
+
+def main_optimizer(args) -> None:
+    """Optimizer-state bytes per rank: DP=1 vs DP=2 with --use_distributed_optimizer (the
+    shard must be at most 0.55 of DP=1's: half, plus the buffers' padding), fp32 and
+    bf16; and the step time of bf16 vs fp32 at DP=1 (recorded, no claim: on CPU bf16
+    matmuls may well be slower). Padded rows of --seq_length, the probe's measured steps."""
+    wall = time.perf_counter()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench-train-optimizer-")
+    os.makedirs(workdir, exist_ok=True)
+    probe_args = argparse.Namespace(**{**vars(args), "long_seq_length": args.seq_length,
+                                       "long_iters": min(args.iters, 6),
+                                       "long_global_batch_size": args.global_batch_size})
+    cases = {"fp32 DP=1": (1, []), "fp32 DP=2 distributed": (2, ["--use_distributed_optimizer"]),
+             "bf16 DP=1": (1, ["--bf16"]),
+             "bf16 DP=2 distributed": (2, ["--bf16", "--use_distributed_optimizer"])}
+    try:
+        print(f"preparing data in {workdir} ...", flush=True)
+        data = prepare_data(workdir, args.records, args.seq_length, args.vocab_size, args.seed)
+        runs = {name: run_probe(name.replace(" ", "-").replace("=", ""), data, probe_args,
+                                workdir, 1, nproc, flags)
+                for name, (nproc, flags) in cases.items()}
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    header = f"{'':<24}{'optimizer MB/rank':>19}{'step s':>9}{'tok/s':>9}{'loss':>10}"
+    print(header)
+    print("-" * len(header))
+    for name, run in runs.items():
+        print(f"{name:<24}{run['optimizer_bytes'] / 2**20:>19.2f}{run['iter_time']:>9.3f}"
+              f"{run['tokens_per_sec']:>9,.0f}{run['loss']:>10.5f}")
+    print()
+    for precision in ("fp32", "bf16"):
+        share = (runs[f"{precision} DP=2 distributed"]["optimizer_bytes"]
+                 / runs[f"{precision} DP=1"]["optimizer_bytes"])
+        verdict = "PASS" if share <= TARGET_DISTOPT_SHARE else "FAIL"
+        print(f"{verdict} {precision}: optimizer state per rank at DP=2 (distributed) is "
+              f"{share:.3f} of DP=1's (target: at most {TARGET_DISTOPT_SHARE})")
+    print(f"bf16/fp32 step time at DP=1: "
+          f"{runs['bf16 DP=1']['iter_time'] / runs['fp32 DP=1']['iter_time']:.2f} (recorded)")
     print(f"wall time: {time.perf_counter() - wall:.0f} s")
 
 

@@ -78,8 +78,15 @@ class ParallelArgs:
         names=("--context_parallel_size", "-C"))
     sequence_parallel: bool = option(False, "split layer norms and dropout along the sequence "
                                             "over the tensor-parallel ranks (needs TP > 1)")
-    use_distributed_optimizer: bool = option(False, "shard the optimizer state over the "
-                                                    "data-parallel ranks (CUDA only)")
+    use_distributed_optimizer: bool = option(
+        False, "shard the optimizer state (and fp32 main weights) over the data-parallel "
+               "ranks (ZeRO-1: gradients reduce-scattered, weights all-gathered)")
+    overlap_grad_reduce: bool = option(
+        False, "reduce each gradient bucket while the backward pass goes on (megatron-core's "
+               "DDP; same results)")
+    overlap_param_gather: bool = option(
+        False, "all-gather the updated weights during the next forward pass (needs "
+               "--use_distributed_optimizer; same results)")
 
     @property
     def model_parallel_size(self) -> int:
@@ -130,6 +137,9 @@ class ParallelArgs:
                 and global_batch_size % (micro_batch_size * dp)):
             problems.append(f"--global_batch_size {global_batch_size} is not divisible by "
                             f"--micro_batch_size {micro_batch_size} x data parallel size {dp}")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            problems.append("--overlap_param_gather overlaps the distributed optimizer's "
+                            "all-gather of the weights: add --use_distributed_optimizer")
         if self.sequence_parallel and tp == 1:
             problems.append("--sequence_parallel splits the sequence over tensor-parallel ranks: "
                             "it needs --tensor_model_parallel_size > 1")

@@ -111,6 +111,8 @@ def _sharded_state(train: TrainState, include_optimizer: bool, loading: bool) ->
     model_state = train.model_state()
     state = {"model": model_state}
     if include_optimizer:
+        if loading:
+            _with_optimizer_state(train.optimizer)
         state["optimizer"] = train.optimizer.sharded_state_dict(
             model_state, is_loading=loading, metadata=OPTIMIZER_METADATA)
         # context-parallel ranks hold the same RNG streams as their data-parallel peers
@@ -120,6 +122,27 @@ def _sharded_state(train: TrainState, include_optimizer: bool, loading: bool) ->
             "rng_state", _rng_state(), (layout.pp, layout.tp), (layout.pp_rank, layout.tp_rank),
             replica_id=layout.dp_rank * cp + cp_rank)
     return state
+
+
+def _with_optimizer_state(optimizer) -> None:
+    """Give a distributed optimizer that has not stepped yet its state tensors, as
+    Megatron-LM does before it loads a checkpoint into one.
+
+    Why: megatron-core 0.16.1's ``DistributedOptimizer.sharded_state_dict(is_loading=True)``
+    starts from ``state_dict()``, which reads Adam's step from the state tensors
+    (``distrib_optimizer.py:642``: ``assert len(steps) == 1``); a fresh optimizer has
+    none. ``_init_optimizer_states_with_dummy_values`` (megatron-core's, for this) makes
+    them with one step on zero gradients; the load then replaces all of them. The
+    mixed-precision and fp32 optimizers do the same in their own ``sharded_state_dict``
+    (``init_state_fn``).
+    """
+    from megatron_ext.compat.torch_adam import fix_step_state
+
+    fix_step_state()  # megatron-core's own load of torch Adam's step (see there)
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        init = getattr(inner, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None and not inner.optimizer.state:
+            init()
 
 
 def save_checkpoint(root: str, train: TrainState, progress: Progress, run_config: dict) -> str:

@@ -2,25 +2,40 @@
 
 Why: megatron-core assumes CUDA in a few dozen places (``device="cuda"``,
 ``torch.cuda.current_device()``, the CUDA RNG tracker, a CUDA type assert in
-grad clipping). On a machine without a GPU we still want real TP/PP/DP
-training, for tests and demos. :func:`enable_cpu_compat` applies five
-patches, and only when ``torch.cuda.is_available()`` is false, so nothing
-changes on GPUs. See ``docs/notes/megatron-core-cpu.md`` for how each was
-found and shown necessary.
+grad clipping and the mixed-precision and distributed optimizers). On a machine
+without a GPU we still want real TP/PP/DP training, in fp32, bf16 and fp16, with the
+plain or the distributed optimizer, for tests and demos. :func:`enable_cpu_compat`
+applies five patches, and only when ``torch.cuda.is_available()`` is false, so nothing
+changes on GPUs. See ``docs/notes/megatron-core-cpu.md`` for how each was found and
+shown necessary.
 
 1. ``torch.cuda.current_device()`` returns ``torch.device("cpu")`` (it is
    used as ``device=`` for buffers; on a CPU build it can only raise).
 2. ``torch.cuda.synchronize`` and friends become no-ops.
 3. The tensor-parallel RNG tracker tracks the CPU generator.
-4. ``clip_grad_by_total_norm_fp32`` loses its CUDA-only type assert.
+4. ``Tensor.type()`` called from megatron-core names the CUDA type of a CPU
+   tensor (``torch.cuda.BFloat16Tensor`` for ``torch.BFloat16Tensor``): megatron-core
+   tells fp32 from half-precision parameters, and checks its gradients, by comparing
+   those strings (``optimizer/optimizer.py:671,690``
+   ``Float16OptimizerWithFloat16Params.__init__``, ``optimizer/distrib_optimizer.py:361,
+   420,582`` ``DistributedOptimizer._build_model_and_main_param_groups`` and
+   ``_get_model_param_range_map``'s callers, ``optimizer/clip_grads.py:167``
+   ``clip_grad_by_total_norm_fp32``); on CPU they raise ``TypeError: Wrapped parameters
+   must be one of torch.cuda.FloatTensor...`` or fail the assert. Everything else those
+   classes do (fp32 main copies, the grad scaler, ``found_inf``, the reduce-scatter and
+   all-gather of the distributed optimizer's buffers) runs on CPU unchanged; other
+   callers of ``Tensor.type()`` still see the truth.
 5. A thread-local ``TorchFunctionMode`` redirects literal ``device="cuda"``
-   tensor creation, ``Tensor.cuda()`` and ``pin_memory=True`` to the CPU.
+   tensor creation, ``Tensor.cuda()`` and ``pin_memory=True`` to the CPU (the grad
+   scaler's and the mixed-precision optimizer's ``found_inf`` and scale tensors among
+   them), and does patch 4.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -42,11 +57,29 @@ def _is_cuda(device) -> bool:
     return isinstance(device, torch.device) and device.type == "cuda"
 
 
+def cuda_type_name(tensor: torch.Tensor) -> str:
+    """``tensor.type()`` as megatron-core expects it of a tensor on the GPU
+    (``torch.BFloat16Tensor`` -> ``torch.cuda.BFloat16Tensor``)."""
+    name = torch.Tensor.type(tensor)
+    if tensor.device.type == "cpu" and name.startswith("torch.") and ".cuda." not in name:
+        return "torch.cuda." + name[len("torch."):]
+    return name
+
+
+def _called_from_megatron_core() -> bool:
+    # frame 0: this function; 1: __torch_function__; 2: whoever called Tensor.type()
+    return sys._getframe(2).f_globals.get("__name__", "").startswith("megatron.core.")
+
+
 class CudaToCpu(TorchFunctionMode):
-    """Redirects CUDA placement of new tensors to the CPU (patch 5)."""
+    """Redirects CUDA placement of new tensors to the CPU (patch 5), and shows
+    megatron-core the CUDA type names it checks for (patch 4)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs \
+                and _called_from_megatron_core():
+            return cuda_type_name(args[0])
         if func is torch.Tensor.cuda:
             return args[0]
         if "device" in kwargs and _is_cuda(kwargs["device"]):
@@ -115,26 +148,6 @@ def _patch_rng_tracker() -> None:
     tp_random.CudaRNGStatesTracker.fork = fork
 
 
-def _patch_grad_clipping() -> None:
-    from megatron.core.optimizer import clip_grads
-    from megatron.core.optimizer import optimizer as optimizer_module
-    from megatron.core.utils import to_local_if_dtensor
-
-    @torch.no_grad()
-    def clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
-        if isinstance(parameters, torch.Tensor):
-            parameters = [parameters]
-        attribute = "decoupled_grad" if use_decoupled_grad else "grad"
-        grads = [to_local_if_dtensor(getattr(p, attribute)).detach()
-                 for p in parameters if getattr(p, attribute, None) is not None]
-        coefficient = max_norm / (total_norm + 1.0e-6)
-        if coefficient < 1.0 and grads:
-            torch._foreach_mul_(grads, coefficient)
-
-    clip_grads.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
-    optimizer_module.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
-
-
 def enable_cpu_compat() -> bool:
     """Apply the patches once if there is no CUDA device; returns whether they are active."""
     global _ENABLED, _MODE
@@ -144,7 +157,6 @@ def enable_cpu_compat() -> bool:
         return True
     _patch_torch_cuda()
     _patch_rng_tracker()
-    _patch_grad_clipping()
     _MODE = CudaToCpu()
     _MODE.__enter__()
     _ENABLED = True

@@ -214,8 +214,10 @@ def setting_differences(saved: ModelArgs, built: ModelArgs) -> list[str]:
 
 @dataclass(frozen=True)
 class PrecisionArgs:
-    bf16: bool = option(False, "bfloat16 mixed precision (CUDA only)")
-    fp16: bool = option(False, "float16 mixed precision with loss scaling (CUDA only)")
+    bf16: bool = option(False, "bfloat16 mixed precision: the model in bf16, fp32 main weights "
+                               "and gradients in the optimizer, the loss in fp32")
+    fp16: bool = option(False, "float16 mixed precision (as --bf16) with loss scaling "
+                               "(--loss_scale, --initial_loss_scale, ...)")
     use_flash_attn: bool = option(False, "flash-attn kernels on CUDA when installed, "
                                          "else PyTorch SDPA")
     recompute_granularity: Optional[str] = option(

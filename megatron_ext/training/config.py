@@ -60,6 +60,15 @@ class OptimArgs:
     adam_beta1: float = option(0.9, "Adam's first-moment decay")
     adam_beta2: float = option(0.999, "Adam's second-moment decay")
     adam_eps: float = option(1e-8, "Adam's epsilon")
+    # --fp16's loss scaling, as Megatron-LM names it (megatron-core's OptimizerConfig)
+    loss_scale: Optional[float] = option(
+        None, "--fp16: a static loss scale (a power of 2); default: dynamic loss scaling")
+    initial_loss_scale: float = option(2.0 ** 32, "--fp16: the dynamic loss scale to start from")
+    min_loss_scale: float = option(1.0, "--fp16: the dynamic loss scale's floor")
+    loss_scale_window: int = option(1000, "--fp16: steps without inf/nan gradients before the "
+                                          "dynamic loss scale doubles")
+    hysteresis: int = option(2, "--fp16: steps with inf/nan gradients (each skipped) before the "
+                                "dynamic loss scale halves")
 
 
 @dataclass(frozen=True)
@@ -145,9 +154,9 @@ class TrainConfig:
         """Every inconsistency, found before any work, in one message.
 
         Pure: imports nothing, so ``finetune.py`` refuses bad flags before torch and
-        megatron-core are imported. ``cuda`` (whether CUDA is available) adds the
-        device checks (bf16/fp16 and the distributed optimizer need CUDA); None skips
-        them: the trainer runs them once torch is imported. ``model_shape=False``
+        megatron-core are imported. ``cuda`` (whether CUDA is available) is accepted for
+        device checks; none is needed today (bf16, fp16 and the distributed optimizer run
+        on CPU too). ``model_shape=False``
         skips the checks of the model's shape, for ``--use_checkpoint_args`` before
         the checkpoint's shape is read.
         """
@@ -181,12 +190,14 @@ class TrainConfig:
             problems.append("give exactly one of --train_iters and --epochs")
         if self.precision.bf16 and self.precision.fp16:
             problems.append("--bf16 and --fp16 are exclusive")
-        if (self.precision.bf16 or self.precision.fp16) and cuda is False:
-            problems.append("--bf16/--fp16 need CUDA (megatron-core's mixed-precision optimizer "
-                            "wraps CUDA tensors only); on CPU train in fp32")
-        if p.use_distributed_optimizer and cuda is False:
-            problems.append("--use_distributed_optimizer needs CUDA (megatron-core's distributed "
-                            "optimizer checks for CUDA tensors); drop it on CPU")
+        o = self.optim
+        if o.loss_scale is not None and o.loss_scale <= 0:
+            problems.append(f"--loss_scale must be positive, got {o.loss_scale}")
+        if not 0 < o.min_loss_scale <= o.initial_loss_scale:
+            problems.append(f"--min_loss_scale {o.min_loss_scale} must be positive and at most "
+                            f"--initial_loss_scale {o.initial_loss_scale}")
+        if o.loss_scale_window < 1 or o.hysteresis < 1:
+            problems.append("--loss_scale_window and --hysteresis must be at least 1")
         if self.optim.lr_decay_style not in ("cosine", "linear", "constant"):
             problems.append(f"--lr_decay_style {self.optim.lr_decay_style!r}: use cosine, linear "
                             "or constant")

@@ -28,7 +28,7 @@ from megatron_ext.checkpointing.forms import checkpoint_directory, run_config_of
 from megatron_ext.checkpointing.run_config import load_run_config, tokenizer_config_from_run
 from megatron_ext.checkpointing.tracker import latest_iteration
 from megatron_ext.errors import CheckpointError
-from megatron_ext.models.config import ModelArgs
+from megatron_ext.models.config import ModelArgs, PrecisionArgs
 from megatron_ext.models.families import get_family
 from megatron_ext.peft.config import PeftArgs, resolve_targets
 from megatron_ext.tokenizers import TokenizerArgs
@@ -147,6 +147,8 @@ def _plan(config: TrainConfig, peft: Optional[PeftPlan], steps: list[str]) -> Ru
     """The loads of a resolved configuration."""
     c = config.checkpoint
     if peft is not None:
+        if peft.resume:
+            check_optimizer_state(config, peft.resume)
         return RunPlan(config, load=peft.base_checkpoint, weights_only=True,
                        resumed_from=peft.resume, peft=peft,
                        saved_tokenizer=_saved_tokenizer(peft.base_checkpoint),
@@ -154,10 +156,55 @@ def _plan(config: TrainConfig, peft: Optional[PeftPlan], steps: list[str]) -> Ru
     if not c.load:
         return RunPlan(config, steps=tuple(steps))
     own = os.path.abspath(c.load) == os.path.abspath(c.save or "")
+    if not c.finetune:
+        check_optimizer_state(config, c.load)
     return RunPlan(config, load=c.load, weights_only=c.finetune,
                    allow_missing=own and not c.finetune,
                    resumed_from=None if c.finetune else c.load,
                    saved_tokenizer=_saved_tokenizer(c.load), steps=tuple(steps))
+
+
+def optimizer_kind(precision: dict, parallel: dict) -> dict:
+    """What the optimizer state of a run is made of: its precision (fp32 main weights
+    beside bf16/fp16 ones, a grad scaler for fp16) and its form (megatron-core's plain
+    optimizer, or the distributed one's parameter state)."""
+    return {"precision": PrecisionArgs(bf16=bool(precision.get("bf16")),
+                                       fp16=bool(precision.get("fp16"))).dtype_name,
+            "optimizer": "distributed" if parallel.get("use_distributed_optimizer")
+            else "plain"}
+
+
+def check_optimizer_state(config: TrainConfig, load: str) -> None:
+    """Refuse to resume the optimizer state of the checkpoint in ``load`` with another
+    precision or optimizer: megatron-core's optimizers keep different state for each
+    (fp32 main weights and a grad scaler beside half-precision models; the distributed
+    optimizer's parameter state and param groups), and loading one into another fails
+    deep inside megatron-core or not at all. Starting from the weights (``--finetune``)
+    converts: the weights load into any precision, and the new optimizer starts fresh."""
+    directory = checkpoint_directory(load)
+    if directory is None:
+        return
+    try:
+        saved = load_run_config(directory, missing_ok=True)
+    except CheckpointError:
+        return  # its loader says what is wrong with it
+    if not saved or "precision" not in saved:
+        return  # no run config (a converted checkpoint): nothing recorded to compare
+    p = config.parallel
+    ours = optimizer_kind(dataclasses.asdict(config.precision),
+                          {"use_distributed_optimizer": p.use_distributed_optimizer})
+    theirs = optimizer_kind(saved.get("precision") or {}, saved.get("parallel") or {})
+    differ = [f"{key}: checkpoint {theirs[key]}, this run {ours[key]}"
+              for key in ours if ours[key] != theirs[key]]
+    if differ:
+        flags = {"fp32": "neither --bf16 nor --fp16", "bf16": "--bf16", "fp16": "--fp16"}
+        same = [flags[theirs["precision"]],
+                "--use_distributed_optimizer" if theirs["optimizer"] == "distributed"
+                else "no --use_distributed_optimizer"]
+        raise CheckpointError(
+            f"{directory} holds the optimizer state of another kind of run ("
+            + "; ".join(differ) + f"): resume it with {' and '.join(same)}, or start from "
+            "its weights with --finetune (a fresh optimizer of this run's kind)")
 
 
 def _saved_tokenizer(load: str) -> Optional[dict]:

@@ -80,6 +80,7 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.consumed_tokens = 0
+        self.skipped_steps = 0  # of this launch: fp16 steps with inf/nan gradients
         s = config.schedule
         self.metrics = MetricsWriter(
             config.checkpoint.save, config.checkpoint.tensorboard_dir,
@@ -206,13 +207,18 @@ class Trainer:
             self.peft_report = add_adapters(model, c.peft, self.plan.peft.targets,
                                             c.schedule.seed)
         model.to(layout.device)
+        p = c.parallel
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=c.parallel.use_distributed_optimizer,
+            overlap_grad_reduce=p.overlap_grad_reduce,
+            overlap_param_gather=p.overlap_param_gather,
+            use_distributed_optimizer=p.use_distributed_optimizer,
         )
         self.model = DistributedDataParallel(self.model_config, ddp_config, model)
         self.model_config.finalize_model_grads_func = finalize_model_grads
+        if p.overlap_grad_reduce:  # as Megatron-LM: no reduction before the last micro-batch
+            self.model_config.no_sync_func = self.model.no_sync
+            self.model_config.grad_sync_func = self.model.start_grad_sync
         o = c.optim
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
@@ -227,7 +233,12 @@ class Trainer:
                 bf16=c.precision.bf16,
                 fp16=c.precision.fp16,
                 params_dtype=self.model_config.params_dtype,
-                use_distributed_optimizer=c.parallel.use_distributed_optimizer,
+                loss_scale=o.loss_scale,
+                initial_loss_scale=o.initial_loss_scale,
+                min_loss_scale=o.min_loss_scale,
+                loss_scale_window=o.loss_scale_window,
+                hysteresis=o.hysteresis,
+                use_distributed_optimizer=p.use_distributed_optimizer,
             ),
             [self.model],
         )
@@ -295,6 +306,8 @@ class Trainer:
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok:  # an fp16 overflow skips the step: the schedule must not advance
             self.scheduler.step(increment=s.global_batch_size)
+        else:
+            self.skipped_steps += 1
         weighted, weight = self._reduce(reports)
         self.iteration += 1
         self.consumed_samples += s.global_batch_size
@@ -305,16 +318,29 @@ class Trainer:
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": lr,
             "skipped": not update_ok,
+            "loss_scale": float(self.optimizer.get_loss_scale()),
             "iter_time": elapsed,
             "data_time": data_time,
             "tokens": gb.padded_tokens,
             "real_tokens": gb.real_tokens,
         }
 
+    def _gather_params(self) -> None:
+        """The weights of the last update on every rank, now.
+
+        With ``--overlap_param_gather`` the distributed optimizer's all-gather of the
+        updated weights waits for the next training forward pass (megatron-core's forward
+        pre-hooks); an evaluation or a checkpoint needs them before that. As Megatron-LM
+        does around both: the hooks off (which gathers), then on again."""
+        if self.config.parallel.overlap_param_gather:
+            self.model.disable_forward_pre_hook()
+            self.model.enable_forward_pre_hook()
+
     def evaluate(self, split_name: str = "valid") -> Optional[dict]:
         split = self.splits.get(split_name)
         if split is None:
             return None
+        self._gather_params()
         gbs = self.config.schedule.global_batch_size
         batches = min(self.config.schedule.eval_iters, max(1, len(split) // gbs))
         self.model.eval()
@@ -378,11 +404,17 @@ class Trainer:
         if not stopped and self.config.checkpoint.save and self._saved_at != self.iteration:
             self.save()
         self.metrics.close()
+        if self.skipped_steps and self.layout.is_logger:
+            logger.info("%d of %d steps skipped (inf/nan gradients); loss scale now %g",
+                        self.skipped_steps, self.iteration - start_iteration,
+                        float(self.optimizer.get_loss_scale()))
         return {"iteration": self.iteration, "last": last, "valid": final_eval,
-                "stopped_early": stopped, "seconds": time.perf_counter() - interval_start}
+                "stopped_early": stopped, "skipped_steps": self.skipped_steps,
+                "seconds": time.perf_counter() - interval_start}
 
     def save(self) -> str:
         start = time.perf_counter()
+        self._gather_params()
         progress = Progress(self.iteration, self.consumed_samples, self.consumed_tokens)
         run_config = {**self.config.to_dict(), "tokenizer_identity": self.tokenizer.identity(),
                       "chat": self._chat_settings()}
@@ -472,6 +504,10 @@ class Trainer:
             "data_wait_fraction": step["data_time"] / seconds,
             "memory_mb": _memory_mb(self.layout.device),
         }
+        if self.config.precision.fp16:  # the loss scale: dynamic, or --loss_scale
+            values["loss_scale"] = step["loss_scale"]
+            values["skipped"] = int(step["skipped"])
+            values["skipped_steps"] = self.skipped_steps
         self.metrics.write(self.iteration, values)
         started, first = self._clock
         logger.info("%s", train_log_line(self.iteration, self.train_iters, values,
@@ -502,12 +538,19 @@ def _lines_above(bar: ProgressBar):
 def train_log_line(iteration: int, train_iters: int, values: dict, elapsed: float,
                    first_iteration: int) -> str:
     """A training log line; its elapsed time and ETA are those of this launch (which started
-    at ``first_iteration``: a resumed run's ETA is not skewed by the steps it did not do)."""
+    at ``first_iteration``: a resumed run's ETA is not skewed by the steps it did not do).
+    With fp16 (``loss_scale`` in ``values``) it shows the loss scale, and says so when the
+    step was skipped."""
+    scale = ""
+    if "loss_scale" in values:
+        scale = " | loss scale %g" % values["loss_scale"]
+        if values.get("skipped"):
+            scale += " | step skipped (inf/nan gradients; %d so far)" % values["skipped_steps"]
     return (
         "iter %d/%d | samples %d | tokens %d | lr %.3g | loss %.5f (avg of interval) | "
-        "grad norm %.3f | %.2f s/iter | %.0f tok/s (%.0f real) | pad %.1f%% | mem %.0f MB | %s"
+        "grad norm %.3f%s | %.2f s/iter | %.0f tok/s (%.0f real) | pad %.1f%% | mem %.0f MB | %s"
         % (iteration, train_iters, values["consumed_samples"], values["consumed_tokens"],
-           values["lr"], values["loss_avg"], values["grad_norm"], values["iter_time"],
+           values["lr"], values["loss_avg"], values["grad_norm"], scale, values["iter_time"],
            values["tokens_per_sec"], values["real_tokens_per_sec"],
            100 * values["padding_fraction"], values["memory_mb"],
            elapsed_eta(elapsed, iteration - first_iteration, train_iters - first_iteration)))

@@ -22,6 +22,7 @@ from tests.training.test_parallel import LAYOUTS, assert_same_curve
 pytestmark = pytest.mark.slow
 
 PARALLEL = {name: flags for name, flags in LAYOUTS.items() if name != "dp2"}  # TP, TP+SP, PP
+BF16_DIST = ["--bf16", "--use_distributed_optimizer"]  # at DP=2
 
 
 def peft_args(train_data: dict, base: Path, method: str, save: Path, iters: int = ITERS):
@@ -49,6 +50,9 @@ def start_peft_runs(request):
     parallel.append({"name": "dora-cp2", "argv": peft_args(data, base, "dora",
                                                            root / "dora-cp2")
                      + ["--context_parallel_size", "2"]})
+    parallel += [{"name": f"{method}-bf16-dist", "argv": peft_args(
+        data, base, method, root / f"{method}-bf16-dist") + BF16_DIST}
+        for method in ("lora", "dora")]
     stopped = peft_args(data, base, "lora", root / "lora-resumed")
     serial = [
         {"name": "lora", "argv": peft_args(data, base, "lora", root / "lora")},
@@ -173,3 +177,23 @@ def test_resume_on_another_base_or_with_other_settings_is_refused(peft_runs):
     # neither wrote anything: the run directory still ends at iteration 6
     assert (root / "lora-resumed" / "latest_checkpointed_iteration.txt").read_text().strip() \
         == "6"
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_bf16_adapters_with_the_distributed_optimizer_track_fp32(peft_runs, method):
+    """bf16 base and adapters, Adam's state of the adapters sharded over DP=2: the fp32
+    one-process curve within bf16's tolerance (tests/training/test_precision.py), and
+    the checkpoint holds the same adapter tensors, and only those."""
+    from tests.training.test_precision import BF16_GRAD_NORM_RTOL, BF16_LOSS_RTOL, assert_curves
+
+    root, results = peft_runs
+    name = f"{method}-bf16-dist"
+    ok(results, method)
+    ok(results, name)
+    assert_curves(train_metrics(root / name), train_metrics(root / method), BF16_LOSS_RTOL,
+                  BF16_GRAD_NORM_RTOL)
+    want, got = adapter_tensors(root / method), adapter_tensors(root / name)
+    assert sorted(got) == sorted(want)
+    for key in want:
+        torch.testing.assert_close(got[key].float(), want[key].float(), rtol=5e-2, atol=2e-3,
+                                   msg=key)

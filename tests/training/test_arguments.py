@@ -82,11 +82,27 @@ def test_all_problems_are_reported_together():
     assert text.count("\n  - ") == 3
 
 
-@pytest.mark.parametrize("flag", ["--bf16", "--fp16", "--use_distributed_optimizer"])
-def test_gpu_only_options_are_refused_on_cpu(flag):
-    config(flag).validate(1, cuda=True)
-    with pytest.raises(ConfigError, match="CUDA"):
-        config(flag).validate(1, cuda=False)
+@pytest.mark.parametrize("flags", [["--bf16"], ["--fp16"], ["--use_distributed_optimizer"],
+                                   ["--bf16", "--use_distributed_optimizer",
+                                    "--overlap_grad_reduce", "--overlap_param_gather"]])
+def test_mixed_precision_and_the_distributed_optimizer_are_accepted_on_cpu(flags):
+    """Once refused without CUDA; megatron-core's optimizers now run on CPU (compat/)."""
+    config(*flags).validate(1, cuda=True)
+    config(*flags).validate(1, cuda=False)
+
+
+def test_loss_scaling_and_overlap_flags_are_parsed_and_checked():
+    c = config("--fp16", "--initial_loss_scale", "1024", "--min_loss_scale", "2",
+               "--loss_scale_window", "10", "--hysteresis", "1", "--overlap_grad_reduce")
+    assert (c.optim.initial_loss_scale, c.optim.min_loss_scale, c.optim.loss_scale_window,
+            c.optim.hysteresis, c.optim.loss_scale) == (1024, 2, 10, 1, None)
+    assert c.parallel.overlap_grad_reduce and not c.parallel.overlap_param_gather
+    assert config("--fp16", "--loss_scale", "512").optim.loss_scale == 512
+    with pytest.raises(ConfigError) as error:
+        config("--overlap_param_gather", "--min_loss_scale", "8", "--initial_loss_scale",
+               "4").validate(1, cuda=False)
+    assert "add --use_distributed_optimizer" in str(error.value)
+    assert "--min_loss_scale 8.0 must be positive and at most" in str(error.value)
 
 
 def test_both_flag_spellings_and_typed_config():

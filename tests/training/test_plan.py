@@ -28,7 +28,8 @@ def config(*extra):
     return config_from_args(build_parser().parse_args([*BASE, *extra]))
 
 
-def fake_checkpoint(root, iteration=5, *, model=None, tokenizer=None, peft=None, base=None):
+def fake_checkpoint(root, iteration=5, *, model=None, tokenizer=None, peft=None, base=None,
+                    precision=None, parallel=None):
     """A dist checkpoint's metadata: the tracker and the run config of ``iter_*``."""
     directory = os.path.join(root, f"iter_{iteration:07d}")
     os.makedirs(directory, exist_ok=True)
@@ -38,6 +39,8 @@ def fake_checkpoint(root, iteration=5, *, model=None, tokenizer=None, peft=None,
                   "tokenizer_identity": {"sha256": "abc", "vocab_size": 100}}
     if peft is not None:
         run_config["peft"], run_config["base"] = peft, base
+    if precision is not None:
+        run_config["precision"], run_config["parallel"] = precision, parallel or {}
     with open(os.path.join(directory, "run_config.json"), "w") as handle:
         json.dump(run_config, handle)
     with open(os.path.join(directory, "weights.bin"), "wb") as handle:
@@ -170,3 +173,36 @@ def test_resolving_imports_no_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("saved,flags,differs", [
+    ({"bf16": False}, ["--bf16"], "precision: checkpoint fp32, this run bf16"),
+    ({"bf16": True}, [], "precision: checkpoint bf16, this run fp32"),
+    ({"fp16": True}, ["--bf16"], "precision: checkpoint fp16, this run bf16"),
+])
+def test_resuming_another_precision_or_optimizer_is_refused(tmp_path, saved, flags, differs):
+    """The optimizer state of one precision (or optimizer) does not load into another:
+    a full resume is refused before any work, saying what differs and what to do."""
+    ckpt = fake_checkpoint(tmp_path / "run", precision=saved)
+    with pytest.raises(CheckpointError) as error:
+        resolve(config("--load", ckpt, *flags), world_size=1)
+    assert differs in str(error.value) and "--finetune" in str(error.value)
+
+
+def test_plain_and_distributed_optimizer_state_do_not_mix_on_resume(tmp_path):
+    plain = fake_checkpoint(tmp_path / "plain", precision={},
+                            parallel={"use_distributed_optimizer": False})
+    with pytest.raises(CheckpointError, match="optimizer: checkpoint plain, this run "
+                                              "distributed.*resume it with neither --bf16 nor "
+                                              "--fp16 and no --use_distributed_optimizer"):
+        resolve(config("--load", plain, "--use_distributed_optimizer"), world_size=1)
+    dist = fake_checkpoint(tmp_path / "dist", precision={"bf16": True},
+                           parallel={"use_distributed_optimizer": True})
+    with pytest.raises(CheckpointError, match="optimizer: checkpoint distributed, this run plain"):
+        resolve(config("--load", dist, "--bf16"), world_size=1)
+    # the same kind resumes; another kind starts from the weights (--finetune)
+    assert resolve(config("--load", dist, "--bf16", "--use_distributed_optimizer"),
+                   world_size=1).resumed_from == dist
+    plan = resolve(config("--load", plain, "--bf16", "--use_distributed_optimizer",
+                          "--finetune"), world_size=1)
+    assert plan.weights_only and plan.load == plain
