@@ -331,7 +331,7 @@ def add_tokenizer(writer, tokenizer, chat_format: Optional[str], template: Optio
     gguf = _gguf()
     with tempfile.TemporaryDirectory(prefix="gguf-tokenizer-") as scratch:
         directory = Path(scratch) / "tokenizer"
-        export_hf_tokenizer(tokenizer, chat_format, str(directory), template)
+        exported = export_hf_tokenizer(tokenizer, chat_format, str(directory), template)
         spec = json.loads((directory / TOKENIZER_JSON).read_text(encoding="utf-8"))
         pre = None
         if isinstance(tokenizer, SentencePieceTokenizer):
@@ -369,6 +369,10 @@ def add_tokenizer(writer, tokenizer, chat_format: Optional[str], template: Optio
         writer.add_token_list(tokens)
         if vocab.tokenizer_model == "llama":
             writer.add_token_scores(scores)
+            # llama.cpp puts the dummy "▁" before every text after a special token when
+            # add_space_prefix is on; ours only at a document's start unless the export
+            # says every piece (a chat prompt starts with a special token either way)
+            writer.add_add_space_prefix(exported["dummy_prefix"].startswith("before every"))
         writer.add_token_types(types)
         special = gguf.SpecialVocab(directory, load_merges=vocab.tokenizer_model == "gpt2",
                                     n_vocab=len(tokens))
