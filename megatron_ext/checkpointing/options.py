@@ -86,6 +86,36 @@ class ExportConfig:
     progress: bool = option(True, "no progress bar")
 
 
+# the --outtype choices of tools/megatron_to_gguf.py (llama.cpp's names)
+GGUF_OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+@dataclass(frozen=True)
+class GGUFExportConfig:
+    """``tools/megatron_to_gguf.py``: any project checkpoint -> one GGUF file for llama.cpp."""
+
+    load: str = option(help="checkpoint: a run's --save directory, an unsharded checkpoint, "
+                            "or a legacy Megatron-LLM checkpoint; a LoRA/DoRA run's adapter "
+                            "checkpoint exports its base with the adapters merged in")
+    out: str = option(help="the .gguf file to write")
+    outtype: str = option("f16", "tensor type of the matrices (llama.cpp's names; norms and "
+                                 "biases stay f32)", choices=GGUF_OUTTYPES)
+    base: Optional[str] = option(
+        None, "with an adapter checkpoint: its base checkpoint, when the recorded one has "
+              "moved (it must hold the same weights)")
+    iteration: Optional[int] = option(None, "export this iteration instead of the latest")
+    chat_format: Optional[str] = option(
+        None, "chat template to write (chatml, megatron-llm, llama3, alpaca, or none); "
+              "default: the training data's, else chatml when the tokenizer has its tokens")
+    prompt_template: Optional[str] = option(
+        None, "with --chat_format template: the preprocessing --prompt_template")
+    vocab_file: Optional[str] = option(
+        None, "tokenizer file, when the one named in the checkpoint has moved")
+    overwrite: bool = option(False, "replace an existing --out", names=("--force",),
+                             aliases=("--overwrite",))
+    progress: bool = option(True, "no progress bar")
+
+
 @dataclass(frozen=True)
 class ReshardConfig:
     """``tools/checkpoint_util.py``: merge a checkpoint into the unsharded form, or split one

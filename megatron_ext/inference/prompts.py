@@ -105,12 +105,13 @@ def read_records(path: str, question_key: str = "question", answer_key: str = "a
 
 def prompt_ids(fmt: Optional[ChatFormat], tokenizer: InstructTokenizer,
                record: PromptRecord) -> list[int]:
-    """The ids the model continues: the chat-formatted prompt, or (fmt None) BOS and the
-    raw text, as a base model saw documents in pretraining."""
+    """The ids the model continues: the chat-formatted prompt, or (fmt None) the raw text
+    with the BOS where the tokenizer's own convention puts one (``adds_bos``), as
+    ``transformers`` and llama.cpp tokenize it."""
     if fmt is None:
         text = record.prompt if isinstance(record.prompt, str) else "\n".join(
             m.content for m in record.conversation)
-        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        bos = [tokenizer.bos_id] if tokenizer.adds_bos else []
         return bos + tokenizer.encode_segments([text], [True])[0]
     segments = fmt.generation_prompt_segments(record.conversation)
     return _encode(fmt, segments)[0]

@@ -126,6 +126,13 @@ class GGUFLayout:
     # (the GGUFModel) -> config.json; None: the Llama-style config the reader builds from
     # the common keys
     config: Optional[Callable[[Any], dict]] = None
+    # the export's inverse of ``config``: (resolved ModelArgs, HF config.json dict) ->
+    # {"<key without the architecture prefix>": value} written beside (and over) the
+    # Llama-style keys; raises UnsupportedModelError for what llama.cpp cannot run
+    metadata: Optional[Callable[[Any, dict], dict]] = None
+    # HF model types besides ``model_type`` whose models are exported under this
+    # architecture (llama.cpp stores Mistral as ``llama``)
+    also_exports: tuple[str, ...] = ()
 
 
 OFF = "family_setting_off"  # a setting field's metadata: the value of families without it

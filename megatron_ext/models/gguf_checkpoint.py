@@ -50,6 +50,7 @@ import numpy as np
 
 from megatron_ext.errors import TokenizerError
 from megatron_ext.models.families import gguf_layouts
+from megatron_ext.models.family import GGUFLayout as GGUFLayoutType
 from megatron_ext.models.family import UnsupportedModelError
 from megatron_ext.models.import_sources import HFCheckpointError
 from megatron_ext.tokenizers import TOKENIZER_JSON
@@ -94,6 +95,30 @@ def unpermute_heads(weight: "torch.Tensor", num_heads: int) -> "torch.Tensor":
     half = rows // num_heads // 2
     return (weight.reshape(num_heads, half, 2, *rest).transpose(1, 2)
             .reshape(rows, *rest).contiguous())
+
+
+def permute_heads(weight: "torch.Tensor", num_heads: int) -> "torch.Tensor":
+    """llama.cpp's per-head row order of a Llama query/key matrix (the inverse of
+    :func:`unpermute_heads`): per head, the two rotate-half halves interleaved."""
+    rows = weight.shape[0]
+    rest = tuple(weight.shape[1:])
+    half = rows // num_heads // 2
+    return (weight.reshape(num_heads, 2, half, *rest).transpose(1, 2)
+            .reshape(rows, *rest).contiguous())
+
+
+def ungrouped_qkv(qkv: "torch.Tensor", num_heads: int, num_kv_heads: int) -> "torch.Tensor":
+    """Falcon's fused query/key/value rows (per group: its query heads, key head, value
+    head) as llama.cpp's ``attn_qkv`` stores them: all query heads, all key heads, all
+    value heads (the inverse of :func:`grouped_qkv`)."""
+    import torch
+
+    head_dim = qkv.shape[0] // (num_heads + 2 * num_kv_heads)
+    rest = tuple(qkv.shape[1:])
+    groups = qkv.reshape(num_kv_heads, num_heads // num_kv_heads + 2, head_dim, *rest)
+    q, k, v = groups[:, :-2], groups[:, -2], groups[:, -1]
+    return torch.cat([q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)]
+                     ).contiguous()
 
 
 def grouped_qkv(qkv: "torch.Tensor", num_heads: int, num_kv_heads: int) -> "torch.Tensor":
@@ -472,6 +497,42 @@ class GGUFWeights:
                 f"{self.model.path}: {len(missing)} expected tensors are missing "
                 f"({', '.join(missing[:4])}{'...' if len(missing) > 4 else ''}); the file is "
                 f"incomplete or not a {self.model.architecture} model")
+
+
+def stored_tensor(layout, name: str, tensor: "torch.Tensor", num_heads: int,
+                  num_kv_heads: int) -> "torch.Tensor":
+    """HF tensor ``name`` as ``layout`` stores it in a GGUF (the inverse of
+    :meth:`GGUFWeights.get`): Llama q/k rows permuted, Gemma's norms plus the offset,
+    Falcon's fused q/k/v ungrouped."""
+    projection = name.rsplit(".", 2)[-2]
+    heads = {"q_proj": num_heads, "k_proj": num_kv_heads}
+    if layout.permuted_qk and projection in heads and name.endswith(".weight"):
+        tensor = permute_heads(tensor, heads[projection])
+    if layout.norm_offset and name.endswith("norm.weight"):
+        tensor = tensor + layout.norm_offset
+    if layout.split_qkv and projection == "query_key_value":
+        tensor = ungrouped_qkv(tensor, num_heads, num_kv_heads)
+    return tensor
+
+
+def export_layout(model_type: str) -> GGUFLayoutType:
+    """The GGUF layout a model of HF ``model_type`` is written in (its family's own, or the
+    architecture llama.cpp stores it under); refuses a type no layout takes."""
+    for layout in gguf_layouts().values():
+        if model_type == layout.model_type or model_type in layout.also_exports:
+            return layout
+    takes = sorted({t for layout in gguf_layouts().values()
+                    for t in (layout.model_type, *layout.also_exports)})
+    raise UnsupportedModelError(
+        f"a {model_type!r} model has no GGUF layout llama.cpp runs; GGUF export supports "
+        f"{', '.join(takes)} models (export it as a Hugging Face model with "
+        "tools/megatron_to_hf.py instead)")
+
+
+def gguf_name_table(architecture: str, layers: int):
+    """The ``gguf`` package's HF <-> GGUF tensor name table for ``architecture``, used
+    both ways (import: GGUF names of the family's HF names; export: the same lookup)."""
+    return _gguf_name_table(architecture, layers)
 
 
 def _gguf_name_table(architecture: str, layers: int):

@@ -177,6 +177,13 @@ class InstructTokenizer:
     def eos_id(self) -> Optional[int]:
         return None if self.eos_token is None else self.special_tokens.get(self.eos_token)
 
+    @property
+    def adds_bos(self) -> bool:
+        """Whether the tokenizer's own convention starts a document with its BOS (what
+        ``transformers`` does with ``add_special_tokens=True`` and llama.cpp with GGUF's
+        ``add_bos_token``): for SentencePiece, as Llama 1/2 do, whenever it has a BOS."""
+        return self.bos_id is not None
+
     def token_id(self, token: str) -> int:
         """Id of a special token; a clear error if the tokenizer lacks it."""
         if token not in self.special_tokens:
@@ -447,6 +454,18 @@ class HFTokenizer(InstructTokenizer):
         pad = _pick_token(settings.get("pad_token"), specials, ("<pad>", "<PAD>", "<|pad|>"))
         self.pad_id = specials.get(pad) if pad else None
         self._finish_init()
+
+    @property
+    def adds_bos(self) -> bool:
+        """``add_bos_token`` of tokenizer_config.json where it says; else whether the
+        tokenizer.json post-processor puts the BOS first (Llama 3's does, SmolLM2's and
+        Qwen's have none)."""
+        if self.bos_id is None:
+            return False
+        stated = read_tokenizer_config(os.path.dirname(self.source_file)).get("add_bos_token")
+        if stated is not None:
+            return bool(stated)
+        return self._tok.encode("", add_special_tokens=True).ids[:1] == [self.bos_id]
 
     def encode_segments(self, texts, doc_start, megatron_llm=False):
         if not texts:

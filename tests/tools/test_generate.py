@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,3 +165,25 @@ def test_evaluate_scores_loss_and_answers(converted, generations):
         nll, count = nll + losses[mask].sum().item(), count + int(mask.sum())
     assert summary["answer_tokens"] == count
     assert summary["answer_loss"] == pytest.approx(nll / count, rel=1e-4)
+
+
+def test_raw_prompts_follow_the_tokenizers_own_bos_convention(hf_tokenizer_dir):
+    """--raw: the BOS only where the tokenizer itself adds one (Llama 3's post-processor),
+    not for a tokenizer that defines a BOS but adds none (SmolLM2-like): the ids
+    transformers gives with add_special_tokens=True."""
+    import transformers
+
+    from megatron_ext.tokenizers import HUGGINGFACE, TokenizerConfig, build_tokenizer
+    from tests.conftest import REPO
+
+    llama3 = REPO / ".assets" / "tokenizer-llama3_1" / "package" / "models"
+    if not (llama3 / "tokenizer.json").is_file():
+        pytest.fail(f"{llama3} is missing: run ./scripts/setup_env.sh")
+    text = "Which three rivers meet at Passau?"
+    for directory, adds in ((llama3, True), (Path(hf_tokenizer_dir), False)):
+        ours = build_tokenizer(TokenizerConfig(HUGGINGFACE, str(directory)))
+        theirs = transformers.AutoTokenizer.from_pretrained(str(directory))
+        ids = prompt_ids(None, ours, PromptRecord("", text, ()))
+        assert ours.adds_bos is adds
+        assert ids == theirs(text)["input_ids"], directory
+        assert (ids[0] == ours.bos_id) is adds

@@ -523,6 +523,15 @@ def gguf_config(model) -> dict:
         config["num_ln_in_parallel_attn"] = 2 if two_norms else 1
     return config
 
+def gguf_metadata(args, hf_config: dict) -> dict:
+    """The export's inverse of :func:`gguf_config`: LayerNorm's epsilon under llama.cpp's
+    Falcon key, no RMS epsilon and no key/value lengths (llama.cpp derives the head size
+    from the width)."""
+    return {"attention.layer_norm_epsilon": float(args.layernorm_epsilon),
+            "attention.layer_norm_rms_epsilon": None, "attention.key_length": None,
+            "attention.value_length": None}
+
+
 FAMILY = Family(
     name="falcon",
     legacy_name="falcon",  # Megatron-LLM's name; its reader refuses parallel_attn checkpoints
@@ -540,5 +549,5 @@ FAMILY = Family(
     block_spec=block_spec,
     hf=FalconHF(),
     gguf=GGUFLayout("falcon", "falcon", "FalconForCausalLM", split_qkv=True,
-                    config=gguf_config),
+                    config=gguf_config, metadata=gguf_metadata),
 )

@@ -426,6 +426,33 @@ def gguf_config(model) -> dict:
         final_logit_softcapping=model.arch_value("final_logit_softcapping"))
     return config
 
+def gguf_metadata(args, hf_config: dict) -> dict:
+    """The export's inverse of :func:`gguf_config`: the window, head size and norm keys
+    llama.cpp reads; refuses a model whose global-layer pattern, local RoPE base or
+    attention scalar differ from what llama.cpp's loader fixes (it would compute other
+    logits)."""
+    layers, hidden = hf_config["num_hidden_layers"], hf_config["hidden_size"]
+    window = hf_config.get("sliding_window")
+    head_dim = int(args.kv_channels)
+    fixed = {
+        "layer_types": [("sliding_attention" if window and (i + 1) % GGUF_PATTERN
+                         else "full_attention") for i in range(layers)],
+        "rope_local_base_freq": float(GGUF_LOCAL_THETA),
+        "query_pre_attn_scalar": (hidden // args.num_attention_heads
+                                  if layers == GGUF_27B_LAYERS else head_dim),
+    }
+    differ = [f"{key} {hf_config.get(key)!r} (llama.cpp: {value!r})"
+              for key, value in fixed.items() if hf_config.get(key) != value]
+    if differ:
+        raise UnsupportedModelError(
+            "llama.cpp's gemma3 loader fixes what this model sets otherwise: "
+            + "; ".join(differ) + f" (a global layer every {GGUF_PATTERN}, local RoPE base "
+            f"{GGUF_LOCAL_THETA:g}, the head size as attention scalar)")
+    return {"attention.sliding_window": window, "attention.key_length": head_dim,
+            "attention.value_length": head_dim,
+            "final_logit_softcapping": hf_config.get("final_logit_softcapping")}
+
+
 FAMILY = Family(
     name="gemma3",
     legacy_name="gemma3",  # Megatron-LLM has no Gemma: the legacy writer refuses it
@@ -445,5 +472,6 @@ FAMILY = Family(
     settings=Settings,
     hf=Gemma3HF(),
     block_spec=block_spec,
-    gguf=GGUFLayout("gemma3", MODEL_TYPE, ARCHITECTURE, norm_offset=1.0, config=gguf_config),
+    gguf=GGUFLayout("gemma3", MODEL_TYPE, ARCHITECTURE, norm_offset=1.0, config=gguf_config,
+                    metadata=gguf_metadata),
 )

@@ -26,5 +26,6 @@ FAMILY = Family(
     rope_theta=10000.0,
     layernorm_epsilon=1e-6,
     hf=LlamaLikeHF("llama", "LlamaForCausalLM", matches),
-    gguf=GGUFLayout("llama", "llama", "LlamaForCausalLM", permuted_qk=True),
+    gguf=GGUFLayout("llama", "llama", "LlamaForCausalLM", permuted_qk=True,
+                    also_exports=("mistral",)),
 )
