@@ -50,12 +50,14 @@ def build_parser() -> ConfigParser:
 
 
 def _post_only(argv) -> int:
-    """``--post_only -E NAME [--experiments_dir DIR] [--no_baseline] [--export WHAT]``:
+    """``--post_only -E NAME [--experiments_dir DIR] [--no_baseline] [--export WHAT]
+    [--export_gguf TYPE]``:
     evaluate and export the experiment with the settings it was made with (the last step of
     a Slurm job)."""
     import argparse
     import dataclasses
 
+    from megatron_ext.checkpointing.options import GGUF_OUTTYPES
     from megatron_ext.launch.options import EXPORTS
 
     parser = argparse.ArgumentParser(prog="sft.py --post_only")
@@ -64,12 +66,14 @@ def _post_only(argv) -> int:
     parser.add_argument("--experiments_dir", default="experiments")
     parser.add_argument("--no_baseline", action="store_true")
     parser.add_argument("--export", choices=EXPORTS, default="both")
+    parser.add_argument("--export_gguf", choices=GGUF_OUTTYPES, default=None)
     args, _ = parser.parse_known_args(argv)
     setup_logging()
     from megatron_ext.launch.recipe import config_of_experiment, run_sft
 
     config = dataclasses.replace(config_of_experiment(args.experiments_dir, args.experiment),
-                                 baseline=not args.no_baseline, export=args.export)
+                                 baseline=not args.no_baseline, export=args.export,
+                                 export_gguf=args.export_gguf)
     outcome = run_sft(config, post_only=True)
     print(outcome.message, flush=True)
     return 0

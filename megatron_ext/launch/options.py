@@ -18,6 +18,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_ext.checkpointing.options import GGUF_OUTTYPES
 from megatron_ext.cli import flag_name, option
 from megatron_ext.errors import ConfigError
 from megatron_ext.launch.executors import executor_names
@@ -32,7 +33,7 @@ RUNTIME_FIELDS = frozenset({
     "partition", "container_image", "container_mounts", "time", "dry_run", "restart", "wait",
     "wandb_project", "node_rank", "master_addr", "master_port", "experiments_dir",
     "save_interval", "bf16", "progress", "cpu", "cpus_per_task", "rdzv_port", "baseline",
-    "export", "max_rejected_fraction",
+    "export", "export_gguf", "max_rejected_fraction",
     "gradient_accumulation_steps"})  # layout-dependent: the global batch it gives is kept
 EXPORTS = ("merged", "adapter", "both")
 
@@ -143,6 +144,11 @@ class SFTConfig:
     export: str = option("both", "what to export with --peft: the Hugging Face model with the "
                                  "adapters merged, the PEFT adapter, or both (full finetuning: "
                                  "merged)", choices=EXPORTS)
+    export_gguf: Optional[str] = option(
+        None, "also export the finetuned model (adapters merged) as one GGUF file of this "
+              "tensor type for llama.cpp, Ollama and LM Studio, gguf/model-TYPE.gguf "
+              "(llama.cpp's type names: q8_0 is about a quarter of f32's size)",
+        choices=GGUF_OUTTYPES)
     parallel: ParallelArgs = field(default_factory=ParallelArgs)  # TP/PP/CP (-T -P -C)
     peft: PeftArgs = field(default_factory=PeftArgs)
 

@@ -303,7 +303,8 @@ def _launch(config: SFTConfig, exp: Experiment, base) -> Launch:
     post = (sys.executable, SFT, "--post_only", "--experiment", config.experiment,
             "--experiments_dir", os.path.abspath(config.experiments_dir),
             *(() if config.baseline else ("--no_baseline",)),
-            *(() if config.export == "both" else ("--export", config.export)))
+            *(() if config.export == "both" else ("--export", config.export)),
+            *(("--export_gguf", config.export_gguf) if config.export_gguf else ()))
     return Launch(config, exp, FINETUNE, tuple(trainer_args(config, exp, base)), REPO, post)
 
 
@@ -356,7 +357,16 @@ def _post_commands(config: SFTConfig, exp: Experiment, source, keys: RecordKeys,
     if "adapter" in config.exports:
         commands.append(_tools_command("megatron_to_hf.py", "--load", exp.checkpoints, "--out",
                                        exp.path("adapter"), "--adapter_only", "--overwrite"))
+    if config.export_gguf:
+        commands.append(_tools_command("megatron_to_gguf.py", "--load", exp.checkpoints, "--out",
+                                       _gguf_path(exp, config.export_gguf), "--outtype",
+                                       config.export_gguf, "--force",
+                                       *([] if config.progress else ["--no_progress"])))
     return commands
+
+
+def _gguf_path(exp: Experiment, outtype: str) -> str:
+    return exp.path("gguf", f"model-{outtype}.gguf")
 
 
 def _finish(config: SFTConfig, exp: Experiment, source, keys: RecordKeys,
@@ -386,6 +396,8 @@ def _finish(config: SFTConfig, exp: Experiment, source, keys: RecordKeys,
         results["hf"] = exp.path("hf")
     if "adapter" in config.exports:
         results["adapter"] = exp.path("adapter")
+    if config.export_gguf:
+        results["gguf"] = _gguf_path(exp, config.export_gguf)
     for key, name in (("test", "test"), ("baseline", "baseline")):
         summary = exp.path("eval", f"{name}.json")
         if os.path.exists(summary):

@@ -173,6 +173,11 @@ def finished_text(root: str, results: dict, already: bool) -> str:
     if r.get("adapter"):
         lines.append(f"  PEFT adapter: {r['adapter']}")
         lines += ["    " + line for line in adapter_loading(r["adapter"])]
+    if r.get("gguf"):
+        name = os.path.basename(r["gguf"])
+        lines += [f"  GGUF (llama.cpp, Ollama, LM Studio): {r['gguf']}",
+                  f"    run: llama-cli -m {r['gguf']} -cnv; Ollama: 'FROM ./{name}' in a "
+                  "Modelfile beside it"]
     if r.get("loss_png"):
         lines.append(f"  loss curve: {r['loss_png']}")
     if r.get("tensorboard"):

@@ -180,6 +180,19 @@ def test_the_slurm_jobs_post_step_keeps_the_choices(tmp_path):
     assert "--no_baseline" not in post() and "--export" not in post()
     assert post("--no_baseline", "--peft", "lora", "--export", "adapter")[-3:] == (
         "--no_baseline", "--export", "adapter")
+    assert post("--export_gguf", "q8_0")[-2:] == ("--export_gguf", "q8_0")
+
+
+def test_export_gguf_adds_the_gguf_export_and_its_summary_lines(finish, tmp_path):
+    outcome, commands = finish("--peft", "lora", "--export_gguf", "q8_0")
+    [gguf] = [c for c in commands if "megatron_to_gguf.py" in c]
+    path = str(tmp_path / "exp" / "gguf" / "model-q8_0.gguf")
+    assert f"--out {path} --outtype q8_0 --force" in gguf
+    assert outcome.experiment.results["gguf"] == path
+    assert f"llama-cli -m {path} -cnv" in outcome.message
+    assert "'FROM ./model-q8_0.gguf'" in outcome.message
+    _, commands = finish("--peft", "lora")
+    assert not [c for c in commands if "megatron_to_gguf.py" in c]  # only when asked
 
 
 def test_the_dry_run_shows_the_baseline_evaluation(tmp_path):

@@ -71,8 +71,8 @@ def experiments(tmp_path_factory, base_model) -> dict:
     root = tmp_path_factory.mktemp("experiments")
     data = dataset(root / "data")
     # with its progress shown (stdout and stderr are files, not a terminal: plain lines)
-    first_args = [arg for arg in sft_args("a", base_model, data, root, *LORA)
-                  if arg != "--no_progress"]
+    first_args = [arg for arg in sft_args("a", base_model, data, root, *LORA, "--export_gguf",
+                                          "q8_0") if arg != "--no_progress"]
     outputs = {name: open(root / f"a.{name}", "w+", encoding="utf-8")
                for name in ("stdout", "stderr")}
     first_proc = subprocess.Popen(first_args, env=child_env(), cwd=REPO, text=True,
@@ -161,6 +161,20 @@ def test_one_command_trains_evaluates_and_exports(experiments):
     assert all(" | elapsed " in line and " | ETA " in line for line in train_lines)
     assert "preprocess: " in first.stderr and "(100%) | elapsed" in first.stderr
     assert "generating: 6/6 prompt (100%)" in first.stdout
+    # --export_gguf: the merged model for llama.cpp, q8_0, named in the summary
+    gguf = root / "gguf" / "model-q8_0.gguf"
+    assert record["results"]["gguf"] == str(gguf) and f"llama-cli -m {gguf}" in summary
+    from safetensors.torch import load_file
+
+    from megatron_ext.models.gguf_checkpoint import GGUFModel
+
+    merged = {}
+    for shard in (root / "hf").glob("*.safetensors"):
+        merged.update(load_file(shard))
+    ours = GGUFModel(str(gguf))
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        want = merged[name].float()
+        assert (ours.weights.get(name).float() - want).abs().max() <= want.abs().max() / 100
 
 
 def test_rerunning_a_finished_experiment_says_so(experiments):
