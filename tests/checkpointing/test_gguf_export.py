@@ -257,7 +257,7 @@ def test_existing_output_needs_force_and_a_failed_export_leaves_nothing(exported
     assert os.listdir(tmp_path) == ["model.gguf"]  # no temporary left
 
 
-def test_bad_type_family_and_missing_adapter_base_are_refused(exported, tmp_path):
+def test_bad_type_family_and_missing_checkpoint_are_refused(exported, tmp_path):
     from megatron_ext.checkpointing.gguf_export import check_out
     from megatron_ext.models.gguf_checkpoint import export_layout
 

@@ -377,3 +377,17 @@ def test_the_checkpoint_writer_helper_ends_with_a_killed_worker(tmp_path, starte
         for pid in helpers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_gguf_export_of_adapters_whose_base_is_gone_is_refused(experiments, tmp_path):
+    """An adapter checkpoint exports its base with the adapters merged in: a base that is
+    gone is one clear error, and nothing is written."""
+    from megatron_ext.checkpointing.gguf_export import export_gguf
+    from megatron_ext.checkpointing.options import GGUFExportConfig
+    from megatron_ext.errors import UserError
+
+    with pytest.raises(UserError, match="its base checkpoint .* is gone; pass the base model"):
+        export_gguf(GGUFExportConfig(load=str(experiments["root"] / "a" / "checkpoints"),
+                                     out=str(tmp_path / "a.gguf"), base=str(tmp_path / "gone"),
+                                     progress=False))
+    assert not list(tmp_path.iterdir())
