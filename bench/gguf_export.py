@@ -29,50 +29,34 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from hf_import import SMOLLM2_GLOB, _status_kib, mib  # noqa: E402
+from hf_import import SMOLLM2_GLOB, measured, mib  # noqa: E402
 
 KINDS = ("hf", "gguf-f16", "gguf-q8_0")
 
 
 def _child(kind: str, load: str, out: str) -> None:
     """Run one export in this process and print its figures as JSON."""
-    peak_anon = [0]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak_anon[0] = max(peak_anon[0], _status_kib("RssAnon"))
-            stop.wait(0.02)
-
     sys.path.insert(0, REPO)
-    import torch  # noqa: F401
+    import torch  # noqa: F401 - before the clock (as the hf_import bench does)
 
     from megatron_ext.checkpointing.gguf_export import export_gguf
     from megatron_ext.checkpointing.hf_export import export_hf
     from megatron_ext.checkpointing.options import ExportConfig, GGUFExportConfig
 
-    base_anon = _status_kib("RssAnon")
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    if kind == "hf":
-        export_hf(ExportConfig(load=load, out=out, progress=False))
-    else:
-        export_gguf(GGUFExportConfig(load=load, out=out, outtype=kind.split("-", 1)[1],
-                                     progress=False))
-    seconds = time.perf_counter() - start
-    stop.set()
-    sampler.join()
-    size = (sum(os.path.getsize(p) for p in glob.glob(os.path.join(out, "*")))
-            if os.path.isdir(out) else os.path.getsize(out))
-    print(json.dumps({"seconds": seconds, "peak_rss_kib": _status_kib("VmHWM"),
-                      "peak_anon_kib": peak_anon[0], "base_anon_kib": base_anon,
-                      "bytes": size}))
+    def work() -> None:
+        if kind == "hf":
+            export_hf(ExportConfig(load=load, out=out, progress=False))
+        else:
+            export_gguf(GGUFExportConfig(load=load, out=out, outtype=kind.split("-", 1)[1],
+                                         progress=False))
+
+    figures = measured(work)
+    figures["bytes"] = (sum(os.path.getsize(p) for p in glob.glob(os.path.join(out, "*")))
+                        if os.path.isdir(out) else os.path.getsize(out))
+    print(json.dumps(figures))
 
 
 def measure(kind: str, load: str, workdir: str) -> dict:

@@ -55,8 +55,9 @@ def _status_kib(field: str) -> int:
     return 0
 
 
-def _child(kind: str, source: str, out: str) -> None:
-    """Run one import in this process and print its figures as JSON."""
+def measured(work) -> dict:
+    """Run ``work()`` in this process: its seconds, the peak resident memory and the peak of
+    anonymous memory (sampled every 20 ms) with the anonymous memory before it."""
     peak_anon = [0]
     stop = threading.Event()
 
@@ -65,6 +66,20 @@ def _child(kind: str, source: str, out: str) -> None:
             peak_anon[0] = max(peak_anon[0], _status_kib("RssAnon"))
             stop.wait(0.02)
 
+    base_anon = _status_kib("RssAnon")
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    work()
+    seconds = time.perf_counter() - start
+    stop.set()
+    sampler.join()
+    return {"seconds": seconds, "peak_rss_kib": _status_kib("VmHWM"),
+            "peak_anon_kib": peak_anon[0], "base_anon_kib": base_anon}
+
+
+def _child(kind: str, source: str, out: str) -> None:
+    """Run one import in this process and print its figures as JSON."""
     sys.path.insert(0, REPO)
     # the libraries are imported before the clock and the memory baseline: only the import
     # of the model is measured
@@ -75,25 +90,17 @@ def _child(kind: str, source: str, out: str) -> None:
     else:
         import transformers
         import transformers.modeling_gguf_pytorch_utils  # noqa: F401
-    base_anon = _status_kib("RssAnon")
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    start = time.perf_counter()
-    if kind == "ours":
-        import_hf(ImportConfig(model_path=source, out=out, progress=False))
-    else:
-        if source.endswith(".gguf"):
-            model = transformers.AutoModelForCausalLM.from_pretrained(
+    def work() -> None:
+        if kind == "ours":
+            import_hf(ImportConfig(model_path=source, out=out, progress=False))
+        elif source.endswith(".gguf"):
+            transformers.AutoModelForCausalLM.from_pretrained(
                 os.path.dirname(source), gguf_file=os.path.basename(source),
                 dtype=torch.float32)
         else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype="auto")
-        del model
-    seconds = time.perf_counter() - start
-    stop.set()
-    sampler.join()
-    print(json.dumps({"seconds": seconds, "peak_rss_kib": _status_kib("VmHWM"),
-                      "peak_anon_kib": peak_anon[0], "base_anon_kib": base_anon}))
+            transformers.AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+
+    print(json.dumps(measured(work)))
 
 
 # ------------------------------------------------------------------ the parent side

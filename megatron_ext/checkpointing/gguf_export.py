@@ -33,7 +33,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from megatron_ext.checkpointing.hf_export import usable_chat_format
+from megatron_ext.checkpointing.hf_export import usable_chat_format, weight_groups
 from megatron_ext.checkpointing.hf_tokenizer import export_hf_tokenizer, generation_config_eos
 from megatron_ext.checkpointing.options import GGUFExportConfig  # (lives there: no torch)
 from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
@@ -151,12 +151,7 @@ def export_gguf(config: GGUFExportConfig) -> GGUFExportSummary:
             _add_value(writer, f"{arch}.{key}", value)
         vocab = add_tokenizer(writer, tokenizer, chat_format, template, eos_ids)
 
-        groups = source.groups(include_optimizer=False)
-        first = next(groups)
-        rows = first["embedding.word_embeddings.weight"].shape[0]
-        if rows < tokenizer.vocab_size:
-            raise CheckpointError(f"{config.load} has {rows} embedding rows but its tokenizer "
-                                  f"{tokenizer.vocab_size} tokens: wrong --vocab_file?")
+        groups, first = weight_groups(source, tokenizer, config.load)
         table = gguf_name_table(arch, args.num_layers)
 
         def converted(hf: dict[str, torch.Tensor]) -> Iterator[tuple[str, np.ndarray, Any]]:

@@ -117,12 +117,8 @@ def export_hf(config: ExportConfig, tokenizer_files: bool = True) -> ExportSumma
         tokenizer_info = (export_hf_tokenizer(tokenizer, chat_format, staging, template)
                           if tokenizer_files else {})
         writer = ShardedSafetensorsWriter(staging, "model", config.max_shard_bytes)
-        groups = source.groups(include_optimizer=False)
-        first = next(groups)
+        groups, first = weight_groups(source, tokenizer, config.load)
         rows = first["embedding.word_embeddings.weight"].shape[0]
-        if rows < tokenizer.vocab_size:
-            raise CheckpointError(f"{config.load} has {rows} embedding rows but its tokenizer "
-                                  f"{tokenizer.vocab_size} tokens: wrong --vocab_file?")
         for name, tensor in adapter.embeddings_from_megatron(
                 first, tokenizer.vocab_size, tied=args.tie_embeddings).items():
             writer.add(name, tensor.to(dtype))
@@ -148,6 +144,19 @@ def export_hf(config: ExportConfig, tokenizer_files: bool = True) -> ExportSumma
                          dtype=DTYPE_NAMES[dtype], chat_format=chat_format, eos_ids=eos_ids,
                          bytes=writer.total_bytes, tokenizer=tokenizer_info,
                          seconds=time.perf_counter() - start)
+
+
+def weight_groups(source, tokenizer, load: str):
+    """The checkpoint's weight groups (an iterator) and the first one (the embeddings),
+    checked to have a row for every token of ``tokenizer``: an export whose vocabulary
+    outgrows its embeddings would write a model that indexes past them."""
+    groups = source.groups(include_optimizer=False)
+    first = next(groups)
+    rows = first["embedding.word_embeddings.weight"].shape[0]
+    if rows < tokenizer.vocab_size:
+        raise CheckpointError(f"{load} has {rows} embedding rows but its tokenizer "
+                              f"{tokenizer.vocab_size} tokens: wrong --vocab_file?")
+    return groups, first
 
 
 def usable_chat_format(requested: Optional[str], template: Optional[str], run_config: dict,
