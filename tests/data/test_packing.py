@@ -214,3 +214,15 @@ def test_packing_is_cached_beside_the_dataset_index(tmp_path, monkeypatch):
     lengths = np.asarray(SHORT[:300])
     assert packed_row_count(lengths, 512) == len(again)
     assert PackingCache(None).pack(packed_sizes(lengths, 512), 512, None)[1][-1] == 300
+
+
+def test_the_launcher_reads_the_record_lengths_without_megatron_core(tmp_path):
+    from megatron_ext.data.indexed import sequence_lengths
+    from megatron_ext.data.instruction_dataset import InstructionDataset
+    from megatron_ext.errors import DataError
+
+    prefix = write_dataset(tmp_path / "d", MIXED[:50])
+    assert sequence_lengths(prefix).tolist() == InstructionDataset(prefix).lengths.tolist()
+    (tmp_path / "d-text.idx").write_bytes((tmp_path / "d-text.idx").read_bytes()[:60])
+    with pytest.raises(DataError, match="truncated"):
+        sequence_lengths(prefix)

@@ -23,7 +23,8 @@ from tests.training.test_parallel import assert_same_curve
 pytestmark = pytest.mark.slow
 
 SFT = str(REPO / "instruct" / "sft.py")
-STEPS = 5  # one epoch of the 35 records (of 48) whose answers start within 96 tokens
+STEPS = 5  # one epoch of the 35 records (of 48) whose answers start within 96 tokens, packed
+# into rows of 96 positions: most are cut at 96 tokens and fill a row alone
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +112,17 @@ def test_one_command_trains_evaluates_and_exports(experiments):
     root = experiments["root"] / "a"
     record = json.loads((root / "experiment.json").read_text())
     assert record["status"] == "finished"
-    # one epoch: the records the tokenizer kept (some answers lie past 96 tokens), 8 a step
+    # one epoch: the rows of 96 positions that the records the tokenizer kept (some answers
+    # lie past 96 tokens) pack into, 8 a step
+    from megatron_ext.data.indexed import sequence_lengths
+    from megatron_ext.data.packing import packed_row_count
+
     records = record["records"]["training"]
-    assert 24 < records <= 48 and record["train_iters"] == -(-records // 8) == STEPS
+    lengths = sequence_lengths(record["prefixes"]["training"])
+    rows = packed_row_count(lengths, 96)
+    assert 24 < records <= 48 and len(lengths) == records and rows <= records
+    assert record["train_iters"] == -(-rows // 8) == STEPS
+    assert f"training: {records} records packed into {rows} rows of 96 positions" in first.stderr
     # the records left out: counted and shown with their reason, all kept in the experiment
     rejected = (root / "rejected" / "training.jsonl").read_text().splitlines()
     assert len(rejected) == 48 - records and json.loads(rejected[0])["code"] == "too_long"
