@@ -226,3 +226,29 @@ def test_the_launcher_reads_the_record_lengths_without_megatron_core(tmp_path):
     (tmp_path / "d-text.idx").write_bytes((tmp_path / "d-text.idx").read_bytes()[:60])
     with pytest.raises(DataError, match="truncated"):
         sequence_lengths(prefix)
+
+
+def test_pack_scope_micro_batch_keeps_a_sample_a_record(tmp_path):
+    """--pack_scope micro_batch: the records of each micro-batch packed, a sample is a
+    record (the unpacked run's batches and loss weight, fewer rows)."""
+    from megatron_ext.training.data import SplitData
+
+    prefix = write_dataset(tmp_path / "d", SHORT[:64])
+    args = DataArgs(train_data_path=(prefix,), pack_sequences=True, pack_scope="micro_batch")
+    assert not args.packed_rows and DataArgs(pack_sequences=True).packed_rows
+    split = build_splits(args, 7)["train"]
+    assert isinstance(split, SplitData)
+    packed = BatchBuilder(512, 0, 0.0, True, 8, 0, 1, pack=True).global_batch(split, 0, 16)
+    plain = BatchBuilder(512, 0, 0.0, True, 8, 0, 1).global_batch(split, 0, 16)
+    assert packed.records == plain.records == packed.rows == 16
+    assert packed.total_weight == plain.total_weight and packed.real_tokens == plain.real_tokens
+    assert sum(len(mb.tokens) for mb in packed.micro_batches) < 16  # rows: fewer than 16
+    assert packed.padded_tokens < plain.padded_tokens
+
+
+def test_help_says_a_sample_is_a_packed_row():
+    from megatron_ext.training.arguments import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "a sample (of --micro_batch_size, --global_batch_size, --epochs' steps, consumed " \
+           "samples) is then a packed row of several records" in text
