@@ -81,8 +81,10 @@ Printed per run: real tokens/s, padding, step time, and the model's training FLO
 the real tokens (6 x parameters per token for the matmuls, plus attention over each
 record's causal context) against ``torch.mm``'s rate measured in the same run (fp32,
 the same threads, model-shaped and square products, before and after the training runs,
-the best of them): the step's share of the machine's matmul limit. Target: after/before
-real tokens/s >= 1.3.
+the best of them): the step's share of the machine's matmul limit; and the padding over
+the whole first epoch's batches (computed from the data, no training) with the real
+tokens/s it implies (the measured positions/s x (1 - that padding): a few measured steps
+see a few batches). Target: after/before real tokens/s >= 1.3, both ways.
 
   python bench/train.py --smollm2                 # ~4 minutes on 2 idle cores
 """
@@ -623,6 +625,23 @@ def flops_per_real_token(log: str, lengths, seq_length: int) -> float:
     return 6 * params + 12 * layers * hidden * context
 
 
+def epoch_padding(prefix: str, seq_length: int, micro_batch_size: int,
+                  global_batch_size: int, per_epoch: bool) -> float:
+    """Padding over the whole first epoch's global batches, as the trainer builds them
+    (one process): packed per epoch (``per_epoch``) or per micro-batch. A few measured
+    steps see a few batches; this is what a long run pays."""
+    from megatron_ext.training.config import DataArgs
+    from megatron_ext.training.data import BatchBuilder, build_splits
+
+    split = build_splits(DataArgs(data_path=(prefix,), split="100,0,0"), 1234,
+                         seq_length if per_epoch else None)["train"]
+    builder = BatchBuilder(seq_length, 0, 0.0, True, micro_batch_size, 0, 1,
+                           pack=not per_epoch)
+    batches = [builder.global_batch(split, first, global_batch_size)
+               for first in range(0, len(split) - global_batch_size + 1, global_batch_size)]
+    return 1 - sum(b.real_tokens for b in batches) / sum(b.padded_tokens for b in batches)
+
+
 def main_smollm2(args) -> None:
     wall = time.perf_counter()
     spec = importlib.util.spec_from_file_location(
@@ -657,6 +676,9 @@ def main_smollm2(args) -> None:
         rates.append(matmul_rate(_cpus()))
         per_token = flops_per_real_token(runs["after"]["text"], sequence_lengths(prefix),
                                          args.seq_length)
+        padding = {name: epoch_padding(prefix, args.seq_length, args.smollm2_micro_batch_size,
+                                       args.smollm2_global_batch_size, name == "after")
+                   for name in runs}
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -666,7 +688,7 @@ def main_smollm2(args) -> None:
           f"{', '.join(f'{r / 1e9:,.1f}' for r in rates)}); model FLOPs per real token "
           f"{per_token / 1e9:.2f} G")
     header = (f"{'':<26}{'real tok/s':>11}{'pad %':>8}{'step s':>9}{'GFLOP/s':>9}"
-              f"{'of mm':>8}{'other %':>9}")
+              f"{'of mm':>8}{'other %':>9}{'epoch pad %':>12}{'epoch real tok/s':>17}")
     print(header)
     print("-" * len(header))
     for name, label in (("before", "packed per micro-batch"), ("after", "packed per epoch")):
@@ -675,11 +697,15 @@ def main_smollm2(args) -> None:
         print(f"{label:<26}{s['real_tokens_per_sec']:>11,.0f}"
               f"{100 * s['padding_fraction']:>8.1f}{s['iter_time']:>9.2f}"
               f"{achieved / 1e9:>9.1f}{100 * achieved / limit:>7.0f}%"
-              f"{100 * s['other_cpu']:>9.0f}")
+              f"{100 * s['other_cpu']:>9.0f}{100 * padding[name]:>12.1f}"
+              f"{s['tokens_per_sec'] * (1 - padding[name]):>17,.0f}")
     gain = runs["after"]["real_tokens_per_sec"] / runs["before"]["real_tokens_per_sec"]
-    verdict = "PASS" if gain >= TARGET_PACKING_GAIN else "FAIL"
-    print(f"{verdict} after/before real tokens/s: {gain:.2f}x (target "
-          f">= {TARGET_PACKING_GAIN}x)")
+    epoch_gain = ((runs["after"]["tokens_per_sec"] * (1 - padding["after"]))
+                  / (runs["before"]["tokens_per_sec"] * (1 - padding["before"])))
+    verdict = "PASS" if min(gain, epoch_gain) >= TARGET_PACKING_GAIN else "FAIL"
+    print(f"{verdict} after/before real tokens/s: {gain:.2f}x over the measured steps, "
+          f"{epoch_gain:.2f}x at an epoch's padding (positions/s x (1 - epoch padding)); "
+          f"target >= {TARGET_PACKING_GAIN}x")
     if max(s["other_cpu"] for s in runs.values()) > 0.10:
         print("note: other processes used over 10% of the CPUs during a run: times are noisy")
     print(f"wall time: {time.perf_counter() - wall:.0f} s")
