@@ -15,19 +15,22 @@ What it does:
    (a) baseline: every micro-batch padded to ``--seq_length``;
    (b) ``--variable_seq_lengths``: each micro-batch padded to its longest
        sample, rounded up to a multiple of 16;
-   (c) ``--variable_seq_lengths --pack_sequences``: each micro-batch's
-       samples packed into as few rows as fit ``--seq_length``;
-   (a), (b) and (c) alternate ``--repeat`` times (default 2); for each, the
+   (c) ``--variable_seq_lengths --pack_sequences --pack_scope micro_batch``:
+       each micro-batch's samples packed into as few rows as fit ``--seq_length``;
+   (d) ``--variable_seq_lengths --pack_sequences``: each epoch's records packed
+       into rows of ``--seq_length`` (a sample is then a row: other batches, so
+       another loss; as many rows a step as (a)-(c) have records);
+   (a) to (d) alternate ``--repeat`` times (default 2); for each, the
    run with the highest median real tokens/s is kept;
 4. reads each run's ``metrics.jsonl`` (logged every iteration by the trainer),
    drops the first ``--warmup`` iterations, and prints per run: median
    tokens/s (positions computed, padding included), median real tokens/s
    (non-padding positions), mean padding fraction, median data-wait share of
    the step (time spent building the global batch / iteration time, as the
-   trainer measures it), median step time, and the ratios (b)/(a) and
-   (c)/(a) of real tokens/s. All runs must end at the same loss (same
-   batches): a check that (b) and (c) compute the same thing as (a), only
-   on fewer positions.
+   trainer measures it), median step time, and the ratios (b)/(a), (c)/(a)
+   and (d)/(c) of real tokens/s. (a), (b) and (c) must end at the same loss
+   (same batches): a check that (b) and (c) compute the same thing as (a),
+   only on fewer positions.
 
 Target: data wait below 2% of step time, for each run; a PASS/FAIL line is
 printed per run (the exit status stays 0 either way: this is a measurement,
@@ -64,6 +67,27 @@ after the last timed iteration).
   python bench/train.py --long                    # 4k-token rows: CP=1 vs CP=2 memory
   python bench/train.py --long --long_seq_length 2048 --long_iters 3   # quicker
   python bench/train.py --optimizer --seq_length 256   # distributed optimizer, bf16
+
+A real model on real short records (``--smollm2``, instead of the runs above):
+SmolLM2-135M-Instruct from the GGUF of ``.assets/smollm2`` (``scripts/setup_env.sh``)
+finetuned on the bundled sample (``data/sample``, the model's chat template, records cut
+at ``--seq_length`` 512), one process with every CPU as a thread, micro batch
+``--smollm2_micro_batch_size`` (2), global batch ``--smollm2_global_batch_size`` (4),
+``--smollm2_iters`` (3) steps, the first a warm-up:
+   before: ``--pack_sequences --pack_scope micro_batch`` (a sample is a record, each
+           micro-batch's records packed, rows as full as chance makes them);
+   after:  ``--pack_sequences`` (each epoch's records packed by best-fit decreasing; a
+           sample is a row of --seq_length tokens).
+Printed per run: real tokens/s, padding, step time, and the model's training FLOP/s on
+the real tokens (6 x parameters per token for the matmuls, plus attention over each
+record's causal context) against ``torch.mm``'s rate measured in the same run (fp32,
+the same threads, model-shaped and square products, before and after the training runs,
+the best of them): the step's share of the machine's matmul limit; and the padding over
+the whole first epoch's batches (computed from the data, no training) with the real
+tokens/s it implies (the measured positions/s x (1 - that padding): a few measured steps
+see a few batches). Target: after/before real tokens/s >= 1.3, both ways.
+
+  python bench/train.py --smollm2                 # ~4 minutes on 2 idle cores
 """
 
 from __future__ import annotations
@@ -89,6 +113,7 @@ from megatron_ext.parallel import free_port  # noqa: E402
 CHATML = ("<|im_start|>", "<|im_end|>")
 TARGET_DATA_WAIT = 0.02  # share of the step spent building the global batch
 TARGET_CP_SAVING = 0.35  # activation memory per rank at CP=2 below CP=1's by this share
+TARGET_PACKING_GAIN = 1.3  # --smollm2: real tokens/s, dataset packing / micro-batch packing
 
 
 def _bench_preprocess():
@@ -185,9 +210,11 @@ def train_args(data: dict, args, save: str, mode: str) -> list[str]:
            "--global_batch_size", str(args.global_batch_size),
            "--train_iters", str(args.iters), "--lr", "3e-4", "--lr_warmup_iters", "2",
            "--seed", str(args.seed), "--log_interval", "1", "--save", save]
-    if mode in ("variable", "packed"):
+    if mode in ("variable", "packed", "dataset"):
         out.append("--variable_seq_lengths")
     if mode == "packed":
+        out += ["--pack_sequences", "--pack_scope", "micro_batch"]
+    if mode == "dataset":
         out.append("--pack_sequences")
     return out
 
@@ -499,9 +526,25 @@ def main() -> None:
                         help="the optimizer case instead: optimizer-state bytes per rank at "
                              "DP=1 and with --use_distributed_optimizer at DP=2, and bf16 vs "
                              "fp32 step time")
+    parser.add_argument("--smollm2", action="store_true",
+                        help="the real-model case instead: SmolLM2-135M on the bundled sample, "
+                             "packing per micro-batch against per epoch, FLOP/s against "
+                             "torch.mm's")
+    parser.add_argument("--smollm2_iters", type=int, default=3,
+                        help="--smollm2: steps per run, the first a warm-up (default: "
+                             "%(default)s)")
+    parser.add_argument("--smollm2_repeat", type=int, default=1,
+                        help="--smollm2: runs of each, alternated, the best kept (default: "
+                             "%(default)s)")
+    parser.add_argument("--smollm2_micro_batch_size", type=int, default=2)
+    parser.add_argument("--smollm2_global_batch_size", type=int, default=4)
     args = parser.parse_args()
     if args.optimizer:
         return main_optimizer(args)
+    if args.smollm2:
+        if args.smollm2_iters < 2:
+            parser.error("--smollm2 needs --smollm2_iters >= 2")
+        return main_smollm2(args)
     if args.long:
         if args.long_iters < 2 or args.long_seq_length % 4:
             parser.error("--long needs --long_iters >= 2 and --long_seq_length a multiple of 4")
@@ -525,16 +568,17 @@ def main() -> None:
               f"{args.global_batch_size}, {args.iters} iters, {args.nproc} proc x "
               f"{max(1, _cpus() // args.nproc)} thread(s), {args.repeat} run(s) each ...",
               flush=True)
-        runs: dict[str, list[dict]] = {"a": [], "b": [], "c": []}
+        runs: dict[str, list[dict]] = {"a": [], "b": [], "c": [], "d": []}
         for number in range(1, args.repeat + 1):
-            for key, mode in (("a", "padded"), ("b", "variable"), ("c", "packed")):
+            for key, mode in (("a", "padded"), ("b", "variable"), ("c", "packed"),
+                              ("d", "dataset")):
                 runs[key].append(run_training(f"{key}-{mode}-{number}", data, args, workdir,
                                               mode))
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    padded, variable, packed = (max(runs[k], key=lambda r: r["real_tokens_per_sec"])
-                                for k in "abc")
+    padded, variable, packed, dataset = (max(runs[k], key=lambda r: r["real_tokens_per_sec"])
+                                         for k in "abcd")
 
     lengths = data["meta"].get("lengths")
     header = (f"{'':<30}{'tok/s':>11}{'real tok/s':>11}{'pad %':>8}{'data %':>9}"
@@ -549,24 +593,149 @@ def main() -> None:
     print("-" * len(header))
     print(_row(f"(a) padded to {args.seq_length}", padded))
     print(_row("(b) --variable_seq_lengths", variable))
-    print(_row("(c) + --pack_sequences", packed))
+    print(_row("(c) + packing per micro-batch", packed))
+    print(_row("(d) + --pack_sequences", dataset))
     print()
-    for label, run in (("(b)/(a)", variable), ("(c)/(a)", packed)):
-        ratio = run["real_tokens_per_sec"] / padded["real_tokens_per_sec"]
-        total_ratio = run["real_tokens_per_sec_total"] / padded["real_tokens_per_sec_total"]
+    for label, run, base in (("(b)/(a)", variable, padded), ("(c)/(a)", packed, padded),
+                             ("(d)/(c)", dataset, packed)):
+        ratio = run["real_tokens_per_sec"] / base["real_tokens_per_sec"]
+        total_ratio = run["real_tokens_per_sec_total"] / base["real_tokens_per_sec_total"]
         print(f"ratio {label} real tokens/s: {ratio:.2f}  "
               f"(of totals over the same iterations: {total_ratio:.2f})")
     print(f"final loss: (a) {padded['loss']:.5f}  (b) {variable['loss']:.5f}  "
           f"(c) {packed['loss']:.5f}  (same batches, so they should agree to ~1e-5)")
-    busy = max(r["other_cpu"] for r in runs["a"] + runs["b"] + runs["c"])
+    busy = max(r["other_cpu"] for r in runs["a"] + runs["b"] + runs["c"] + runs["d"])
     if busy > 0.10:
         print(f"note: other processes used up to {100 * busy:.0f}% of the CPUs during a run; "
               "times are unreliable, rerun on an idle machine or with --repeat 3")
     print(f"target: data wait < {100 * TARGET_DATA_WAIT:.0f}% of step time (median per run)")
-    for name, s in (("(a) padded", padded), ("(b) variable", variable), ("(c) packed", packed)):
+    for name, s in (("(a) padded", padded), ("(b) variable", variable), ("(c) packed", packed),
+                    ("(d) dataset", dataset)):
         verdict = "PASS" if s["data_wait_fraction"] < TARGET_DATA_WAIT else "FAIL"
         print(f"{verdict} data wait {name}: {100 * s['data_wait_fraction']:.2f}% of step time "
               f"(max {100 * s['data_wait_max']:.2f}%)")
+    print(f"wall time: {time.perf_counter() - wall:.0f} s")
+
+
+# ---------------------------------------------------------------- SmolLM2, packing, FLOP/s
+def matmul_rate(threads: int, seconds: float = 1.0) -> float:
+    """``torch.mm``'s best fp32 rate (FLOP/s) with ``threads`` threads: SmolLM2's MLP
+    products on a packed micro-batch (1024 x 576 @ 576 x 1536) and square 1024 ones."""
+    import torch
+
+    torch.set_num_threads(threads)
+    best = 0.0
+    for m, k, n in ((1024, 576, 1536), (1024, 1536, 576), (1024, 1024, 1024)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        torch.mm(a, b)  # warm-up
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            torch.mm(a, b)
+            count += 1
+        best = max(best, 2 * m * k * n * count / (time.perf_counter() - start))
+    return best
+
+
+def flops_per_real_token(log: str, lengths, seq_length: int) -> float:
+    """Training FLOPs of one real token: 6 x the parameters (every weight is one matmul's,
+    the tied output layer included; norms are negligible) plus attention's two products
+    over the token's causal context in its record (3 x 2 x 2 x context x hidden per layer),
+    averaged over the records' tokens. Parameters, layers and hidden size as the trainer
+    logged them."""
+    import re
+
+    import numpy as np
+
+    params = float(re.search(r"([\d.]+)M parameters", log).group(1)) * 1e6
+    layers, hidden = map(int, re.search(r"(\d+) layers, hidden (\d+)", log).groups())
+    n = np.minimum(np.asarray(lengths, dtype=np.float64) - 1, seq_length)
+    context = float((n * (n + 1) / 2).sum() / n.sum())  # keys per query, token-weighted
+    return 6 * params + 12 * layers * hidden * context
+
+
+def epoch_padding(prefix: str, seq_length: int, micro_batch_size: int,
+                  global_batch_size: int, per_epoch: bool) -> float:
+    """Padding over the whole first epoch's global batches, as the trainer builds them
+    (one process): packed per epoch (``per_epoch``) or per micro-batch. A few measured
+    steps see a few batches; this is what a long run pays."""
+    from megatron_ext.training.config import DataArgs
+    from megatron_ext.training.data import BatchBuilder, build_splits
+
+    split = build_splits(DataArgs(data_path=(prefix,), split="100,0,0"), 1234,
+                         seq_length if per_epoch else None)["train"]
+    builder = BatchBuilder(seq_length, 0, 0.0, True, micro_batch_size, 0, 1,
+                           pack=not per_epoch)
+    batches = [builder.global_batch(split, first, global_batch_size)
+               for first in range(0, len(split) - global_batch_size + 1, global_batch_size)]
+    return 1 - sum(b.real_tokens for b in batches) / sum(b.padded_tokens for b in batches)
+
+
+def main_smollm2(args) -> None:
+    wall = time.perf_counter()
+    spec = importlib.util.spec_from_file_location(
+        "bench_smollm2", os.path.join(REPO, "bench", "finetune_smollm2.py"))
+    smollm2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smollm2)
+    from megatron_ext.data.indexed import sequence_lengths
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench-train-smollm2-")
+    os.makedirs(workdir, exist_ok=True)
+    runs = {}
+    try:
+        print(f"importing SmolLM2 and preprocessing the sample in {workdir} ...", flush=True)
+        gguf, cache, prefix = smollm2.prepare(workdir, args.seq_length)
+        rates = [matmul_rate(_cpus())]
+        print(f"torch.mm: {rates[0] / 1e9:,.1f} GFLOP/s; training {args.smollm2_iters} steps "
+              f"of {args.smollm2_global_batch_size} samples (micro batch "
+              f"{args.smollm2_micro_batch_size}, seq {args.seq_length}), before and after ...",
+              flush=True)
+        settings = argparse.Namespace(
+            seq_length=args.seq_length, global_batch_size=args.smollm2_global_batch_size,
+            iters=args.smollm2_iters, warmup=1, timeout=args.timeout)
+        this = sys.modules[__name__]
+        tries: dict[str, list[dict]] = {"before": [], "after": []}
+        for number in range(1, args.smollm2_repeat + 1):  # alternated: a busy spell hits both
+            for name, extra in (("before", ("--pack_scope", "micro_batch")), ("after", ())):
+                tries[name].append(smollm2.run(
+                    f"{name}-{number}", 1, gguf, cache, prefix, settings, workdir, this, extra,
+                    micro_batch_size=args.smollm2_micro_batch_size))
+        runs = {name: max(done, key=lambda r: r["real_tokens_per_sec"])
+                for name, done in tries.items()}
+        rates.append(matmul_rate(_cpus()))
+        per_token = flops_per_real_token(runs["after"]["text"], sequence_lengths(prefix),
+                                         args.seq_length)
+        padding = {name: epoch_padding(prefix, args.seq_length, args.smollm2_micro_batch_size,
+                                       args.smollm2_global_batch_size, name == "after")
+                   for name in runs}
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    limit = max(rates)
+    print(f"\nSmolLM2-135M, data/sample at seq {args.seq_length}, 1 process x {_cpus()} "
+          f"thread(s); torch.mm fp32 {limit / 1e9:,.1f} GFLOP/s (best of "
+          f"{', '.join(f'{r / 1e9:,.1f}' for r in rates)}); model FLOPs per real token "
+          f"{per_token / 1e9:.2f} G")
+    header = (f"{'':<26}{'real tok/s':>11}{'pad %':>8}{'step s':>9}{'GFLOP/s':>9}"
+              f"{'of mm':>8}{'other %':>9}{'epoch pad %':>12}{'epoch real tok/s':>17}")
+    print(header)
+    print("-" * len(header))
+    for name, label in (("before", "packed per micro-batch"), ("after", "packed per epoch")):
+        s = runs[name]
+        achieved = s["real_tokens_per_sec"] * per_token
+        print(f"{label:<26}{s['real_tokens_per_sec']:>11,.0f}"
+              f"{100 * s['padding_fraction']:>8.1f}{s['iter_time']:>9.2f}"
+              f"{achieved / 1e9:>9.1f}{100 * achieved / limit:>7.0f}%"
+              f"{100 * s['other_cpu']:>9.0f}{100 * padding[name]:>12.1f}"
+              f"{s['tokens_per_sec'] * (1 - padding[name]):>17,.0f}")
+    gain = runs["after"]["real_tokens_per_sec"] / runs["before"]["real_tokens_per_sec"]
+    epoch_gain = ((runs["after"]["tokens_per_sec"] * (1 - padding["after"]))
+                  / (runs["before"]["tokens_per_sec"] * (1 - padding["before"])))
+    verdict = "PASS" if min(gain, epoch_gain) >= TARGET_PACKING_GAIN else "FAIL"
+    print(f"{verdict} after/before real tokens/s: {gain:.2f}x over the measured steps, "
+          f"{epoch_gain:.2f}x at an epoch's padding (positions/s x (1 - epoch padding)); "
+          f"target >= {TARGET_PACKING_GAIN}x")
+    if max(s["other_cpu"] for s in runs.values()) > 0.10:
+        print("note: other processes used over 10% of the CPUs during a run: times are noisy")
     print(f"wall time: {time.perf_counter() - wall:.0f} s")
 
 

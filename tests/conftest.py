@@ -245,3 +245,32 @@ def reference_run(reference_launch) -> Path:
 @pytest.fixture(scope="session")
 def reference(reference_run) -> list[dict]:
     return train_metrics(reference_run)
+
+
+@starts_early("packed_reference_launch")
+def start_packed_reference(request) -> tuple[Launch, Path]:
+    out = request.getfixturevalue("tmp_path_factory").mktemp("packed_reference")
+    train_data = request.getfixturevalue("train_data")
+    launch = start_runs(1, [{"name": "packed", "argv": model_args(train_data, ITERS) + [
+        "--pack_sequences", "--save", str(out / "run")]}], out / "launch", early=True)
+    return launch, out / "run"
+
+
+@pytest.fixture(scope="session")
+def packed_reference_launch(request) -> tuple[Launch, Path]:
+    return started("packed_reference_launch", request)
+
+
+@pytest.fixture(scope="session")
+def packed_reference_run(packed_reference_launch) -> Path:
+    """The serial run every packed parity and resume test compares with: the reference's
+    flags and ``--pack_sequences`` (a sample is a packed row of up to 96 positions)."""
+    launch, run = packed_reference_launch
+    result = launch.wait()["packed"]
+    assert result.returncode == 0, result.log[-3000:]
+    return run
+
+
+@pytest.fixture(scope="session")
+def packed_reference(packed_reference_run) -> list[dict]:
+    return train_metrics(packed_reference_run)

@@ -71,6 +71,9 @@ def test_the_trainers_log_line_has_elapsed_and_eta_of_this_launch():
     line = train_log_line(7, 10, values, 30.0, 5)
     assert line.startswith("iter 7/10 | samples 56 | tokens 5000 | lr 0.0001 | loss 2.50000")
     assert line.endswith("| mem 100 MB | elapsed 00:30 | ETA 00:45")
+    # the step's samples (rows) and the records in them (more when packed)
+    line = train_log_line(7, 10, {**values, "rows": 8, "records": 23}, 30.0, 5)
+    assert "| pad 25.0% | 8 rows, 23 records | mem 100 MB |" in line
 
 
 def test_a_tool_run_into_a_log_file_writes_no_carriage_return(tmp_path, sp_model, capsys,

@@ -79,6 +79,27 @@ class ChunkedIndexedDatasetBuilder:
             os.fsync(index.fileno())
 
 
+def sequence_lengths(prefix: str) -> np.ndarray:
+    """Token counts of the records of ``{prefix}-text.idx`` (MMIDIDX v1), read without
+    megatron-core (the launcher counts packed rows with them)."""
+    path = dataset_paths(prefix)["text_idx"]
+    try:
+        with open(path, "rb") as index:
+            header = index.read(len(_INDEX_HEADER) + 8 + 1 + 8 + 8)
+            magic = header[:len(_INDEX_HEADER)]
+            (version,) = struct.unpack("<Q", header[len(_INDEX_HEADER):len(_INDEX_HEADER) + 8])
+            (count,) = struct.unpack("<Q", header[-16:-8])
+            if magic != _INDEX_HEADER or version != _INDEX_VERSION:
+                raise DataError(f"{path} is not a megatron-core index (MMIDIDX v1): "
+                                "preprocess the data again")
+            lengths = np.fromfile(index, dtype=np.int32, count=count)
+    except (OSError, struct.error) as exc:
+        raise DataError(f"cannot read {path} ({exc}): preprocess the data again") from None
+    if len(lengths) != count:
+        raise DataError(f"{path} is truncated: preprocess the data again")
+    return lengths
+
+
 def dataset_paths(prefix: str) -> dict[str, str]:
     """The files of one preprocessed dataset, in the order they are renamed."""
     return {

@@ -9,8 +9,6 @@ checkpoint is the number of samples consumed.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from megatron_ext.errors import ConfigError
@@ -39,17 +37,16 @@ class EpochOrder:
 
     def records(self, first_sample: int, count: int) -> np.ndarray:
         """Record indices of samples ``first_sample .. first_sample + count - 1``."""
-        samples = np.arange(first_sample, first_sample + count)
-        out = np.empty(count, dtype=np.int64)
+        return self.of(np.arange(first_sample, first_sample + count))
+
+    def of(self, samples: np.ndarray) -> np.ndarray:
+        """Record indices of the samples numbered ``samples`` (any order)."""
+        samples = np.asarray(samples, dtype=np.int64)
+        out = np.empty(len(samples), dtype=np.int64)
         for epoch in np.unique(samples // self.num_records):
             chosen = samples // self.num_records == epoch
             out[chosen] = self.permutation(int(epoch))[samples[chosen] % self.num_records]
         return out
-
-
-def iterations_for_epochs(epochs: float, num_records: int, global_batch_size: int) -> int:
-    """``--epochs`` as optimizer steps: every record seen ``epochs`` times (last step partial)."""
-    return max(1, math.ceil(epochs * num_records / global_batch_size))
 
 
 def micro_batch_records(global_records: np.ndarray, dp_rank: int, dp_size: int,

@@ -173,8 +173,9 @@ def move_aside(root: str) -> Optional[str]:
     return f"{root}.old-{number}"
 
 
-def steps_for(records: int, epochs: float, global_batch_size: int) -> int:
-    """Optimizer steps for ``epochs`` passes over ``records`` (at least one)."""
+def steps_for(samples: int, epochs: float, global_batch_size: int) -> int:
+    """Optimizer steps for ``epochs`` passes over an epoch of ``samples`` (records, or the
+    rows they pack into; at least one)."""
     import math
 
-    return max(1, math.ceil(records * epochs / global_batch_size))
+    return max(1, math.ceil(samples * epochs / global_batch_size))

@@ -80,16 +80,18 @@ class SFTConfig:
         None, "special tokens to add to the model's tokenizer, e.g. '<|im_start|>,<|im_end|>' "
               "(tokens it already has keep their ids); those the chat format needs are added "
               "without it")
-    seq_length: int = option(2048, "longest sample in tokens: longer records are truncated, "
-                                   "samples are packed into rows of this length")
+    seq_length: int = option(2048, "row length in tokens: each epoch's records are packed "
+                                   "into rows of this length (longer records truncated); a "
+                                   "row is one sample of the batches")
     # -- schedule
     max_steps: Optional[int] = option(None, "optimizer steps (default: --epochs passes)")
     epochs: Optional[float] = option(
         None, "passes over the training split (default 1 without --max_steps): the steps "
-              "are computed from the tokenized record count and the global batch, once",
+              "are computed from the rows the tokenized records pack into and the global "
+              "batch, once",
         aliases=("--num_train_epochs",))
     global_batch_size: Optional[int] = option(
-        None, f"samples per optimizer step (default {GLOBAL_BATCH}, or with "
+        None, f"samples (packed rows) per optimizer step (default {GLOBAL_BATCH}, or with "
               "--gradient_accumulation_steps: --micro_batch_size x those steps x the "
               "data-parallel size)", names=("--global_batch_size", "-g"))
     micro_batch_size: int = option(1, "samples per forward pass on each data-parallel rank",

@@ -204,7 +204,8 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
     exp.data_key, exp.prefixes, exp.records = data.key, data.prefixes, data.records
     if exp.train_iters is None:  # fixed once: a resumed run never recomputes it
         exp.train_iters = config.max_steps or steps_for(
-            data.records["training"], config.epochs or 1.0, config.global_batch_size)
+            packed_rows(data.prefixes["training"], config.seq_length), config.epochs or 1.0,
+            config.global_batch_size)
     exp.status = "training"
     exp.save()
     _link_metrics(exp)
@@ -216,6 +217,19 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
         return Outcome(exp, "stopped", f"training is at iteration {exp.latest_iteration() or 0} "
                                        f"of {exp.train_iters}: not evaluated or exported yet")
     return _finish(config, exp, source, keys, _evaluation(config, base, chat_format))
+
+
+def packed_rows(prefix: str, seq_length: int) -> int:
+    """Rows of ``seq_length`` positions that an epoch of the tokenized records packs into:
+    the trainer's samples (``--pack_sequences``), the same count as it computes."""
+    from megatron_ext.data.indexed import sequence_lengths
+    from megatron_ext.data.packing import packed_row_count
+
+    lengths = sequence_lengths(prefix)
+    rows = packed_row_count(lengths, seq_length)
+    logger.info("training: %d records packed into %d rows of %d positions (a sample of the "
+                "global batch is a row)", len(lengths), rows, seq_length)
+    return rows
 
 
 def _evaluation(config: SFTConfig, base, chat_format: Optional[str]) -> tuple[str, ...]:
@@ -287,8 +301,9 @@ def _dry_run(config: SFTConfig, exp: Experiment, source, planned: BaseModel,
         elif source.kind == "jsonl":
             lines = count_lines(source.paths["training"])
             exp.train_iters = steps_for(lines, config.epochs or 1.0, config.global_batch_size)
-            notes.append(f"steps estimated from {lines} training lines (fixed at launch from "
-                         "the records the tokenizer accepts)")
+            notes.append(f"steps estimated from {lines} training lines, one a sample (fixed "
+                         "at launch from the rows of --seq_length tokens that the records the "
+                         "tokenizer accepts pack into: fewer)")
     prefixes = exp.prefixes or {split: f"<tokenized>/{split}" for split in source.paths}
     exp.prefixes = prefixes
     commands = get_executor(config.executor).commands(_launch(config, exp, planned))

@@ -41,9 +41,21 @@ class DataArgs:
     data_type: str = option("instruction", "kind of the preprocessed data",
                             choices=("instruction",))
     pack_sequences: bool = option(
-        False, "pack each micro-batch's samples into as few rows of at most --seq_length "
-               "tokens as fit (samples never attend to each other; positions restart per "
-               "sample); the loss is unchanged, padding shrinks")
+        False, "pack each epoch's records into rows of --seq_length tokens (best-fit "
+               "decreasing: a few percent padding); a sample (of --micro_batch_size, "
+               "--global_batch_size, --epochs' steps, consumed samples) is then a packed row "
+               "of several records. Records never attend to each other, positions restart "
+               "per record, the loss stays the mean over the global batch's answer tokens")
+    pack_scope: str = option(
+        "dataset", "with --pack_sequences: pack each epoch's records ('dataset': a sample "
+                   "is a row), or only each micro-batch's ('micro_batch': a sample stays a "
+                   "record, rows are as full as chance makes them)",
+        choices=("dataset", "micro_batch"))
+
+    @property
+    def packed_rows(self) -> bool:
+        """Whether a sample is a row of records packed across the dataset."""
+        return self.pack_sequences and self.pack_scope == "dataset"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,14 @@ A global batch is therefore a pure function of (config, consumed samples),
 which is what makes resume and TP/PP/DP parity exact. Each rank also knows
 the global batch's total loss weight, so the loss is the exact weighted mean
 over the global batch however it is split into micro-batches.
+
+With ``--pack_sequences`` a sample is a packed row (:class:`PackedSplit`): epoch
+``e``'s records (samples ``e*N ... (e+1)*N - 1`` of the split above, ``N`` its
+records) are packed by best-fit decreasing into rows of ``--seq_length`` positions
+(``data/packing.py``) and the rows shuffled with (seed, epoch): the rows, too, are
+a pure function of (config, consumed samples), cached beside the dataset index.
+(``--pack_scope micro_batch``: the records of each micro-batch packed, a sample
+stays a record.)
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ import numpy as np
 
 from megatron_ext.data.collate import Batch, collate, pack_rows, padded_width, role_weights
 from megatron_ext.data.instruction_dataset import InstructionDataset
-from megatron_ext.data.sampling import EpochOrder, iterations_for_epochs, micro_batch_records
+from megatron_ext.data.packing import PackingCache, packed_sizes
+from megatron_ext.data.sampling import EpochOrder, micro_batch_records
 from megatron_ext.errors import ConfigError
 
 
@@ -100,23 +109,127 @@ class SplitData:
             self._blend = (which, nth)
         return self._blend
 
+    def sample_ids(self, first_sample: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """(part number, record index in its dataset) of samples ``first_sample ...``, as
+        every rank sees them (arrays)."""
+        if len(self.parts) == 1:
+            return (np.zeros(count, dtype=np.int64),
+                    self.parts[0].start + self.orders[0].records(first_sample, count))
+        which, nth = self._blend_indices(first_sample + count)
+        which = which[first_sample:first_sample + count].astype(np.int64)
+        nth = nth[first_sample:first_sample + count]
+        records = np.empty(count, dtype=np.int64)
+        for k in np.unique(which):
+            chosen = which == k
+            records[chosen] = self.parts[k].start + self.orders[k].of(nth[chosen])
+        return which, records
+
     def records(self, first_sample: int, count: int) -> list[tuple[InstructionDataset, int]]:
         """(dataset, record index) of samples ``first_sample ...``, as every rank sees them."""
-        if len(self.parts) == 1:
-            part = self.parts[0]
-            return [(part.dataset, part.start + int(i))
-                    for i in self.orders[0].records(first_sample, count)]
-        which, nth = self._blend_indices(first_sample + count)
-        out = []
-        for sample in range(first_sample, first_sample + count):
-            k = int(which[sample])
-            part = self.parts[k]
-            out.append((part.dataset, part.start + int(self.orders[k].records(int(nth[sample]), 1)[0])))
+        parts, records = self.sample_ids(first_sample, count)
+        return [(self.parts[k].dataset, int(i)) for k, i in zip(parts, records)]
+
+    def rows(self, first_sample: int, count: int) -> list[list[tuple[InstructionDataset, int]]]:
+        """The records of samples ``first_sample ...``: one each."""
+        return [[record] for record in self.records(first_sample, count)]
+
+    def samples_for_epochs(self, epochs: float) -> float:
+        return epochs * len(self)
+
+
+class PackedSplit:
+    """A split whose samples are rows of records packed to ``capacity`` positions.
+
+    Epoch ``e`` packs samples ``e*N ... (e+1)*N - 1`` of ``split`` (``N`` = its records:
+    for one dataset, each record once, in the epoch's shuffled order) with best-fit
+    decreasing (``data/packing.py``); a shuffled split's rows are then shuffled with
+    (seed, epoch). Row ``g`` of the run is row ``g - (rows of earlier epochs)`` of its
+    epoch, so any rank, a resumed run, a run at another DP size finds the same rows.
+    """
+
+    KEEP = 2  # epochs held in memory
+
+    def __init__(self, split: SplitData, capacity: int):
+        self.split, self.capacity = split, capacity
+        self.name, self.parts = split.name, split.parts
+        self.cache = PackingCache(f"{split.parts[0].dataset.prefix}-packing")
+        self._counts: list[int] = []  # rows of epochs 0, 1, ...
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._filled: dict[int, int] = {}  # positions the records of an epoch take
+
+    @property
+    def records_per_epoch(self) -> int:
+        return len(self.split)
+
+    def __len__(self) -> int:
+        """Rows of the first epoch."""
+        return self._rows_in(0)
+
+    def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(part numbers, record indexes) of the epoch's samples, and its rows as
+        :func:`~megatron_ext.data.packing.pack_epoch`'s (items, offsets) over them."""
+        if epoch not in self._epochs:
+            n = len(self.split)
+            parts, records = self.split.sample_ids(epoch * n, n)
+            lengths = np.empty(n, dtype=np.int64)
+            for k in np.unique(parts):
+                chosen = parts == k
+                lengths[chosen] = self.parts[k].dataset.lengths[records[chosen]]
+            seed = [self.split.seed, epoch] if self.split.orders[0].shuffle else None
+            sizes = packed_sizes(lengths, self.capacity)
+            items, offsets = self.cache.pack(sizes, self.capacity, seed)
+            self._filled[epoch] = int(sizes.sum())
+            if len(self._epochs) >= self.KEEP:
+                self._epochs.pop(min(self._epochs))
+            self._epochs[epoch] = (parts, records, items, offsets)
+        return self._epochs[epoch]
+
+    def padding(self, epoch: int) -> float:
+        """Share of an epoch's rows of ``capacity`` positions left empty."""
+        rows = self._rows_in(epoch)
+        if epoch not in self._filled:
+            self.epoch(epoch)
+        return 1.0 - self._filled[epoch] / max(1, rows * self.capacity)
+
+    def _rows_in(self, epoch: int) -> int:
+        while len(self._counts) <= epoch:
+            self._counts.append(len(self.epoch(len(self._counts))[3]) - 1)
+        return self._counts[epoch]
+
+    def _locate(self, sample: int) -> tuple[int, int]:
+        """(epoch, row in it) of row ``sample`` of the run."""
+        epoch = 0
+        while sample >= self._rows_in(epoch):
+            sample -= self._rows_in(epoch)
+            epoch += 1
+        return epoch, sample
+
+    def rows(self, first_sample: int, count: int) -> list[list[tuple[InstructionDataset, int]]]:
+        """The records of rows ``first_sample ...``, as every rank sees them."""
+        out: list[list[tuple[InstructionDataset, int]]] = []
+        epoch, row = self._locate(first_sample)
+        while len(out) < count:
+            parts, records, items, offsets = self.epoch(epoch)
+            stop = min(len(offsets) - 1, row + count - len(out))
+            out += [[(self.parts[parts[i]].dataset, int(records[i]))
+                     for i in items[offsets[r]:offsets[r + 1]]] for r in range(row, stop)]
+            epoch, row = epoch + 1, 0
         return out
 
+    def samples_for_epochs(self, epochs: float) -> float:
+        """Rows in ``epochs`` passes (a fraction of the last epoch's rows)."""
+        whole = int(epochs)
+        rows = float(sum(self._rows_in(e) for e in range(whole)))
+        if epochs > whole:
+            rows += (epochs - whole) * self._rows_in(whole)
+        return rows
 
-def build_splits(data_args, seed: int) -> dict[str, Optional[SplitData]]:
-    """Train/valid/test splits from ``--data_path`` + ``--split`` or the explicit paths."""
+
+def build_splits(data_args, seed: int, packed_length: Optional[int] = None
+                 ) -> dict[str, "Optional[SplitData | PackedSplit]"]:
+    """Train/valid/test splits from ``--data_path`` + ``--split`` or the explicit paths;
+    with ``packed_length`` their samples are rows of records packed to that many
+    positions (:class:`PackedSplit`)."""
     opened: dict[str, InstructionDataset] = {}
 
     def dataset(prefix: str) -> InstructionDataset:
@@ -143,6 +256,8 @@ def build_splits(data_args, seed: int) -> dict[str, Optional[SplitData]]:
         else:
             nonempty = [p for p in parts if len(p) > 0]
             out[name] = SplitData(name, nonempty, seed, shuffle=False) if nonempty else None
+    if packed_length is not None:
+        out = {name: split and PackedSplit(split, packed_length) for name, split in out.items()}
     return out
 
 
@@ -152,6 +267,8 @@ class GlobalBatch:
     total_weight: float  # loss weight of the whole global batch (all DP ranks)
     real_tokens: int  # non-padding positions of the whole global batch
     padded_tokens: int  # positions including padding, whole global batch
+    rows: int = 0  # samples of the global batch (rows unless packed per micro-batch)
+    records: int = 0  # records in them
 
 
 class BatchBuilder:
@@ -175,32 +292,38 @@ class BatchBuilder:
         self.dp_size = dp_size
         self.weights = role_weights(scalar_loss_mask).astype(np.float64)
 
-    def global_batch(self, split: SplitData, first_sample: int, size: int) -> GlobalBatch:
-        chosen = split.records(first_sample, size)
-        samples = [ds[index] for ds, index in chosen]
+    def global_batch(self, split: "SplitData | PackedSplit", first_sample: int,
+                     size: int) -> GlobalBatch:
+        """Samples ``first_sample ... first_sample + size - 1`` of ``split``: this rank's
+        micro-batches, and the whole global batch's loss weight and token counts."""
+        samples = [[ds[index] for ds, index in row] for row in split.rows(first_sample, size)]
         total_weight = 0.0
         real = 0
-        for tokens, roles in samples:  # same order on every rank: identical float sums
+        for tokens, roles in (record for row in samples for record in row):
+            # same order on every rank: identical float sums
             take = min(len(tokens) - 1, self.seq_length)
             total_weight += float(self.weights[roles[1:take + 1]].sum())
             real += take
         mine = micro_batch_records(np.arange(size), self.dp_rank, self.dp_size,
                                    self.micro_batch_size)
-        micro = [collate([[samples[i] for i in row] for row in self._rows(samples, group)],
-                         self.seq_length, self.pad_id, self.scalar_loss_mask,
-                         self.variable_seq_lengths, self.width_multiple) for group in mine]
+        micro = [collate(self._rows(samples, group), self.seq_length, self.pad_id,
+                         self.scalar_loss_mask, self.variable_seq_lengths,
+                         self.width_multiple) for group in mine]
         padded = self._padded_positions(samples)
-        return GlobalBatch(micro, total_weight, real, padded)
+        return GlobalBatch(micro, total_weight, real, padded, rows=size,
+                           records=sum(len(row) for row in samples))
 
     def _length(self, sample) -> int:
         return min(len(sample[0]) - 1, self.seq_length)
 
-    def _rows(self, samples, group) -> list[list[int]]:
-        """A micro-batch's rows: one sample each, or packed (``--pack_sequences``)."""
+    def _rows(self, samples, group) -> list[list]:
+        """A micro-batch's rows of records: its samples, or their records packed
+        (``--pack_scope micro_batch``)."""
         if not self.pack:
-            return [[i] for i in group]
-        lengths = [self._length(samples[i]) for i in group]
-        return [[group[j] for j in row] for row in pack_rows(lengths, self.seq_length)]
+            return [samples[i] for i in group]
+        records = [record for i in group for record in samples[i]]
+        lengths = [self._length(record) for record in records]
+        return [[records[j] for j in row] for row in pack_rows(lengths, self.seq_length)]
 
     def _padded_positions(self, samples) -> int:
         """Positions the whole global batch computes, padding included."""
@@ -210,14 +333,18 @@ class BatchBuilder:
         for rank_groups in groups:
             for group in rank_groups:
                 rows = self._rows(samples, list(group))
-                longest = max(sum(self._length(samples[i]) for i in row) for row in rows)
+                longest = max(min(self.seq_length, sum(self._length(record) for record in row))
+                              for row in rows)
                 width = padded_width(longest, self.seq_length, self.variable_seq_lengths,
                                      self.width_multiple)
                 total += width * len(rows)
         return total
 
 
-def iterations(schedule, train: SplitData) -> int:
+def iterations(schedule, train: "SplitData | PackedSplit") -> int:
+    """``--train_iters``, or ``--epochs`` as optimizer steps: every sample (record, or
+    packed row) seen ``epochs`` times, the last step partial."""
     if schedule.train_iters is not None:
         return schedule.train_iters
-    return iterations_for_epochs(schedule.epochs, len(train), schedule.global_batch_size)
+    return max(1, math.ceil(train.samples_for_epochs(schedule.epochs)
+                            / schedule.global_batch_size))

@@ -61,7 +61,8 @@ class Trainer:
         self.tokenizer = build_tokenizer(config.tokenizer.config())
         identity = self.tokenizer.identity()
         self._check_checkpoint_tokenizer()
-        self.splits = build_splits(config.data, config.schedule.seed)
+        self.splits = build_splits(config.data, config.schedule.seed,
+                                   config.model.seq_length if config.data.packed_rows else None)
         for split in self.splits.values():
             for part in split.parts if split else ():
                 part.dataset.check_tokenizer(identity)
@@ -74,7 +75,8 @@ class Trainer:
         self.batches = BatchBuilder(config.model.seq_length, pad_id, config.data.scalar_loss_mask,
                                     config.data.variable_seq_lengths,
                                     config.schedule.micro_batch_size, self.layout.dp_rank,
-                                    self.layout.dp, pack=config.data.pack_sequences,
+                                    self.layout.dp, pack=config.data.pack_sequences
+                                    and not config.data.packed_rows,  # per micro-batch
                                     multiple=config.parallel.sequence_multiple)
         self.window = config.model.mask_window
         self.iteration = 0
@@ -323,6 +325,8 @@ class Trainer:
             "data_time": data_time,
             "tokens": gb.padded_tokens,
             "real_tokens": gb.real_tokens,
+            "rows": gb.rows,
+            "records": gb.records,
         }
 
     def _gather_params(self) -> None:
@@ -482,9 +486,19 @@ class Trainer:
                         "PyTorch SDPA")
         if self.peft_report is not None:
             logger.info("%s: %s", c.peft.peft, self.peft_report.line())
-        logger.info("data: train %d / valid %d / test %d records; %d iterations of %d samples "
-                    "(micro batch %d)", sizes["train"], sizes["valid"], sizes["test"],
-                    self.train_iters, c.schedule.global_batch_size, c.schedule.micro_batch_size)
+        if c.data.packed_rows:
+            records = {name: (split.records_per_epoch if split else 0)
+                       for name, split in self.splits.items()}
+            logger.info("data: train %d / valid %d / test %d records packed into %d / %d / %d "
+                        "rows of %d positions (padding %.1f%% in the first epoch); a sample is "
+                        "a packed row", records["train"], records["valid"], records["test"],
+                        sizes["train"], sizes["valid"], sizes["test"], c.model.seq_length,
+                        100 * self.splits["train"].padding(0))
+        else:
+            logger.info("data: train %d / valid %d / test %d records", sizes["train"],
+                        sizes["valid"], sizes["test"])
+        logger.info("%d iterations of %d samples (micro batch %d)", self.train_iters,
+                    c.schedule.global_batch_size, c.schedule.micro_batch_size)
 
     def _log(self, step: dict) -> None:
         if not self.layout.is_logger:
@@ -501,6 +515,8 @@ class Trainer:
             "tokens_per_sec": step["tokens"] / seconds,
             "real_tokens_per_sec": step["real_tokens"] / seconds,
             "padding_fraction": 1.0 - step["real_tokens"] / max(1, step["tokens"]),
+            "rows": step["rows"],
+            "records": step["records"],
             "data_wait_fraction": step["data_time"] / seconds,
             "memory_mb": _memory_mb(self.layout.device),
         }
@@ -540,19 +556,21 @@ def train_log_line(iteration: int, train_iters: int, values: dict, elapsed: floa
     """A training log line; its elapsed time and ETA are those of this launch (which started
     at ``first_iteration``: a resumed run's ETA is not skewed by the steps it did not do).
     With fp16 (``loss_scale`` in ``values``) it shows the loss scale, and says so when the
-    step was skipped."""
+    step was skipped; with packing, the step's rows and records."""
     scale = ""
     if "loss_scale" in values:
         scale = " | loss scale %g" % values["loss_scale"]
         if values.get("skipped"):
             scale += " | step skipped (inf/nan gradients; %d so far)" % values["skipped_steps"]
+    step = (f"{values['rows']} rows, {values['records']} records | "
+            if "records" in values else "")
     return (
         "iter %d/%d | samples %d | tokens %d | lr %.3g | loss %.5f (avg of interval) | "
-        "grad norm %.3f%s | %.2f s/iter | %.0f tok/s (%.0f real) | pad %.1f%% | mem %.0f MB | %s"
+        "grad norm %.3f%s | %.2f s/iter | %.0f tok/s (%.0f real) | pad %.1f%% | %smem %.0f MB | %s"
         % (iteration, train_iters, values["consumed_samples"], values["consumed_tokens"],
            values["lr"], values["loss_avg"], values["grad_norm"], scale, values["iter_time"],
            values["tokens_per_sec"], values["real_tokens_per_sec"],
-           100 * values["padding_fraction"], values["memory_mb"],
+           100 * values["padding_fraction"], step, values["memory_mb"],
            elapsed_eta(elapsed, iteration - first_iteration, train_iters - first_iteration)))
 
 

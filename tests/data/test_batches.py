@@ -7,7 +7,7 @@ import pytest
 
 from megatron_ext.data.collate import collate, padded_width
 from megatron_ext.data.instruction_dataset import InstructionDataset
-from megatron_ext.data.sampling import EpochOrder, iterations_for_epochs, micro_batch_records
+from megatron_ext.data.sampling import EpochOrder, micro_batch_records
 from megatron_ext.errors import ConfigError, DataError
 from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer
 from tests.conftest import CHATML, qa_records
@@ -70,7 +70,16 @@ def test_epoch_order_is_deterministic_and_covers_every_record_each_epoch():
     assert order.records(13, 9).tolist() == first[13:22].tolist()
     assert EpochOrder(10, seed=8).records(0, 10).tolist() != first[:10].tolist()
     assert EpochOrder(4, seed=1, shuffle=False).records(2, 4).tolist() == [2, 3, 0, 1]
-    assert iterations_for_epochs(2, 10, 4) == 5 and iterations_for_epochs(1, 10, 3) == 4
+
+
+def test_epochs_as_steps_over_records():
+    from megatron_ext.training.config import ScheduleArgs
+    from megatron_ext.training.data import SplitData, _Part, iterations
+
+    split = SplitData("train", [_Part(None, 0, 10, 1.0)], seed=1)
+    assert iterations(ScheduleArgs(epochs=2, global_batch_size=4), split) == 5
+    assert iterations(ScheduleArgs(epochs=1, global_batch_size=3), split) == 4
+    assert iterations(ScheduleArgs(train_iters=7, global_batch_size=3), split) == 7
 
 
 def test_micro_batches_partition_the_global_batch():

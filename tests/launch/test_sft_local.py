@@ -23,7 +23,8 @@ from tests.training.test_parallel import assert_same_curve
 pytestmark = pytest.mark.slow
 
 SFT = str(REPO / "instruct" / "sft.py")
-STEPS = 5  # one epoch of the 35 records (of 48) whose answers start within 96 tokens
+STEPS = 5  # one epoch of the 35 records (of 48) whose answers start within 96 tokens, packed
+# into 18 rows of 96 positions, 4 rows a step
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def sft_args(name: str, base: Path, data: Path, root: Path, *extra: str) -> list
     # the launcher adds ChatML's tokens itself
     return [sys.executable, SFT, "-E", name, "--hf_model_id", str(base), "--dataset_path",
             str(data), "--experiments_dir", str(root), "--seq_length", "96", "-G", "2",
-            "-g", "8", "-m", "2", "--lr", "1e-3", "--save_interval", "2", "--no_progress",
+            "-g", "4", "-m", "2", "--lr", "1e-3", "--save_interval", "2", "--no_progress",
             # 13 of the 48 training records have no answer within 96 tokens
             "--max_rejected_fraction", "0.3", *extra]
 
@@ -111,9 +112,17 @@ def test_one_command_trains_evaluates_and_exports(experiments):
     root = experiments["root"] / "a"
     record = json.loads((root / "experiment.json").read_text())
     assert record["status"] == "finished"
-    # one epoch: the records the tokenizer kept (some answers lie past 96 tokens), 8 a step
+    # one epoch: the rows of 96 positions that the records the tokenizer kept (some answers
+    # lie past 96 tokens) pack into, 4 a step
+    from megatron_ext.data.indexed import sequence_lengths
+    from megatron_ext.data.packing import packed_row_count
+
     records = record["records"]["training"]
-    assert 24 < records <= 48 and record["train_iters"] == -(-records // 8) == STEPS
+    lengths = sequence_lengths(record["prefixes"]["training"])
+    rows = packed_row_count(lengths, 96)
+    assert 24 < records <= 48 and len(lengths) == records and rows <= records
+    assert record["train_iters"] == -(-rows // 4) == STEPS
+    assert f"training: {records} records packed into {rows} rows of 96 positions" in first.stderr
     # the records left out: counted and shown with their reason, all kept in the experiment
     rejected = (root / "rejected" / "training.jsonl").read_text().splitlines()
     assert len(rejected) == 48 - records and json.loads(rejected[0])["code"] == "too_long"

@@ -54,10 +54,12 @@ TRAIN_ITERS = 3
 TRAIN_LAYOUTS = {  # name -> (architecture, extra flags, world size)
     "7b-serial": ("7b", [], 1),
     "7b-tp2-sp": ("7b", ["--tensor_model_parallel_size", "2", "--sequence_parallel"], 2),
-    "40b-serial": ("40b", [], 1),
-    "40b-recompute-full": ("40b", ["--recompute_granularity", "full"], 1),
-    "40b-tp2": ("40b", ["--tensor_model_parallel_size", "2"], 2),
-    "40b-pp2": ("40b", ["--pipeline_model_parallel_size", "2"], 2),
+    # the 40B runs packed (a sample is a row of several records), so that CP=2 runs rows
+    # of several documents against the serial run of the same rows
+    "40b-serial": ("40b", ["--pack_sequences"], 1),
+    "40b-recompute-full": ("40b", ["--recompute_granularity", "full", "--pack_sequences"], 1),
+    "40b-tp2": ("40b", ["--tensor_model_parallel_size", "2", "--pack_sequences"], 2),
+    "40b-pp2": ("40b", ["--pipeline_model_parallel_size", "2", "--pack_sequences"], 2),
     "40b-cp2-packed": ("40b", ["--context_parallel_size", "2", "--pack_sequences"], 2),
 }
 
