@@ -92,9 +92,12 @@ class Worker:
             commands = [[sys.executable, *serve]]
         else:
             port = str(free_port())
+            # (each agent looks at its worker once a second, not ten times: an idle agent's
+            # only cost, and the session's agents idle for minutes)
             commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nproc),
                          "--node_rank", str(node), "--nproc_per_node", "1", "--master_addr",
-                         "127.0.0.1", "--master_port", port, *serve] for node in range(nproc)]
+                         "127.0.0.1", "--master_port", port, "--monitor_interval", "1", *serve]
+                        for node in range(nproc)]
         self.logs = [pool.root / f"{name}.{node}.log" for node in range(len(commands))]
         self.processes = []
         for command, log in zip(commands, self.logs):
