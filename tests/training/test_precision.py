@@ -52,6 +52,12 @@ TWO = {
     "bf16-dp2": ["--bf16", "--save_interval", "3"],
     "bf16-dist-dp2": ["--bf16"] + DIST,
     "bf16-tp2": ["--bf16", "--tensor_model_parallel_size", "2"],
+    # the distributed optimizer with packing, context and sequence parallelism: on the
+    # serial run's curve (packed: the packed one's); at CP=2 it shards over the DP x CP
+    # group (2 ranks), at TP=2 with SP over a one-rank DP group
+    "dist-dp2-packed": DIST + ["--pack_sequences"],
+    "dist-cp2-packed": DIST + ["--context_parallel_size", "2", "--pack_sequences"],
+    "dist-tp2-sp": DIST + ["--tensor_model_parallel_size", "2", "--sequence_parallel"],
 }
 FOUR = {
     "dist-dp2tp2": DIST + ["--tensor_model_parallel_size", "2", "--save_interval", "3"],
@@ -187,6 +193,21 @@ def test_distributed_optimizer_equals_the_plain_one(precision_runs, reference_ru
     assert_curves(train_metrics(root / run), train_metrics(want_run), EXACT, GRAD_NORM_RTOL)
     assert_same_tensors(root / run / f"iter_{ITERS:07d}", want_run / f"iter_{ITERS:07d}",
                         EXACT)
+
+
+@pytest.mark.parametrize("run,packed,rtol", [("dist-dp2-packed", True, EXACT),
+                                             ("dist-cp2-packed", True, EXACT),
+                                             ("dist-tp2-sp", False, 2e-5)])
+def test_distributed_optimizer_with_packing_cp_and_sp(precision_runs, request, run, packed,
+                                                      rtol):
+    """The distributed optimizer beside packed rows, context parallelism and sequence
+    parallelism: the serial run's curve (the packed serial run's when packed), to the
+    bounds those layouts meet with the plain optimizer (tests/training/
+    test_context_parallel.py, test_parallel.py)."""
+    root, _ = precision_runs
+    want = request.getfixturevalue("packed_reference" if packed else "reference")
+    assert_curves(train_metrics(root / run), want, rtol, max(rtol, GRAD_NORM_RTOL)
+                  if packed else 1e-3)
 
 
 def test_overlapped_communication_changes_nothing(precision_runs, reference):
