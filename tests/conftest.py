@@ -217,13 +217,26 @@ def imported_train_data(tmp_path_factory, sp_model):
                         ("--no_megatron_llm_specials",))
 
 
+def _start_serial(request, name: str, *flags: str) -> tuple[Launch, Path]:
+    """A one-process run of the shared data with ``flags``, started early: (launch, run)."""
+    out = request.getfixturevalue("tmp_path_factory").mktemp(name)
+    train_data = request.getfixturevalue("train_data")
+    launch = start_runs(1, [{"name": "serial", "argv": model_args(train_data, ITERS) + [
+        *flags, "--save", str(out / "run")]}], out / "launch", early=True)
+    return launch, out / "run"
+
+
+def _finished_run(started_launch: tuple[Launch, Path]) -> Path:
+    """The run of a :func:`_start_serial` launch, once it succeeded."""
+    launch, run = started_launch
+    result = launch.wait()["serial"]
+    assert result.returncode == 0, result.log[-3000:]
+    return run
+
+
 @starts_early("reference_launch")
 def start_reference(request) -> tuple[Launch, Path]:
-    out = request.getfixturevalue("tmp_path_factory").mktemp("reference")
-    train_data = request.getfixturevalue("train_data")
-    launch = start_runs(1, [{"name": "reference", "argv": model_args(train_data, ITERS) + [
-        "--save", str(out / "run"), "--save_interval", "3"]}], out / "launch", early=True)
-    return launch, out / "run"
+    return _start_serial(request, "reference", "--save_interval", "3")
 
 
 @pytest.fixture(scope="session")
@@ -236,10 +249,7 @@ def reference_launch(request) -> tuple[Launch, Path]:
 
 @pytest.fixture(scope="session")
 def reference_run(reference_launch) -> Path:
-    launch, run = reference_launch
-    result = launch.wait()["reference"]
-    assert result.returncode == 0, result.log[-3000:]
-    return run
+    return _finished_run(reference_launch)
 
 
 @pytest.fixture(scope="session")
@@ -249,11 +259,7 @@ def reference(reference_run) -> list[dict]:
 
 @starts_early("packed_reference_launch")
 def start_packed_reference(request) -> tuple[Launch, Path]:
-    out = request.getfixturevalue("tmp_path_factory").mktemp("packed_reference")
-    train_data = request.getfixturevalue("train_data")
-    launch = start_runs(1, [{"name": "packed", "argv": model_args(train_data, ITERS) + [
-        "--pack_sequences", "--save", str(out / "run")]}], out / "launch", early=True)
-    return launch, out / "run"
+    return _start_serial(request, "packed_reference", "--pack_sequences")
 
 
 @pytest.fixture(scope="session")
@@ -265,10 +271,7 @@ def packed_reference_launch(request) -> tuple[Launch, Path]:
 def packed_reference_run(packed_reference_launch) -> Path:
     """The serial run every packed parity and resume test compares with: the reference's
     flags and ``--pack_sequences`` (a sample is a packed row of up to 96 positions)."""
-    launch, run = packed_reference_launch
-    result = launch.wait()["packed"]
-    assert result.returncode == 0, result.log[-3000:]
-    return run
+    return _finished_run(packed_reference_launch)
 
 
 @pytest.fixture(scope="session")
