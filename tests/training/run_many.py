@@ -161,13 +161,13 @@ def run_job(job: dict, directory: Path) -> int:
     return run_one(lambda: Trainer(parse_config(job["argv"])).train(), log)
 
 
-def job_layout(job: dict) -> tuple[int, int, int] | None:
-    """The TP, PP and CP sizes a job makes megatron-core's groups for, where it says so
+def job_layout(job: dict) -> tuple[int, int, int, int] | None:
+    """The TP, PP, CP and EP sizes a job makes megatron-core's groups for, where it says so
     (a trainer run or a logits check; a tool or a helper may do anything)."""
     if WORLD == 1:
-        return 1, 1, 1
-    if "logits" in job:  # inference: CP 1
-        return int(job["logits"]["tp"]), int(job["logits"]["pp"]), 1
+        return 1, 1, 1, 1
+    if "logits" in job:  # inference: CP 1, EP 1
+        return int(job["logits"]["tp"]), int(job["logits"]["pp"]), 1, 1
     if "tool" in job or "call" in job:
         return None
     try:
@@ -175,7 +175,7 @@ def job_layout(job: dict) -> tuple[int, int, int] | None:
     except (UserError, SystemExit):  # the job itself will report it
         return None
     return (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-            parallel.context_parallel_size)
+            parallel.context_parallel_size, parallel.expert_model_parallel_size)
 
 
 def prepare_layout(job: dict) -> None:
@@ -187,7 +187,8 @@ def prepare_layout(job: dict) -> None:
         return
     current = (parallel_state.get_tensor_model_parallel_world_size(),
                parallel_state.get_pipeline_model_parallel_world_size(),
-               parallel_state.get_context_parallel_world_size())
+               parallel_state.get_context_parallel_world_size(),
+               parallel_state.get_expert_model_parallel_world_size())
     if job_layout(job) != current:
         release_groups()
 
