@@ -65,6 +65,10 @@ COMMON = "common.pt"
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 _OPTIMIZER = re.compile(r"^(optimizer\.state\.[^.]+\.)(.+)$")
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# a mixture of experts: checkpoint keys stack the experts of a layer on a second axis
+# (megatron-core's SequentialMLP), our file set names each expert's module
+EXPERTS_KEY = "mlp.experts.experts."
+_EXPERT_MODULE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 
 # ---------------------------------------------------------------- names
@@ -78,12 +82,14 @@ def _layer_keys_map() -> dict[str, str]:
                 .submodules.sharded_state_dict_keys_map)
 
 
-def unsharded_name(checkpoint_key: str, layer: Optional[int]) -> str:
+def unsharded_name(checkpoint_key: str, layer: Optional[int],
+                   expert: Optional[int] = None) -> str:
     """``decoder.layers.mlp.linear_fc1.layer_norm_weight`` (+ layer 3) -> module name.
 
     Checkpoint keys stack all layers in one global tensor (leading axis) and
     use Transformer-Engine style names for the fused norms; our file set uses
-    the plain module names, one tensor per layer.
+    the plain module names, one tensor per layer (and per expert: the experts of a
+    mixture-of-experts layer are stacked on a second axis, ``expert`` is the index).
     """
     match = _OPTIMIZER.match(checkpoint_key)
     prefix, rest = (match.group(1), match.group(2)) if match else ("", checkpoint_key)
@@ -91,12 +97,29 @@ def unsharded_name(checkpoint_key: str, layer: Optional[int]) -> str:
         if layer is None:
             raise ValueError(f"{checkpoint_key}: a layer tensor needs its layer number")
         suffix = rest[len("decoder.layers."):]
+        if suffix.startswith(EXPERTS_KEY):
+            if expert is None:
+                raise ValueError(f"{checkpoint_key}: an expert's tensor needs its expert number")
+            suffix = f"mlp.experts.local_experts.{expert}.{suffix[len(EXPERTS_KEY):]}"
         for module_prefix, key_prefix in _layer_keys_map().items():
             if suffix.startswith(key_prefix):
                 suffix = module_prefix + suffix[len(key_prefix):]
                 break
         rest = f"decoder.layers.{layer}.{suffix}"
     return prefix + rest
+
+
+def expert_of(name: str) -> tuple[str, Optional[int]]:
+    """An unsharded name -> (its checkpoint key, its expert number or None): the expert part
+    of :func:`checkpoint_key`."""
+    key, layer = checkpoint_key(name)
+    match = _OPTIMIZER.match(name)
+    layer_match = _LAYER_NAME.match(match.group(2) if match else name)
+    expert = _EXPERT_MODULE.match(layer_match.group(2)) if layer_match else None
+    if expert is None:
+        return key, None
+    prefix = match.group(1) if match else ""
+    return f"{prefix}decoder.layers.{EXPERTS_KEY}{expert.group(2)}", int(expert.group(1))
 
 
 def checkpoint_key(name: str) -> tuple[str, Optional[int]]:
@@ -212,7 +235,8 @@ def _slice_for(reader, sh) -> torch.Tensor:
     """
     prepend = sh.prepend_axis_num
     layer = sh.global_offset[0] if prepend else None
-    name = unsharded_name(sh.key, layer)
+    expert = sh.global_offset[1] if prepend > 1 else None  # a mixture of experts' expert
+    name = unsharded_name(sh.key, layer, expert)
     if sh.flattened_range is not None:
         raise CheckpointError(f"{name}: flattened (distributed-optimizer) shards cannot be read from an "
                      "unsharded checkpoint; load it without --use_distributed_optimizer")
@@ -389,7 +413,14 @@ def iter_dist_checkpoint(directory: str, include_optimizer: bool = True
         request = {k: empty(k, (1, *metadata[k].size[1:])) for k in stacked}
         offsets = {k: (layer,) + (0,) * (len(metadata[k].size) - 1) for k in stacked}
         loaded = load(request, offsets)
-        yield {unsharded_name(k, layer): v[0] for k, v in loaded.items()}
+        group = {}
+        for key, value in loaded.items():
+            if EXPERTS_KEY in key:  # [1, experts, ...]: one tensor per expert
+                group.update({unsharded_name(key, layer, expert): tensor
+                              for expert, tensor in enumerate(value[0])})
+            else:
+                group[unsharded_name(key, layer)] = value[0]
+        yield group
 
 
 def save_dist_from_tensors(tensors: dict[str, torch.Tensor], directory: str,
@@ -404,14 +435,22 @@ def save_dist_from_tensors(tensors: dict[str, torch.Tensor], directory: str,
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     located = {name: checkpoint_key(name) for name in tensors}
+    experts = {name: expert_of(name) for name in tensors}
     num_layers = 1 + max((layer for _, layer in located.values() if layer is not None),
                          default=-1)
+    num_experts = 1 + max((expert for _, expert in experts.values() if expert is not None),
+                          default=-1)
     state: dict = dict(common or {})
     sharded = {}
     for name, tensor in tensors.items():
         key, layer = located[name]
+        expert_key, expert = experts[name]
         if layer is None:
             sharded[name] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=0)
+        elif expert is not None:  # stacked over layers, then over experts
+            sharded[name] = ShardedTensor.from_rank_offsets(
+                expert_key, tensor, (0, layer, num_layers), (1, expert, num_experts),
+                replica_id=0, prepend_axis_num=2)
         else:
             sharded[name] = ShardedTensor.from_rank_offsets(
                 key, tensor, (0, layer, num_layers), replica_id=0, prepend_axis_num=1)

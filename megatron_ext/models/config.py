@@ -122,9 +122,10 @@ class ModelArgs:
             kv_channels=self.kv_channels or self.hidden_size // self.num_attention_heads,
             rope_scaling_type=(self.rope_scaling_type or "llama3"
                                if self.rope_scaling_factor else None),
+            num_experts=self.num_experts or family.num_experts,
             moe_ffn_hidden_size=(self.moe_ffn_hidden_size or self.ffn_hidden_size
                                  or family.default_ffn_hidden_size(self.hidden_size)
-                                 if self.num_experts else None),
+                                 if self.num_experts or family.num_experts else None),
             **self._resolved_settings(),
         )
 
@@ -159,6 +160,11 @@ class ModelArgs:
         resolved = self.resolved()
         cls = get_family(self.model_name).settings
         return cls(**{f.name: getattr(resolved, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def experts(self) -> Optional[int]:
+        """The experts of each MoE layer: --num_experts, else the family's; None: dense."""
+        return self.num_experts or get_family(self.model_name).num_experts
 
     @property
     def attention_window(self) -> Optional[int]:
@@ -257,7 +263,7 @@ def moe_problems(model: ModelArgs, moe: Optional[MoEArgs] = None,
     ``parallel``'s layout when given; ``ParallelArgs.problems`` checks the split;
     ``variable_seq_lengths``: rows as wide as their longest sample)."""
     problems = []
-    experts, topk = model.num_experts, model.moe_router_topk
+    experts, topk = model.experts, model.moe_router_topk
     if experts is None:
         return problems
     if (moe is not None and moe.moe_token_dispatcher_type == "allgather"

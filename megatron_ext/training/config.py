@@ -256,7 +256,8 @@ class TrainConfig:
         """What the parallel layout splits of the model (``ParallelArgs.problems``)."""
         m = self.model
         return ModelShape.of(m.num_layers, m.num_attention_heads, m.hidden_size,
-                             m.num_attention_heads_kv, m.kv_channels, m.num_experts)
+                             m.num_attention_heads_kv, m.kv_channels,
+                             m.experts if m.model_name in family_names() else m.num_experts)
 
     def _shape_problems(self) -> list[str]:
         """What of the model's shape is wrong whatever the layout."""

@@ -272,7 +272,7 @@ class Trainer:
         return get_forward_backward_func()(
             forward_step_func=make_forward_step(gb.total_weight, self.window, self.layout.device,
                                                 self.layout.cp, self.layout.cp_rank,
-                                                moe=bool(self.config.model.num_experts)),
+                                                moe=bool(self.config.model.experts)),
             data_iterator=iter(gb.micro_batches),
             model=[self.model],
             num_microbatches=len(gb.micro_batches),
@@ -306,7 +306,7 @@ class Trainer:
         data_time = time.perf_counter() - start
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        if self.config.model.num_experts:  # the aux losses' share of each micro-batch
+        if self.config.model.experts:  # the aux losses' share of each micro-batch
             from megatron_ext.models.moe import set_aux_loss_scale
 
             set_aux_loss_scale(len(gb.micro_batches) * self.layout.dp)
@@ -341,7 +341,7 @@ class Trainer:
     def _aux_losses(self) -> dict:
         """A mixture of experts' auxiliary losses of the step (``models/moe.py``): what each
         added to the objective, by name (``load_balancing_loss``, ``z_loss``)."""
-        if not self.config.model.num_experts:
+        if not self.config.model.experts:
             return {}
         from megatron.core import parallel_state
 

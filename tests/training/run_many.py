@@ -116,7 +116,8 @@ def save_logits(job: dict) -> None:
     from megatron_ext.inference.loading import full_logits, load_for_inference
 
     loaded = load_for_inference(job["load"], int(job["tp"]), int(job["pp"]),
-                                vocab_file=job.get("vocab_file") or None)
+                                vocab_file=job.get("vocab_file") or None,
+                                ep=int(job.get("ep", 1)))
     logits = full_logits(loaded, torch.load(job["tokens"]))
     if logits is not None and loaded.layout.tp_rank == 0 and loaded.layout.dp_rank == 0:
         torch.save(logits.cpu(), job["out"])
@@ -166,8 +167,9 @@ def job_layout(job: dict) -> tuple[int, int, int, int] | None:
     (a trainer run or a logits check; a tool or a helper may do anything)."""
     if WORLD == 1:
         return 1, 1, 1, 1
-    if "logits" in job:  # inference: CP 1, EP 1
-        return int(job["logits"]["tp"]), int(job["logits"]["pp"]), 1, 1
+    if "logits" in job:  # inference: CP 1
+        return (int(job["logits"]["tp"]), int(job["logits"]["pp"]), 1,
+                int(job["logits"].get("ep", 1)))
     if "tool" in job or "call" in job:
         return None
     try:

@@ -1,0 +1,167 @@
+"""Mixture-of-experts families against transformers: routing token for token, weight names
+both ways (on-disk per-expert names, transformers 5's stacked in-memory experts), an HF
+import whose logits equal transformers' at TP=1 (one process) and at EP=2, TP=2 and PP=2
+(one 2-process batch), the export back bit-exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_ext.models.families import get_family
+from megatron_ext.models.family import UnsupportedModelError
+from tests.runs import job_logits, logits_job, start_runs, started, starts_early
+
+SHAPE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+# family -> (transformers class prefix, its config's MoE fields)
+MOE = {"mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2,
+                                   rope_theta=1e6))}
+LAYOUTS = {"ep2": dict(ep=2), "tp2": dict(tp=2), "pp2": dict(pp=2)}
+
+
+def hf_moe_model(family: str, vocab: int = 300, **overrides):
+    """A tiny random transformers model of ``family`` (its norms perturbed: transformers
+    starts them at 1, where a wrong mapping goes unseen)."""
+    import transformers
+
+    kind, fields = MOE[family]
+    config = getattr(transformers, f"{kind}Config")(**{**SHAPE, **fields, "vocab_size": vocab,
+                                                       **overrides})
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{kind}ForCausalLM")(config)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.copy_(1.0 + 0.3 * torch.randn(parameter.shape, generator=generator))
+    model.config._attn_implementation = "eager"
+    return model.eval()
+
+
+# ------------------------------------------------------------------ in-process
+@pytest.mark.parametrize("family", list(MOE))
+def test_routing_equals_transformers_token_for_token(family):
+    """megatron-core's router as the family configures it (builder.moe_config and the
+    family's settings) against the transformers router on the same logits, ties and
+    near-ties included: the same experts and weights for every token."""
+    import copy
+
+    from megatron.core.transformer.moe.moe_utils import topk_routing_with_score_function
+
+    from megatron_ext.models.builder import moe_config
+    from megatron_ext.models.config import ModelArgs, MoEArgs
+    from megatron_ext.parallel import ParallelArgs
+
+    model = hf_moe_model(family)
+    experts = model.config.to_dict()[get_family(family).hf.experts_key]
+    config = copy.deepcopy(model.config)
+    config.hidden_size = experts
+    router = type(model.model.layers[0].mlp.gate)(config)  # its input is its logits
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(experts))
+    logits = torch.randn(64, experts, generator=torch.Generator().manual_seed(5))
+    logits[:4] = 0.5  # every expert tied
+    logits[4:8, 1] = logits[4:8, 2] = logits[4:8].max(dim=-1).values  # two tied at the top
+    logits[8:12, 3] = logits[8:12, 0] + 1e-7  # nearly tied
+    with torch.no_grad():
+        _, weights, chosen = router(logits)
+    args = ModelArgs(model_name=family, num_experts=experts,
+                     moe_router_topk=router.top_k).resolved()
+    settings = {**moe_config(args, ParallelArgs(), MoEArgs()),
+                **args.settings.transformer_config(args)}
+    probs, routing_map = topk_routing_with_score_function(
+        logits, router.top_k, use_pre_softmax=settings.get("moe_router_pre_softmax", False),
+        score_function="softmax")
+    ours = routing_map.nonzero()[:, 1].view(-1, router.top_k)
+    assert torch.equal(ours, chosen.sort(dim=-1).values)
+    theirs = weights.gather(1, chosen.argsort(dim=-1))
+    assert torch.allclose(probs.gather(1, ours), theirs.to(probs.dtype), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", list(MOE))
+def test_weights_round_trip_on_disk_names_and_in_memory_layout(family, tmp_path):
+    """HF (on-disk per-expert names) -> ours -> HF is bit-exact; transformers 5's in-memory
+    stacked experts convert to the same tensors."""
+    from safetensors.torch import load_file
+
+    model = hf_moe_model(family)
+    model.save_pretrained(tmp_path)
+    disk = load_file(tmp_path / "model.safetensors")
+    adapter = get_family(family).hf.for_config(model.config.to_dict())
+    for layer in range(SHAPE["num_hidden_layers"]):
+        names = adapter.layer_names(layer)
+        assert set(names) <= set(disk)  # the importer reads exactly what the Hub stores
+        ours = adapter.layer_to_megatron({n: disk[n] for n in names}, layer, 4, 2)
+        in_memory = {k: v for k, v in model.state_dict().items()
+                     if k.startswith(f"model.layers.{layer}.")}
+        assert _equal(adapter.layer_to_megatron(in_memory, layer, 4, 2), ours)
+        back = adapter.layer_from_megatron(ours, layer, 4, 2)
+        assert _equal(back, {n: disk[n] for n in names})
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_moe_model_is_refused_by_a_dense_layout_and_a_dense_one_by_an_moe_layout():
+    from megatron_ext.models.config import ModelArgs
+
+    moe = ModelArgs(model_name="llama2", num_experts=4).resolved()
+    with pytest.raises(UnsupportedModelError, match="mixture of 4 experts"):
+        get_family("llama2").hf.hf_config(moe, 300, 1, 2, None, "float32")
+    dense = ModelArgs(model_name="mixtral").resolved()
+    assert dense.num_experts == 8  # the family's default
+    assert get_family("mixtral").hf.hf_config(dense, 300, 1, 2, None, "float32")[
+        "num_local_experts"] == 8
+
+
+# ------------------------------------------------------------------ against transformers
+TOKENS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@starts_early("moe_logits")
+def start_moe_logits(request):
+    """Each family imported here (in-process), then its logits at TP=1 (one process) and
+    at EP=2, TP=2 and PP=2 (one 2-process batch)."""
+    from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
+
+    root = request.getfixturevalue("tmp_path_factory").mktemp("moe_logits")
+    sp_model = request.getfixturevalue("sp_model")
+    import sentencepiece
+
+    vocab = sentencepiece.SentencePieceProcessor(model_file=sp_model).get_piece_size()
+    expected, serial, parallel = {}, [], []
+    for family in MOE:
+        model = hf_moe_model(family, vocab)
+        hf_dir = root / f"{family}-hf"
+        model.save_pretrained(hf_dir)
+        (hf_dir / "tokenizer.model").write_bytes(Path(sp_model).read_bytes())
+        with torch.no_grad():
+            expected[family] = model(TOKENS).logits
+        out = root / family
+        import_hf(ImportConfig(model_path=str(hf_dir), out=str(out), progress=False))
+        serial.append(logits_job(f"{family}-tp1", out, TOKENS, root / "logits"))
+        parallel += [logits_job(f"{family}-{name}", out, TOKENS, root / "logits", **layout)
+                     for name, layout in LAYOUTS.items()]
+    return (expected, serial + parallel, start_runs(1, serial, root / "serial", early=True),
+            start_runs(2, parallel, root / "parallel", early=True))
+
+
+@pytest.fixture(scope="module")
+def moe_logits(request) -> dict:
+    expected, jobs, serial, parallel = started("moe_logits", request)
+    results = {**serial.wait(), **parallel.wait()}
+    return expected, {job["name"]: job_logits(results, job) for job in jobs}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(MOE))
+@pytest.mark.parametrize("layout", ["tp1", *LAYOUTS])
+def test_imported_moe_model_reproduces_transformers_logits(moe_logits, family, layout):
+    expected, got = moe_logits
+    want = expected[family]
+    diff = (got[f"{family}-{layout}"] - want).abs().max().item()
+    assert diff <= 1e-5 * want.abs().max().item(), diff
