@@ -112,11 +112,18 @@ def count_experts(state: Mapping[str, Any], layer: int) -> int:
     return 1 + max(found) if found else 0
 
 
+def config_experts(config: Mapping[str, Any], experts_key: str) -> Optional[int]:
+    """The number of experts in an HF config: ``experts_key``, or transformers 5's own name
+    for it (it writes Qwen3-MoE's ``num_experts`` as ``num_local_experts``)."""
+    experts = config.get(experts_key) or config.get("num_local_experts")
+    return int(experts) if experts else None
+
+
 def moe_config_fields(config: Mapping[str, Any], source: str, experts_key: str,
                       ffn_key: str) -> dict:
     """``ModelArgs`` MoE fields of an HF config (``experts_key``: its number of experts,
     ``ffn_key``: each expert's width)."""
-    experts = config.get(experts_key)
+    experts = config_experts(config, experts_key)
     if not experts:
         raise UnsupportedModelError(f"{source}: {experts_key} is not set (a mixture of "
                                     "experts without experts)")
@@ -140,7 +147,8 @@ class MoELlamaLikeHF(LlamaLikeHF):
     num_experts: int = 0
 
     def for_config(self, config: Mapping[str, Any]) -> "MoELlamaLikeHF":
-        return dataclasses.replace(self, num_experts=int(config.get(self.experts_key) or 0))
+        return dataclasses.replace(self,
+                                   num_experts=config_experts(config, self.experts_key) or 0)
 
     @property
     def linear_names(self) -> Mapping[str, tuple[str, ...]]:

@@ -18,7 +18,11 @@ SHAPE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_atte
              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
 # family -> (transformers class prefix, its config's MoE fields)
 MOE = {"mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2,
-                                   rope_theta=1e6))}
+                                   rope_theta=1e6)),
+       # transformers' default norm_topk_prob=False: the softmax's top-k weights as they are
+       "qwen3_moe": ("Qwen3Moe", dict(num_experts=4, num_experts_per_tok=2, head_dim=16,
+                                      moe_intermediate_size=40, rms_norm_eps=1e-6,
+                                      rope_theta=1e6, norm_topk_prob=False))}
 LAYOUTS = {"ep2": dict(ep=2), "tp2": dict(tp=2), "pp2": dict(pp=2)}
 
 
@@ -56,7 +60,7 @@ def test_routing_equals_transformers_token_for_token(family):
     from megatron_ext.parallel import ParallelArgs
 
     model = hf_moe_model(family)
-    experts = model.config.to_dict()[get_family(family).hf.experts_key]
+    experts = model.config.to_dict()["num_local_experts"]  # transformers 5's name in both
     config = copy.deepcopy(model.config)
     config.hidden_size = experts
     router = type(model.model.layers[0].mlp.gate)(config)  # its input is its logits
@@ -68,8 +72,8 @@ def test_routing_equals_transformers_token_for_token(family):
     logits[8:12, 3] = logits[8:12, 0] + 1e-7  # nearly tied
     with torch.no_grad():
         _, weights, chosen = router(logits)
-    args = ModelArgs(model_name=family, num_experts=experts,
-                     moe_router_topk=router.top_k).resolved()
+    args = ModelArgs.from_dict(get_family(family).hf.model_args(
+        model.config.to_dict(), family, "config.json")).resolved()
     settings = {**moe_config(args, ParallelArgs(), MoEArgs()),
                 **args.settings.transformer_config(args)}
     probs, routing_map = topk_routing_with_score_function(
@@ -165,3 +169,30 @@ def test_imported_moe_model_reproduces_transformers_logits(moe_logits, family, l
     want = expected[family]
     diff = (got[f"{family}-{layout}"] - want).abs().max().item()
     assert diff <= 1e-5 * want.abs().max().item(), diff
+
+
+def test_moe_checkpoint_loaded_as_dense_is_a_clear_error():
+    """The checkpoint shape check names the experts (an MoE checkpoint into a dense model,
+    and a dense one into an MoE model)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from megatron_ext.checkpointing.state import check_model_matches
+    from megatron_ext.errors import CheckpointError
+    from megatron_ext.models.builder import transformer_config
+    from megatron_ext.models.config import ModelArgs, PrecisionArgs
+    from megatron_ext.parallel import ParallelArgs
+
+    dense = ModelArgs(model_name="mistral", num_layers=2, hidden_size=32,
+                      num_attention_heads=4)
+    moe = dataclasses.replace(dense, num_experts=4)
+
+    def built(args):
+        return SimpleNamespace(config=transformer_config(args, ParallelArgs(), PrecisionArgs()),
+                               model_args=args.resolved())
+
+    with pytest.raises(CheckpointError, match="--num_experts: checkpoint 4, this run None"):
+        check_model_matches(dataclasses.asdict(moe), built(dense), "ckpt")
+    with pytest.raises(CheckpointError, match="--num_experts: checkpoint None, this run 4"):
+        check_model_matches(dataclasses.asdict(dense), built(moe), "ckpt")
+    check_model_matches(dataclasses.asdict(moe), built(moe), "ckpt")  # the same: fine
