@@ -12,6 +12,7 @@ import torch
 
 from megatron_ext.models.families import get_family
 from megatron_ext.models.family import UnsupportedModelError
+from megatron_ext.models.hf_moe import config_experts
 from tests.runs import job_logits, logits_job, start_runs, started, starts_early
 
 SHAPE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -150,22 +151,50 @@ def start_moe_logits(request):
         serial.append(logits_job(f"{family}-tp1", out, TOKENS, root / "logits"))
         parallel += [logits_job(f"{family}-{name}", out, TOKENS, root / "logits", **layout)
                      for name, layout in LAYOUTS.items()]
-    return (expected, serial + parallel, start_runs(1, serial, root / "serial", early=True),
+    return (root, expected, serial + parallel,
+            start_runs(1, serial, root / "serial", early=True),
             start_runs(2, parallel, root / "parallel", early=True))
 
 
 @pytest.fixture(scope="module")
 def moe_logits(request) -> dict:
-    expected, jobs, serial, parallel = started("moe_logits", request)
+    root, expected, jobs, serial, parallel = started("moe_logits", request)
     results = {**serial.wait(), **parallel.wait()}
-    return expected, {job["name"]: job_logits(results, job) for job in jobs}
+    return expected, {job["name"]: job_logits(results, job) for job in jobs}, root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(MOE))
+def test_hf_round_trip_is_bit_exact(moe_logits, family, tmp_path):
+    """Imported, then exported: the Hub's per-expert tensors, bit for bit, and a config
+    transformers reads as the same model."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from megatron_ext.checkpointing.hf_export import export_hf
+    from megatron_ext.checkpointing.options import ExportConfig
+
+    root = moe_logits[2]
+    export_hf(ExportConfig(load=str(root / family), out=str(tmp_path / "out"), progress=False))
+    original = load_file(root / f"{family}-hf" / "model.safetensors")
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    assert _equal(exported, original)
+    theirs = json.loads((root / f"{family}-hf" / "config.json").read_text())
+    ours = json.loads((tmp_path / "out" / "config.json").read_text())
+    for key in ("num_experts_per_tok", "norm_topk_prob", "head_dim", "intermediate_size",
+                "moe_intermediate_size", "rope_theta", "rms_norm_eps"):
+        if theirs.get(key) is not None:
+            assert ours[key] == theirs[key], key
+    key = get_family(family).hf.experts_key  # the Hub's name (transformers 5 reads both)
+    assert config_experts(ours, key) == config_experts(theirs, key) == 4
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(MOE))
 @pytest.mark.parametrize("layout", ["tp1", *LAYOUTS])
 def test_imported_moe_model_reproduces_transformers_logits(moe_logits, family, layout):
-    expected, got = moe_logits
+    expected, got, _ = moe_logits
     want = expected[family]
     diff = (got[f"{family}-{layout}"] - want).abs().max().item()
     assert diff <= 1e-5 * want.abs().max().item(), diff

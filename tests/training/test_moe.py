@@ -9,15 +9,26 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from megatron_ext.errors import UserError
 from megatron_ext.parallel import ModelShape, ParallelArgs
 from megatron_ext.training.arguments import parse_config
-from tests.runs import model_args, run_many, start_runs, started, starts_early, train_metrics
+from tests.runs import (
+    job_logits,
+    logits_job,
+    model_args,
+    run_many,
+    start_runs,
+    started,
+    starts_early,
+    train_metrics,
+)
 
 ITERS = 4
-MOE = ["--num_experts", "4", "--moe_router_topk", "2", "--moe_ffn_hidden_size", "48",
-       "--moe_aux_loss_coeff", "0.01", "--moe_z_loss_coeff", "0.001"]
+MOE = ["--model_name", "mixtral", "--num_experts", "4", "--moe_router_topk", "2",
+       "--moe_ffn_hidden_size", "48", "--moe_aux_loss_coeff", "0.01",
+       "--moe_z_loss_coeff", "0.001"]
 EP2 = ["--expert_model_parallel_size", "2"]
 PACKED = ["--pack_sequences"]
 # name -> flags of the 2-process runs (beside MOE); each is compared with its serial run
@@ -72,19 +83,26 @@ def _stopped_at(run: Path, iteration: int, copy: Path) -> Path:
     return copy
 
 
+TOKENS = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
 @pytest.fixture(scope="module")
 def resumed_runs(moe_runs, train_data) -> Path:
-    """The EP=2 run's iteration-2 checkpoint resumed at EP=1 (one process) and at TP=2 with
-    sequence parallelism (two)."""
+    """The EP=2 run's iteration-2 checkpoint resumed at EP=1 (one process, beside the EP=2
+    run's final logits at EP=1) and at TP=2 with sequence parallelism (two)."""
     root = moe_runs / "resumed"
     layouts = {"ep1": (1, []), "tp2": (2, ["--tensor_model_parallel_size", "2",
                                             "--sequence_parallel"])}
     for name, (nproc, flags) in layouts.items():
         run = _stopped_at(moe_runs / "ep2", 2, root / name)
-        result = run_many(nproc, [{"name": name, "argv": model_args(train_data, ITERS) + MOE
-                                   + flags + ["--load", str(run), "--save", str(run)]}],
-                          root / f"launch-{name}")
-        assert result[name].returncode == 0, result[name].log[-3000:]
+        jobs = [{"name": name, "argv": model_args(train_data, ITERS) + MOE + flags
+                 + ["--load", str(run), "--save", str(run)]}]
+        if nproc == 1:
+            jobs.append(logits_job("ep2-at-ep1", moe_runs / "ep2", TOKENS, root / "logits"))
+        results = run_many(nproc, jobs, root / f"launch-{name}")
+        assert results[name].returncode == 0, results[name].log[-3000:]
+        if nproc == 1:
+            torch.save(job_logits(results, jobs[1]), root / "ep2-at-ep1.pt")
     return root
 
 
@@ -115,6 +133,26 @@ def test_ep2_checkpoint_resumes_at_another_layout_on_the_same_curve(moe_runs, re
     want = train_metrics(moe_runs / "ref")
     assert [r["iteration"] for r in got] == [1, 2, 3, 4]
     assert_same_curve(got[2:], want[2:])
+
+
+@pytest.mark.slow
+def test_ep2_checkpoint_exports_to_transformers_with_our_logits(moe_runs, resumed_runs,
+                                                                 tmp_path):
+    """The EP=2 run's final checkpoint (experts stacked in its shards) exported as a
+    Hugging Face Mixtral: transformers computes the logits our model computes at EP=1."""
+    import transformers
+
+    from megatron_ext.checkpointing.hf_export import export_hf
+    from megatron_ext.checkpointing.options import ExportConfig
+
+    export_hf(ExportConfig(load=str(moe_runs / "ep2"), out=str(tmp_path / "hf"),
+                           progress=False))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(model).__name__ == "MixtralForCausalLM"
+    ours = torch.load(resumed_runs / "ep2-at-ep1.pt")
+    with torch.no_grad():
+        theirs = model(TOKENS).logits
+    assert (theirs - ours).abs().max() <= 1e-5 * theirs.abs().max()
 
 
 # ------------------------------------------------------------------ flags, layout checks
