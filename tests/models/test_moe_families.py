@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -225,3 +226,97 @@ def test_moe_checkpoint_loaded_as_dense_is_a_clear_error():
     with pytest.raises(CheckpointError, match="--num_experts: checkpoint None, this run 4"):
         check_model_matches(dataclasses.asdict(dense), built(moe), "ckpt")
     check_model_matches(dataclasses.asdict(moe), built(moe), "ckpt")  # the same: fine
+
+
+# ------------------------------------------------------------------ GGUF
+GGUF_ARCH = {"mixtral": "llama", "qwen3_moe": "qwen3moe"}  # llama.cpp's architectures
+
+
+def write_moe_gguf(path: Path, family: str, model, sp_model: str) -> Path:
+    """``model`` as llama.cpp's converter writes it: Llama q/k rows permuted (architecture
+    llama), each layer's experts stacked (``ffn_gate_exps`` ``[E, F, H]``, ``ffn_up_exps``,
+    ``ffn_down_exps`` ``[E, H, F]``), the router as ``ffn_gate_inp``; experts in float16."""
+    import gguf
+
+    from tests.checkpointing.gguf_files import add_tokenizer, permute_heads, tokenizer_metadata
+
+    arch, config = GGUF_ARCH[family], model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if arch == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    else:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_expert_weights_norm(bool(config.norm_topk_prob))
+    writer.add_expert_count(config.num_local_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_vocab_size(config.vocab_size)
+    add_tokenizer(writer, tokenizer_metadata(Path(sp_model)))
+    table = gguf.get_tensor_name_map(
+        next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), config.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        values = tensor.float().numpy()
+        if ".experts." in name:  # transformers 5's stacked layout, split as llama.cpp's
+            layer = name.split(".")[2]
+            if name.endswith("gate_up_proj"):
+                gate, up = np.split(values, 2, axis=1)
+                parts = {"ffn_gate_exps": gate, "ffn_up_exps": up}
+            else:
+                parts = {"ffn_down_exps": values}
+            for stem, part in parts.items():
+                writer.add_tensor(f"blk.{layer}.{stem}.weight", part.astype(np.float16))
+            continue
+        stem, suffix = name.rsplit(".", 1)
+        part = stem.rsplit(".", 1)[-1]
+        if arch == "llama" and part in ("q_proj", "k_proj"):
+            values = permute_heads(values, config.num_attention_heads if part == "q_proj"
+                                   else config.num_key_value_heads)
+        writer.add_tensor(f"{table.get_name(stem)}.{suffix}", values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(MOE))
+def test_gguf_import_reproduces_the_model(moe_logits, family, tmp_path, sp_model):
+    """A llama.cpp file of the model (its experts stacked, in float16) imports to the
+    checkpoint its Hugging Face directory imports to (whose logits equal transformers'),
+    up to the experts' float16 rounding, and as the same family and shape."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
+
+    import sentencepiece
+
+    root = moe_logits[2]
+    vocab = sentencepiece.SentencePieceProcessor(model_file=sp_model).get_piece_size()
+    model = hf_moe_model(family, vocab)
+    path = write_moe_gguf(tmp_path / f"{family}.gguf", family, model, sp_model)
+    import_hf(ImportConfig(model_path=str(path), out=str(tmp_path / "out"), progress=False))
+    ours = json.loads((tmp_path / "out" / "run_config.json").read_text())["model"]
+    want = json.loads((root / family / "run_config.json").read_text())["model"]
+    for key in ("model_name", "num_experts", "moe_router_topk", "moe_ffn_hidden_size",
+                "num_layers", "kv_channels", "norm_topk_prob"):
+        assert ours.get(key) == want.get(key), key
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    expected = load_file(root / family / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        if ".experts." in name:
+            assert torch.equal(got[name], tensor.half().float()), name
+        else:
+            assert torch.equal(got[name], tensor), name

@@ -18,7 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from megatron_ext.models.family import LLAMA_LAYOUT, Family, FamilySettings, UnsupportedModelError, setting
+from megatron_ext.models.family import (
+    LLAMA_LAYOUT,
+    Family,
+    FamilySettings,
+    GGUFLayout,
+    UnsupportedModelError,
+    setting,
+)
 from megatron_ext.models.hf_moe import QWEN_MOE_NAMES, MoELlamaLikeHF
 
 if TYPE_CHECKING:
@@ -66,6 +73,13 @@ class Qwen3MoeHF(MoELlamaLikeHF):
         return config
 
 
+def gguf_config(model) -> dict:
+    """``config.json`` of a llama.cpp ``qwen3moe`` file (a ``GGUFModel``): the Llama-style
+    reading with its experts (``expert_count``, ``expert_used_count``, the stacked
+    ``ffn_*_exps`` widths)."""
+    return {**model.llama_style_config(), "num_experts": int(model.arch_value("expert_count"))}
+
+
 FAMILY = Family(
     name="qwen3_moe",
     legacy_name="qwen3_moe",  # Megatron-LLM has no mixture of experts: the legacy writer refuses it
@@ -78,4 +92,5 @@ FAMILY = Family(
     hf=Qwen3MoeHF("qwen3_moe", "Qwen3MoeForCausalLM", windowed=True, qk_norm=True,
                   layer_window_fields=True, names=QWEN_MOE_NAMES, experts_key="num_experts",
                   ffn_key="moe_intermediate_size"),
+    gguf=GGUFLayout("qwen3moe", "qwen3_moe", "Qwen3MoeForCausalLM", config=gguf_config),
 )
