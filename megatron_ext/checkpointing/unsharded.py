@@ -63,7 +63,10 @@ logger = logging.getLogger(__name__)
 FORMAT = "megatron_ext.unsharded"
 COMMON = "common.pt"
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
-_OPTIMIZER = re.compile(r"^(optimizer\.state\.[^.]+\.)(.+)$")
+# optimizer state; ``chained_N.``: a chain of optimizers (a mixture of experts' dense and
+# expert weights: megatron-core's ChainedOptimizer prefixes their keys)
+_OPTIMIZER = re.compile(r"^((?:chained_\d+\.)?optimizer\.state\.[^.]+\.)(.+)$")
+_OPTIMIZER_KEY = re.compile(r"^(?:chained_\d+\.)?optimizer\.")
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # a mixture of experts: checkpoint keys stack the experts of a layer on a second axis
 # (megatron-core's SequentialMLP), our file set names each expert's module
@@ -135,6 +138,11 @@ def checkpoint_key(name: str) -> tuple[str, Optional[int]]:
             suffix = key_prefix + suffix[len(module_prefix):]
             break
     return f"{prefix}decoder.layers.{suffix}", layer
+
+
+def is_optimizer_name(name: str) -> bool:
+    """An optimizer state's tensor (a chained optimizer's too), not a model's."""
+    return bool(_OPTIMIZER_KEY.match(name))
 
 
 def _is_vocab_tensor(name: str) -> bool:
@@ -384,7 +392,7 @@ def iter_dist_checkpoint(directory: str, include_optimizer: bool = True
         raise CheckpointError(f"checkpoint {directory} is unreadable ({type(exc).__name__}: "
                      f"{str(exc)[:200]})") from None
     keys = [k for k, v in metadata.items() if isinstance(v, TensorStorageMetadata)
-            and (include_optimizer or not k.startswith("optimizer."))]
+            and (include_optimizer or not is_optimizer_name(k))]
     flat = [k for k in keys if not _is_stacked(k)]
     stacked = [k for k in keys if _is_stacked(k)]
     layers = {metadata[k].size[0] for k in stacked}

@@ -152,7 +152,13 @@ class MoELlamaLikeHF(LlamaLikeHF):
 
     @property
     def linear_names(self) -> Mapping[str, tuple[str, ...]]:
-        return {key: value for key, value in LINEAR_NAMES.items() if key.startswith("self_")}
+        """Attention as in the Llama layout; ``linear_fc1``/``linear_fc2`` stand for every
+        expert's (their adapters: one per expert)."""
+        experts = f"{self.names.block}.experts."
+        return {**{key: value for key, value in LINEAR_NAMES.items()
+                   if key.startswith("self_")},
+                "mlp.linear_fc1": (experts + self.names.gate, experts + self.names.up),
+                "mlp.linear_fc2": (experts + self.names.down,)}
 
     def linear_rows_from_megatron(self, module: str, rows: "torch.Tensor", num_heads: int,
                                   num_kv_heads: int) -> dict[str, "torch.Tensor"]:

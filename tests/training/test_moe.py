@@ -36,6 +36,9 @@ PARALLEL = {
     "ep2": EP2 + ["--save_interval", "2"],  # its iteration-2 checkpoint is resumed later
     "ep2-packed-allgather": EP2 + PACKED + ["--moe_token_dispatcher_type", "allgather"],
     "dp2": [],
+    # LoRA on attention and on every expert's linears, from the EP=2 run (before it in the
+    # batch): DoRA on the experts' and attention's, at EP=2
+    "dora-ep2": EP2 + ["--peft", "dora", "--lr", "1e-2"],
 }
 SERIAL = {"ref": [], "ref-packed": PACKED}
 
@@ -46,6 +49,8 @@ def _reference(name: str) -> str:
 
 def _argv(data, root: Path, name: str, flags) -> list[str]:
     argv = model_args(data, ITERS) + MOE + list(flags) + ["--save", str(root / name)]
+    if "--peft" in flags:
+        argv += ["--load", str(root / "ep2")]
     if "allgather" in name:  # it gathers equal shares: rows of --seq_length (the padding
         argv.remove("--variable_seq_lengths")  # is left out of the routing statistics)
     return argv
@@ -98,11 +103,12 @@ def resumed_runs(moe_runs, train_data) -> Path:
         jobs = [{"name": name, "argv": model_args(train_data, ITERS) + MOE + flags
                  + ["--load", str(run), "--save", str(run)]}]
         if nproc == 1:
-            jobs.append(logits_job("ep2-at-ep1", moe_runs / "ep2", TOKENS, root / "logits"))
+            jobs += [logits_job(f"{run}-at-ep1", moe_runs / run, TOKENS, root / "logits")
+                     for run in ("ep2", "dora-ep2")]
         results = run_many(nproc, jobs, root / f"launch-{name}")
         assert results[name].returncode == 0, results[name].log[-3000:]
-        if nproc == 1:
-            torch.save(job_logits(results, jobs[1]), root / "ep2-at-ep1.pt")
+        for job in jobs[1:]:
+            torch.save(job_logits(results, job), root / f"{job['name']}.pt")
     return root
 
 
@@ -116,7 +122,7 @@ def assert_same_curve(got, want, rtol=2e-5):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(PARALLEL))
+@pytest.mark.parametrize("name", [name for name in PARALLEL if "--peft" not in PARALLEL[name]])
 def test_expert_and_data_parallel_training_matches_one_process(moe_runs, name):
     """Losses (the masked loss and the aux losses), grad norms: EP=2 starts from the
     experts EP=1 has (per-expert seeding) and routes every token (dropless)."""
@@ -136,23 +142,43 @@ def test_ep2_checkpoint_resumes_at_another_layout_on_the_same_curve(moe_runs, re
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("run", ["ep2", "dora-ep2"])
 def test_ep2_checkpoint_exports_to_transformers_with_our_logits(moe_runs, resumed_runs,
-                                                                 tmp_path):
-    """The EP=2 run's final checkpoint (experts stacked in its shards) exported as a
-    Hugging Face Mixtral: transformers computes the logits our model computes at EP=1."""
+                                                                 tmp_path, run):
+    """The EP=2 run's final checkpoint (experts stacked in its shards), and the DoRA
+    adapters trained on it at EP=2 merged in, exported as a Hugging Face Mixtral:
+    transformers computes the logits our model computes at EP=1."""
     import transformers
 
     from megatron_ext.checkpointing.hf_export import export_hf
     from megatron_ext.checkpointing.options import ExportConfig
 
-    export_hf(ExportConfig(load=str(moe_runs / "ep2"), out=str(tmp_path / "hf"),
+    export_hf(ExportConfig(load=str(moe_runs / run), out=str(tmp_path / "hf"),
                            progress=False))
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(model).__name__ == "MixtralForCausalLM"
-    ours = torch.load(resumed_runs / "ep2-at-ep1.pt")
+    ours = torch.load(resumed_runs / f"{run}-at-ep1.pt")
     with torch.no_grad():
         theirs = model(TOKENS).logits
     assert (theirs - ours).abs().max() <= 1e-5 * theirs.abs().max()
+    if run == "dora-ep2":  # the adapters moved the model; the base alone is elsewhere
+        base = torch.load(resumed_runs / "ep2-at-ep1.pt")
+        assert (theirs - base).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_expert_adapters_train_and_refuse_a_peft_export_clearly(moe_runs, tmp_path):
+    """DoRA on the experts trained at EP=2 (each expert's adapters its own, every step
+    finite and the loss going down); their PEFT export is refused by a message that says
+    what to do (the merged export above works)."""
+    from megatron_ext.checkpointing.hf_peft import export_adapter
+    from megatron_ext.models.family import UnsupportedModelError
+
+    curve = train_metrics(moe_runs / "dora-ep2")
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    with pytest.raises(UnsupportedModelError, match="without --adapter_only"):
+        export_adapter(str(moe_runs / "dora-ep2"), str(tmp_path / "peft"))
+    assert not (tmp_path / "peft").exists()
 
 
 # ------------------------------------------------------------------ flags, layout checks
