@@ -5,6 +5,7 @@ import whose logits equal transformers' at TP=1 (one process) and at EP=2, TP=2 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,14 @@ import torch
 from megatron_ext.models.families import get_family
 from megatron_ext.models.family import UnsupportedModelError
 from megatron_ext.models.hf_moe import config_experts
-from tests.runs import job_logits, logits_job, start_runs, started, starts_early
+from tests.runs import call_job, job_logits, logits_job, start_runs, started, starts_early
 
+# std 0.2: clear margins between the best two next tokens (greedy generation compared)
 SHAPE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5)
+             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+             initializer_range=0.2)
+PROMPTS = ([5, 17, 42, 7, 99], [3, 8])
+NEW_TOKENS = 8
 # family -> (transformers class prefix, its config's MoE fields)
 MOE = {"mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2,
                                    rope_theta=1e6)),
@@ -152,16 +157,54 @@ def start_moe_logits(request):
         serial.append(logits_job(f"{family}-tp1", out, TOKENS, root / "logits"))
         parallel += [logits_job(f"{family}-{name}", out, TOKENS, root / "logits", **layout)
                      for name, layout in LAYOUTS.items()]
+        with torch.no_grad():  # transformers' greedy continuations
+            expected[f"{family}-greedy"] = [model.generate(
+                torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=int),
+                do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+                for prompt in PROMPTS]
+        serial.append(call_job(f"{family}-generate-ep1", f"{__name__}:greedy", str(out), "1"))
+        parallel.append(call_job(f"{family}-generate-tp2", f"{__name__}:greedy", str(out), "2"))
     return (root, expected, serial + parallel,
             start_runs(1, serial, root / "serial", early=True),
             start_runs(2, parallel, root / "parallel", early=True))
+
+
+def greedy(load: str, tp: str) -> None:
+    """A call_job: our greedy continuations of :data:`PROMPTS` (KV cache, batched) at TP
+    ``tp``, printed as JSON on rank 0."""
+    import torch.distributed as dist
+
+    from megatron_ext.inference.generation import SamplingParams, generate
+    from megatron_ext.inference.loading import load_for_inference
+
+    loaded = load_for_inference(load, int(tp))
+    results = generate(loaded.model, [list(p) for p in PROMPTS],
+                       SamplingParams(max_new_tokens=NEW_TOKENS), (),
+                       loaded.tokenizer.vocab_size)
+    if dist.get_rank() == 0:
+        print(json.dumps([r.token_ids for r in results]))
 
 
 @pytest.fixture(scope="module")
 def moe_logits(request) -> dict:
     root, expected, jobs, serial, parallel = started("moe_logits", request)
     results = {**serial.wait(), **parallel.wait()}
-    return expected, {job["name"]: job_logits(results, job) for job in jobs}, root
+    got = {job["name"]: job_logits(results, job) for job in jobs if "logits" in job}
+    for job in jobs:
+        if "call" in job:
+            result = results[job["name"]]
+            assert result.returncode == 0, result.log[-3000:]
+            got[job["name"]] = json.loads(result.stdout.strip().splitlines()[-1])
+    return expected, got, root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(MOE))
+@pytest.mark.parametrize("layout", ["ep1", "tp2"])
+def test_greedy_generation_equals_transformers(moe_logits, family, layout):
+    expected, got, _ = moe_logits
+    assert got[f"{family}-generate-{layout}"] == expected[f"{family}-greedy"]
 
 
 @pytest.mark.slow
@@ -169,8 +212,6 @@ def moe_logits(request) -> dict:
 def test_hf_round_trip_is_bit_exact(moe_logits, family, tmp_path):
     """Imported, then exported: the Hub's per-expert tensors, bit for bit, and a config
     transformers reads as the same model."""
-    import json
-
     from safetensors.torch import load_file
 
     from megatron_ext.checkpointing.hf_export import export_hf
@@ -294,8 +335,6 @@ def test_gguf_import_reproduces_the_model(moe_logits, family, tmp_path, sp_model
     """A llama.cpp file of the model (its experts stacked, in float16) imports to the
     checkpoint its Hugging Face directory imports to (whose logits equal transformers'),
     up to the experts' float16 rounding, and as the same family and shape."""
-    import json
-
     from safetensors.torch import load_file
 
     from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
