@@ -93,8 +93,7 @@ class ParallelArgs:
         1, "expert-parallel ranks (EP): each holds --num_experts / EP experts of every MoE "
            "layer, tokens travel to their experts' ranks (--moe_token_dispatcher_type); the "
            "TP x EP ranks of an expert group come from the data-parallel ranks, so TP x PP x "
-           "EP must divide the world size",
-        names=("--expert_model_parallel_size", "-E"))
+           "EP must divide the world size")
 
     @property
     def model_parallel_size(self) -> int:

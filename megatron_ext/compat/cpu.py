@@ -157,7 +157,15 @@ def _patch_rng_tracker() -> None:
 
 class HostStream:
     """What megatron-core's MoE token dispatchers ask of a CUDA stream, on the host (patch 6):
-    work is already ordered, so waiting and events are no-ops."""
+    work is already ordered, so waiting and events are no-ops. A class (``torch.cuda.Stream``
+    stays a type: libraries annotate with ``torch.cuda.Stream | None``), one instance."""
+
+    _instance: "HostStream | None" = None
+
+    def __new__(cls, *args, **kwargs):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
 
     def wait_stream(self, stream) -> None:
         pass
@@ -188,7 +196,7 @@ def _patch_cuda_streams() -> None:
     ``torch.cuda.Stream requires CUDA support``. On the host there is one stream: the
     copies happen in program order and every wait is already satisfied.
     """
-    torch.cuda.Stream = lambda *args, **kwargs: _HOST_STREAM
+    torch.cuda.Stream = HostStream
     torch.cuda.current_stream = lambda device=None: _HOST_STREAM
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
     torch.Tensor.record_stream = lambda self, stream: None

@@ -190,7 +190,7 @@ BASE = "--data_path x --vocab_file v --train_iters 2 --num_experts 4".split()
     (["--expert_model_parallel_size", "3"], "--num_experts 4 is not divisible by "
                                             "--expert_model_parallel_size 3"),
     (["--tensor_model_parallel_size", "2"], "needs --sequence_parallel"),
-    (["-E", "2", "--moe_token_dispatcher_type", "allgather", "--variable_seq_lengths"],
+    (["--expert_model_parallel_size", "2", "--moe_token_dispatcher_type", "allgather", "--variable_seq_lengths"],
      "drop --variable_seq_lengths, or use the alltoall dispatcher"),
 ])
 def test_bad_moe_flags_are_clear_errors(flags, message, monkeypatch):
@@ -212,7 +212,7 @@ def test_expert_parallel_layout_rules():
 
 def test_moe_flags_have_megatron_lm_names_and_dropless_default(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    config = parse_config(BASE + ["--moe_aux_loss_coeff", "0.01", "-E", "2", "--global_batch_size", "2",
+    config = parse_config(BASE + ["--moe_aux_loss_coeff", "0.01", "--expert_model_parallel_size", "2", "--global_batch_size", "2",
                                   "--moe_token_dispatcher_type", "allgather"])
     assert config.model.num_experts == 4 and config.model.moe_router_topk == 2
     assert config.parallel.expert_model_parallel_size == 2
