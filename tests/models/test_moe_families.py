@@ -31,6 +31,11 @@ MOE = {"mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2,
                                       moe_intermediate_size=40, rms_norm_eps=1e-6,
                                       rope_theta=1e6, norm_topk_prob=False))}
 LAYOUTS = {"ep2": dict(ep=2), "tp2": dict(tp=2), "pp2": dict(pp=2)}
+# what each family is checked at beyond one process (Qwen3-MoE's attention is Qwen3's,
+# checked at TP=2/PP=2 in test_hf_weights.py; its experts are what EP=2 splits)
+PARALLEL = {"mixtral": ("ep2", "tp2", "pp2"), "qwen3_moe": ("ep2",)}
+CASES = [(family, layout) for family in MOE for layout in ("tp1", *PARALLEL[family])]
+GENERATION = [("mixtral", "ep1"), ("mixtral", "tp2"), ("qwen3_moe", "ep1")]
 
 
 def hf_moe_model(family: str, vocab: int = 300, **overrides):
@@ -155,16 +160,19 @@ def start_moe_logits(request):
         out = root / family
         import_hf(ImportConfig(model_path=str(hf_dir), out=str(out), progress=False))
         serial.append(logits_job(f"{family}-tp1", out, TOKENS, root / "logits"))
-        parallel += [logits_job(f"{family}-{name}", out, TOKENS, root / "logits", **layout)
-                     for name, layout in LAYOUTS.items()]
+        parallel += [logits_job(f"{family}-{name}", out, TOKENS, root / "logits",
+                                **LAYOUTS[name]) for name in PARALLEL[family]]
         with torch.no_grad():  # transformers' greedy continuations
             expected[f"{family}-greedy"] = [model.generate(
                 torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=int),
                 do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                 eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
                 for prompt in PROMPTS]
-        serial.append(call_job(f"{family}-generate-ep1", f"{__name__}:greedy", str(out), "1"))
-        parallel.append(call_job(f"{family}-generate-tp2", f"{__name__}:greedy", str(out), "2"))
+        for name, layout in GENERATION:
+            if name == family:
+                (serial if layout == "ep1" else parallel).append(call_job(
+                    f"{family}-generate-{layout}", f"{__name__}:greedy", str(out),
+                    "1" if layout == "ep1" else "2"))
     return (root, expected, serial + parallel,
             start_runs(1, serial, root / "serial", early=True),
             start_runs(2, parallel, root / "parallel", early=True))
@@ -200,8 +208,7 @@ def moe_logits(request) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", list(MOE))
-@pytest.mark.parametrize("layout", ["ep1", "tp2"])
+@pytest.mark.parametrize("family,layout", GENERATION)
 def test_greedy_generation_equals_transformers(moe_logits, family, layout):
     expected, got, _ = moe_logits
     assert got[f"{family}-generate-{layout}"] == expected[f"{family}-greedy"]
@@ -233,8 +240,7 @@ def test_hf_round_trip_is_bit_exact(moe_logits, family, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", list(MOE))
-@pytest.mark.parametrize("layout", ["tp1", *LAYOUTS])
+@pytest.mark.parametrize("family,layout", CASES)
 def test_imported_moe_model_reproduces_transformers_logits(moe_logits, family, layout):
     expected, got, _ = moe_logits
     want = expected[family]
