@@ -365,3 +365,14 @@ def test_gguf_import_reproduces_the_model(moe_logits, family, tmp_path, sp_model
             assert torch.equal(got[name], tensor.half().float()), name
         else:
             assert torch.equal(got[name], tensor), name
+
+
+@pytest.mark.slow
+def test_gguf_export_of_a_mixture_of_experts_is_refused_clearly(moe_logits, tmp_path):
+    from megatron_ext.checkpointing.gguf_export import export_gguf
+    from megatron_ext.checkpointing.options import GGUFExportConfig
+
+    with pytest.raises(UnsupportedModelError, match="convert_hf_to_gguf"):
+        export_gguf(GGUFExportConfig(load=str(moe_logits[2] / "mixtral"),
+                                     out=str(tmp_path / "m.gguf")))
+    assert not (tmp_path / "m.gguf").exists()
