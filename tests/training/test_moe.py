@@ -95,7 +95,12 @@ TOKENS = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(
 def resumed_runs(moe_runs, train_data) -> Path:
     """The EP=2 run's iteration-2 checkpoint resumed at EP=1 (one process, beside the EP=2
     run's final logits at EP=1) and at TP=2 with sequence parallelism (two)."""
+    from megatron_ext.checkpointing.options import ReshardConfig
+    from megatron_ext.checkpointing.reshard import merge
+
     root = moe_runs / "resumed"
+    # the unsharded form (one tensor per expert, the chained optimizers' state) of it too
+    merge(ReshardConfig(load=str(moe_runs / "ep2"), out=str(root / "merged"), iteration=2))
     layouts = {"ep1": (1, []), "tp2": (2, ["--tensor_model_parallel_size", "2",
                                             "--sequence_parallel"])}
     for name, (nproc, flags) in layouts.items():
@@ -105,10 +110,14 @@ def resumed_runs(moe_runs, train_data) -> Path:
         if nproc == 1:
             jobs += [logits_job(f"{run}-at-ep1", moe_runs / run, TOKENS, root / "logits")
                      for run in ("ep2", "dora-ep2")]
+            jobs.insert(1, {"name": "merged", "argv": model_args(train_data, ITERS) + MOE + [
+                "--load", str(root / "merged"), "--save", str(root / "from-merged")]})
         results = run_many(nproc, jobs, root / f"launch-{name}")
-        assert results[name].returncode == 0, results[name].log[-3000:]
-        for job in jobs[1:]:
-            torch.save(job_logits(results, job), root / f"{job['name']}.pt")
+        for job in jobs:
+            if "logits" in job:
+                torch.save(job_logits(results, job), root / f"{job['name']}.pt")
+            else:
+                assert results[job["name"]].returncode == 0, results[job["name"]].log[-3000:]
     return root
 
 
@@ -132,10 +141,13 @@ def test_expert_and_data_parallel_training_matches_one_process(moe_runs, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["ep1", "tp2"])
+@pytest.mark.parametrize("layout", ["ep1", "tp2", "from-merged"])
 def test_ep2_checkpoint_resumes_at_another_layout_on_the_same_curve(moe_runs, resumed_runs,
                                                                     layout):
+    """At EP=1, at TP=2 with sequence parallelism, and at EP=1 from its unsharded merge."""
     got = train_metrics(resumed_runs / layout)
+    if layout == "from-merged":  # a new --save: only the steps after the merged iteration
+        got = [{"iteration": 1}, {"iteration": 2}, *got]
     want = train_metrics(moe_runs / "ref")
     assert [r["iteration"] for r in got] == [1, 2, 3, 4]
     assert_same_curve(got[2:], want[2:])
