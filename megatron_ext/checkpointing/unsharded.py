@@ -96,6 +96,9 @@ def unsharded_name(checkpoint_key: str, layer: Optional[int],
     """
     match = _OPTIMIZER.match(checkpoint_key)
     prefix, rest = (match.group(1), match.group(2)) if match else ("", checkpoint_key)
+    numbered = _LAYER_NAME.match(rest)  # a layer of its own (non-homogeneous layers)
+    if numbered:
+        layer, rest = int(numbered.group(1)), f"decoder.layers.{numbered.group(2)}"
     if rest.startswith("decoder.layers."):
         if layer is None:
             raise ValueError(f"{checkpoint_key}: a layer tensor needs its layer number")
@@ -110,6 +113,15 @@ def unsharded_name(checkpoint_key: str, layer: Optional[int],
                 break
         rest = f"decoder.layers.{layer}.{suffix}"
     return prefix + rest
+
+
+def layer_in_key(checkpoint_key: str) -> Optional[int]:
+    """The layer a checkpoint key names itself (``decoder.layers.3.…``: megatron-core's keys
+    when the layers differ, e.g. dense and mixture-of-experts layers), else None (stacked
+    on the leading axis)."""
+    match = _OPTIMIZER.match(checkpoint_key)
+    numbered = _LAYER_NAME.match(match.group(2) if match else checkpoint_key)
+    return int(numbered.group(1)) if numbered else None
 
 
 def expert_of(name: str) -> tuple[str, Optional[int]]:
@@ -242,8 +254,11 @@ def _slice_for(reader, sh) -> torch.Tensor:
     ``reader`` needs ``view(name)`` (KeyError when absent) and ``root``.
     """
     prepend = sh.prepend_axis_num
-    layer = sh.global_offset[0] if prepend else None
-    expert = sh.global_offset[1] if prepend > 1 else None  # a mixture of experts' expert
+    axes = list(sh.global_offset[:prepend])  # [layer,] [expert] (an MoE layer's experts)
+    layer = layer_in_key(sh.key)
+    if layer is None and axes:
+        layer = axes.pop(0)
+    expert = axes[0] if axes else None
     name = unsharded_name(sh.key, layer, expert)
     if sh.flattened_range is not None:
         raise CheckpointError(f"{name}: flattened (distributed-optimizer) shards cannot be read from an "
@@ -393,11 +408,15 @@ def iter_dist_checkpoint(directory: str, include_optimizer: bool = True
                      f"{str(exc)[:200]})") from None
     keys = [k for k, v in metadata.items() if isinstance(v, TensorStorageMetadata)
             and (include_optimizer or not is_optimizer_name(k))]
-    flat = [k for k in keys if not _is_stacked(k)]
+    own = {k: layer_in_key(k) for k in keys}  # a layer's own tensors (non-homogeneous)
+    flat = [k for k in keys if not _is_stacked(k) and own[k] is None]
     stacked = [k for k in keys if _is_stacked(k)]
     layers = {metadata[k].size[0] for k in stacked}
     if len(layers) > 1:
         raise CheckpointError(f"{directory}: layer tensors disagree on the number of layers ({layers})")
+    numbered = {layer for layer in own.values() if layer is not None}
+    if numbered:
+        layers = {max(layers | {max(numbered) + 1})}
 
     def load(request: dict, offsets: dict) -> dict:
         try:
@@ -420,14 +439,18 @@ def iter_dist_checkpoint(directory: str, include_optimizer: bool = True
     for layer in range(num_layers):
         request = {k: empty(k, (1, *metadata[k].size[1:])) for k in stacked}
         offsets = {k: (layer,) + (0,) * (len(metadata[k].size) - 1) for k in stacked}
+        mine = [k for k in keys if own[k] == layer]
+        request.update({k: empty(k, metadata[k].size) for k in mine})
+        offsets.update({k: (0,) * len(metadata[k].size) for k in mine})
         loaded = load(request, offsets)
         group = {}
         for key, value in loaded.items():
-            if EXPERTS_KEY in key:  # [1, experts, ...]: one tensor per expert
+            value = value if own[key] is not None else value[0]  # the layer's tensor
+            if EXPERTS_KEY in key:  # [experts, ...]: one tensor per expert
                 group.update({unsharded_name(key, layer, expert): tensor
-                              for expert, tensor in enumerate(value[0])})
+                              for expert, tensor in enumerate(value)})
             else:
-                group[unsharded_name(key, layer)] = value[0]
+                group[unsharded_name(key, layer)] = value
         yield group
 
 

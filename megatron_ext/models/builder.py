@@ -154,15 +154,20 @@ def layer_spec(config, init_seed: int, use_flash_attn: bool = False, norm=None):
             attention.submodules, q_layernorm=norm, k_layernorm=norm))
     submodules = dataclasses.replace(spec.submodules, input_layernorm=norm,
                                      pre_mlp_layernorm=norm, self_attention=attention)
+    dense = dataclasses.replace(spec, module=SeededTransformerLayer, submodules=submodules)
+    specs = [dense] * get_num_layers_to_build(config)
     if config.num_moe_experts:  # a mixture of experts: megatron-core's MoE layer (models/moe.py)
         from megatron_ext.models.moe import moe_mlp_spec
 
-        submodules = dataclasses.replace(submodules, mlp=moe_mlp_spec())
-    spec = dataclasses.replace(spec, module=SeededTransformerLayer, submodules=submodules)
+        moe = dataclasses.replace(dense, submodules=dataclasses.replace(
+            submodules, mlp=moe_mlp_spec()))
+        pattern = config.moe_layer_freq  # a list: 1 for the MoE layers, 0 for dense ones
+        offset = get_transformer_layer_offset(config)
+        specs = [moe if not isinstance(pattern, list) or pattern[offset + index] else dense
+                 for index in range(len(specs))]
     # the block spec also names the final norm (megatron-core's default refuses sequence
     # parallelism without Transformer Engine)
-    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
-                                      layer_norm=norm)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=norm)
 
 
 def inverse_frequencies(base: float, dim: int, linear_factor: float | None = None

@@ -93,8 +93,10 @@ class ModelArgs:
         defaults); keys that are not fields are ignored, so configs written by
         another version still load."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return dataclasses.replace(base or cls(),
-                                   **{k: v for k, v in values.items() if k in known})
+        # JSON has no tuples: a tuple setting (Qwen3-MoE's mlp_only_layers) comes back a list
+        return dataclasses.replace(base or cls(), **{
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in values.items() if k in known})
 
     def resolved(self) -> "ModelArgs":
         """Every architectural ``None`` replaced by what it means for this family.

@@ -29,11 +29,21 @@ MOE = {"mixtral": ("Mixtral", dict(num_local_experts=4, num_experts_per_tok=2,
        # transformers' default norm_topk_prob=False: the softmax's top-k weights as they are
        "qwen3_moe": ("Qwen3Moe", dict(num_experts=4, num_experts_per_tok=2, head_dim=16,
                                       moe_intermediate_size=40, rms_norm_eps=1e-6,
-                                      rope_theta=1e6, norm_topk_prob=False))}
+                                      rope_theta=1e6, norm_topk_prob=False)),
+       # its first layer a dense MLP (mlp_only_layers; megatron-core's moe_layer_freq)
+       "qwen3_moe-dense": ("Qwen3Moe", dict(num_experts=4, num_experts_per_tok=2, head_dim=16,
+                                            moe_intermediate_size=40, intermediate_size=56,
+                                            rms_norm_eps=1e-6, rope_theta=1e6,
+                                            norm_topk_prob=True, mlp_only_layers=[0]))}
+FAMILIES = ["mixtral", "qwen3_moe"]  # the variants above beyond them: conversion only
+
+
+def family_of(variant: str) -> str:
+    return variant.split("-")[0]
 LAYOUTS = {"ep2": dict(ep=2), "tp2": dict(tp=2), "pp2": dict(pp=2)}
 # what each family is checked at beyond one process (Qwen3-MoE's attention is Qwen3's,
 # checked at TP=2/PP=2 in test_hf_weights.py; its experts are what EP=2 splits)
-PARALLEL = {"mixtral": ("ep2", "tp2", "pp2"), "qwen3_moe": ("ep2",)}
+PARALLEL = {"mixtral": ("ep2", "tp2", "pp2"), "qwen3_moe": ("ep2",), "qwen3_moe-dense": ("ep2",)}
 CASES = [(family, layout) for family in MOE for layout in ("tp1", *PARALLEL[family])]
 GENERATION = [("mixtral", "ep1"), ("mixtral", "tp2"), ("qwen3_moe", "ep1")]
 
@@ -58,7 +68,7 @@ def hf_moe_model(family: str, vocab: int = 300, **overrides):
 
 
 # ------------------------------------------------------------------ in-process
-@pytest.mark.parametrize("family", list(MOE))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_routing_equals_transformers_token_for_token(family):
     """megatron-core's router as the family configures it (builder.moe_config and the
     family's settings) against the transformers router on the same logits, ties and
@@ -106,7 +116,7 @@ def test_weights_round_trip_on_disk_names_and_in_memory_layout(family, tmp_path)
     model = hf_moe_model(family)
     model.save_pretrained(tmp_path)
     disk = load_file(tmp_path / "model.safetensors")
-    adapter = get_family(family).hf.for_config(model.config.to_dict())
+    adapter = get_family(family_of(family)).hf.for_config(model.config.to_dict())
     for layer in range(SHAPE["num_hidden_layers"]):
         names = adapter.layer_names(layer)
         assert set(names) <= set(disk)  # the importer reads exactly what the Hub stores
@@ -232,10 +242,11 @@ def test_hf_round_trip_is_bit_exact(moe_logits, family, tmp_path):
     theirs = json.loads((root / f"{family}-hf" / "config.json").read_text())
     ours = json.loads((tmp_path / "out" / "config.json").read_text())
     for key in ("num_experts_per_tok", "norm_topk_prob", "head_dim", "intermediate_size",
-                "moe_intermediate_size", "rope_theta", "rms_norm_eps"):
+                "moe_intermediate_size", "rope_theta", "rms_norm_eps", "mlp_only_layers",
+                "decoder_sparse_step"):
         if theirs.get(key) is not None:
             assert ours[key] == theirs[key], key
-    key = get_family(family).hf.experts_key  # the Hub's name (transformers 5 reads both)
+    key = get_family(family_of(family)).hf.experts_key  # the Hub's name (transformers 5: both)
     assert config_experts(ours, key) == config_experts(theirs, key) == 4
 
 
@@ -336,7 +347,7 @@ def write_moe_gguf(path: Path, family: str, model, sp_model: str) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", list(MOE))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_gguf_import_reproduces_the_model(moe_logits, family, tmp_path, sp_model):
     """A llama.cpp file of the model (its experts stacked, in float16) imports to the
     checkpoint its Hugging Face directory imports to (whose logits equal transformers'),

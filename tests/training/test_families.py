@@ -22,7 +22,7 @@ SHARED_OPTIONS = {
     "gemma3": ["--num_attention_heads_kv", "1"],  # its defaults: 1 + w norms, GeGLU, ...
     # mixtures of experts (default 8 and 128 experts): tests/*/test_moe*.py test them
     "mixtral": ["--num_experts", "4"],
-    "qwen3_moe": ["--num_experts", "4"],
+    "qwen3_moe": ["--num_experts", "4", "--mlp_only_layers", "0"],  # + a dense layer
 }
 
 
