@@ -108,8 +108,13 @@ def moe_classes():
 
 def set_aux_loss_scale(micro_batches: int) -> None:
     """The auxiliary losses' gradients of the next step: each micro-batch's counts
-    ``1 / micro_batches`` (all of the global batch's, over the data-parallel ranks)."""
+    ``1 / micro_batches`` (all of the global batch's, over the data-parallel ranks); the
+    losses megatron-core tracks start from nothing (its tracker is a process-wide dict
+    sized by the first model's layers: a later model in the same process gets its own)."""
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
     moe_classes()[1].scale = 1.0 / max(1, micro_batches)
+    get_moe_layer_wise_logging_tracker().clear()
 
 
 def moe_mlp_spec():
@@ -134,10 +139,7 @@ def aux_losses(config, dp_group=None, pp_group=None, tp_group=None) -> dict[str,
     numbers: each rank's are its share (training with TP needs sequence parallelism, so
     each tensor- and context-parallel rank routes its share of the tokens)."""
     import torch.distributed as dist
-    from megatron.core.transformer.moe.moe_utils import (
-        clear_aux_losses_tracker,
-        get_moe_layer_wise_logging_tracker,
-    )
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     tracker = get_moe_layer_wise_logging_tracker()
     coeffs = {"load_balancing_loss": config.moe_aux_loss_coeff or 0.0,
@@ -153,5 +155,5 @@ def aux_losses(config, dp_group=None, pp_group=None, tp_group=None) -> dict[str,
                 dist.all_reduce(total, group=group)
         # each micro-batch's value was recorded once per data-parallel rank that ran it
         found[name] = float(total[0]) * coeffs[name] * scale
-    clear_aux_losses_tracker()
+    tracker.clear()
     return {name: value for name, value in found.items() if coeffs[name]}
