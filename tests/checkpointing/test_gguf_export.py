@@ -195,21 +195,12 @@ def _node_llama_cpp() -> Path:
     return NODE_DIR
 
 
-
-
-@pytest.fixture(scope="module")
-def llama_cpp(exported, tmp_path_factory) -> dict:
-    """One node process for every file: llama.cpp's ids of the chat prompt (our rendering of
-    it, special tokens parsed) and its greedy tokens from them."""
+def run_llama_cpp(jobs: list[dict], directory: Path) -> dict:
+    """llama.cpp itself on GGUF files, in one node process: for each job ``{key, path, ids,
+    tokens}``, {key: {"tokenized": its ids of the detokenized ``ids`` (special tokens parsed),
+    "generated": its greedy continuation of ``ids``}}."""
     node_dir = _node_llama_cpp()
-    jobs = []
-    for family in FAMILIES:
-        ids = _our_chat_ids(exported[family])
-        for outtype in ("f32", "f16"):
-            if outtype in exported[family]:
-                jobs.append({"key": f"{family}/{outtype}", "path": str(exported[family][outtype]),
-                             "ids": ids, "tokens": GREEDY_TOKENS})
-    request = tmp_path_factory.mktemp("llama_cpp") / "jobs.json"
+    request = directory / "llama_cpp_jobs.json"
     request.write_text(json.dumps(jobs))
     script = node_dir / CHECK_SCRIPT.name
     shutil.copy(CHECK_SCRIPT, script)  # node resolves node-llama-cpp from the script's folder
@@ -217,6 +208,20 @@ def llama_cpp(exported, tmp_path_factory) -> dict:
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return {job["key"]: job for job in json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+@pytest.fixture(scope="module")
+def llama_cpp(exported, tmp_path_factory) -> dict:
+    """llama.cpp's ids of each family's chat prompt (our rendering of it) and its greedy
+    tokens from them, for every f32 and f16 file."""
+    jobs = []
+    for family in FAMILIES:
+        ids = _our_chat_ids(exported[family])
+        for outtype in ("f32", "f16"):
+            if outtype in exported[family]:
+                jobs.append({"key": f"{family}/{outtype}", "path": str(exported[family][outtype]),
+                             "ids": ids, "tokens": GREEDY_TOKENS})
+    return run_llama_cpp(jobs, tmp_path_factory.mktemp("llama_cpp"))
 
 
 def _transformers_reference(family: str, entry: dict) -> tuple[Path, dict]:
