@@ -314,3 +314,28 @@ def test_cli_summary_says_how_to_run_it(exported, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"llama-cli -m {out}" in printed and "FROM ./tied.gguf" in printed
     assert "q8_0" in printed and out.is_file()
+
+
+def test_a_megatron_llm_legacy_checkpoint_exports_the_same_file(exported, tmp_path):
+    """Another checkpoint form: the same weights as Megatron-LLM's per-rank files (TP=2 x
+    PP=2, no tokenizer: --vocab_file) export to the same tensors and metadata."""
+    from gguf import GGUFReader
+
+    from megatron_ext.checkpointing.legacy import write_legacy_checkpoint
+
+    entry = exported["llama"]  # (Megatron-LLM has neither a tied Llama nor Llama 3.1 RoPE)
+    ours = UnshardedReader(str(entry["ckpt"]))
+    state = {name: ours.view(name).clone() for name in ours.names()}
+    model = json.loads((entry["ckpt"] / "run_config.json").read_text())["model"]
+    padded = state["embedding.word_embeddings.weight"].shape[0]
+    write_legacy_checkpoint(str(tmp_path / "legacy"), state, model, 2, 2, 7, padded,
+                            extra_args={"vocab_extra_ids_list": ",".join(CHATML)})
+    export_gguf(GGUFExportConfig(load=str(tmp_path / "legacy"), out=str(tmp_path / "llama-f32.gguf"),
+                                 outtype="f32", chat_format="chatml", progress=False,
+                                 vocab_file=str(entry["ckpt"] / "tokenizer")))
+    want, got = GGUFReader(str(entry["f32"])), GGUFReader(str(tmp_path / "llama-f32.gguf"))
+    assert [t.name for t in got.tensors] == [t.name for t in want.tensors]
+    for a, b in zip(want.tensors, got.tensors):
+        assert np.array_equal(a.data, b.data), a.name
+    assert {k: v.contents() for k, v in got.fields.items() if not k.startswith("GGUF.")} == \
+        {k: v.contents() for k, v in want.fields.items() if not k.startswith("GGUF.")}
