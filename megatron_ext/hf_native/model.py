@@ -1,0 +1,178 @@
+"""Load a Hugging Face causal LM as it is and shard it: FSDP2 per decoder layer and on the
+root, over the data-parallel dimension of one device mesh.
+
+Why these rules:
+
+- ``from_pretrained`` from a local directory (or a ``.gguf`` file, dequantized by
+  transformers) gives the model with its own code; a directory that ships code of its
+  own (``auto_map``) runs it only with ``--trust_remote_code``.
+- A resumed run builds the model from its config on the meta device and materializes it
+  with ``to_empty``: its non-persistent buffers (RoPE's ``inv_freq``, Gemma's
+  ``embed_scale``) are then uninitialized memory, because no checkpoint holds them
+  (torchtitan's HF backend shipped that bug: step-0 loss 11.1 instead of 3.6);
+  :func:`init_non_persistent_buffers` recomputes them with the model's own init.
+- FSDP2 (``fully_shard``) keeps the parameter names (a ``DTensor`` per parameter), so a
+  ``torch.distributed.checkpoint`` of it reloads at any data-parallel size and exports
+  under transformers' own names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from megatron_ext.errors import ConfigError
+from megatron_ext.models.import_sources import GGUF_FILE, import_source_kind, read_hf_config
+
+logger = logging.getLogger(__name__)
+
+
+def known_model_types() -> frozenset[str]:
+    """The ``model_type`` values this transformers knows (without importing models)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return frozenset(CONFIG_MAPPING_NAMES)
+
+
+def check_model_config(hf_config: dict, where: str, trust_remote_code: bool) -> None:
+    """Refuse, before any process group exists, a model transformers cannot build: a
+    ``model_type`` it does not know and no code of the model's own, or code of the
+    model's own (``auto_map``) that the user did not allow."""
+    model_type = hf_config.get("model_type")
+    ships_code = bool(hf_config.get("auto_map"))
+    known = model_type in known_model_types()
+    if ships_code and not known and not trust_remote_code:
+        raise ConfigError(
+            f"{where} ships its own model code (auto_map in config.json; model_type "
+            f"{model_type!r} is not one transformers knows): read it, and pass "
+            "--trust_remote_code to run it")
+    if not known and not ships_code:
+        raise ConfigError(
+            f"{where}: model_type {model_type!r} is not one this transformers knows and the "
+            "directory ships no code for it; upgrade transformers (pip install -U "
+            "transformers) or check config.json")
+    if ships_code and known and not trust_remote_code:
+        logger.info("%s ships its own code (auto_map): not run; transformers' own %s "
+                    "is used (--trust_remote_code runs the shipped one)", where, model_type)
+
+
+def model_files(load: str) -> tuple[str, Optional[str]]:
+    """(directory, GGUF file name or None) of the model ``load`` names."""
+    if import_source_kind(load) == GGUF_FILE:
+        return os.path.dirname(os.path.abspath(load)), os.path.basename(load)
+    return load, None
+
+
+def model_config(load: str) -> dict:
+    """The model's ``config.json`` (a GGUF file's through transformers)."""
+    directory, gguf = model_files(load)
+    if gguf is None:
+        return read_hf_config(directory)
+    import transformers
+
+    return transformers.AutoConfig.from_pretrained(directory, gguf_file=gguf).to_dict()
+
+
+def load_model(load: str, dtype: torch.dtype, trust_remote_code: bool = False,
+               vocab_size: int = 0, attn_implementation: Optional[str] = None) -> nn.Module:
+    """The model with its weights, on the CPU, in ``dtype``; at least ``vocab_size``
+    embedding rows (transformers' mean resizing adds those the tokenizer needs)."""
+    import transformers
+
+    directory, gguf = model_files(load)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    _fit_vocabulary(model, vocab_size)
+    return model
+
+
+def build_empty_model(hf_config: dict, dtype: torch.dtype, trust_remote_code: bool = False,
+                      vocab_size: int = 0, attn_implementation: Optional[str] = None
+                      ) -> nn.Module:
+    """The model of ``hf_config`` on the meta device (no memory, no init): for a resume,
+    whose weights come from the checkpoint (:func:`materialize` after sharding)."""
+    import transformers
+
+    config = dict(hf_config)
+    model_type = config.pop("model_type")
+    config.pop("transformers_version", None)
+    hf = transformers.AutoConfig.for_model(model_type, **config)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(
+            hf, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    _fit_vocabulary(model, vocab_size)
+    return model
+
+
+def _fit_vocabulary(model: nn.Module, vocab_size: int) -> None:
+    rows = model.get_input_embeddings().weight.shape[0]
+    if vocab_size > rows:
+        logger.info("%d embedding rows for the tokenizer's %d tokens: resized", rows, vocab_size)
+        model.resize_token_embeddings(vocab_size)
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate a meta-device model on ``device`` (values: uninitialized, the checkpoint
+    overwrites the weights) and recompute its non-persistent buffers."""
+    model.to_empty(device=device)
+    init_non_persistent_buffers(model)
+
+
+def init_non_persistent_buffers(model: nn.Module) -> list[str]:
+    """Recompute the buffers no state dict holds (RoPE's ``inv_freq``, ...) with the
+    model's own ``_init_weights`` of each module that has some; returns their names.
+    (It also draws that module's own weights, if any: the checkpoint loaded afterwards
+    overwrites them.)"""
+    init = getattr(model, "_init_weights", None)
+    names = []
+    for prefix, module in model.named_modules():
+        own = [name for name in module._non_persistent_buffers_set
+               if module._buffers.get(name) is not None]
+        if own and init is not None:
+            with torch.no_grad():
+                init(module)
+            names += [f"{prefix}.{name}" if prefix else name for name in own]
+    return names
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a causal LM (``model.model.layers`` for nearly every
+    transformers model): the unit of sharding, recomputation and compilation."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and name.endswith("layers"):
+            return list(module)
+    raise ConfigError(f"{type(model).__name__}: no decoder layers (a ModuleList named "
+                      "'layers') found; this model cannot be sharded per layer")
+
+
+def parallelize(model: nn.Module, mesh, *, recompute: bool = False, compile: bool = False,
+                bf16: bool = False) -> nn.Module:
+    """FSDP2 over ``mesh``'s ``dp`` dimension: each decoder layer, then the root; the
+    gradients are summed over the ranks, not averaged (the loss is already the global
+    batch's mean). ``recompute``: non-reentrant activation checkpointing per layer;
+    ``compile``: torch.compile per layer, after sharding (the state dict's names stay
+    transformers'); ``bf16``: bf16 compute with fp32 parameters and reductions."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if recompute:  # transformers' own: the layers keep their names
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if bf16 else MixedPrecisionPolicy())
+    dp_mesh = mesh["dp"]
+    layers = decoder_layers(model)
+    for module in (*layers, model):
+        fully_shard(module, mesh=dp_mesh, mp_policy=policy)
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)  # (gloo has no PREMUL_SUM)
+    if compile:
+        for layer in layers:
+            layer.compile()
+    return model
