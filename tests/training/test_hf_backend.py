@@ -1,0 +1,226 @@
+"""The Hugging Face backend (``--backend hf``): the same runs as the megatron backend on
+the same initial weights, FSDP2 at DP=2, packing, exact resume (at another DP size),
+the export, and the errors that come before any process group.
+
+Cost: one batch per world size, started early; the megatron runs here are the only
+ones of the suite that start from the same Hugging Face weights as the hf runs, so
+they cannot be taken from another module's batches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_ext.errors import ConfigError
+from tests.runs import (
+    CHATML,
+    start_runs,
+    started,
+    starts_early,
+    tool_job,
+    train_metrics,
+)
+from tests.tools.conftest import hf_logits, make_hf_model
+
+ITERS = 4
+STOP = 2  # the stopped runs' --exit_interval
+
+
+def hf_args(data: dict, model: Path, save: Path, *flags: str) -> list[str]:
+    """The shared runs' flags (tests/runs.py model_args) with a Hugging Face model."""
+    return ["--data_path", data["prefix"], "--split", "90,10,0",
+            "--vocab_extra_ids_list", ",".join(CHATML), "--seq_length", "96",
+            "--variable_seq_lengths", "--micro_batch_size", "2", "--global_batch_size", "8",
+            "--train_iters", str(ITERS), "--lr", "1e-3", "--lr_warmup_iters", "1",
+            "--eval_iters", "1", "--seed", "1234", "--load", str(model), "--save", str(save),
+            "--import_cache_dir", str(save.parent / "imports"), *flags]
+
+
+@pytest.fixture(scope="session")
+def hf_tiny_llama(tmp_path_factory, sp_model) -> Path:
+    """A tiny random Llama of 2 layers whose 1536 embedding rows are what the megatron
+    backend pads the tokenizer's 1502 ids to: both backends train the same weights."""
+    return make_hf_model(tmp_path_factory.mktemp("hf_backend") / "llama", sp_model,
+                         num_hidden_layers=2, vocab_size=1536)
+
+
+@starts_early("hf_runs")
+def start_hf_runs(request):
+    """Every run of this module but the resume: the one-process batch (each backend,
+    padded and packed) and the two-process one (FSDP2, padded and packed, and a run
+    stopped at iteration 2 that the serial resume continues at DP=1)."""
+    root = request.getfixturevalue("tmp_path_factory").mktemp("hf_runs")
+    data = request.getfixturevalue("imported_train_data")
+    model = request.getfixturevalue("hf_tiny_llama")
+    serial = [{"name": f"{backend}{packed}", "argv": hf_args(
+        data, model, root / f"{backend}{packed}", "--backend", backend,
+        *(["--pack_sequences"] if packed else []))}
+        for backend in ("megatron", "hf") for packed in ("", "-packed")]
+    pair = [{"name": "dp2", "argv": hf_args(data, model, root / "dp2", "--backend", "hf")},
+            {"name": "dp2-packed", "argv": hf_args(data, model, root / "dp2-packed",
+                                                   "--backend", "hf", "--pack_sequences")},
+            {"name": "dp2-stop", "argv": hf_args(data, model, root / "dp2-stop", "--backend",
+                                                 "hf", "--exit_interval", str(STOP))}]
+    return root, start_runs(1, serial, root / "serial", early=True), start_runs(
+        2, pair, root / "pair", early=True)
+
+
+@pytest.fixture(scope="module")
+def hf_runs(request) -> Path:
+    root, *launches = started("hf_runs", request)
+    for launch in launches:
+        for name, result in launch.wait().items():
+            assert result.returncode == 0, (name, result.log[-3000:])
+    return root
+
+
+@pytest.fixture(scope="module")
+def resumed(hf_runs, imported_train_data, hf_tiny_llama) -> dict:
+    """The DP=2 run stopped at iteration 2, relaunched with --auto_resume at DP=1 and no
+    --backend (the checkpoint says hf); the exports of both backends' runs."""
+    run = hf_runs / "resumed"
+    shutil.copytree(hf_runs / "dp2-stop", run)
+    jobs = [{"name": "resume", "argv": hf_args(imported_train_data, hf_tiny_llama, run,
+                                               "--auto_resume")}]
+    jobs += [tool_job(f"export-{name}", "megatron_to_hf.py", "--load", str(hf_runs / name),
+                      "--out", str(hf_runs / f"export-{name}")) for name in ("hf", "megatron")]
+    results = start_runs(1, jobs, hf_runs / "later").wait()
+    for name, result in results.items():
+        assert result.returncode == 0, (name, result.log[-3000:])
+    return results
+
+
+def assert_same_curve(got: list[dict], want: list[dict], rtol: float = 1e-5) -> None:
+    assert [r["iteration"] for r in got] == [r["iteration"] for r in want] == list(
+        range(1, ITERS + 1))
+    for g, w in zip(got, want):
+        assert g["loss"] == pytest.approx(w["loss"], rel=rtol), (g, w)
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=rtol), (g, w)
+        assert g["consumed_tokens"] == w["consumed_tokens"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packed", ["", "-packed"])
+def test_hf_backend_equals_megatron_on_the_same_weights(hf_runs, packed):
+    """Same HF weights, data, loss, optimizer and schedule: the same losses and gradient
+    norms, one process and FSDP2 over two."""
+    megatron = train_metrics(hf_runs / f"megatron{packed}")
+    assert_same_curve(train_metrics(hf_runs / f"hf{packed}"), megatron)
+    assert_same_curve(train_metrics(hf_runs / f"dp2{packed}"), megatron)
+    assert train_metrics(hf_runs / f"hf{packed}", "valid")
+
+
+@pytest.mark.slow
+def test_hf_checkpoint_resumes_at_another_dp_size_on_the_straight_curve(hf_runs, resumed):
+    stopped = hf_runs / "dp2-stop"
+    assert (stopped / "latest_checkpointed_iteration.txt").read_text().strip() == str(STOP)
+    assert not list(stopped.glob("*.incomplete"))
+    log = resumed["resume"].log
+    assert "backend hf: --save" in log and "holds a checkpoint of the hf backend" in log
+    assert_same_curve(train_metrics(hf_runs / "resumed"), train_metrics(hf_runs / "hf"))
+
+
+@pytest.mark.slow
+def test_hf_checkpoint_exports_a_model_transformers_loads_with_the_same_logits(
+        hf_runs, resumed):
+    """The hf run's export and the megatron run's (the same training, within 1e-5) give
+    transformers the same logits: the export is transformers' names, config, tokenizer."""
+    import transformers
+
+    tokens = torch.randint(0, 1502, (2, 40), generator=torch.Generator().manual_seed(0))
+    ours = hf_logits(hf_runs / "export-hf", tokens)
+    theirs = hf_logits(hf_runs / "export-megatron", tokens)
+    assert ours.shape[-1] == 1536  # every row the model trained with
+    assert (ours[..., :1502] - theirs).abs().max() < 1e-4 * theirs.abs().max()
+    assert "1536 embedding rows kept" in resumed["export-hf"].stdout
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_runs / "export-hf")
+    assert tokenizer.chat_template and len(tokenizer) == 1502
+    config = json.loads((hf_runs / "export-hf" / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["vocab_size"] == 1536
+
+
+# ------------------------------------------------------------ in-process: the plan
+def _config(model: Path, *flags: str):
+    from megatron_ext.training.arguments import config_from_args, build_parser
+
+    return config_from_args(build_parser().parse_args([
+        "--data_path", "unused", "--train_iters", "1", "--load", str(model), *flags]))
+
+
+def _model_dir(root: Path, config: dict, sp_model: str) -> Path:
+    root.mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps(config))
+    shutil.copy(sp_model, root / "tokenizer.model")
+    return root
+
+
+def test_auto_backend_is_megatron_for_a_family_and_hf_for_any_other_model(tmp_path, sp_model):
+    from megatron_ext.training.plan import choose_backend
+
+    llama = _model_dir(tmp_path / "llama", {"model_type": "llama"}, sp_model)
+    phi3 = _model_dir(tmp_path / "phi3", {"model_type": "phi3"}, sp_model)
+    backend, why = choose_backend(_config(llama))
+    assert backend == "megatron" and "claims model_type 'llama'" in why
+    backend, why = choose_backend(_config(phi3))
+    assert backend == "hf" and "no family in models/families claims model_type 'phi3'" in why
+    assert choose_backend(_config(llama, "--backend", "hf")) == ("hf", "--backend hf")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--pipeline_model_parallel_size", "2"), "the hf backend has no pipeline parallelism"),
+    (("--context_parallel_size", "2"), "the hf backend has no context parallelism"),
+    (("--fp16",), "use --bf16"),
+])
+def test_hf_backend_refuses_what_it_cannot_do_before_any_process_group(
+        tmp_path, sp_model, flags, message):
+    from megatron_ext.training.plan import resolve
+
+    phi3 = _model_dir(tmp_path / "phi3", {"model_type": "phi3"}, sp_model)
+    with pytest.raises(ConfigError, match=message):
+        resolve(_config(phi3, "--vocab_extra_ids_list", ",".join(CHATML), *flags),
+                world_size=2)
+
+
+@pytest.mark.parametrize("config, flags, message", [
+    ({"model_type": "my_own", "auto_map": {"AutoModelForCausalLM": "m.MyModel"}}, (),
+     "ships its own model code .* pass --trust_remote_code"),
+    ({"model_type": "not_a_model"}, (), "'not_a_model' is not one this transformers knows"),
+])
+def test_hf_backend_refuses_remote_code_and_unknown_models(tmp_path, sp_model, config,
+                                                           flags, message):
+    from megatron_ext.training.plan import resolve
+
+    model = _model_dir(tmp_path / "model", config, sp_model)
+    with pytest.raises(ConfigError, match=message):
+        resolve(_config(model, *flags), world_size=1)
+
+
+def test_a_model_built_on_the_meta_device_gets_its_rope_buffers_back(hf_tiny_llama):
+    """``to_empty`` leaves RoPE's inv_freq uninitialized (no checkpoint holds it): the
+    step-0 loss of the materialized model with the saved weights is transformers' own."""
+    import transformers
+
+    from megatron_ext.hf_native.model import build_empty_model, materialize
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(hf_tiny_llama)
+    model = build_empty_model(json.loads((hf_tiny_llama / "config.json").read_text()),
+                              torch.float32)
+    model.to_empty(device="cpu")
+    torch.nn.init.constant_(model.model.rotary_emb.inv_freq, 0.0)  # as the bug leaves it
+    model.load_state_dict(reference.state_dict())
+    tokens = torch.randint(0, 1500, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = reference(tokens, labels=tokens)
+        broken = model(tokens, labels=tokens)
+    assert (broken.logits - want.logits).abs().max() > 1e-4  # positions lost
+    materialize(model, torch.device("cpu"))
+    model.load_state_dict(reference.state_dict())
+    assert torch.equal(model.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+    with torch.no_grad():
+        got = model(tokens, labels=tokens)
+    assert got.loss.item() == want.loss.item()
+    assert torch.equal(got.logits, want.logits)
