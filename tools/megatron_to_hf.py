@@ -41,6 +41,15 @@ def build_parser() -> ConfigParser:
 def main(argv=None) -> int:
     config = build_config(ExportConfig, build_parser().parse_args(argv))
     setup_logging()
+    from megatron_ext.checkpointing.dcp import hf_backend_checkpoint
+
+    if config.adapter_only and hf_backend_checkpoint(config.load):
+        from megatron_ext.checkpointing.hf_export import export_hf_backend_adapter
+
+        directory = export_hf_backend_adapter(config)
+        print(f"exported the adapters of {directory} (hf backend) -> {config.out} (peft's "
+              "own layout: PeftModel.from_pretrained(base, out))")
+        return 0
     if config.adapter_only:
         from megatron_ext.checkpointing.hf_peft import export_adapter
 

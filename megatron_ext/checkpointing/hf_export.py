@@ -187,7 +187,8 @@ def _export_hf_backend(config: ExportConfig, directory: str, tokenizer_files: bo
                  "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids,
                  "pad_token_id": tokenizer.pad_id, "use_cache": True}
     hf_config.pop("torch_dtype", None)
-    weights = consolidated_weights(directory)
+    weights = (consolidated_weights(directory) if "peft" not in run_config else
+               adapted_model(directory, run_config).merge_and_unload().state_dict())
     if hf_config.get("tie_word_embeddings") and "lm_head.weight" in weights:
         del weights["lm_head.weight"]  # transformers ties it to the input embeddings
     rows = next(t.shape[0] for n, t in weights.items() if n.endswith("embed_tokens.weight"))
@@ -214,6 +215,47 @@ def _export_hf_backend(config: ExportConfig, directory: str, tokenizer_files: bo
                          dtype=DTYPE_NAMES[dtype], chat_format=chat_format, eos_ids=eos_ids,
                          bytes=writer.total_bytes, tokenizer=tokenizer_info,
                          seconds=time.perf_counter() - start)
+
+
+def adapted_model(directory: str, run_config: dict):
+    """The peft model of an adapter checkpoint of the hf backend: its base model as it
+    trained (``from_pretrained``), with the trained adapters."""
+    from megatron_ext.hf_native.model import add_adapters, load_model
+    from megatron_ext.peft.config import PeftArgs
+
+    settings = run_config["peft"]
+    base = load_model(run_config["base"]["load"], torch.float32,
+                      (run_config.get("backend") or {}).get("trust_remote_code", False),
+                      int(run_config["hf_model"]["config"].get("vocab_size") or 0))
+    model, _ = add_adapters(base, PeftArgs.from_settings(settings), 0)
+    adapters = consolidated_weights(directory)
+    missing, unexpected = model.load_state_dict(adapters, strict=False)
+    if unexpected or any("lora_" in name for name in missing):
+        raise CheckpointError(f"{directory}: its adapters do not fit the base "
+                              f"{run_config['base']['load']} ({len(unexpected)} unexpected, "
+                              f"{sum('lora_' in n for n in missing)} missing)")
+    return model
+
+
+def export_hf_backend_adapter(config: ExportConfig) -> str:
+    """``--adapter_only`` of an adapter checkpoint of the hf backend: peft's own layout
+    (``adapter_config.json`` + ``adapter_model.safetensors``, written by peft) and the
+    tokenizer. Returns the checkpoint directory exported."""
+    directory = hf_backend_checkpoint(config.load)
+    if config.iteration is not None:
+        directory = iteration_dir(config.load, config.iteration)
+    run_config = load_run_config(directory)
+    if "peft" not in run_config:
+        raise CheckpointError(f"{config.load} holds a whole model, not adapters: export it "
+                              "without --adapter_only")
+    tokenizer, chat_format, template, eos_ids = _export_tokenizer(config, run_config,
+                                                                  directory, True)
+    model = adapted_model(directory, run_config)
+    with staged_directory(config.out, config.overwrite) as staging:
+        model.save_pretrained(staging)
+        _write_generation_and_tokenizer(staging, tokenizer, eos_ids, chat_format, template,
+                                        True)
+    return directory
 
 
 def weight_groups(source, tokenizer, load: str):

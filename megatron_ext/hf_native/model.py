@@ -176,3 +176,62 @@ def parallelize(model: nn.Module, mesh, *, recompute: bool = False, compile: boo
         for layer in layers:
             layer.compile()
     return model
+
+
+# megatron-core's layer names (``--peft_target_modules linear_qkv``) -> the Hugging Face
+# module names of the same projections in the common architectures
+MEGATRON_NAMES = {
+    "linear_qkv": ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv"),
+    "linear_proj": ("o_proj", "dense", "out_proj"),
+    "linear_fc1": ("gate_proj", "up_proj", "gate_up_proj", "fc1", "w1", "w3",
+                   "dense_h_to_4h"),
+    "linear_fc2": ("down_proj", "fc2", "w2", "dense_4h_to_h"),
+}
+
+
+def adapter_targets(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    """The names (the last part, as peft's ``target_modules`` takes them) of the decoder
+    layers' linear modules that ``patterns`` select: Hugging Face names (``q_proj``),
+    patterns (``*_proj``), or megatron-core's names (``linear_qkv``: q, k and v). A
+    pattern that selects nothing is an error that lists the names there are."""
+    import fnmatch
+
+    names = sorted({name.rsplit(".", 1)[-1] for layer in decoder_layers(model)
+                    for name, module in layer.named_modules()
+                    if isinstance(module, nn.Linear) and name})
+    selected, unmatched = set(), []
+    for pattern in patterns:
+        hits = {name for name in names if fnmatch.fnmatchcase(name, pattern)}
+        for megatron, hf in MEGATRON_NAMES.items():
+            if fnmatch.fnmatchcase(megatron, pattern):
+                hits |= set(hf) & set(names)
+        if not hits:
+            unmatched.append(pattern)
+        selected |= hits
+    if unmatched:
+        raise ConfigError(
+            f"--peft_target_modules {' '.join(unmatched)}: matches no linear layer of "
+            f"{type(model).__name__}; use any of {', '.join(names)}, a pattern such as "
+            f"'*_proj', or megatron-core's {', '.join(MEGATRON_NAMES)}")
+    return sorted(selected)
+
+
+def add_adapters(model: nn.Module, peft_args, seed: int) -> tuple[nn.Module, list[str]]:
+    """``model`` with peft's LoRA (DoRA: ``use_dora``) on the selected layers, drawn from
+    ``seed`` (the same on every rank); the base weights frozen. Returns the peft model
+    and the adapted module names."""
+    from peft import get_peft_model
+
+    targets = adapter_targets(model, peft_args.target_names())
+    torch.manual_seed(seed)
+    config = lora_config(peft_args, targets)
+    return get_peft_model(model, config), targets
+
+
+def lora_config(peft_args, targets: list[str]):
+    """peft's ``LoraConfig`` of our adapter settings."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=peft_args.peft_dim, lora_alpha=peft_args.peft_alpha,
+                      lora_dropout=peft_args.peft_dropout, target_modules=list(targets),
+                      use_dora=peft_args.dora, task_type="CAUSAL_LM")

@@ -292,6 +292,8 @@ class TrainConfig:
         if self.precision.fp16:
             problems.append("--fp16: the hf backend trains in fp32 or --bf16 (no loss "
                             "scaling); use --bf16")
+        if self.peft.enabled and self.peft.lora_A_init != "kaiming":
+            problems.append("--lora_A_init: the hf backend draws A as peft does (kaiming)")
         if not self.checkpoint.load:
             problems.append("--backend hf needs --load: the Hugging Face model directory "
                             "(or .gguf file) to train, or its checkpoint")

@@ -96,6 +96,15 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                            reduction="none").view_as(labels)
 
 
+class _PeftReport:
+    def __init__(self, targets: list[str], trainable: int):
+        self.targets, self.trainable = targets, trainable
+
+    def line(self) -> str:
+        return (f"peft adapters on {', '.join(self.targets)}; {self.trainable} trainable "
+                "parameters")
+
+
 class HFTrainer(Trainer):
     """:class:`Trainer` with the Hugging Face model of a ``backend == "hf"`` plan."""
 
@@ -112,24 +121,29 @@ class HFTrainer(Trainer):
         attention = None
         if c.precision.use_flash_attn and layout.device.type == "cuda":
             attention = "flash_attention_2"  # its varlen path isolates packed documents
-        if plan.resumed_from is None:
+        empty = plan.resumed_from is not None and plan.peft is None
+        if not empty:
             module = hf.load_model(plan.hf_model, dtype, c.backend.trust_remote_code,
                                    self.tokenizer.vocab_size, attention)
         else:  # the checkpoint brings the weights: nothing read twice
             module = hf.build_empty_model(plan.hf_config, dtype, c.backend.trust_remote_code,
                                           self.tokenizer.vocab_size, attention)
         module.config.use_cache = False
+        self.peft_report = self.adapted = None
+        if plan.peft is not None:  # fresh adapters (a resume overwrites them), base frozen
+            module, self.adapted = hf.add_adapters(module, c.peft, c.schedule.seed)
+            trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+            self.peft_report = _PeftReport(self.adapted, trainable)
         mesh = init_device_mesh(layout.device.type, (layout.dp, layout.tp),
                                 mesh_dim_names=("dp", "tp"))
         module = hf.parallelize(module, mesh,
                                 recompute=c.precision.recompute_granularity == "full",
                                 compile=c.backend.compile, bf16=c.precision.bf16)
-        if plan.resumed_from is not None:
+        if empty:
             hf.materialize(module, layout.device)
         elif layout.device.type != "cpu":
             module.to(layout.device)
         self.padded_vocab = module.get_input_embeddings().weight.shape[0]
-        self.peft_report = None
         self.model = HFModel(module)
         self.optimizer = HFOptimizer(module, c.optim)
         self.scheduler = self._scheduler()
@@ -156,10 +170,18 @@ class HFTrainer(Trainer):
             reports.append(report)
         return reports
 
+    def _state_options(self):
+        """What a checkpoint holds: everything, or the adapters only (``--peft``)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        adapters = self.plan.peft is not None
+        return StateDictOptions(ignore_frozen_params=adapters, strict=not adapters)
+
     def _state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model, optim = get_state_dict(self.model.module, self.optimizer.optimizer)
+        model, optim = get_state_dict(self.model.module, self.optimizer.optimizer,
+                                      options=self._state_options())
         return {"model": model, "optim": optim}
 
     def _load(self) -> None:
@@ -172,7 +194,8 @@ class HFTrainer(Trainer):
         state = self._state()
         directory, progress, common = load_dcp(self.plan.resumed_from, state)
         set_state_dict(self.model.module, self.optimizer.optimizer,
-                       model_state_dict=state["model"], optim_state_dict=state["optim"])
+                       model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=self._state_options())
         self.scheduler.load_state_dict(common["scheduler"])
         self._restore_progress(progress)
         if self.layout.is_logger:
@@ -190,6 +213,9 @@ class HFTrainer(Trainer):
                       "hf_model": {"path": os.path.abspath(self.plan.hf_model),
                                    "class": type(module).__name__,
                                    "config": module.config.to_dict()}}
+        if self.plan.peft is not None:  # adapters only: the base they belong to
+            run_config["peft"] = self.config.peft.settings(tuple(self.adapted))
+            run_config["base"] = self.plan.peft.record
         path = save_dcp(self.config.checkpoint.save, self._state(), progress,
                         {"scheduler": self.scheduler.state_dict(),
                          "layout": {"dp": self.layout.dp, "tp": self.layout.tp}},

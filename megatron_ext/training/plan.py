@@ -192,11 +192,10 @@ def _plan_hf(config: TrainConfig, steps: list[str], world_size: int,
     from megatron_ext.hf_native.model import check_model_config, model_config
 
     c = config.checkpoint
-    if config.peft.enabled:
-        raise ConfigError("--peft with the hf backend is not supported yet; use --backend "
-                          "megatron with a model a family claims")
     resume = None
-    for place, flag in ((c.save if c.auto_resume else None, "--auto_resume: --save"),
+    # adapters resume from --save whenever it holds some (as on the megatron backend)
+    for place, flag in ((c.save if c.auto_resume or config.peft.enabled else None,
+                         "--auto_resume: --save" if c.auto_resume else "--save"),
                         (None if c.finetune else c.load, "--load")):
         if hf_backend_checkpoint(place):
             resume = place
@@ -227,8 +226,12 @@ def _plan_hf(config: TrainConfig, steps: list[str], world_size: int,
     if resume is not None:
         check_optimizer_state(config, resume)
     load = resume or c.load
-    return RunPlan(config, load=load, weights_only=resume is None,
-                   allow_missing=False, resumed_from=resume,
+    peft = None
+    if config.peft.enabled:  # the base from the model, the adapters from ``resume``
+        peft = PeftPlan(source, resume, config.peft.target_names(), {"load": source})
+        load = source
+    return RunPlan(config, load=load, weights_only=resume is None or peft is not None,
+                   allow_missing=False, resumed_from=resume, peft=peft,
                    saved_tokenizer=(saved or {}).get("tokenizer_identity"),
                    steps=tuple(steps), backend="hf", hf_model=source, hf_config=hf_config)
 
