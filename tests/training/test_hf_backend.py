@@ -28,6 +28,8 @@ from tests.tools.conftest import hf_logits, make_hf_model
 
 ITERS = 4
 STOP = 2  # the stopped runs' --exit_interval
+# adapter runs: a constant learning rate, so that the reference loop needs no schedule
+PEFT = ("--backend", "hf", "--peft_dim", "8", "--lr_warmup_iters", "0", "--lr_decay_style", "constant")
 
 
 def hf_args(data: dict, model: Path, save: Path, *flags: str) -> list[str]:
@@ -60,6 +62,13 @@ def start_hf_runs(request):
         data, model, root / f"{backend}{packed}", "--backend", backend,
         *(["--pack_sequences"] if packed else []))}
         for backend in ("megatron", "hf") for packed in ("", "-packed")]
+    # adapters: LoRA on megatron-core's default names (mapped), stopped at 2 and resumed
+    # by the same command; DoRA on a pattern
+    lora = hf_args(data, model, root / "lora", *PEFT, "--peft", "lora")
+    serial += [{"name": "lora-stop", "argv": lora + ["--exit_interval", str(STOP)]},
+               {"name": "lora", "argv": lora},
+               {"name": "dora", "argv": hf_args(data, model, root / "dora", *PEFT, "--peft",
+                                                "dora", "--peft_target_modules", "*_proj")}]
     pair = [{"name": "dp2", "argv": hf_args(data, model, root / "dp2", "--backend", "hf")},
             {"name": "dp2-packed", "argv": hf_args(data, model, root / "dp2-packed",
                                                    "--backend", "hf", "--pack_sequences")},
@@ -88,6 +97,8 @@ def resumed(hf_runs, imported_train_data, hf_tiny_llama) -> dict:
                                                "--auto_resume")}]
     jobs += [tool_job(f"export-{name}", "megatron_to_hf.py", "--load", str(hf_runs / name),
                       "--out", str(hf_runs / f"export-{name}")) for name in ("hf", "megatron")]
+    jobs.append(tool_job("export-lora", "megatron_to_hf.py", "--load", str(hf_runs / "lora"),
+                         "--out", str(hf_runs / "export-lora"), "--adapter_only"))
     results = start_runs(1, jobs, hf_runs / "later").wait()
     for name, result in results.items():
         assert result.returncode == 0, (name, result.log[-3000:])
@@ -141,6 +152,86 @@ def test_hf_checkpoint_exports_a_model_transformers_loads_with_the_same_logits(
     assert tokenizer.chat_template and len(tokenizer) == 1502
     config = json.loads((hf_runs / "export-hf" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["vocab_size"] == 1536
+
+
+def peft_reference(model_dir: Path, data: dict, dora: bool, targets: list[str]):
+    """peft's own loop on the same batches: ``get_peft_model`` drawn from the runs' seed,
+    torch's AdamW at the constant rate, the global batch's weighted mean loss, the
+    gradient norm clipped to 1. Returns (the losses, the trained peft model)."""
+    import peft
+    import transformers
+
+    from megatron_ext.tokenizers import TokenizerConfig, build_tokenizer
+    from megatron_ext.training.config import DataArgs
+    from megatron_ext.training.data import BatchBuilder, build_splits
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(1234)
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=8, lora_alpha=32.0, target_modules=targets, use_dora=dora, task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1]
+    plain = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim == 1]
+    optimizer = torch.optim.AdamW([{"params": decay}, {"params": plain}] if plain
+                                  else [{"params": decay}], lr=1e-3, weight_decay=0.0)
+    tokenizer = build_tokenizer(TokenizerConfig("SentencePieceTokenizer", data["vocab_file"],
+                                                CHATML, megatron_llm_specials=False))
+    split = build_splits(DataArgs(data_path=(data["prefix"],), split="90,10,0"), 1234)["train"]
+    batches = BatchBuilder(96, tokenizer.pad_id or 0, 0.0, True, 2, 0, 1)
+    losses = []
+    for step in range(ITERS):
+        gb = batches.global_batch(split, 8 * step, 8)
+        optimizer.zero_grad()
+        total = 0.0
+        for mb in gb.micro_batches:
+            logits = model(input_ids=mb.tokens, position_ids=mb.position_ids,
+                           use_cache=False).logits
+            ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), mb.labels.flatten(),
+                                                   reduction="none").view_as(mb.labels)
+            loss = (ce * mb.loss_weights).sum()
+            (loss / gb.total_weight).backward()
+            total += float(loss)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(total / gb.total_weight)
+    return losses, model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_hf_backend_adapters_equal_peft_own_loop(hf_runs, resumed, imported_train_data,
+                                                 hf_tiny_llama, method):
+    """LoRA (megatron-core's default target names, mapped to q/k/v/o/gate/up/down; stopped
+    at step 2 and resumed) and DoRA (``*_proj``) train as peft's own loop does; the LoRA
+    export is peft's layout, and peft loads it with the trained model's logits."""
+    import peft
+    import transformers
+
+    targets = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    want, model = peft_reference(hf_tiny_llama, imported_train_data, method == "dora", targets)
+    got = train_metrics(hf_runs / method)
+    assert [r["iteration"] for r in got] == list(range(1, ITERS + 1))
+    assert [r["loss"] for r in got] == pytest.approx(want, rel=1e-5)
+    run_config = json.loads(next((hf_runs / method).glob("iter_*/run_config.json")).read_text())
+    assert run_config["peft"]["targets"] == targets
+    if method == "dora":
+        return
+    assert "holds a checkpoint of the hf backend: resuming it" in (
+        hf_runs / "serial" / "lora.log").read_text()
+    # the checkpoint holds the adapters only (weights and optimizer state)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = dcp.FileSystemReader(str(hf_runs / "lora" / "iter_0000004")).read_metadata()
+    tensors = [key for key, meta in saved.state_dict_metadata.items()
+               if isinstance(meta, TensorStorageMetadata) and not key.endswith(".step")]
+    assert tensors and all(".lora_A." in key or ".lora_B." in key for key in tensors), tensors
+    tokens = torch.randint(0, 1502, (2, 40), generator=torch.Generator().manual_seed(0))
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_tiny_llama)
+    exported = peft.PeftModel.from_pretrained(base, hf_runs / "export-lora")
+    with torch.no_grad():
+        ours, theirs = exported(tokens).logits, model(tokens).logits
+    assert (ours - theirs).abs().max() < 1e-5 * max(1.0, theirs.abs().max().item())
 
 
 # ------------------------------------------------------------ in-process: the plan
