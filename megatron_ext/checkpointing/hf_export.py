@@ -187,7 +187,7 @@ def _export_hf_backend(config: ExportConfig, directory: str, tokenizer_files: bo
                  "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids,
                  "pad_token_id": tokenizer.pad_id, "use_cache": True}
     hf_config.pop("torch_dtype", None)
-    weights = (consolidated_weights(directory) if "peft" not in run_config else
+    weights = (consolidated_weights(directory) if "base" not in run_config else
                adapted_model(directory, run_config).merge_and_unload().state_dict())
     if hf_config.get("tie_word_embeddings") and "lm_head.weight" in weights:
         del weights["lm_head.weight"]  # transformers ties it to the input embeddings
@@ -245,7 +245,7 @@ def export_hf_backend_adapter(config: ExportConfig) -> str:
     if config.iteration is not None:
         directory = iteration_dir(config.load, config.iteration)
     run_config = load_run_config(directory)
-    if "peft" not in run_config:
+    if "base" not in run_config:  # (adapter checkpoints record their base)
         raise CheckpointError(f"{config.load} holds a whole model, not adapters: export it "
                               "without --adapter_only")
     tokenizer, chat_format, template, eos_ids = _export_tokenizer(config, run_config,

@@ -153,12 +153,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
                       "'layers') found; this model cannot be sharded per layer")
 
 
-def parallelize(model: nn.Module, mesh, *, recompute: bool = False, compile: bool = False,
-                bf16: bool = False) -> nn.Module:
+def parallelize(model: nn.Module, mesh, *, recompute: bool = False,
+                compile: Optional[str] = None, bf16: bool = False) -> nn.Module:
     """FSDP2 over ``mesh``'s ``dp`` dimension: each decoder layer, then the root; the
     gradients are summed over the ranks, not averaged (the loss is already the global
     batch's mean). ``recompute``: non-reentrant activation checkpointing per layer;
-    ``compile``: torch.compile per layer, after sharding (the state dict's names stay
+    ``compile``: torch.compile per layer with that backend, after sharding (the state dict's names stay
     transformers'); ``bf16``: bf16 compute with fp32 parameters and reductions."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -174,7 +174,7 @@ def parallelize(model: nn.Module, mesh, *, recompute: bool = False, compile: boo
         module.set_force_sum_reduction_for_comms(True)  # (gloo has no PREMUL_SUM)
     if compile:
         for layer in layers:
-            layer.compile()
+            layer.compile(backend=compile)
     return model
 
 

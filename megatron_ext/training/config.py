@@ -159,6 +159,9 @@ class BackendArgs:
                "config.json); without it such a model is refused")
     compile: bool = option(False, "--backend hf: torch.compile each decoder layer (after "
                                   "sharding; the checkpoint's names are unchanged)")
+    compile_backend: str = option("inductor", "--compile: torch.compile's backend (inductor "
+                                              "needs a C++ compiler on CPU; aot_eager "
+                                              "compiles nothing, for checks)")
 
 
 @dataclass(frozen=True)

@@ -138,7 +138,8 @@ class HFTrainer(Trainer):
                                 mesh_dim_names=("dp", "tp"))
         module = hf.parallelize(module, mesh,
                                 recompute=c.precision.recompute_granularity == "full",
-                                compile=c.backend.compile, bf16=c.precision.bf16)
+                                compile=c.backend.compile_backend if c.backend.compile
+                                else None, bf16=c.precision.bf16)
         if empty:
             hf.materialize(module, layout.device)
         elif layout.device.type != "cpu":

@@ -28,6 +28,9 @@ from tests.tools.conftest import hf_logits, make_hf_model
 
 ITERS = 4
 STOP = 2  # the stopped runs' --exit_interval
+VARIANTS = {"recompute": ("--recompute_granularity", "full"),
+            "compiled": ("--compile", "--compile_backend", "aot_eager"),
+            "bf16": ("--bf16",)}
 # adapter runs: a constant learning rate, so that the reference loop needs no schedule
 PEFT = ("--backend", "hf", "--peft_dim", "8", "--lr_warmup_iters", "0", "--lr_decay_style", "constant")
 
@@ -69,6 +72,11 @@ def start_hf_runs(request):
                {"name": "lora", "argv": lora},
                {"name": "dora", "argv": hf_args(data, model, root / "dora", *PEFT, "--peft",
                                                 "dora", "--peft_target_modules", "*_proj")}]
+    # per-layer activation recomputation, torch.compile (aot_eager: inductor's C++ build
+    # costs ~45 s of CPU here) and the bf16 policy: two steps each
+    serial += [{"name": name, "argv": hf_args(data, model, root / name, "--backend", "hf",
+                                              "--train_iters", "2", *flags)}
+               for name, flags in VARIANTS.items()]
     pair = [{"name": "dp2", "argv": hf_args(data, model, root / "dp2", "--backend", "hf")},
             {"name": "dp2-packed", "argv": hf_args(data, model, root / "dp2-packed",
                                                    "--backend", "hf", "--pack_sequences")},
@@ -152,6 +160,23 @@ def test_hf_checkpoint_exports_a_model_transformers_loads_with_the_same_logits(
     assert tokenizer.chat_template and len(tokenizer) == 1502
     config = json.loads((hf_runs / "export-hf" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["vocab_size"] == 1536
+
+
+@pytest.mark.slow
+def test_recompute_and_compile_change_nothing_and_bf16_computes_in_bf16(hf_runs):
+    straight = train_metrics(hf_runs / "hf")[:2]
+    for name in ("recompute", "compiled"):
+        got = train_metrics(hf_runs / name)
+        assert [r[k] for r in got for k in ("loss", "grad_norm")] == pytest.approx(
+            [r[k] for r in straight for k in ("loss", "grad_norm")], rel=1e-5), name
+    bf16 = train_metrics(hf_runs / "bf16")
+    assert [r["loss"] for r in bf16] == pytest.approx([r["loss"] for r in straight], rel=1e-3)
+    assert [r["loss"] for r in bf16] != [r["loss"] for r in straight]  # computed in bf16
+    import torch.distributed.checkpoint as dcp
+
+    saved = dcp.FileSystemReader(str(hf_runs / "bf16" / "iter_0000002")).read_metadata()
+    weight = saved.state_dict_metadata["model.model.embed_tokens.weight"]
+    assert weight.properties.dtype == torch.float32  # fp32 parameters, bf16 compute
 
 
 def peft_reference(model_dir: Path, data: dict, dora: bool, targets: list[str]):
