@@ -110,3 +110,17 @@ def consolidated_weights(directory: str) -> dict:
             state[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
     dcp.load(state, checkpoint_id=directory, no_dist=True)
     return {key[len("model."):]: tensor for key, tensor in state.items()}
+
+
+def describe(directory: str) -> str:
+    """What a checkpoint of the hf backend is, in one line (for the tools that cannot
+    take it)."""
+    run_config = load_run_config(directory)
+    common = read_json(os.path.join(directory, COMMON), CheckpointError)
+    model = run_config.get("hf_model") or {}
+    layout = common.get("layout") or {}
+    what = "adapters only" if "base" in run_config else "the whole model"
+    return (f"{directory} is a checkpoint of the Hugging Face backend (torch.distributed."
+            f"checkpoint of {(model.get('config') or {}).get('model_type')} from "
+            f"{model.get('path')}: {what}, iteration {common.get('iteration')}, saved at DP "
+            f"{layout.get('dp')} x TP {layout.get('tp')})")

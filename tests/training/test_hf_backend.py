@@ -340,3 +340,23 @@ def test_a_model_built_on_the_meta_device_gets_its_rope_buffers_back(hf_tiny_lla
         got = model(tokens, labels=tokens)
     assert got.loss.item() == want.loss.item()
     assert torch.equal(got.logits, want.logits)
+
+
+def test_checkpoint_util_says_what_an_hf_backend_checkpoint_is(tmp_path):
+    from megatron_ext.checkpointing.tracker import iteration_dir, write_tracker
+    from megatron_ext.errors import CheckpointError
+    from megatron_ext.io import write_json
+    from tests.training.run_many import tool_main
+
+    directory = Path(iteration_dir(str(tmp_path), 7))
+    directory.mkdir()
+    write_json(str(directory / "run_config.json"), {
+        "backend": {"backend": "hf"}, "hf_model": {"path": "/m", "config": {
+            "model_type": "phi3"}}})
+    write_json(str(directory / "common.json"), {"iteration": 7, "layout": {"dp": 2, "tp": 1}})
+    write_tracker(str(tmp_path), 7)
+    with pytest.raises(CheckpointError, match=r"checkpoint of the Hugging Face backend .*phi3 "
+                       r"from /m: the whole model, iteration 7, saved at DP 2 x TP 1.*"
+                       r"tools/megatron_to_hf.py exports it"):
+        tool_main("checkpoint_util.py")(["merge", "--load", str(tmp_path), "--out",
+                                         str(tmp_path / "out")])
