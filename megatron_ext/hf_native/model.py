@@ -38,10 +38,12 @@ def known_model_types() -> frozenset[str]:
     return frozenset(CONFIG_MAPPING_NAMES)
 
 
-def check_model_config(hf_config: dict, where: str, trust_remote_code: bool) -> None:
+def check_model_config(hf_config: dict, where: str, trust_remote_code: bool,
+                       tp: int = 1) -> None:
     """Refuse, before any process group exists, a model transformers cannot build: a
     ``model_type`` it does not know and no code of the model's own, or code of the
-    model's own (``auto_map``) that the user did not allow."""
+    model's own (``auto_map``) that the user did not allow; and tensor parallelism for a
+    model without a ``tp_plan``."""
     model_type = hf_config.get("model_type")
     ships_code = bool(hf_config.get("auto_map"))
     known = model_type in known_model_types()
@@ -55,9 +57,20 @@ def check_model_config(hf_config: dict, where: str, trust_remote_code: bool) -> 
             f"{where}: model_type {model_type!r} is not one this transformers knows and the "
             "directory ships no code for it; upgrade transformers (pip install -U "
             "transformers) or check config.json")
+    if tp > 1 and known and not _tp_plan(model_type):
+        raise ConfigError(
+            f"--tensor_model_parallel_size {tp}: {where} ({model_type}) has no tensor-parallel "
+            "plan (base_model_tp_plan) in transformers; use 1 (FSDP2 shards the model over "
+            "every rank)")
     if ships_code and known and not trust_remote_code:
         logger.info("%s ships its own code (auto_map): not run; transformers' own %s "
                     "is used (--trust_remote_code runs the shipped one)", where, model_type)
+
+
+def _tp_plan(model_type: str) -> dict:
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return dict(getattr(CONFIG_MAPPING[model_type], "base_model_tp_plan", None) or {})
 
 
 def model_files(load: str) -> tuple[str, Optional[str]]:
@@ -78,15 +91,26 @@ def model_config(load: str) -> dict:
 
 
 def load_model(load: str, dtype: torch.dtype, trust_remote_code: bool = False,
-               vocab_size: int = 0, attn_implementation: Optional[str] = None) -> nn.Module:
+               vocab_size: int = 0, attn_implementation: Optional[str] = None,
+               tp: int = 1, dp: int = 1, bf16: bool = False) -> nn.Module:
     """The model with its weights, on the CPU, in ``dtype``; at least ``vocab_size``
-    embedding rows (transformers' mean resizing adds those the tokenizer needs)."""
+    embedding rows (transformers' mean resizing adds those the tokenizer needs).
+
+    ``tp > 1``: loaded by transformers already split by the model's ``tp_plan`` over the
+    ``tp`` dimension of a (``dp``, ``tp``) mesh (TP ranks adjacent, as megatron-core
+    orders them) and, with ``dp > 1``, sharded with FSDP2 over ``dp``
+    (:func:`parallelize` then only makes its reductions sums)."""
     import transformers
 
     directory, gguf = model_files(load)
     kwargs = {"gguf_file": gguf} if gguf else {}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if tp > 1:
+        from transformers.distributed.configuration_utils import DistributedConfig
+
+        kwargs["distributed_config"] = DistributedConfig(tp_size=tp, fsdp_size=dp,
+                                                         fsdp_mixed_precision=bf16)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         directory, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     _fit_vocabulary(model, vocab_size)
@@ -166,10 +190,15 @@ def parallelize(model: nn.Module, mesh, *, recompute: bool = False,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if bf16 else MixedPrecisionPolicy())
-    dp_mesh = mesh["dp"]
+    from torch.distributed.fsdp import FSDPModule
+
     layers = decoder_layers(model)
-    for module in (*layers, model):
-        fully_shard(module, mesh=dp_mesh, mp_policy=policy)
+    sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    if not sharded and getattr(model, "_device_mesh", None) is None:  # (else: transformers')
+        for module in (*layers, model):
+            fully_shard(module, mesh=mesh["dp"], mp_policy=policy)
+        sharded = [*layers, model]
+    for module in sharded:
         module.set_gradient_divide_factor(1.0)
         module.set_force_sum_reduction_for_comms(True)  # (gloo has no PREMUL_SUM)
     if compile:

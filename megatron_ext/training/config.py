@@ -295,6 +295,9 @@ class TrainConfig:
         if self.precision.fp16:
             problems.append("--fp16: the hf backend trains in fp32 or --bf16 (no loss "
                             "scaling); use --bf16")
+        if self.peft.enabled and p.tensor_model_parallel_size > 1:
+            problems.append("--peft with --tensor_model_parallel_size > 1: the hf backend's "
+                            "adapters train with FSDP2 only (TP 1)")
         if self.peft.enabled and self.peft.lora_A_init != "kaiming":
             problems.append("--lora_A_init: the hf backend draws A as peft does (kaiming)")
         if not self.checkpoint.load:

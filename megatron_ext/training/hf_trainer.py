@@ -78,12 +78,31 @@ class HFOptimizer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> tuple[bool, float, None]:
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip if self.clip > 0
-                                              else math.inf, foreach=True)
-        if hasattr(norm, "full_tensor"):  # a DTensor: FSDP2's shards
-            norm = norm.full_tensor()
+        norm = self._clip_grad_norm()
         self.optimizer.step()
-        return True, float(norm), None
+        return True, norm, None
+
+    def _clip_grad_norm(self) -> float:
+        """torch's ``clip_grad_norm_`` where the gradients are all DTensors of one mesh
+        (FSDP2) or all plain; under a tensor-parallel plan, which leaves some parameters
+        plain (or on the data-parallel mesh only) beside the others, each one's norm is
+        made whole, then all are clipped alike."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        kinds = {getattr(g, "device_mesh", None) for g in grads}  # one mesh, or none
+        limit = self.clip if self.clip > 0 else math.inf
+        if len(kinds) < 2:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, limit, foreach=True)
+            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        squares = []
+        for grad in grads:
+            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            squares.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2)
+        total = float(torch.stack(squares).sum().sqrt())
+        coefficient = limit / (total + 1e-6)
+        if coefficient < 1.0:
+            for grad in grads:
+                grad.mul_(coefficient)
+        return total
 
     def get_loss_scale(self) -> float:
         return 1.0
@@ -121,10 +140,11 @@ class HFTrainer(Trainer):
         attention = None
         if c.precision.use_flash_attn and layout.device.type == "cuda":
             attention = "flash_attention_2"  # its varlen path isolates packed documents
-        empty = plan.resumed_from is not None and plan.peft is None
+        empty = plan.resumed_from is not None and plan.peft is None and layout.tp == 1
         if not empty:
             module = hf.load_model(plan.hf_model, dtype, c.backend.trust_remote_code,
-                                   self.tokenizer.vocab_size, attention)
+                                   self.tokenizer.vocab_size, attention, tp=layout.tp,
+                                   dp=layout.dp, bf16=c.precision.bf16)
         else:  # the checkpoint brings the weights: nothing read twice
             module = hf.build_empty_model(plan.hf_config, dtype, c.backend.trust_remote_code,
                                           self.tokenizer.vocab_size, attention)
@@ -134,8 +154,8 @@ class HFTrainer(Trainer):
             module, self.adapted = hf.add_adapters(module, c.peft, c.schedule.seed)
             trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
             self.peft_report = _PeftReport(self.adapted, trainable)
-        mesh = init_device_mesh(layout.device.type, (layout.dp, layout.tp),
-                                mesh_dim_names=("dp", "tp"))
+        mesh = (init_device_mesh(layout.device.type, (layout.dp, layout.tp),
+                                 mesh_dim_names=("dp", "tp")) if layout.tp == 1 else None)
         module = hf.parallelize(module, mesh,
                                 recompute=c.precision.recompute_granularity == "full",
                                 compile=c.backend.compile_backend if c.backend.compile

@@ -221,7 +221,8 @@ def _plan_hf(config: TrainConfig, steps: list[str], world_size: int,
         raise ConfigError(f"--backend hf: --load {c.load} is neither a Hugging Face model "
                           "(a directory with config.json, a .gguf file) nor a checkpoint of "
                           "the hf backend")
-    check_model_config(hf_config, source, config.backend.trust_remote_code)
+    check_model_config(hf_config, source, config.backend.trust_remote_code,
+                       config.parallel.tensor_model_parallel_size)
     config.validate(world_size, cuda=cuda, model_shape=False)
     if resume is not None:
         check_optimizer_state(config, resume)
