@@ -56,8 +56,9 @@ def hf_tiny_llama(tmp_path_factory, sp_model) -> Path:
 @starts_early("hf_runs")
 def start_hf_runs(request):
     """Every run of this module but the resume: the one-process batch (each backend,
-    padded and packed) and the two-process one (FSDP2, padded and packed, and a run
-    stopped at iteration 2 that the serial resume continues at DP=1)."""
+    padded and packed, adapters, recompute, compile, bf16), the two-process one (FSDP2
+    padded and packed, TP=2) and the four-process one (TP=2 x DP=2 stopped at iteration 2,
+    which the serial resume continues at TP=1, DP=1)."""
     root = request.getfixturevalue("tmp_path_factory").mktemp("hf_runs")
     data = request.getfixturevalue("imported_train_data")
     model = request.getfixturevalue("hf_tiny_llama")
@@ -80,10 +81,14 @@ def start_hf_runs(request):
     pair = [{"name": "dp2", "argv": hf_args(data, model, root / "dp2", "--backend", "hf")},
             {"name": "dp2-packed", "argv": hf_args(data, model, root / "dp2-packed",
                                                    "--backend", "hf", "--pack_sequences")},
-            {"name": "dp2-stop", "argv": hf_args(data, model, root / "dp2-stop", "--backend",
-                                                 "hf", "--exit_interval", str(STOP))}]
+            {"name": "tp2", "argv": hf_args(data, model, root / "tp2", "--backend", "hf",
+                                            "--tensor_model_parallel_size", "2")}]
+    # TP=2 (the model's tp_plan) x FSDP2 DP=2, stopped at 2: the serial resume continues it
+    quad = [{"name": "tp2dp2-stop", "argv": hf_args(
+        data, model, root / "tp2dp2-stop", "--backend", "hf", "--tensor_model_parallel_size",
+        "2", "--exit_interval", str(STOP))}]
     return root, start_runs(1, serial, root / "serial", early=True), start_runs(
-        2, pair, root / "pair", early=True)
+        2, pair, root / "pair", early=True), start_runs(4, quad, root / "quad", early=True)
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +102,10 @@ def hf_runs(request) -> Path:
 
 @pytest.fixture(scope="module")
 def resumed(hf_runs, imported_train_data, hf_tiny_llama) -> dict:
-    """The DP=2 run stopped at iteration 2, relaunched with --auto_resume at DP=1 and no
-    --backend (the checkpoint says hf); the exports of both backends' runs."""
+    """The TP=2 x DP=2 run stopped at iteration 2, relaunched with --auto_resume at TP=1,
+    DP=1 and no --backend (the checkpoint says hf); the exports of the runs."""
     run = hf_runs / "resumed"
-    shutil.copytree(hf_runs / "dp2-stop", run)
+    shutil.copytree(hf_runs / "tp2dp2-stop", run)
     jobs = [{"name": "resume", "argv": hf_args(imported_train_data, hf_tiny_llama, run,
                                                "--auto_resume")}]
     jobs += [tool_job(f"export-{name}", "megatron_to_hf.py", "--load", str(hf_runs / name),
@@ -130,12 +135,16 @@ def test_hf_backend_equals_megatron_on_the_same_weights(hf_runs, packed):
     megatron = train_metrics(hf_runs / f"megatron{packed}")
     assert_same_curve(train_metrics(hf_runs / f"hf{packed}"), megatron)
     assert_same_curve(train_metrics(hf_runs / f"dp2{packed}"), megatron)
+    if not packed:  # TP=2 through the model's tp_plan
+        assert_same_curve(train_metrics(hf_runs / "tp2"), megatron)
     assert train_metrics(hf_runs / f"hf{packed}", "valid")
 
 
 @pytest.mark.slow
-def test_hf_checkpoint_resumes_at_another_dp_size_on_the_straight_curve(hf_runs, resumed):
-    stopped = hf_runs / "dp2-stop"
+def test_tp2_dp2_checkpoint_resumes_at_tp1_dp1_on_the_straight_curve(hf_runs, resumed):
+    """TP=2 x DP=2 = the serial run (its first two steps), and its checkpoint resumes in
+    one process on the straight curve (DCP reshards)."""
+    stopped = hf_runs / "tp2dp2-stop"
     assert (stopped / "latest_checkpointed_iteration.txt").read_text().strip() == str(STOP)
     assert not list(stopped.glob("*.incomplete"))
     log = resumed["resume"].log
