@@ -314,6 +314,8 @@ def test_hf_backend_refuses_what_it_cannot_do_before_any_process_group(
     ({"model_type": "my_own", "auto_map": {"AutoModelForCausalLM": "m.MyModel"}}, (),
      "ships its own model code .* pass --trust_remote_code"),
     ({"model_type": "not_a_model"}, (), "'not_a_model' is not one this transformers knows"),
+    ({"model_type": "gpt2"}, ("--backend", "hf", "--tensor_model_parallel_size", "2"),
+     r"\(gpt2\) has no tensor-parallel plan .*use 1"),
 ])
 def test_hf_backend_refuses_remote_code_and_unknown_models(tmp_path, sp_model, config,
                                                            flags, message):
@@ -321,7 +323,7 @@ def test_hf_backend_refuses_remote_code_and_unknown_models(tmp_path, sp_model, c
 
     model = _model_dir(tmp_path / "model", config, sp_model)
     with pytest.raises(ConfigError, match=message):
-        resolve(_config(model, *flags), world_size=1)
+        resolve(_config(model, *flags), world_size=2)
 
 
 def test_a_model_built_on_the_meta_device_gets_its_rope_buffers_back(hf_tiny_llama):
