@@ -14,14 +14,16 @@ data-parallel size.
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from megatron_ext.checkpointing.forms import checkpoint_directory
 from megatron_ext.checkpointing.run_config import load_run_config, write_run_config
-from megatron_ext.checkpointing.state import Progress
 from megatron_ext.checkpointing.tracker import TRACKER, iteration_dir, write_tracker
 from megatron_ext.errors import CheckpointError
 from megatron_ext.io import STAGING_SUFFIX, StagedDirectory, read_json, write_json
+
+if TYPE_CHECKING:
+    from megatron_ext.checkpointing.state import Progress
 
 COMMON = "common.json"
 
@@ -36,20 +38,22 @@ def hf_backend_checkpoint(load: Optional[str]) -> Optional[str]:
     it is a Hugging Face backend checkpoint; else None."""
     if not load or not os.path.isdir(load):
         return None
-    directory = load if os.path.isfile(os.path.join(load, COMMON)) else checkpoint_directory(load)
-    if directory is None or not os.path.isfile(os.path.join(directory, COMMON)):
-        return None
-    try:
+    try:  # (a damaged checkpoint of another form is its own loader's to report)
+        directory = (load if os.path.isfile(os.path.join(load, COMMON))
+                     else checkpoint_directory(load))
+        if directory is None or not os.path.isfile(os.path.join(directory, COMMON)):
+            return None
         run_config = load_run_config(directory, missing_ok=True)
     except CheckpointError:
         return None
     return directory if is_hf_backend_run(run_config) else None
 
 
-def save_dcp(root: str, state: dict, progress: Progress, common: dict, run_config: dict,
+def save_dcp(root: str, state: dict, progress, common: dict, run_config: dict,
              rank: int) -> str:
     """Save ``state`` (the model's and the optimizer's state dicts of every rank) as
-    iteration ``progress.iteration`` of ``root``; every rank calls it."""
+    iteration ``progress.iteration`` (a :class:`~megatron_ext.checkpointing.state.Progress`)
+    of ``root``; every rank calls it."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
@@ -71,10 +75,12 @@ def save_dcp(root: str, state: dict, progress: Progress, common: dict, run_confi
     return final
 
 
-def load_dcp(load: str, state: dict) -> tuple[str, Progress, dict]:
+def load_dcp(load: str, state: dict) -> tuple[str, "Progress", dict]:
     """Load the newest checkpoint of ``load`` into ``state`` in place; returns (its
     directory, its progress, its common state)."""
     import torch.distributed.checkpoint as dcp
+
+    from megatron_ext.checkpointing.state import Progress
 
     directory = hf_backend_checkpoint(load)
     if directory is None:

@@ -137,7 +137,8 @@ def resolve(config: TrainConfig, *, world_size: Optional[int] = None,
         announce = int(os.environ.get("RANK", "0")) == 0
     steps: list[str] = []
     backend, why = choose_backend(config)
-    steps.append(f"backend {backend}: {why}")
+    if backend == "hf" or (config.checkpoint.imports_model and config.backend.backend == "auto"):
+        steps.append(f"backend {backend}: {why}")  # (a checkpoint of ours: nothing to say)
     config = dataclasses.replace(config, backend=dataclasses.replace(config.backend,
                                                                      backend=backend))
     if world_size is None:
@@ -169,7 +170,7 @@ def choose_backend(config: TrainConfig) -> tuple[str, str]:
     for place, flag in ((c.save if c.auto_resume else None, "--save"), (c.load, "--load")):
         if hf_backend_checkpoint(place):
             return "hf", f"{flag} {place} holds a checkpoint of the hf backend"
-        if place and checkpoint_directory(place) is not None:
+        if place and _holds_checkpoint(place):
             return "megatron", f"{flag} {place} holds a megatron checkpoint"
     if import_source_kind(c.load) != HF_DIRECTORY:
         return "megatron", ("--load is a GGUF file: the importer reads its architecture"
@@ -177,11 +178,22 @@ def choose_backend(config: TrainConfig) -> tuple[str, str]:
     hf_config = read_hf_config(c.load)
     family = family_for_hf_config(hf_config)
     model_type = hf_config.get("model_type")
-    if family is not None:
+    if family is not None or not model_type:
+        if family is None:
+            return "megatron", f"{c.load}/config.json names no model_type"
         return "megatron", (f"family {family.name} (models/families) claims model_type "
                             f"{model_type!r}; --backend hf trains it with transformers' code")
     return "hf", (f"no family in models/families claims model_type {model_type!r}: "
                   "transformers' own model trains it")
+
+
+def _holds_checkpoint(place: str) -> bool:
+    """Whether ``place`` holds a checkpoint of ours (a damaged one too: its loader says
+    what is wrong with it)."""
+    try:
+        return checkpoint_directory(place) is not None
+    except CheckpointError:
+        return True
 
 
 def _plan_hf(config: TrainConfig, steps: list[str], world_size: int,
