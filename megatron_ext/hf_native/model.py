@@ -179,19 +179,18 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def parallelize(model: nn.Module, mesh, *, recompute: bool = False,
                 compile: Optional[str] = None, bf16: bool = False) -> nn.Module:
-    """FSDP2 over ``mesh``'s ``dp`` dimension: each decoder layer, then the root; the
-    gradients are summed over the ranks, not averaged (the loss is already the global
-    batch's mean). ``recompute``: non-reentrant activation checkpointing per layer;
-    ``compile``: torch.compile per layer with that backend, after sharding (the state dict's names stay
+    """FSDP2 over ``mesh``'s ``dp`` dimension: each decoder layer, then the root (unless
+    transformers sharded the model already, with its ``tp_plan``); the gradients are summed
+    over the ranks, not averaged (the loss is already the global batch's mean).
+    ``recompute``: non-reentrant activation checkpointing per layer; ``compile``:
+    torch.compile per layer with that backend, after sharding (the state dict's names stay
     transformers'); ``bf16``: bf16 compute with fp32 parameters and reductions."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if recompute:  # transformers' own: the layers keep their names
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if bf16 else MixedPrecisionPolicy())
-    from torch.distributed.fsdp import FSDPModule
-
     layers = decoder_layers(model)
     sharded = [module for module in model.modules() if isinstance(module, FSDPModule)]
     if not sharded and getattr(model, "_device_mesh", None) is None:  # (else: transformers')

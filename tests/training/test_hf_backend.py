@@ -32,7 +32,8 @@ VARIANTS = {"recompute": ("--recompute_granularity", "full"),
             "compiled": ("--compile", "--compile_backend", "aot_eager"),
             "bf16": ("--bf16",)}
 # adapter runs: a constant learning rate, so that the reference loop needs no schedule
-PEFT = ("--backend", "hf", "--peft_dim", "8", "--lr_warmup_iters", "0", "--lr_decay_style", "constant")
+PEFT = ("--backend", "hf", "--peft_dim", "8", "--lr_warmup_iters", "0", "--lr_decay_style",
+        "constant")
 
 
 def hf_args(data: dict, model: Path, save: Path, *flags: str) -> list[str]:
