@@ -188,7 +188,7 @@ def _export_hf_backend(config: ExportConfig, directory: str, tokenizer_files: bo
                  "pad_token_id": tokenizer.pad_id, "use_cache": True}
     hf_config.pop("torch_dtype", None)
     weights = (consolidated_weights(directory) if "base" not in run_config else
-               adapted_model(directory, run_config).merge_and_unload().state_dict())
+               trained_model(directory, run_config).state_dict())
     if hf_config.get("tie_word_embeddings") and "lm_head.weight" in weights:
         del weights["lm_head.weight"]  # transformers ties it to the input embeddings
     rows = next(t.shape[0] for n, t in weights.items() if n.endswith("embed_tokens.weight"))
@@ -235,6 +235,27 @@ def adapted_model(directory: str, run_config: dict):
                               f"{run_config['base']['load']} ({len(unexpected)} unexpected, "
                               f"{sum('lora_' in n for n in missing)} missing)")
     return model
+
+
+def trained_model(directory: str, run_config: dict):
+    """The transformers model a checkpoint of the hf backend holds, in fp32 on the CPU:
+    its base model built from the recorded config with the saved weights, or (adapters)
+    the base with the trained adapters folded in."""
+    if "base" in run_config:
+        return adapted_model(directory, run_config).merge_and_unload()
+    from megatron_ext.hf_native.model import build_empty_model, materialize
+
+    model = build_empty_model(run_config["hf_model"]["config"], torch.float32,
+                              (run_config.get("backend") or {}).get("trust_remote_code", False))
+    materialize(model, torch.device("cpu"))
+    weights = consolidated_weights(directory)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [name for name in missing if not (tied and name == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: its weights do not fit its model "
+                              f"({len(missing)} missing, {len(unexpected)} unexpected)")
+    return model.eval()
 
 
 def export_hf_backend_adapter(config: ExportConfig) -> str:

@@ -21,6 +21,7 @@ from megatron_ext.checkpointing import (
     read_run_config,
 )
 from megatron_ext.checkpointing.adapters import adapter_run_config, base_of
+from megatron_ext.checkpointing.dcp import hf_backend_checkpoint
 from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
 from megatron_ext.checkpointing.vocab import padded_vocab_for
 from megatron_ext.errors import ConfigError
@@ -54,6 +55,11 @@ def load_for_inference(load: str, tp: int = 1, pp: int = 1, seed: int = 1234,
     """
     if not os.path.isdir(load):
         raise ConfigError(f"--load {load} does not exist")
+    native = hf_backend_checkpoint(load)
+    if native is not None:  # the Hugging Face backend's: transformers' model
+        from megatron_ext.inference.hf_model import load_hf_backend
+
+        return load_hf_backend(native, tp, pp, seed, vocab_file, bf16)
     run_config = adapter_run_config(load)
     weights = load  # where the (base) weights are
     if run_config is not None:  # LoRA/DoRA adapters: their recorded base, checked

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from megatron_ext.errors import ConfigError
+from tests.conftest import SAMPLE
 from tests.runs import (
     CHATML,
     start_runs,
@@ -113,6 +114,17 @@ def resumed(hf_runs, imported_train_data, hf_tiny_llama) -> dict:
                       "--out", str(hf_runs / f"export-{name}")) for name in ("hf", "megatron")]
     jobs.append(tool_job("export-lora", "megatron_to_hf.py", "--load", str(hf_runs / "lora"),
                          "--out", str(hf_runs / "export-lora"), "--adapter_only"))
+    # generation and evaluation on both backends' checkpoints (the same training)
+    records = hf_runs / "records.jsonl"
+    records.write_text("\n".join((SAMPLE / "test.jsonl").read_text(
+        encoding="utf-8").splitlines()[:6]) + "\n", encoding="utf-8")
+    for name in ("hf", "megatron", "lora"):
+        jobs.append(tool_job(f"generate-{name}", "generate.py", "--load", str(hf_runs / name),
+                             "--prompt", "What is 2+2?", "--prompt", "Name a colour.",
+                             "--max_new_tokens", "8"))
+    jobs += [tool_job(f"evaluate-{name}", "evaluate.py", "--load", str(hf_runs / name),
+                      "--input", str(records), "--max_new_tokens", "4", "--summary_json",
+                      str(hf_runs / f"evaluate-{name}.json")) for name in ("hf", "megatron")]
     results = start_runs(1, jobs, hf_runs / "later").wait()
     for name, result in results.items():
         assert result.returncode == 0, (name, result.log[-3000:])
@@ -267,6 +279,24 @@ def test_hf_backend_adapters_equal_peft_own_loop(hf_runs, resumed, imported_trai
     with torch.no_grad():
         ours, theirs = exported(tokens).logits, model(tokens).logits
     assert (ours - theirs).abs().max() < 1e-5 * max(1.0, theirs.abs().max().item())
+
+
+@pytest.mark.slow
+def test_generate_and_evaluate_take_hf_backend_checkpoints(hf_runs, resumed):
+    """tools/generate.py and tools/evaluate.py on the hf run's checkpoint (transformers'
+    model and KV cache) answer as on the megatron run's (the same training): the same
+    greedy tokens, the same answer loss; an adapter checkpoint generates with its
+    adapters."""
+    def generated(name: str) -> list[list[int]]:
+        return [json.loads(line)["generated_ids"]
+                for line in resumed[f"generate-{name}"].stdout.splitlines()]
+
+    assert generated("hf") == generated("megatron") and len(generated("hf")[0]) == 8
+    assert generated("lora") != generated("hf")
+    ours, theirs = (json.loads((hf_runs / f"evaluate-{name}.json").read_text())
+                    for name in ("hf", "megatron"))
+    assert ours["answer_loss"] == pytest.approx(theirs["answer_loss"], rel=1e-5)
+    assert ours["records"] == theirs["records"] == 6
 
 
 # ------------------------------------------------------------ in-process: the plan
