@@ -227,7 +227,7 @@ def _plan_hf(config: TrainConfig, steps: list[str], world_size: int,
     elif c.imports_model:
         source, hf_config = c.load, model_config(c.load)
         if not config.tokenizer.vocab_file:
-            config = dataclasses.replace(config, tokenizer=_model_dir_tokenizer(
+            config = dataclasses.replace(config, tokenizer=model_dir_tokenizer(
                 config.tokenizer, c.load))
     else:
         raise ConfigError(f"--backend hf: --load {c.load} is neither a Hugging Face model "
@@ -249,7 +249,7 @@ def _plan_hf(config: TrainConfig, steps: list[str], world_size: int,
                    steps=tuple(steps), backend="hf", hf_model=source, hf_config=hf_config)
 
 
-def _model_dir_tokenizer(tokenizer: TokenizerArgs, load: str) -> TokenizerArgs:
+def model_dir_tokenizer(tokenizer: TokenizerArgs, load: str) -> TokenizerArgs:
     """The tokenizer of the Hugging Face model ``load`` as an import takes it: its own ids
     (none of Megatron-LLM's additions) and the flags' extra tokens."""
     from megatron_ext.checkpointing.hf_import import tokenizer_source
