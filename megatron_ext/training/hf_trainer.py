@@ -170,12 +170,20 @@ class HFTrainer(Trainer):
         self.scheduler = self._scheduler()
 
     def _model_line(self) -> str:
-        module = self.model.module
+        from megatron_ext.hf_native.model import decoder_layers
+
+        c, module = self.config, self.model.module
         params = sum(p.numel() for p in module.parameters())
-        return ("model %s (Hugging Face backend, %s): vocab %d (%d rows); %.2fM parameters "
-                "(FSDP2 over %d data-parallel ranks)" % (
-                    module.config.model_type, type(module).__name__, self.tokenizer.vocab_size,
-                    self.padded_vocab, params / 1e6, self.layout.dp))
+        layers = [f"{len(decoder_layers(module))} decoder layers"]
+        if c.precision.recompute_granularity == "full":
+            layers.append("recomputed")
+        if c.backend.compile:
+            layers.append(f"compiled ({c.backend.compile_backend})")
+        return ("model %s (Hugging Face backend, %s): %s; vocab %d (%d rows); %.2fM "
+                "parameters (FSDP2 over %d data-parallel ranks)" % (
+                    module.config.model_type, type(module).__name__, ", ".join(layers),
+                    self.tokenizer.vocab_size, self.padded_vocab, params / 1e6,
+                    self.layout.dp))
 
     def _run(self, gb: GlobalBatch, forward_only: bool):
         device = self.layout.device

@@ -2,7 +2,7 @@
 by ``--backend auto``: each trains, resumes (``--auto_resume``) on its straight curve, and
 exports a model that transformers loads with our validation loss.
 
-Cost: one one-process batch, started early: per architecture a straight run (3 steps,
+Cost: one one-process batch, started early: per architecture a straight run (2 steps,
 a checkpoint each), its copy rewound to step 1 and resumed, and the export."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tests.training.hf_models import ARCHITECTURES, make_tiny_model
 from tests.training.test_hf_backend import hf_args
 
 pytestmark = pytest.mark.slow
-ITERS = 3
+ITERS = 2
 
 
 def rewind(run: str, copy: str, iteration: str) -> None:
