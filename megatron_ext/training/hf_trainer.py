@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_ext.checkpointing import Progress
-from megatron_ext.checkpointing.dcp import load_dcp, save_dcp
+from megatron_ext.checkpointing.dcp import hf_backend_checkpoint, load_dcp, save_dcp
 from megatron_ext.training.data import GlobalBatch
 from megatron_ext.training.step import loss_func
 from megatron_ext.training.trainer import Trainer
@@ -216,9 +216,21 @@ class HFTrainer(Trainer):
     def _load(self) -> None:
         """A resume: weights, optimizer state, schedule and progress from the checkpoint
         (a fresh run's weights came with the model)."""
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            set_model_state_dict,
+            set_state_dict,
+        )
 
         if self.plan.resumed_from is None:
+            if self.plan.peft is None and hf_backend_checkpoint(self.plan.load):
+                # --finetune from a checkpoint of this backend: its weights, nothing else
+                module = self.model.module
+                state = {"model": get_model_state_dict(module)}
+                directory, _, _ = load_dcp(self.plan.load, state)
+                set_model_state_dict(module, state["model"])
+                if self.layout.is_logger:
+                    logger.info("loaded weights from %s", directory)
             return
         state = self._state()
         directory, progress, common = load_dcp(self.plan.resumed_from, state)

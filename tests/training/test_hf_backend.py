@@ -110,6 +110,11 @@ def resumed(hf_runs, imported_train_data, hf_tiny_llama) -> dict:
     shutil.copytree(hf_runs / "tp2dp2-stop", run)
     jobs = [{"name": "resume", "argv": hf_args(imported_train_data, hf_tiny_llama, run,
                                                "--auto_resume")}]
+    # --finetune from the hf run's checkpoint: one step at the warm-up's rate 0
+    jobs.append({"name": "finetune", "argv": hf_args(
+        imported_train_data, hf_runs / "hf", hf_runs / "finetuned", "--finetune",
+        "--train_iters", "1", "--vocab_file", imported_train_data["vocab_file"],
+        *imported_train_data["tokenizer_flags"])})
     jobs += [tool_job(f"export-{name}", "megatron_to_hf.py", "--load", str(hf_runs / name),
                       "--out", str(hf_runs / f"export-{name}")) for name in ("hf", "megatron")]
     jobs.append(tool_job("export-lora", "megatron_to_hf.py", "--load", str(hf_runs / "lora"),
@@ -163,6 +168,17 @@ def test_tp2_dp2_checkpoint_resumes_at_tp1_dp1_on_the_straight_curve(hf_runs, re
     log = resumed["resume"].log
     assert "backend hf: --save" in log and "holds a checkpoint of the hf backend" in log
     assert_same_curve(train_metrics(hf_runs / "resumed"), train_metrics(hf_runs / "hf"))
+
+
+@pytest.mark.slow
+def test_finetune_from_an_hf_checkpoint_takes_its_weights(hf_runs, resumed):
+    """``--finetune --load`` a checkpoint of the hf backend: its weights (the first step's
+    rate is 0, so the validation loss is the checkpoint's own), a fresh run."""
+    assert "loaded weights from" in resumed["finetune"].log
+    finetuned = train_metrics(hf_runs / "finetuned", "valid")[-1]["loss"]
+    assert finetuned == pytest.approx(train_metrics(hf_runs / "hf", "valid")[-1]["loss"],
+                                      rel=1e-6)
+    assert [r["iteration"] for r in train_metrics(hf_runs / "finetuned")] == [1]
 
 
 @pytest.mark.slow
