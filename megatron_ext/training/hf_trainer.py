@@ -17,6 +17,7 @@ all-ones mask, or a cache, would make them attend to each other without a word).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -138,7 +139,8 @@ class HFTrainer(Trainer):
         c, plan, layout = self.config, self.plan, self.layout
         dtype = torch.float32  # parameters; --bf16 computes in bf16 (FSDP2's policy)
         attention = None
-        if c.precision.use_flash_attn and layout.device.type == "cuda":
+        if (c.precision.use_flash_attn and layout.device.type == "cuda"
+                and importlib.util.find_spec("flash_attn") is not None):
             attention = "flash_attention_2"  # its varlen path isolates packed documents
         empty = plan.resumed_from is not None and plan.peft is None and layout.tp == 1
         if not empty:
