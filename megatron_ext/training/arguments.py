@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from megatron_ext.cli import FLAG, ConfigParser, build_config
 from megatron_ext.tokenizers import SENTENCEPIECE, TokenizerArgs
 from megatron_ext.training.config import (
+    BackendArgs,
     CheckpointArgs,
     DataArgs,
     ModelArgs,
@@ -61,6 +62,7 @@ SECTIONS = (
     (ScheduleArgs, "batches, schedule, logging and evaluation"),
     (CheckpointArgs, "checkpoints"),
     (PeftArgs, "parameter-efficient finetuning (LoRA, DoRA)"),
+    (BackendArgs, "training backend"),
 )
 
 
