@@ -25,12 +25,13 @@ def main(argv=None) -> int:
     import torch
 
     from megatron_ext.parallel import shutdown
+    from megatron_ext.training.backends import make_trainer
     from megatron_ext.training.plan import resolve
-    from megatron_ext.training.trainer import Trainer
 
     try:
-        # what to load, from where, with which model and adapters: settled once, then trained
-        Trainer(resolve(config, cuda=torch.cuda.is_available())).train()
+        # what to load, from where, with which backend, model and adapters: settled once,
+        # then trained
+        make_trainer(resolve(config, cuda=torch.cuda.is_available())).train()
     finally:
         shutdown()
     return 0

@@ -30,6 +30,7 @@ ROOMS: dict[str, tuple[int, str]] = {
     "megatron_ext.parallel": (3, "parallel"),
     "megatron_ext.models": (4, "models"),
     "megatron_ext.peft": (5, "peft"),
+    "megatron_ext.hf_native": (5, "hf_native"),
     "megatron_ext.checkpointing": (6, "checkpointing"),
     "megatron_ext.training": (7, "training"),
     "megatron_ext.inference": (7, "inference"),

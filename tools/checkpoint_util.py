@@ -53,11 +53,19 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     config = build_config(ReshardConfig, args)
     setup_logging()
+    from megatron_ext.checkpointing.dcp import describe, hf_backend_checkpoint
     from megatron_ext.checkpointing.reshard import merge, split
+    from megatron_ext.errors import CheckpointError
+
+    native = hf_backend_checkpoint(config.load)
+    if native is not None:
+        raise CheckpointError(
+            f"{describe(native)}; it needs no {args.command}: it reshards itself when a run "
+            "resumes it at any data-parallel size, and tools/megatron_to_hf.py exports it "
+            "(--adapter_only: its adapters)")
 
     if args.command == "merge_lora":
         from megatron_ext.checkpointing.adapters import adapter_run_config
-        from megatron_ext.errors import CheckpointError
 
         if adapter_run_config(config.load) is None:
             raise CheckpointError(f"merge_lora: {config.load} is not an adapter checkpoint (the "

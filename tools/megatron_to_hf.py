@@ -41,6 +41,15 @@ def build_parser() -> ConfigParser:
 def main(argv=None) -> int:
     config = build_config(ExportConfig, build_parser().parse_args(argv))
     setup_logging()
+    from megatron_ext.checkpointing.dcp import hf_backend_checkpoint
+
+    if config.adapter_only and hf_backend_checkpoint(config.load):
+        from megatron_ext.checkpointing.hf_export import export_hf_backend_adapter
+
+        directory = export_hf_backend_adapter(config)
+        print(f"exported the adapters of {directory} (hf backend) -> {config.out} (peft's "
+              "own layout: PeftModel.from_pretrained(base, out))")
+        return 0
     if config.adapter_only:
         from megatron_ext.checkpointing.hf_peft import export_adapter
 
@@ -52,14 +61,15 @@ def main(argv=None) -> int:
               f"\n  load with:\n" + "".join(f"    {line}\n" for line in s.load_lines())
               + f"  took {s.seconds:.1f} s")
         return 0
-    from megatron_ext.checkpointing.hf_export import export_hf
+    from megatron_ext.checkpointing.hf_export import HF_BACKEND, export_hf
 
     summary = export_hf(config)
     print(f"exported {config.load} ({summary.source}, iteration {summary.iteration}) -> "
           f"{summary.out}\n"
           f"  {summary.layers} layers, {summary.dtype}, "
           f"{summary.bytes / 2**20:.1f} MiB; vocabulary {summary.vocab_size} "
-          f"(padding to {summary.padded_rows} removed)\n"
+          + (f"({summary.padded_rows} embedding rows kept)\n" if summary.source == HF_BACKEND
+             else f"(padding to {summary.padded_rows} removed)\n") +
           f"  chat template: {summary.chat_format}; generation stops at token ids "
           f"{summary.eos_ids}\n"
           f"  took {summary.seconds:.1f} s")

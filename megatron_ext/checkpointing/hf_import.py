@@ -108,21 +108,30 @@ def open_model_source(model_path: str) -> Iterator[ModelSource]:
 
 
 def _tokenizer_source(config: ImportConfig, source: ModelSource) -> tuple[str, str]:
-    if config.vocab_file:
-        kind = config.tokenizer_type or (
-            SENTENCEPIECE if config.vocab_file.endswith(".model") else HUGGINGFACE)
-        return kind, config.vocab_file
-    model_dir = source.tokenizer_dir()
-    sp_file = os.path.join(model_dir, SENTENCEPIECE_FILE)
-    json_file = os.path.join(model_dir, TOKENIZER_JSON)
-    if config.tokenizer_type:
-        wanted = TokenizerConfig(config.tokenizer_type, "").tokenizer_type
-        return wanted, sp_file if wanted == SENTENCEPIECE else model_dir
+    return tokenizer_source(config.vocab_file, config.tokenizer_type, source.tokenizer_dir,
+                            config.model_path)
+
+
+def tokenizer_source(vocab_file: Optional[str], tokenizer_type: Optional[str],
+                     model_dir: Callable[[], str], model_path: str) -> tuple[str, str]:
+    """(tokenizer type, file) of a model: ``vocab_file`` when given, else the model's own
+    (``model_dir()``: its folder of tokenizer files), tokenizer.model before
+    tokenizer.json."""
+    if vocab_file:
+        kind = tokenizer_type or (
+            SENTENCEPIECE if vocab_file.endswith(".model") else HUGGINGFACE)
+        return kind, vocab_file
+    folder = model_dir()
+    sp_file = os.path.join(folder, SENTENCEPIECE_FILE)
+    json_file = os.path.join(folder, TOKENIZER_JSON)
+    if tokenizer_type:
+        wanted = TokenizerConfig(tokenizer_type, "").tokenizer_type
+        return wanted, sp_file if wanted == SENTENCEPIECE else folder
     if os.path.exists(sp_file):
         return SENTENCEPIECE, sp_file
     if os.path.exists(json_file):
-        return HUGGINGFACE, model_dir
-    raise TokenizerError(f"{config.model_path} has no tokenizer.model or tokenizer.json: pass "
+        return HUGGINGFACE, folder
+    raise TokenizerError(f"{model_path} has no tokenizer.model or tokenizer.json: pass "
                          "the tokenizer with --vocab_file")
 
 

@@ -22,6 +22,7 @@ from megatron_ext.tokenizers import (
     InstructTokenizer,
     TokenizerArgs,
     TokenizerConfig,
+    tokenizer_type_of_file,
 )
 
 RUN_CONFIG = "run_config.json"
@@ -57,7 +58,11 @@ def tokenizer_config_from_run(load: str, run_config: dict,
         beside = os.path.join(load, path)
         if os.path.exists(beside):
             path = beside
-    return TokenizerArgs(tokenizer_type=tok.get("tokenizer_type") or SENTENCEPIECE,
+    # a tokenizer given here may be of another type than the recorded one (Megatron-LLM's
+    # legacy files record SentencePiece whatever the model's tokenizer is)
+    kind = ((tokenizer_type_of_file(vocab_file) if vocab_file else None)
+            or tok.get("tokenizer_type") or tokenizer_type_of_file(path) or SENTENCEPIECE)
+    return TokenizerArgs(tokenizer_type=kind,
                          vocab_file=path, vocab_extra_ids_list=tok.get("vocab_extra_ids_list"),
                          new_tokens=tok.get("new_tokens", True),
                          megatron_llm_specials=tok.get("megatron_llm_specials", True)).config()

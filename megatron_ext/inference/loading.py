@@ -21,6 +21,7 @@ from megatron_ext.checkpointing import (
     read_run_config,
 )
 from megatron_ext.checkpointing.adapters import adapter_run_config, base_of
+from megatron_ext.checkpointing.dcp import hf_backend_checkpoint
 from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
 from megatron_ext.checkpointing.vocab import padded_vocab_for
 from megatron_ext.errors import ConfigError
@@ -56,6 +57,9 @@ def load_for_inference(load: str, tp: int = 1, pp: int = 1, seed: int = 1234,
     """
     if not os.path.isdir(load):
         raise ConfigError(f"--load {load} does not exist")
+    native = hf_backend_checkpoint(load)
+    if native is not None:  # the Hugging Face backend's: transformers' model
+        return _load_hf_backend(native, tp, pp, seed, vocab_file, bf16)
     run_config = adapter_run_config(load)
     weights = load  # where the (base) weights are
     if run_config is not None:  # LoRA/DoRA adapters: their recorded base, checked
@@ -85,6 +89,31 @@ def load_for_inference(load: str, tp: int = 1, pp: int = 1, seed: int = 1234,
         _load_with_adapters(model, layout, weights, load, run_config["peft"], seed)
     model.eval()
     return LoadedModel(model, model_args, tokenizer, run_config, layout, padded)
+
+
+def _load_hf_backend(directory: str, tp: int, pp: int, seed: int,
+                    vocab_file: Optional[str], bf16: bool):
+    """The :class:`LoadedModel` of the checkpoint of the hf backend in ``directory``:
+    transformers' model behind megatron-core's call (one process: its model is whole)."""
+    from megatron_ext.checkpointing.hf_export import trained_model
+    from megatron_ext.checkpointing.run_config import load_run_config
+    from megatron_ext.inference.hf_model import HFCausalLM
+
+    if tp != 1 or pp != 1:
+        raise ConfigError(f"{directory} is a checkpoint of the Hugging Face backend: it "
+                          "generates in one process (--tensor_model_parallel_size 1)")
+    run_config = load_run_config(directory)
+    layout = init_distributed(1, 1, seed)
+    tokenizer = build_tokenizer(tokenizer_config_from_run(directory, run_config, vocab_file))
+    model = trained_model(directory, run_config)
+    if bf16:
+        model = model.to(torch.bfloat16)
+    model.to(layout.device)
+    config = model.config.get_text_config()
+    args = ModelArgs(max_position_embeddings=getattr(config, "max_position_embeddings", None)
+                     or 1 << 20).resolved()
+    rows = model.get_input_embeddings().weight.shape[0]
+    return LoadedModel(HFCausalLM(model).eval(), args, tokenizer, run_config, layout, rows)
 
 
 def _load_with_adapters(model, layout: Layout, base: str, adapters: str, settings: dict,

@@ -47,8 +47,9 @@ class BaseModel:
     source: str  # what --load of finetune.py gets: a model directory, a .gguf file, a checkpoint
     imported: Optional[str]  # the import in the cache (Hugging Face / GGUF sources)
     tokenizer: Optional[TokenizerConfig]  # None: the import's own, planned
-    model: dict  # the model's arguments (run config "model")
+    model: dict  # the model's arguments (run config "model"; {} for the hf backend)
     extra_ids: Optional[str] = None  # the tokens the import added (its --vocab_extra_ids_list)
+    backend: str = "megatron"  # hf: no family claims the model; trained as it is, unimported
 
 
 def import_cache_dir(experiments_dir: str) -> str:
@@ -78,6 +79,30 @@ def resolve_hf_model_id(model_id: str) -> str:
             f"hf download {model_id}) or pass its directory") from None
 
 
+def hf_backend_model(source: str) -> Optional[str]:
+    """The ``model_type`` of a Hugging Face directory that no family claims (the trainer's
+    ``--backend auto`` trains it on the hf backend, without importing it); else None."""
+    from megatron_ext.models.families import family_for_hf_config
+    from megatron_ext.models.import_sources import HF_DIRECTORY, read_hf_config
+
+    if import_source_kind(source) != HF_DIRECTORY:
+        return None
+    hf_config = read_hf_config(source)
+    model_type = hf_config.get("model_type")
+    return model_type if model_type and family_for_hf_config(hf_config) is None else None
+
+
+def _hf_backend_base(source: str, extra_ids: Optional[str]) -> BaseModel:
+    from megatron_ext.tokenizers import TokenizerArgs
+    from megatron_ext.training.plan import model_dir_tokenizer
+
+    tokenizer = model_dir_tokenizer(TokenizerArgs(tokenizer_type=None,
+                                                  vocab_extra_ids_list=extra_ids), source)
+    logger.info("%s: no family claims model_type %r: trained as it is on the hf backend "
+                "(nothing imported)", source, hf_backend_model(source))
+    return BaseModel(source, None, tokenizer.config(), {}, extra_ids, backend="hf")
+
+
 def planned_base(hf_model_id: Optional[str], load: Optional[str]) -> BaseModel:
     """The base model as the training will see it, from its config alone: a Hugging Face
     ``config.json``, a GGUF file's metadata, or the run config of a checkpoint of ours (no
@@ -91,6 +116,8 @@ def planned_base(hf_model_id: Optional[str], load: Optional[str]) -> BaseModel:
         from megatron_ext.models.import_sources import GGUF_FILE, read_hf_config
 
         source = resolve_hf_model_id(hf_model_id)
+        if hf_backend_model(source):
+            return _hf_backend_base(source, None)
         if import_source_kind(source) == GGUF_FILE:
             from megatron_ext.models.gguf_checkpoint import GGUFModel
 
@@ -132,6 +159,8 @@ def prepare_base(config: "SFTConfig") -> BaseModel:
     if config.hf_model_id is not None:
         source = resolve_hf_model_id(config.hf_model_id)
         extra_ids = tokens_to_add(source, config.vocab_extra_ids_list, config.chat_format)
+        if hf_backend_model(source):
+            return _hf_backend_base(source, extra_ids)
         cached = ensure_imported(source, import_cache_dir(config.experiments_dir),
                                  ImportOptions(extra_ids), announce=True,
                                  progress=config.progress)

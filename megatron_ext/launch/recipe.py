@@ -26,7 +26,12 @@ from typing import Optional
 
 from megatron_ext.data.records import RecordKeys
 from megatron_ext.errors import ConfigError, UserError
-from megatron_ext.launch.base_model import BaseModel, import_cache_dir, planned_base
+from megatron_ext.launch.base_model import (
+    BaseModel,
+    hf_backend_model,
+    import_cache_dir,
+    planned_base,
+)
 from megatron_ext.launch.dataset import count_lines, find_splits, record_keys
 from megatron_ext.launch.executors.base import ENDED, TRAINED, Launch, get_executor
 from megatron_ext.launch.experiment import Experiment, move_aside, open_experiment, steps_for
@@ -36,6 +41,7 @@ from megatron_ext.peft.config import PeftArgs
 from megatron_ext.tokenizers import TokenizerArgs
 from megatron_ext.training.arguments import build_parser as build_trainer_parser
 from megatron_ext.training.config import (
+    BackendArgs,
     CheckpointArgs,
     DataArgs,
     ModelArgs,
@@ -71,6 +77,12 @@ def _tokenizer_args(config: SFTConfig, base) -> TokenizerArgs:
                          megatron_llm_specials=t.megatron_llm_specials)
 
 
+def _on_hf_backend(base) -> bool:
+    """Whether the base model trains on the hf backend (a model no family claims); any
+    base-like object without the field is megatron's."""
+    return getattr(base, "backend", "megatron") == "hf"
+
+
 def trainer_config(config: SFTConfig, exp: Experiment, base) -> TrainConfig:
     """finetune.py's configuration for this launch: from the base model, or from the
     experiment's latest checkpoint when there is one (``--auto_resume``; LoRA/DoRA runs
@@ -78,6 +90,7 @@ def trainer_config(config: SFTConfig, exp: Experiment, base) -> TrainConfig:
     launch, a requeued Slurm job included."""
     prefixes = exp.prefixes
     imported = base.imported is not None
+    native = _on_hf_backend(base)  # (--backend auto chooses it from the model again)
     return TrainConfig(
         model=ModelArgs(seq_length=config.seq_length),
         parallel=config.parallel,
@@ -98,8 +111,9 @@ def trainer_config(config: SFTConfig, exp: Experiment, base) -> TrainConfig:
             wandb_project=config.wandb_project,
             wandb_exp_name=config.experiment if config.wandb_project else None),
         checkpoint=CheckpointArgs(
-            save=exp.checkpoints, load=base.source, finetune=not imported, auto_resume=True,
-            use_checkpoint_args=True, tensorboard_dir=exp.path("tensorboard"),
+            save=exp.checkpoints, load=base.source, finetune=not imported and not native,
+            auto_resume=True, use_checkpoint_args=not native,
+            tensorboard_dir=exp.path("tensorboard"),
             # an imported base model: the trainer reuses the launcher's import
             import_cache_dir=import_cache_dir(config.experiments_dir) if imported else None),
         peft=(dataclasses.replace(config.peft, peft_target_modules=config.peft.target_names())
@@ -235,7 +249,7 @@ def packed_rows(prefix: str, seq_length: int) -> int:
 def _evaluation(config: SFTConfig, base, chat_format: Optional[str]) -> tuple[str, ...]:
     """The pretrained base model and chat format for the baseline evaluation (evaluate.py's
     flags; the finetuned checkpoint records its chat format itself)."""
-    if not config.baseline:
+    if not config.baseline or _on_hf_backend(base):  # (the base is no checkpoint of ours)
         return ()
     flags = ("--load", base.imported or base.source)
     if chat_format:
@@ -261,6 +275,17 @@ def check_model_fits(config: SFTConfig, exp: Experiment, base: BaseModel) -> Non
     over TP, layers over PP, hidden size over the heads, ...)."""
     from megatron_ext.training.plan import with_saved_model
 
+    if _on_hf_backend(base):
+        if config.export_gguf:
+            raise ConfigError(f"--export_gguf: {base.source} trains on the hf backend (no "
+                              "family claims it), whose models export to Hugging Face only; "
+                              "convert that export with llama.cpp's convert_hf_to_gguf.py")
+        trainer = trainer_config(config, dataclasses.replace(
+            exp, prefixes=exp.prefixes or {"training": "<tokenized>/training"},
+            train_iters=exp.train_iters or 1), base)
+        dataclasses.replace(trainer, backend=BackendArgs(backend="hf")).validate(
+            config.world_size, model_shape=False)
+        return
     planned = dataclasses.replace(  # the data and the steps are settled later
         exp, prefixes=exp.prefixes or {"training": "<tokenized>/training"},
         train_iters=exp.train_iters or 1)
@@ -295,6 +320,10 @@ def _dry_run(config: SFTConfig, exp: Experiment, source, planned: BaseModel,
              keys: RecordKeys) -> Outcome:
     notes = [f"splits: {', '.join(f'{k} {v}' for k, v in source.paths.items())}",
              *source.notes]
+    if _on_hf_backend(planned):
+        notes.append(f"backend: hf (no family claims model_type "
+                     f"{hf_backend_model(planned.source)!r}: transformers' own model, not "
+                     "imported; no baseline evaluation)")
     if exp.train_iters is None:
         if config.max_steps:
             exp.train_iters = config.max_steps

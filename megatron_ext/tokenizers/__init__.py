@@ -27,6 +27,7 @@ from megatron_ext.tokenizers.base import (
     megatron_llm_specials_hint,
     parse_extra_ids,
     read_tokenizer_config,
+    tokenizer_type_of_file,
 )
 
 __all__ = [
@@ -34,5 +35,5 @@ __all__ = [
     "TOKENIZER_CONFIG", "TOKENIZER_JSON", "read_tokenizer_config",
     "HUGGINGFACE", "SENTENCEPIECE", "TOKENIZER_TYPES", "HFTokenizer", "InstructTokenizer",
     "SentencePieceTokenizer", "TokenizerArgs", "TokenizerConfig", "build_tokenizer", "canonical_tokenizer_type",
-    "file_sha256", "megatron_llm_specials_hint", "parse_extra_ids",
+    "file_sha256", "megatron_llm_specials_hint", "parse_extra_ids", "tokenizer_type_of_file",
 ]

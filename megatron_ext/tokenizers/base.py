@@ -78,6 +78,22 @@ def canonical_tokenizer_type(name: str) -> str:
     return _TYPE_ALIASES[key]
 
 
+def tokenizer_type_of_file(path: str) -> Optional[str]:
+    """The tokenizer type a file or directory unambiguously holds (a ``.json`` file or a
+    directory with only ``tokenizer.json``: Hugging Face's; a ``.model`` file or a directory
+    with only ``tokenizer.model``: SentencePiece), else None (a directory with both, as a
+    Llama 2 model has, or with neither)."""
+    if os.path.isdir(path):
+        found = {name: os.path.exists(os.path.join(path, name))
+                 for name in ("tokenizer.json", "tokenizer.model")}
+        if found["tokenizer.json"] != found["tokenizer.model"]:
+            return HUGGINGFACE if found["tokenizer.json"] else SENTENCEPIECE
+        return None
+    if path.endswith(".json"):
+        return HUGGINGFACE
+    return SENTENCEPIECE if path.endswith(".model") else None
+
+
 @dataclass(frozen=True)
 class TokenizerConfig:
     """Everything needed to rebuild the same tokenizer in another process."""

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from megatron_ext.cli import FLAG, ConfigParser, build_config
 from megatron_ext.tokenizers import SENTENCEPIECE, TokenizerArgs
 from megatron_ext.training.config import (
+    BackendArgs,
     CheckpointArgs,
     DataArgs,
     ModelArgs,
@@ -63,6 +64,7 @@ SECTIONS = (
     (CheckpointArgs, "checkpoints"),
     (PeftArgs, "parameter-efficient finetuning (LoRA, DoRA)"),
     (MoEArgs, "mixture of experts (with --num_experts)"),
+    (BackendArgs, "training backend"),
 )
 
 

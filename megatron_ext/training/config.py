@@ -149,6 +149,27 @@ class CheckpointArgs:
         return self.use_checkpoint_args or self.imports_model
 
 
+BACKENDS = ("auto", "megatron", "hf")
+
+
+@dataclass(frozen=True)
+class BackendArgs:
+    backend: str = option(
+        "auto", "what trains the model: 'megatron' (megatron-core, a family of "
+                "models/families; TP/PP/CP/EP), 'hf' (the Hugging Face model itself, any "
+                "AutoModelForCausalLM of --load: FSDP2 data parallelism, its tp_plan), or "
+                "'auto': megatron when a family claims --load's model, else hf",
+        choices=BACKENDS)
+    trust_remote_code: bool = option(
+        False, "--backend hf: run the Python code a model directory ships (auto_map in its "
+               "config.json); without it such a model is refused")
+    compile: bool = option(False, "--backend hf: torch.compile each decoder layer (after "
+                                  "sharding; the checkpoint's names are unchanged)")
+    compile_backend: str = option("inductor", "--compile: torch.compile's backend (inductor "
+                                              "needs a C++ compiler on CPU; aot_eager "
+                                              "compiles nothing, for checks)")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelArgs = field(default_factory=ModelArgs)
@@ -161,12 +182,19 @@ class TrainConfig:
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     peft: PeftArgs = field(default_factory=PeftArgs)
     moe: MoEArgs = field(default_factory=MoEArgs)
+    backend: BackendArgs = field(default_factory=BackendArgs)
+
+    @property
+    def hf_backend(self) -> bool:
+        """The Hugging Face backend trains (``--backend hf``, or ``auto`` resolved to it by
+        the run plan)."""
+        return self.backend.backend == "hf"
 
     @property
     def shape_from_load(self) -> bool:
         """The model's shape is read from --load (a checkpoint, a model to import, or the
         base model of adapters), not from the model flags."""
-        return self.checkpoint.shape_from_load or self.peft.enabled
+        return self.checkpoint.shape_from_load or self.peft.enabled or self.hf_backend
 
     def validate(self, world_size: int, cuda: Optional[bool] = None, *,
                  model_shape: bool = True) -> None:
@@ -246,11 +274,43 @@ class TrainConfig:
         if s.wandb_project and not (self.checkpoint.save or self.checkpoint.tensorboard_dir):
             problems.append("--wandb_project needs --save (the W&B run's files go there)")
         problems += self.peft.problems(max(tp, 1))
+        problems += self._backend_problems()
         if self.peft.enabled and not c.load:
             problems.append(f"--peft {self.peft.peft} needs --load: the base model to adapt (a "
                             "checkpoint, a Hugging Face model directory or a .gguf file)")
         if problems:
             raise ConfigError("invalid arguments:\n  - " + "\n  - ".join(problems))
+
+    def _backend_problems(self) -> list[str]:
+        """What the chosen backend cannot do (``auto`` is checked once the run plan has
+        resolved it)."""
+        b, p = self.backend, self.parallel
+        if b.backend == "megatron":
+            return [f"{flag} needs --backend hf (or auto with a model no family claims)"
+                    for flag, given in (("--compile", b.compile),
+                                        ("--trust_remote_code", b.trust_remote_code)) if given]
+        if b.backend != "hf":
+            return []
+        problems = [f"--{name} {size}: the hf backend has no {what} (use --backend megatron "
+                    "with a model a family claims, or 1)"
+                    for name, size, what in (
+                        ("pipeline_model_parallel_size", p.pipeline_model_parallel_size,
+                         "pipeline parallelism"),
+                        ("context_parallel_size", p.context_parallel_size,
+                         "context parallelism"))
+                    if size > 1]
+        if self.precision.fp16:
+            problems.append("--fp16: the hf backend trains in fp32 or --bf16 (no loss "
+                            "scaling); use --bf16")
+        if self.peft.enabled and p.tensor_model_parallel_size > 1:
+            problems.append("--peft with --tensor_model_parallel_size > 1: the hf backend's "
+                            "adapters train with FSDP2 only (TP 1)")
+        if self.peft.enabled and self.peft.lora_A_init != "kaiming":
+            problems.append("--lora_A_init: the hf backend draws A as peft does (kaiming)")
+        if not self.checkpoint.load:
+            problems.append("--backend hf needs --load: the Hugging Face model directory "
+                            "(or .gguf file) to train, or its checkpoint")
+        return problems
 
     def _model_shape(self) -> ModelShape:
         """What the parallel layout splits of the model (``ParallelArgs.problems``)."""

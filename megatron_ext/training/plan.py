@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from megatron_ext.checkpointing.adapters import adapter_run_config, base_of, base_record, check_base
+from megatron_ext.checkpointing.dcp import hf_backend_checkpoint
 from megatron_ext.checkpointing.forms import checkpoint_directory, run_config_of
 from megatron_ext.checkpointing.run_config import load_run_config, tokenizer_config_from_run
 from megatron_ext.checkpointing.tracker import latest_iteration
-from megatron_ext.errors import CheckpointError
+from megatron_ext.errors import CheckpointError, ConfigError
 from megatron_ext.models.config import ModelArgs, PrecisionArgs
-from megatron_ext.models.families import get_family
+from megatron_ext.models.families import family_for_hf_config, get_family
+from megatron_ext.models.import_sources import HF_DIRECTORY, import_source_kind, read_hf_config
 from megatron_ext.peft.config import PeftArgs, resolve_targets
 from megatron_ext.tokenizers import TokenizerArgs
 from megatron_ext.training.config import CheckpointArgs, TrainConfig
@@ -66,6 +68,9 @@ class RunPlan:
     peft: Optional[PeftPlan] = None
     saved_tokenizer: Optional[dict] = None  # the tokenizer identity saved with ``load``
     steps: tuple[str, ...] = field(default=())  # what was decided and why, in order
+    backend: str = "megatron"  # what trains: megatron-core, or the Hugging Face model ("hf")
+    hf_model: Optional[str] = None  # hf: the model directory or .gguf file it started from
+    hf_config: Optional[dict] = None  # hf: the model's config.json
 
     @property
     def parts(self) -> str:
@@ -93,16 +98,21 @@ class RunPlan:
             start = (f"weights only from {self.load}" if self.weights_only
                      else f"checkpoint {self.load} (full resume)")
         lines = [f"run plan: {start}"]
+        if self.backend == "hf":
+            lines.append(f"  backend hf: the Hugging Face model "
+                         f"{(self.hf_config or {}).get('model_type')} of {self.hf_model} "
+                         "(transformers' own code, FSDP2)")
         if self.peft is not None:
             adapters = (f"resumed from {self.peft.resume}" if self.peft.resume
                         else "fresh")
             lines.append(f"  {c.peft.peft} adapters ({adapters}) on "
                          f"{', '.join(self.peft.targets)}; checkpoints hold the adapters only")
         m = c.model
-        lines.append(f"  model {m.model_name}: {m.num_layers} layers, hidden {m.hidden_size}, "
-                     f"{m.num_attention_heads} heads"
-                     + (" (shape from the checkpoint)" if c.checkpoint.use_checkpoint_args
-                        else ""))
+        if self.backend != "hf":
+            lines.append(f"  model {m.model_name}: {m.num_layers} layers, hidden {m.hidden_size}, "
+                         f"{m.num_attention_heads} heads"
+                         + (" (shape from the checkpoint)" if c.checkpoint.use_checkpoint_args
+                            else ""))
         lines.append(f"  tokenizer {c.tokenizer.tokenizer_type}: {c.tokenizer.vocab_file}")
         lines.append(f"  saves to {c.checkpoint.save}" if c.checkpoint.save
                      else "  saves nothing (no --save)")
@@ -126,6 +136,15 @@ def resolve(config: TrainConfig, *, world_size: Optional[int] = None,
     if announce is None:
         announce = int(os.environ.get("RANK", "0")) == 0
     steps: list[str] = []
+    backend, why = choose_backend(config)
+    if backend == "hf" or (config.checkpoint.imports_model and config.backend.backend == "auto"):
+        steps.append(f"backend {backend}: {why}")  # (a checkpoint of ours: nothing to say)
+    config = dataclasses.replace(config, backend=dataclasses.replace(config.backend,
+                                                                     backend=backend))
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if backend == "hf":
+        return _plan_hf(config, steps, world_size, cuda)
     importer = importer or _import_cached(announce)
     peft: Optional[PeftPlan] = None
     c = config.checkpoint
@@ -137,10 +156,112 @@ def resolve(config: TrainConfig, *, world_size: Optional[int] = None,
         config = _with_auto_resume(config, steps)
     if config.checkpoint.use_checkpoint_args and config.checkpoint.load:
         config = _with_checkpoint_model_args(config, steps)
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
     config.validate(world_size, cuda=cuda)
     return _plan(config, peft, steps)
+
+
+def choose_backend(config: TrainConfig) -> tuple[str, str]:
+    """(``megatron`` or ``hf``, why): ``--backend`` when it names one; for ``auto`` the
+    backend of the checkpoint the run resumes, else megatron when a family in
+    ``models/families`` claims the Hugging Face model of ``--load``, else hf."""
+    c, chosen = config.checkpoint, config.backend.backend
+    if chosen != "auto":
+        return chosen, f"--backend {chosen}"
+    for place, flag in ((c.save if c.auto_resume else None, "--save"), (c.load, "--load")):
+        if hf_backend_checkpoint(place):
+            return "hf", f"{flag} {place} holds a checkpoint of the hf backend"
+        if place and _holds_checkpoint(place):
+            return "megatron", f"{flag} {place} holds a megatron checkpoint"
+    if import_source_kind(c.load) != HF_DIRECTORY:
+        return "megatron", ("--load is a GGUF file: the importer reads its architecture"
+                            if c.load else "no Hugging Face model to train (--load)")
+    hf_config = read_hf_config(c.load)
+    family = family_for_hf_config(hf_config)
+    model_type = hf_config.get("model_type")
+    if family is not None or not model_type:
+        if family is None:
+            return "megatron", f"{c.load}/config.json names no model_type"
+        return "megatron", (f"family {family.name} (models/families) claims model_type "
+                            f"{model_type!r}; --backend hf trains it with transformers' code")
+    return "hf", (f"no family in models/families claims model_type {model_type!r}: "
+                  "transformers' own model trains it")
+
+
+def _holds_checkpoint(place: str) -> bool:
+    """Whether ``place`` holds a checkpoint of ours (a damaged one too: its loader says
+    what is wrong with it)."""
+    try:
+        return checkpoint_directory(place) is not None
+    except CheckpointError:
+        return True
+
+
+def _plan_hf(config: TrainConfig, steps: list[str], world_size: int,
+             cuda: Optional[bool]) -> RunPlan:
+    """The plan of a Hugging Face backend run: the model directory (or GGUF file) it starts
+    from, or the checkpoint of this backend it resumes (``--load``, or ``--save`` with
+    ``--auto_resume``); the model's own tokenizer unless ``--vocab_file``."""
+    from megatron_ext.hf_native.model import check_model_config, model_config
+
+    c = config.checkpoint
+    resume = None
+    # adapters resume from --save whenever it holds some (as on the megatron backend)
+    for place, flag in ((c.save if c.auto_resume or config.peft.enabled else None,
+                         "--auto_resume: --save" if c.auto_resume else "--save"),
+                        (None if c.finetune else c.load, "--load")):
+        if hf_backend_checkpoint(place):
+            resume = place
+            steps.append(f"{flag} {place} holds a checkpoint of the hf backend: resuming it")
+            break
+    if resume is None and c.load and not c.imports_model and hf_backend_checkpoint(c.load):
+        saved = load_run_config(hf_backend_checkpoint(c.load))  # --finetune from one
+    elif resume is not None:
+        saved = load_run_config(hf_backend_checkpoint(resume))
+    else:
+        saved = None
+    if saved is not None:
+        source, hf_config = saved["hf_model"]["path"], saved["hf_model"]["config"]
+        if not config.tokenizer.vocab_file:
+            config = dataclasses.replace(config, tokenizer=_own_tokenizer(
+                config.tokenizer, TokenizerArgs(**saved["tokenizer"])))
+    elif c.imports_model:
+        source, hf_config = c.load, model_config(c.load)
+        if not config.tokenizer.vocab_file:
+            config = dataclasses.replace(config, tokenizer=model_dir_tokenizer(
+                config.tokenizer, c.load))
+    else:
+        raise ConfigError(f"--backend hf: --load {c.load} is neither a Hugging Face model "
+                          "(a directory with config.json, a .gguf file) nor a checkpoint of "
+                          "the hf backend")
+    check_model_config(hf_config, source, config.backend.trust_remote_code,
+                       config.parallel.tensor_model_parallel_size)
+    config.validate(world_size, cuda=cuda, model_shape=False)
+    if resume is not None:
+        check_optimizer_state(config, resume)
+    load = resume or c.load
+    peft = None
+    if config.peft.enabled:  # the base from the model, the adapters from ``resume``
+        peft = PeftPlan(source, resume, config.peft.target_names(), {"load": source})
+        load = source
+    return RunPlan(config, load=load, weights_only=resume is None or peft is not None,
+                   allow_missing=False, resumed_from=resume, peft=peft,
+                   saved_tokenizer=(saved or {}).get("tokenizer_identity"),
+                   steps=tuple(steps), backend="hf", hf_model=source, hf_config=hf_config)
+
+
+def model_dir_tokenizer(tokenizer: TokenizerArgs, load: str) -> TokenizerArgs:
+    """The tokenizer of the Hugging Face model ``load`` as an import takes it: its own ids
+    (none of Megatron-LLM's additions) and the flags' extra tokens."""
+    from megatron_ext.checkpointing.hf_import import tokenizer_source
+    from megatron_ext.hf_native.model import model_files
+
+    directory, gguf = model_files(load)
+    if gguf is not None:
+        raise ConfigError(f"--backend hf with {load}: pass the tokenizer with --vocab_file "
+                          "(a GGUF file's own is not read here)")
+    kind, vocab_file = tokenizer_source(None, tokenizer.tokenizer_type, lambda: directory, load)
+    return dataclasses.replace(tokenizer, tokenizer_type=kind, vocab_file=vocab_file,
+                               megatron_llm_specials=False)
 
 
 def _plan(config: TrainConfig, peft: Optional[PeftPlan], steps: list[str]) -> RunPlan:

@@ -68,9 +68,7 @@ class Trainer:
             for part in split.parts if split else ():
                 part.dataset.check_tokenizer(identity)
         self.train_iters = iterations(config.schedule, self.splits["train"])
-        self.padded_vocab = padded_vocab_for(plan.load, self.tokenizer.vocab_size,
-                                             config.model.make_vocab_size_divisible_by,
-                                             self.layout.tp)
+        self.padded_vocab = self._vocab_rows()
         self._build_model_and_optimizer()
         pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
         self.batches = BatchBuilder(config.model.seq_length, pad_id, config.data.scalar_loss_mask,
@@ -95,6 +93,11 @@ class Trainer:
         self._saved_at: Optional[int] = None  # iteration of the newest checkpoint on disk
         if plan.load:
             self._load()
+
+    def _vocab_rows(self) -> int:
+        """Embedding rows of the model: the tokenizer's, padded as the checkpoint was."""
+        return padded_vocab_for(self.plan.load, self.tokenizer.vocab_size,
+                                self.config.model.make_vocab_size_divisible_by, self.layout.tp)
 
     def _check_checkpoint_tokenizer(self) -> None:
         """Refuse a checkpoint made with another tokenizer: its embedding rows would mean
@@ -189,7 +192,6 @@ class Trainer:
             finalize_model_grads,
         )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         c, layout = self.config, self.layout
         self.model_config = transformer_config(
@@ -248,9 +250,17 @@ class Trainer:
         )
         if c.precision.fp16:
             self.model_config.grad_scale_func = self.optimizer.scale_loss
-        gbs = c.schedule.global_batch_size
+        self.scheduler = self._scheduler()
+
+    def _scheduler(self):
+        """megatron-core's learning-rate and weight-decay schedule of ``self.optimizer``
+        (anything with torch's ``param_groups``), in samples."""
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o = self.config.optim
+        gbs = self.config.schedule.global_batch_size
         decay_iters = o.lr_decay_iters or self.train_iters
-        self.scheduler = OptimizerParamScheduler(
+        return OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0 if o.lr_warmup_iters else o.lr,
             max_lr=o.lr,
@@ -494,14 +504,8 @@ class Trainer:
         if not self.layout.is_logger:
             return
         c, layout = self.config, self.layout
-        params = sum(p.numel() for p in self.model.parameters())
         sizes = {name: (len(split) if split else 0) for name, split in self.splits.items()}
-        logger.info(
-            "model %s: %d layers, hidden %d, heads %d/%d kv, vocab %d (padded %d); "
-            "%.2fM parameters on this rank", c.model.model_name, c.model.num_layers,
-            c.model.hidden_size, c.model.num_attention_heads,
-            c.model.resolved().num_attention_heads_kv,
-            self.tokenizer.vocab_size, self.padded_vocab, params / 1e6)
+        logger.info("%s", self._model_line())
         logger.info("parallel: world %d = TP %d x PP %d x CP %d x DP %d on %s",
                     layout.world_size, layout.tp, layout.pp, layout.cp, layout.dp, layout.device)
         if layout.cp > 1 and c.precision.use_flash_attn:
@@ -522,6 +526,15 @@ class Trainer:
                         sizes["valid"], sizes["test"])
         logger.info("%d iterations of %d samples (micro batch %d)", self.train_iters,
                     c.schedule.global_batch_size, c.schedule.micro_batch_size)
+
+    def _model_line(self) -> str:
+        c = self.config
+        params = sum(p.numel() for p in self.model.parameters())
+        return ("model %s: %d layers, hidden %d, heads %d/%d kv, vocab %d (padded %d); "
+                "%.2fM parameters on this rank" % (
+                    c.model.model_name, c.model.num_layers, c.model.hidden_size,
+                    c.model.num_attention_heads, c.model.resolved().num_attention_heads_kv,
+                    self.tokenizer.vocab_size, self.padded_vocab, params / 1e6))
 
     def _log(self, step: dict) -> None:
         if not self.layout.is_logger:

@@ -58,9 +58,11 @@ def _families(root: Path, sp_model: str, hf_tokenizer_dir: str) -> dict[str, Pat
 
 
 FAMILIES = ("llama", "llama-tied", "llama3.1", "mistral", "qwen2", "qwen3", "gemma3", "falcon")
-# (transformers' GGUF loader takes a Qwen3 head size of hidden / heads, ignoring
-# qwen3.attention.key_length: our tiny Qwen3's 32-wide heads are checked by llama.cpp below)
-TRANSFORMERS_CHECKED = ("llama", "llama-tied", "mistral", "qwen2")
+# transformers' GGUF loader (5.x) drops three things llama.cpp reads, so those families are
+# checked by llama.cpp below: Qwen3's head size (qwen3.attention.key_length; it takes hidden /
+# heads), Llama 3.1's RoPE scaling (it builds rope_type "default"), Gemma 3's attention scale
+# (query_pre_attn_scalar falls back to 256 instead of the head size)
+TRANSFORMERS_CHECKED = ("llama", "llama-tied", "mistral", "qwen2", "falcon")
 
 
 @pytest.fixture(scope="module")
@@ -147,19 +149,35 @@ def test_transformers_gguf_loader_gives_the_models_logits(exported, family):
             assert (got - want).abs().max() <= tolerance * scale, (outtype, family)
 
 
-def _our_chat_ids(entry) -> list[int]:
-    from megatron_ext.checkpointing.hf_tokenizer import load_hf_tokenizer
+def _hf_export(entry) -> Path:
+    """Our checkpoint exported to Hugging Face (once)."""
     from megatron_ext.checkpointing.hf_export import ExportConfig, export_hf
 
     hf_dir = entry["ckpt"].parent / (entry["ckpt"].name + "-hf")
     if not hf_dir.exists():
         export_hf(ExportConfig(load=str(entry["ckpt"]), out=str(hf_dir), chat_format="chatml",
                                progress=False))
-    return load_hf_tokenizer(str(hf_dir)).apply_chat_template(
-        CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return hf_dir
 
 
-@pytest.mark.parametrize("family", ["llama", "llama-tied"])
+def _our_chat_ids(entry) -> list[int]:
+    """Our ids of the chat prompt: the checkpoint's own tokenizer and our ChatML format (the
+    template the exports carry), as tools/generate.py builds a prompt."""
+    from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
+    from megatron_ext.checkpointing.sources import read_run_config
+    from megatron_ext.data.chat_formats import build_chat_format
+    from megatron_ext.data.records import Message
+    from megatron_ext.inference.prompts import PromptRecord, prompt_ids
+    from megatron_ext.tokenizers import build_tokenizer
+
+    load = str(entry["ckpt"])
+    tokenizer = build_tokenizer(tokenizer_config_from_run(load, read_run_config(load)))
+    conversation = tuple(Message(m["role"], m["content"]) for m in CHAT)
+    return prompt_ids(build_chat_format("chatml", tokenizer), tokenizer,
+                      PromptRecord("test", CHAT, conversation))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_transformers_gguf_tokenizer_gives_our_chat_ids(exported, family):
     import transformers
 
@@ -179,22 +197,12 @@ def _node_llama_cpp() -> Path:
     return NODE_DIR
 
 
-LLAMA_CPP_CHECKED = ("llama", "llama-tied", "llama3.1", "qwen3")
-
-
-@pytest.fixture(scope="module")
-def llama_cpp(exported, tmp_path_factory) -> dict:
-    """One node process for every file: llama.cpp's ids of the chat prompt (our rendering of
-    it, special tokens parsed) and its greedy tokens from them."""
+def run_llama_cpp(jobs: list[dict], directory: Path) -> dict:
+    """llama.cpp itself on GGUF files, in one node process: for each job ``{key, path, ids,
+    tokens}``, {key: {"tokenized": its ids of the detokenized ``ids`` (special tokens parsed),
+    "generated": its greedy continuation of ``ids``}}."""
     node_dir = _node_llama_cpp()
-    jobs = []
-    for family in LLAMA_CPP_CHECKED:
-        ids = _our_chat_ids(exported[family])
-        for outtype in ("f32", "f16"):
-            if outtype in exported[family]:
-                jobs.append({"key": f"{family}/{outtype}", "path": str(exported[family][outtype]),
-                             "ids": ids, "tokens": GREEDY_TOKENS})
-    request = tmp_path_factory.mktemp("llama_cpp") / "jobs.json"
+    request = directory / "llama_cpp_jobs.json"
     request.write_text(json.dumps(jobs))
     script = node_dir / CHECK_SCRIPT.name
     shutil.copy(CHECK_SCRIPT, script)  # node resolves node-llama-cpp from the script's folder
@@ -204,21 +212,44 @@ def llama_cpp(exported, tmp_path_factory) -> dict:
     return {job["key"]: job for job in json.loads(done.stdout.strip().splitlines()[-1])}
 
 
-def _greedy(hf_dir: Path, ids: list[int], n: int) -> list[int]:
+@pytest.fixture(scope="module")
+def llama_cpp(exported, tmp_path_factory) -> dict:
+    """llama.cpp's ids of each family's chat prompt (our rendering of it) and its greedy
+    tokens from them, for every f32 and f16 file."""
+    jobs = []
+    for family in FAMILIES:
+        ids = _our_chat_ids(exported[family])
+        for outtype in ("f32", "f16"):
+            if outtype in exported[family]:
+                jobs.append({"key": f"{family}/{outtype}", "path": str(exported[family][outtype]),
+                             "ids": ids, "tokens": GREEDY_TOKENS})
+    return run_llama_cpp(jobs, tmp_path_factory.mktemp("llama_cpp"))
+
+
+def _transformers_reference(family: str, entry: dict) -> tuple[Path, dict]:
+    """Our model as transformers runs it: our HF export (bit-exact with our checkpoint), or
+    for Qwen2, whose tiny SentencePiece tokenizer has no Hugging Face Qwen2 form (the export
+    refuses it), transformers' GGUF loader on the f32 file (our logits: see above)."""
+    if family == "qwen2":
+        return entry["f32"].parent, {"gguf_file": entry["f32"].name}
+    return _hf_export(entry), {}
+
+
+def _greedy(hf_dir: Path, kwargs: dict, ids: list[int], n: int) -> list[int]:
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                              **kwargs).eval()
     out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
     return out[0, len(ids):].tolist()
 
 
-@pytest.mark.parametrize("family", LLAMA_CPP_CHECKED)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_llama_cpp_tokenizes_and_generates_as_we_do(exported, llama_cpp, family):
     entry = exported[family]
     ids = _our_chat_ids(entry)
-    # our model as transformers runs it (the HF export, bit-exact with our checkpoint)
-    want = _greedy(entry["ckpt"].parent / (entry["ckpt"].name + "-hf"), ids, GREEDY_TOKENS)
+    want = _greedy(*_transformers_reference(family, entry), ids, GREEDY_TOKENS)
     for outtype in ("f32", "f16"):
         result = llama_cpp.get(f"{family}/{outtype}")
         if result is None:
@@ -283,3 +314,28 @@ def test_cli_summary_says_how_to_run_it(exported, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"llama-cli -m {out}" in printed and "FROM ./tied.gguf" in printed
     assert "q8_0" in printed and out.is_file()
+
+
+def test_a_megatron_llm_legacy_checkpoint_exports_the_same_file(exported, tmp_path):
+    """Another checkpoint form: the same weights as Megatron-LLM's per-rank files (TP=2 x
+    PP=2, no tokenizer: --vocab_file) export to the same tensors and metadata."""
+    from gguf import GGUFReader
+
+    from megatron_ext.checkpointing.legacy import write_legacy_checkpoint
+
+    entry = exported["llama"]  # (Megatron-LLM has neither a tied Llama nor Llama 3.1 RoPE)
+    ours = UnshardedReader(str(entry["ckpt"]))
+    state = {name: ours.view(name).clone() for name in ours.names()}
+    model = json.loads((entry["ckpt"] / "run_config.json").read_text())["model"]
+    padded = state["embedding.word_embeddings.weight"].shape[0]
+    write_legacy_checkpoint(str(tmp_path / "legacy"), state, model, 2, 2, 7, padded,
+                            extra_args={"vocab_extra_ids_list": ",".join(CHATML)})
+    export_gguf(GGUFExportConfig(load=str(tmp_path / "legacy"), out=str(tmp_path / "llama-f32.gguf"),
+                                 outtype="f32", chat_format="chatml", progress=False,
+                                 vocab_file=str(entry["ckpt"] / "tokenizer")))
+    want, got = GGUFReader(str(entry["f32"])), GGUFReader(str(tmp_path / "llama-f32.gguf"))
+    assert [t.name for t in got.tensors] == [t.name for t in want.tensors]
+    for a, b in zip(want.tensors, got.tensors):
+        assert np.array_equal(a.data, b.data), a.name
+    assert {k: v.contents() for k, v in got.fields.items() if not k.startswith("GGUF.")} == \
+        {k: v.contents() for k, v in want.fields.items() if not k.startswith("GGUF.")}

@@ -85,3 +85,23 @@ def test_tokenizer_from_refuses_the_flags_it_replaces(tmp_path, sp_model):
         preprocess(tmp_path, "x")
     with pytest.raises(ConfigError, match="neither a Hugging Face model directory"):
         preprocess(tmp_path, "x", "--tokenizer_from", str(tmp_path / "records.jsonl"))
+
+
+def test_the_type_of_a_tokenizer_file_is_read_from_what_is_there(tmp_path):
+    """A checkpoint that records no usable type (Megatron-LLM's legacy files say
+    SentencePiece whatever was given) takes it from the --vocab_file given: unambiguous
+    files and directories only."""
+    from megatron_ext.tokenizers import HUGGINGFACE, SENTENCEPIECE, tokenizer_type_of_file
+
+    for name in ("json", "sp", "both", "none"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "json" / "tokenizer.json").write_text("{}")
+    (tmp_path / "sp" / "tokenizer.model").write_bytes(b"")
+    for name in ("tokenizer.json", "tokenizer.model"):
+        (tmp_path / "both" / name).write_text("")
+    assert tokenizer_type_of_file(str(tmp_path / "json")) == HUGGINGFACE
+    assert tokenizer_type_of_file(str(tmp_path / "json" / "tokenizer.json")) == HUGGINGFACE
+    assert tokenizer_type_of_file(str(tmp_path / "sp")) == SENTENCEPIECE
+    assert tokenizer_type_of_file(str(tmp_path / "sp" / "tokenizer.model")) == SENTENCEPIECE
+    assert tokenizer_type_of_file(str(tmp_path / "both")) is None  # e.g. Llama 2: the record
+    assert tokenizer_type_of_file(str(tmp_path / "none")) is None

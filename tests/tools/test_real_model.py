@@ -2,9 +2,11 @@
 ``scripts/setup_env.sh`` into ``.assets/smollm2``): imported with ``tools/hf_to_megatron.py``,
 our logits on a chat prompt equal those of transformers' own dequantization of the same file,
 and our greedy answer equals, token for token, what transformers generates from the model we
-export (and from the GGUF itself).
+export (and from the GGUF itself). After a short LoRA finetune, the f32 GGUF export (adapters
+folded in) makes llama.cpp itself tokenize the prompt and answer it as we do.
 
-One launch holds our logits, our generation and the export, after one import."""
+One launch holds our logits, our generation, the export, the finetune, its generation and its
+GGUF export, after one import."""
 
 from __future__ import annotations
 
@@ -14,13 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, SAMPLE
 from tests.runs import job_logits, logits_job, run_many, tool_job
 
 CONVERSATION = [{"role": "user", "content": "Hello!"},
                 {"role": "assistant", "content": "Hello! How can I help you today?"},
                 {"role": "user", "content": "What is the capital of France?"}]
 NEW_TOKENS = 12
+FINETUNE_STEPS = 2
 
 
 def smollm2_gguf() -> Path:
@@ -64,6 +67,7 @@ def real_model(tmp_path_factory) -> dict:
     prompt_file = root / "prompt.jsonl"
     prompt_file.write_text(json.dumps({"messages": CONVERSATION}) + "\n", encoding="utf-8")
     logits = logits_job("ours", root / "ckpt", torch.tensor([chat]), root / "launch")
+    data = _finetune_data(root, root / "ckpt")
     results = run_many(1, [
         logits,
         tool_job("generate", "generate.py", "--load", str(root / "ckpt"), "--chat_format", "hf",
@@ -71,12 +75,45 @@ def real_model(tmp_path_factory) -> dict:
                  "--output", str(root / "answers.jsonl")),
         tool_job("export", "megatron_to_hf.py", "--load", str(root / "ckpt"), "--out",
                  str(root / "hf")),
+        # a short LoRA finetune, its greedy answer, and its f32 GGUF export (adapters folded)
+        {"name": "finetune", "argv": [
+            "--load", str(root / "ckpt"), "--finetune", "--use_checkpoint_args",
+            "--tokenizer_type", "HFTokenizer", "--vocab_file", str(root / "ckpt" / "tokenizer"),
+            "--data_path", data, "--split", "100,0,0",
+            "--seq_length", "64", "--variable_seq_lengths", "--micro_batch_size", "1",
+            "--global_batch_size", "2", "--train_iters", str(FINETUNE_STEPS), "--lr", "1e-2",
+            "--eval_iters", "0", "--seed", "1234", "--peft", "lora", "--save",
+            str(root / "lora")]},
+        tool_job("finetuned-generate", "generate.py", "--load", str(root / "lora"),
+                 "--chat_format", "hf", "--greedy", "--max_new_tokens", str(NEW_TOKENS),
+                 "--input", str(prompt_file), "--output", str(root / "finetuned.jsonl")),
+        tool_job("finetuned-gguf", "megatron_to_gguf.py", "--load", str(root / "lora"),
+                 "--out", str(root / "finetuned.gguf"), "--outtype", "f32"),
     ], root / "launch")
-    for name in ("generate", "export"):
+    for name in ("generate", "export", "finetune", "finetuned-generate", "finetuned-gguf"):
         assert results[name].returncode == 0, results[name].log[-3000:]
-    answer = json.loads((root / "answers.jsonl").read_text(encoding="utf-8").splitlines()[0])
+
+    def first_answer(name: str) -> dict:
+        return json.loads((root / name).read_text(encoding="utf-8").splitlines()[0])
+
     return {"gguf": gguf, "root": root, "chat": chat, "logits": job_logits(results, logits),
-            "answer": answer, "tokenizer": tokenizer}
+            "answer": first_answer("answers.jsonl"), "tokenizer": tokenizer,
+            "finetuned": first_answer("finetuned.jsonl"), "finetune_log": results["finetune"].log}
+
+
+def _finetune_data(root: Path, ckpt: Path) -> str:
+    """A few sample records tokenized as the model's own chat template renders them."""
+    from instruct.preprocess_instruct_data import main
+
+    source = root / "finetune.jsonl"
+    lines = (SAMPLE / "training.jsonl").read_text(encoding="utf-8").splitlines()[:8]
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert main([
+        "--input", str(source), "--output_prefix", str(root / "finetune"), "--tokenizer_from",
+        str(ckpt), "--chat_format", "hf", "--question_key", "question", "--answer_key",
+        "answer", "--system_key", "system", "--max_seq_length", "64", "--overlong",
+        "truncate", "--workers", "1", "--no_progress"]) == 0
+    return str(root / "finetune")
 
 
 @pytest.mark.slow
@@ -120,3 +157,24 @@ def test_real_smollm2_export_generates_our_greedy_answer(real_model):
     answer = real_model["answer"]
     generated = _greedy(model, chat)
     assert generated[:len(answer["generated_ids"])] == answer["generated_ids"]
+
+
+@pytest.mark.slow
+def test_real_smollm2_finetuned_gguf_makes_llama_cpp_answer_as_we_do(real_model, tmp_path):
+    """llama.cpp itself (node-llama-cpp) on the f32 GGUF export of the finetuned model: it
+    tokenizes our prompt to our ids and greedy-generates our tokens, which the finetune
+    changed (so the adapters are in the file)."""
+    from tests.checkpointing.test_gguf_export import run_llama_cpp
+
+    assert f"iter {FINETUNE_STEPS}/{FINETUNE_STEPS}" in real_model["finetune_log"]
+    chat, ours = real_model["chat"], real_model["finetuned"]
+    assert ours["prompt_tokens"] == len(chat)
+    stop = real_model["tokenizer"].convert_tokens_to_ids("<|im_end|>")
+    ours_ids = ours["generated_ids"] + ([stop] if ours["stop_reason"] == "stop" else [])
+    assert ours_ids[:len(real_model["answer"]["generated_ids"])] != \
+        real_model["answer"]["generated_ids"]  # the finetune changed the answer
+    theirs = run_llama_cpp([{"key": "finetuned", "path": str(real_model["root"] /
+                                                              "finetuned.gguf"),
+                             "ids": chat, "tokens": len(ours_ids)}], tmp_path)["finetuned"]
+    assert theirs["tokenized"] == chat
+    assert theirs["generated"][:len(ours_ids)] == ours_ids

@@ -65,7 +65,7 @@ from megatron_ext.errors import UserError  # noqa: E402
 from megatron_ext.io import write_json  # noqa: E402
 from megatron_ext.parallel import shutdown  # noqa: E402
 from megatron_ext.training.arguments import parse_config  # noqa: E402
-from megatron_ext.training.trainer import Trainer  # noqa: E402
+from megatron_ext.training.backends import make_trainer  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
@@ -159,7 +159,7 @@ def run_job(job: dict, directory: Path) -> int:
         return run_one(lambda: with_stdout(out, lambda: helper(job["call"])(*job["args"])),
                        log)
     # as finetune.py does
-    return run_one(lambda: Trainer(parse_config(job["argv"])).train(), log)
+    return run_one(lambda: make_trainer(parse_config(job["argv"])).train(), log)
 
 
 def job_layout(job: dict) -> tuple[int, int, int, int] | None:
