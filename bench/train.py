@@ -67,6 +67,7 @@ after the last timed iteration).
   python bench/train.py --long                    # 4k-token rows: CP=1 vs CP=2 memory
   python bench/train.py --long --long_seq_length 2048 --long_iters 3   # quicker
   python bench/train.py --optimizer --seq_length 256   # distributed optimizer, bf16
+  python bench/train.py --moe --seq_length 256    # 8 experts top-2: EP=1 vs EP=2
 
 A real model on real short records (``--smollm2``, instead of the runs above):
 SmolLM2-135M-Instruct from the GGUF of ``.assets/smollm2`` (``scripts/setup_env.sh``)
@@ -346,17 +347,34 @@ def probe(out_dir: str, argv: list[str]) -> None:
     from megatron_ext.parallel import shutdown
     from megatron_ext.training.trainer import Trainer
 
+    import torch.distributed as dist
+
+    alltoall = [0.0]  # seconds in all-to-all exchanges (a mixture of experts' dispatcher)
+    exchange = dist.all_to_all_single
+
+    def timed_all_to_all_single(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return exchange(*args, **kwargs)
+        finally:
+            alltoall[0] += time.perf_counter() - start
+
+    dist.all_to_all_single = timed_all_to_all_single
     trainer = Trainer(config)
     try:
         steps = [trainer.train_step()]
         gc.collect()
         before = _status_bytes("VmRSS")
+        alltoall[0] = 0.0
         with PeakMemory() as peak:
             for _ in range(config.schedule.train_iters - 1):
                 steps.append(trainer.train_step())
         keys = ("loss", "grad_norm", "iter_time", "tokens", "real_tokens")
         record = {"rank": trainer.layout.rank, "before": before, "peak": peak.bytes,
                   "optimizer_bytes": optimizer_state_bytes(trainer.optimizer),
+                  "weights_bytes": sum(p.numel() * p.element_size()
+                                       for p in trainer.model.parameters()),
+                  "alltoall_seconds": alltoall[0],
                   "steps": [{k: step[k] for k in keys} for step in steps]}
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, f"rank{trainer.layout.rank}.json"), "w",
@@ -417,6 +435,8 @@ def run_probe(name: str, data: dict, args, workdir: str, cp: int,
         "iter_time": seconds / len(measured),
         "loss": ranks[0]["steps"][-1]["loss"],
         "optimizer_bytes": max(r["optimizer_bytes"] for r in ranks),
+        "weights_bytes": max(r.get("weights_bytes", 0) for r in ranks),
+        "alltoall_share": max(r.get("alltoall_seconds", 0.0) for r in ranks) / seconds,
     }
     print(f"  {name}: {time.perf_counter() - start:.1f} s with start-up, step "
           f"{summary['iter_time']:.2f} s, activation memory per rank "
@@ -538,7 +558,15 @@ def main() -> None:
                              "%(default)s)")
     parser.add_argument("--smollm2_micro_batch_size", type=int, default=2)
     parser.add_argument("--smollm2_global_batch_size", type=int, default=4)
+    parser.add_argument("--moe", action="store_true",
+                        help="the mixture-of-experts case instead: EP=1 vs EP=2 on 2 "
+                             "processes (memory and weights per rank, step time, the "
+                             "all-to-all's share)")
+    parser.add_argument("--moe_experts", type=int, default=8,
+                        help="--moe: experts per layer (default: %(default)s)")
     args = parser.parse_args()
+    if args.moe:
+        return main_moe(args)
     if args.optimizer:
         return main_optimizer(args)
     if args.smollm2:
@@ -801,6 +829,59 @@ def main_optimizer(args) -> None:
               f"{share:.3f} of DP=1's (target: at most {TARGET_DISTOPT_SHARE})")
     print(f"bf16/fp32 step time at DP=1: "
           f"{runs['bf16 DP=1']['iter_time'] / runs['fp32 DP=1']['iter_time']:.2f} (recorded)")
+    print(f"wall time: {time.perf_counter() - wall:.0f} s")
+
+
+TARGET_MOE_WEIGHTS_SHARE = 0.75  # --moe: parameters per rank at EP=2 over EP=1's
+
+
+def main_moe(args) -> None:
+    """A mixture of experts (Mixtral's layout, --moe_experts experts, top-2, the aux loss
+    on) on two processes at EP=1 (each rank all the experts, data parallel) and EP=2 (each
+    rank half of them, tokens exchanged by the alltoall dispatcher): per rank the peak and
+    the weights' memory, the step time, and the all-to-all's share of the step (the time
+    in ``torch.distributed.all_to_all_single``, measured in the probe). Same data, seed and
+    schedule: the losses agree."""
+    wall = time.perf_counter()
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench-train-moe-")
+    os.makedirs(workdir, exist_ok=True)
+    probe_args = argparse.Namespace(**{**vars(args), "long_seq_length": args.seq_length,
+                                       "long_iters": min(args.iters, 6),
+                                       "long_global_batch_size": args.global_batch_size})
+    moe = ["--model_name", "mixtral", "--num_experts", str(args.moe_experts),
+           "--moe_router_topk", "2", "--moe_aux_loss_coeff", "0.01"]
+    try:
+        print(f"preparing data in {workdir} ...", flush=True)
+        data = prepare_data(workdir, args.records, args.seq_length, args.vocab_size, args.seed)
+        print(f"training {args.moe_experts} experts (top-2), {args.num_layers} layers, hidden "
+              f"{args.hidden_size}, rows of {args.seq_length}, on 2 processes at EP=1 and "
+              "EP=2 ...", flush=True)
+        runs = {ep: run_probe(f"moe-ep{ep}", data, probe_args, workdir, 1, 2,
+                              moe + ["--expert_model_parallel_size", str(ep)])
+                for ep in (1, 2)}
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    header = (f"{'':<8}{'weights MB/rank':>16}{'peak MB/rank':>14}{'step s':>9}"
+              f"{'all-to-all %':>14}{'tok/s':>9}{'loss':>10}")
+    print(header)
+    print("-" * len(header))
+    for ep, run in runs.items():
+        print(f"{'EP=' + str(ep):<8}{run['weights_bytes'] / 2**20:>16.2f}"
+              f"{run['peak'] / 2**20:>14,.0f}{run['iter_time']:>9.3f}"
+              f"{100 * run['alltoall_share']:>14.1f}{run['tokens_per_sec']:>9,.0f}"
+              f"{run['loss']:>10.5f}")
+    one, two = runs[1], runs[2]
+    share = two["weights_bytes"] / one["weights_bytes"]
+    print()
+    print(f"ratio EP=2/EP=1 per rank: weights {share:.2f}, peak memory "
+          f"{two['peak'] / one['peak']:.2f}, step time {two['iter_time'] / one['iter_time']:.2f}")
+    print(f"final loss: EP=1 {one['loss']:.6f}  EP=2 {two['loss']:.6f}  (same batches: they "
+          "should agree to ~1e-5)")
+    verdict = "PASS" if share <= TARGET_MOE_WEIGHTS_SHARE else "FAIL"
+    print(f"{verdict} weights per rank at EP=2: {share:.2f} of EP=1's (target: at most "
+          f"{TARGET_MOE_WEIGHTS_SHARE}; the experts are split, attention and embeddings not)")
     print(f"wall time: {time.perf_counter() - wall:.0f} s")
 
 

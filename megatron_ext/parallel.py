@@ -49,16 +49,18 @@ class ModelShape:
     num_attention_heads: int
     num_attention_heads_kv: int
     head_dim: int
+    num_experts: Optional[int] = None  # experts per MoE layer (split over the EP ranks)
 
     @classmethod
     def of(cls, num_layers: int, num_attention_heads: int, hidden_size: int,
            num_attention_heads_kv: Optional[int] = None,
-           kv_channels: Optional[int] = None, **_other) -> "ModelShape":
+           kv_channels: Optional[int] = None, num_experts: Optional[int] = None,
+           **_other) -> "ModelShape":
         """From a model's settings (``ModelArgs`` fields, or a run config's ``model``
         dict as ``**model``); the others are ignored."""
         return cls(num_layers, num_attention_heads,
                    num_attention_heads_kv or num_attention_heads,
-                   kv_channels or hidden_size // max(1, num_attention_heads))
+                   kv_channels or hidden_size // max(1, num_attention_heads), num_experts)
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,11 @@ class ParallelArgs:
     overlap_param_gather: bool = option(
         False, "all-gather the updated weights during the next forward pass (needs "
                "--use_distributed_optimizer; same results)")
+    expert_model_parallel_size: int = option(
+        1, "expert-parallel ranks (EP): each holds --num_experts / EP experts of every MoE "
+           "layer, tokens travel to their experts' ranks (--moe_token_dispatcher_type); the "
+           "TP x EP ranks of an expert group come from the data-parallel ranks, so TP x PP x "
+           "EP must divide the world size")
 
     @property
     def model_parallel_size(self) -> int:
@@ -131,6 +138,13 @@ class ParallelArgs:
                                                         else ""))
             else:
                 dp = world_size // self.model_parallel_size
+        ep = self.expert_model_parallel_size
+        if ep < 1:
+            problems.append("--expert_model_parallel_size must be >= 1")
+        elif ep > 1 and world_size is not None and world_size % (tp * pp * ep):
+            problems.append(f"{world or f'world size {world_size} is'} not divisible by "
+                            f"TP {tp} x PP {pp} x EP {ep} (each pipeline stage's ranks form "
+                            "expert groups of TP x EP ranks)")
         if model is not None:
             problems += self._model_problems(model)
         if (dp is not None and micro_batch_size and global_batch_size
@@ -158,6 +172,14 @@ class ParallelArgs:
         if model.num_layers % pp:
             problems.append(f"--num_layers {model.num_layers} is not divisible by "
                             f"--pipeline_model_parallel_size {pp}")
+        ep = self.expert_model_parallel_size
+        if ep > 1 and not model.num_experts:
+            problems.append(f"--expert_model_parallel_size {ep} splits the experts of a "
+                            "mixture of experts: the model has none (give --num_experts)")
+        elif ep > 1 and model.num_experts % ep:
+            problems.append(f"--num_experts {model.num_experts} is not divisible by "
+                            f"--expert_model_parallel_size {ep} (each EP rank holds an equal "
+                            "share of the experts)")
         return problems
 
     def _sequence_problems(self, seq_length: int) -> list[str]:
@@ -220,6 +242,7 @@ class Layout:
     device: torch.device
     cp: int = 1  # context-parallel ranks (a data-parallel group's ranks share its batches)
     cp_rank: int = 0
+    ep: int = 1  # expert-parallel ranks (each holds its share of every MoE layer's experts)
 
     @property
     def first_stage(self) -> bool:
@@ -243,11 +266,13 @@ def free_port() -> int:
 
 
 def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30, *,
-                     cp: int = 1) -> Layout:
+                     cp: int = 1, ep: int = 1) -> Layout:
     """Initialise torch.distributed (from torchrun's env) and megatron-core's groups.
 
     ``cp``: context-parallel size; megatron-core's groups then reduce gradients over the
-    data-parallel x context-parallel ranks (``Layout.dp`` counts data replicas only)."""
+    data-parallel x context-parallel ranks (``Layout.dp`` counts data replicas only).
+    ``ep``: expert-parallel size; megatron-core's expert groups (TP x EP ranks of each
+    stage, expert-data-parallel over the rest) hold the experts' shares."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
@@ -255,7 +280,7 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30, *,
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    problems = ParallelArgs(tp, pp, cp).problems(world_size)
+    problems = ParallelArgs(tp, pp, cp, expert_model_parallel_size=ep).problems(world_size)
     if problems:
         raise ConfigError("; ".join(problems))
     use_cuda = torch.cuda.is_available()
@@ -283,7 +308,7 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30, *,
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            context_parallel_size=cp,
+            context_parallel_size=cp, expert_model_parallel_size=ep,
         )
     set_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -300,6 +325,7 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30, *,
         device=device,
         cp=parallel_state.get_context_parallel_world_size(),
         cp_rank=parallel_state.get_context_parallel_rank(),
+        ep=parallel_state.get_expert_model_parallel_world_size(),
     )
 
 

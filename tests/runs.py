@@ -285,10 +285,11 @@ class RunResult:
 
 
 def logits_job(name: str, load: Path, tokens, directory: Path, tp: int = 1, pp: int = 1,
-               vocab_file: str = "") -> dict:
-    """A run_many.py job that saves ``load``'s logits for ``tokens`` at TP/PP; read them
-    with :func:`job_logits` after the launch. Jobs of any number of checkpoints and
-    layouts share one launch (of a world size divisible by each TP x PP)."""
+               vocab_file: str = "", ep: int = 1) -> dict:
+    """A run_many.py job that saves ``load``'s logits for ``tokens`` at TP/PP (and EP, for a
+    mixture of experts); read them with :func:`job_logits` after the launch. Jobs of any
+    number of checkpoints and layouts share one launch (of a world size divisible by each
+    TP x PP)."""
     import torch
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -296,7 +297,7 @@ def logits_job(name: str, load: Path, tokens, directory: Path, tp: int = 1, pp: 
     return {"name": name, "logits": {
         "load": str(load), "tokens": str(directory / f"{name}.tokens.pt"),
         "out": str(directory / f"{name}.logits.pt"), "tp": tp, "pp": pp,
-        "vocab_file": vocab_file}}
+        "vocab_file": vocab_file, **({"ep": ep} if ep > 1 else {})}}
 
 
 def job_logits(results: dict, job: dict):

@@ -126,6 +126,11 @@ def export_gguf(config: GGUFExportConfig) -> GGUFExportSummary:
     if not model:
         raise CheckpointError(f"{source.path}: its run config has no model arguments")
     args = ModelArgs.from_dict(model).resolved()
+    if args.num_experts:  # llama.cpp stacks a layer's experts (ffn_*_exps): not written yet
+        raise UnsupportedModelError(
+            f"{source.path} is a mixture of {args.num_experts} experts: GGUF export of one is "
+            "not built; export it as a Hugging Face model (tools/megatron_to_hf.py) and "
+            "convert that with llama.cpp's convert_hf_to_gguf.py")
     adapter = export_adapter(args.model_name)
     tokenizer_home = source.base.path if source.base is not None else config.load
     tokenizer = build_tokenizer(tokenizer_config_from_run(tokenizer_home, source.run_config,

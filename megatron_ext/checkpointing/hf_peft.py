@@ -40,6 +40,7 @@ from megatron_ext.errors import CheckpointError, TokenizerError
 from megatron_ext.io import staged_directory, write_json
 from megatron_ext.models.config import ModelArgs
 from megatron_ext.models.families import get_family
+from megatron_ext.models.family import UnsupportedModelError
 from megatron_ext.peft.adapters import ADAPTER
 from megatron_ext.peft.merge import adapted_prefixes
 from megatron_ext.tokenizers import build_tokenizer, parse_extra_ids
@@ -93,6 +94,14 @@ def hf_adapter_tensors(tensors: dict[str, torch.Tensor], model: ModelArgs
     heads, kv = model.num_attention_heads, model.num_attention_heads_kv
     out: dict[str, torch.Tensor] = {}
     targets: list[str] = []
+    experts = [prefix for prefix in adapted_prefixes(tensors) if ".mlp.experts." in prefix]
+    if experts:  # transformers 5 holds a layer's experts as stacked parameters, no linears
+        raise UnsupportedModelError(
+            f"adapters on a mixture of experts' experts ({experts[0]}, ...) have no PEFT "
+            "layout (transformers keeps each layer's experts as stacked parameters, not "
+            "linear layers peft adapts): export the adapted model merged (tools/"
+            "megatron_to_hf.py without --adapter_only), or train with --peft_target_modules "
+            "linear_qkv linear_proj (attention only) for a PEFT adapter")
     for prefix in adapted_prefixes(tensors):
         match = _PREFIX.match(prefix)
         if match is None:

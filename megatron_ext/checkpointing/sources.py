@@ -23,12 +23,13 @@ from megatron_ext.checkpointing.run_config import load_run_config
 from megatron_ext.checkpointing.tracker import TRACKER, iteration_dir, latest_iteration
 from megatron_ext.checkpointing.unsharded import (
     UnshardedReader,
+    is_optimizer_name,
     is_unsharded,
     iter_dist_checkpoint,
 )
 from megatron_ext.errors import CheckpointError
 
-_LAYER = re.compile(r"^(?:optimizer\.state\.[^.]+\.)?decoder\.layers\.(\d+)\.")
+_LAYER = re.compile(r"^(?:(?:chained_\d+\.)?optimizer\.state\.[^.]+\.)?decoder\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -135,7 +136,7 @@ def _open_unsharded(path: str) -> CheckpointSource:
 
     def groups(include_optimizer: bool):
         names = [n for n in reader.names()
-                 if include_optimizer or not n.startswith("optimizer.")]
+                 if include_optimizer or not is_optimizer_name(n)]
         for group in group_by_layer(names):
             yield {name: reader.view(name) for name in group}
 

@@ -100,7 +100,10 @@ def check_model_matches(saved_model: dict, model, source: str) -> None:
              "num_query_groups": "--num_attention_heads_kv", "ffn_hidden_size": "--ffn_hidden_size",
              "layernorm_epsilon": "--layernorm_epsilon", "window_size": "--sliding_window_size",
              "normalization": "--model_name", "gated_linear_unit": "--model_name",
-             "add_qkv_bias": "--model_name", "qk_layernorm": "--model_name"}
+             "add_qkv_bias": "--model_name", "qk_layernorm": "--model_name",
+             # a mixture of experts loaded as a dense model (or the other way round)
+             "num_moe_experts": "--num_experts", "moe_router_topk": "--moe_router_topk",
+             "moe_ffn_hidden_size": "--moe_ffn_hidden_size"}
     problems = [f"{flag}: checkpoint {getattr(want, key)}, this run {getattr(have, key)}"
                 for key, flag in names.items() if getattr(want, key) != getattr(have, key)]
     if want.kv_channels != have.kv_channels:

@@ -63,8 +63,15 @@ logger = logging.getLogger(__name__)
 FORMAT = "megatron_ext.unsharded"
 COMMON = "common.pt"
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
-_OPTIMIZER = re.compile(r"^(optimizer\.state\.[^.]+\.)(.+)$")
+# optimizer state; ``chained_N.``: a chain of optimizers (a mixture of experts' dense and
+# expert weights: megatron-core's ChainedOptimizer prefixes their keys)
+_OPTIMIZER = re.compile(r"^((?:chained_\d+\.)?optimizer\.state\.[^.]+\.)(.+)$")
+_OPTIMIZER_KEY = re.compile(r"^(?:chained_\d+\.)?optimizer\.")
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# a mixture of experts: checkpoint keys stack the experts of a layer on a second axis
+# (megatron-core's SequentialMLP), our file set names each expert's module
+EXPERTS_KEY = "mlp.experts.experts."
+_EXPERT_MODULE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.+)$")
 
 
 # ---------------------------------------------------------------- names
@@ -78,25 +85,56 @@ def _layer_keys_map() -> dict[str, str]:
                 .submodules.sharded_state_dict_keys_map)
 
 
-def unsharded_name(checkpoint_key: str, layer: Optional[int]) -> str:
+def unsharded_name(checkpoint_key: str, layer: Optional[int],
+                   expert: Optional[int] = None) -> str:
     """``decoder.layers.mlp.linear_fc1.layer_norm_weight`` (+ layer 3) -> module name.
 
     Checkpoint keys stack all layers in one global tensor (leading axis) and
     use Transformer-Engine style names for the fused norms; our file set uses
-    the plain module names, one tensor per layer.
+    the plain module names, one tensor per layer (and per expert: the experts of a
+    mixture-of-experts layer are stacked on a second axis, ``expert`` is the index).
     """
     match = _OPTIMIZER.match(checkpoint_key)
     prefix, rest = (match.group(1), match.group(2)) if match else ("", checkpoint_key)
+    numbered = _LAYER_NAME.match(rest)  # a layer of its own (non-homogeneous layers)
+    if numbered:
+        layer, rest = int(numbered.group(1)), f"decoder.layers.{numbered.group(2)}"
     if rest.startswith("decoder.layers."):
         if layer is None:
             raise ValueError(f"{checkpoint_key}: a layer tensor needs its layer number")
         suffix = rest[len("decoder.layers."):]
+        if suffix.startswith(EXPERTS_KEY):
+            if expert is None:
+                raise ValueError(f"{checkpoint_key}: an expert's tensor needs its expert number")
+            suffix = f"mlp.experts.local_experts.{expert}.{suffix[len(EXPERTS_KEY):]}"
         for module_prefix, key_prefix in _layer_keys_map().items():
             if suffix.startswith(key_prefix):
                 suffix = module_prefix + suffix[len(key_prefix):]
                 break
         rest = f"decoder.layers.{layer}.{suffix}"
     return prefix + rest
+
+
+def layer_in_key(checkpoint_key: str) -> Optional[int]:
+    """The layer a checkpoint key names itself (``decoder.layers.3.…``: megatron-core's keys
+    when the layers differ, e.g. dense and mixture-of-experts layers), else None (stacked
+    on the leading axis)."""
+    match = _OPTIMIZER.match(checkpoint_key)
+    numbered = _LAYER_NAME.match(match.group(2) if match else checkpoint_key)
+    return int(numbered.group(1)) if numbered else None
+
+
+def expert_of(name: str) -> tuple[str, Optional[int]]:
+    """An unsharded name -> (its checkpoint key, its expert number or None): the expert part
+    of :func:`checkpoint_key`."""
+    key, layer = checkpoint_key(name)
+    match = _OPTIMIZER.match(name)
+    layer_match = _LAYER_NAME.match(match.group(2) if match else name)
+    expert = _EXPERT_MODULE.match(layer_match.group(2)) if layer_match else None
+    if expert is None:
+        return key, None
+    prefix = match.group(1) if match else ""
+    return f"{prefix}decoder.layers.{EXPERTS_KEY}{expert.group(2)}", int(expert.group(1))
 
 
 def checkpoint_key(name: str) -> tuple[str, Optional[int]]:
@@ -112,6 +150,11 @@ def checkpoint_key(name: str) -> tuple[str, Optional[int]]:
             suffix = key_prefix + suffix[len(module_prefix):]
             break
     return f"{prefix}decoder.layers.{suffix}", layer
+
+
+def is_optimizer_name(name: str) -> bool:
+    """An optimizer state's tensor (a chained optimizer's too), not a model's."""
+    return bool(_OPTIMIZER_KEY.match(name))
 
 
 def _is_vocab_tensor(name: str) -> bool:
@@ -211,8 +254,12 @@ def _slice_for(reader, sh) -> torch.Tensor:
     ``reader`` needs ``view(name)`` (KeyError when absent) and ``root``.
     """
     prepend = sh.prepend_axis_num
-    layer = sh.global_offset[0] if prepend else None
-    name = unsharded_name(sh.key, layer)
+    axes = list(sh.global_offset[:prepend])  # [layer,] [expert] (an MoE layer's experts)
+    layer = layer_in_key(sh.key)
+    if layer is None and axes:
+        layer = axes.pop(0)
+    expert = axes[0] if axes else None
+    name = unsharded_name(sh.key, layer, expert)
     if sh.flattened_range is not None:
         raise CheckpointError(f"{name}: flattened (distributed-optimizer) shards cannot be read from an "
                      "unsharded checkpoint; load it without --use_distributed_optimizer")
@@ -360,12 +407,16 @@ def iter_dist_checkpoint(directory: str, include_optimizer: bool = True
         raise CheckpointError(f"checkpoint {directory} is unreadable ({type(exc).__name__}: "
                      f"{str(exc)[:200]})") from None
     keys = [k for k, v in metadata.items() if isinstance(v, TensorStorageMetadata)
-            and (include_optimizer or not k.startswith("optimizer."))]
-    flat = [k for k in keys if not _is_stacked(k)]
+            and (include_optimizer or not is_optimizer_name(k))]
+    own = {k: layer_in_key(k) for k in keys}  # a layer's own tensors (non-homogeneous)
+    flat = [k for k in keys if not _is_stacked(k) and own[k] is None]
     stacked = [k for k in keys if _is_stacked(k)]
     layers = {metadata[k].size[0] for k in stacked}
     if len(layers) > 1:
         raise CheckpointError(f"{directory}: layer tensors disagree on the number of layers ({layers})")
+    numbered = {layer for layer in own.values() if layer is not None}
+    if numbered:
+        layers = {max(layers | {max(numbered) + 1})}
 
     def load(request: dict, offsets: dict) -> dict:
         try:
@@ -388,8 +439,19 @@ def iter_dist_checkpoint(directory: str, include_optimizer: bool = True
     for layer in range(num_layers):
         request = {k: empty(k, (1, *metadata[k].size[1:])) for k in stacked}
         offsets = {k: (layer,) + (0,) * (len(metadata[k].size) - 1) for k in stacked}
+        mine = [k for k in keys if own[k] == layer]
+        request.update({k: empty(k, metadata[k].size) for k in mine})
+        offsets.update({k: (0,) * len(metadata[k].size) for k in mine})
         loaded = load(request, offsets)
-        yield {unsharded_name(k, layer): v[0] for k, v in loaded.items()}
+        group = {}
+        for key, value in loaded.items():
+            value = value if own[key] is not None else value[0]  # the layer's tensor
+            if EXPERTS_KEY in key:  # [experts, ...]: one tensor per expert
+                group.update({unsharded_name(key, layer, expert): tensor
+                              for expert, tensor in enumerate(value)})
+            else:
+                group[unsharded_name(key, layer)] = value
+        yield group
 
 
 def save_dist_from_tensors(tensors: dict[str, torch.Tensor], directory: str,
@@ -404,14 +466,22 @@ def save_dist_from_tensors(tensors: dict[str, torch.Tensor], directory: str,
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     located = {name: checkpoint_key(name) for name in tensors}
+    experts = {name: expert_of(name) for name in tensors}
     num_layers = 1 + max((layer for _, layer in located.values() if layer is not None),
                          default=-1)
+    num_experts = 1 + max((expert for _, expert in experts.values() if expert is not None),
+                          default=-1)
     state: dict = dict(common or {})
     sharded = {}
     for name, tensor in tensors.items():
         key, layer = located[name]
+        expert_key, expert = experts[name]
         if layer is None:
             sharded[name] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=0)
+        elif expert is not None:  # stacked over layers, then over experts
+            sharded[name] = ShardedTensor.from_rank_offsets(
+                expert_key, tensor, (0, layer, num_layers), (1, expert, num_experts),
+                replica_id=0, prepend_axis_num=2)
         else:
             sharded[name] = ShardedTensor.from_rank_offsets(
                 key, tensor, (0, layer, num_layers), replica_id=0, prepend_axis_num=1)

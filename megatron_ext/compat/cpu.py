@@ -5,7 +5,7 @@ Why: megatron-core assumes CUDA in a few dozen places (``device="cuda"``,
 grad clipping and the mixed-precision and distributed optimizers). On a machine
 without a GPU we still want real TP/PP/DP training, in fp32, bf16 and fp16, with the
 plain or the distributed optimizer, for tests and demos. :func:`enable_cpu_compat`
-applies five patches, and only when ``torch.cuda.is_available()`` is false, so nothing
+applies eight patches, and only when ``torch.cuda.is_available()`` is false, so nothing
 changes on GPUs. See ``docs/notes/megatron-core-cpu.md`` for how each was found and
 shown necessary.
 
@@ -29,6 +29,13 @@ shown necessary.
    tensor creation, ``Tensor.cuda()`` and ``pin_memory=True`` to the CPU (the grad
    scaler's and the mixed-precision optimizer's ``found_inf`` and scale tensors among
    them), and does patch 4.
+6. ``torch.cuda.Stream``, ``current_stream`` and ``stream`` stand for the host's one
+   stream (:class:`HostStream`): megatron-core's MoE token dispatchers create a side
+   stream for their device-to-host copies.
+7. ``te_general_gemm`` is bound (None) in megatron-core's ``moe_utils``, which tests
+   it without Transformer Engine (a ``NameError`` in every MoE router).
+8. The alltoall dispatcher's split sizes are numpy arrays on the host as on GPUs
+   (``all_to_all_single`` refuses them as tensors).
 """
 
 from __future__ import annotations
@@ -148,6 +155,90 @@ def _patch_rng_tracker() -> None:
     tp_random.CudaRNGStatesTracker.fork = fork
 
 
+class HostStream:
+    """What megatron-core's MoE token dispatchers ask of a CUDA stream, on the host (patch 6):
+    work is already ordered, so waiting and events are no-ops. A class (``torch.cuda.Stream``
+    stays a type: libraries annotate with ``torch.cuda.Stream | None``), one instance."""
+
+    _instance: "HostStream | None" = None
+
+    def __new__(cls, *args, **kwargs):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None) -> "HostStream":
+        return self
+
+    def synchronize(self) -> None:  # as an event (record_event's result) too
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_HOST_STREAM = HostStream()
+
+
+def _patch_cuda_streams() -> None:
+    """Patch 6: ``torch.cuda.Stream()``, ``current_stream()`` and ``stream(...)`` on the host.
+
+    megatron-core's alltoall token dispatcher (``transformer/moe/token_dispatcher.py``
+    ``MoEAlltoAllTokenDispatcher.__init__`` and ``_maybe_dtoh_and_synchronize``) and its
+    overlapped shared experts (``shared_experts.py``) create a side stream and copy the
+    routing counts to the host on it; on a CPU build ``torch.cuda.Stream()`` raises
+    ``torch.cuda.Stream requires CUDA support``. On the host there is one stream: the
+    copies happen in program order and every wait is already satisfied.
+    """
+    torch.cuda.Stream = HostStream
+    torch.cuda.current_stream = lambda device=None: _HOST_STREAM
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    torch.Tensor.record_stream = lambda self, stream: None
+
+
+def _patch_moe_utils() -> None:
+    """Patch 7: bind ``te_general_gemm`` (None) in megatron-core's ``moe_utils``.
+
+    ``transformer/moe/moe_utils.py`` imports ``te_general_gemm`` only with Transformer
+    Engine, but ``RouterGatingLinearFunction`` (the router's logits, every MoE forward and
+    backward) tests ``te_general_gemm is not None``: a ``NameError`` without it. None is
+    what the test means: the router's logits then come from ``torch.mm``.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _patch_alltoall_splits() -> None:
+    """Patch 8: the alltoall dispatcher's split sizes become numpy arrays on the host too.
+
+    ``MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize`` turns its per-rank token
+    counts into numpy arrays with ``moe_utils.maybe_move_tensor_to_cpu(as_numpy=True)``,
+    which converts only tensors on the GPU; a CPU tensor stays a tensor and
+    ``torch.distributed.all_to_all_single`` then refuses it as ``input_split_sizes``
+    (``TypeError: all_to_all_single(): incompatible function arguments``). On the host the
+    conversion is the same copy-free ``.numpy()`` the GPU path ends with.
+    """
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    upstream = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.detach().numpy()
+        return upstream(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 def enable_cpu_compat() -> bool:
     """Apply the patches once if there is no CUDA device; returns whether they are active."""
     global _ENABLED, _MODE
@@ -157,6 +248,9 @@ def enable_cpu_compat() -> bool:
         return True
     _patch_torch_cuda()
     _patch_rng_tracker()
+    _patch_cuda_streams()
+    _patch_moe_utils()
+    _patch_alltoall_splits()
     _MODE = CudaToCpu()
     _MODE.__enter__()
     _ENABLED = True

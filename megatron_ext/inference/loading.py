@@ -47,11 +47,13 @@ class LoadedModel:
 
 
 def load_for_inference(load: str, tp: int = 1, pp: int = 1, seed: int = 1234,
-                       vocab_file: Optional[str] = None, bf16: bool = False) -> LoadedModel:
+                       vocab_file: Optional[str] = None, bf16: bool = False,
+                       ep: int = 1) -> LoadedModel:
     """Build the checkpoint's model for this process's TP/PP rank and load its weights.
 
     The weights are not randomly initialised first (the checkpoint sets every
-    one); ``bf16`` builds the model in bfloat16 (half the memory of fp32).
+    one); ``bf16`` builds the model in bfloat16 (half the memory of fp32); ``ep``: a
+    mixture of experts' experts split over that many expert-parallel ranks.
     """
     if not os.path.isdir(load):
         raise ConfigError(f"--load {load} does not exist")
@@ -65,15 +67,18 @@ def load_for_inference(load: str, tp: int = 1, pp: int = 1, seed: int = 1234,
     else:
         run_config = read_run_config(load)
     model_args = ModelArgs.from_dict(run_config["model"]).resolved()
-    problems = ParallelArgs(tp, pp).problems(int(os.environ.get("WORLD_SIZE", "1")),
-                                             model=ModelShape.of(**run_config["model"]))
+    parallel = ParallelArgs(tp, pp, expert_model_parallel_size=ep)
+    problems = parallel.problems(int(os.environ.get("WORLD_SIZE", "1")),
+                                 model=ModelShape.of(**{**run_config["model"],
+                                                        "num_experts": model_args.experts}))
     if problems:
-        raise ConfigError(f"{load} cannot run at TP {tp} x PP {pp}: " + "; ".join(problems))
-    layout = init_distributed(tp, pp, seed)
+        raise ConfigError(f"{load} cannot run at TP {tp} x PP {pp}"
+                          + (f" x EP {ep}" if ep > 1 else "") + ": " + "; ".join(problems))
+    layout = init_distributed(tp, pp, seed, ep=ep)
     tokenizer = build_tokenizer(tokenizer_config_from_run(weights, run_config, vocab_file))
     padded = padded_vocab_for(weights, tokenizer.vocab_size,
                               model_args.make_vocab_size_divisible_by, tp)
-    config = transformer_config(model_args, ParallelArgs(tp, pp), PrecisionArgs(bf16=bf16),
+    config = transformer_config(model_args, parallel, PrecisionArgs(bf16=bf16),
                                 init_weights=False)
     model = build_gpt_model(model_args, config, padded, pre_process=layout.first_stage,
                             post_process=layout.last_stage, init_seed=seed)

@@ -8,11 +8,12 @@ megatron-core's ``TransformerConfig`` and layer spec.
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.models.config import ModelArgs, PrecisionArgs
+from megatron_ext.models.config import ModelArgs, MoEArgs, PrecisionArgs
 from megatron_ext.models.families import get_family
 from megatron_ext.parallel import ParallelArgs
 
@@ -27,8 +28,9 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": gelu_tanh}
 
 def transformer_config(model: ModelArgs, parallel: ParallelArgs, precision: PrecisionArgs,
                        variable_seq_lengths: bool = False, use_cpu_initialization: bool = True,
-                       init_weights: bool = True):
-    """megatron-core ``TransformerConfig`` for our ``ModelArgs``/``ParallelArgs``/``PrecisionArgs``."""
+                       init_weights: bool = True, moe: Optional[MoEArgs] = None):
+    """megatron-core ``TransformerConfig`` for our ``ModelArgs``/``ParallelArgs``/``PrecisionArgs``
+    (and ``MoEArgs``, how a mixture of experts trains: :func:`moe_config`)."""
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -64,8 +66,6 @@ def transformer_config(model: ModelArgs, parallel: ParallelArgs, precision: Prec
         bf16=precision.bf16,
         fp16=precision.fp16,
         variable_seq_lengths=variable_seq_lengths,
-        # megatron-core refuses variable lengths with its default MoE dispatcher (no MoE here)
-        moe_token_dispatcher_type="alltoall",
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=init_weights,  # False when a checkpoint overwrites them all
         gradient_accumulation_fusion=False,
@@ -79,7 +79,32 @@ def transformer_config(model: ModelArgs, parallel: ParallelArgs, precision: Prec
         recompute_granularity=recompute,
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
+        **moe_config(model, parallel, moe or MoEArgs()),
         **model.settings.transformer_config(model),  # the family's own settings
+    )
+
+
+def moe_config(model: ModelArgs, parallel: ParallelArgs, moe: MoEArgs) -> dict:
+    """The mixture-of-experts part of the ``TransformerConfig`` (resolved ``model``): the
+    experts, top-k and expert parallelism, megatron-core's local experts (one MLP each, no
+    grouped GEMM), dropless unless a capacity factor is given.
+
+    The families' routing choices (softmax before or after the top-k) come from their
+    settings (``FamilySettings.transformer_config``), after these."""
+    if not model.num_experts:
+        # megatron-core refuses variable lengths with its default MoE dispatcher (none here)
+        return dict(moe_token_dispatcher_type="alltoall")
+    return dict(
+        num_moe_experts=model.num_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_ffn_hidden_size=model.moe_ffn_hidden_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        moe_token_dispatcher_type=moe.moe_token_dispatcher_type,
+        moe_router_load_balancing_type=moe.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=moe.moe_aux_loss_coeff,
+        moe_z_loss_coeff=moe.moe_z_loss_coeff,
+        moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
+        moe_grouped_gemm=False,
     )
 
 
@@ -129,11 +154,20 @@ def layer_spec(config, init_seed: int, use_flash_attn: bool = False, norm=None):
             attention.submodules, q_layernorm=norm, k_layernorm=norm))
     submodules = dataclasses.replace(spec.submodules, input_layernorm=norm,
                                      pre_mlp_layernorm=norm, self_attention=attention)
-    spec = dataclasses.replace(spec, module=SeededTransformerLayer, submodules=submodules)
+    dense = dataclasses.replace(spec, module=SeededTransformerLayer, submodules=submodules)
+    specs = [dense] * get_num_layers_to_build(config)
+    if config.num_moe_experts:  # a mixture of experts: megatron-core's MoE layer (models/moe.py)
+        from megatron_ext.models.moe import moe_mlp_spec
+
+        moe = dataclasses.replace(dense, submodules=dataclasses.replace(
+            submodules, mlp=moe_mlp_spec()))
+        pattern = config.moe_layer_freq  # a list: 1 for the MoE layers, 0 for dense ones
+        offset = get_transformer_layer_offset(config)
+        specs = [moe if not isinstance(pattern, list) or pattern[offset + index] else dense
+                 for index in range(len(specs))]
     # the block spec also names the final norm (megatron-core's default refuses sequence
     # parallelism without Transformer Engine)
-    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
-                                      layer_norm=norm)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=norm)
 
 
 def inverse_frequencies(base: float, dim: int, linear_factor: float | None = None

@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 from megatron_ext.cli import FLAG, option
 from megatron_ext.models.families import family_names, get_family, setting_fields
 from megatron_ext.models.family import FamilySettings
+from megatron_ext.parallel import ParallelArgs
 
 
 def _with_family_settings(cls: type) -> type:
@@ -77,6 +78,13 @@ class ModelArgs:
     init_method_std: float = option(0.02, "standard deviation of the random initialisation")
     make_vocab_size_divisible_by: int = option(
         128, "pad the vocabulary to a multiple of this times --tensor_model_parallel_size")
+    # mixture of experts (Megatron-LM's names): None experts is a dense model
+    num_experts: Optional[int] = option(
+        None, "experts of each mixture-of-experts MLP (megatron-core's MoE layer; default: "
+              "a dense MLP)")
+    moe_router_topk: int = option(2, "experts each token is routed to (with --num_experts)")
+    moe_ffn_hidden_size: Optional[int] = option(
+        None, "each expert's MLP width (default: --ffn_hidden_size)")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any],
@@ -85,8 +93,10 @@ class ModelArgs:
         defaults); keys that are not fields are ignored, so configs written by
         another version still load."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return dataclasses.replace(base or cls(),
-                                   **{k: v for k, v in values.items() if k in known})
+        # JSON has no tuples: a tuple setting (Qwen3-MoE's mlp_only_layers) comes back a list
+        return dataclasses.replace(base or cls(), **{
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in values.items() if k in known})
 
     def resolved(self) -> "ModelArgs":
         """Every architectural ``None`` replaced by what it means for this family.
@@ -114,6 +124,10 @@ class ModelArgs:
             kv_channels=self.kv_channels or self.hidden_size // self.num_attention_heads,
             rope_scaling_type=(self.rope_scaling_type or "llama3"
                                if self.rope_scaling_factor else None),
+            num_experts=self.num_experts or family.num_experts,
+            moe_ffn_hidden_size=(self.moe_ffn_hidden_size or self.ffn_hidden_size
+                                 or family.default_ffn_hidden_size(self.hidden_size)
+                                 if self.num_experts or family.num_experts else None),
             **self._resolved_settings(),
         )
 
@@ -148,6 +162,11 @@ class ModelArgs:
         resolved = self.resolved()
         cls = get_family(self.model_name).settings
         return cls(**{f.name: getattr(resolved, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def experts(self) -> Optional[int]:
+        """The experts of each MoE layer: --num_experts, else the family's; None: dense."""
+        return self.num_experts or get_family(self.model_name).num_experts
 
     @property
     def attention_window(self) -> Optional[int]:
@@ -210,6 +229,65 @@ def setting_differences(saved: ModelArgs, built: ModelArgs) -> list[str]:
     names = ("rope_scaling_factor", "rope_scaling_type", *setting_fields())
     return [f"--{name}: checkpoint {getattr(saved, name)}, this run {getattr(built, name)}"
             for name in names if getattr(saved, name) != getattr(built, name)]
+
+
+MOE_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+
+
+@dataclass(frozen=True)
+class MoEArgs:
+    """How a mixture-of-experts model trains (Megatron-LM's flags): not its architecture
+    (``ModelArgs.num_experts``, ``moe_router_topk``), so a run may change them."""
+
+    moe_token_dispatcher_type: str = option(
+        "alltoall", "how tokens reach the experts of other expert-parallel ranks: alltoall "
+                    "(each rank sends each token to its experts' ranks) or allgather (every "
+                    "rank gathers every token)", choices=("alltoall", "allgather"))
+    moe_aux_loss_coeff: float = option(
+        0.0, "weight of the load-balancing loss, added to the masked loss (logged "
+             "separately as load_balancing_loss)")
+    moe_router_load_balancing_type: str = option(
+        "aux_loss", "the load-balancing loss: aux_loss (Switch's, over each micro-batch), "
+                    "seq_aux_loss (per sequence), global_aux_loss (over the global batch) "
+                    "or none", choices=MOE_LOAD_BALANCING)
+    moe_z_loss_coeff: Optional[float] = option(
+        None, "weight of the router's z-loss (ST-MoE: keeps router logits small); default: "
+              "none")
+    moe_expert_capacity_factor: Optional[float] = option(
+        None, "drop the tokens beyond this factor times an expert's even share; default: "
+              "dropless (no token dropped: the results equal the serial run's)")
+
+
+def moe_problems(model: ModelArgs, moe: Optional[MoEArgs] = None,
+                 parallel: Optional[ParallelArgs] = None,
+                 variable_seq_lengths: bool = False) -> list[str]:
+    """What is wrong with ``model``'s experts (and ``moe``'s settings) for training (at
+    ``parallel``'s layout when given; ``ParallelArgs.problems`` checks the split;
+    ``variable_seq_lengths``: rows as wide as their longest sample)."""
+    problems = []
+    experts, topk = model.experts, model.moe_router_topk
+    if experts is None:
+        return problems
+    if (moe is not None and moe.moe_token_dispatcher_type == "allgather"
+            and variable_seq_lengths and parallel is not None
+            and parallel.expert_model_parallel_size * parallel.tensor_model_parallel_size > 1):
+        problems.append("--moe_token_dispatcher_type allgather gathers equal numbers of tokens "
+                        "from every expert-parallel rank: drop --variable_seq_lengths, or use "
+                        "the alltoall dispatcher")
+    if parallel is not None and parallel.tensor_model_parallel_size > 1 \
+            and not parallel.sequence_parallel:
+        problems.append("training a mixture of experts with --tensor_model_parallel_size > 1 "
+                        "needs --sequence_parallel (megatron-core's MoE layer splits the "
+                        "tokens, not the hidden states, over the TP ranks)")
+    if experts < 1:
+        problems.append(f"--num_experts must be positive, got {experts}")
+    elif not 1 <= topk <= experts:
+        problems.append(f"--moe_router_topk {topk} must be between 1 and --num_experts "
+                        f"{experts} (each token goes to that many different experts)")
+    if moe is not None and moe.moe_expert_capacity_factor is not None \
+            and moe.moe_expert_capacity_factor <= 0:
+        problems.append("--moe_expert_capacity_factor must be positive (or left out: dropless)")
+    return problems
 
 
 @dataclass(frozen=True)

@@ -234,6 +234,8 @@ class Family:
     settings: type = NoSettings
     hf: Optional[HFAdapter] = None  # None: no Hugging Face equivalent
     gguf: Optional[GGUFLayout] = None  # the llama.cpp architecture this family imports as
+    # a mixture of experts' default number of experts (--num_experts); None: dense MLPs
+    num_experts: Optional[int] = None
     # (megatron-core TransformerConfig, init seed, use_flash_attn, model=resolved ModelArgs)
     # -> block spec; None: the shared seeded block of models/builder.py
     block_spec: Optional[Callable[..., Any]] = None

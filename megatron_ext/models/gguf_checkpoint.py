@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -63,6 +64,10 @@ GGUF_MAGIC = b"GGUF"
 
 
 ROPE_FREQS = "rope_freqs.weight"  # Llama 3.1 RoPE scaling, folded into the config
+# one expert's HF tensor (Mixtral's on-disk names, Qwen3-MoE's): (the experts' stem, the
+# expert, the projection); llama.cpp stores a layer's experts stacked (ffn_gate_exps, ...)
+EXPERT_STEM = re.compile(r"^(model\.layers\.\d+\.(?:block_sparse_moe|mlp)\.experts)\.(\d+)\."
+                         r"(w1|w2|w3|gate_proj|up_proj|down_proj)$")
 FLOAT_TYPES = ("F32", "F16", "BF16")
 DEQUANT_CHUNK_ELEMENTS = 1 << 24  # elements dequantized at once (64 MiB of float32)
 DEFAULT_ROPE_THETA = 10000.0  # llama.cpp's when a file states none
@@ -296,11 +301,6 @@ class GGUFModel:
         when stated, must agree with it); the vocabulary size from the embedding rows.
         """
         layout = self.layout
-        experts = self.arch_value("expert_count", 0)
-        if experts:
-            raise UnsupportedModelError(
-                f"{self.path}: a mixture of experts ({self.architecture}.expert_count "
-                f"{experts}) is not supported; only dense models are imported")
         for name in ("token_embd.weight", "blk.0.attn_q.weight"):
             if name not in self._tensors:
                 raise HFCheckpointError(f"{self.path} has no {name} tensor; it is incomplete "
@@ -338,7 +338,23 @@ class GGUFModel:
         scaling = self._rope_scaling(theta, head_dim)
         if scaling:
             config["rope_scaling"] = scaling
+        experts = int(self.arch_value("expert_count", 0) or 0)
+        if experts:  # a mixture of experts: llama.cpp stores Mixtral as architecture llama
+            if self.architecture == "llama":
+                config.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
+                              num_local_experts=experts)
+            config.update(self.moe_fields(experts))
         return config
+
+    def moe_fields(self, experts: int) -> dict:
+        """A mixture of experts' config fields: top-k, each expert's width (its stacked
+        ``ffn_gate_exps`` rows), the routing weights renormalised unless the file says not
+        (``expert_weights_norm``)."""
+        used = self.arch_value("expert_used_count", required=True)
+        width = self.tensor_shape("blk.0.ffn_gate_exps.weight")[1]
+        return {"num_experts_per_tok": int(used), "intermediate_size": width,
+                "moe_intermediate_size": width,
+                "norm_topk_prob": bool(self.arch_value("expert_weights_norm", True))}
 
     def _rope_scaling(self, theta: float, head_dim: int) -> Optional[dict]:
         """The HF ``rope_scaling`` the file states, if any (the importer refuses what it
@@ -455,13 +471,21 @@ class GGUFWeights:
         names = list(adapter.embedding_names())
         for layer in range(layers):
             names += adapter.layer_names(layer)
+        self._cache: dict = {}  # the stacked expert tensors of one layer
+        self._cached_layer: Optional[str] = None
         self._to_gguf = {}
+        self._expert = {}  # HF name of one expert's tensor -> its index in the stacked one
         table = _gguf_name_table(model.architecture, layers)
         for name in names:
             stem, suffix = name.rsplit(".", 1)
+            expert = EXPERT_STEM.match(stem)  # llama.cpp stacks the experts of a layer
+            if expert:
+                stem = f"{expert.group(1)}.{expert.group(3)}"
             gguf_name = table.get_name(stem)
             if gguf_name and model.has_tensor(f"{gguf_name}.{suffix}"):
                 self._to_gguf[name] = f"{gguf_name}.{suffix}"
+                if expert:
+                    self._expert[name] = int(expert.group(2))
         read = set(self._to_gguf.values()) | {ROPE_FREQS}
         unread = [name for name in model.tensor_names() if name not in read]
         if unread:
@@ -476,10 +500,15 @@ class GGUFWeights:
         return list(self._to_gguf)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.model.tensor_shape(self._to_gguf[name])
+        shape = self.model.tensor_shape(self._to_gguf[name])
+        return shape[1:] if name in self._expert else shape
 
     def get(self, name: str) -> "torch.Tensor":
-        """Tensor ``name``, dequantized to float32 (a new tensor each call)."""
+        """Tensor ``name``, dequantized to float32 (a new tensor each call; an expert's
+        slice of its layer's stacked tensor, the layer's experts read once and kept until
+        another layer's are asked for)."""
+        if name in self._expert:
+            return self._stacked(self._to_gguf[name])[self._expert[name]].clone()
         tensor = self.model.read(self._to_gguf[name])
         projection = name.rsplit(".", 2)[-2]
         if self._permuted and projection in self._heads and name.endswith(".weight"):
@@ -489,6 +518,15 @@ class GGUFWeights:
         if self._split_qkv and projection == "query_key_value":
             tensor = grouped_qkv(tensor, self._heads["q_proj"], self._kv_heads)
         return tensor
+
+    def _stacked(self, gguf_name: str) -> "torch.Tensor":
+        """A stacked expert tensor (``blk.N.ffn_*_exps``), dequantized once per layer."""
+        layer = gguf_name.split(".")[1]
+        if self._cached_layer != layer:
+            self._cache, self._cached_layer = {}, layer
+        if gguf_name not in self._cache:
+            self._cache[gguf_name] = self.model.read(gguf_name)
+        return self._cache[gguf_name]
 
     def require(self, names: list[str]) -> None:
         missing = [n for n in names if n not in self._to_gguf]

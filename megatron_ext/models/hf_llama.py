@@ -208,6 +208,11 @@ def llama_config_from_model_args(args: "ModelArgs", model_type: str, architectur
                                  max_position_embeddings: Optional[int] = None,
                                  layer_window_fields: bool = False) -> dict:
     """``config.json`` for ``transformers`` from resolved model arguments."""
+    if args.num_experts:  # a mixture of experts has no place in a dense layout
+        raise UnsupportedModelError(
+            f"the {args.model_name} model is a mixture of {args.num_experts} experts: the "
+            f"Hugging Face {model_type} layout is dense (a family of mixtures of experts, "
+            "e.g. mixtral or qwen3_moe, exports it)")
     given = [f"{name}={value}" for name, value in args.special_settings().items()]
     if given:  # the layout has no place for them: written anyway, they would be dropped
         raise UnsupportedModelError(
@@ -306,10 +311,11 @@ def hf_layer_names(layer: int, qkv_bias: bool = False, qk_norm: bool = False) ->
 
 def layer_to_megatron(hf: Mapping[str, torch.Tensor], layer: int, num_heads: int,
                       num_kv_heads: int, qkv_bias: bool = False,
-                      qk_norm: bool = False) -> dict[str, torch.Tensor]:
+                      qk_norm: bool = False, mlp: bool = True) -> dict[str, torch.Tensor]:
     """One decoder layer, HF names -> megatron-core names (global layer number kept).
 
     The QKV bias is grouped per key/value head exactly like the QKV weight rows.
+    ``mlp``: the layer has the dense MLP (a mixture of experts converts its own).
     """
     import torch  # here, not at the top: family files import this module (see above)
 
@@ -321,10 +327,11 @@ def layer_to_megatron(hf: Mapping[str, torch.Tensor], layer: int, num_heads: int
             hf[src + "self_attn.v_proj.weight"], num_heads, num_kv_heads),
         dst + "self_attention.linear_proj.weight": hf[src + "self_attn.o_proj.weight"],
         dst + "pre_mlp_layernorm.weight": hf[src + "post_attention_layernorm.weight"],
-        dst + "mlp.linear_fc1.weight": torch.cat(
-            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]], dim=0),
-        dst + "mlp.linear_fc2.weight": hf[src + "mlp.down_proj.weight"],
     }
+    if mlp:
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat(
+            [hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]], dim=0)
+        out[dst + "mlp.linear_fc2.weight"] = hf[src + "mlp.down_proj.weight"]
     if qkv_bias:
         out[dst + "self_attention.linear_qkv.bias"] = qkv_to_megatron(
             *(hf[src + suffix] for suffix in QKV_BIAS_SUFFIXES), num_heads, num_kv_heads)
@@ -336,12 +343,11 @@ def layer_to_megatron(hf: Mapping[str, torch.Tensor], layer: int, num_heads: int
 
 def layer_from_megatron(state: Mapping[str, torch.Tensor], layer: int, num_heads: int,
                         num_kv_heads: int, qkv_bias: bool = False,
-                        qk_norm: bool = False) -> dict[str, torch.Tensor]:
+                        qk_norm: bool = False, mlp: bool = True) -> dict[str, torch.Tensor]:
     """Inverse of :func:`layer_to_megatron`."""
     src, dst = f"decoder.layers.{layer}.", f"model.layers.{layer}."
     q, k, v = qkv_from_megatron(state[src + "self_attention.linear_qkv.weight"], num_heads,
                                 num_kv_heads)
-    gate, up = state[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
     out = {
         dst + "input_layernorm.weight": state[src + "input_layernorm.weight"],
         dst + "self_attn.q_proj.weight": q,
@@ -349,10 +355,11 @@ def layer_from_megatron(state: Mapping[str, torch.Tensor], layer: int, num_heads
         dst + "self_attn.v_proj.weight": v,
         dst + "self_attn.o_proj.weight": state[src + "self_attention.linear_proj.weight"],
         dst + "post_attention_layernorm.weight": state[src + "pre_mlp_layernorm.weight"],
-        dst + "mlp.gate_proj.weight": gate,
-        dst + "mlp.up_proj.weight": up,
-        dst + "mlp.down_proj.weight": state[src + "mlp.linear_fc2.weight"],
     }
+    if mlp:
+        gate, up = state[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        out.update({dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up,
+                    dst + "mlp.down_proj.weight": state[src + "mlp.linear_fc2.weight"]})
     if qkv_bias:
         biases = qkv_from_megatron(state[src + "self_attention.linear_qkv.bias"], num_heads,
                                    num_kv_heads)

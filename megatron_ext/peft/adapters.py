@@ -266,6 +266,21 @@ def _module(layer, path: str):
     return module
 
 
+def _targets_in(layer, name: str) -> list[tuple[object, str]]:
+    """The linear layers ``name`` (a short name of ``LINEARS``) stands for in ``layer``, each
+    with what seeds its A: the dense module, or in a mixture of experts (``linear_fc1``,
+    ``linear_fc2``) every expert's on this rank, by *global* expert index (so an expert's
+    adapter starts the same at every EP)."""
+    experts = getattr(getattr(layer, "mlp", None), "experts", None)
+    if experts is None or not name.startswith("linear_fc"):
+        return [(_module(layer, LINEARS[name]), name)]
+    from megatron.core import parallel_state
+
+    first = parallel_state.get_expert_model_parallel_rank() * len(experts.local_experts)
+    return [(getattr(expert, name), f"{name}/expert{first + index}")
+            for index, expert in enumerate(experts.local_experts)]
+
+
 def add_adapters(model, args: PeftArgs, targets: tuple[str, ...], seed: int) -> AdapterReport:
     """Wrap ``targets`` of every layer of ``model`` with adapters and freeze everything else.
 
@@ -282,8 +297,8 @@ def add_adapters(model, args: PeftArgs, targets: tuple[str, ...], seed: int) -> 
         param.requires_grad_(False)
     for layer in decoder_layers(model):
         number = int(layer.layer_number)  # global, 1-based
-        for name in targets:
-            base = _module(layer, LINEARS[name])
+        for name, (base, seed_name) in ((name, target) for name in targets
+                                        for target in _targets_in(layer, name)):
             column = name in COLUMN_PARALLEL
             shape = AdapterShape(
                 name=name, method=args.peft, rank=args.peft_dim, scaling=args.scaling,
@@ -294,8 +309,11 @@ def add_adapters(model, args: PeftArgs, targets: tuple[str, ...], seed: int) -> 
             if column and base.output_size % tp or not column and base.input_size % tp:
                 raise ValueError(f"{name}: size not divisible by TP {tp}")
             a_full = _init_a(args.peft_dim, shape.in_features, args.lora_A_init,
-                             zlib.crc32(f"{seed}/{number}/{name}".encode()))
+                             zlib.crc32(f"{seed}/{number}/{seed_name}".encode()))
             adapter = Adapter(shape, a_full, base.weight.dtype).to(base.weight.device)
+            if not getattr(base.weight, "allreduce", True):  # an expert's: expert-parallel
+                for parameter in adapter.parameters():  # (reduced over the expert-data-
+                    parameter.allreduce = False  # parallel ranks, in the experts' optimizer)
             base.__class__ = _adapted_class(type(base))
             base.add_module(ADAPTER, adapter)
             count += 1

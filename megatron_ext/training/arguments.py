@@ -20,6 +20,7 @@ from megatron_ext.training.config import (
     CheckpointArgs,
     DataArgs,
     ModelArgs,
+    MoEArgs,
     OptimArgs,
     ParallelArgs,
     PeftArgs,
@@ -62,6 +63,7 @@ SECTIONS = (
     (ScheduleArgs, "batches, schedule, logging and evaluation"),
     (CheckpointArgs, "checkpoints"),
     (PeftArgs, "parameter-efficient finetuning (LoRA, DoRA)"),
+    (MoEArgs, "mixture of experts (with --num_experts)"),
     (BackendArgs, "training backend"),
 )
 

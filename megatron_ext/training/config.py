@@ -17,7 +17,13 @@ from typing import Optional
 
 from megatron_ext.cli import option
 from megatron_ext.errors import ConfigError
-from megatron_ext.models.config import ModelArgs, PrecisionArgs, family_setting_problems
+from megatron_ext.models.config import (
+    ModelArgs,
+    MoEArgs,
+    PrecisionArgs,
+    family_setting_problems,
+    moe_problems,
+)
 from megatron_ext.models.families import family_names
 from megatron_ext.models.import_sources import import_source_kind
 from megatron_ext.parallel import ModelShape, ParallelArgs
@@ -175,6 +181,7 @@ class TrainConfig:
     schedule: ScheduleArgs = field(default_factory=ScheduleArgs)
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     peft: PeftArgs = field(default_factory=PeftArgs)
+    moe: MoEArgs = field(default_factory=MoEArgs)
     backend: BackendArgs = field(default_factory=BackendArgs)
 
     @property
@@ -309,12 +316,14 @@ class TrainConfig:
         """What the parallel layout splits of the model (``ParallelArgs.problems``)."""
         m = self.model
         return ModelShape.of(m.num_layers, m.num_attention_heads, m.hidden_size,
-                             m.num_attention_heads_kv, m.kv_channels)
+                             m.num_attention_heads_kv, m.kv_channels,
+                             m.experts if m.model_name in family_names() else m.num_experts)
 
     def _shape_problems(self) -> list[str]:
         """What of the model's shape is wrong whatever the layout."""
         m = self.model
-        problems = family_setting_problems(m)
+        problems = family_setting_problems(m) + moe_problems(
+            m, self.moe, self.parallel, self.data.variable_seq_lengths)
         if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
             problems.append(f"--hidden_size {m.hidden_size} is not divisible by "
                             f"--num_attention_heads {m.num_attention_heads}")

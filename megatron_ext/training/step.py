@@ -41,9 +41,11 @@ def loss_func(loss_weights: torch.Tensor, total_weight: float, output: torch.Ten
 
 
 def make_forward_step(total_weight: float, window: Optional[int], device: torch.device,
-                      cp_size: int = 1, cp_rank: int = 0):
+                      cp_size: int = 1, cp_rank: int = 0, moe: bool = False):
     """A megatron-core ``forward_step_func`` closed over the global batch weight; under
-    context parallelism (``cp_size > 1``) it runs CP rank ``cp_rank``'s share of each row."""
+    context parallelism (``cp_size > 1``) it runs CP rank ``cp_rank``'s share of each row.
+    ``moe``: the model has experts, whose routing statistics (the load-balancing loss) then
+    leave the padding out, so they do not depend on how wide a layout's rows are."""
 
     def forward_step(data_iterator, model):
         batch: Batch = next(data_iterator)
@@ -54,7 +56,8 @@ def make_forward_step(total_weight: float, window: Optional[int], device: torch.
         labels = batch.labels.to(device, non_blocking=True)
         position_ids = batch.position_ids.to(device, non_blocking=True)
         weights = batch.loss_weights.to(device, non_blocking=True)
-        output = model(tokens, position_ids, mask, labels=labels)
+        extra = {"padding_mask": (batch.segment_ids == 0).to(device)} if moe else {}
+        output = model(tokens, position_ids, mask, labels=labels, **extra)
         return output, partial(loss_func, weights, total_weight)
 
     return forward_step

@@ -55,7 +55,8 @@ class Trainer:
         self.layout: Layout = init_distributed(config.parallel.tensor_model_parallel_size,
                                                config.parallel.pipeline_model_parallel_size,
                                                config.schedule.seed,
-                                               cp=config.parallel.context_parallel_size)
+                                               cp=config.parallel.context_parallel_size,
+                                               ep=config.parallel.expert_model_parallel_size)
         if self.layout.is_logger:
             logger.info("%s", plan.summary())
         self.tokenizer = build_tokenizer(config.tokenizer.config())
@@ -199,6 +200,7 @@ class Trainer:
             variable_seq_lengths=(c.data.variable_seq_lengths or c.data.pack_sequences)
             and layout.pp > 1,
             use_cpu_initialization=True,
+            moe=c.moe,
         )
         model = build_gpt_model(c.model, self.model_config, self.padded_vocab,
                                 pre_process=layout.first_stage, post_process=layout.last_stage,
@@ -279,7 +281,8 @@ class Trainer:
         widths = [int(mb.tokens.shape[1]) for mb in gb.micro_batches]
         return get_forward_backward_func()(
             forward_step_func=make_forward_step(gb.total_weight, self.window, self.layout.device,
-                                                self.layout.cp, self.layout.cp_rank),
+                                                self.layout.cp, self.layout.cp_rank,
+                                                moe=bool(self.config.model.experts)),
             data_iterator=iter(gb.micro_batches),
             model=[self.model],
             num_microbatches=len(gb.micro_batches),
@@ -313,6 +316,10 @@ class Trainer:
         data_time = time.perf_counter() - start
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
+        if self.config.model.experts:  # the aux losses' share of each micro-batch
+            from megatron_ext.models.moe import set_aux_loss_scale
+
+            set_aux_loss_scale(len(gb.micro_batches) * self.layout.dp)
         reports = self._run(gb, forward_only=False)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
         update_ok, grad_norm, _ = self.optimizer.step()
@@ -321,6 +328,7 @@ class Trainer:
         else:
             self.skipped_steps += 1
         weighted, weight = self._reduce(reports)
+        aux = self._aux_losses()
         self.iteration += 1
         self.consumed_samples += s.global_batch_size
         self.consumed_tokens += gb.real_tokens
@@ -337,7 +345,22 @@ class Trainer:
             "real_tokens": gb.real_tokens,
             "rows": gb.rows,
             "records": gb.records,
+            **aux,
         }
+
+    def _aux_losses(self) -> dict:
+        """A mixture of experts' auxiliary losses of the step (``models/moe.py``): what each
+        added to the objective, by name (``load_balancing_loss``, ``z_loss``)."""
+        if not self.config.model.experts:
+            return {}
+        from megatron.core import parallel_state
+
+        from megatron_ext.models.moe import aux_losses
+
+        return aux_losses(self.model_config,
+                          parallel_state.get_data_parallel_group(with_context_parallel=True),
+                          parallel_state.get_pipeline_model_parallel_group(),
+                          parallel_state.get_tensor_model_parallel_group())
 
     def _gather_params(self) -> None:
         """The weights of the last update on every rank, now.
@@ -537,6 +560,9 @@ class Trainer:
             values["loss_scale"] = step["loss_scale"]
             values["skipped"] = int(step["skipped"])
             values["skipped_steps"] = self.skipped_steps
+        for name in ("load_balancing_loss", "z_loss"):  # a mixture of experts' aux losses
+            if name in step:
+                values[name] = step[name]
         self.metrics.write(self.iteration, values)
         started, first = self._clock
         logger.info("%s", train_log_line(self.iteration, self.train_iters, values,
@@ -577,6 +603,9 @@ def train_log_line(iteration: int, train_iters: int, values: dict, elapsed: floa
             scale += " | step skipped (inf/nan gradients; %d so far)" % values["skipped_steps"]
     step = (f"{values['rows']} rows, {values['records']} records | "
             if "records" in values else "")
+    for name in ("load_balancing_loss", "z_loss"):  # a mixture of experts' aux losses
+        if name in values:
+            scale += " | %s %.5f" % (name.replace("_", " "), values[name])
     return (
         "iter %d/%d | samples %d | tokens %d | lr %.3g | loss %.5f (avg of interval) | "
         "grad norm %.3f%s | %.2f s/iter | %.0f tok/s (%.0f real) | pad %.1f%% | %smem %.0f MB | %s"

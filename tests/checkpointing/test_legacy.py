@@ -519,6 +519,7 @@ def test_llama31_rope_scaling_has_no_legacy_equivalent(tmp_path):
     ({"model_name": "qwen2"}, "query/key/value biases"),
     ({"model_name": "qwen3"}, "query/key norms"),
     ({"kv_channels": 2 * HEAD_DIM}, "head size"),
+    ({"num_experts": 4}, "a mixture of 4 experts"),
 ])
 def test_what_megatron_llm_cannot_build_is_not_written(tmp_path, changes, words):
     with pytest.raises(CheckpointError, match=words):

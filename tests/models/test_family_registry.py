@@ -126,9 +126,10 @@ def test_gguf_architectures_come_from_the_family_files():
     """Each llama.cpp architecture the importer reads is declared by one family, as the
     Hugging Face model_type its file becomes (llama.cpp's llama covers five families)."""
     layouts = registry.gguf_layouts()
-    assert sorted(layouts) == ["falcon", "gemma3", "llama", "qwen2", "qwen3"]
+    assert sorted(layouts) == ["falcon", "gemma3", "llama", "qwen2", "qwen3", "qwen3moe"]
     assert {arch: layout.model_type for arch, layout in layouts.items()} == {
         "falcon": "falcon", "gemma3": "gemma3_text", "llama": "llama", "qwen2": "qwen2",
+        "qwen3moe": "qwen3_moe",
         "qwen3": "qwen3"}
     for layout in layouts.values():  # the family claiming that model_type reads the file
         assert registry.family_for_hf_config(

@@ -52,7 +52,10 @@ def test_mistral_without_window_keeps_none():
     ({"model_type": "qwen3", "sliding_window": 8,
       "layer_types": ["full_attention", "sliding_attention"]}, "only 1 of 2 layers"),
     ({"model_type": "gemma2"}, r"not supported; this tool converts falcon, gemma3_text, llama, "
-                               r"mistral, qwen2, qwen3"),
+                               r"mistral, mixtral, olmoe, qwen2, qwen3, qwen3_moe"),
+    ({"model_type": "mixtral", "num_local_experts": 4, "router_jitter_noise": 0.1},
+     "router_jitter_noise"),
+    ({"model_type": "olmoe", "num_experts": 4, "clip_qkv": 8.0}, "clip_qkv"),
 ])
 def test_what_cannot_be_converted_exactly_is_refused(extra, words):
     with pytest.raises(UnsupportedModelError, match=words):

@@ -250,7 +250,7 @@ def test_unsupported_architecture_is_refused(tmp_path, hf_llama):
     stderr = tool_error("hf_to_megatron.py", "--model_path", str(model), "--out",
                         str(tmp_path / "out"))
     assert "model_type 'gpt2'" in stderr
-    assert "llama, mistral, qwen2, qwen3" in stderr
+    assert "llama, mistral, mixtral, olmoe, qwen2, qwen3" in stderr
     _no_output(tmp_path)
 
 

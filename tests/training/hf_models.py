@@ -15,8 +15,9 @@ ARCHITECTURES = {
     "granite": dict(embedding_multiplier=2.0, attention_multiplier=0.2,
                     residual_multiplier=0.5, logits_scaling=2.0),
     "olmo2": dict(),
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                      decoder_sparse_step=1, head_dim=16),
+    # a mixture of experts with a shared expert (Qwen3-MoE and Mixtral are families now)
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32, decoder_sparse_step=1),
     "smollm3": dict(no_rope_layer_interval=2),
     "cohere": dict(logit_scale=0.5, tie_word_embeddings=True),
 }

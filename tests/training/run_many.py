@@ -116,7 +116,8 @@ def save_logits(job: dict) -> None:
     from megatron_ext.inference.loading import full_logits, load_for_inference
 
     loaded = load_for_inference(job["load"], int(job["tp"]), int(job["pp"]),
-                                vocab_file=job.get("vocab_file") or None)
+                                vocab_file=job.get("vocab_file") or None,
+                                ep=int(job.get("ep", 1)))
     logits = full_logits(loaded, torch.load(job["tokens"]))
     if logits is not None and loaded.layout.tp_rank == 0 and loaded.layout.dp_rank == 0:
         torch.save(logits.cpu(), job["out"])
@@ -161,13 +162,14 @@ def run_job(job: dict, directory: Path) -> int:
     return run_one(lambda: make_trainer(parse_config(job["argv"])).train(), log)
 
 
-def job_layout(job: dict) -> tuple[int, int, int] | None:
-    """The TP, PP and CP sizes a job makes megatron-core's groups for, where it says so
+def job_layout(job: dict) -> tuple[int, int, int, int] | None:
+    """The TP, PP, CP and EP sizes a job makes megatron-core's groups for, where it says so
     (a trainer run or a logits check; a tool or a helper may do anything)."""
     if WORLD == 1:
-        return 1, 1, 1
+        return 1, 1, 1, 1
     if "logits" in job:  # inference: CP 1
-        return int(job["logits"]["tp"]), int(job["logits"]["pp"]), 1
+        return (int(job["logits"]["tp"]), int(job["logits"]["pp"]), 1,
+                int(job["logits"].get("ep", 1)))
     if "tool" in job or "call" in job:
         return None
     try:
@@ -175,7 +177,7 @@ def job_layout(job: dict) -> tuple[int, int, int] | None:
     except (UserError, SystemExit):  # the job itself will report it
         return None
     return (parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-            parallel.context_parallel_size)
+            parallel.context_parallel_size, parallel.expert_model_parallel_size)
 
 
 def prepare_layout(job: dict) -> None:
@@ -187,7 +189,8 @@ def prepare_layout(job: dict) -> None:
         return
     current = (parallel_state.get_tensor_model_parallel_world_size(),
                parallel_state.get_pipeline_model_parallel_world_size(),
-               parallel_state.get_context_parallel_world_size())
+               parallel_state.get_context_parallel_world_size(),
+               parallel_state.get_expert_model_parallel_world_size())
     if job_layout(job) != current:
         release_groups()
 

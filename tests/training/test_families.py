@@ -20,6 +20,10 @@ SHARED_OPTIONS = {
     "qwen2": ["--tie_embed_logits"],  # QKV biases, RMSNorm eps 1e-6, RoPE base 1e6
     "qwen3": ["--kv_channels", "24"],  # per-head q/k RMSNorm, head size != hidden / heads
     "gemma3": ["--num_attention_heads_kv", "1"],  # its defaults: 1 + w norms, GeGLU, ...
+    # mixtures of experts (default 8, 128 and 64 experts): tests/*/test_moe*.py test them
+    "mixtral": ["--num_experts", "4"],
+    "olmoe": ["--num_experts", "4"],
+    "qwen3_moe": ["--num_experts", "4", "--mlp_only_layers", "0"],  # + a dense layer
 }
 
 

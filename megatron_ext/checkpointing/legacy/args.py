@@ -55,6 +55,8 @@ def resolve_model_args(model_args: Mapping[str, Any]) -> dict[str, Any]:
                         + ("query/key/value biases" if family.add_qkv_bias
                            else "query/key norms"))
     problems += model.settings.legacy_problems(model)  # the family's own settings
+    if model.num_experts:
+        problems.append(f"a mixture of {model.num_experts} experts")
     if resolved["kv_channels"] * resolved["num_attention_heads"] != resolved["hidden_size"]:
         problems.append(f"a head size (kv_channels {resolved['kv_channels']}) other than "
                         "hidden size / heads")
