@@ -5,7 +5,7 @@ Why: megatron-core assumes CUDA in a few dozen places (``device="cuda"``,
 grad clipping and the mixed-precision and distributed optimizers). On a machine
 without a GPU we still want real TP/PP/DP training, in fp32, bf16 and fp16, with the
 plain or the distributed optimizer, for tests and demos. :func:`enable_cpu_compat`
-applies eight patches, and only when ``torch.cuda.is_available()`` is false, so nothing
+applies nine patches, and only when ``torch.cuda.is_available()`` is false, so nothing
 changes on GPUs. See ``docs/notes/megatron-core-cpu.md`` for how each was found and
 shown necessary.
 
@@ -36,6 +36,9 @@ shown necessary.
    it without Transformer Engine (a ``NameError`` in every MoE router).
 8. The alltoall dispatcher's split sizes are numpy arrays on the host as on GPUs
    (``all_to_all_single`` refuses them as tensors).
+9. Tensor parallelism's all-gather and reduce-scatter of uneven shares (the alltoall
+   dispatcher's tokens at TP > 1 with expert parallelism) go through equal padded shares:
+   gloo refuses tensors of different sizes in one all-gather.
 """
 
 from __future__ import annotations
@@ -239,6 +242,56 @@ def _patch_alltoall_splits() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
+def _padded_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if tensor.shape[0] == rows:
+        return tensor.contiguous()
+    padding = tensor.new_zeros((rows - tensor.shape[0], *tensor.shape[1:]))
+    return torch.cat([tensor, padding])
+
+
+def _patch_uneven_tp_collectives() -> None:
+    """Patch 9: uneven all-gather / reduce-scatter along the first dimension, padded.
+
+    ``tensor_parallel/mappings.py`` ``_gather_along_first_dim`` and
+    ``_reduce_scatter_along_first_dim`` with split sizes (called by the alltoall token
+    dispatcher's ``dispatch_postprocess`` / ``combine_preprocess`` at TP > 1, where each
+    TP rank holds its own number of routed tokens) use ``all_gather`` / ``reduce_scatter``
+    of a list of tensors of different sizes; gloo refuses them (``ProcessGroupGloo::
+    allgather: invalid tensor size``). Every share is padded with zero rows to the largest
+    one, the equal-size collective runs, and the padding is dropped: the same sums and
+    the same rows, in the same order.
+    """
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = (mappings._gather_along_first_dim,
+                              mappings._reduce_scatter_along_first_dim)
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None,
+                                use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        rows = max(output_split_sizes)
+        output = input_.new_empty((group.size() * rows, *input_.shape[1:]))
+        dist.all_gather_into_tensor(output, _padded_rows(input_, rows), group=group)
+        return torch.cat([share[:size] for share, size in
+                          zip(output.split(rows), output_split_sizes)])
+
+    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None,
+                                        use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        rows = max(input_split_sizes)
+        shares = torch.split(input_, list(input_split_sizes), dim=0)
+        output = input_.new_empty((rows, *input_.shape[1:]))
+        dist.reduce_scatter_tensor(output, torch.cat([_padded_rows(share, rows)
+                                                      for share in shares]), group=group)
+        return output[:input_split_sizes[group.rank()]]
+
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
+
+
 def enable_cpu_compat() -> bool:
     """Apply the patches once if there is no CUDA device; returns whether they are active."""
     global _ENABLED, _MODE
@@ -251,6 +304,7 @@ def enable_cpu_compat() -> bool:
     _patch_cuda_streams()
     _patch_moe_utils()
     _patch_alltoall_splits()
+    _patch_uneven_tp_collectives()
     _MODE = CudaToCpu()
     _MODE.__enter__()
     _ENABLED = True

@@ -42,11 +42,13 @@ FAMILIES = ["mixtral", "qwen3_moe", "olmoe"]  # the variants beyond them: conver
 
 def family_of(variant: str) -> str:
     return variant.split("-")[0]
-LAYOUTS = {"ep2": dict(ep=2), "tp2": dict(tp=2), "pp2": dict(pp=2)}
+LAYOUTS = {"ep2": dict(ep=2), "tp2": dict(tp=2), "pp2": dict(pp=2),
+           "tp2ep2": dict(tp=2, ep=2)}  # (4 processes)
 # what each family is checked at beyond one process (Qwen3-MoE's attention is Qwen3's,
-# checked at TP=2/PP=2 in test_hf_weights.py; its experts are what EP=2 splits)
-PARALLEL = {"mixtral": ("ep2", "tp2", "pp2"), "qwen3_moe": ("ep2",), "qwen3_moe-dense": ("ep2",),
-            "olmoe": ("ep2", "tp2")}  # TP=2: OLMoE's q/k norms span the TP ranks' heads
+# checked at TP=2 in test_hf_weights.py; its experts are what EP=2 splits)
+PARALLEL = {"mixtral": ("ep2", "tp2", "pp2", "tp2ep2"), "qwen3_moe": ("ep2", "pp2", "tp2ep2"),
+            "qwen3_moe-dense": ("ep2",),
+            "olmoe": ("ep2", "tp2", "pp2", "tp2ep2")}  # TP: OLMoE's q/k norms span the ranks
 CASES = [(family, layout) for family in MOE for layout in ("tp1", *PARALLEL[family])]
 GENERATION = [("mixtral", "ep1"), ("mixtral", "tp2"), ("qwen3_moe", "ep1")]
 
@@ -153,8 +155,8 @@ TOKENS = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(
 
 @starts_early("moe_logits")
 def start_moe_logits(request):
-    """Each family imported here (in-process), then its logits at TP=1 (one process) and
-    at EP=2, TP=2 and PP=2 (one 2-process batch)."""
+    """Each family imported here (in-process), then its logits at TP=1 (one process), at
+    EP=2, TP=2 and PP=2 (one 2-process batch) and at TP=2 x EP=2 (one 4-process batch)."""
     from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
 
     root = request.getfixturevalue("tmp_path_factory").mktemp("moe_logits")
@@ -162,7 +164,7 @@ def start_moe_logits(request):
     import sentencepiece
 
     vocab = sentencepiece.SentencePieceProcessor(model_file=sp_model).get_piece_size()
-    expected, serial, parallel = {}, [], []
+    expected, serial, parallel, four = {}, [], [], []
     for family in MOE:
         model = hf_moe_model(family, vocab)
         hf_dir = root / f"{family}-hf"
@@ -173,8 +175,9 @@ def start_moe_logits(request):
         out = root / family
         import_hf(ImportConfig(model_path=str(hf_dir), out=str(out), progress=False))
         serial.append(logits_job(f"{family}-tp1", out, TOKENS, root / "logits"))
-        parallel += [logits_job(f"{family}-{name}", out, TOKENS, root / "logits",
-                                **LAYOUTS[name]) for name in PARALLEL[family]]
+        for name in PARALLEL[family]:
+            (four if name == "tp2ep2" else parallel).append(logits_job(
+                f"{family}-{name}", out, TOKENS, root / "logits", **LAYOUTS[name]))
         with torch.no_grad():  # transformers' greedy continuations
             expected[f"{family}-greedy"] = [model.generate(
                 torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=int),
@@ -186,9 +189,10 @@ def start_moe_logits(request):
                 (serial if layout == "ep1" else parallel).append(call_job(
                     f"{family}-generate-{layout}", f"{__name__}:greedy", str(out),
                     "1" if layout == "ep1" else "2"))
-    return (root, expected, serial + parallel,
-            start_runs(1, serial, root / "serial", early=True),
-            start_runs(2, parallel, root / "parallel", early=True))
+    return (root, expected, serial + parallel + four,
+            [start_runs(1, serial, root / "serial", early=True),
+             start_runs(2, parallel, root / "parallel", early=True),
+             start_runs(4, four, root / "four", early=True)])
 
 
 def greedy(load: str, tp: str) -> None:
@@ -209,8 +213,8 @@ def greedy(load: str, tp: str) -> None:
 
 @pytest.fixture(scope="module")
 def moe_logits(request) -> dict:
-    root, expected, jobs, serial, parallel = started("moe_logits", request)
-    results = {**serial.wait(), **parallel.wait()}
+    root, expected, jobs, launches = started("moe_logits", request)
+    results = {name: result for launch in launches for name, result in launch.wait().items()}
     got = {job["name"]: job_logits(results, job) for job in jobs if "logits" in job}
     for job in jobs:
         if "call" in job:

@@ -1,7 +1,7 @@
 """Mixtures of experts on megatron-core (models/moe.py, the compat layer's MoE patches):
 flags and layout checks in-process; training at EP=2 (alltoall and allgather dispatchers),
-DP=2, unpacked and packed, equal to one process; an EP=2 checkpoint resumed at EP=1 and
-at TP=2 on the same curve. Two shared batches (one per world size), 4 iterations each."""
+EP=2 x TP=2 and DP=2, unpacked and packed, equal to one process; an EP=2 checkpoint resumed at EP=1 and
+at TP=2 on the same curve. Three shared batches (one per world size), 4 iterations each."""
 
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ PARALLEL = {
     # batch): DoRA on the experts' and attention's, at EP=2
     "dora-ep2": EP2 + ["--peft", "dora", "--lr", "1e-2"],
 }
+# the 4-process runs: EP=2 x TP=2 (megatron-core's MoE needs sequence parallelism with TP)
+FOUR = {name: EP2 + ["--tensor_model_parallel_size", "2", "--sequence_parallel"] + flags
+        for name, flags in (("ep2-tp2", []), ("ep2-tp2-packed", PACKED))}
 SERIAL = {"ref": [], "ref-packed": PACKED}
 
 
@@ -58,7 +61,8 @@ def _argv(data, root: Path, name: str, flags) -> list[str]:
 
 @starts_early("moe_runs")
 def start_moe_runs(request):
-    """The serial references (one 1-process batch) and every 2-process run (one batch)."""
+    """The serial references (one 1-process batch), every 2-process run (one batch) and
+    every 4-process one (one batch)."""
     root = request.getfixturevalue("tmp_path_factory").mktemp("moe")
     data = request.getfixturevalue("train_data")
     serial = start_runs(1, [{"name": name, "argv": _argv(data, root, name, flags)}
@@ -66,13 +70,15 @@ def start_moe_runs(request):
     parallel = start_runs(2, [{"name": name, "argv": _argv(data, root, name, flags)}
                               for name, flags in PARALLEL.items()], root / "parallel",
                           early=True)
-    return root, serial, parallel
+    four = start_runs(4, [{"name": name, "argv": _argv(data, root, name, flags)}
+                          for name, flags in FOUR.items()], root / "four", early=True)
+    return root, serial, parallel, four
 
 
 @pytest.fixture(scope="module")
 def moe_runs(request) -> Path:
-    root, serial, parallel = started("moe_runs", request)
-    results = {**parallel.wait(), **serial.wait()}
+    root, serial, parallel, four = started("moe_runs", request)
+    results = {**parallel.wait(), **four.wait(), **serial.wait()}
     assert all(r.returncode == 0 for r in results.values()), {
         name: r.log[-3000:] for name, r in results.items() if r.returncode}
     return root
@@ -131,7 +137,8 @@ def assert_same_curve(got, want, rtol=2e-5):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [name for name in PARALLEL if "--peft" not in PARALLEL[name]])
+@pytest.mark.parametrize("name", [name for name in PARALLEL if "--peft" not in PARALLEL[name]]
+                         + list(FOUR))
 def test_expert_and_data_parallel_training_matches_one_process(moe_runs, name):
     """Losses (the masked loss and the aux losses), grad norms: EP=2 starts from the
     experts EP=1 has (per-expert seeding) and routes every token (dropless)."""
