@@ -1,6 +1,6 @@
 """Mixtures of experts on megatron-core (models/moe.py, the compat layer's MoE patches):
 flags and layout checks in-process; training at EP=2 (alltoall and allgather dispatchers),
-EP=2 x TP=2 and DP=2, unpacked and packed, equal to one process; an EP=2 checkpoint resumed at EP=1 and
+EP=2 x TP=2, DP=2, PP=2 and CP=2, unpacked and packed, equal to one process; an EP=2 checkpoint resumed at EP=1 and
 at TP=2 on the same curve. Three shared batches (one per world size), 4 iterations each."""
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ PARALLEL = {
     "ep2": EP2 + ["--save_interval", "2"],  # its iteration-2 checkpoint is resumed later
     "ep2-packed-allgather": EP2 + PACKED + ["--moe_token_dispatcher_type", "allgather"],
     "dp2": [],
+    # the experts whole on each rank, the layers or the sequence split
+    "pp2": ["--pipeline_model_parallel_size", "2"],
+    "cp2-packed": ["--context_parallel_size", "2"] + PACKED,
     # LoRA on attention and on every expert's linears, from the EP=2 run (before it in the
     # batch): DoRA on the experts' and attention's, at EP=2
     "dora-ep2": EP2 + ["--peft", "dora", "--lr", "1e-2"],
