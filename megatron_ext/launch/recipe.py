@@ -137,12 +137,12 @@ def plan_text(config: SFTConfig, exp: Experiment, commands: list[list[str]], not
              f"  data: {config.dataset_path}"]
     lines += [f"  {note}" for note in notes]
     p = config.parallel
-    cp = p.context_parallel_size
+    cp, ep = p.context_parallel_size, p.expert_model_parallel_size
     dp = config.world_size // p.model_parallel_size
     lines.append(f"  layout: {config.num_nodes} node(s) x {config.num_gpus} process(es) = TP "
                  f"{p.tensor_model_parallel_size} x PP "
                  f"{p.pipeline_model_parallel_size} x " + (f"CP {cp} x " if cp > 1 else "")
-                 + f"DP {dp}; micro batch "
+                 + f"DP {dp}" + (f" (experts: EP {ep})" if ep > 1 else "") + "; micro batch "
                  f"{config.micro_batch_size}, global batch {config.global_batch_size}")
     lines.append(f"  steps: {exp.train_iters}; lr {config.learning_rate:g} "
                  f"({config.peft.peft or 'full finetuning'})")

@@ -489,3 +489,25 @@ def test_a_missing_validation_split_is_said_once(tmp_path, launcher, caplog):
     assert find_splits(str(only_training)).notes[1] == (
         "no test split (test.jsonl): the model is not evaluated after training (it is still "
         "exported)")
+
+
+def test_a_mixture_of_experts_base_is_planned_with_expert_parallelism(tmp_path):
+    """A Mixtral base: the plan passes EP to the trainer; an EP that does not divide the
+    processes is refused before anything runs."""
+    from megatron_ext.launch.recipe import run_sft
+
+    base = model_config(tmp_path / "model", architectures=["MixtralForCausalLM"],
+                        model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
+
+    def plan(*extra):
+        return run_sft(parse("-E", "moe", "--dataset_path", str(SAMPLE), "--hf_model_id",
+                             str(base), "--experiments_dir", str(tmp_path / "exps"), "-G", "2",
+                             "-g", "16", "-m", "4", "--epochs", "1", "--dry_run", *extra))
+
+    outcome = plan("--expert_model_parallel_size", "2")
+    assert outcome.state == "planned"
+    assert "--expert_model_parallel_size 2" in outcome.message
+    assert "TP 1 x PP 1 x DP 2 (experts: EP 2); micro batch 4" in outcome.message
+    with pytest.raises(ConfigError, match="not divisible by TP 1 x PP 1 x EP 3"):
+        plan("--expert_model_parallel_size", "3")
+    assert not (tmp_path / "exps" / "moe").exists()
