@@ -15,7 +15,15 @@ import torch
 from megatron_ext.models.families import get_family
 from megatron_ext.models.family import UnsupportedModelError
 from megatron_ext.models.hf_moe import config_experts
-from tests.runs import call_job, job_logits, logits_job, start_runs, started, starts_early
+from tests.runs import (
+    call_job,
+    job_logits,
+    logits_job,
+    start_runs,
+    started,
+    starts_early,
+    tool_job,
+)
 
 # std 0.2: clear margins between the best two next tokens (greedy generation compared)
 SHAPE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -184,6 +192,17 @@ def start_moe_logits(request):
                 do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                 eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
                 for prompt in PROMPTS]
+        if family == "mixtral":  # tools/evaluate.py at EP=1 (one process) and TP=2 (two)
+            qa = root / "qa.jsonl"
+            qa.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in
+                                  (("Hello world", "a reply"), ("numbers 12345", "42 is"))))
+            for tp, batch in (("1", serial), ("2", parallel)):
+                batch.append(tool_job(
+                    f"mixtral-evaluate-tp{tp}", "evaluate.py", "--load", str(out), "--input",
+                    str(qa), "--chat_format", "template", "--prompt_template",
+                    "Q: {input}\nA: {output}", "--max_new_tokens", "4", "-T", tp,
+                    "--summary_json", str(root / f"evaluate-tp{tp}.json"), "--output",
+                    str(root / f"evaluate-tp{tp}.jsonl")))
         for name, layout in GENERATION:
             if name == family:
                 (serial if layout == "ep1" else parallel).append(call_job(
@@ -229,6 +248,20 @@ def moe_logits(request) -> dict:
 def test_greedy_generation_equals_transformers(moe_logits, family, layout):
     expected, got, _ = moe_logits
     assert got[f"{family}-generate-{layout}"] == expected[f"{family}-greedy"]
+
+
+@pytest.mark.slow
+def test_evaluation_at_tp2_equals_one_process(moe_logits):
+    """tools/evaluate.py on a Mixtral: the answer loss, the predictions and their scores at
+    TP=2 are those of one process (whose logits equal transformers', above)."""
+    root = moe_logits[2]
+    one, two = (json.loads((root / f"evaluate-tp{tp}.json").read_text()) for tp in (1, 2))
+    assert one["records"] == two["records"] == 2 and one["answer_tokens"] > 0
+    assert two["answer_loss"] == pytest.approx(one["answer_loss"], rel=1e-5)
+    assert (two["exact_match"], two["f1"]) == (one["exact_match"], one["f1"])
+    rows = [[json.loads(line)["prediction"] for line in
+             (root / f"evaluate-tp{tp}.jsonl").read_text().splitlines()] for tp in (1, 2)]
+    assert rows[0] == rows[1]
 
 
 @pytest.mark.slow
