@@ -24,6 +24,7 @@ from tests.runs import (
     starts_early,
     tool_job,
 )
+from tests.tools.test_peft_export import run_args
 
 # std 0.2: clear margins between the best two next tokens (greedy generation compared)
 SHAPE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -192,7 +193,15 @@ def start_moe_logits(request):
                 do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                 eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
                 for prompt in PROMPTS]
-        if family == "mixtral":  # tools/evaluate.py at EP=1 (one process) and TP=2 (two)
+        if family == "mixtral":
+            # the trainer's command as the launcher writes it for this base: --load of the
+            # Hugging Face directory itself (imported into a cache), at EP=2
+            data = request.getfixturevalue("imported_train_data")
+            parallel.append({"name": "mixtral-from-hf", "argv": run_args(
+                data["prefix"], hf_dir, root / "from-hf", iters=2) + [
+                "--auto_resume", "--use_checkpoint_args", "--import_cache_dir",
+                str(root / "import-cache"), "--expert_model_parallel_size", "2"]})
+            # tools/evaluate.py at EP=1 (one process) and TP=2 (two)
             qa = root / "qa.jsonl"
             qa.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in
                                   (("Hello world", "a reply"), ("numbers 12345", "42 is"))))
@@ -248,6 +257,22 @@ def moe_logits(request) -> dict:
 def test_greedy_generation_equals_transformers(moe_logits, family, layout):
     expected, got, _ = moe_logits
     assert got[f"{family}-generate-{layout}"] == expected[f"{family}-greedy"]
+
+
+@pytest.mark.slow
+def test_the_launchers_trainer_command_trains_from_the_hf_directory(moe_logits):
+    """``--load HF_DIR --auto_resume --use_checkpoint_args --import_cache_dir``, what
+    ``sft.py`` runs for a Mixtral base: imported once, trained at EP=2, checkpointed."""
+    from tests.runs import train_metrics
+
+    root = moe_logits[2]
+    metrics = train_metrics(root / "from-hf")
+    assert [r["iteration"] for r in metrics] == [1, 2]
+    model = json.loads((root / "from-hf" / "iter_0000002" / "run_config.json").read_text())[
+        "model"]
+    assert (model["model_name"], model["num_experts"]) == ("mixtral", 4)
+    assert (root / "from-hf" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    assert list((root / "import-cache").iterdir())
 
 
 @pytest.mark.slow
