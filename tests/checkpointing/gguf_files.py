@@ -124,6 +124,24 @@ def tokenizer_metadata(tokenizer_file: Path) -> dict:
             "bos": specials["<|begin_of_text|>"], "eos": specials["<|end_of_text|>"]}
 
 
+def add_shape(writer, arch: str, config) -> None:
+    """The model's sizes, head layout, norm epsilon and RoPE base as llama.cpp's keys."""
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if arch == "llama":
+        writer.add_rope_dimension_count(head_dim)
+    else:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+
+
 def add_tokenizer(writer, vocab: dict) -> None:
     """``vocab`` (:func:`tokenizer_metadata`) into a ``gguf.GGUFWriter``'s metadata."""
     writer.add_tokenizer_model(vocab["model"])
@@ -172,20 +190,7 @@ def write_gguf(path: Path, variant: str, tokenizer_file: Path, types=None,
     arch = ARCHITECTURE[kind]
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if arch == "llama":
-        writer.add_rope_dimension_count(head_dim)
-    else:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    add_shape(writer, arch, config)
     writer.add_vocab_size(config.vocab_size)
     add_tokenizer(writer, vocab)
     writer.add_chat_template(CHAT_TEMPLATE)

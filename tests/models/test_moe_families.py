@@ -361,24 +361,17 @@ def write_moe_gguf(path: Path, family: str, model, sp_model: str) -> Path:
     ``ffn_down_exps`` ``[E, H, F]``), the router as ``ffn_gate_inp``; experts in float16."""
     import gguf
 
-    from tests.checkpointing.gguf_files import add_tokenizer, permute_heads, tokenizer_metadata
+    from tests.checkpointing.gguf_files import (
+        add_shape,
+        add_tokenizer,
+        permute_heads,
+        tokenizer_metadata,
+    )
 
     arch, config = GGUF_ARCH[family], model.config
     writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if arch == "llama":
-        writer.add_rope_dimension_count(head_dim)
-    else:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    add_shape(writer, arch, config)
+    if arch != "llama":
         writer.add_expert_weights_norm(bool(config.norm_topk_prob))
     writer.add_expert_count(config.num_local_experts)
     writer.add_expert_used_count(config.num_experts_per_tok)
