@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Optional
 
 from megatron_ext.checkpointing.forms import checkpoint_directory
 from megatron_ext.checkpointing.run_config import load_run_config, write_run_config
-from megatron_ext.checkpointing.tracker import TRACKER, iteration_dir, write_tracker
+from megatron_ext.checkpointing.tracker import TRACKER, iteration_dir, loading, write_tracker
 from megatron_ext.errors import CheckpointError
 from megatron_ext.io import STAGING_SUFFIX, StagedDirectory, read_json, write_json
 
@@ -87,15 +87,8 @@ def load_dcp(load: str, state: dict) -> tuple[str, "Progress", dict]:
         raise CheckpointError(f"--load {load}: no checkpoint of the hf backend there (no "
                               f"{TRACKER} naming one); check the path")
     common = read_json(os.path.join(directory, COMMON), CheckpointError)
-    try:
+    with loading(directory):
         dcp.load(state, checkpoint_id=directory)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # torch's CheckpointException is a BaseException
-        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        raise CheckpointError(
-            f"checkpoint {directory} cannot be loaded ({type(exc).__name__}: {detail}); it is "
-            "damaged or was written for another model (see its run_config.json)") from None
     progress = Progress(common["iteration"], common["consumed_samples"],
                         common["consumed_tokens"])
     return directory, progress, common

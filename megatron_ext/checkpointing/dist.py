@@ -48,6 +48,7 @@ from megatron_ext.checkpointing.tracker import (
     TRACKER,
     iteration_dir,
     latest_iteration,
+    loading,
     write_tracker,
 )
 from megatron_ext.checkpointing.unsharded import TensorDictReader, is_unsharded, load_unsharded
@@ -228,16 +229,8 @@ def load_checkpoint(root: str, train: TrainState, weights_only: bool,
             if layout.is_logger:
                 logger.info("checkpoint layout %s differs from this run's: RNG state not "
                             "restored", saved)
-    try:
+    with loading(directory):
         loaded = dist_checkpointing.load(state, directory)  # common state comes back merged
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as exc:  # torch's CheckpointException is a BaseException
-        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        raise CheckpointError(
-            f"checkpoint {directory} cannot be loaded ({type(exc).__name__}: {detail}); it is "
-            "damaged or was written for a different model shape (see its run_config.json)"
-        ) from None
     load_model_weights(train.model, loaded["model"], directory, train.parts)
     if weights_only:
         return iteration, Progress()

@@ -8,8 +8,9 @@ errors and its atomic replacement live here once.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 from megatron_ext.errors import CheckpointError
 from megatron_ext.io import write_text
@@ -68,3 +69,20 @@ def iteration_dir(root: str, iteration: Iteration) -> str:
 def write_tracker(root: str, iteration: Iteration) -> None:
     """Point the tracker at ``iteration`` (replaced atomically: never half a number)."""
     write_text(os.path.join(root, TRACKER), f"{iteration}\n")
+
+
+@contextlib.contextmanager
+def loading(directory: str) -> Iterator[None]:
+    """Any failure of a checkpoint library's load inside, as a :class:`CheckpointError`
+    naming the directory (torch's ``CheckpointException`` is a ``BaseException``, and its
+    message runs to pages: its first line is kept)."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"checkpoint {directory} cannot be loaded ({type(exc).__name__}: {detail}); it is "
+            "damaged or was written for a different model shape (see its run_config.json)"
+        ) from None
