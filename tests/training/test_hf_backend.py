@@ -2,9 +2,10 @@
 the same initial weights, FSDP2 at DP=2, packing, exact resume (at another DP size),
 the export, and the errors that come before any process group.
 
-Cost: one batch per world size, started early; the megatron runs here are the only
-ones of the suite that start from the same Hugging Face weights as the hf runs, so
-they cannot be taken from another module's batches."""
+Cost: one batch per world size, started early (Qwen2 and Gemma 3 add 8 short runs to
+the one-process batch); the megatron runs here are the only ones of the suite that start
+from the same Hugging Face weights as the hf runs, so they cannot be taken from another
+module's batches."""
 
 from __future__ import annotations
 
@@ -73,8 +74,8 @@ def make_cross_model(root: Path, sp_model: str, family: str) -> Path:
 @starts_early("hf_runs")
 def start_hf_runs(request):
     """Every run of this module but the resume: the one-process batch (each backend,
-    padded and packed, on Llama and on each of :data:`CROSS`, adapters, recompute, compile, bf16), the two-process one (FSDP2
-    padded and packed, TP=2) and the four-process one (TP=2 x DP=2 stopped at iteration 2,
+    padded and packed, on Llama and on each of :data:`CROSS`; adapters, recompute,
+    compile, bf16), the two-process one (FSDP2 padded and packed, TP=2) and the four-process one (TP=2 x DP=2 stopped at iteration 2,
     which the serial resume continues at TP=1, DP=1)."""
     root = request.getfixturevalue("tmp_path_factory").mktemp("hf_runs")
     data = request.getfixturevalue("imported_train_data")
