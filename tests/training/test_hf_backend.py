@@ -447,3 +447,32 @@ def test_checkpoint_util_says_what_an_hf_backend_checkpoint_is(tmp_path):
                        r"tools/megatron_to_hf.py exports it"):
         tool_main("checkpoint_util.py")(["merge", "--load", str(tmp_path), "--out",
                                          str(tmp_path / "out")])
+
+
+def test_a_gguf_file_trains_on_the_hf_backend_with_its_own_tokenizer(tmp_path,
+                                                                      hf_tokenizer_dir):
+    """``--backend hf --load model.gguf`` without --vocab_file: the file's own tokenizer,
+    rebuilt once (transformers' conversion) into the run's import cache and reused by the
+    next run (and by every rank: one lock, one published folder)."""
+    import transformers
+
+    from megatron_ext.tokenizers import build_tokenizer
+    from megatron_ext.training.plan import resolve
+    from tests.checkpointing.gguf_files import write_gguf
+
+    gguf, _ = write_gguf(tmp_path / "tiny.gguf", "llama-tied",
+                         Path(hf_tokenizer_dir) / "tokenizer.json")
+    flags = ("--backend", "hf", "--save", str(tmp_path / "run"))
+    tokenizer = resolve(_config(gguf, *flags), world_size=1).config.tokenizer
+    folder = Path(tokenizer.vocab_file)
+    assert folder.parent == tmp_path / "run" / "imported_models"
+    assert folder.name.startswith("tiny-") and folder.name.endswith(".tokenizer")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    text = "The quick brown fox: what is 2+2? Ünïcode too."
+    ours = build_tokenizer(tokenizer.config())
+    assert ours.encode(text) == theirs.encode(text, add_special_tokens=False)
+    assert ours.bos_id == theirs.bos_token_id and ours.eos_id == theirs.eos_token_id
+    written = (folder / "tokenizer.json").stat().st_mtime_ns
+    again = resolve(_config(gguf, *flags), world_size=1).config.tokenizer
+    assert again.vocab_file == tokenizer.vocab_file
+    assert (folder / "tokenizer.json").stat().st_mtime_ns == written  # reused, not rewritten
