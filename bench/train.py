@@ -96,8 +96,9 @@ backend (``--backend hf``: transformers' own LlamaForCausalLM, FSDP2) from that 
 exported once with tools/megatron_to_hf.py (the same weights and tokenizer), the same
 data, packing per epoch and global batch, at DP=1 (one process, every CPU a thread) and
 DP=2 (two processes, the CPUs split), and the hf backend with ``--compile`` (inductor) at
-DP=1. Printed: real tokens/s and peak memory (rank 0's resident set, the largest at a logged step) per run, and
-the ratios hf/megatron, DP=2/DP=1 and compiled/eager of runs measured in this one call.
+DP=1. Printed: real tokens/s and peak memory (rank 0's resident set, the largest at a
+logged step) per run, and the ratios hf/megatron, DP=2/DP=1 and compiled/eager of runs
+measured in this one call.
 
   python bench/train.py --smollm2 --backend both  # ~10 minutes on 2 idle cores
 """
