@@ -77,8 +77,9 @@ def prepare(workdir: str, seq_length: int) -> tuple[str, str, str]:
 
 def run(name: str, nproc: int, gguf: str, cache: str, prefix: str, args, workdir: str,
         helpers, extra: tuple = (), micro_batch_size: int | None = None) -> dict:
-    """One torchrun from the GGUF; its summary (``bench/train.py``'s) with ``text`` (the
-    log) and ``save`` (the run's directory) added. ``extra``: more finetune.py flags;
+    """One torchrun from the GGUF (or, ``cache`` None, the model directory ``gguf``); its
+    summary (``bench/train.py``'s) with ``text`` (the log) and ``save`` (the run's
+    directory) added. ``extra``: more finetune.py flags;
     ``micro_batch_size``: default the global batch split over the processes."""
     save = os.path.join(workdir, name)
     shutil.rmtree(save, ignore_errors=True)
@@ -88,7 +89,8 @@ def run(name: str, nproc: int, gguf: str, cache: str, prefix: str, args, workdir
 
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(free_port()), os.path.join(REPO, "finetune.py"),
-               "--load", gguf, "--import_cache_dir", cache, "--data_path", prefix,
+               "--load", gguf, *(("--import_cache_dir", cache) if cache else ()),
+               "--data_path", prefix,
                "--split", "100,0,0", "--seq_length", str(args.seq_length),
                "--variable_seq_lengths", "--pack_sequences", "--micro_batch_size",
                str(micro_batch_size or args.global_batch_size // nproc), "--global_batch_size",

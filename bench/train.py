@@ -89,6 +89,18 @@ tokens/s it implies (the measured positions/s x (1 - that padding): a few measur
 see a few batches). Target: after/before real tokens/s >= 1.3, both ways.
 
   python bench/train.py --smollm2                 # ~4 minutes on 2 idle cores
+
+The two training backends on the same real model (``--smollm2 --backend both``, or one of
+``megatron``, ``hf``): the megatron backend from the GGUF's import, the Hugging Face
+backend (``--backend hf``: transformers' own LlamaForCausalLM, FSDP2) from that import
+exported once with tools/megatron_to_hf.py (the same weights and tokenizer), the same
+data, packing per epoch and global batch, at DP=1 (one process, every CPU a thread) and
+DP=2 (two processes, the CPUs split), and the hf backend with ``--compile`` (inductor) at
+DP=1. Printed: real tokens/s and peak memory (rank 0's resident set, the largest at a
+logged step) per run, and the ratios hf/megatron, DP=2/DP=1 and compiled/eager of runs
+measured in this one call.
+
+  python bench/train.py --smollm2 --backend both  # ~10 minutes on 2 idle cores
 """
 
 from __future__ import annotations
@@ -564,15 +576,21 @@ def main() -> None:
                              "all-to-all's share)")
     parser.add_argument("--moe_experts", type=int, default=8,
                         help="--moe: experts per layer (default: %(default)s)")
+    parser.add_argument("--backend", choices=("megatron", "hf", "both"), default=None,
+                        help="--smollm2: these training backends instead of the packing "
+                             "comparison, each at DP=1 and DP=2, and the hf backend's "
+                             "--compile (inductor) at DP=1")
     args = parser.parse_args()
     if args.moe:
         return main_moe(args)
     if args.optimizer:
         return main_optimizer(args)
+    if args.backend and not args.smollm2:
+        parser.error("--backend needs --smollm2 (the real model)")
     if args.smollm2:
         if args.smollm2_iters < 2:
             parser.error("--smollm2 needs --smollm2_iters >= 2")
-        return main_smollm2(args)
+        return main_backends(args) if args.backend else main_smollm2(args)
     if args.long:
         if args.long_iters < 2 or args.long_seq_length % 4:
             parser.error("--long needs --long_iters >= 2 and --long_seq_length a multiple of 4")
@@ -763,6 +781,78 @@ def main_smollm2(args) -> None:
           f"{epoch_gain:.2f}x at an epoch's padding (positions/s x (1 - epoch padding)); "
           f"target >= {TARGET_PACKING_GAIN}x")
     if max(s["other_cpu"] for s in runs.values()) > 0.10:
+        print("note: other processes used over 10% of the CPUs during a run: times are noisy")
+    print(f"wall time: {time.perf_counter() - wall:.0f} s")
+
+
+def main_backends(args) -> None:
+    """``--smollm2 --backend``: the backends' real tokens/s and peak memory at DP=1 and
+    DP=2, and the hf backend's compiled run (see the module's docstring)."""
+    wall = time.perf_counter()
+    spec = importlib.util.spec_from_file_location(
+        "bench_smollm2", os.path.join(REPO, "bench", "finetune_smollm2.py"))
+    smollm2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smollm2)
+    from megatron_ext.checkpointing.import_cache import ImportOptions, ensure_imported
+    from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
+
+    backends = ("megatron", "hf") if args.backend == "both" else (args.backend,)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench-train-backends-")
+    os.makedirs(workdir, exist_ok=True)
+    runs: dict[str, dict] = {}
+    try:
+        print(f"importing SmolLM2 and preprocessing the sample in {workdir} ...", flush=True)
+        gguf, cache, prefix = smollm2.prepare(workdir, args.seq_length)
+        settings = argparse.Namespace(
+            seq_length=args.seq_length, global_batch_size=args.smollm2_global_batch_size,
+            iters=args.smollm2_iters, warmup=1, timeout=args.timeout)
+        this = sys.modules[__name__]
+        micro = args.smollm2_micro_batch_size
+        cases = []  # (name, nproc, load, cache, flags)
+        if "megatron" in backends:
+            cases += [(f"megatron-dp{n}", n, gguf, cache, ()) for n in (1, 2)]
+        if "hf" in backends:
+            cached = ensure_imported(gguf, cache, ImportOptions())
+            tokenizer = tokenizer_config_from_run(cached.path, cached.run_config)
+            model = os.path.join(workdir, "hf-model")
+            if not os.path.isdir(model):
+                subprocess.run([sys.executable, os.path.join(REPO, "tools", "megatron_to_hf.py"),
+                                "--load", cached.path, "--out", model, "--no_progress"],
+                               env=dict(os.environ, PYTHONPATH=REPO), cwd=REPO, check=True,
+                               stdout=subprocess.DEVNULL)
+            flags = ("--backend", "hf", "--tokenizer_type", tokenizer.tokenizer_type,
+                     "--vocab_file", tokenizer.vocab_file)
+            cases += [(f"hf-dp{n}", n, model, None, flags) for n in (1, 2)]
+            cases.append(("hf-dp1-compiled", 1, model, None, (*flags, "--compile")))
+        for name, nproc, load, cached_in, flags in cases:
+            runs[name] = smollm2.run(name, nproc, load, cached_in, prefix, settings, workdir,
+                                     this, flags, micro_batch_size=micro)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"\nSmolLM2-135M, data/sample at seq {args.seq_length}, packed per epoch, micro "
+          f"batch {args.smollm2_micro_batch_size}, global batch "
+          f"{args.smollm2_global_batch_size}, {args.smollm2_iters} steps (the first a "
+          f"warm-up), {_cpus()} CPU(s); DP=2: 2 processes x {max(1, _cpus() // 2)} thread(s)")
+    header = f"{'':<18}{'real tok/s':>11}{'step s':>9}{'peak MB':>9}{'loss':>9}{'other %':>9}"
+    print(header)
+    print("-" * len(header))
+    for name, s in runs.items():
+        print(f"{name:<18}{s['real_tokens_per_sec']:>11,.0f}{s['iter_time']:>9.2f}"
+              f"{s['peak_mb']:>9,.0f}{s['loss']:>9.4f}{100 * s['other_cpu']:>9.0f}")
+
+    def ratio(a: str, b: str, label: str) -> None:
+        if a in runs and b in runs:
+            speed = runs[a]["real_tokens_per_sec"] / runs[b]["real_tokens_per_sec"]
+            print(f"{label}: real tokens/s {speed:.2f}x, peak memory "
+                  f"{runs[a]['peak_mb'] / runs[b]['peak_mb']:.2f}x")
+
+    for n in (1, 2):
+        ratio(f"hf-dp{n}", f"megatron-dp{n}", f"hf / megatron at DP={n}")
+    for backend in backends:
+        ratio(f"{backend}-dp2", f"{backend}-dp1", f"{backend}: DP=2 / DP=1")
+    ratio("hf-dp1-compiled", "hf-dp1", "hf: --compile (inductor) / eager at DP=1")
+    if runs and max(s["other_cpu"] for s in runs.values()) > 0.10:
         print("note: other processes used over 10% of the CPUs during a run: times are noisy")
     print(f"wall time: {time.perf_counter() - wall:.0f} s")
 

@@ -381,3 +381,37 @@ def ensure_hf_form(entry: str, export: Callable[[str], object]) -> tuple[str, bo
                 return out, True
     logger.info("%s: reusing its Hugging Face form %s", entry, out)
     return out, False
+
+
+# ---------------------------------------------------------------- a GGUF file's tokenizer
+def _tokenizer_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "tokenizer.json"))  # published by a rename only
+
+
+def ensure_gguf_tokenizer(source: str, cache_dir: str) -> str:
+    """The folder of the GGUF file ``source``'s own tokenizer (``tokenizer.json`` and its
+    config, transformers' conversion, as an import writes them), written once into
+    ``<cache_dir>/<name>-<key>.tokenizer`` (the key: the file's size and time) under a
+    lock and shared by every rank and later run: what the hf backend, which reads the
+    weights with transformers' ``gguf_file``, tokenizes with when no --vocab_file is given."""
+    from megatron_ext.io import staged_directory
+    from megatron_ext.models.gguf_checkpoint import GGUFModel
+
+    path = os.path.abspath(source)
+    key = cache_key({"format": "gguf-tokenizer", "files": {os.path.basename(path): _stat(path)}})
+    root = os.path.abspath(cache_dir)
+    out = os.path.join(root, entry_name(path, key) + ".tokenizer")
+    if not _tokenizer_complete(out):
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f"cannot create the import cache {root} ({exc}); choose "
+                                  "another with --import_cache_dir") from None
+        with _entry_lock(out, True, _tokenizer_complete) as lock:
+            if lock is not None and not _tokenizer_complete(out):
+                logger.info("writing the tokenizer of %s into %s", source, out)
+                with staged_directory(out, overwrite=True) as staging:
+                    GGUFModel(path).write_tokenizer(staging)
+                return out
+    logger.info("%s: reusing its tokenizer cached in %s", source, out)
+    return out

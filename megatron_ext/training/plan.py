@@ -228,7 +228,7 @@ def _plan_hf(config: TrainConfig, steps: list[str], world_size: int,
         source, hf_config = c.load, model_config(c.load)
         if not config.tokenizer.vocab_file:
             config = dataclasses.replace(config, tokenizer=model_dir_tokenizer(
-                config.tokenizer, c.load))
+                config.tokenizer, c.load, c))
     else:
         raise ConfigError(f"--backend hf: --load {c.load} is neither a Hugging Face model "
                           "(a directory with config.json, a .gguf file) nor a checkpoint of "
@@ -249,16 +249,27 @@ def _plan_hf(config: TrainConfig, steps: list[str], world_size: int,
                    steps=tuple(steps), backend="hf", hf_model=source, hf_config=hf_config)
 
 
-def model_dir_tokenizer(tokenizer: TokenizerArgs, load: str) -> TokenizerArgs:
+def model_dir_tokenizer(tokenizer: TokenizerArgs, load: str,
+                        checkpoint: Optional[CheckpointArgs] = None) -> TokenizerArgs:
     """The tokenizer of the Hugging Face model ``load`` as an import takes it: its own ids
-    (none of Megatron-LLM's additions) and the flags' extra tokens."""
+    (none of Megatron-LLM's additions) and the flags' extra tokens. A GGUF file's own is
+    rebuilt once into the run's import cache (``checkpoint``'s; without it: refused)."""
     from megatron_ext.checkpointing.hf_import import tokenizer_source
     from megatron_ext.hf_native.model import model_files
 
     directory, gguf = model_files(load)
     if gguf is not None:
-        raise ConfigError(f"--backend hf with {load}: pass the tokenizer with --vocab_file "
-                          "(a GGUF file's own is not read here)")
+        if checkpoint is None:
+            raise ConfigError(f"--backend hf with {load}: pass the tokenizer with "
+                              "--vocab_file (a GGUF file's own is not read here)")
+        from megatron_ext.checkpointing.import_cache import (
+            default_cache_dir,
+            ensure_gguf_tokenizer,
+        )
+
+        directory = ensure_gguf_tokenizer(os.path.join(directory, gguf),
+                                          checkpoint.import_cache_dir
+                                          or default_cache_dir(checkpoint.save))
     kind, vocab_file = tokenizer_source(None, tokenizer.tokenizer_type, lambda: directory, load)
     return dataclasses.replace(tokenizer, tokenizer_type=kind, vocab_file=vocab_file,
                                megatron_llm_specials=False)

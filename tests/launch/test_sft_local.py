@@ -64,11 +64,19 @@ LORA = ("--peft", "lora", "--peft_dim", "8")  # the Slurm tests run full finetun
 
 
 @pytest.fixture(scope="module")
-def experiments(tmp_path_factory, base_model) -> dict:
-    """LoRA experiment "a" straight (then again), and "b" (the same settings) stopped by
-    SIGTERM after 3 logged steps and relaunched. "b" starts once "a" has imported the base
-    and tokenized the data (so "b" reuses both), and then trains beside "a": each launch
-    keeps one core busy, and the machine has two."""
+def phi3_model(tmp_path_factory, sp_model) -> Path:
+    """A tiny Phi-3: no family claims it, so the launcher trains it on the hf backend."""
+    from tests.training.hf_models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("sft_phi3") / "phi3", sp_model, "phi3")
+
+
+@pytest.fixture(scope="module")
+def experiments(tmp_path_factory, base_model, phi3_model) -> dict:
+    """LoRA experiment "a" straight (then again) on Llama (megatron backend); on a Phi-3
+    (the hf backend, chosen by the launcher), "c" straight and "b" (the same settings)
+    stopped by SIGTERM after 3 logged steps and relaunched. "b" and "c" start once "a"
+    has tokenized the data, and then train beside "a"."""
     root = tmp_path_factory.mktemp("experiments")
     data = dataset(root / "data")
     # with its progress shown (stdout and stderr are files, not a terminal: plain lines)
@@ -82,9 +90,12 @@ def experiments(tmp_path_factory, base_model) -> dict:
     while (time.monotonic() < deadline and first_proc.poll() is None
            and not list(root.glob(".tokenized/*/done.json"))):
         time.sleep(0.05)
-    b = sft_args("b", base_model, data, root, *LORA, "--no_baseline")  # "a" shows it
+    b = sft_args("b", phi3_model, data, root)
     proc = subprocess.Popen(b, env=child_env(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    straight = subprocess.Popen(sft_args("c", phi3_model, data, root), env=child_env(),
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
     metrics = root / "b" / "checkpoints" / "metrics.jsonl"
     while time.monotonic() < deadline and proc.poll() is None:
         if metrics.exists() and len(train_metrics(metrics.parent)) >= 3:
@@ -94,6 +105,7 @@ def experiments(tmp_path_factory, base_model) -> dict:
     stopped_output = proc.communicate(timeout=300)[0]
     stopped_code = proc.returncode
     resumed = run(b)
+    straight_output = straight.communicate(timeout=400)[0]
     first_proc.wait(timeout=400)
     for handle in outputs.values():
         handle.seek(0)
@@ -103,7 +115,8 @@ def experiments(tmp_path_factory, base_model) -> dict:
         handle.close()
     again = run(sft_args("a", base_model, data, root, *LORA))
     return {"root": root, "data": data, "first": first, "again": again,
-            "stopped": (stopped_code, stopped_output), "resumed": resumed}
+            "stopped": (stopped_code, stopped_output), "resumed": resumed,
+            "straight": (straight.returncode, straight_output)}
 
 
 def test_one_command_trains_evaluates_and_exports(experiments):
@@ -194,16 +207,25 @@ def test_rerunning_a_finished_experiment_says_so(experiments):
 
 
 def test_sigterm_then_the_same_command_resumes_on_the_straight_curve(experiments):
+    """On the hf backend (a Phi-3, which no family claims): SIGTERM saves, the same
+    command resumes from the checkpoint and finishes on the straight run's curve."""
     code, output = experiments["stopped"]
     assert code == 0, output[-3000:]
     assert "training stopped at iteration" in output and "rerun the same command" in output
+    assert "no family in models/families claims model_type 'phi3'" in output
+    code, straight = experiments["straight"]
+    assert code == 0, straight[-3000:]
+    assert "experiment c is finished" in straight
     resumed = experiments["resumed"]
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming experiment b" in resumed.stderr
-    assert "reusing its import cached in" in output  # "a"'s import: one for both
     assert "tokenized data found in the cache" in resumed.stderr  # the same inputs as "a"
     root = experiments["root"]
-    assert_same_curve(train_metrics(root / "b"), train_metrics(root / "a"))
+    stopped_at = int(output.split("training stopped at iteration")[1].split()[0].strip(".,:"))
+    assert 3 <= stopped_at < STEPS
+    assert "holds a checkpoint of the hf backend: resuming it" in resumed.stdout
+    assert_same_curve(train_metrics(root / "b"), train_metrics(root / "c"))
+    assert (root / "b" / "hf" / "config.json").exists()  # exported once finished
 
 
 def test_changed_configuration_and_bad_input_are_refused(experiments, base_model, tmp_path):

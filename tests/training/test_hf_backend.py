@@ -2,9 +2,10 @@
 the same initial weights, FSDP2 at DP=2, packing, exact resume (at another DP size),
 the export, and the errors that come before any process group.
 
-Cost: one batch per world size, started early; the megatron runs here are the only
-ones of the suite that start from the same Hugging Face weights as the hf runs, so
-they cannot be taken from another module's batches."""
+Cost: one batch per world size, started early (Qwen2 and Gemma 3 add 8 short runs to
+the one-process batch); the megatron runs here are the only ones of the suite that start
+from the same Hugging Face weights as the hf runs, so they cannot be taken from another
+module's batches."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 
 from megatron_ext.errors import ConfigError
 from tests.conftest import SAMPLE
+from tests.models.families.test_gemma3 import make_gemma3
 from tests.runs import (
     CHATML,
     start_runs,
@@ -55,19 +57,36 @@ def hf_tiny_llama(tmp_path_factory, sp_model) -> Path:
                          num_hidden_layers=2, vocab_size=1536)
 
 
+CROSS = ("qwen2", "gemma3")
+"""Families compared across backends besides Llama, one process, padded and packed: Qwen2's
+q/k/v biases and tied embeddings; Gemma 3's sliding-window and global layers, ``1 + w``
+norms, scaled embeddings, head size and attention scalar."""
+
+
+def make_cross_model(root: Path, sp_model: str, family: str) -> Path:
+    """The tiny ``family`` model of :data:`CROSS`, 2 layers, 1536 embedding rows."""
+    if family == "gemma3":
+        return make_gemma3(root / family, sp_model, num_hidden_layers=2, vocab_size=1536)
+    return make_hf_model(root / family, sp_model, family, num_hidden_layers=2,
+                         vocab_size=1536)
+
+
 @starts_early("hf_runs")
 def start_hf_runs(request):
     """Every run of this module but the resume: the one-process batch (each backend,
-    padded and packed, adapters, recompute, compile, bf16), the two-process one (FSDP2
-    padded and packed, TP=2) and the four-process one (TP=2 x DP=2 stopped at iteration 2,
+    padded and packed, on Llama and on each of :data:`CROSS`; adapters, recompute,
+    compile, bf16), the two-process one (FSDP2 padded and packed, TP=2) and the four-process one (TP=2 x DP=2 stopped at iteration 2,
     which the serial resume continues at TP=1, DP=1)."""
     root = request.getfixturevalue("tmp_path_factory").mktemp("hf_runs")
     data = request.getfixturevalue("imported_train_data")
     model = request.getfixturevalue("hf_tiny_llama")
-    serial = [{"name": f"{backend}{packed}", "argv": hf_args(
-        data, model, root / f"{backend}{packed}", "--backend", backend,
+    models = {"": model, **{f"{family}-": make_cross_model(
+        root / "models", request.getfixturevalue("sp_model"), family) for family in CROSS}}
+    serial = [{"name": f"{family}{backend}{packed}", "argv": hf_args(
+        data, source, root / f"{family}{backend}{packed}", "--backend", backend,
         *(["--pack_sequences"] if packed else []))}
-        for backend in ("megatron", "hf") for packed in ("", "-packed")]
+        for family, source in models.items() for backend in ("megatron", "hf")
+        for packed in ("", "-packed")]
     # adapters: LoRA on megatron-core's default names (mapped), stopped at 2 and resumed
     # by the same command; DoRA on a pattern
     lora = hf_args(data, model, root / "lora", *PEFT, "--peft", "lora")
@@ -156,6 +175,17 @@ def test_hf_backend_equals_megatron_on_the_same_weights(hf_runs, packed):
     if not packed:  # TP=2 through the model's tp_plan
         assert_same_curve(train_metrics(hf_runs / "tp2"), megatron)
     assert train_metrics(hf_runs / f"hf{packed}", "valid")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packed", ["", "-packed"])
+@pytest.mark.parametrize("family", CROSS)
+def test_hf_backend_equals_megatron_on_qwen2_and_gemma3(hf_runs, family, packed):
+    """The same comparison, one process, on the families whose mapping has more to get
+    wrong than Llama's (biases, tied and scaled embeddings, ``1 + w`` norms, sliding
+    windows): transformers' code and our megatron-core family train alike."""
+    assert_same_curve(train_metrics(hf_runs / f"{family}-hf{packed}"),
+                      train_metrics(hf_runs / f"{family}-megatron{packed}"))
 
 
 @pytest.mark.slow
@@ -417,3 +447,32 @@ def test_checkpoint_util_says_what_an_hf_backend_checkpoint_is(tmp_path):
                        r"tools/megatron_to_hf.py exports it"):
         tool_main("checkpoint_util.py")(["merge", "--load", str(tmp_path), "--out",
                                          str(tmp_path / "out")])
+
+
+def test_a_gguf_file_trains_on_the_hf_backend_with_its_own_tokenizer(tmp_path,
+                                                                      hf_tokenizer_dir):
+    """``--backend hf --load model.gguf`` without --vocab_file: the file's own tokenizer,
+    rebuilt once (transformers' conversion) into the run's import cache and reused by the
+    next run (and by every rank: one lock, one published folder)."""
+    import transformers
+
+    from megatron_ext.tokenizers import build_tokenizer
+    from megatron_ext.training.plan import resolve
+    from tests.checkpointing.gguf_files import write_gguf
+
+    gguf, _ = write_gguf(tmp_path / "tiny.gguf", "llama-tied",
+                         Path(hf_tokenizer_dir) / "tokenizer.json")
+    flags = ("--backend", "hf", "--save", str(tmp_path / "run"))
+    tokenizer = resolve(_config(gguf, *flags), world_size=1).config.tokenizer
+    folder = Path(tokenizer.vocab_file)
+    assert folder.parent == tmp_path / "run" / "imported_models"
+    assert folder.name.startswith("tiny-") and folder.name.endswith(".tokenizer")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    text = "The quick brown fox: what is 2+2? Ünïcode too."
+    ours = build_tokenizer(tokenizer.config())
+    assert ours.encode(text) == theirs.encode(text, add_special_tokens=False)
+    assert ours.bos_id == theirs.bos_token_id and ours.eos_id == theirs.eos_token_id
+    written = (folder / "tokenizer.json").stat().st_mtime_ns
+    again = resolve(_config(gguf, *flags), world_size=1).config.tokenizer
+    assert again.vocab_file == tokenizer.vocab_file
+    assert (folder / "tokenizer.json").stat().st_mtime_ns == written  # reused, not rewritten
