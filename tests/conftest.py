@@ -188,6 +188,18 @@ def run_many_workers(request, tmp_path_factory, nothing_left_running):
     close_pool()
 
 
+@pytest.fixture(scope="session")
+def hf_tiny_llama(tmp_path_factory, sp_model) -> Path:
+    """A tiny random Llama of 2 layers whose 1536 embedding rows are what the megatron
+    backend pads the tokenizer's 1502 ids to: both backends train the same weights
+    (tests/training/test_hf_backend.py). Session-wide: its runs start early, from the
+    session's first test, wherever that is."""
+    from tests.tools.conftest import make_hf_model
+
+    return make_hf_model(tmp_path_factory.mktemp("hf_backend") / "llama", sp_model,
+                         num_hidden_layers=2, vocab_size=1536)
+
+
 def _chatml_data(directory: Path, sp_model: str, tokenizer_flags: tuple[str, ...] = ()) -> dict:
     """The first 200 sample records as ChatML, truncated to 96 tokens."""
     lines = (SAMPLE / "training.jsonl").read_text(encoding="utf-8").splitlines()[:200]

@@ -49,14 +49,6 @@ def hf_args(data: dict, model: Path, save: Path, *flags: str) -> list[str]:
             "--import_cache_dir", str(save.parent / "imports"), *flags]
 
 
-@pytest.fixture(scope="session")
-def hf_tiny_llama(tmp_path_factory, sp_model) -> Path:
-    """A tiny random Llama of 2 layers whose 1536 embedding rows are what the megatron
-    backend pads the tokenizer's 1502 ids to: both backends train the same weights."""
-    return make_hf_model(tmp_path_factory.mktemp("hf_backend") / "llama", sp_model,
-                         num_hidden_layers=2, vocab_size=1536)
-
-
 CROSS = ("qwen2", "gemma3")
 """Families compared across backends besides Llama, one process, padded and packed: Qwen2's
 q/k/v biases and tied embeddings; Gemma 3's sliding-window and global layers, ``1 + w``
