@@ -124,8 +124,9 @@ def non_default_argv(p: ConfigParser, configs) -> tuple[list[str], dict]:
                 value = others[-1]
                 argv += [flag, str(value)]
             elif _tuple_item(hint) is not None:
-                value = (f"{f.name}-1", f"{f.name}-2")
-                argv += [flag, *value]
+                value = ((0, 1) if _tuple_item(hint) is int
+                         else (f"{f.name}-1", f"{f.name}-2"))
+                argv += [flag, *map(str, value)]
             elif hint is int:
                 value = (default or 0) + 7
                 argv += [flag, str(value)]
