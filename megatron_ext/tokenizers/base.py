@@ -84,10 +84,10 @@ def tokenizer_type_of_file(path: str) -> Optional[str]:
     with only ``tokenizer.model``: SentencePiece), else None (a directory with both, as a
     Llama 2 model has, or with neither)."""
     if os.path.isdir(path):
-        found = {name: os.path.exists(os.path.join(path, name))
-                 for name in ("tokenizer.json", "tokenizer.model")}
-        if found["tokenizer.json"] != found["tokenizer.model"]:
-            return HUGGINGFACE if found["tokenizer.json"] else SENTENCEPIECE
+        has_json, has_model = (os.path.exists(os.path.join(path, name))
+                               for name in (TOKENIZER_JSON, SENTENCEPIECE_FILE))
+        if has_json != has_model:
+            return HUGGINGFACE if has_json else SENTENCEPIECE
         return None
     if path.endswith(".json"):
         return HUGGINGFACE
