@@ -1,24 +1,28 @@
 """Architectures that no family in models/families claims train on the hf backend, chosen
-by ``--backend auto``: each trains, resumes (``--auto_resume``) on its straight curve, and
+by ``--backend auto``: each trains; a run stopped by SIGTERM (the trainer's own handler:
+it saves, then stops) resumes (``--auto_resume``) on the straight curve; the checkpoint
+evaluates and generates with tools/evaluate.py (the launcher's evaluation step); and it
 exports a model that transformers loads with our validation loss. Those of
 :data:`ADAPTED` train a LoRA on ``*_proj`` instead of every weight: the same runs export
-both the merged model and the PEFT adapter, which peft loads with our logits.
+both the merged model and the PEFT adapter, which peft loads with our logits. The
+launcher plans each of them on the hf backend (tests/launch/test_sft_hf_backend.py; its
+experiments "b" and "c" run a Phi-3 end to end, SIGTERM and relaunch included).
 
 Cost: one one-process batch, started early: per architecture a straight run (2 steps,
-a checkpoint each), its copy rewound to step 1 and resumed, and the export (and the
-adapter's)."""
+a checkpoint each), a run stopped by SIGTERM after step 1 and its resumption, the
+evaluation, and the export (and the adapter's)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from megatron_ext.checkpointing.tracker import write_tracker
+from tests.conftest import SAMPLE
 from tests.runs import CHATML, call_job, start_runs, started, starts_early, tool_job, train_metrics
 from tests.training.hf_models import ARCHITECTURES, make_tiny_model
 from tests.training.test_hf_backend import hf_args
@@ -32,14 +36,31 @@ weight."""
 LORA = ("--peft", "lora", "--peft_dim", "8", "--peft_target_modules", "*_proj")
 
 
-def rewind(run: str, copy: str, iteration: str) -> None:
-    """A copy of the run directory ``run`` whose tracker names ``iteration``, the later
-    checkpoints gone: what a run stopped there leaves (a pool job between two runs)."""
-    shutil.copytree(run, copy)
-    for name in os.listdir(copy):
-        if name.startswith("iter_") and int(name[5:]) > int(iteration):
-            shutil.rmtree(os.path.join(copy, name))
-    write_tracker(copy, int(iteration))
+EVAL_RECORDS = 3  # of data/sample/test.jsonl, for tools/evaluate.py
+
+
+def train_until_sigterm(argv: list[str], after: str) -> None:
+    """Train ``argv`` as finetune.py does and send this process SIGTERM once ``after``
+    steps are logged: the trainer's own handler (installed by ``train()``) makes it save
+    and stop after that step, as it does when a scheduler preempts a launch. A pool job:
+    the worker's own SIGTERM disposition comes back afterwards."""
+    from megatron_ext.training.arguments import parse_config
+    from megatron_ext.training.backends import make_trainer
+
+    trainer = make_trainer(parse_config(argv))
+    log = trainer._log
+
+    def log_then_signal(step: dict) -> None:
+        log(step)
+        if trainer.iteration >= int(after):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer._log = log_then_signal
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        trainer.train()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @starts_early("architecture_runs")
@@ -47,6 +68,9 @@ def start_architecture_runs(request):
     root = request.getfixturevalue("tmp_path_factory").mktemp("architectures")
     data = request.getfixturevalue("imported_train_data")
     sp_model = request.getfixturevalue("sp_model")
+    records = root / "test.jsonl"
+    records.write_text("".join((SAMPLE / "test.jsonl").read_text(encoding="utf-8")
+                               .splitlines(keepends=True)[:EVAL_RECORDS]), encoding="utf-8")
     jobs = []
     for arch in ARCHITECTURES:
         model = make_tiny_model(root / "models" / arch, sp_model, arch)
@@ -54,10 +78,13 @@ def start_architecture_runs(request):
         args = ["--train_iters", str(ITERS), "--save_interval", "1",
                 *(LORA if arch in ADAPTED else ())]
         jobs += [{"name": arch, "argv": hf_args(data, model, straight, *args)},
-                 call_job(f"{arch}-rewind", f"{__name__}:rewind", str(straight), str(resumed),
-                          "1"),
+                 call_job(f"{arch}-stopped", f"{__name__}:train_until_sigterm",
+                          hf_args(data, model, resumed, *args), "1"),
                  {"name": f"{arch}-resume", "argv": hf_args(data, model, resumed, *args,
                                                             "--auto_resume")},
+                 tool_job(f"{arch}-evaluate", "evaluate.py", "--load", str(straight),
+                          "--input", str(records), "--max_new_tokens", "4", "--batch_size",
+                          "8", "--summary_json", str(root / f"{arch}-eval.json")),
                  tool_job(f"{arch}-export", "megatron_to_hf.py", "--load", str(straight),
                           "--out", str(root / f"{arch}-hf"))]
         if arch in ADAPTED:
@@ -101,19 +128,26 @@ def test_architecture_without_a_family_trains_resumes_and_exports(
     import transformers
 
     root, results = architecture_runs
-    for job in ("", "-rewind", "-resume", "-export", *(("-adapter",) if arch in ADAPTED
-                                                        else ())):
+    for job in ("", "-stopped", "-resume", "-evaluate", "-export",
+                *(("-adapter",) if arch in ADAPTED else ())):
         assert results[arch + job].returncode == 0, results[arch + job].log[-3000:]
     log = results[arch].log
     assert f"no family in models/families claims model_type '{arch}'" in log
     straight = train_metrics(root / arch)
     assert [r["iteration"] for r in straight] == list(range(1, ITERS + 1))
     assert straight[-1]["loss"] < straight[0]["loss"] + 0.5  # it trains, nothing diverges
+    # SIGTERM after step 1: saved there and stopped (no final evaluation), then resumed
+    assert "stopping after iteration 1 (signal 15)" in results[f"{arch}-stopped"].log
+    assert (root / f"{arch}-resumed" / "latest_checkpointed_iteration.txt").exists()
     assert "holds a checkpoint of the hf backend: resuming it" in results[f"{arch}-resume"].log
     resumed = train_metrics(root / f"{arch}-resumed")
     assert [(r["iteration"], r["loss"], r["grad_norm"]) for r in resumed] == [
         (r["iteration"], r["loss"], r["grad_norm"]) for r in straight]
     ours = train_metrics(root / arch, "valid")[-1]["loss"]
+    # the launcher's evaluation step: answer loss over the records, and generation
+    summary = json.loads((root / f"{arch}-eval.json").read_text())
+    assert summary["records"] == EVAL_RECORDS and summary["answer_loss"] > 0, summary
+    assert summary["scored"] == EVAL_RECORDS and "f1" in summary, summary  # generated
     merged = transformers.AutoModelForCausalLM.from_pretrained(root / f"{arch}-hf",
                                                                dtype=torch.float32)
     assert validation_loss(merged, imported_train_data) == pytest.approx(ours, rel=1e-5)
