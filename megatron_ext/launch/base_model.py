@@ -49,7 +49,7 @@ class BaseModel:
     tokenizer: Optional[TokenizerConfig]  # None: the import's own, planned
     model: dict  # the model's arguments (run config "model"; {} for the hf backend)
     extra_ids: Optional[str] = None  # the tokens the import added (its --vocab_extra_ids_list)
-    backend: str = "megatron"  # hf: no family claims the model; trained as it is, unimported
+    backend: str = "megatron"  # hf: trained as it is (no family claims it, or --backend hf)
 
 
 def import_cache_dir(experiments_dir: str) -> str:
@@ -92,23 +92,47 @@ def hf_backend_model(source: str) -> Optional[str]:
     return model_type if model_type and family_for_hf_config(hf_config) is None else None
 
 
-def _hf_backend_base(source: str, extra_ids: Optional[str]) -> BaseModel:
+def on_hf_backend(source: str, backend: str) -> bool:
+    """Whether ``--backend`` (auto, megatron or hf) trains the Hugging Face directory or GGUF
+    file ``source`` on the hf backend; a choice the trainer would refuse is refused here,
+    before anything is imported."""
+    if backend == "hf":
+        return True
+    unclaimed = hf_backend_model(source)
+    if unclaimed and backend == "megatron":
+        raise ConfigError(f"--backend megatron: no family in models/families claims "
+                          f"{source} (model_type {unclaimed!r}); train it with --backend hf "
+                          "(or auto), or add a family file for it")
+    return unclaimed is not None
+
+
+def _hf_backend_base(source: str, extra_ids: Optional[str], experiments_dir: str,
+                     backend: str) -> BaseModel:
+    """The base as the hf backend trains it: the model as it is, with its own tokenizer (a
+    GGUF file's rebuilt once into the shared import cache, which the trainer then reads
+    with --vocab_file)."""
+    from megatron_ext.training.config import CheckpointArgs
     from megatron_ext.tokenizers import TokenizerArgs
     from megatron_ext.training.plan import model_dir_tokenizer
 
-    tokenizer = model_dir_tokenizer(TokenizerArgs(tokenizer_type=None,
-                                                  vocab_extra_ids_list=extra_ids), source)
-    logger.info("%s: no family claims model_type %r: trained as it is on the hf backend "
-                "(nothing imported)", source, hf_backend_model(source))
+    tokenizer = model_dir_tokenizer(
+        TokenizerArgs(tokenizer_type=None, vocab_extra_ids_list=extra_ids), source,
+        CheckpointArgs(import_cache_dir=import_cache_dir(experiments_dir)))
+    why = ("--backend hf" if backend == "hf" else
+           f"no family claims model_type {hf_backend_model(source)!r}")
+    logger.info("%s: trained as it is on the hf backend (%s; nothing imported)", source, why)
     return BaseModel(source, None, tokenizer.config(), {}, extra_ids, backend="hf")
 
 
-def planned_base(hf_model_id: Optional[str], load: Optional[str]) -> BaseModel:
+def planned_base(hf_model_id: Optional[str], load: Optional[str], experiments_dir: str,
+                 backend: str = "auto") -> BaseModel:
     """The base model as the training will see it, from its config alone: a Hugging Face
     ``config.json``, a GGUF file's metadata, or the run config of a checkpoint of ours (no
     torch, no weights read, nothing imported; a Megatron-LLM legacy checkpoint's pickled
     settings are read with torch). Its ``imported`` is a placeholder: the import is not
-    made. So the trainer's checks of the model's shape run before anything is imported."""
+    made. So the trainer's checks of the model's shape run before anything is imported.
+    (On the hf backend a GGUF file's tokenizer is rebuilt into the import cache: the plan
+    names it.)"""
     from megatron_ext.checkpointing.run_config import tokenizer_config_from_run
 
     if hf_model_id is not None:
@@ -116,8 +140,8 @@ def planned_base(hf_model_id: Optional[str], load: Optional[str]) -> BaseModel:
         from megatron_ext.models.import_sources import GGUF_FILE, read_hf_config
 
         source = resolve_hf_model_id(hf_model_id)
-        if hf_backend_model(source):
-            return _hf_backend_base(source, None)
+        if on_hf_backend(source, backend):
+            return _hf_backend_base(source, None, experiments_dir, backend)
         if import_source_kind(source) == GGUF_FILE:
             from megatron_ext.models.gguf_checkpoint import GGUFModel
 
@@ -126,6 +150,10 @@ def planned_base(hf_model_id: Optional[str], load: Optional[str]) -> BaseModel:
             model = model_args_from_hf_config(read_hf_config(source),
                                               source=os.path.join(source, "config.json"))
         return BaseModel(source, PLANNED_IMPORT, None, model)
+    if backend == "hf":
+        raise ConfigError(f"--backend hf trains a Hugging Face model as it is: give it with "
+                          f"--hf_model_id (a model directory or a .gguf file); --load {load} "
+                          "is a checkpoint of this project (megatron's)")
     run_config = _checkpoint_run_config(load, "--load")
     return BaseModel(load, None, tokenizer_config_from_run(load, run_config),
                      run_config["model"])
@@ -159,15 +187,15 @@ def prepare_base(config: "SFTConfig") -> BaseModel:
     if config.hf_model_id is not None:
         source = resolve_hf_model_id(config.hf_model_id)
         extra_ids = tokens_to_add(source, config.vocab_extra_ids_list, config.chat_format)
-        if hf_backend_model(source):
-            return _hf_backend_base(source, extra_ids)
+        if on_hf_backend(source, config.backend):
+            return _hf_backend_base(source, extra_ids, config.experiments_dir, config.backend)
         cached = ensure_imported(source, import_cache_dir(config.experiments_dir),
                                  ImportOptions(extra_ids), announce=True,
                                  progress=config.progress)
         return BaseModel(source, cached.path,
                          tokenizer_config_from_run(cached.path, cached.run_config),
                          cached.run_config["model"], extra_ids)
-    return planned_base(None, load)  # a checkpoint of ours: nothing to import
+    return planned_base(None, load, config.experiments_dir, config.backend)  # nothing to import
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from megatron_ext.errors import ConfigError
 from megatron_ext.launch.executors import executor_names
 from megatron_ext.parallel import ParallelArgs
 from megatron_ext.peft.config import PeftArgs
+from megatron_ext.training.config import BACKENDS
 
 EXECUTORS = executor_names()  # the files of launch/executors/
 GLOBAL_BATCH = 32  # the global batch when neither it nor the accumulation steps are given
@@ -56,6 +57,11 @@ class SFTConfig:
     experiments_dir: str = option("experiments", "where experiment folders live")
     executor: str = option("local", "where to run: local (torchrun here) or slurm (sbatch)",
                            choices=EXECUTORS)
+    backend: str = option(
+        "auto", "what trains the base model: megatron (imported into megatron-core: a family "
+                "of models/families claims it), hf (the Hugging Face model itself, not "
+                "imported, also for a model a family claims: how the two are compared), or "
+                "auto: megatron when a family claims it, else hf", choices=BACKENDS)
     # -- data
     chat_format: Optional[str] = option(
         None, "chat format of the records (hf, chatml, llama3, megatron-llm, alpaca, "

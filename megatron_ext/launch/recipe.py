@@ -78,8 +78,8 @@ def _tokenizer_args(config: SFTConfig, base) -> TokenizerArgs:
 
 
 def _on_hf_backend(base) -> bool:
-    """Whether the base model trains on the hf backend (a model no family claims); any
-    base-like object without the field is megatron's."""
+    """Whether the base model trains on the hf backend (a model no family claims, or
+    ``--backend hf``); any base-like object without the field is megatron's."""
     return getattr(base, "backend", "megatron") == "hf"
 
 
@@ -90,8 +90,9 @@ def trainer_config(config: SFTConfig, exp: Experiment, base) -> TrainConfig:
     launch, a requeued Slurm job included."""
     prefixes = exp.prefixes
     imported = base.imported is not None
-    native = _on_hf_backend(base)  # (--backend auto chooses it from the model again)
+    native = _on_hf_backend(base)
     return TrainConfig(
+        backend=BackendArgs(backend="hf" if native else "auto"),
         model=ModelArgs(seq_length=config.seq_length),
         parallel=config.parallel,
         precision=PrecisionArgs(bf16=config.bf16),
@@ -182,7 +183,8 @@ def run_sft(config: SFTConfig, post_only: bool = False) -> Outcome:
     keys = record_keys(source, RecordKeys(config.question_key, config.answer_key,
                                           config.system_key, config.messages_key))
     # (a Slurm job's evaluation step: the launch that trained checked the model)
-    planned = None if post_only else planned_base(config.hf_model_id, config.load)
+    planned = None if post_only else planned_base(config.hf_model_id, config.load,
+                                                  config.experiments_dir, config.backend)
     if planned is not None:
         check_model_fits(config, exp, planned)
     if restart:
@@ -283,8 +285,7 @@ def check_model_fits(config: SFTConfig, exp: Experiment, base: BaseModel) -> Non
         trainer = trainer_config(config, dataclasses.replace(
             exp, prefixes=exp.prefixes or {"training": "<tokenized>/training"},
             train_iters=exp.train_iters or 1), base)
-        dataclasses.replace(trainer, backend=BackendArgs(backend="hf")).validate(
-            config.world_size, model_shape=False)
+        trainer.validate(config.world_size, model_shape=False)
         return
     planned = dataclasses.replace(  # the data and the steps are settled later
         exp, prefixes=exp.prefixes or {"training": "<tokenized>/training"},
@@ -321,9 +322,11 @@ def _dry_run(config: SFTConfig, exp: Experiment, source, planned: BaseModel,
     notes = [f"splits: {', '.join(f'{k} {v}' for k, v in source.paths.items())}",
              *source.notes]
     if _on_hf_backend(planned):
-        notes.append(f"backend: hf (no family claims model_type "
-                     f"{hf_backend_model(planned.source)!r}: transformers' own model, not "
-                     "imported; no baseline evaluation)")
+        unclaimed = hf_backend_model(planned.source)
+        why = (f"no family claims model_type {unclaimed!r}" if unclaimed and
+               config.backend == "auto" else "--backend hf")
+        notes.append(f"backend: hf ({why}: transformers' own model, not imported; no "
+                     "baseline evaluation)")
     if exp.train_iters is None:
         if config.max_steps:
             exp.train_iters = config.max_steps

@@ -188,7 +188,7 @@ def test_the_trainer_plan_is_resolved_before_torchrun(tmp_path, monkeypatch):
     imported.mkdir()
     (imported / "unsharded.json").write_text("{}")
     (imported / "run_config.json").write_text(json.dumps({
-        "model": recipe.planned_base(str(model), None).model,
+        "model": recipe.planned_base(str(model), None, str(tmp_path / "exps")).model,
         "tokenizer": {"tokenizer_type": "SentencePieceTokenizer", "vocab_file": "tok.model"}}))
     config = parse("-E", "x", "--dataset_path", str(SAMPLE), "--hf_model_id", str(model),
                    "--experiments_dir", str(tmp_path / "exps"), "--max_steps", "2", "--peft",
