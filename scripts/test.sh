@@ -28,7 +28,11 @@ fi
 # workers). One session runs the launcher's tests one after another on ~1.3 cores, so
 # alone it would leave most of a core idle for minutes; side by side both cores stay
 # busy. Each session has its own workers, temporary directory and leftover-process check;
-# the launcher session's report is printed after the other's.
+# the launcher session's report is printed after the other's. The real SmolLM2's tests
+# (tests/tools/test_real_model.py: a minute of CPU, mostly in-process) run in the
+# launcher's session: it ends a minute and a half before the other, which would then run
+# alone on under one and a half cores.
+beside=(tests/launch tests/tools/test_real_model.py)
 paths=0
 for arg in "$@"; do
   case "$arg" in -*) ;; *) paths=1 ;; esac
@@ -39,14 +43,14 @@ if [ "$paths" -eq 1 ]; then
 else
   started=$SECONDS
   launcher_report="$(mktemp)"
-  .venv/bin/python -m pytest tests/launch --durations=10 "$@" >"$launcher_report" 2>&1 &
+  .venv/bin/python -m pytest "${beside[@]}" --durations=10 "$@" >"$launcher_report" 2>&1 &
   launcher=$!
-  .venv/bin/python -m pytest tests --ignore=tests/launch --durations=25 "$@"
+  .venv/bin/python -m pytest tests "${beside[@]/#/--ignore=}" --durations=25 "$@"
   rc=$?
   wait "$launcher"
   launcher_rc=$?
   echo
-  echo "== the launcher's tests (tests/launch), run beside the others =="
+  echo "== the launcher's tests (${beside[*]}), run beside the others =="
   cat "$launcher_report"
   rm -f "$launcher_report"
   if [ "$rc" -eq 0 ]; then rc=$launcher_rc; fi
