@@ -92,7 +92,8 @@ def trainer_config(config: SFTConfig, exp: Experiment, base) -> TrainConfig:
     imported = base.imported is not None
     native = _on_hf_backend(base)
     return TrainConfig(
-        backend=BackendArgs(backend="hf" if native else "auto"),
+        # (auto chooses hf again for a model no family claims, and logs why)
+        backend=BackendArgs(backend="hf" if native and config.backend == "hf" else "auto"),
         model=ModelArgs(seq_length=config.seq_length),
         parallel=config.parallel,
         precision=PrecisionArgs(bf16=config.bf16),
@@ -285,7 +286,8 @@ def check_model_fits(config: SFTConfig, exp: Experiment, base: BaseModel) -> Non
         trainer = trainer_config(config, dataclasses.replace(
             exp, prefixes=exp.prefixes or {"training": "<tokenized>/training"},
             train_iters=exp.train_iters or 1), base)
-        trainer.validate(config.world_size, model_shape=False)
+        dataclasses.replace(trainer, backend=BackendArgs(backend="hf")).validate(
+            config.world_size, model_shape=False)
         return
     planned = dataclasses.replace(  # the data and the steps are settled later
         exp, prefixes=exp.prefixes or {"training": "<tokenized>/training"},
