@@ -67,7 +67,7 @@ def make_cross_model(root: Path, sp_model: str, family: str) -> Path:
 def start_hf_runs(request):
     """Every run of this module but the resume: the one-process batch (each backend,
     padded and packed, on Llama and on each of :data:`CROSS`; adapters, recompute,
-    compile, bf16), the two-process one (FSDP2 padded and packed, TP=2) and the four-process one (TP=2 x DP=2 stopped at iteration 2,
+    compile, bf16), the two-process one (FSDP2 padded and packed on each model, TP=2) and the four-process one (TP=2 x DP=2 stopped at iteration 2,
     which the serial resume continues at TP=1, DP=1)."""
     root = request.getfixturevalue("tmp_path_factory").mktemp("hf_runs")
     data = request.getfixturevalue("imported_train_data")
@@ -96,6 +96,11 @@ def start_hf_runs(request):
                                                    "--backend", "hf", "--pack_sequences")},
             {"name": "tp2", "argv": hf_args(data, model, root / "tp2", "--backend", "hf",
                                             "--tensor_model_parallel_size", "2")}]
+    # FSDP2 over two processes on each of CROSS too, padded and packed
+    pair += [{"name": f"{family}dp2{packed}", "argv": hf_args(
+        data, models[family], root / f"{family}dp2{packed}", "--backend", "hf",
+        *(["--pack_sequences"] if packed else []))}
+        for family in (f"{name}-" for name in CROSS) for packed in ("", "-packed")]
     # TP=2 (the model's tp_plan) x FSDP2 DP=2, stopped at 2: the serial resume continues it
     quad = [{"name": "tp2dp2-stop", "argv": hf_args(
         data, model, root / "tp2dp2-stop", "--backend", "hf", "--tensor_model_parallel_size",
@@ -173,11 +178,13 @@ def test_hf_backend_equals_megatron_on_the_same_weights(hf_runs, packed):
 @pytest.mark.parametrize("packed", ["", "-packed"])
 @pytest.mark.parametrize("family", CROSS)
 def test_hf_backend_equals_megatron_on_qwen2_and_gemma3(hf_runs, family, packed):
-    """The same comparison, one process, on the families whose mapping has more to get
-    wrong than Llama's (biases, tied and scaled embeddings, ``1 + w`` norms, sliding
-    windows): transformers' code and our megatron-core family train alike."""
-    assert_same_curve(train_metrics(hf_runs / f"{family}-hf{packed}"),
-                      train_metrics(hf_runs / f"{family}-megatron{packed}"))
+    """The same comparison, one process and FSDP2 over two, on the families whose mapping
+    has more to get wrong than Llama's (biases, tied and scaled embeddings, ``1 + w``
+    norms, sliding windows): transformers' code and our megatron-core family train
+    alike."""
+    megatron = train_metrics(hf_runs / f"{family}-megatron{packed}")
+    assert_same_curve(train_metrics(hf_runs / f"{family}-hf{packed}"), megatron)
+    assert_same_curve(train_metrics(hf_runs / f"{family}-dp2{packed}"), megatron)
 
 
 @pytest.mark.slow
