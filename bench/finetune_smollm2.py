@@ -121,7 +121,7 @@ def run(name: str, nproc: int, gguf: str, cache: str, prefix: str, args, workdir
     print(f"  {name}: {seconds:.0f} s with start-up, median step {summary['iter_time']:.2f} s, "
           f"real tok/s {summary['real_tokens_per_sec']:,.0f}, peak {summary['peak_mb']:,.0f} "
           f"MB, other CPU load {100 * other:.0f}%", flush=True)
-    return {**summary, "text": text, "save": save}
+    return {**summary, "text": text, "save": save, "records": records}
 
 
 def main() -> int:

@@ -785,13 +785,6 @@ def main_smollm2(args) -> None:
     print(f"wall time: {time.perf_counter() - wall:.0f} s")
 
 
-def _train_curve(save: str) -> list[tuple[float, float]]:
-    """(loss, grad norm) of each logged training step of the run saved in ``save``."""
-    with open(os.path.join(save, "metrics.jsonl"), encoding="utf-8") as handle:
-        return [(r["loss"], r["grad_norm"]) for r in map(json.loads, handle)
-                if r.get("split") == "train"]
-
-
 def main_backends(args) -> None:
     """``--smollm2 --backend``: the backends' real tokens/s and peak memory at DP=1 and
     DP=2, and the hf backend's compiled run (see the module's docstring)."""
@@ -834,7 +827,6 @@ def main_backends(args) -> None:
         for name, nproc, load, cached_in, flags in cases:
             runs[name] = smollm2.run(name, nproc, load, cached_in, prefix, settings, workdir,
                                      this, flags, micro_batch_size=micro)
-        curves = {name: _train_curve(run["save"]) for name, run in runs.items()}
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -860,10 +852,10 @@ def main_backends(args) -> None:
     for backend in backends:
         ratio(f"{backend}-dp2", f"{backend}-dp1", f"{backend}: DP=2 / DP=1")
     ratio("hf-dp1-compiled", "hf-dp1", "hf: --compile (inductor) / eager at DP=1")
-    if "hf-dp1-compiled" in curves and "hf-dp1" in curves:
-        compiled, eager = curves["hf-dp1-compiled"], curves["hf-dp1"]
-        worst = [max(abs(a[i] - b[i]) / abs(b[i]) for a, b in zip(compiled, eager))
-                 for i in (0, 1)]
+    if "hf-dp1-compiled" in runs and "hf-dp1" in runs:  # every logged step's train records
+        compiled, eager = runs["hf-dp1-compiled"]["records"], runs["hf-dp1"]["records"]
+        worst = [max(abs(a[key] - b[key]) / abs(b[key]) for a, b in zip(compiled, eager))
+                 for key in ("loss", "grad_norm")]
         print(f"hf: --compile (inductor) = eager over {len(eager)} steps: largest relative "
               f"difference {worst[0]:.1e} in the loss, {worst[1]:.1e} in the grad norm")
     if runs and max(s["other_cpu"] for s in runs.values()) > 0.10:

@@ -106,6 +106,14 @@ def on_hf_backend(source: str, backend: str) -> bool:
     return unclaimed is not None
 
 
+def hf_backend_reason(source: str, backend: str) -> str:
+    """Why ``source`` trains on the hf backend (for the log and the dry run's plan)."""
+    unclaimed = hf_backend_model(source)
+    if backend == "hf" or not unclaimed:
+        return "--backend hf"
+    return f"no family claims model_type {unclaimed!r}"
+
+
 def _hf_backend_base(source: str, extra_ids: Optional[str], experiments_dir: str,
                      backend: str) -> BaseModel:
     """The base as the hf backend trains it: the model as it is, with its own tokenizer (a
@@ -118,9 +126,8 @@ def _hf_backend_base(source: str, extra_ids: Optional[str], experiments_dir: str
     tokenizer = model_dir_tokenizer(
         TokenizerArgs(tokenizer_type=None, vocab_extra_ids_list=extra_ids), source,
         CheckpointArgs(import_cache_dir=import_cache_dir(experiments_dir)))
-    why = ("--backend hf" if backend == "hf" else
-           f"no family claims model_type {hf_backend_model(source)!r}")
-    logger.info("%s: trained as it is on the hf backend (%s; nothing imported)", source, why)
+    logger.info("%s: trained as it is on the hf backend (%s; nothing imported)", source,
+                hf_backend_reason(source, backend))
     return BaseModel(source, None, tokenizer.config(), {}, extra_ids, backend="hf")
 
 

@@ -28,7 +28,7 @@ from megatron_ext.data.records import RecordKeys
 from megatron_ext.errors import ConfigError, UserError
 from megatron_ext.launch.base_model import (
     BaseModel,
-    hf_backend_model,
+    hf_backend_reason,
     import_cache_dir,
     planned_base,
 )
@@ -324,11 +324,8 @@ def _dry_run(config: SFTConfig, exp: Experiment, source, planned: BaseModel,
     notes = [f"splits: {', '.join(f'{k} {v}' for k, v in source.paths.items())}",
              *source.notes]
     if _on_hf_backend(planned):
-        unclaimed = hf_backend_model(planned.source)
-        why = (f"no family claims model_type {unclaimed!r}" if unclaimed and
-               config.backend == "auto" else "--backend hf")
-        notes.append(f"backend: hf ({why}: transformers' own model, not imported; no "
-                     "baseline evaluation)")
+        notes.append(f"backend: hf ({hf_backend_reason(planned.source, config.backend)}: "
+                     "transformers' own model, not imported; no baseline evaluation)")
     if exp.train_iters is None:
         if config.max_steps:
             exp.train_iters = config.max_steps

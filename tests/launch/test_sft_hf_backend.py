@@ -28,6 +28,17 @@ def config_only(directory, sp_model, model_type: str):
     return model
 
 
+def _dry_run(tmp_path, model, *flags):
+    from megatron_ext.launch.recipe import run_sft
+
+    outcome = run_sft(parse("-E", "plan", "--dataset_path", str(SAMPLE), "--hf_model_id",
+                            str(model), "--experiments_dir", str(tmp_path / "exps"), "-G", "2",
+                            "-g", "16", "-m", "4", "--epochs", "1", "--dry_run", *flags))
+    assert outcome.state == "planned"
+    train = next(line for line in outcome.message.splitlines() if "finetune.py" in line)
+    return outcome.message, train
+
+
 @pytest.fixture
 def phi3(tmp_path, sp_model):
     return config_only(tmp_path / "phi3", sp_model, "phi3")
@@ -38,16 +49,9 @@ def test_dry_run_of_a_model_without_a_family_plans_the_hf_backend(tmp_path, sp_m
     """Every architecture that tests/training/test_hf_architectures.py trains (SIGTERM and
     resume, evaluation, export) is planned by the launcher on the hf backend."""
     assert set(CLASSES) == set(ARCHITECTURES)
-    from megatron_ext.launch.recipe import run_sft
-
     model = config_only(tmp_path / arch, sp_model, arch)
-    outcome = run_sft(parse("-E", "plan", "--dataset_path", str(SAMPLE), "--hf_model_id",
-                            str(model), "--experiments_dir", str(tmp_path / "exps"), "-G", "2",
-                            "-g", "16", "-m", "4", "--epochs", "1", "--dry_run"))
-    text = outcome.message
-    assert outcome.state == "planned"
+    text, train = _dry_run(tmp_path, model)
     assert f"backend: hf (no family claims model_type '{arch}'" in text
-    train = next(line for line in text.splitlines() if "finetune.py" in line)
     assert f"--load {model}" in train and "--finetune" not in train
     assert f"--vocab_file {model / 'tokenizer.model'}" in train
     assert "--import_cache_dir" not in train and "--use_checkpoint_args" not in train
@@ -62,17 +66,6 @@ def test_gguf_export_of_an_hf_backend_model_is_refused_before_anything_runs(tmp_
         run_sft(parse("-E", "plan", "--dataset_path", str(SAMPLE), "--hf_model_id", str(phi3),
                       "--experiments_dir", str(tmp_path / "exps"), "--export_gguf", "q8_0",
                       "--max_steps", "1", "--dry_run"))
-
-
-def _dry_run(tmp_path, model, *flags):
-    from megatron_ext.launch.recipe import run_sft
-
-    outcome = run_sft(parse("-E", "plan", "--dataset_path", str(SAMPLE), "--hf_model_id",
-                            str(model), "--experiments_dir", str(tmp_path / "exps"), "-G", "2",
-                            "-g", "16", "-m", "4", "--epochs", "1", "--dry_run", *flags))
-    assert outcome.state == "planned"
-    train = next(line for line in outcome.message.splitlines() if "finetune.py" in line)
-    return outcome.message, train
 
 
 def _trainer_resolves(train: str) -> object:
