@@ -52,7 +52,7 @@ from megatron_ext.checkpointing.tracker import (
     write_tracker,
 )
 from megatron_ext.checkpointing.unsharded import TensorDictReader, is_unsharded, load_unsharded
-from megatron_ext.checkpointing.writer import start_checkpoint_writer
+from megatron_ext.checkpointing.writer import keep_writes_in_process
 from megatron_ext.errors import CheckpointError
 from megatron_ext.io import STAGING_SUFFIX, StagedDirectory
 
@@ -168,7 +168,7 @@ def save_checkpoint(root: str, train: TrainState, progress: Progress, run_config
         "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp,
                    "cp": getattr(layout, "cp", 1)},
     }
-    start_checkpoint_writer()  # ours, not megatron-core's own: it ends with this process
+    keep_writes_in_process()  # no helper process (see writer.py)
     dist_checkpointing.save(state, final + STAGING_SUFFIX)  # rank 0 made it
     dist.barrier()
     if staged is not None:

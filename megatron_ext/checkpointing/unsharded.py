@@ -49,7 +49,7 @@ from megatron_ext.checkpointing.state import (
     load_model_weights,
     restore_training_state,
 )
-from megatron_ext.checkpointing.writer import start_checkpoint_writer
+from megatron_ext.checkpointing.writer import keep_writes_in_process
 from megatron_ext.errors import CheckpointError
 from megatron_ext.io import StagedDirectory, write_json
 from megatron_ext.safetensors_io import (
@@ -486,7 +486,7 @@ def save_dist_from_tensors(tensors: dict[str, torch.Tensor], directory: str,
             sharded[name] = ShardedTensor.from_rank_offsets(
                 key, tensor, (0, layer, num_layers), replica_id=0, prepend_axis_num=1)
     state["tensors"] = sharded
-    start_checkpoint_writer()  # ours, not megatron-core's own: it ends with this process
+    keep_writes_in_process()  # no helper process (see writer.py)
     dist_checkpointing.save(state, directory)
 
 

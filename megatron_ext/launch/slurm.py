@@ -34,11 +34,11 @@ Signals, the one subtle part (checked on a real cluster by tests/launch/):
   A job cancelled or requeued gets SIGTERM too (then SIGKILL after the cluster's
   ``KillWait``, 30 s by default), so it usually saves as well.
 * "Every process" includes helpers that the workers started (torchrun's agent
-  also signals each worker's whole process group): one that the save needs must ignore
-  SIGTERM. megatron-core's checkpoint writer keeps such a helper (a multiprocessing
-  Manager) once the process has saved, so today a save on SIGTERM after an earlier save
-  fails (tests/launch/test_slurm_cluster.py: SAVE_ON_SIGTERM_BUG); the job then
-  resumes from its last periodic checkpoint.
+  also signals each worker's whole process group): a save must not need one.
+  megatron-core's checkpoint writer would keep such a helper (a multiprocessing
+  Manager) after the first save; ours reports its results in the process itself
+  (``checkpointing/writer.py``), so a save on SIGTERM after earlier saves works
+  (tests/launch/test_slurm_cluster.py).
 * Slurm checks time limits periodically (every 30 s), so the warning may come up to
   about 30 s earlier than asked; a warning that lands before the trainer has installed
   its handler (while it imports torch) kills the workers without a checkpoint, so keep

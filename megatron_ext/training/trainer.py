@@ -490,11 +490,6 @@ class Trainer:
         return bool(flag.item())
 
     def _install_signal_handlers(self) -> None:
-        if self.config.checkpoint.save:
-            from megatron_ext.checkpointing.writer import start_checkpoint_writer
-
-            start_checkpoint_writer()  # before SIGTERM means "save": it must survive it
-
         def handler(signum, frame):
             self._stop_signal = signum
 

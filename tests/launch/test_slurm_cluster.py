@@ -98,8 +98,8 @@ def slurm_root(slurm_cluster, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def time_limited(slurm_cluster, slurm_root, train_data):
     """A job told to stop by ``--signal=TERM@100`` as its time limit approaches: its
-    training, final state and log; periodic checkpoints before the signal (the helper
-    process of megatron-core's checkpoint writer must survive the SIGTERM).
+    training, final state and log; periodic checkpoints before the signal, and the save
+    that the SIGTERM asks for after them.
 
     The limit is lowered once training runs (``scontrol update TimeLimit``), to the next
     whole minute at least 60 s away: Slurm checks limits every 30 s and may signal up to

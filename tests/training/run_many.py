@@ -318,8 +318,8 @@ def main() -> None:
         return
     serve(Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
     # Done: leave without destroying the default process group (the others went after
-    # each batch); but stop the processes multiprocessing started (megatron-core's
-    # checkpoint helper) as Python's own exit would.
+    # each batch); but stop the processes multiprocessing started (a job's data loader or
+    # tool may have) as Python's own exit would.
     from multiprocessing import util
 
     util._exit_function()
