@@ -78,10 +78,11 @@ def child_env() -> dict:
 class Worker:
     """One ``run_many.py --serve`` process, or process group of a :class:`Pool`.
 
-    A process group of N is launched as N torchrun "nodes" of one process each
-    (``--nnodes N --node_rank R``, one agent per node, on this machine): every
+    A process group of N is launched as two torchrun "nodes" of N/2 processes each
+    (``--nnodes 2 --node_rank R``, one agent per node, on this machine): every
     multi-process job then also runs across nodes (test_parallel.py's two-node test
-    relies on it) for the cost of one more agent process.
+    relies on it), with several processes a node where N > 2, for the cost of one more
+    agent process (an agent imports torch: ~2 s of CPU).
     """
 
     def __init__(self, pool: "Pool", nproc: int, name: str):
@@ -94,10 +95,11 @@ class Worker:
             port = str(free_port())
             # (each agent looks at its worker once a second, not ten times: an idle agent's
             # only cost, and the session's agents idle for minutes)
-            commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nproc),
-                         "--node_rank", str(node), "--nproc_per_node", "1", "--master_addr",
-                         "127.0.0.1", "--master_port", port, "--monitor_interval", "1", *serve]
-                        for node in range(nproc)]
+            nodes = 2 if nproc % 2 == 0 else nproc
+            commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
+                         "--node_rank", str(node), "--nproc_per_node", str(nproc // nodes),
+                         "--master_addr", "127.0.0.1", "--master_port", port,
+                         "--monitor_interval", "1", *serve] for node in range(nodes)]
         self.logs = [pool.root / f"{name}.{node}.log" for node in range(len(commands))]
         self.processes = []
         for command, log in zip(commands, self.logs):
