@@ -87,7 +87,10 @@ def model_config(load: str) -> dict:
         return read_hf_config(directory)
     import transformers
 
-    return transformers.AutoConfig.from_pretrained(directory, gguf_file=gguf).to_dict()
+    from megatron_ext.models.gguf_checkpoint import transformers_reads_gguf_once
+
+    with transformers_reads_gguf_once():
+        return transformers.AutoConfig.from_pretrained(directory, gguf_file=gguf).to_dict()
 
 
 def load_model(load: str, dtype: torch.dtype, trust_remote_code: bool = False,
@@ -111,8 +114,11 @@ def load_model(load: str, dtype: torch.dtype, trust_remote_code: bool = False,
 
         kwargs["distributed_config"] = DistributedConfig(tp_size=tp, fsdp_size=dp,
                                                          fsdp_mixed_precision=bf16)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        directory, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    from megatron_ext.models.gguf_checkpoint import transformers_reads_gguf_once
+
+    with transformers_reads_gguf_once():  # (nothing to share without a GGUF file)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
     _fit_vocabulary(model, vocab_size)
     return model
 

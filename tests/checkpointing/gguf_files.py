@@ -228,10 +228,13 @@ def transformers_reference(path: Path):
 
     import transformers
 
+    from megatron_ext.models.gguf_checkpoint import transformers_reads_gguf_once
+
     directory, name = str(path.parent), path.name
     if importlib.util.find_spec("accelerate") is not None:
-        model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name,
-                                                                  dtype=torch.float32)
+        with transformers_reads_gguf_once():  # the same values, the file parsed once
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                directory, gguf_file=name, dtype=torch.float32)
     else:
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 

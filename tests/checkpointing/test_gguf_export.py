@@ -21,6 +21,7 @@ import torch
 from megatron_ext.checkpointing.gguf_export import export_gguf
 from megatron_ext.checkpointing.hf_import import ImportConfig, import_hf
 from megatron_ext.checkpointing.options import GGUFExportConfig
+from megatron_ext.models.gguf_checkpoint import transformers_reads_gguf_once
 from megatron_ext.checkpointing.unsharded import UnshardedReader
 from megatron_ext.errors import UserError
 from tests.conftest import CHATML, REPO
@@ -142,8 +143,9 @@ def test_transformers_gguf_loader_gives_the_models_logits(exported, family):
             if outtype not in entry:
                 continue
             path = entry[outtype]
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+            with transformers_reads_gguf_once():  # the same values, the file parsed once
+                model = transformers.AutoModelForCausalLM.from_pretrained(
+                    str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
             got = model(tokens).logits[..., :want.shape[-1]]
             scale = want.abs().max()
             assert (got - want).abs().max() <= tolerance * scale, (outtype, family)
@@ -183,7 +185,9 @@ def test_transformers_gguf_tokenizer_gives_our_chat_ids(exported, family):
 
     entry = exported[family]
     path = entry["f32"]
-    theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    with transformers_reads_gguf_once():
+        theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent),
+                                                            gguf_file=path.name)
     text = theirs.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
     ours = _our_chat_ids(entry)
     assert theirs(text, add_special_tokens=False)["input_ids"] == ours
@@ -238,8 +242,9 @@ def _transformers_reference(family: str, entry: dict) -> tuple[Path, dict]:
 def _greedy(hf_dir: Path, kwargs: dict, ids: list[int], n: int) -> list[int]:
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
-                                                              **kwargs).eval()
+    with transformers_reads_gguf_once():  # (a GGUF file's: the same values, parsed once)
+        model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                                  **kwargs).eval()
     out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
     return out[0, len(ids):].tolist()

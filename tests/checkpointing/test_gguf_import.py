@@ -386,3 +386,44 @@ def test_smollm2_q4_1_dequantizes_as_transformers_does():
         values = gguf.dequantize(tensor.data, tensor.tensor_type)
         want = torch.from_numpy(np.copy(processor.process(values, gguf_name).weights))
         assert torch.equal(model.weights.get(hf_name), want), hf_name
+
+
+def test_transformers_reads_a_gguf_file_once_with_the_same_values(gguf_files):
+    """transformers_reads_gguf_once: transformers' own GGUF loading parses the file once
+    (config, weights and tokenizer) and gives what it gives without it; the ``gguf``
+    module is itself again after the block."""
+    import gguf
+    import transformers
+
+    from megatron_ext.models import gguf_checkpoint
+
+    path, _ = gguf_files["qwen2"]
+    opened = []
+    original = gguf.GGUFReader
+
+    class Counting(original):
+        def __init__(self, *args, **kwargs):
+            opened.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    def load():
+        return (transformers.AutoModelForCausalLM.from_pretrained(
+                    str(path.parent), gguf_file=path.name, dtype=torch.float32),
+                transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name))
+
+    gguf.GGUFReader = Counting
+    gguf_checkpoint._READERS.clear()
+    try:
+        with gguf_checkpoint.transformers_reads_gguf_once():
+            model, tokenizer = load()
+        assert gguf.GGUFReader is Counting and len(opened) == 1, opened
+        plain_model, plain_tokenizer = load()
+        assert len(opened) == 4  # transformers' own: config, weights, tokenizer
+    finally:
+        gguf.GGUFReader = original
+        gguf_checkpoint._READERS.clear()
+    want, got = plain_model.state_dict(), model.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert model.config.to_dict() == plain_model.config.to_dict()
+    assert tokenizer.get_vocab() == plain_tokenizer.get_vocab()
+    assert gguf.get_tensor_name_map.__module__ == "gguf.tensor_mapping"

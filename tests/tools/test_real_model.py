@@ -37,9 +37,12 @@ def smollm2_gguf() -> Path:
 def _transformers_model(directory: Path, gguf_file: str | None = None):
     import transformers
 
+    from megatron_ext.models.gguf_checkpoint import transformers_reads_gguf_once
+
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
-                                                              **kwargs)
+    with transformers_reads_gguf_once():  # the same values, the file parsed once
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory,
+                                                                  dtype=torch.float32, **kwargs)
     model.config._attn_implementation = "eager"
     return model.eval()
 

@@ -455,6 +455,7 @@ def test_a_gguf_file_trains_on_the_hf_backend_with_its_own_tokenizer(tmp_path,
     next run (and by every rank: one lock, one published folder)."""
     import transformers
 
+    from megatron_ext.models.gguf_checkpoint import transformers_reads_gguf_once
     from megatron_ext.tokenizers import build_tokenizer
     from megatron_ext.training.plan import resolve
     from tests.checkpointing.gguf_files import write_gguf
@@ -466,7 +467,8 @@ def test_a_gguf_file_trains_on_the_hf_backend_with_its_own_tokenizer(tmp_path,
     folder = Path(tokenizer.vocab_file)
     assert folder.parent == tmp_path / "run" / "imported_models"
     assert folder.name.startswith("tiny-") and folder.name.endswith(".tokenizer")
-    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
+    with transformers_reads_gguf_once():
+        theirs = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
     text = "The quick brown fox: what is 2+2? Ünïcode too."
     ours = build_tokenizer(tokenizer.config())
     assert ours.encode(text) == theirs.encode(text, add_special_tokens=False)
