@@ -6,9 +6,11 @@ resubmit, requeue) are in test_sft_slurm.py."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -105,20 +107,64 @@ def time_limited(slurm_cluster, slurm_root, train_data):
     whole minute at least 60 s away: Slurm checks limits every 30 s and may signal up to
     30 s early, so a short limit given at submission could signal the workers while they
     still import torch, before the trainer handles SIGTERM; and this way the test waits
-    well under a minute for the signal, with 30 s or more between it and the limit."""
-    # one process: it trains flat out until the signal (about half a minute of a core);
-    # a second would only double that cost (Slurm's launcher runs in test_sft_slurm.py
-    # signal 2-process steps)
-    training = Training(slurm_root, "timelimit", train_data, iters=100000, save_interval=50,
+    well under a minute for the signal, with 30 s or more between it and the limit.
+
+    Meanwhile the worker is paused (SIGSTOP) once it has saved twice, and continued
+    (SIGCONT) as soon as Slurm's SIGTERM is pending for it: the signal, its handling and
+    the save are the job's own, but the wait for Slurm's periodic check (up to 30 s)
+    costs no CPU; training flat out it cost half a minute of a core. (torchrun's agent,
+    signalled too, gives its worker 30 s to exit before it kills it.)"""
+    # one process: Slurm's launcher runs 2-process steps in test_sft_slurm.py
+    training = Training(slurm_root, "timelimit", train_data, iters=100000, save_interval=2,
                         time="00:10:00", signal_seconds=100, processes_per_node=1,
                         cpus_per_task=1)
     job_id = submit(training.script).job_id
-    training.wait_for_iterations(job_id, 3)
-    elapsed = _seconds(job_field(slurm_cluster, job_id, "RunTime"))
-    minutes = math.ceil((elapsed + 60) / 60)
-    slurm_cluster.command("scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}")
+    training.wait_for_iterations(job_id, 5)  # saved at iterations 2 and 4
+    worker = _worker_of(training.run)
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        elapsed = _seconds(job_field(slurm_cluster, job_id, "RunTime"))
+        minutes = math.ceil((elapsed + 60) / 60)
+        slurm_cluster.command("scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}")
+        deadline, looked = time.monotonic() + minutes * 60 + 60, 0.0
+        while not _sigterm_pending(worker):  # /proc each 50 ms; scontrol each second
+            now = time.monotonic()
+            assert now < deadline, "Slurm never signalled the job"
+            if now - looked > 1:
+                if job_state(job_id) in FINISHED_STATES:
+                    break
+                looked = now
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGCONT)
     state = wait_for(job_id, FINISHED_STATES, timeout=minutes * 60 + 120)
     return training, state, training.log(job_id)
+
+
+def _worker_of(run: Path) -> int:
+    """The process id of the trainer (not its torchrun agent, nor srun) saving to ``run``."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [part.decode(errors="replace") for part in argv]
+        if (str(run) in words and any(word.endswith("finetune.py") for word in words)
+                and "torch.distributed.run" not in words and "srun" not in words[0]):
+            return int(pid)
+    raise AssertionError(f"no trainer process saves to {run}")
+
+
+def _sigterm_pending(pid: int) -> bool:
+    """Is a SIGTERM pending for the (stopped) process ``pid``? (/proc's pending masks)"""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True  # gone: nothing left to wait for
+    bit = 1 << (signal.SIGTERM - 1)
+    return any(int(line.split()[1], 16) & bit for line in status.splitlines()
+               if line.startswith(("SigPnd:", "ShdPnd:")))
 
 
 def test_time_limit_signal_saves_before_the_limit(time_limited):
