@@ -135,8 +135,8 @@ class Worker:
                 return
 
     def kill(self) -> None:
-        """Kill it, with what its processes started (torchrun's workers, the helper process
-        of megatron-core's checkpoint saving): each serving process wrote its id to
+        """Kill it, with what its processes started (torchrun's workers, a job's data
+        loader or tool processes): each serving process wrote its id to
         ``POOL/WORKER.pid.RANK`` and leads a process group of its own (torchrun starts
         workers in new sessions; a one-process worker starts in one)."""
         mine = os.getpgid(0)
