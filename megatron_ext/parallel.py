@@ -394,9 +394,8 @@ def exit_when_orphaned(interval: float = 1.0) -> bool:
       seconds of a change (the guard where ``prctl`` is missing; ``os._exit``: the other
       ranks are gone or going, no clean shutdown is possible).
 
-    Whatever the worker started itself must end with it too: a save starts no helper
-    that could outlive it (``checkpointing.writer``); the processes it forks to write
-    its files end when those are written.
+    Whatever the worker started itself must end with it too: a save starts no process
+    that could outlive it (``checkpointing.writer``).
 
     Returns whether it watches (only when started by torchrun).
     """

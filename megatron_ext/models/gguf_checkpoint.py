@@ -46,7 +46,6 @@ import functools
 import math
 import os
 import re
-import threading
 from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING, Any, Iterator, Optional
 
@@ -602,7 +601,8 @@ def gguf_name_table(architecture: str, layers: int):
     return _gguf_name_table(architecture, layers)
 
 
-_SHARING = threading.local()
+_SHARING = False
+"""Is a :func:`transformers_reads_gguf_once` block open (its swap is process-wide)?"""
 
 
 @contextlib.contextmanager
@@ -619,10 +619,15 @@ def transformers_reads_gguf_once() -> Iterator[None]:
     is cached, so the values are the same (measured on SmolLM2-135M Q4_1:
     ``AutoModelForCausalLM.from_pretrained`` 15.8 -> 7.6 s of CPU). transformers looks
     both names up in the ``gguf`` module when it loads, which is what is swapped here,
-    for the block only (not thread-safe: one loading thread, as ours are).
+    for the block only (one loading thread at a time, as ours are). Without the gguf
+    package there is nothing to share (and transformers loads no GGUF file).
     """
-    gguf = _gguf()
-    if getattr(_SHARING, "active", False):  # nested: the outer block shares already
+    global _SHARING
+    try:
+        import gguf
+    except ImportError:
+        gguf = None
+    if gguf is None or _SHARING:  # nothing to share, or the outer block shares already
         yield
         return
     reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
@@ -632,14 +637,14 @@ def transformers_reads_gguf_once() -> Iterator[None]:
             return reader_class(path, mode)
         return _reader(os.fspath(path), reader_class)
 
-    _SHARING.active = True
+    _SHARING = True
     gguf.GGUFReader = shared_reader
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=8)(name_map)
     try:
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
-        _SHARING.active = False
+        _SHARING = False
 
 
 @functools.lru_cache(maxsize=16)
