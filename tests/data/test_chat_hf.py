@@ -7,6 +7,7 @@ the SmolLM2- and Qwen2.5-style templates are written here into tokenizers traine
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -195,10 +196,19 @@ def tokenizer_dir(request, smollm2_dir, qwen25_dir):
 TEMPLATES = ["smollm2", "qwen2.5", "qwen3", "llama3.1", "llama3 (npm)", "gemma3"]
 
 
+@functools.cache
 def _hf(directory: str):
+    """transformers' tokenizer of ``directory``, read once for the module's tests (the real
+    Llama 3 and Qwen3 files take ~0.3 s each to read; nothing here changes a tokenizer)."""
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast.from_pretrained(directory)
+
+
+@functools.cache
+def _ours(directory: str):
+    """Our tokenizer of ``directory``, read once for the module's tests, like :func:`_hf`."""
+    return build_tokenizer(TokenizerConfig("HFTokenizer", directory))
 
 
 def _ids(hf, messages, add_generation_prompt=False) -> list[int]:
@@ -226,7 +236,7 @@ def _assistant_runs(tokenizer, ids, roles) -> list[str]:
 
 @pytest.mark.parametrize("tokenizer_dir", TEMPLATES, indirect=True)
 def test_ids_equal_apply_chat_template_and_the_mask_covers_the_answers(tokenizer_dir):
-    tokenizer = build_tokenizer(TokenizerConfig("HFTokenizer", tokenizer_dir))
+    tokenizer = _ours(tokenizer_dir)
     fmt = build_chat_format("hf", tokenizer)
     fmt.check()
     hf = _hf(tokenizer_dir)
@@ -254,7 +264,7 @@ def test_ids_equal_apply_chat_template_and_the_mask_covers_the_answers(tokenizer
 
 @pytest.mark.parametrize("tokenizer_dir", TEMPLATES, indirect=True)
 def test_generation_prompt_equals_apply_chat_template(tokenizer_dir):
-    tokenizer = build_tokenizer(TokenizerConfig("HFTokenizer", tokenizer_dir))
+    tokenizer = _ours(tokenizer_dir)
     fmt = build_chat_format("hf", tokenizer)
     hf = _hf(tokenizer_dir)
     for conversation in CONVERSATIONS:
@@ -267,18 +277,18 @@ def test_default_system_prompts_and_templates_that_differ_from_a_concatenation(
         smollm2_dir, qwen25_dir, llama31_dir):
     for directory, default in ((smollm2_dir, "named SmolLM, trained by Hugging Face"),
                                (qwen25_dir, "You are Qwen, created by Alibaba Cloud.")):
-        tokenizer = build_tokenizer(TokenizerConfig("HFTokenizer", directory))
+        tokenizer = _ours(directory)
         ids, _ = conversation_ids(build_chat_format("hf", tokenizer), tokenizer, CONVERSATIONS[0])
         assert default in tokenizer.decode(ids)
     # Qwen3: an empty think block before the last answer only, not a target
-    qwen3 = build_tokenizer(TokenizerConfig("HFTokenizer", _asset("qwen3")))
+    qwen3 = _ours(_asset("qwen3"))
     ids, roles = conversation_ids(build_chat_format("hf", qwen3), qwen3, CONVERSATIONS[2])
     text = qwen3.decode(ids)
     assert text.count("<think>\n\n</think>\n\n") == 1
     assert text.endswith("<think>\n\n</think>\n\nIt is 6.\nSix, in words: six 🤖<|im_end|>\n")
     assert "think" not in "".join(_assistant_runs(qwen3, ids, roles))
     # Llama 3.1: a date header in the system turn, with or without a system message
-    llama = build_tokenizer(TokenizerConfig("HFTokenizer", llama31_dir))
+    llama = _ours(llama31_dir)
     for conversation in CONVERSATIONS[:2]:
         ids, roles = conversation_ids(build_chat_format("hf", llama), llama, conversation)
         assert "Cutting Knowledge Date: December 2023\nToday Date: " in llama.decode(ids)
@@ -390,7 +400,7 @@ def test_export_keeps_the_original_template(tmp_path, smollm2_dir):
 def test_extra_ids_the_tokenizer_already_has_keep_their_ids():
     """Qwen's tokenizer has <|im_start|>/<|im_end|>: --vocab_extra_ids_list reuses those
     ids and adds no row (a duplicate would be a second, untrained embedding)."""
-    plain = build_tokenizer(TokenizerConfig("HFTokenizer", _asset("qwen3")))
+    plain = _ours(_asset("qwen3"))
     chat = build_tokenizer(TokenizerConfig("HFTokenizer", _asset("qwen3"),
                                            ("<|im_start|>", "<|im_end|>")))
     assert chat.vocab_size == plain.vocab_size

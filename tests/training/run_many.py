@@ -82,7 +82,8 @@ def run_one(body: Callable[[], None], log: Path) -> int:
     Afterwards the process is put back as a fresh one would be where a job can tell:
     the environment variables restored (megatron-core sets NVTE_* ones for the
     attention backend of the models it builds). megatron-core's model-parallel state
-    is left to :func:`prepare_layout`.
+    is left to :func:`prepare_layout`, the job's garbage to the collection after its
+    batch (:func:`release`).
     """
     environment = dict(os.environ)
     handler = logging.FileHandler(log, mode="w", encoding="utf-8") if RANK == 0 else None
@@ -106,7 +107,6 @@ def run_one(body: Callable[[], None], log: Path) -> int:
             handler.close()
         os.environ.clear()
         os.environ.update(environment)
-        gc.collect()  # the job's model and optimizer (memory, open files); see serve()
 
 
 def save_logits(job: dict) -> None:
@@ -217,6 +217,21 @@ def release_groups() -> None:
         dist.destroy_process_group(group)  # the same order on every rank
 
 
+def release() -> None:
+    """After a batch: its process groups destroyed (idle until the next batch: no gloo
+    threads left to wake), then its jobs' models and optimizers collected (memory, open
+    files).
+
+    Collected once a batch, not after each job: a full collection traverses every object
+    that is not frozen (see :func:`serve`), and what later jobs import (other families,
+    the tools, Weights & Biases, torch.compile's inductor: up to ~190k objects in a
+    worker) makes each one cost ~0.1 s in every rank. A job's garbage in the meantime
+    is a few MB, and its process groups are shut down by ``destroy_process_group``
+    whoever still refers to them."""
+    release_groups()
+    gc.collect()
+
+
 def run_batch(batch: dict) -> None:
     directory = Path(batch["directory"])
     for job in batch["runs"]:
@@ -275,9 +290,11 @@ def serve(pool: Path, worker: str, parent: int) -> None:
     claimed.mkdir(parents=True, exist_ok=True)
     (pool / f"{worker}.pid.{RANK}").write_text(str(os.getpid()))  # for Worker.kill
     # What the jobs import, imported now and frozen with the rest: the collection after
-    # each job then looks at that job's objects only (~8k), not at every module's (~160k
-    # more: 0.1-0.15 s a job in each rank, a minute of the suite's CPU). Frozen once,
-    # here: freezing after jobs would keep cycles that die later (their gloo threads).
+    # each batch then looks at its jobs' objects only, not at every module's (~160k
+    # more: 0.1-0.15 s a collection in each rank). Frozen once,
+    # here: freezing after batches would keep cycles that die later (a batch's jobs leave
+    # objects behind in megatron-core's and our caches; frozen after each batch, the
+    # suite's workers took twice the CPU).
     for module in ("megatron_ext.training.trainer", "megatron_ext.training.hf_trainer",
                    "megatron_ext.checkpointing.dist", "megatron_ext.models.builder",
                    "megatron.core.models.gpt", "megatron.core.optimizer",
@@ -300,7 +317,7 @@ def serve(pool: Path, worker: str, parent: int) -> None:
             return
         start = time.perf_counter()
         run_batch(json.loads(batch.read_text(encoding="utf-8")))
-        release_groups()  # idle until the next batch: no gloo threads left to wake
+        release()
         if RANK == 0:
             (claimed / f"{batch.name}.done").touch()
             logging.info("batch %s: %.1f s, %s threads now", batch.name,
