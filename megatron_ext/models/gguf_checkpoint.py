@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import os
 import re
@@ -102,11 +103,49 @@ def _reader(path: str, reader_class=None):
     if key in _READERS:
         _READERS.move_to_end(key)
         return _READERS[key]
-    reader = (reader_class or _gguf().GGUFReader)(path, "r")
+    reader = _quick_reader_class(reader_class or _gguf().GGUFReader)(path, "r")
     _READERS[key] = reader
     while len(_READERS) > READERS_KEPT:
         _READERS.popitem(last=False)
     return reader
+
+
+_GET_PARAMETERS = ["self", "offset", "dtype", "count", "override_order"]
+
+
+@functools.lru_cache(maxsize=None)
+def _quick_reader_class(base: type) -> type:
+    """``base`` (``gguf.GGUFReader``) slicing a plain ``ndarray`` view of its memory map
+    instead of the ``np.memmap`` itself; ``base`` as it is where its ``_get`` is not the
+    one this mirrors.
+
+    Why: the reader parses every metadata field when it opens a file, one ``_get`` slice
+    per value, and a tokenizer's vocabulary and merges are ~100k values. Each slice of an
+    ``np.memmap`` goes through its Python ``__getitem__`` and ``__array_finalize__``;
+    a slice of a plain view of the same mapping stays in C. SmolLM2-135M's Q4_1 file opens
+    in 0.7 s of CPU instead of 2.1 s. The values are the same, read from the same
+    mapping, which every array they come from keeps alive (the view's base is the
+    ``np.memmap``)."""
+    get = getattr(base, "_get", None)
+    try:
+        parameters = list(inspect.signature(get).parameters)
+    except (TypeError, ValueError):
+        return base
+    if parameters != _GET_PARAMETERS:
+        return base
+
+    class QuickReader(base):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self._plain = self.data.view(np.ndarray)
+            count = int(count)
+            end = offset + np.dtype(dtype).itemsize * count
+            values = plain[offset:end].view(dtype=dtype)[:count]
+            order = self.byte_order if override_order is None else override_order
+            return values.view(values.dtype.newbyteorder(order))
+
+    return QuickReader
 
 
 def is_gguf_path(path: str) -> bool:
