@@ -102,15 +102,13 @@ def _differences(old: dict, new: dict, keys: tuple[str, ...] = ()) -> list[str]:
 def _flag(keys: tuple[str, ...]) -> str:
     """The launcher's flag of the identity's setting at ``keys`` (``("peft", "peft_dim")``:
     ``--peft_dim``)."""
-    import typing
-
-    from megatron_ext.cli import flag_name
+    from megatron_ext.cli import flag_name, type_hints
     from megatron_ext.launch.options import SFTConfig
 
     cls = SFTConfig
     try:
         for key in keys[:-1]:
-            cls = typing.get_type_hints(cls)[key]
+            cls = type_hints(cls)[key]
         return flag_name(cls, keys[-1])
     except (KeyError, StopIteration, TypeError):  # a setting of another version
         return "--" + keys[-1]
