@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from megatron_ext.cli import run_cli, setup_logging  # noqa: E402
 from megatron_ext.parallel import exit_when_orphaned  # noqa: E402 - light: no torch
+from megatron_ext.startup import heavy_imports  # noqa: E402
 from megatron_ext.training.arguments import parse_config  # noqa: E402
 
 
@@ -21,17 +22,22 @@ def main(argv=None) -> int:
     exit_when_orphaned()
     config = parse_config(argv)  # flags checked before torch and megatron-core are imported
     setup_logging()
-    # imported only now, for the same reason: a bad flag must not cost their import
-    import torch
+    # imported only now, for the same reason: a bad flag must not cost their import; and
+    # the quick way (megatron_ext/startup.py: a fifth less of a rank's start-up), with
+    # what the plan's backend will import
+    with heavy_imports():
+        import torch
 
-    from megatron_ext.parallel import shutdown
-    from megatron_ext.training.backends import make_trainer
-    from megatron_ext.training.plan import resolve
+        from megatron_ext.parallel import shutdown
+        from megatron_ext.training.backends import import_trainer, make_trainer
+        from megatron_ext.training.plan import resolve
 
-    try:
         # what to load, from where, with which backend, model and adapters: settled once,
         # then trained
-        make_trainer(resolve(config, cuda=torch.cuda.is_available())).train()
+        plan = resolve(config, cuda=torch.cuda.is_available())
+        import_trainer(plan)
+    try:
+        make_trainer(plan).train()
     finally:
         shutdown()
     return 0

@@ -24,6 +24,7 @@ ROOMS: dict[str, tuple[int, str]] = {
     "megatron_ext.io": (0, "io"),
     "megatron_ext.cli": (0, "cli"),
     "megatron_ext.compat": (0, "compat"),
+    "megatron_ext.startup": (0, "startup"),
     "megatron_ext.tokenizers": (1, "tokenizers"),
     "megatron_ext.safetensors_io": (1, "safetensors_io"),
     "megatron_ext.data": (2, "data"),

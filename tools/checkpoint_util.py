@@ -37,6 +37,7 @@ if __package__ in (None, ""):
 
 from megatron_ext.checkpointing.options import ReshardConfig  # noqa: E402
 from megatron_ext.cli import ConfigParser, build_config, run_cli, setup_logging  # noqa: E402
+from megatron_ext.startup import heavy_imports  # noqa: E402
 
 
 def build_parser() -> ConfigParser:
@@ -53,8 +54,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     config = build_config(ReshardConfig, args)
     setup_logging()
-    from megatron_ext.checkpointing.dcp import describe, hf_backend_checkpoint
-    from megatron_ext.checkpointing.reshard import merge, split
+    with heavy_imports("torch"):
+        from megatron_ext.checkpointing.dcp import describe, hf_backend_checkpoint
+        from megatron_ext.checkpointing.reshard import merge, split
     from megatron_ext.errors import CheckpointError
 
     native = hf_backend_checkpoint(config.load)

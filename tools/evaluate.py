@@ -29,6 +29,7 @@ from megatron_ext.inference.options import (  # noqa: E402
     add_inference_options,
     load_model_and_format,
 )
+from megatron_ext.startup import heavy_imports  # noqa: E402
 
 
 def format_summary(summary) -> str:
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
     options = build_config(InferenceOptions, args)
     setup_logging()
     params = None if args.no_generate else options.sampling_params()
-    from megatron_ext.inference.batch import evaluate_records
+    with heavy_imports("torch"):
+        from megatron_ext.inference.batch import evaluate_records
     from megatron_ext.io import write_json, write_jsonl
 
     records = options.read_records(args.input)

@@ -30,6 +30,7 @@ from megatron_ext.inference.options import (  # noqa: E402
     add_inference_options,
     load_model_and_format,
 )
+from megatron_ext.startup import heavy_imports  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
     options = build_config(InferenceOptions, args)
     setup_logging()
     params = options.sampling_params()
-    from megatron_ext.inference.batch import generate_records
+    with heavy_imports("torch"):
+        from megatron_ext.inference.batch import generate_records
     from megatron_ext.inference.prompts import record_from_json
     from megatron_ext.io import write_jsonl
 

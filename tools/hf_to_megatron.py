@@ -35,6 +35,7 @@ if __package__ in (None, ""):
 
 from megatron_ext.checkpointing.options import ImportConfig  # noqa: E402
 from megatron_ext.cli import ConfigParser, build_config, run_cli, setup_logging  # noqa: E402
+from megatron_ext.startup import heavy_imports  # noqa: E402
 
 
 def build_parser() -> ConfigParser:
@@ -48,7 +49,8 @@ def build_parser() -> ConfigParser:
 def main(argv=None) -> int:
     config = build_config(ImportConfig, build_parser().parse_args(argv))
     setup_logging()
-    from megatron_ext.checkpointing.hf_import import import_hf
+    with heavy_imports("torch"):
+        from megatron_ext.checkpointing.hf_import import import_hf
 
     summary = import_hf(config)
     print(f"converted {config.model_path} ({summary.weights_format}) -> {summary.out}\n"

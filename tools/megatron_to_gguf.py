@@ -24,6 +24,7 @@ if __package__ in (None, ""):
 
 from megatron_ext.checkpointing.options import GGUFExportConfig  # noqa: E402
 from megatron_ext.cli import ConfigParser, build_config, run_cli, setup_logging  # noqa: E402
+from megatron_ext.startup import heavy_imports  # noqa: E402
 
 
 def build_parser() -> ConfigParser:
@@ -37,7 +38,8 @@ def build_parser() -> ConfigParser:
 def main(argv=None) -> int:
     config = build_config(GGUFExportConfig, build_parser().parse_args(argv))
     setup_logging()
-    from megatron_ext.checkpointing.gguf_export import export_gguf
+    with heavy_imports("torch"):
+        from megatron_ext.checkpointing.gguf_export import export_gguf
 
     s = export_gguf(config)
     types = ", ".join(f"{count} {kind}" for kind, count in s.types.items())

@@ -28,6 +28,7 @@ if __package__ in (None, ""):
 
 from megatron_ext.checkpointing.options import ExportConfig  # noqa: E402
 from megatron_ext.cli import ConfigParser, build_config, run_cli, setup_logging  # noqa: E402
+from megatron_ext.startup import heavy_imports  # noqa: E402
 
 
 def build_parser() -> ConfigParser:
@@ -41,7 +42,8 @@ def build_parser() -> ConfigParser:
 def main(argv=None) -> int:
     config = build_config(ExportConfig, build_parser().parse_args(argv))
     setup_logging()
-    from megatron_ext.checkpointing.dcp import hf_backend_checkpoint
+    with heavy_imports("torch"):
+        from megatron_ext.checkpointing.dcp import hf_backend_checkpoint
 
     if config.adapter_only and hf_backend_checkpoint(config.load):
         from megatron_ext.checkpointing.hf_export import export_hf_backend_adapter

@@ -60,12 +60,16 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from megatron_ext import startup  # noqa: E402
+
+startup.pause()  # settled once the jobs' modules are imported (see serve), as entry points do
+
 from megatron_ext.cli import setup_logging  # noqa: E402
 from megatron_ext.errors import UserError  # noqa: E402
 from megatron_ext.io import write_json  # noqa: E402
 from megatron_ext.parallel import shutdown  # noqa: E402
 from megatron_ext.training.arguments import parse_config  # noqa: E402
-from megatron_ext.training.backends import make_trainer  # noqa: E402
+from megatron_ext.training.backends import TRAINER_MODULES, make_trainer  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
 WORLD = int(os.environ.get("WORLD_SIZE", "1"))
@@ -289,19 +293,18 @@ def serve(pool: Path, worker: str, parent: int) -> None:
     claimed = pool / "claimed" / worker
     claimed.mkdir(parents=True, exist_ok=True)
     (pool / f"{worker}.pid.{RANK}").write_text(str(os.getpid()))  # for Worker.kill
-    # What the jobs import, imported now and frozen with the rest: the collection after
-    # each batch then looks at its jobs' objects only, not at every module's (~160k
-    # more: 0.1-0.15 s a collection in each rank). Frozen once,
-    # here: freezing after batches would keep cycles that die later (a batch's jobs leave
-    # objects behind in megatron-core's and our caches; frozen after each batch, the
-    # suite's workers took twice the CPU).
-    for module in ("megatron_ext.training.trainer", "megatron_ext.training.hf_trainer",
-                   "megatron_ext.checkpointing.dist", "megatron_ext.models.builder",
-                   "megatron.core.models.gpt", "megatron.core.optimizer",
-                   "megatron.core.pipeline_parallel", "megatron.core.dist_checkpointing",
-                   "transformers.models.llama.modeling_llama", "peft"):
+    # What the jobs import, imported now (without full collections) and frozen with the
+    # rest (megatron_ext/startup.py): the collection after each batch then looks at its
+    # jobs' objects only, not at every module's (~160k more: 0.1-0.15 s a collection in
+    # each rank). Frozen once, here: freezing after batches would keep cycles that die
+    # later (a batch's jobs leave objects behind in megatron-core's and our caches; frozen
+    # after each batch, the suite's workers took twice the CPU).
+    for modules in TRAINER_MODULES.values():
+        for module in modules:
+            importlib.import_module(module)
+    for module in ("transformers.models.llama.modeling_llama", "peft"):
         importlib.import_module(module)
-    gc.freeze()
+    startup.settle()
     seq, wait = 0, POLL_S
     while parent_alive(parent):
         if RANK == 0 and (pool / "stop").exists():  # batches left: nobody waits for them
@@ -328,6 +331,7 @@ def serve(pool: Path, worker: str, parent: int) -> None:
 def main() -> None:
     setup_logging()
     if sys.argv[1] != "--serve":  # one batch file, as a pool worker would run it
+        startup.settle()
         try:
             run_batch(json.loads(Path(sys.argv[1]).read_text(encoding="utf-8")))
         finally:
