@@ -20,6 +20,17 @@ sys.path.insert(0, str(REPO))
 # workers inherit this) keep their W&B run on disk
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# One thread per process, here and in every process a test starts (the run_many workers
+# and trainer launches already had it): the two sessions keep both cores busy, so a second
+# OpenMP thread only contends; measured, OpenMP's threads spent ~2% of the suite's CPU
+# spinning. (Set before torch is imported.)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from megatron_ext import startup  # noqa: E402
+
+# Collecting the tests imports torch, megatron-core and transformers: without full
+# collections meanwhile, then frozen (megatron_ext/startup.py), as the entry points do.
+startup.pause()
 
 from instruct.preprocess_instruct_data import build_parser, config_from_args  # noqa: E402
 from megatron_ext.data.preprocess import run_preprocess  # noqa: E402
@@ -51,6 +62,12 @@ UNICODE_TEXTS = [
     "Emoji 🤖🚀 and math ∑ x² ≤ ∞",
     "tabs\tand  double  spaces\nand\nnew lines",
 ]
+
+
+def pytest_collection_finish(session) -> None:
+    """The test modules are imported: what they imported is frozen, and the later full
+    collections look at the tests' own objects only."""
+    startup.settle()
 
 
 def _corpus() -> list[str]:
