@@ -114,17 +114,21 @@ def run_one(body: Callable[[], None], log: Path) -> int:
 
 
 def save_logits(job: dict) -> None:
-    """Load a checkpoint at the job's TP/PP and save its full logits (one copy, rank 0)."""
+    """Load a checkpoint at the job's TP/PP and save its full logits (one copy: the first
+    rank of the last pipeline stage, which has them; at PP > 1 not rank 0, see
+    :func:`run_batch`)."""
     import torch
 
     from megatron_ext.inference.loading import full_logits, load_for_inference
+    from megatron_ext.io import atomic_write
 
     loaded = load_for_inference(job["load"], int(job["tp"]), int(job["pp"]),
                                 vocab_file=job.get("vocab_file") or None,
                                 ep=int(job.get("ep", 1)))
     logits = full_logits(loaded, torch.load(job["tokens"]))
     if logits is not None and loaded.layout.tp_rank == 0 and loaded.layout.dp_rank == 0:
-        torch.save(logits.cpu(), job["out"])
+        with atomic_write(job["out"], "wb") as handle:
+            torch.save(logits.cpu(), handle)
 
 
 def tool_main(tool: str) -> Callable:
@@ -241,6 +245,13 @@ def run_batch(batch: dict) -> None:
     for job in batch["runs"]:
         prepare_layout(job)
         code = run_job(job, directory)
+        if WORLD > 1:
+            # Rank 0 says the job ended (its .json) once every rank has: another rank may
+            # write its output (at PP > 1 the last stage has the logits); a test that read
+            # such a file as soon as rank 0 was done found it half-written.
+            import torch.distributed as dist
+
+            dist.barrier()
         if RANK == 0:
             mtimes = {path: os.stat(path).st_mtime_ns for path in job.get("stat", ())
                       if os.path.exists(path)}
