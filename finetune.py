@@ -33,7 +33,8 @@ def main(argv=None) -> int:
         from megatron_ext.training.plan import resolve
 
         # what to load, from where, with which backend, model and adapters: settled once,
-        # then trained
+        # then trained (it reads small files only: metadata and configs, nothing whose
+        # garbage the freeze would keep)
         plan = resolve(config, cuda=torch.cuda.is_available())
         import_trainer(plan)
     try:
