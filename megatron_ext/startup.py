@@ -67,15 +67,13 @@ def heavy_imports(*modules: str) -> Iterator[None]:
     """Import ``modules`` (say ``"torch"``, which the block's own imports use later), then
     what the block imports: the first such block of a process pauses full collections and
     settles at its end (see the module's docstring); any other imports plainly."""
-    if _settled or _paused is not None:
-        for module in modules:
-            importlib.import_module(module)
-        yield
-        return
-    pause()
+    first = not _settled and _paused is None
+    if first:
+        pause()
     try:
         for module in modules:
             importlib.import_module(module)
         yield
     finally:
-        settle()
+        if first:
+            settle()

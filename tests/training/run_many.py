@@ -64,6 +64,8 @@ from megatron_ext import startup  # noqa: E402
 
 startup.pause()  # settled once the jobs' modules are imported (see serve), as entry points do
 
+import torch.distributed  # noqa: E402
+
 from megatron_ext.cli import setup_logging  # noqa: E402
 from megatron_ext.errors import UserError  # noqa: E402
 from megatron_ext.io import write_json  # noqa: E402
@@ -249,9 +251,7 @@ def run_batch(batch: dict) -> None:
             # Rank 0 says the job ended (its .json) once every rank has: another rank may
             # write its output (at PP > 1 the last stage has the logits); a test that read
             # such a file as soon as rank 0 was done found it half-written.
-            import torch.distributed as dist
-
-            dist.barrier()
+            torch.distributed.barrier()
         if RANK == 0:
             mtimes = {path: os.stat(path).st_mtime_ns for path in job.get("stat", ())
                       if os.path.exists(path)}
