@@ -242,7 +242,7 @@ def _quantized(values: np.ndarray, qtype, gguf) -> tuple[np.ndarray, Any]:
     back to f16, as there."""
     kind = qtype.name
     if values.ndim == 1 or kind == "F32":
-        return values.astype(np.float32), None
+        return values.astype(np.float32, copy=False), None
     if kind == "Q8_0" and values.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
         kind, qtype = "F16", gguf.GGMLQuantizationType.F16
     if kind == "F16":

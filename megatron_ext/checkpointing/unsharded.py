@@ -400,7 +400,8 @@ def iter_dist_checkpoint(directory: str, include_optimizer: bool = True
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     try:
-        metadata = read_dist_metadata(directory).state_dict_metadata
+        whole = read_dist_metadata(directory)  # read once, for every part (see the reader)
+        metadata = whole.state_dict_metadata
     except (KeyboardInterrupt, SystemExit, CheckpointError):
         raise
     except BaseException as exc:
@@ -420,7 +421,7 @@ def iter_dist_checkpoint(directory: str, include_optimizer: bool = True
 
     def load(request: dict, offsets: dict) -> dict:
         try:
-            dcp_load(request, storage_reader=safe_filesystem_reader(directory),
+            dcp_load(request, storage_reader=safe_filesystem_reader(directory, whole),
                      planner=_slice_planner(offsets), no_dist=True)
         except (KeyboardInterrupt, SystemExit):
             raise

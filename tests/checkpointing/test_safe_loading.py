@@ -113,13 +113,14 @@ def test_unsharded_common_with_a_payload_is_refused(tmp_path, payload):
 
 
 # ---------------------------------------------------------------- dist checkpoints
-def dist_checkpoint(directory, common=None, objects=None) -> str:
+def dist_checkpoint(directory, common=None, objects=None, tensors=None) -> str:
     """A dist_checkpointing-shaped directory: DCP files, common.pt, run_config, tracker."""
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
 
     iteration = directory / "iter_0000001"
     state = {"embedding.word_embeddings.weight": torch.ones(4, 2)}
+    state.update(tensors or {})
     state.update(objects or {})  # pickled as megatron-core stores a ShardedObject's data
     dcp_save(state, storage_writer=FileSystemWriter(str(iteration)), no_dist=True)
     torch.save(common if common is not None else {"common": {"weights_only": True}},
@@ -138,6 +139,31 @@ def test_dist_checkpoint_of_safe_files_is_read(tmp_path):
     assert open_checkpoint(str(tmp_path)).common() == {"common": {"weights_only": True}}
     (group,) = iter_dist_checkpoint(directory)
     assert torch.equal(group["embedding.word_embeddings.weight"], torch.ones(4, 2))
+
+
+def test_a_checkpoint_read_a_layer_at_a_time_reads_its_metadata_once(tmp_path, monkeypatch):
+    """iter_dist_checkpoint loads each layer with its own DCP load: the ``.metadata`` file
+    is read (restricted) once for all of them, and torch never unpickles it itself."""
+    from megatron_ext.checkpointing import pickles
+
+    layers = torch.arange(24.0).reshape(3, 2, 4)  # stacked: one DCP load per layer
+    directory = dist_checkpoint(tmp_path, tensors={
+        "decoder.layers.self_attention.linear_proj.weight": layers})
+    reads = []
+    restricted = pickles.load_pickled
+    monkeypatch.setattr(pickles, "load_pickled", lambda path, *args, **kwargs: (
+        reads.append(os.path.basename(path)), restricted(path, *args, **kwargs))[1])
+
+    def unrestricted(*args, **kwargs):
+        raise AssertionError("torch unpickled a file itself")
+
+    monkeypatch.setattr(pickle, "load", unrestricted)
+    groups = list(iter_dist_checkpoint(directory))
+    assert reads == [".metadata"]
+    assert torch.equal(groups[0]["embedding.word_embeddings.weight"], torch.ones(4, 2))
+    assert len(groups) == 4 and all(
+        torch.equal(next(iter(group.values())), layers[index])
+        for index, group in enumerate(groups[1:]))
 
 
 def test_dist_common_with_a_payload_is_refused(tmp_path, payload):
