@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from megatron_ext.launch.slurm import (
 )
 from megatron_ext.parallel import free_port
 from tests.conftest import REPO
-from tests.runs import model_args, train_metrics
+from tests.runs import model_args, started, starts_early, train_metrics
 
 pytestmark = pytest.mark.slow
 ITERS = 40
@@ -91,17 +92,53 @@ def job_field(cluster, job_id: str, name: str) -> str:
     return re.search(rf"\b{name}=(\S+)", shown).group(1)
 
 
-@pytest.fixture(scope="module")
-def slurm_root(slurm_cluster, tmp_path_factory) -> Path:
-    """Where the jobs' scripts, logs and runs go (with the cluster running)."""
-    return tmp_path_factory.mktemp("slurm_jobs")
+@starts_early("time_limited")
+def start_time_limited(request) -> tuple | None:
+    """Submit the time-limited job (:func:`time_limited`) and follow it in a thread: it
+    starts with the session (tests/runs.py:starts_early), and its minute of waiting for
+    Slurm, which costs no CPU, passes while the tests before this module run. None where
+    the session's first test does not see the Slurm cluster (a selection that starts
+    outside tests/launch): the fixture then starts it itself."""
+    try:
+        cluster = request.getfixturevalue("slurm_cluster")
+    except pytest.FixtureLookupError:
+        return None
+    root = request.getfixturevalue("tmp_path_factory").mktemp("slurm_jobs")
+    # one process: Slurm's launcher runs 2-process steps in test_sft_slurm.py
+    training = Training(root, "timelimit", request.getfixturevalue("train_data"),
+                        iters=100000, save_interval=2, time="00:10:00", signal_seconds=100,
+                        processes_per_node=1, cpus_per_task=1)
+    job_id = submit(training.script).job_id
+    outcome: dict = {}
+
+    def follow() -> None:
+        try:
+            outcome["state"] = _signalled_and_finished(cluster, training, job_id)
+        except BaseException as error:  # pytest.fail's too: raised again by the fixture
+            outcome["error"] = error
+
+    thread = threading.Thread(target=follow, name="time-limited job", daemon=True)
+    thread.start()
+    return training, job_id, thread, outcome
 
 
 @pytest.fixture(scope="module")
-def time_limited(slurm_cluster, slurm_root, train_data):
+def time_limited(request):
     """A job told to stop by ``--signal=TERM@100`` as its time limit approaches: its
     training, final state and log; periodic checkpoints before the signal, and the save
-    that the SIGTERM asks for after them.
+    that the SIGTERM asks for after them (:func:`_signalled_and_finished`)."""
+    started_job = started("time_limited", request) or start_time_limited(request)
+    training, job_id, thread, outcome = started_job
+    thread.join(timeout=JOB_TIMEOUT + 600)
+    assert not thread.is_alive(), "the time-limited job's thread never ended"
+    if "error" in outcome:
+        raise outcome["error"]
+    return training, outcome["state"], training.log(job_id)
+
+
+def _signalled_and_finished(cluster, training: Training, job_id: str) -> str:
+    """Wait for the job to save twice, lower its limit and wait for Slurm's SIGTERM, then
+    for its end; its final state.
 
     The limit is lowered once training runs (``scontrol update TimeLimit``), to the next
     whole minute at least 60 s away: Slurm checks limits every 30 s and may signal up to
@@ -114,18 +151,13 @@ def time_limited(slurm_cluster, slurm_root, train_data):
     the save are the job's own, but the wait for Slurm's periodic check (up to 30 s)
     costs no CPU; training flat out it cost half a minute of a core. (torchrun's agent,
     signalled too, gives its worker 30 s to exit before it kills it.)"""
-    # one process: Slurm's launcher runs 2-process steps in test_sft_slurm.py
-    training = Training(slurm_root, "timelimit", train_data, iters=100000, save_interval=2,
-                        time="00:10:00", signal_seconds=100, processes_per_node=1,
-                        cpus_per_task=1)
-    job_id = submit(training.script).job_id
     training.wait_for_iterations(job_id, 5)  # saved at iterations 2 and 4
     worker = _worker_of(training.run)
     os.kill(worker, signal.SIGSTOP)
     try:
-        elapsed = _seconds(job_field(slurm_cluster, job_id, "RunTime"))
+        elapsed = _seconds(job_field(cluster, job_id, "RunTime"))
         minutes = math.ceil((elapsed + 60) / 60)
-        slurm_cluster.command("scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}")
+        cluster.command("scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}")
         deadline, looked = time.monotonic() + minutes * 60 + 60, 0.0
         while not _sigterm_pending(worker):  # /proc each 50 ms; scontrol each second
             now = time.monotonic()
@@ -138,8 +170,7 @@ def time_limited(slurm_cluster, slurm_root, train_data):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker, signal.SIGCONT)
-    state = wait_for(job_id, FINISHED_STATES, timeout=minutes * 60 + 120)
-    return training, state, training.log(job_id)
+    return wait_for(job_id, FINISHED_STATES, timeout=minutes * 60 + 120)
 
 
 def _worker_of(run: Path) -> int:
