@@ -310,6 +310,8 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30, *,
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
             context_parallel_size=cp, expert_model_parallel_size=ep,
         )
+    if not use_cuda:
+        lower_gloo_loop_priority()
     set_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return Layout(
@@ -327,6 +329,48 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_minutes: int = 30, *,
         cp_rank=parallel_state.get_context_parallel_rank(),
         ep=parallel_state.get_expert_model_parallel_world_size(),
     )
+
+
+GLOO_LOOP_NICE_ENV = "MEGATRON_EXT_GLOO_LOOP_NICE"
+GLOO_LOOP_NICE = 19
+GLOO_LOOP_THREAD = "gloo_tcp_loop"
+
+
+def lower_gloo_loop_priority() -> int:
+    """Give this process's gloo transport threads the lowest scheduling priority (nice 19,
+    or ``$MEGATRON_EXT_GLOO_LOOP_NICE``; 0 leaves them alone); the number of threads.
+
+    Why: gloo's TCP transport waits for every process group's sockets in one event-loop
+    thread per group (``gloo_tcp_loop``). A message that arrives before its receive is
+    posted stays readable, so the loop returns from ``epoll_wait`` at once, again and again
+    (about 260,000 calls a second, measured), until the thread that posts the receive runs,
+    and on a busy CPU it is the spinning loop that keeps it from running. A 2-rank
+    all-reduce of 16 floats on 2 cores took 0.75 ms of CPU and 1.13 ms per call; with the
+    loop threads at nice 19, 0.41 ms and 0.62 ms, and beside two busy processes 0.69 ->
+    0.31 ms of CPU, 1.19 -> 0.66 ms (``bench/gloo_loop_priority.py``). The loop still runs
+    whenever a core has nothing better to do, and the scheduler never starves it.
+
+    Call after making process groups (each gloo group starts its own thread); a thread
+    already lowered is lowered again, harmlessly. Linux only (a thread's own nice value,
+    ``setpriority`` on its id); elsewhere nothing changes."""
+    try:
+        nice = int(os.environ.get(GLOO_LOOP_NICE_ENV, GLOO_LOOP_NICE))
+    except ValueError:
+        raise ConfigError(f"{GLOO_LOOP_NICE_ENV} must be a nice value (0 to 19), not "
+                          f"{os.environ[GLOO_LOOP_NICE_ENV]!r}") from None
+    if nice <= 0 or not os.path.isdir("/proc/self/task"):
+        return 0
+    lowered = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm", encoding="utf-8") as handle:
+                if handle.read().strip() != GLOO_LOOP_THREAD:
+                    continue
+            os.setpriority(os.PRIO_PROCESS, int(tid), min(nice, 19))
+            lowered += 1
+        except OSError:  # the thread ended meanwhile
+            continue
+    return lowered
 
 
 def set_seed(seed: int) -> None:
