@@ -5,7 +5,7 @@ we still want real TP/PP/DP training, for tests and demos. Every patch applies o
 when ``torch.cuda.is_available()`` is false, so nothing changes on GPUs; see
 ``docs/notes/megatron-core-cpu.md`` for how each was found and shown necessary.
 
-* :func:`enable_cpu_compat` (``cpu.py``): the five patches training needs.
+* :func:`enable_cpu_compat` (``cpu.py``): the patches training needs (ten, listed there).
 * :func:`skip_jit_fuser_on_cpu`: megatron-core's ``jit_fuser`` without
   ``torch.compile``, and its optional ``wandb`` imports skipped, installed before
   megatron-core is imported.
