@@ -210,10 +210,11 @@ def release_groups() -> None:
     default one (the next job makes what it needs: ~20 ms).
 
     Why: megatron-core's ``destroy_model_parallel`` only forgets its groups, and each
-    gloo group keeps a thread that wakes every few milliseconds: megatron-core's ~20
-    groups cost a process ~2% of a core, busy or idle, so a session's idle workers
-    would burn a core-minute between their batches. torch.distributed has no public
-    list of the groups, hence its private one here."""
+    gloo group keeps its worker threads, its connections and, without the compat
+    layer's shared device (patch 10), an event-loop thread that wakes every 10 ms:
+    without both, megatron-core's ~25 groups cost a process ~3% of a core, busy or
+    idle. torch.distributed has no public list of the groups, hence its private one
+    here."""
     import torch.distributed as dist
     from megatron.core import parallel_state
     from torch.distributed import distributed_c10d
