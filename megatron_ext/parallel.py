@@ -340,8 +340,9 @@ def lower_gloo_loop_priority() -> int:
     """Give this process's gloo transport threads the lowest scheduling priority (nice 19,
     or ``$MEGATRON_EXT_GLOO_LOOP_NICE``; 0 leaves them alone); the number of threads.
 
-    Why: gloo's TCP transport waits for every process group's sockets in one event-loop
-    thread per group (``gloo_tcp_loop``). A message that arrives before its receive is
+    Why: gloo's TCP transport waits for the sockets of its process groups in an
+    event-loop thread per device (``gloo_tcp_loop``; torch makes a device per group, the
+    CPU compat layer one for all, patch 10). A message that arrives before its receive is
     posted stays readable, so the loop returns from ``epoll_wait`` at once, again and again
     (about 260,000 calls a second, measured), until the thread that posts the receive runs,
     and on a busy CPU it is the spinning loop that keeps it from running. A 2-rank
@@ -350,8 +351,8 @@ def lower_gloo_loop_priority() -> int:
     0.31 ms of CPU, 1.19 -> 0.66 ms (``bench/gloo_loop_priority.py``). The loop still runs
     whenever a core has nothing better to do, and the scheduler never starves it.
 
-    Call after making process groups (each gloo group starts its own thread); a thread
-    already lowered is lowered again, harmlessly. Linux only (a thread's own nice value,
+    Call after making process groups (the first one starts the thread); a thread already
+    lowered is lowered again, harmlessly. Linux only (a thread's own nice value,
     ``setpriority`` on its id); elsewhere nothing changes."""
     try:
         nice = int(os.environ.get(GLOO_LOOP_NICE_ENV, GLOO_LOOP_NICE))

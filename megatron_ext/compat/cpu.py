@@ -39,7 +39,7 @@ shown necessary.
 9. Tensor parallelism's all-gather and reduce-scatter of uneven shares (the alltoall
    dispatcher's tokens at TP > 1 with expert parallelism) go through equal padded shares:
    gloo refuses tensors of different sizes in one all-gather.
-10. Every gloo process group of the process shares one gloo device (:class:`SharedGlooDevice`),
+10. Every gloo process group of the process shares one gloo device (``_patch_gloo_groups``),
    so one event-loop thread serves them all instead of one per group. megatron-core makes
    about 25 groups, and each idle loop thread wakes from ``epoll_wait`` every 10 ms: 26
    threads cost 33 ms of CPU a second doing nothing, one 4 ms (measured); collectives cost

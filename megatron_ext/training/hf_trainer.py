@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from megatron_ext.checkpointing import Progress
 from megatron_ext.checkpointing.dcp import hf_backend_checkpoint, load_dcp, save_dcp
-from megatron_ext.parallel import lower_gloo_loop_priority
 from megatron_ext.training.data import GlobalBatch
 from megatron_ext.training.step import loss_func
 from megatron_ext.training.trainer import Trainer
@@ -159,8 +158,6 @@ class HFTrainer(Trainer):
             self.peft_report = _PeftReport(self.adapted, trainable)
         mesh = (init_device_mesh(layout.device.type, (layout.dp, layout.tp),
                                  mesh_dim_names=("dp", "tp")) if layout.tp == 1 else None)
-        if mesh is not None and layout.device.type == "cpu":
-            lower_gloo_loop_priority()  # the mesh's own gloo groups
         module = hf.parallelize(module, mesh,
                                 recompute=c.precision.recompute_granularity == "full",
                                 compile=c.backend.compile_backend if c.backend.compile
