@@ -266,11 +266,11 @@ def check_dist_checkpoint(directory: str, object_keys: Iterable[str] = ()) -> di
     objects = [fqn for fqn, item in metadata.state_dict_metadata.items()
                if isinstance(item, BytesStorageMetadata) and fqn.startswith(prefixes)]
     if objects:
-        _check_objects(directory, objects)
+        _check_objects(directory, objects, metadata)
     return common
 
 
-def _check_objects(directory: str, fqns: list[str]) -> None:
+def _check_objects(directory: str, fqns: list[str], metadata: Any = None) -> None:
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
@@ -280,7 +280,7 @@ def _check_objects(directory: str, fqns: list[str]) -> None:
 
     try:
         dcp_load({fqn: io.BytesIO() for fqn in fqns}, storage_reader=safe_filesystem_reader(
-            directory), planner=CheckingPlanner(), no_dist=True)
+            directory, metadata), planner=CheckingPlanner(), no_dist=True)
     except CheckpointError:
         raise
     except (KeyboardInterrupt, SystemExit):
